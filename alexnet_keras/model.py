@@ -1,0 +1,291 @@
+"""AlexNet (Krizhevsky, Sutskever & Hinton, 2012) as a serializable Keras 3 functional model.
+
+Only `keras`, `keras.layers`, `keras.ops` and numpy are used (never TensorFlow directly), so the
+model builds and trains on the TensorFlow, JAX and PyTorch backends. Every default lives in
+`alexnet_keras.config.ModelConfig`; this module only turns a config into layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any, Sequence
+
+import keras
+
+from alexnet_keras.config import ConfigError, ModelConfig
+from alexnet_keras.layers import LocalResponseNormalization
+
+# The option names `AlexNet(**options)` accepts: exactly the fields of ModelConfig.
+MODEL_OPTIONS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+# Filters of conv1..conv5, kernel sizes per variant, and the hidden FC units, before `width`.
+_FILTERS = (96, 256, 384, 384, 256)
+_KERNELS = {"paper": (11, 5, 3, 3, 3), "cifar": (3, 3, 3, 3, 3)}
+_HIDDEN_UNITS = 4096
+# The paper's two-GPU split: only these convs see just the half of the previous layer's maps that
+# lives on their own GPU (conv3 and the FC layers connect across GPUs).
+_GROUPED_CONVS = (2, 4, 5)
+# "We initialized the neuron biases in the second, fourth, and fifth convolutional layers, as well
+# as in the fully-connected hidden layers, with the constant 1." (section 5)
+_BIAS_ONE = {"conv2", "conv4", "conv5", "fc6", "fc7"}
+_POOL_SIZES = {"overlapping": 3, "non_overlapping": 2}
+
+
+@keras.saving.register_keras_serializable(package="alexnet_keras")
+class AlexNet(keras.Model):
+    """AlexNet: 5 convolutional + 3 fully-connected layers, every design choice a toggle.
+
+    Takes float images of shape (S, S, 3) with raw pixel values in 0..255 (S =
+    `ModelConfig.input_size`) and returns float32 class probabilities of shape (num_classes,).
+    The first layer, "preprocess", scales the pixels: `(x - input_mean) / input_std` per channel
+    when both are given (in 0..255 units), else `x / 255`; so a saved model is self-contained.
+
+    Layer order of each conv block (names in brackets; optional layers marked *):
+
+        conv{i} -> *bn{i} -> act{i} -> *lrn{i} (i = 1, 2) -> pool{i} (i = 1, 2, 5)
+
+    then flatten -> *dropout6 -> fc6 -> act6 -> *dropout7 -> fc7 -> act7 -> fc8 -> predictions
+    (softmax, always float32 so that mixed precision still yields float32 probabilities).
+
+    Variants (channels_last):
+      * "paper": the 2012 ImageNet net. conv1 96@11x11 stride 4 'valid' (227 -> 55), conv2 256@5x5,
+        conv3 384@3x3, conv4 384@3x3, conv5 256@3x3 (stride 1, 'same'); max-pool with 'valid'
+        padding after conv1, conv2, conv5 (55 -> 27 -> 13 -> 6 for both pool kinds); FC 4096, 4096.
+      * "cifar": the same 5-conv/3-FC topology adapted to 32x32 images. conv1 is 96@3x3 stride 1
+        'same', because an 11x11 stride-4 filter would shrink 32 px to 6 before any pooling;
+        conv2 is 256@3x3 instead of 5x5, which keeps its cost down at 16 px where 3x3 already
+        covers a large part of the map; conv3-5 as in the paper, all 'same'. Pools use 'same'
+        padding, so both pool kinds give 32 -> 16 -> 8 -> 4 and FC6's input size stays the same
+        in the pool ablation. FC6 and FC7 keep 4096 units.
+    Any `image_size` works for either variant as long as no map becomes empty (ConfigError if so).
+
+    Toggles (the fields of ModelConfig, passed as keyword `options`):
+      * width: multiplies every conv's filter count and the hidden FC units (rounded; with
+        groups=2 conv filters are rounded to a multiple of 2 so each group gets whole channels).
+      * groups=2: grouped convolution (Conv2D `groups=2`) in conv2, conv4, conv5 only.
+      * lrn: LocalResponseNormalization(lrn_size, lrn_alpha, lrn_beta, lrn_k) after the activation
+        of conv1 and conv2 (before their pooling), as in the paper.
+      * batchnorm: BatchNormalization between each conv and its activation; the conv then has no
+        bias (BN's beta replaces it). May be combined with lrn (order above).
+      * dropout: rate of Dropout before FC6 and FC7; 0 adds no Dropout layers.
+      * pool: "overlapping" = 3x3 stride 2 (paper), "non_overlapping" = 2x2 stride 2.
+      * activation: relu, tanh or sigmoid after every conv and after FC6, FC7.
+      * init: "paper" = kernels N(0, 0.01), biases 1 in conv2, conv4, conv5, fc6, fc7 and 0
+        elsewhere; "keras" = Keras defaults (glorot_uniform kernels, zero biases). Randomness comes
+        from `keras.utils.set_random_seed`, set by the caller.
+      * weight_decay: L2 penalty on every conv/dense kernel (see `_regularizer`).
+
+    `get_config()` returns every constructor argument, so `AlexNet.from_config` and
+    `keras.saving.load_model` rebuild the same network. `self.config` is the ModelConfig.
+    """
+
+    def __init__(self, num_classes: int = 1000, input_mean: Sequence[float] | None = None,
+                 input_std: Sequence[float] | None = None, name: str = "alexnet", **options: Any):
+        # `trainable` is part of every Keras layer's base config; keep it out of the ModelConfig.
+        trainable = options.pop("trainable", True)
+        config = _model_config(options)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ConfigError(f"AlexNet num_classes must be a positive integer; got {num_classes!r}.")
+        mean, std = _normalization_stats(input_mean, input_std)
+        _check_spatial_sizes(config)
+
+        inputs, outputs = _build_graph(config, num_classes, mean, std)
+        super().__init__(inputs=inputs, outputs=outputs, name=name, trainable=trainable)
+
+        # Set after super().__init__(), as Keras requires for attributes of a Model.
+        self.config = config
+        self.num_classes = num_classes
+        self.input_mean = mean
+        self.input_std = std
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "num_classes": self.num_classes,
+            # Plain lists of floats, so the config is JSON (the .keras file's config.json).
+            "input_mean": None if self.input_mean is None else [float(v) for v in self.input_mean],
+            "input_std": None if self.input_std is None else [float(v) for v in self.input_std],
+            **dataclasses.asdict(self.config),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects=None) -> "AlexNet":
+        return cls(**config)
+
+
+def build_alexnet(config: ModelConfig, num_classes: int, input_mean: Sequence[float] | None = None,
+                  input_std: Sequence[float] | None = None) -> AlexNet:
+    """The AlexNet described by `config` with `num_classes` outputs (see `AlexNet`)."""
+    return AlexNet(num_classes=num_classes, input_mean=input_mean, input_std=input_std,
+                   **dataclasses.asdict(config))
+
+
+def summary_text(model: keras.Model, **summary_kwargs: Any) -> str:
+    """`model.summary()` (each layer's output shape and parameter count) as a string.
+
+    Ends with a line `Total params: N` so logs can be grepped for the size of the model.
+    """
+    chunks: list[str] = []
+    model.summary(print_fn=lambda text, *args, **kwargs: chunks.append(text), **summary_kwargs)
+    text = "\n".join(chunk.rstrip("\n") for chunk in chunks)
+    return f"{text}\nTotal params: {model.count_params():,}"
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _model_config(options: dict[str, Any]) -> ModelConfig:
+    unknown = sorted(set(options) - set(MODEL_OPTIONS))
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, MODEL_OPTIONS, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"AlexNet got unknown option(s) {', '.join(hints)}. Valid options are "
+                          f"num_classes, input_mean, input_std, name and the ModelConfig fields: "
+                          f"{', '.join(MODEL_OPTIONS)}.")
+    try:
+        return ModelConfig(**options)
+    except TypeError as err:  # e.g. a field given twice; keep the message but name the fields
+        raise ConfigError(f"AlexNet options are invalid ({err}). Valid options: "
+                          f"{', '.join(MODEL_OPTIONS)}.") from None
+
+
+def _normalization_stats(mean, std) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    if mean is None and std is None:
+        return None, None
+    if mean is None or std is None:
+        raise ConfigError("AlexNet input_mean and input_std must be given together (per-channel "
+                          f"values in 0..255 units) or both left unset; got input_mean={mean!r}, "
+                          f"input_std={std!r}.")
+    out = []
+    for name, values in (("input_mean", mean), ("input_std", std)):
+        try:
+            values = tuple(float(v) for v in values)
+        except (TypeError, ValueError):
+            values = ()
+        if len(values) != 3 or not all(math.isfinite(v) for v in values):
+            raise ConfigError(f"AlexNet {name} must be 3 finite numbers (one per RGB channel, in "
+                              f"0..255 units); got {mean if name == 'input_mean' else std!r}.")
+        out.append(values)
+    if any(v <= 0 for v in out[1]):
+        raise ConfigError(f"AlexNet input_std must be > 0 for every channel; got {list(out[1])}.")
+    return out[0], out[1]
+
+
+def _spatial_sizes(config: ModelConfig, size: int) -> dict[str, int]:
+    """The side of the feature map after conv1 and each pool, computed without building layers."""
+    pool = _POOL_SIZES[config.pool]
+    sizes = {}
+    if config.variant == "paper":
+        # conv1 'valid' 11x11 stride 4; pools 'valid' stride 2; other convs keep the size.
+        size = (size - 11) // 4 + 1 if size >= 11 else 0
+        sizes["conv1"] = size
+        for name in ("pool1", "pool2", "pool5"):
+            size = (size - pool) // 2 + 1 if size >= pool else 0
+            sizes[name] = size
+    else:
+        # All 'same': only the stride-2 pools shrink the map, to ceil(size / 2).
+        sizes["conv1"] = size
+        for name in ("pool1", "pool2", "pool5"):
+            size = -(-size // 2)
+            sizes[name] = size
+    return sizes
+
+
+def _check_spatial_sizes(config: ModelConfig) -> None:
+    sizes = _spatial_sizes(config, config.input_size)
+    if min(sizes.values()) >= 1:
+        return
+    smallest = next(s for s in range(1, 4096) if min(_spatial_sizes(config, s).values()) >= 1)
+    trace = ", ".join(f"{k} {v}" for k, v in sizes.items())
+    raise ConfigError(f"model.image_size {config.input_size} is too small for variant "
+                      f"{config.variant!r} with pool {config.pool!r}: a feature map would be "
+                      f"empty (sides: {trace}). Use image_size >= {smallest}.")
+
+
+def _scaled(units: int, width: float, multiple: int = 1) -> int:
+    # Round half up (not Python's banker's rounding) to a multiple of `multiple`, at least one.
+    return max(multiple, multiple * int(math.floor(units * width / multiple + 0.5)))
+
+
+def _kernel_initializer(config: ModelConfig):
+    # A fresh instance per layer: Keras warns when one unseeded initializer is reused.
+    if config.init == "paper":
+        return keras.initializers.RandomNormal(mean=0.0, stddev=0.01)
+    return keras.initializers.GlorotUniform()
+
+
+def _bias_initializer(config: ModelConfig, layer_name: str):
+    if config.init == "paper" and layer_name in _BIAS_ONE:
+        return keras.initializers.Constant(1.0)
+    return keras.initializers.Zeros()
+
+
+def _regularizer(config: ModelConfig):
+    # The paper's update rule is  v <- 0.9 v - 0.0005 lr w - lr dL/dw,  i.e. the decay term
+    # lr * wd * w is the gradient of (wd / 2) * ||w||^2. Keras' L2(l) adds l * ||w||^2 (gradient
+    # 2 l w), so l = wd / 2 reproduces the paper exactly. Applied to kernels only, as the paper
+    # does not say it decays biases; BN parameters are not decayed either.
+    if config.weight_decay > 0:
+        return keras.regularizers.L2(config.weight_decay / 2)
+    return None
+
+
+def _build_graph(config: ModelConfig, num_classes: int, mean, std):
+    size = config.input_size
+    inputs = keras.Input(shape=(size, size, 3), name="image")
+    if mean is not None:
+        x = keras.layers.Normalization(mean=list(mean), variance=[s * s for s in std],
+                                       name="preprocess")(inputs)
+    else:
+        x = keras.layers.Rescaling(1.0 / 255.0, name="preprocess")(inputs)
+
+    paper = config.variant == "paper"
+    multiple = 2 if config.groups == 2 else 1
+    pool_size = _POOL_SIZES[config.pool]
+    for i, (filters, kernel) in enumerate(zip(_FILTERS, _KERNELS[config.variant]), start=1):
+        name = f"conv{i}"
+        first_paper_conv = paper and i == 1
+        x = keras.layers.Conv2D(
+            filters=_scaled(filters, config.width, multiple),
+            kernel_size=kernel,
+            strides=4 if first_paper_conv else 1,
+            padding="valid" if first_paper_conv else "same",
+            groups=config.groups if i in _GROUPED_CONVS else 1,
+            # BN's beta does the bias' job, so a conv bias before BN would be a wasted weight.
+            use_bias=not config.batchnorm,
+            kernel_initializer=_kernel_initializer(config),
+            bias_initializer=_bias_initializer(config, name),
+            kernel_regularizer=_regularizer(config),
+            name=name,
+        )(x)
+        if config.batchnorm:
+            x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        x = keras.layers.Activation(config.activation, name=f"act{i}")(x)
+        if config.lrn and i in (1, 2):
+            x = LocalResponseNormalization(size=config.lrn_size, alpha=config.lrn_alpha,
+                                           beta=config.lrn_beta, k=config.lrn_k, name=f"lrn{i}")(x)
+        if i in (1, 2, 5):
+            # 'valid' in the paper variant gives 55 -> 27 -> 13 -> 6 for 3x3/2 and 2x2/2 alike;
+            # 'same' in the cifar variant gives 32 -> 16 -> 8 -> 4 for both.
+            x = keras.layers.MaxPooling2D(pool_size=pool_size, strides=2,
+                                          padding="valid" if paper else "same", name=f"pool{i}")(x)
+
+    x = keras.layers.Flatten(name="flatten")(x)
+    hidden = _scaled(_HIDDEN_UNITS, config.width)
+    for i in (6, 7):
+        if config.dropout > 0:
+            x = keras.layers.Dropout(config.dropout, name=f"dropout{i}")(x)
+        x = keras.layers.Dense(hidden, kernel_initializer=_kernel_initializer(config),
+                               bias_initializer=_bias_initializer(config, f"fc{i}"),
+                               kernel_regularizer=_regularizer(config), name=f"fc{i}")(x)
+        x = keras.layers.Activation(config.activation, name=f"act{i}")(x)
+    x = keras.layers.Dense(num_classes, kernel_initializer=_kernel_initializer(config),
+                           bias_initializer=_bias_initializer(config, "fc8"),
+                           kernel_regularizer=_regularizer(config), name="fc8")(x)
+    # float32 whatever the global policy, so mixed precision still yields float32 probabilities.
+    outputs = keras.layers.Activation("softmax", dtype="float32", name="predictions")(x)
+    return inputs, outputs

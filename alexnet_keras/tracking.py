@@ -1,0 +1,279 @@
+"""Every MLflow call of the project lives here.
+
+Store: `MLFLOW_TRACKING_URI` when set, else the embedded `sqlite:///mlflow.db` (artifacts under
+`./mlruns`). MLflow >= 3.13 refuses a plain `./mlruns` *file* store unless told otherwise, which is
+why the default is SQLite.
+
+A run ends FINISHED, FAILED (error message kept in the `error` tag) or KILLED (Ctrl-C / SIGTERM),
+never stuck RUNNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TAG_PREFIX = "alexnet_keras."
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used (unreachable, not writable, ...)."""
+
+
+def configure(tracking_uri: str | None = None) -> str:
+    """Point MLflow at `tracking_uri`, else $MLFLOW_TRACKING_URI, else the embedded SQLite store."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///"):
+        parent = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise TrackingError(f"MLflow store {uri!r}: folder {str(parent)!r} does not exist or is not "
+                                f"writable. Pass --tracking-uri sqlite:///WRITABLE/PATH/mlflow.db or set "
+                                f"MLFLOW_TRACKING_URI.")
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _experiment_id(name: str) -> str:
+    """Create-or-get the experiment up front (also surfaces store errors before any training)."""
+    try:
+        experiment = mlflow.set_experiment(name)
+    except Exception as err:  # store unreachable, schema locked, permission denied ...
+        raise TrackingError(f"could not open MLflow experiment {name!r} at {mlflow.get_tracking_uri()!r}: "
+                            f"{err}") from err
+    return experiment.experiment_id
+
+
+def environment_tags() -> dict[str, str]:
+    """Backend, device and library versions: what is needed to reproduce a number."""
+    import keras
+    import numpy
+
+    tags = {
+        "keras_backend": keras.backend.backend(),
+        "keras_version": keras.__version__,
+        "mlflow_version": mlflow.__version__,
+        "numpy_version": numpy.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "device": describe_device(),
+    }
+    try:
+        import tensorflow as tf
+
+        tags["tensorflow_version"] = tf.__version__
+    except ImportError:
+        pass
+    if keras.backend.backend() == "jax":
+        import jax
+
+        tags["jax_version"] = jax.__version__
+    elif keras.backend.backend() == "torch":
+        import torch
+
+        tags["torch_version"] = torch.__version__
+    return {TAG_PREFIX + k: v for k, v in tags.items()}
+
+
+def describe_device() -> str:
+    """The accelerator Keras' backend will use, or the CPU."""
+    import keras
+
+    backend = keras.backend.backend()
+    try:
+        if backend == "jax":
+            import jax
+
+            devices = jax.devices()
+            return f"{devices[0].platform}:{devices[0].device_kind} x{len(devices)}"
+        if backend == "torch":
+            import torch
+
+            if torch.cuda.is_available():
+                return f"cuda:{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+            if gpus:
+                return f"gpu x{len(gpus)}"
+    except Exception:  # a device query must never stop a run
+        pass
+    return f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"   # the form MLproject users type
+    return "" if value is None else str(value)
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Log params, skipping keys already on the run.
+
+    `mlflow run` logs every entry-point parameter (as the string the user typed) before the program
+    starts, and MLflow refuses to change a param, so `-P lrn=False` must not be re-logged as "false".
+    The config already parsed those strings into the same values.
+    """
+    run = mlflow.active_run()
+    existing = MlflowClient().get_run(run.info.run_id).data.params
+    fresh = {k: _param_text(v) for k, v in params.items() if k not in existing}
+    if fresh:
+        mlflow.log_params(fresh)
+
+
+def _raise_keyboard_interrupt(signum, frame):  # SIGTERM → the same path as Ctrl-C
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None, nested: bool = False,
+        parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or, under `mlflow run`, resume) a run; end it FINISHED, FAILED or KILLED."""
+    if "MLFLOW_RUN_ID" in os.environ and not nested and parent_run_id is None:
+        # Launched by `mlflow run`: the run already exists in the project's experiment.
+        active = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
+    else:
+        experiment_id = _experiment_id(experiment)
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested,
+                                  parent_run_id=parent_run_id)
+    previous_sigterm = None
+    if not nested and parent_run_id is None and _is_main_thread():
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        if tags:
+            mlflow.set_tags(dict(tags))
+        if params:
+            log_params(params)
+        yield active
+    except KeyboardInterrupt:
+        mlflow.set_tag(TAG_PREFIX + "end_reason", "interrupted")
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def keras_callback():
+    """Per-epoch metrics (step = epoch), optimizer params and the model summary, from MLflow itself."""
+    return mlflow.keras.MlflowCallback(log_every_epoch=True)
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)
+
+
+def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
+    mlflow.log_dict(dict(data), artifact_file)
+
+
+def log_figure(figure, artifact_file: str) -> None:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(figure, artifact_file)
+    plt.close(figure)
+
+
+def log_dataset(name: str, source: str, digest: str, context: str, num_examples: int) -> None:
+    """Record which data a run used, without walking a tf.data pipeline (mlflow#9600)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if os.path.exists(source):
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local files
+            warnings.simplefilter("ignore", UserWarning)
+            dataset_source = resolve_dataset_source(os.path.abspath(source))
+    else:
+        dataset_source = CodeDatasetSource(tags={"origin": source})
+    dataset = MetaDataset(source=dataset_source, name=name, digest=digest)
+    mlflow.log_input(dataset, context=context, tags={"num_examples": str(num_examples)})
+
+
+def log_keras_model(model, example_batch) -> None:
+    """The trained model in `.keras` format, with a signature inferred from a real batch."""
+    import keras
+    from mlflow.models import infer_signature
+
+    predictions = model.predict(example_batch, verbose=0)
+    signature = infer_signature(example_batch, predictions)
+    # Explicit requirements: MLflow would otherwise re-import the model in a subprocess to infer them.
+    requirements = [f"keras=={keras.__version__}", "alexnet-keras"]
+    try:
+        import tensorflow as tf
+
+        requirements.append(f"tensorflow=={tf.__version__}")
+    except ImportError:
+        pass
+    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+
+
+def child_runs(parent_run_id: str) -> list:
+    return MlflowClient().search_runs(
+        [MlflowClient().get_run(parent_run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        max_results=10000,
+    )
+
+
+def get_run(run_id: str):
+    try:
+        return MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        raise TrackingError(f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()!r}: {err.message}. "
+                            f"List runs with `mlflow runs list --experiment-id ID` or open `mlflow ui`.") from None
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key)]
+
+
+def download_artifact(run_id: str, path: str) -> Path:
+    target = tempfile.mkdtemp(prefix="alexnet-keras-")
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=target))
+
+
+def flush() -> None:
+    """Wait for asynchronously logged metrics (the Keras callback logs with synchronous=False)."""
+    with contextlib.suppress(Exception):
+        mlflow.flush_async_logging()
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str)
+
+
+def stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

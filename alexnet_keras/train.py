@@ -1,0 +1,162 @@
+"""Training as small functions, ending in `train_and_evaluate(config)`.
+
+Order matters for "never a half-written run": the config is validated when it is built, then the
+data are loaded and the model is built, and only then is an MLflow run opened. A bad option, a
+missing dataset or an impossible model fails before anything is written to the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any
+
+import keras
+import numpy as np
+
+from . import figures, tracking
+from .config import Config, TrainConfig
+from .data import Data, load_data
+from .model import build_alexnet, summary_text
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_id: str
+    metrics: dict[str, float]          # final test metrics and timings
+    history: dict[str, list[float]]    # per-epoch Keras history
+
+
+def set_global_state(train: TrainConfig) -> None:
+    """Seeds (Python, NumPy, backend) and the dtype policy must be set before the model is built."""
+    keras.utils.set_random_seed(train.seed)
+    keras.mixed_precision.set_global_policy(train.precision)
+
+
+def build_optimizer(train: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """SGD with momentum, as in the paper; weight decay is an L2 term in the model (see model.py)."""
+    learning_rate: Any = train.learning_rate
+    if train.schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            train.learning_rate, decay_steps=max(1, train.epochs * steps_per_epoch))
+    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=train.momentum)
+
+
+def compile_model(model: keras.Model, config: Config, steps_per_epoch: int) -> keras.Model:
+    top_k = min(5, model.output_shape[-1])
+    jit = {"auto": "auto", "true": True, "false": False}[config.train.jit_compile]
+    model.compile(
+        optimizer=build_optimizer(config.train, steps_per_epoch),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                 keras.metrics.SparseTopKCategoricalAccuracy(k=top_k, name="top5_accuracy")],
+        jit_compile=jit,
+    )
+    return model
+
+
+def build_callbacks(config: Config) -> list[keras.callbacks.Callback]:
+    callbacks: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN(), tracking.keras_callback()]
+    if config.train.schedule == "plateau":
+        # The paper divided the learning rate by 10 "when the validation error rate stopped improving".
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.1, patience=config.train.plateau_patience,
+            min_lr=config.train.learning_rate * 1e-3, verbose=1))
+    return callbacks
+
+
+def prepare(config: Config) -> tuple[Data, keras.Model]:
+    """Everything that can fail on bad input, done before a run exists."""
+    set_global_state(config.train)
+    data = load_data(config.data, image_size=config.model.input_size, batch_size=config.train.batch_size,
+                     seed=config.train.seed)
+    model = build_alexnet(config.model, num_classes=data.num_classes, input_mean=data.mean,
+                          input_std=data.std)
+    return data, compile_model(model, config, data.steps_per_epoch)
+
+
+def fit(model: keras.Model, data: Data, config: Config) -> tuple[dict[str, list[float]], float]:
+    verbose = 1 if sys.stdout.isatty() else 2   # a progress bar on a terminal, a line per epoch in logs
+    start = time.perf_counter()
+    # shuffle=False: the tf.data pipeline already reshuffles every epoch (Keras would only warn).
+    history = model.fit(data.train, validation_data=data.val, epochs=config.train.epochs,
+                        callbacks=build_callbacks(config), verbose=verbose, shuffle=False)
+    seconds = time.perf_counter() - start
+    loss = history.history.get("loss", [float("nan")])[-1]
+    if len(history.epoch) < config.train.epochs or not np.isfinite(loss):  # TerminateOnNaN stopped it
+        raise FloatingPointError(f"training diverged (loss {loss}) at epoch {len(history.epoch)}; "
+                                 f"try a smaller --learning-rate than {config.train.learning_rate}.")
+    return {k: [float(v) for v in values] for k, values in history.history.items()}, seconds
+
+
+def evaluate(model: keras.Model, data: Data) -> tuple[dict[str, float], np.ndarray]:
+    """Test-set metrics (the only use of the test split) and the predicted class of each test image."""
+    results = model.evaluate(data.test, return_dict=True, verbose=0)
+    probabilities = model.predict(data.test, verbose=0)
+    metrics = {f"test_{k}": float(v) for k, v in results.items()}
+    return metrics, np.argmax(probabilities, axis=-1)
+
+
+def log_evaluation(data: Data, predictions: np.ndarray, history: dict[str, list[float]], title: str) -> None:
+    from sklearn.metrics import classification_report
+
+    labels = data.test_labels
+    names = list(data.class_names)
+    indices = list(range(len(names)))
+    report = classification_report(labels, predictions, labels=indices, target_names=names, digits=4,
+                                   zero_division=0)
+    tracking.log_text(report, "reports/classification_report.txt")
+    tracking.log_dict(classification_report(labels, predictions, labels=indices, target_names=names,
+                                            output_dict=True, zero_division=0),
+                      "reports/classification_report.json")
+    tracking.log_figure(figures.confusion_matrix(labels, predictions, names, title=title),
+                        "figures/confusion_matrix.png")
+    tracking.log_figure(figures.learning_curves(history, title=title), "figures/learning_curves.png")
+
+
+def run_tags(config: Config, data: Data, model: keras.Model) -> dict[str, str]:
+    return {
+        **tracking.environment_tags(),
+        tracking.TAG_PREFIX + "config_digest": config.digest(),
+        tracking.TAG_PREFIX + "data_digest": data.digest,
+        tracking.TAG_PREFIX + "variant": config.model.variant,
+        tracking.TAG_PREFIX + "num_params": str(model.count_params()),
+    }
+
+
+def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
+                       parent_run_id: str | None = None) -> TrainResult:
+    """Train one AlexNet as described by `config`, log everything to MLflow, return the test metrics."""
+    data, model = prepare(config)
+    summary = summary_text(model)
+    print(summary)
+    title = config.run_name or f"{config.model.variant} lrn={config.model.lrn} bn={config.model.batchnorm}"
+    with tracking.run(config.experiment, run_name=config.run_name, params=config.flat(),
+                      tags={**run_tags(config, data, model), **(tags or {})},
+                      parent_run_id=parent_run_id) as active:
+        run_id = active.info.run_id
+        tracking.log_text(summary, "model/summary.txt")
+        tracking.log_dict(config.to_dict(), "config.yaml")
+        tracking.log_dict({"class_names": list(data.class_names), "mean": data.mean, "std": data.std,
+                           "counts": data.counts, "image_size": data.image_size, "source": data.source},
+                          "data.json")
+        for split in ("train", "val", "test"):
+            context = {"train": "training", "val": "validation", "test": "test"}[split]
+            tracking.log_dataset(f"{config.data.dataset}-{split}", data.source, data.digest, context,
+                                 data.counts[split])
+        tracking.log_metrics({"num_params": model.count_params(), "skipped_files": data.counts["skipped"]})
+
+        history, train_seconds = fit(model, data, config)
+        test_metrics, predictions = evaluate(model, data)
+        epochs_run = len(history["loss"])
+        metrics = {**test_metrics, "train_time_s": train_seconds,
+                   "epoch_time_s": train_seconds / max(1, epochs_run),
+                   "final_train_accuracy": history["accuracy"][-1]}
+        tracking.log_metrics(metrics)
+        log_evaluation(data, predictions, history, title)
+        example = next(iter(data.val.take(1)))[0].numpy()[:4]
+        tracking.log_keras_model(model, example)
+        tracking.flush()
+        print(f"run {run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    return TrainResult(run_id=run_id, metrics=metrics, history=history)

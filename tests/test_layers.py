@@ -1,0 +1,167 @@
+"""LocalResponseNormalization against the paper's formula, TensorFlow's op, Keras machinery."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from alexnet_keras.layers import LocalResponseNormalization
+
+
+def reference_lrn(x, n, alpha, beta, k):
+    """The paper's formula, literally: a loop over channels with the window clipped at the edges."""
+    x = np.asarray(x, dtype=np.float64)
+    channels = x.shape[-1]
+    out = np.empty_like(x)
+    for i in range(channels):
+        lo, hi = max(0, i - n // 2), min(channels - 1, i + n // 2)
+        window = np.sum(x[..., lo:hi + 1] ** 2, axis=-1)
+        out[..., i] = x[..., i] / (k + alpha * window) ** beta
+    return out
+
+
+SHAPES = [(2, 3, 3, 1), (2, 4, 4, 3), (1, 5, 5, 7), (2, 2, 2, 96)]
+SIZES = [1, 3, 5]
+# The paper's values, then ones large enough that the window visibly matters.
+PARAMS = [dict(alpha=1e-4, beta=0.75, k=2.0), dict(alpha=0.3, beta=0.6, k=1.3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("params", PARAMS)
+def test_matches_numpy_reference(shape, n, params):
+    x = np.random.default_rng(0).normal(0.0, 3.0, size=shape).astype("float32")
+    out = LocalResponseNormalization(size=n, **params)(x)
+    np.testing.assert_allclose(np.asarray(out), reference_lrn(x, n, **params), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("params", PARAMS)
+def test_matches_tf_nn_lrn(shape, n, params):
+    x = np.random.default_rng(1).normal(0.0, 3.0, size=shape).astype("float32")
+    out = LocalResponseNormalization(size=n, **params)(x)
+    expected = tf.nn.local_response_normalization(
+        x, depth_radius=n // 2, bias=params["k"], alpha=params["alpha"], beta=params["beta"])
+    np.testing.assert_allclose(np.asarray(out), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_edge_channels_use_a_clipped_window():
+    # All ones, alpha=1, beta=1, k=0: b_i = 1 / (number of channels in i's window).
+    # With N=7, n=5 the windows hold 3, 4, 5, 5, 5, 4, 3 channels.
+    x = np.ones((1, 1, 1, 7), "float32")
+    out = np.asarray(LocalResponseNormalization(size=5, alpha=1.0, beta=1.0, k=0.0)(x))
+    np.testing.assert_allclose(out[0, 0, 0], 1.0 / np.array([3, 4, 5, 5, 5, 4, 3]), rtol=1e-6)
+    # A window wider than the channel count covers all of them.
+    x3 = np.ones((1, 1, 1, 3), "float32")
+    out3 = np.asarray(LocalResponseNormalization(size=9, alpha=1.0, beta=1.0, k=0.0)(x3))
+    np.testing.assert_allclose(out3[0, 0, 0], [1 / 3] * 3, rtol=1e-6)
+
+
+def test_alpha_is_not_divided_by_n():
+    # Paper/TF convention: k + alpha * sum. PyTorch/Caffe use alpha / n; they would give 1/(1+1/5).
+    x = np.ones((1, 1, 1, 1), "float32")
+    out = LocalResponseNormalization(size=5, alpha=1.0, beta=1.0, k=1.0)(x)
+    assert float(np.asarray(out)[0, 0, 0, 0]) == pytest.approx(0.5)
+
+
+def test_channels_first_axis():
+    x = np.random.default_rng(2).normal(size=(2, 7, 3, 4)).astype("float32")
+    out = LocalResponseNormalization(size=3, alpha=0.2, axis=1)(x)
+    expected = reference_lrn(np.moveaxis(x, 1, -1), 3, 0.2, 0.75, 2.0)
+    np.testing.assert_allclose(np.asarray(out), np.moveaxis(expected, -1, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_config_round_trip():
+    layer = LocalResponseNormalization(size=3, alpha=0.01, beta=0.5, k=1.0, axis=1, name="lrn_x")
+    config = layer.get_config()
+    assert {k: config[k] for k in ("size", "alpha", "beta", "k", "axis", "name")} == dict(
+        size=3, alpha=0.01, beta=0.5, k=1.0, axis=1, name="lrn_x")
+    clone = LocalResponseNormalization.from_config(config)
+    assert clone.get_config() == config
+    # Registered under the package name, so Keras' generic deserialization finds it too.
+    revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert isinstance(revived, LocalResponseNormalization) and revived.get_config() == config
+    assert keras.saving.get_registered_name(LocalResponseNormalization) == \
+        "alexnet_keras>LocalResponseNormalization"
+
+
+def test_shapes_eager_and_symbolic():
+    layer = LocalResponseNormalization()
+    assert tuple(layer(np.zeros((2, 5, 6, 7), "float32")).shape) == (2, 5, 6, 7)
+    symbolic = LocalResponseNormalization()(keras.Input((5, 6, 7)))
+    assert isinstance(symbolic, keras.KerasTensor)
+    assert tuple(symbolic.shape) == (None, 5, 6, 7)
+    # Unknown spatial and channel sizes are fine: the window sum never needs N.
+    assert tuple(LocalResponseNormalization()(keras.Input((None, None, None))).shape) == (
+        None, None, None, None)
+    assert layer.compute_output_shape((None, 3, 3, 8)) == (None, 3, 3, 8)
+    assert layer.weights == []
+
+
+@pytest.fixture
+def mixed_float16():
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def test_mixed_precision(mixed_float16):
+    x = np.random.default_rng(3).normal(0.0, 3.0, size=(2, 4, 4, 7)).astype("float32")
+    layer = LocalResponseNormalization(alpha=0.3)
+    out = layer(x)
+    assert keras.backend.standardize_dtype(out.dtype) == "float16"
+    np.testing.assert_allclose(np.asarray(out, "float32"), reference_lrn(x, 5, 0.3, 0.75, 2.0),
+                               rtol=2e-3, atol=2e-3)
+    # Activations of 200: the sum of 5 squares (200000) overflows float16, not the float32 path.
+    big = np.full((1, 1, 1, 5), 200.0, "float32")
+    out_big = np.asarray(layer(big), "float32")
+    assert np.all(np.isfinite(out_big))
+    np.testing.assert_allclose(out_big, reference_lrn(big, 5, 0.3, 0.75, 2.0), rtol=2e-3)
+
+
+def test_mixed_precision_policy_restored():
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_trains_inside_a_model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((6, 6, 3)),
+        keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
+        LocalResponseNormalization(size=3, name="lrn"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(2, activation="softmax", name="out"),
+    ])
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    x = np.random.default_rng(4).normal(size=(8, 6, 6, 3)).astype("float32")
+    y = np.arange(8) % 2
+    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert math.isfinite(history.history["loss"][-1])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(size=0), "positive odd integer.*size=0"),
+    (dict(size=4), "positive odd integer.*size=4"),
+    (dict(size=-3), "positive odd integer.*size=-3"),
+    (dict(size=5.0), "positive odd integer.*size=5.0"),
+    (dict(size=True), "positive odd integer.*size=True"),
+    (dict(alpha=-1e-4), ">= 0.*alpha=-0.0001"),
+    (dict(alpha=float("nan")), ">= 0.*alpha=nan"),
+    (dict(beta=-0.5), ">= 0.*beta=-0.5"),
+    (dict(k="2"), ">= 0.*k='2'"),
+    (dict(axis=None), "integer.*axis=None"),
+])
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LocalResponseNormalization(**kwargs)
+
+
+def test_axis_out_of_range():
+    with pytest.raises(ValueError, match="axis"):
+        LocalResponseNormalization(axis=4)(np.zeros((1, 2, 2, 3), "float32"))

@@ -1,0 +1,311 @@
+"""AlexNet: exact paper sizes, every toggle, serialization and a real training step."""
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from alexnet_keras.config import ACTIVATIONS, POOLS, ConfigError, ModelConfig
+from alexnet_keras.layers import LocalResponseNormalization
+from alexnet_keras.model import MODEL_OPTIONS, AlexNet, build_alexnet, summary_text
+
+CONVS = [f"conv{i}" for i in range(1, 6)]
+DENSES = ["fc6", "fc7", "fc8"]
+
+
+def small(**options):
+    """A cheap model for toggle tests: the cifar variant at a quarter of the width."""
+    options = {"variant": "cifar", "width": 0.25, **options}
+    return AlexNet(num_classes=options.pop("num_classes", 10), **options)
+
+
+def names(model):
+    return [layer.name for layer in model.layers]
+
+
+def images(n, size=32, seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, size=(n, size, size, 3)).astype("float32")
+
+
+# Parameters (kernel h*w*in/groups*out + bias out), paper variant, 1000 classes:
+#   conv1 11*11*3*96    + 96   =     34,944
+#   conv2  5*5*96*256   + 256  =    614,656   (groups=2: 5*5*48*256   + 256 =   307,456)
+#   conv3  3*3*256*384  + 384  =    885,120
+#   conv4  3*3*384*384  + 384  =  1,327,488   (groups=2: 3*3*192*384  + 384 =   663,936)
+#   conv5  3*3*384*256  + 256  =    884,992   (groups=2: 3*3*192*256  + 256 =   442,624)
+#   fc6   6*6*256*4096  + 4096 = 37,752,832
+#   fc7   4096*4096     + 4096 = 16,781,312
+#   fc8   4096*1000     + 1000 =  4,097,000
+#   total 62,378,344; groups=2 saves 307,200 + 663,552 + 442,368 = 1,413,120 -> 60,965,224.
+# LRN, pooling, dropout, activations and the preprocessing layer have no weights.
+@pytest.mark.parametrize("groups, expected", [(1, 62_378_344), (2, 60_965_224)])
+def test_paper_parameter_count(groups, expected):
+    model = AlexNet(num_classes=1000, groups=groups, lrn=True, batchnorm=False, dropout=0.5)
+    assert model.count_params() == expected
+    assert tuple(model.input_shape) == (None, 227, 227, 3)
+    assert tuple(model.output_shape) == (None, 1000)
+    text = summary_text(model)
+    assert text.splitlines()[-1] == f"Total params: {expected:,}"
+    for name in CONVS + DENSES + ["lrn1", "lrn2", "pool5", "predictions"]:
+        assert name in text
+
+
+def test_layer_order_with_everything_on():
+    model = small(lrn=True, batchnorm=True, dropout=0.5)
+    block = lambda i: [f"conv{i}", f"bn{i}", f"act{i}"]  # noqa: E731
+    expected = (["image", "preprocess"] + block(1) + ["lrn1", "pool1"] + block(2) + ["lrn2", "pool2"]
+                + block(3) + block(4) + block(5) + ["pool5", "flatten", "dropout6", "fc6", "act6",
+                                                    "dropout7", "fc7", "act7", "fc8", "predictions"])
+    assert names(model) == expected
+
+
+@pytest.mark.parametrize("lrn", [True, False])
+def test_lrn_toggle(lrn):
+    model = small(lrn=lrn, lrn_size=3, lrn_alpha=2e-4, lrn_beta=0.5, lrn_k=1.0)
+    lrn_layers = [layer for layer in model.layers if isinstance(layer, LocalResponseNormalization)]
+    if lrn:
+        assert [layer.name for layer in lrn_layers] == ["lrn1", "lrn2"]
+        assert all((l.size, l.alpha, l.beta, l.k) == (3, 2e-4, 0.5, 1.0) for l in lrn_layers)
+        # After the activation, before the pooling.
+        assert model.get_layer("lrn1").input is model.get_layer("act1").output
+        assert model.get_layer("pool1").input is model.get_layer("lrn1").output
+    else:
+        assert lrn_layers == [] and "lrn1" not in names(model)
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_batchnorm_toggle(batchnorm):
+    model = small(batchnorm=batchnorm)
+    bns = [layer.name for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns == ([f"bn{i}" for i in range(1, 6)] if batchnorm else [])
+    for i in range(1, 6):
+        conv = model.get_layer(f"conv{i}")
+        assert conv.use_bias is (not batchnorm)
+        assert (conv.bias is None) is batchnorm
+        if batchnorm:
+            assert model.get_layer(f"bn{i}").input is conv.output
+            assert model.get_layer(f"act{i}").input is model.get_layer(f"bn{i}").output
+    assert all(model.get_layer(name).use_bias for name in DENSES)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3, 0.5])
+def test_dropout_toggle(dropout):
+    model = small(dropout=dropout)
+    drops = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    if dropout == 0:
+        assert drops == []
+    else:
+        assert [d.name for d in drops] == ["dropout6", "dropout7"]
+        assert all(d.rate == dropout for d in drops)
+        assert model.get_layer("fc6").input is model.get_layer("dropout6").output
+        assert model.get_layer("fc7").input is model.get_layer("dropout7").output
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_pool_kinds_paper_sizes(pool):
+    model = AlexNet(variant="paper", pool=pool, width=0.05, num_classes=10)
+    expected_size = {"overlapping": 3, "non_overlapping": 2}[pool]
+    for name, side in (("conv1", 55), ("pool1", 27), ("pool2", 13), ("pool5", 6)):
+        assert model.get_layer(name).output.shape[1:3] == (side, side), name
+    for name in ("pool1", "pool2", "pool5"):
+        layer = model.get_layer(name)
+        assert isinstance(layer, keras.layers.MaxPooling2D)
+        assert tuple(layer.pool_size) == (expected_size, expected_size)
+        assert tuple(layer.strides) == (2, 2)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_pool_kinds_cifar_sizes(pool):
+    model = small(pool=pool)
+    for name, side in (("conv1", 32), ("pool1", 16), ("pool2", 8), ("pool5", 4)):
+        assert model.get_layer(name).output.shape[1:3] == (side, side), name
+    # FC6 sees the same input size for both pool kinds.
+    assert model.get_layer("fc6").kernel.shape == (4 * 4 * 64, 1024)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation(activation):
+    model = small(activation=activation)
+    acts = [layer for layer in model.layers if isinstance(layer, keras.layers.Activation)]
+    assert [a.name for a in acts] == [f"act{i}" for i in range(1, 8)] + ["predictions"]
+    assert all(a.activation.__name__ == activation for a in acts[:-1])
+    assert acts[-1].activation.__name__ == "softmax"
+
+
+def test_paper_init():
+    keras.utils.set_random_seed(0)
+    model = small(init="paper", width=0.5)
+    for name in CONVS + DENSES:
+        layer = model.get_layer(name)
+        bias = keras.ops.convert_to_numpy(layer.bias)
+        expected = 1.0 if name in {"conv2", "conv4", "conv5", "fc6", "fc7"} else 0.0
+        assert np.all(bias == expected), name
+        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        if kernel.size >= 10_000:  # enough samples for a tight estimate
+            assert abs(kernel.mean()) < 1e-3, name
+            assert kernel.std() == pytest.approx(0.01, rel=0.05), name
+
+
+def test_keras_init():
+    model = small(init="keras")
+    for name in CONVS + DENSES:
+        layer = model.get_layer(name)
+        assert isinstance(layer.kernel_initializer, keras.initializers.GlorotUniform)
+        assert np.all(keras.ops.convert_to_numpy(layer.bias) == 0.0)
+
+
+def test_weight_decay():
+    wd = 5e-4
+    model = small(weight_decay=wd)
+    kernels = [model.get_layer(name) for name in CONVS + DENSES]
+    assert len(model.losses) == len(kernels) == 8
+    # Keras' L2(wd / 2): the penalty's gradient is wd * w, the paper's decay term.
+    expected = sum(wd / 2 * np.sum(keras.ops.convert_to_numpy(l.kernel) ** 2) for l in kernels)
+    total = sum(float(keras.ops.convert_to_numpy(loss)) for loss in model.losses)
+    assert total == pytest.approx(expected, rel=1e-4)
+    assert small(weight_decay=0.0).losses == []
+
+
+def test_groups():
+    model = small(groups=2)
+    for i in range(1, 6):
+        assert model.get_layer(f"conv{i}").groups == (2 if i in (2, 4, 5) else 1)
+    plain = small(groups=1)
+    # Grouping halves the input channels each kernel sees.
+    for i in (2, 4, 5):
+        assert model.get_layer(f"conv{i}").kernel.shape[2] * 2 == \
+            plain.get_layer(f"conv{i}").kernel.shape[2]
+
+
+@pytest.mark.parametrize("width, groups, filters, hidden", [
+    (1.0, 1, [96, 256, 384, 384, 256], 4096),
+    (0.5, 1, [48, 128, 192, 192, 128], 2048),
+    (0.05, 1, [5, 13, 19, 19, 13], 205),
+    (0.05, 2, [4, 12, 20, 20, 12], 205),  # rounded to a multiple of 2 for the two groups
+])
+def test_width(width, groups, filters, hidden):
+    config = ModelConfig(variant="cifar", width=width, groups=groups, image_size=8)
+    model = build_alexnet(config, num_classes=3)
+    assert [model.get_layer(c).filters for c in CONVS] == filters
+    assert model.get_layer("fc6").units == model.get_layer("fc7").units == hidden
+    assert model.get_layer("fc8").units == 3
+
+
+def test_input_preprocessing():
+    plain = small()
+    layer = plain.get_layer("preprocess")
+    assert isinstance(layer, keras.layers.Rescaling)
+    assert layer.scale == pytest.approx(1 / 255)
+
+    mean, std = [125.3, 123.0, 113.9], [63.0, 62.1, 66.7]
+    model = small(input_mean=mean, input_std=std)
+    assert isinstance(model.get_layer("preprocess"), keras.layers.Normalization)
+    config = model.get_config()
+    assert config["input_mean"] == mean and config["input_std"] == std
+    assert type(config["input_mean"]) is list
+    x = images(2)
+    head = keras.Model(model.input, model.get_layer("preprocess").output)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(head(x)),
+                               (x - np.array(mean)) / np.array(std), rtol=1e-4, atol=1e-4)
+
+
+def test_cifar_forward():
+    model = small(num_classes=7)
+    assert tuple(model.input_shape) == (None, 32, 32, 3)
+    probs = keras.ops.convert_to_numpy(model(images(3), training=False))
+    assert probs.shape == (3, 7) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_mixed_precision_outputs_float32():
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = small(width=0.125, batchnorm=True)
+        assert model.get_layer("conv1").compute_dtype == "float16"
+        probs = model(images(2), training=False)
+        assert keras.backend.standardize_dtype(probs.dtype) == "float32"
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(probs).sum(axis=1), 1.0, rtol=1e-3)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def test_fit_step():
+    keras.utils.set_random_seed(0)
+    model = small(width=0.25, num_classes=4, batchnorm=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    x, y = images(8), np.arange(8) % 4
+    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert math.isfinite(history.history["loss"][-1])
+
+
+def test_save_and_load(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = small(width=0.125, batchnorm=True, groups=2, pool="non_overlapping",
+                  input_mean=[120.0, 115.0, 100.0], input_std=[60.0, 61.0, 62.0], num_classes=5)
+    path = tmp_path / "alexnet.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, AlexNet)
+    assert loaded.config == model.config
+    assert loaded.get_config() == model.get_config()
+    x = images(2)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded.predict(x, verbose=0)),
+                                  keras.ops.convert_to_numpy(model.predict(x, verbose=0)))
+
+
+def test_from_config_rebuilds_every_option():
+    model = small(lrn=False, dropout=0.2, activation="tanh", init="keras", weight_decay=0.0,
+                  lrn_size=3, image_size=40)
+    config = model.get_config()
+    assert set(MODEL_OPTIONS) <= set(config)
+    clone = AlexNet.from_config(config)
+    assert clone.config == model.config and clone.get_config() == config
+    assert names(clone) == names(model) and clone.count_params() == model.count_params()
+
+
+def test_build_alexnet_uses_config():
+    config = ModelConfig(variant="cifar", width=0.125, lrn=False)
+    model = build_alexnet(config, num_classes=3)
+    assert model.config == config and model.num_classes == 3
+    assert dataclasses.asdict(config).items() <= model.get_config().items()
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(dropout=1.5), r"dropout must be in \[0.0, 1.0\); got 1.5"),
+    (dict(pool="foo"), "'overlapping', 'non_overlapping'; got 'foo'"),
+    (dict(activation="gelu"), "'relu', 'tanh', 'sigmoid'; got 'gelu'"),
+    (dict(variant="vgg"), "'paper', 'cifar'; got 'vgg'"),
+])
+def test_config_errors(options, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**options)
+    with pytest.raises(ConfigError, match=match):
+        AlexNet(**options)
+
+
+def test_unknown_option():
+    with pytest.raises(ConfigError, match="unknown_option.*Valid options.*lrn_size"):
+        AlexNet(unknown_option=1)
+    with pytest.raises(ConfigError, match="did you mean 'batchnorm'"):
+        AlexNet(batchnrom=True)
+
+
+def test_bad_combinations():
+    # 63 px passes ModelConfig, but 3x3/2 'valid' pools shrink conv1's 14 px to 6, 2 and then 0.
+    with pytest.raises(ConfigError, match="image_size 63 is too small.*image_size >= 67"):
+        AlexNet(image_size=63, width=0.05)
+    # 2x2/2 pools still fit: 14 -> 7 -> 3 -> 1.
+    assert AlexNet(image_size=63, pool="non_overlapping", width=0.05).get_layer(
+        "pool5").output.shape[1:3] == (1, 1)
+    with pytest.raises(ConfigError, match="num_classes"):
+        small(num_classes=0)
+    with pytest.raises(ConfigError, match="together"):
+        small(input_mean=[1.0, 2.0, 3.0])
+    with pytest.raises(ConfigError, match="3 finite numbers"):
+        small(input_mean=[1.0, 2.0], input_std=[1.0, 1.0, 1.0])
+    with pytest.raises(ConfigError, match="> 0"):
+        small(input_mean=[1.0, 2.0, 3.0], input_std=[1.0, 0.0, 1.0])

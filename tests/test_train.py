@@ -1,0 +1,202 @@
+"""End-to-end training into a temporary MLflow store: what a run logs, and how runs end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from conftest import TINY, all_runs
+from mlflow.tracking import MlflowClient
+
+from alexnet_keras import cli
+from alexnet_keras.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _flags(overrides):
+    out = []
+    for key, value in overrides.items():
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One real two-epoch training run, shared by the assertions below (training is the slow part)."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root}/mlflow.db"
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        mlflow.set_tracking_uri(uri)
+        code = cli.main(["train", *_flags(TINY), "--lrn", "false", "--tracking-uri", uri,
+                         "--run-name", "tiny"])
+    finally:
+        os.chdir(cwd)
+    assert code == 0
+    runs = all_runs(uri)
+    assert len(runs) == 1
+    return uri, runs[0]
+
+
+def test_run_logs_every_config_value_as_a_param(trained_run):
+    _, run = trained_run
+    params = run.data.params
+    expected = load_config(overrides={**TINY, "lrn": "false", "run_name": "tiny"}).flat()
+    for key, value in expected.items():
+        text = "" if value is None else ("true" if value is True else "false" if value is False else str(value))
+        assert params[key] == text, key
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["alexnet_keras.keras_backend"] == "tensorflow"
+    assert "alexnet_keras.keras_version" in run.data.tags and "alexnet_keras.device" in run.data.tags
+
+
+def test_run_logs_per_epoch_and_test_metrics(trained_run):
+    uri, run = trained_run
+    client = MlflowClient(uri)
+    for key in ("loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [0, 1], key
+        assert all(np.isfinite(m.value) for m in history)
+    metrics = run.data.metrics
+    for key in ("test_loss", "test_accuracy", "test_top5_accuracy", "train_time_s", "num_params"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    # 4 classes: top-k is capped at the number of classes, so it is always right.
+    assert metrics["test_top5_accuracy"] == pytest.approx(1.0)
+
+
+def test_run_logs_reports_figures_model_and_dataset(trained_run):
+    uri, run = trained_run
+    client = MlflowClient(uri)
+    run_id = run.info.run_id
+
+    def listing(path=None):
+        return {f.path for f in client.list_artifacts(run_id, path)}
+
+    top = listing()
+    assert {"config.yaml", "data.json", "figures", "reports", "model"} <= top
+    assert {"figures/confusion_matrix.png", "figures/learning_curves.png"} <= listing("figures")
+    assert "reports/classification_report.txt" in listing("reports")
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="figures",
+                                                     tracking_uri=uri))
+    for png in local.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    report = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="reports/classification_report.json", tracking_uri=uri)).read_text())
+    assert report["accuracy"] == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)
+    assert {i.dataset.name for i in client.get_run(run_id).inputs.dataset_inputs} == {
+        "synthetic-train", "synthetic-val", "synthetic-test"}
+
+
+def test_logged_model_loads_with_signature_and_without_lrn(trained_run):
+    uri, run = trained_run
+    mlflow.set_tracking_uri(uri)
+    info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
+    assert info.signature is not None
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 32, 32, 3]
+    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+    assert not [layer for layer in model.layers if "lrn" in layer.name]
+    out = model.predict(np.zeros((2, 32, 32, 3), "float32"), verbose=0)
+    assert out.shape == (2, 4) and np.allclose(out.sum(-1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--dropout", "1.5"], "model.dropout must be in [0.0, 1.0); got 1.5"),
+    (["--pool", "foo"], "must be one of 'overlapping', 'non_overlapping'; got 'foo'"),
+    (["--dataset", "imagenet"], "must be one of 'cifar10', 'folder', 'synthetic'; got 'imagenet'"),
+    (["--dataset", "folder", "--data-dir", "/nonexistent/images"], "/nonexistent/images"),
+])
+def test_bad_input_fails_before_any_run(mlflow_store, capsys, flags, fragment):
+    assert cli.main(["train", *_flags(TINY), *flags]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+    assert all_runs(mlflow_store) == []
+
+
+def test_offline_cifar_without_data_says_how_to_point_at_data(mlflow_store, capsys, monkeypatch):
+    import keras
+
+    def offline():
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", offline)
+    monkeypatch.delenv("ALEXNET_KERAS_DATA_DIR", raising=False)
+    assert cli.main(["train", "--variant", "cifar", "--dataset", "cifar10"]) == 2
+    assert "--data-dir" in capsys.readouterr().err
+    assert all_runs(mlflow_store) == []
+
+
+def test_unwritable_store_is_a_clear_error(capsys):
+    assert cli.main(["train", *_flags(TINY), "--tracking-uri", "sqlite:////nonexistent/dir/mlflow.db"]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_exception_ends_run_failed_with_error_tag(mlflow_store, monkeypatch):
+    from alexnet_keras import train
+
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(train, "fit", broken_fit)
+    with pytest.raises(RuntimeError):
+        train.train_and_evaluate(load_config(overrides=TINY))
+    (run,) = all_runs(mlflow_store)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "RuntimeError: disk on fire"
+
+
+def test_interrupt_ends_run_killed(mlflow_store, monkeypatch):
+    from alexnet_keras import train
+
+    def interrupted_fit(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "fit", interrupted_fit)
+    assert cli.main(["train", *_flags(TINY)]) == 130
+    (run,) = all_runs(mlflow_store)
+    assert run.info.status == "KILLED"
+
+
+def test_divergence_ends_run_failed_with_reason(mlflow_store, capsys):
+    # A learning rate of 10 with plain SGD blows the loss up to NaN within the first epoch.
+    code = cli.main(["train", *_flags({**TINY, "epochs": 3}), "--learning-rate", "10", "--weight-decay", "0"])
+    (run,) = all_runs(mlflow_store)
+    assert code == 1 and run.info.status == "FAILED"
+    assert "diverged" in run.data.tags["error"] and "diverged" in capsys.readouterr().err
+
+
+def test_dry_run_prints_config_and_summary_without_a_run(mlflow_store, capsys):
+    assert cli.main(["train", "--variant", "paper", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert '"lrn": true' in out and "conv1" in out and "lrn1" in out and "fc8" in out
+    assert all_runs(mlflow_store) == []
+
+
+def test_mlflow_run_lrn_false_end_to_end(tmp_path):
+    """`mlflow run . -P lrn=false`, exactly as a user types it (with the local env manager)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # mlflow.set_experiment() in earlier tests exports MLFLOW_EXPERIMENT_ID: a user's shell has none.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2")
+    params = {"lrn": "false", "dataset": "synthetic", "width": 0.125, "epochs": 1, "batch_size": 32,
+              "init": "keras"}
+    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
+               "--experiment-name", "mlproject-test"]
+    for key, value in params.items():
+        command += ["-P", f"{key}={value}"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = all_runs(uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lrn"] == "false" and run.data.params["variant"] == "cifar"
+    assert "test_accuracy" in run.data.metrics
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+    assert not [layer for layer in model.layers if "lrn" in layer.name]
+    assert [layer for layer in model.layers if layer.name == "conv5"]
