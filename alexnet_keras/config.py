@@ -95,7 +95,8 @@ class ModelConfig:
         if self.groups not in (1, 2):
             raise ConfigError(f"model.groups must be one of 1, 2; got {self.groups!r}.")
         if self.image_size is not None:
-            minimum = 63 if self.variant == "paper" else 8
+            # Smallest sides whose pool5 map is not empty (model.py checks every layer's size).
+            minimum = {"paper": 67 if self.pool == "overlapping" else 39}.get(self.variant, 8)
             if not isinstance(self.image_size, int) or self.image_size < minimum:
                 raise ConfigError(f"model.image_size must be an integer >= {minimum} for variant "
                                   f"{self.variant!r} (or unset); got {self.image_size!r}.")
