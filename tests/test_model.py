@@ -295,8 +295,8 @@ def test_unknown_option():
 
 
 def test_bad_combinations():
-    # 63 px passes ModelConfig, but 3x3/2 'valid' pools shrink conv1's 14 px to 6, 2 and then 0.
-    with pytest.raises(ConfigError, match="image_size 63 is too small.*image_size >= 67"):
+    # 63 px: 3x3/2 'valid' pools would shrink conv1's 14 px to 6, 2 and then 0.
+    with pytest.raises(ConfigError, match="image_size must be an integer >= 67"):
         AlexNet(image_size=63, width=0.05)
     # 2x2/2 pools still fit: 14 -> 7 -> 3 -> 1.
     assert AlexNet(image_size=63, pool="non_overlapping", width=0.05).get_layer(

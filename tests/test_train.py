@@ -184,6 +184,8 @@ def test_mlflow_run_lrn_false_end_to_end(tmp_path):
     # mlflow.set_experiment() in earlier tests exports MLFLOW_EXPERIMENT_ID: a user's shell has none.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2")
+    # The MLproject command runs `python`: the one of this environment, as in an activated venv.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     params = {"lrn": "false", "dataset": "synthetic", "width": 0.125, "epochs": 1, "batch_size": 32,
               "init": "keras"}
     command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",

@@ -1,0 +1,76 @@
+"""The model and the LRN layer on every Keras backend installed (a backend is fixed per process).
+
+TensorFlow is covered by the rest of the suite; JAX is part of the test extra; PyTorch runs where it is
+installed (its CPU wheel is large, so it is not a test dependency) and is skipped elsewhere.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import json, os, sys, tempfile
+import numpy as np
+import keras
+from alexnet_keras import AlexNet, LocalResponseNormalization
+
+assert keras.backend.backend() == sys.argv[1], keras.backend.backend()
+keras.utils.set_random_seed(0)
+out = {}
+
+# LRN against the formula, computed in NumPy (alpha times the plain window sum).
+x = np.random.default_rng(0).normal(size=(2, 5, 5, 7)).astype("float32") * 3
+window = np.stack([np.sum(x[..., max(0, i - 2):i + 3] ** 2, -1) for i in range(7)], -1)
+expected = x / (2.0 + 1e-2 * window) ** 0.75
+got = keras.ops.convert_to_numpy(LocalResponseNormalization(alpha=1e-2)(x))
+out["lrn_max_error"] = float(np.abs(got - expected).max())
+
+keras.mixed_precision.set_global_policy("mixed_bfloat16")
+half = LocalResponseNormalization(alpha=1e-2)
+out["lrn_mixed_dtype"] = str(keras.ops.convert_to_numpy(half(keras.ops.cast(x, "bfloat16"))).dtype)
+keras.mixed_precision.set_global_policy("float32")
+
+model = AlexNet(num_classes=4, variant="cifar", width=0.125, lrn=True, batchnorm=True, init="keras")
+model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="sparse_categorical_crossentropy",
+              metrics=["accuracy"])
+images = np.random.default_rng(1).uniform(0, 255, size=(16, 32, 32, 3)).astype("float32")
+labels = np.arange(16) % 4
+history = model.fit(images, labels, batch_size=8, epochs=1, verbose=0)
+out["loss"] = float(history.history["loss"][-1])
+out["params"] = int(model.count_params())
+path = os.path.join(tempfile.mkdtemp(), "m.keras")
+model.save(path)
+again = keras.saving.load_model(path)
+out["reload_max_diff"] = float(np.abs(model.predict(images, verbose=0) - again.predict(images, verbose=0)).max())
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _run(backend):
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, backend], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def tensorflow_result():
+    return _run("tensorflow")
+
+
+@pytest.mark.parametrize("backend, module", [("jax", "jax"), ("torch", "torch")])
+def test_model_and_lrn_on_backend(backend, module, tensorflow_result):
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed")
+    result = _run(backend)
+    assert result["lrn_max_error"] < 1e-5
+    assert result["lrn_mixed_dtype"] == "bfloat16"
+    assert result["params"] == tensorflow_result["params"]     # same layers, same weights everywhere
+    assert result["loss"] == result["loss"] and result["loss"] < 10   # finite after one real step
+    assert result["reload_max_diff"] < 1e-5
