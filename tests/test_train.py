@@ -202,3 +202,23 @@ def test_mlflow_run_lrn_false_end_to_end(tmp_path):
     model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
     assert not [layer for layer in model.layers if "lrn" in layer.name]
     assert [layer for layer in model.layers if layer.name == "conv5"]
+
+
+def test_folder_dataset_skips_corrupt_files_and_logs_the_count(mlflow_store, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls, colour in (("cats", 40), ("dogs", 200)):
+        folder = tmp_path / "photos" / cls
+        folder.mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(rng.normal(colour, 20, size=(24 + i, 30, 3)), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    (tmp_path / "photos" / "cats" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    overrides = {**TINY, "dataset": "folder", "data_dir": str(tmp_path / "photos"), "epochs": 1}
+    assert cli.main(["train", *_flags(overrides)]) == 0
+    (run,) = all_runs(mlflow_store)
+    assert run.data.metrics["skipped_files"] == 1
+    data_json = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="data.json", tracking_uri=mlflow_store)).read_text())
+    assert data_json["class_names"] == ["cats", "dogs"] and data_json["counts"]["skipped"] == 1
