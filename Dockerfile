@@ -1,13 +1,16 @@
-# Minimal image: the package on TensorFlow's GPU base. (Docker cannot build on the development
-# machines; issue 8 adds linting, pinning by digest and an MLproject docker_env.)
+# alexnet-keras on TensorFlow's GPU image: `docker run --gpus all IMAGE train --config ...`.
+# Pinned base (a release tag; pin by digest where your registry mirror allows). Docker cannot build on
+# the development machines: tests/test_packaging.py lints this file with hadolint instead.
 FROM tensorflow/tensorflow:2.21.0-gpu
 
+# An unprivileged user owns the app and the MLflow store it writes (./mlflow.db, ./mlruns).
 RUN useradd --create-home --uid 1000 alexnet
 WORKDIR /home/alexnet/app
-COPY --chown=alexnet:alexnet pyproject.toml README.md ./
-COPY --chown=alexnet:alexnet alexnet_keras ./alexnet_keras
-RUN pip install --no-cache-dir .
-COPY --chown=alexnet:alexnet experiments ./experiments
-USER alexnet
+COPY --chown=1000:1000 pyproject.toml README.md ./
+COPY --chown=1000:1000 alexnet_keras ./alexnet_keras
+RUN pip install --no-cache-dir . && chown 1000:1000 /home/alexnet/app
+COPY --chown=1000:1000 experiments ./experiments
+COPY --chown=1000:1000 MLproject python_env.yaml ./
+USER 1000:1000
 ENTRYPOINT ["alexnet-keras"]
 CMD ["train", "--help"]
