@@ -39,7 +39,54 @@ def _parser() -> argparse.ArgumentParser:
                        "sqlite:///mlflow.db with artifacts in ./mlruns)")
     train.add_argument("--dry-run", action="store_true", help="validate the config, print it and the "
                        "model summary, and stop: no data is read and no run is created")
+    ablate = sub.add_parser("ablate", help="run an ablation study: one parent run, one child per "
+                            "(variant, seed), and a report on the parent (see experiments/ablation.yaml)")
+    ablate.add_argument("study", metavar="STUDY_YAML", help="study file: base config, axes, seeds")
+    ablate.add_argument("--parallel", type=int, default=1, metavar="N", help="train N children at a "
+                        "time, each in its own process (default: 1, one after another)")
+    ablate.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///mlflow.db)")
+    ablate.add_argument("--dry-run", action="store_true", help="validate the study and list its variants; "
+                        "no run is created")
+    report = sub.add_parser("report", help="rebuild an ablation study's report from the MLflow store")
+    report.add_argument("run_id", metavar="PARENT_RUN_ID", help="the study's parent run")
+    report.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///mlflow.db)")
+    _add_tune_parser(sub)
+    _add_benchmark_parser(sub)
+    _add_recipe_parsers(sub)
     return parser
+
+
+def _optional_int(text: str) -> int | None:
+    """`--max-trials ""` (an empty MLproject parameter) means "as in the file"."""
+    if text is None or str(text).strip().lower() in ("", "none"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+
+
+def _add_tune_parser(sub) -> None:
+    tune = sub.add_parser("tune", help="hyperparameter sweep with keras-tuner: one parent run, one nested "
+                          "run per trial (see experiments/sweep.yaml, docs/sweeps.md)")
+    tune.add_argument("sweep", metavar="SWEEP_YAML", help="sweep file: tuner, objective, budget, base config "
+                      "and search space")
+    tune.add_argument("--max-trials", type=_optional_int, default=None, metavar="N",
+                      help="override budget.max_trials; a bigger value continues a finished sweep")
+    tune.add_argument("--tuner-dir", metavar="DIR", help="keras-tuner state folder (default: the file's "
+                      "`directory`, else ./tuner); the sweep lives in DIR/<name>")
+    tune.add_argument("--overwrite", action="store_true", help="forget the tuner state and start again "
+                      "(a new parent run; the old runs stay in MLflow)")
+    tune.add_argument("--parent-run-id", metavar="RUN_ID", help="the parent run (workers: default "
+                      "$ALEXNET_KERAS_PARENT_RUN_ID, else the running parent of this sweep, found by its tags)")
+    tune.add_argument("--worker-wait", type=float, default=600.0, metavar="SECONDS",
+                      help="how long a worker waits for the chief's parent run (default: 600)")
+    tune.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
+                      "sqlite:///mlflow.db)")
+    tune.add_argument("--dry-run", action="store_true", help="validate the sweep file, print it and stop: "
+                      "no data is read, no tuner state or run is created")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -65,7 +112,108 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train}
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablate import StudyIncomplete, load_study, plan_text, run_study
+
+    study = load_study(args.study)   # every variant is validated before any run exists
+    if args.dry_run:
+        print(plan_text(study))
+        return 0
+    try:
+        result = run_study(study, parallel=args.parallel, tracking_uri=args.tracking_uri)
+    except StudyIncomplete as err:
+        print(f"alexnet-keras ablate: {err}", file=sys.stderr)
+        return 1
+    print(result.report.markdown)
+    print(f"parent run: {result.parent_run_id}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import tracking
+    from .report import build_report
+
+    tracking.configure(args.tracking_uri)
+    print(build_report(args.run_id).markdown)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import cmd_tune as tune
+
+    return tune(args)
+
+
+
+def _add_benchmark_parser(sub) -> None:
+    from .benchmark import add_arguments
+
+    bench = sub.add_parser("benchmark", help="time forward / forward+backward (the seeds' benchmark) and "
+                           "training throughput, log them to one MLflow run (see benchmarks/README.md)")
+    add_arguments(bench)
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import cmd_benchmark as benchmark
+
+    return benchmark(args)
+
+
+COMMANDS = {"train": cmd_train, "ablate": cmd_ablate, "report": cmd_report}
+COMMANDS["tune"] = cmd_tune
+COMMANDS["benchmark"] = cmd_benchmark
+
+
+def _add_recipe_parsers(sub) -> None:
+    """`predict` (predict.py) and `prepare` (prepare.py): using a trained model, and TFRecord shards."""
+    predict = sub.add_parser("predict", help="top-5 classes of image files under a trained model, "
+                             "preprocessed exactly as in its training run")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders "
+                         "(every visible file under a folder)")
+    predict.add_argument("--model", required=True, metavar="REF", help="run id, runs:/<run id>/model, "
+                         "models:/NAME/VERSION, an MLflow model folder, or a .keras file (with its "
+                         "<name>.preprocessing.json beside it)")
+    predict.add_argument("--crops", choices=("center", "ten"), default="center", help="centre crop, or the "
+                         "paper's ten views (corners + centre and their reflections, softmax averaged)")
+    predict.add_argument("--top", type=int, default=5, metavar="K", help="classes per image (default: 5)")
+    predict.add_argument("--json", action="store_true", help="machine-readable output")
+    predict.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per model call")
+    predict.add_argument("--tracking-uri", help="MLflow store for run ids and runs:/ URIs (default: "
+                         "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    prepare = sub.add_parser("prepare", help="convert an image folder into sharded TFRecords with a "
+                             "manifest, for --data-dir (see alexnet_keras/prepare.py)")
+    prepare.add_argument("source", metavar="FOLDER", help="train/<class>/* (+ val/, test/) or <class>/*, or "
+                         "an archive of one")
+    prepare.add_argument("out", metavar="OUT", help="output folder (new or empty)")
+    prepare.add_argument("--stored-size", type=int, default=256, metavar="N", help="shorter side rescaled to N "
+                         "and the central NxN square kept (default: 256, the paper's)")
+    prepare.add_argument("--encoding", choices=("jpeg", "png", "original"), default="jpeg", help="jpeg "
+                         "(default, small), png (lossless: loads exactly like the folder), original (the "
+                         "files' own bytes, rescaled when read)")
+    prepare.add_argument("--quality", type=int, default=95, metavar="Q", help="JPEG quality (default: 95)")
+    prepare.add_argument("--shard-size", type=int, default=1024, metavar="N", help="images per shard "
+                         "(default: 1024)")
+    prepare.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier "
+                         "`prepare` in OUT")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import run_cli
+
+    return run_cli(args.model, args.inputs, crops=args.crops, top=args.top, as_json=args.json,
+                   batch_size=args.batch_size, tracking_uri=args.tracking_uri)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import prepare
+
+    prepare(args.source, args.out, stored_size=args.stored_size, encoding=args.encoding, quality=args.quality,
+            shard_size=args.shard_size, overwrite=args.overwrite)
+    return 0
+
+
+COMMANDS["predict"] = cmd_predict
+COMMANDS["prepare"] = cmd_prepare
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,9 +26,13 @@ POOLS = ("overlapping", "non_overlapping")
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
 INITS = ("paper", "keras")
 DATASETS = ("cifar10", "folder", "synthetic")
+# Input recipes (alexnet_keras/data.py): "simple" squashes to the input size; "paper" is Krizhevsky et al.'s.
+RECIPES = ("simple", "paper")
 SCHEDULES = ("plateau", "cosine", "constant")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 JIT = ("auto", "true", "false")
+# Multi-device data parallelism engines (alexnet_keras/distribute.py): none; TF mirrored / multi_worker; JAX.
+DISTRIBUTE = ("none", "mirrored", "multi_worker", "data_parallel")
 
 # Native input side of each variant, used when `image_size` is left unset.
 NATIVE_IMAGE_SIZE = {"paper": 227, "cifar": 32}
@@ -120,6 +124,20 @@ class DataConfig:
     train_limit: int | None = None  # keep a stratified subset of this many training images (smoke runs)
     synthetic_samples: int = 512    # size of the `synthetic` dataset (train+val; test is a quarter)
     synthetic_classes: int = 10
+    # --- The paper's ImageNet recipe (data.py, "Recipes"). `augment` stays the master switch of training
+    # augmentation (false = none, in either recipe); random_crop / random_flip / pca_color pick its pieces.
+    recipe: str = "simple"          # "simple": squash to the input size; "paper": shorter side to
+                                    # stored_size + centre crop, mean subtraction, 10-crop test
+    stored_size: int = 256          # paper recipe: side of the stored square images crops are cut from
+    random_crop: bool = True        # simple: shift by up to 1/8 of the side; paper: random input-size crop
+    random_flip: bool = True        # random horizontal reflection (both recipes)
+    pca_color: bool = True          # paper recipe only: "fancy PCA" colour shift per image
+    pca_std: float = 0.1            # std of the fancy-PCA coefficients alpha (paper: 0.1)
+    pixel_mean: bool = False        # paper recipe: subtract the per-pixel mean image in the pipeline;
+                                    # false: per-channel mean/std inside the model (self-contained)
+    ten_crop: bool = True           # paper recipe: also report the 10-crop test metrics
+    max_memory_mb: int = 4096       # image folders whose decoded images need more are streamed from files
+    test_limit: int | None = None   # score a stratified subset of this many test images (CPU-sized runs)
 
     def __post_init__(self) -> None:
         _choice("data", "dataset", self.dataset, DATASETS)
@@ -133,6 +151,14 @@ class DataConfig:
             raise ConfigError(f"data.synthetic_samples must be at least 16; got {self.synthetic_samples!r}.")
         if not 2 <= self.synthetic_classes <= 1000:
             raise ConfigError(f"data.synthetic_classes must be in [2, 1000]; got {self.synthetic_classes!r}.")
+        _choice("data", "recipe", self.recipe, RECIPES)
+        for name, lowest in (("stored_size", 8), ("max_memory_mb", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise ConfigError(f"data.{name} must be an integer >= {lowest}; got {value!r}.")
+        _range("data", "pca_std", self.pca_std, 0.0, 10.0)
+        if self.test_limit is not None and self.test_limit < 2:
+            raise ConfigError(f"data.test_limit must be at least 2 (or unset); got {self.test_limit!r}.")
 
 
 @dataclass(frozen=True)
@@ -148,12 +174,14 @@ class TrainConfig:
     seed: int = 0
     precision: str = "float32"
     jit_compile: str = "auto"       # XLA: "auto" lets Keras decide per backend; "true"; "false"
+    distribute: str = "none"        # data parallelism (distribute.py); batch_size is the global batch
 
     def __post_init__(self) -> None:
         s = "train"
         _choice(s, "schedule", self.schedule, SCHEDULES)
         _choice(s, "precision", self.precision, PRECISIONS)
         _choice(s, "jit_compile", self.jit_compile, JIT)
+        _choice(s, "distribute", self.distribute, DISTRIBUTE)
         for name in ("epochs", "batch_size", "plateau_patience"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

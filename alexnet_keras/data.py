@@ -12,7 +12,28 @@ Design, in short:
   * the validation split is carved from the training images, stratified and seeded by
     `split_seed` alone, so every run of a study sees the same split whatever its training `seed`;
   * CIFAR-10 stays at its native 32 px in memory; other sizes are produced per batch in the pipeline
-    (60,000 images at 227 px would need 9 GB).
+    (60,000 images at 227 px would need 9 GB);
+  * image folders whose decoded images would need more than `max_memory_mb` (and TFRecord shards
+    written by `alexnet-keras prepare`, see prepare.py) are not held in memory: their files are
+    decoded on the fly, in parallel, every epoch ("streaming"), after one pass that finds the
+    unreadable files (cached).
+
+Recipes (`DataConfig.recipe`):
+  * "simple" (default): every image is squashed to the model's input size; training augmentation is
+    a random shift by up to 1/8 of the side (reflect padding, `random_crop`) and a horizontal flip
+    (`random_flip`). The per-channel mean/std of the training pixels go into the model's first layer.
+  * "paper" (Krizhevsky et al. 2012, section 2 and 4.1): the shorter side is rescaled to
+    `stored_size` (256) and the central square kept; training takes a random crop of the input size
+    (227, or 224 with --image-size 224) from it (`random_crop`; off = centre crop), reflects it
+    horizontally with probability 1/2 (`random_flip`) and shifts its colour along the principal
+    components of the training set's RGB pixels ("fancy PCA", `pca_color`, alpha ~ N(0, `pca_std`)).
+    Mean subtraction: the per-channel mean (and std) inside the model, or, with `pixel_mean`, the
+    per-pixel mean image (stored_size x stored_size) subtracted in the pipeline before cropping.
+    Validation and test use the centre crop; `ten_crop` adds the paper's 10-crop test (4 corners +
+    centre and their reflections, softmax averaged). Statistics are computed once on the training
+    split, cached, and returned in `Data.recipe_stats` (train.py logs them).
+  `augment=false` turns every training augmentation off in both recipes; `pca_color` has no effect in
+  the simple recipe (so runs of the simple recipe are unchanged by its default).
 """
 
 from __future__ import annotations
@@ -75,6 +96,13 @@ class Data:
     std: list[float]          # per-channel (population) std of the train split's pixels
     source: str               # where the images came from, for logs and MLflow
     digest: str               # 16 hex digits identifying the images, labels and split
+    # What a prediction must do to a file to give the model what it was trained on (`_preprocessing`);
+    # logged in data.json and with the model, read back by predict.py.
+    preprocessing: dict = dataclasses.field(default_factory=dict)
+    recipe_stats: dict | None = None      # paper recipe: RGB mean/std/covariance, PCA, for logging
+    mean_image: np.ndarray | None = None  # paper recipe with pixel_mean: (stored, stored, 3) float32
+    test_ten_crop: tf.data.Dataset | None = None  # paper recipe with ten_crop: images only, 10 views
+                                          # per test image (batches of 10*B), in `test_labels` order
 
     @property
     def num_classes(self) -> int:
@@ -117,19 +145,39 @@ def load_data(cfg: DataConfig, image_size: int, batch_size: int, seed: int = 0, 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer; got {batch_size!r}.")
 
+    paper = cfg.recipe == "paper"
+    if paper and cfg.stored_size < image_size:
+        raise DataError(f"the paper recipe crops {image_size}x{image_size} inputs from images stored at "
+                        f"{cfg.stored_size}x{cfg.stored_size}: pass --stored-size {max(256, image_size)} "
+                        f"(or at least {image_size}), or a smaller --image-size.")
+    # Files are decoded to squares of `side` px: the stored size of the paper recipe, else the input size.
+    side = cfg.stored_size if paper else image_size
+    policy = "shorter_side_crop" if paper else "squash"
+    sources = dict(policy=policy, max_bytes=cfg.max_memory_mb * 2 ** 20)
     if cfg.dataset == "synthetic":
-        raw = _synthetic(cfg, image_size)
+        raw = _synthetic(cfg, side)
     elif cfg.dataset == "cifar10":
-        raw = _cifar10(cfg, verbose)
+        raw = _cifar10(cfg, verbose, side=side, **sources)
     else:
         root = resolve_data_dir(cfg.data_dir)
         if root is None:
             raise DataError("dataset 'folder' needs a folder: pass --data-dir PATH (class sub-folders, "
                             "or train/ and test/ each with class sub-folders) or set "
                             f"${DATA_DIR_ENV}.")
-        raw = _from_dir(root, image_size, verbose, cfg.split_seed, cifar=False)
+        raw = _from_dir(root, side, verbose, cfg.split_seed, cifar=False, **sources)
 
     train_idx, val_idx, x_val, y_val = _split(raw, cfg)
+    if cfg.test_limit is not None and cfg.test_limit < len(raw.y_test):
+        # A stratified subset of the test set, for runs where scoring all of it costs too much (the
+        # 10-crop test of the paper recipe runs the network 10 times per image).
+        keep, _ = _stratified(np.arange(len(raw.y_test)), raw.y_test, len(raw.y_test) - cfg.test_limit,
+                              cfg.split_seed, "test_limit")
+        keep = np.sort(keep)
+        raw = dataclasses.replace(raw, x_test=raw.x_test[keep], y_test=raw.y_test[keep])
+    if paper or isinstance(raw.x_train, _Images):
+        # The paper recipe, and streamed sources of either recipe (see "Recipes" below).
+        return _recipe_data(raw, train_idx, val_idx, x_val, y_val, cfg, image_size, batch_size, seed,
+                            verbose)
     x_train, y_train = raw.x_train[train_idx], raw.y_train[train_idx]
     if x_val is None:
         x_val, y_val = raw.x_train[val_idx], raw.y_train[val_idx]
@@ -138,10 +186,11 @@ def load_data(cfg: DataConfig, image_size: int, batch_size: int, seed: int = 0, 
     digest = _hash_json({
         "data": raw.identity, "image_size": image_size, "val_fraction": cfg.val_fraction,
         "split_seed": cfg.split_seed, "train_limit": cfg.train_limit,
+        **({"test_limit": cfg.test_limit} if cfg.test_limit is not None else {}),
     })
     return Data(
         train=_pipeline(x_train, y_train, image_size, batch_size, train=True, augment=cfg.augment,
-                        seed=seed),
+                        seed=seed, crop=cfg.random_crop, flip=cfg.random_flip),
         val=_pipeline(x_val, y_val, image_size, batch_size),
         test=_pipeline(raw.x_test, raw.y_test, image_size, batch_size),
         test_labels=raw.y_test.astype(np.int32),
@@ -154,6 +203,7 @@ def load_data(cfg: DataConfig, image_size: int, batch_size: int, seed: int = 0, 
         std=std,
         source=raw.source,
         digest=digest,
+        preprocessing=_preprocessing("simple", image_size, image_size, False, native_size=x_train.shape[1]),
     )
 
 
@@ -187,10 +237,11 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or "~/.cache/alexnet-keras").expanduser()
 
 
-def random_crop_flip(images: tf.Tensor, seed: tf.Tensor, pad: int | None = None) -> tf.Tensor:
+def random_crop_flip(images: tf.Tensor, seed: tf.Tensor, pad: int | None = None, *, crop: bool = True,
+                     flip: bool = True) -> tf.Tensor:
     """Random translation by up to `pad` pixels each way (as a random crop of the image padded by
     reflection) and random horizontal flip, drawn independently for every image of `images`
-    (B,H,W,C, any dtype; H, W static).
+    (B,H,W,C, any dtype; H, W static). `crop=False` / `flip=False` leave that part out.
 
     Stateless: the same `seed` (two integers) gives the same result, eagerly or inside
     `tf.data.Dataset.map`. `pad` defaults to H // 8: 4 px for CIFAR's 32.
@@ -205,7 +256,9 @@ def random_crop_flip(images: tf.Tensor, seed: tf.Tensor, pad: int | None = None)
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     offsets = tf.random.stateless_uniform([batch, 2], crop_seed, minval=-pad, maxval=pad + 1,
                                           dtype=tf.int32)
-    flip = tf.random.stateless_uniform([batch], flip_seed) < 0.5
+    if not crop:
+        offsets = tf.zeros_like(offsets)
+    flip = tf.logical_and(tf.random.stateless_uniform([batch], flip_seed) < 0.5, flip)
 
     def reflect(i, n):   # tf.pad's REFLECT: -1 -> 1, n -> n - 2
         i = tf.abs(i)
@@ -225,7 +278,7 @@ def random_crop_flip(images: tf.Tensor, seed: tf.Tensor, pad: int | None = None)
 # ---------------------------------------------------------------------------------------------
 
 def _pipeline(x: np.ndarray, y: np.ndarray, image_size: int, batch_size: int, *, train: bool = False,
-              augment: bool = False, seed: int = 0) -> tf.data.Dataset:
+              augment: bool = False, seed: int = 0, crop: bool = True, flip: bool = True) -> tf.data.Dataset:
     # The pipeline shuffles and batches indices, then gathers each batch from the in-memory arrays:
     # as fast as from_tensor_slices -> cache -> shuffle -> batch on CIFAR, but the shuffle buffer
     # holds integers, not images, so filling it costs nothing even for large images. The arrays sit
@@ -253,7 +306,7 @@ def _pipeline(x: np.ndarray, y: np.ndarray, image_size: int, batch_size: int, *,
                                            antialias=image_size < stored)
         return batch_images
 
-    if train and augment:
+    if train and augment and (crop or flip):
         # Stateless ops with a seed per batch from a seeded stream: epochs differ from one another,
         # yet a run with the same `seed` sees the same augmented batches.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
@@ -262,7 +315,7 @@ def _pipeline(x: np.ndarray, y: np.ndarray, image_size: int, batch_size: int, *,
         def load(idx, batch_seed):
             batch_images, batch_labels = gather(idx)
             # Augment at stored resolution (4 px of a 32-px CIFAR image), before any upscaling.
-            return finish(random_crop_flip(batch_images, batch_seed)), batch_labels
+            return finish(random_crop_flip(batch_images, batch_seed, crop=crop, flip=flip)), batch_labels
     else:
         def load(idx):
             batch_images, batch_labels = gather(idx)
@@ -287,6 +340,470 @@ def _channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     mean = counts @ values / total
     var = counts @ np.square(values) / total - np.square(mean)
     return [float(m) for m in mean], [float(s) for s in np.sqrt(np.maximum(var, 0.0))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: decoding policies, crops, fancy PCA, statistics, streamed sources
+# ---------------------------------------------------------------------------------------------
+
+# How a file becomes a square of `side` pixels: "squash" resizes it ignoring the aspect ratio (the
+# simple recipe); "shorter_side_crop" rescales its shorter side to `side` and keeps the central square.
+RESIZE_POLICIES = ("squash", "shorter_side_crop")
+# The order of the paper's ten test views in `ten_crops` (and in predict's output).
+TEN_CROP_VIEWS = ("top_left", "top_right", "bottom_left", "bottom_right", "center",
+                  "top_left_flipped", "top_right_flipped", "bottom_left_flipped", "bottom_right_flipped",
+                  "center_flipped")
+# Images per step of the statistics pass.
+_STATS_BATCH = 256
+
+
+def _preprocessing(recipe: str, stored_size: int, image_size: int, pixel_mean: bool,
+                   native_size: int | None = None) -> dict:
+    """`Data.preprocessing`: what predict.py applies to a file (logged in data.json and with the model).
+
+    `native_size`: the images were held at this side (CIFAR's 32 px) and resized to stored_size per
+    batch in float; predict then squashes a file to native_size first and resizes it the same way.
+    """
+    spec = {"recipe": recipe, "resize": "shorter_side_crop" if recipe == "paper" else "squash",
+            "stored_size": int(stored_size), "image_size": int(image_size), "pixel_mean": bool(pixel_mean)}
+    if native_size is not None and native_size != stored_size:
+        spec["native_size"] = int(native_size)
+    return spec
+
+
+def decode_image(contents: tf.Tensor, size: int, policy: str = "squash") -> tf.Tensor:
+    """JPEG/PNG/GIF/BMP bytes -> uint8 RGB (size, size, 3). Grayscale, alpha and CMYK JPEGs come out RGB.
+
+    `policy` (RESIZE_POLICIES): "squash" resizes to size x size whatever the aspect ratio;
+    "shorter_side_crop" is the paper's "rescaled the image such that the shorter side was of length
+    256, and then cropped out the central 256x256 patch". Bilinear, antialiased when shrinking,
+    rounded to uint8. Bytes that are not an image raise (in tf.data: `ignore_errors` drops them).
+    """
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"policy must be one of {RESIZE_POLICIES}; got {policy!r}")
+    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+
+    def rounded(resized):
+        return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+    if policy == "squash":
+        def resize():
+            return rounded(tf.image.resize(image, [size, size], antialias=True))
+
+        same = tf.logical_and(tf.equal(height, size), tf.equal(width, size))
+        return tf.cond(same, lambda: tf.ensure_shape(image, [size, size, 3]), resize)
+
+    shorter = tf.minimum(height, width)
+
+    def rescale():
+        scale = tf.cast(size, tf.float64) / tf.cast(shorter, tf.float64)
+        new = tf.cast(tf.round(tf.cast(tf.stack([height, width]), tf.float64) * scale), tf.int32)
+        return rounded(tf.image.resize(image, tf.maximum(new, size), antialias=True))
+
+    resized = tf.cond(tf.equal(shorter, size), lambda: image, rescale)
+    top = (tf.shape(resized)[0] - size) // 2
+    left = (tf.shape(resized)[1] - size) // 2
+    return tf.ensure_shape(resized[top:top + size, left:left + size], [size, size, 3])
+
+
+def center_crop(images: tf.Tensor, size: int) -> tf.Tensor:
+    """The central size x size window of every image of a batch (B,H,W,C; H, W static)."""
+    images = tf.convert_to_tensor(images)
+    top, left = (images.shape[1] - size) // 2, (images.shape[2] - size) // 2
+    return images[:, top:top + size, left:left + size]
+
+
+def random_crops(images: tf.Tensor, size: int, seed: tf.Tensor, *, crop: bool = True,
+                 flip: bool = True) -> tf.Tensor:
+    """A size x size window of every image of a batch (B,H,W,C; H, W static), at a position drawn
+    uniformly over all (H-size+1)*(W-size+1) positions (`crop=False`: the centre), reflected
+    horizontally with probability 1/2 (`flip`), independently per image. Stateless in `seed`.
+
+    The paper's training crops: "extracting random 224x224 patches (and their horizontal
+    reflections) from the 256x256 images".
+    """
+    images = tf.convert_to_tensor(images)
+    seed = tf.cast(seed, tf.int64)
+    batch = tf.shape(images)[0]
+    height, width, channels = images.shape[1], images.shape[2], images.shape[3]
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    if crop:
+        u = tf.random.stateless_uniform([batch, 2], crop_seed)
+        top = tf.minimum(tf.cast(u[:, 0] * (height - size + 1), tf.int32), height - size)
+        left = tf.minimum(tf.cast(u[:, 1] * (width - size + 1), tf.int32), width - size)
+    else:
+        top = tf.fill([batch], (height - size) // 2)
+        left = tf.fill([batch], (width - size) // 2)
+    mirrored = tf.logical_and(tf.random.stateless_uniform([batch], flip_seed) < 0.5, flip)
+    steps = tf.range(size)
+    rows = top[:, None] + steps[None, :]
+    cols = left[:, None] + tf.where(mirrored[:, None], size - 1 - steps[None, :], steps[None, :])
+    # One gather for the whole batch, as in random_crop_flip.
+    flat = tf.range(batch)[:, None, None] * (height * width) + rows[:, :, None] * width + cols[:, None, :]
+    return tf.gather(tf.reshape(images, [-1, channels]), flat)
+
+
+def ten_crops(images: tf.Tensor, size: int) -> tf.Tensor:
+    """The paper's ten test views of every image of a batch: (B,H,W,C) -> (B,10,size,size,C).
+
+    "the four corner patches and the center patch as well as their horizontal reflections", in the
+    order of TEN_CROP_VIEWS: top-left, top-right, bottom-left, bottom-right, centre, then the same five
+    mirrored (each patch reflected left-right).
+    """
+    images = tf.convert_to_tensor(images)
+    height, width = images.shape[1], images.shape[2]
+    corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size),
+               ((height - size) // 2, (width - size) // 2)]
+    views = [images[:, top:top + size, left:left + size] for top, left in corners]
+    views += [tf.reverse(view, axis=[2]) for view in views]
+    return tf.stack(views, axis=1)
+
+
+def pca_color_shift(images: tf.Tensor, seed: tf.Tensor, eigenvalues, eigenvectors,
+                    std: float = 0.1) -> tf.Tensor:
+    """The paper's "fancy PCA" colour augmentation on a batch of float images in 0..255 units.
+
+    Every pixel of image b gets the same offset 255 * sum_i alpha_bi * lambda_i * p_i, with
+    alpha_bi ~ N(0, std) drawn once per image and (p_i, lambda_i) the eigenvectors (columns of
+    `eigenvectors`) and eigenvalues of the 3x3 covariance of the training set's RGB values in [0, 1]
+    units (RGBStats.eigenvalues). Stateless in `seed`.
+    """
+    images = tf.convert_to_tensor(images)
+    alpha = tf.random.stateless_normal([tf.shape(images)[0], 3], tf.cast(seed, tf.int64), stddev=std)
+    weights = alpha * tf.constant(np.asarray(eigenvalues, np.float32))[None, :]
+    shift = 255.0 * tf.matmul(weights, tf.constant(np.asarray(eigenvectors, np.float32)), transpose_b=True)
+    return images + tf.cast(shift, images.dtype)[:, None, None, :]
+
+
+def model_views(images: tf.Tensor, *, image_size: int, stored_size: int, mean_image=None,
+                crops: str = "center") -> tf.Tensor:
+    """What the model sees at evaluation, from a batch of stored images (B,H,W,3), any dtype.
+
+    The images are resized to stored_size if they have another size (CIFAR's 32 px), the mean image is
+    subtracted (paper recipe with pixel_mean), then `crops` "center" gives (B,S,S,3) and "ten" gives
+    (B*10,S,S,3): the ten views of image 0, then those of image 1, ... (S = image_size). float32.
+    """
+    x = _to_stored(images, stored_size, mean_image)
+    if crops == "center":
+        return center_crop(x, image_size)
+    if crops != "ten":
+        raise ValueError(f"crops must be 'center' or 'ten'; got {crops!r}")
+    return tf.reshape(ten_crops(x, image_size), [-1, image_size, image_size, x.shape[-1]])
+
+
+def _to_stored(images: tf.Tensor, stored_size: int, mean_image=None) -> tf.Tensor:
+    x = tf.cast(images, tf.float32)
+    side = x.shape[1]
+    if side != stored_size:
+        # Antialiasing only matters when shrinking (as in `_pipeline`).
+        x = tf.image.resize(x, [stored_size, stored_size], antialias=stored_size < side)
+    if mean_image is not None:
+        x = x - tf.constant(np.asarray(mean_image, np.float32))
+    return x
+
+
+@dataclasses.dataclass
+class RGBStats:
+    """Statistics of the training pixels (0..255 units unless said otherwise)."""
+
+    images: int
+    pixels: int
+    mean: np.ndarray            # (3,) per-channel mean
+    std: np.ndarray             # (3,) per-channel population std
+    covariance: np.ndarray      # (3, 3) population covariance of the RGB values
+    eigenvalues: np.ndarray     # (3,) of covariance / 255**2 (RGB in [0, 1]), largest first
+    eigenvectors: np.ndarray    # (3, 3) unit columns p_i matching `eigenvalues`, sign: sum(p_i) >= 0
+    mean_image: np.ndarray | None = None    # (H, W, 3) per-pixel mean, when asked for
+    residual_std: np.ndarray | None = None  # (3,) per-channel std after subtracting mean_image
+
+    def to_json(self) -> dict:
+        out = {"images": self.images, "pixels": self.pixels, "mean_rgb": self.mean.tolist(),
+               "std_rgb": self.std.tolist(), "covariance_rgb": self.covariance.tolist(),
+               "pca_eigenvalues": self.eigenvalues.tolist(),
+               "pca_eigenvectors_columns": self.eigenvectors.tolist()}
+        if self.residual_std is not None:
+            out["std_rgb_after_mean_image"] = self.residual_std.tolist()
+        return out
+
+
+class _Moments:
+    """Running float64 sums over batches of uint8 RGB images: one pass gives every statistic."""
+
+    def __init__(self, pixel_mean: bool = False):
+        self.images = 0
+        self.pixels = 0
+        self.total = np.zeros(3)
+        self.products = np.zeros((3, 3))
+        self.pixel_mean = pixel_mean
+        self.pixel_total: np.ndarray | None = None
+
+    def add(self, batch: np.ndarray) -> None:
+        batch = np.asarray(batch)
+        flat = batch.reshape(-1, 3)
+        for start in range(0, len(flat), 1 << 20):   # 24 MB of float64 at a time
+            chunk = flat[start:start + (1 << 20)].astype(np.float64)
+            self.total += chunk.sum(axis=0)
+            self.products += chunk.T @ chunk
+        self.images += len(batch)
+        self.pixels += len(flat)
+        if self.pixel_mean:
+            summed = batch.sum(axis=0, dtype=np.float64)
+            self.pixel_total = summed if self.pixel_total is None else self.pixel_total + summed
+
+    def arrays(self) -> dict:
+        out = {"counts": np.array([self.images, self.pixels], np.int64), "total": self.total,
+               "products": self.products}
+        if self.pixel_total is not None:
+            out["pixel_total"] = self.pixel_total
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "_Moments":
+        moments = cls("pixel_total" in arrays)
+        moments.images, moments.pixels = (int(v) for v in arrays["counts"])
+        moments.total, moments.products = arrays["total"], arrays["products"]
+        moments.pixel_total = arrays["pixel_total"] if "pixel_total" in arrays else None
+        return moments
+
+    def stats(self) -> RGBStats:
+        if not self.pixels:
+            raise DataError("no training images to compute the colour statistics on.")
+        mean = self.total / self.pixels
+        covariance = self.products / self.pixels - np.outer(mean, mean)
+        eigenvalues, eigenvectors = np.linalg.eigh(covariance / 255.0 ** 2)
+        order = np.argsort(eigenvalues)[::-1]
+        eigenvalues, eigenvectors = np.maximum(eigenvalues[order], 0.0), eigenvectors[:, order]
+        eigenvectors = eigenvectors * np.where(eigenvectors.sum(axis=0) < 0, -1.0, 1.0)
+        stats = RGBStats(self.images, self.pixels, mean, np.sqrt(np.maximum(np.diag(covariance), 0.0)),
+                         covariance, eigenvalues, eigenvectors)
+        if self.pixel_total is not None:
+            stats.mean_image = self.pixel_total / self.images
+            # sum over pixels of (x - mu_p)^2 = sum x^2 - images * sum_p mu_p^2, per channel
+            second = np.diag(self.products) / self.pixels - np.mean(np.square(stats.mean_image), axis=(0, 1))
+            stats.residual_std = np.sqrt(np.maximum(second, 0.0))
+        return stats
+
+
+def rgb_statistics(batches, *, pixel_mean: bool = False) -> RGBStats:
+    """RGBStats of an iterable of uint8 (B,H,W,3) batches (float64 sums, one pass)."""
+    moments = _Moments(pixel_mean)
+    for batch in batches:
+        moments.add(batch)
+    return moments.stats()
+
+
+class _Images:
+    """A split's images, decoded on demand: in memory (_ArrayImages), from files (_FileImages) or from
+    TFRecord shards (prepare.RecordImages). `images[index]` (index array or boolean mask) is a subset,
+    in the order given; `batches` yields (uint8 (B, side, side, 3), int32 (B,)) in that order, or
+    reshuffled every epoch."""
+
+    labels: np.ndarray
+    side: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index) -> "_Images":
+        return self._subset(np.arange(len(self))[index])
+
+    def _subset(self, index: np.ndarray) -> "_Images":
+        raise NotImplementedError
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
+        raise NotImplementedError
+
+    def numpy_batches(self, batch_size: int = _STATS_BATCH):
+        for images, _ in self.batches(batch_size).as_numpy_iterator():
+            yield images
+
+
+class _ArrayImages(_Images):
+    def __init__(self, x: np.ndarray, labels: np.ndarray):
+        self.x, self.labels, self.side = x, np.asarray(labels, np.int32), x.shape[1]
+        self._variables = None
+
+    def _subset(self, index):
+        return _ArrayImages(self.x[index], self.labels[index])
+
+    def batches(self, batch_size, *, shuffle=False, seed=0):
+        # Index batches gathered from CPU variables, as in `_pipeline` (one copy shared by every
+        # pipeline of this split, e.g. the centre-crop and the 10-crop test sets).
+        if self._variables is None:
+            with tf.device("/CPU:0"):
+                self._variables = (tf.Variable(self.x, trainable=False),
+                                   tf.Variable(self.labels, trainable=False))
+        images, labels = self._variables
+        ds = tf.data.Dataset.range(len(self))
+        if shuffle:
+            ds = ds.shuffle(max(len(self), 1), seed=seed, reshuffle_each_iteration=True)
+        return ds.batch(batch_size).map(lambda idx: (tf.gather(images, idx), tf.gather(labels, idx)),
+                                        num_parallel_calls=_AUTOTUNE, deterministic=True)
+
+    def numpy_batches(self, batch_size=_STATS_BATCH):
+        for start in range(0, len(self), batch_size):
+            yield self.x[start:start + batch_size]
+
+
+class _FileImages(_Images):
+    """Image files decoded in parallel every time they are read (files known to decode: see _folder)."""
+
+    def __init__(self, paths, labels, side: int, policy: str):
+        self.paths = np.asarray(paths, dtype=str)
+        self.labels, self.side, self.policy = np.asarray(labels, np.int32), side, policy
+
+    def _subset(self, index):
+        return _FileImages(self.paths[index], self.labels[index], self.side, self.policy)
+
+    def batches(self, batch_size, *, shuffle=False, seed=0):
+        side, policy = self.side, self.policy
+        ds = tf.data.Dataset.from_tensor_slices((self.paths, self.labels))
+        if shuffle:   # a buffer of file names, not images: cheap even for ImageNet's 1.28 million
+            ds = ds.shuffle(max(len(self), 1), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.map(lambda path, label: (decode_image(tf.io.read_file(path), side, policy), label),
+                    num_parallel_calls=_AUTOTUNE, deterministic=True)
+        return ds.batch(batch_size)
+
+
+def _as_images(x, labels) -> _Images:
+    return x if isinstance(x, _Images) else _ArrayImages(x, labels)
+
+
+def _statistics_cached(images: _Images, key: str, pixel_mean: bool, verbose: bool) -> RGBStats:
+    """RGBStats of `images`, computed once and kept in the cache under `key`."""
+    cache_file = cache_root() / "stats" / f"{key}.npz"
+    if cache_file.is_file():
+        try:
+            with np.load(cache_file) as cached:
+                return _Moments.from_arrays(dict(cached)).stats()
+        except Exception:  # noqa: BLE001 - a damaged cache is only a reason to compute again
+            pass
+    start = time.perf_counter()
+    moments = _Moments(pixel_mean)
+    for batch in images.numpy_batches():
+        moments.add(batch)
+    if verbose and len(images) >= PROGRESS_MIN_FILES:
+        print(f"Colour statistics of {len(images)} training images in {time.perf_counter() - start:.1f} s "
+              "(cached afterwards).", flush=True)
+    _save_npz(cache_file, moments.arrays())
+    return moments.stats()
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Temp file, then rename: a run killed mid-write leaves no truncated cache behind.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npz", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError as err:
+        warnings.warn(f"could not write the cache file {str(path)!r} ({err}); it will be computed again "
+                      f"next time. Set ${CACHE_ENV} to a writable folder.", stacklevel=3)
+
+
+def _recipe_data(raw: _Raw, train_idx, val_idx, x_val, y_val, cfg: DataConfig, image_size: int,
+                 batch_size: int, seed: int, verbose: bool) -> Data:
+    """`Data` for the paper recipe, and for streamed sources of the simple recipe."""
+    paper = cfg.recipe == "paper"
+    pixel_mean = paper and cfg.pixel_mean
+    stored = cfg.stored_size if paper else image_size
+    source = _as_images(raw.x_train, raw.y_train)
+    train = source[train_idx]
+    val = source[val_idx] if x_val is None else _as_images(x_val, y_val)
+    test = _as_images(raw.x_test, raw.y_test)
+
+    stats = _statistics_cached(train, _hash_json({
+        "data": raw.identity, "train": hashlib.sha256(np.asarray(train_idx, np.int64).tobytes()).hexdigest(),
+        "side": train.side, "pixel_mean": pixel_mean}), pixel_mean, verbose)
+    mean, std, mean_image = stats.mean, stats.std, None
+    if pixel_mean:
+        mean_image = stats.mean_image.astype(np.float32)
+        if mean_image.shape[0] != stored:   # CIFAR: the mean of the resized images is the resized mean
+            mean_image = _to_stored(mean_image[None], stored).numpy()[0]
+        # The model's first layer then only scales: the mean is already gone.
+        mean, std = np.zeros(3), stats.residual_std
+
+    views = dict(image_size=image_size, stored_size=stored, mean_image=mean_image)
+
+    def evaluation(images: _Images) -> tf.data.Dataset:
+        return images.batches(batch_size).map(lambda x, y: (model_views(x, **views), y),
+                                              num_parallel_calls=_AUTOTUNE).prefetch(_AUTOTUNE)
+
+    augment = cfg.augment and (cfg.random_crop or cfg.random_flip or (paper and cfg.pca_color))
+    train_ds = train.batches(batch_size, shuffle=True, seed=seed)
+    if augment:
+        # A seed per batch from a seeded stream, as in `_pipeline`.
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+        def augmented(batch, batch_seed):
+            x, y = batch
+            crop_seed, color_seed = tf.unstack(tf.random.experimental.stateless_split(
+                tf.cast(batch_seed, tf.int64), 2))
+            if not paper:   # streamed simple recipe: the images are already at the input size
+                return tf.cast(random_crop_flip(x, batch_seed, crop=cfg.random_crop, flip=cfg.random_flip),
+                               tf.float32), y
+            x = random_crops(_to_stored(x, stored, mean_image), image_size, crop_seed,
+                             crop=cfg.random_crop, flip=cfg.random_flip)
+            if cfg.pca_color:
+                x = pca_color_shift(x, color_seed, stats.eigenvalues, stats.eigenvectors, cfg.pca_std)
+            return x, y
+
+        train_ds = tf.data.Dataset.zip((train_ds, seeds)).map(augmented, num_parallel_calls=_AUTOTUNE,
+                                                              deterministic=True).prefetch(_AUTOTUNE)
+    else:
+        train_ds = train_ds.map(lambda x, y: (model_views(x, **views), y), num_parallel_calls=_AUTOTUNE,
+                                deterministic=True).prefetch(_AUTOTUNE)
+
+    test_ten_crop = None
+    if paper and cfg.ten_crop:
+        # ~batch_size crops per batch: 10 views of batch_size // 10 images.
+        test_ten_crop = (test.batches(max(1, batch_size // 10))
+                         .map(lambda x, y: model_views(x, crops="ten", **views), num_parallel_calls=_AUTOTUNE)
+                         .prefetch(_AUTOTUNE))
+
+    recipe_stats = None
+    if paper:
+        recipe_stats = {
+            "recipe": "paper", "stored_size": stored, "image_size": image_size,
+            "computed_at_side": train.side,   # < stored_size: on the native pixels (CIFAR's 32 px)
+            "streamed": isinstance(raw.x_train, _Images),
+            **stats.to_json(),
+            "pixel_mean": pixel_mean,
+            "augmentation": {"augment": cfg.augment, "random_crop": cfg.random_crop,
+                             "random_flip": cfg.random_flip, "pca_color": cfg.pca_color,
+                             "pca_std": cfg.pca_std},
+            "pca_shift": "255 * sum_i alpha_i * pca_eigenvalues[i] * pca_eigenvectors_columns[:, i], "
+                         "alpha_i ~ N(0, pca_std) per image; eigen-decomposition of covariance_rgb / 255^2",
+            "ten_crop": cfg.ten_crop,
+        }
+    digest = _hash_json({
+        "data": raw.identity, "image_size": image_size, "val_fraction": cfg.val_fraction,
+        "split_seed": cfg.split_seed, "train_limit": cfg.train_limit,
+        **({"test_limit": cfg.test_limit} if cfg.test_limit is not None else {}),
+        **({"recipe": "paper", "stored_size": stored, "pixel_mean": pixel_mean} if paper else {}),
+    })
+    return Data(
+        train=train_ds,
+        val=evaluation(val),
+        test=evaluation(test),
+        test_labels=test.labels.astype(np.int32),
+        class_names=list(raw.class_names),
+        image_size=image_size,
+        batch_size=batch_size,
+        counts={"train": len(train), "val": len(val), "test": len(test), "skipped": raw.skipped},
+        mean=[float(v) for v in mean],
+        std=[float(v) if v > 0 else 1.0 for v in std],
+        source=raw.source,
+        digest=digest,
+        preprocessing=_preprocessing(cfg.recipe, stored, image_size, pixel_mean, native_size=train.side),
+        recipe_stats=recipe_stats,
+        mean_image=mean_image,
+        test_ten_crop=test_ten_crop,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,10 +878,14 @@ def _synthetic(cfg: DataConfig, image_size: int) -> _Raw:
                 _array_identity("synthetic", x_train, y_train, x_test, y_test))
 
 
-def _cifar10(cfg: DataConfig, verbose: bool) -> _Raw:
+def _cifar10(cfg: DataConfig, verbose: bool, *, side: int | None = None, policy: str = "squash",
+             max_bytes: int | None = None) -> _Raw:
     root = resolve_data_dir(cfg.data_dir)
     if root is not None:
-        return _from_dir(root, CIFAR_SIZE, verbose, cfg.split_seed, cifar=True)
+        # Image folders stay at CIFAR's native 32 px in memory (resized per batch); TFRecord shards
+        # are decoded straight to `side` with `policy`.
+        return _from_dir(root, CIFAR_SIZE, verbose, cfg.split_seed, cifar=True, max_bytes=max_bytes,
+                         record_side=side, record_policy=policy)
     try:
         (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
     except Exception as err:  # noqa: BLE001 - any failure here means "no download"
@@ -378,11 +899,18 @@ def _cifar10(cfg: DataConfig, verbose: bool) -> _Raw:
                 _array_identity("cifar10", x_train, y_train, x_test, y_test))
 
 
-def _from_dir(root: Path, image_size: int, verbose: bool, split_seed: int, *, cifar: bool) -> _Raw:
+def _from_dir(root: Path, image_size: int, verbose: bool, split_seed: int, *, cifar: bool,
+              policy: str = "squash", max_bytes: int | None = None, record_side: int | None = None,
+              record_policy: str | None = None) -> _Raw:
+    from . import prepare   # TFRecord shards written by `alexnet-keras prepare` (imports this module)
+
+    if prepare.is_prepared(root):
+        return prepare.load_prepared(root, record_side or image_size, record_policy or policy, split_seed)
     pickles = _find_cifar_pickles(root)
     if pickles is not None:
         return _cifar_pickles(pickles)
-    return _folder(root, image_size, verbose, _layout_hint(cifar), split_seed)
+    return _folder(root, image_size, verbose, _layout_hint(cifar), split_seed, policy=policy,
+                   max_bytes=max_bytes)
 
 
 def _layout_hint(cifar: bool) -> str:
@@ -459,7 +987,8 @@ def _files_under(root: Path, folder: Path) -> list[str]:
     return out
 
 
-def _folder(root: Path, image_size: int, verbose: bool, fix_hint: str, split_seed: int) -> _Raw:
+def _folder_listing(root: Path, fix_hint: str):
+    """(layout {split: folder}, class names, files relative to `root`, their labels, their splits)."""
     if not root.is_dir():
         raise DataError(f"data dir {str(root)!r} is not a folder. {fix_hint}")
     split_dirs = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
@@ -509,8 +1038,21 @@ def _folder(root: Path, image_size: int, verbose: bool, fix_hint: str, split_see
             splits.extend([split] * len(found))
     if not files:
         raise DataError(f"no files under the class folders of {str(root)!r}. {fix_hint}")
+    return layout, class_names, files, labels, splits
 
-    images, good, sizes = _decode_cached(root, files, image_size, verbose)
+
+def _folder(root: Path, image_size: int, verbose: bool, fix_hint: str, split_seed: int, *,
+            policy: str = "squash", max_bytes: int | None = None) -> _Raw:
+    layout, class_names, files, labels, splits = _folder_listing(root, fix_hint)
+    # Decoded into memory (and cached as .npz) unless that would take more than `max_bytes`: then the
+    # files are streamed, decoded every epoch, after a cached pass that finds the unreadable ones.
+    stream = max_bytes is not None and len(files) * image_size * image_size * 3 > max_bytes
+    if stream:
+        _, good, sizes = _decode_cached(root, files, image_size, verbose, policy=policy, keep=False)
+        images = _FileImages([os.path.join(root, files[i]) for i in good],
+                             np.asarray(labels, dtype=np.int32)[good], image_size, policy)
+    else:
+        images, good, sizes = _decode_cached(root, files, image_size, verbose, policy=policy)
     bad = np.ones(len(files), dtype=bool)
     bad[good] = False
     skipped = [files[i] for i in np.flatnonzero(bad)]
@@ -552,59 +1094,53 @@ def _folder(root: Path, image_size: int, verbose: bool, fix_hint: str, split_see
     identity = _hash_json({"kind": "folder", "files": [files[i] for i in good],
                            "sizes": [sizes[i] for i in good],
                            "labels": labels_arr.tolist(), "stored": image_size,
-                           "carved_test": "test" not in by_split})
+                           "carved_test": "test" not in by_split,
+                           **({"policy": policy} if policy != "squash" else {})})
     return _Raw(x_train, y_train, x_test, y_test, class_names, str(root), identity, len(skipped),
                 x_val, y_val)
 
 
-def _decode_cached(root: Path, files: list[str], size: int, verbose: bool):
+def _decode_cached(root: Path, files: list[str], size: int, verbose: bool, *, policy: str = "squash",
+                   keep: bool = True):
     """(uint8 images (n_good, size, size, 3), indices into `files` (relative to `root`) of those
-    that decoded, file sizes), from the disk cache when the same files were decoded at this size."""
+    that decoded, file sizes), from the disk cache when the same files were decoded at this size.
+    `keep=False` (streamed folders) only finds the readable files: images is None."""
     paths = [os.path.join(root, f) for f in files]
     stats = [os.stat(p) for p in paths]
     sizes = [s.st_size for s in stats]
     key = _hash_json({"files": files,
                       "sizes": sizes,
-                      "mtimes": [s.st_mtime_ns for s in stats], "size": size})
+                      "mtimes": [s.st_mtime_ns for s in stats], "size": size,
+                      **({"policy": policy} if policy != "squash" else {}),
+                      **({"scan": True} if not keep else {})})
     cache_file = cache_root() / "decoded" / f"{key}.npz"
     if cache_file.is_file():
         try:
             with np.load(cache_file) as cached:
-                images, good = cached["images"], cached["good"]
+                good = cached["good"]
+                if not keep:
+                    return None, good, sizes
+                images = cached["images"]
             if images.shape[1:] == (size, size, 3) and len(images) == len(good):
                 return images, good, sizes
         except Exception:  # noqa: BLE001 - a damaged cache is only a reason to decode again
             pass
-    images, good = _decode_files(paths, size, verbose)
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        # Temp file, then rename: a run killed mid-write leaves no truncated cache behind.
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".npz", dir=cache_file.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=images, good=good)
-        os.replace(tmp, cache_file)
-    except OSError as err:
-        warnings.warn(f"could not cache decoded images in {str(cache_file.parent)!r} ({err}); the next "
-                      f"run will decode them again. Set ${CACHE_ENV} to a writable folder.", stacklevel=2)
+    images, good = _decode_files(paths, size, verbose, policy=policy, keep=keep)
+    _save_npz(cache_file, {"images": images, "good": good} if keep else {"good": good})
     return images, good, sizes
 
 
-def _decode_files(files: list[str], size: int, verbose: bool):
-    """Decode and resize every file with tf.data; files that fail to decode are left out."""
+def _decode_files(files: list[str], size: int, verbose: bool, *, policy: str = "squash", keep: bool = True):
+    """Decode and resize every file with tf.data; files that fail to decode are left out.
+    `keep=False`: only find which files decode (images is None)."""
     start = time.perf_counter()
     n = len(files)
 
     def decode(index, path):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        image.set_shape([None, None, 3])
-        shape = tf.shape(image)
-
-        def resize():
-            resized = tf.image.resize(image, [size, size], antialias=True)
-            return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-
-        same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
-        return index, tf.cond(same, lambda: tf.ensure_shape(image, [size, size, 3]), resize)
+        image = decode_image(tf.io.read_file(path), size, policy)
+        if not keep:   # a statistic of the image keeps the decoding from being optimised away
+            return index, tf.reduce_max(image)
+        return index, image
 
     # An error inside `decode` drops that element (ignore_errors), so the indices that come out are
     # exactly the readable files; order is free, which lets the parallel map run unordered.
@@ -613,7 +1149,7 @@ def _decode_files(files: list[str], size: int, verbose: bool):
           .ignore_errors()
           .batch(1024)
           .prefetch(2))
-    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    images = np.empty((n, size, size, 3), dtype=np.uint8) if keep else None
     ok = np.zeros(n, dtype=bool)
     bar = None
     if verbose and n >= PROGRESS_MIN_FILES:
@@ -621,7 +1157,8 @@ def _decode_files(files: list[str], size: int, verbose: bool):
         bar = keras.utils.Progbar(n, unit_name="file", verbose=1 if sys.stdout.isatty() else 2)
     done = 0
     for index, batch in ds.as_numpy_iterator():
-        images[index] = batch
+        if keep:
+            images[index] = batch
         ok[index] = True
         done += len(index)
         if bar is not None:
@@ -633,7 +1170,7 @@ def _decode_files(files: list[str], size: int, verbose: bool):
         elapsed = time.perf_counter() - start
         print(f"Decoded {len(good)} of {n} files in {elapsed:.1f} s ({len(good) / elapsed:.0f} images/s).",
               flush=True)
-    return images[good], good
+    return (images[good] if keep else None), good
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,6 +54,44 @@ def _experiment_id(name: str) -> str:
     return experiment.experiment_id
 
 
+def preflight(experiment: str) -> None:
+    """Fail before any data is read or any run exists if the store or its artifact folder is unusable.
+
+    The experiment is created if needed (not a run); a local artifact folder gets a probe file.
+    Under `mlflow run` the run's experiment already exists and is the one checked.
+    """
+    if "MLFLOW_RUN_ID" in os.environ:
+        try:
+            run_info = MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info
+        except Exception as err:
+            raise TrackingError(f"cannot read the run {os.environ['MLFLOW_RUN_ID']!r} that `mlflow run` "
+                                f"started, at {mlflow.get_tracking_uri()!r}: {err}") from err
+        experiment_id = run_info.experiment_id
+    else:
+        experiment_id = _experiment_id(experiment)
+    location = MlflowClient().get_experiment(experiment_id).artifact_location
+    local = _local_path(location)
+    if local is None:
+        return  # a remote artifact store (s3://, mlflow-artifacts:/ ...) reports its own errors
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=local, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        raise TrackingError(f"MLflow artifact folder {str(local)!r} of experiment {experiment!r} is not "
+                            f"writable ({err.strerror or err}). Free space or fix permissions there, or use "
+                            f"another experiment (--experiment) or store (--tracking-uri).") from None
+
+
+def _local_path(uri: str) -> Path | None:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path if parsed.scheme else uri)
+    return None
+
+
 def environment_tags() -> dict[str, str]:
     """Backend, device and library versions: what is needed to reproduce a number."""
     import keras
@@ -139,9 +177,22 @@ def _raise_keyboard_interrupt(signum, frame):  # SIGTERM → the same path as Ct
 @contextlib.contextmanager
 def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, Any] | None = None,
         tags: Mapping[str, str] | None = None, nested: bool = False,
-        parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Start (or, under `mlflow run`, resume) a run; end it FINISHED, FAILED or KILLED."""
-    if "MLFLOW_RUN_ID" in os.environ and not nested and parent_run_id is None:
+        parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or, under `mlflow run`, resume) a run; end it FINISHED, FAILED or KILLED.
+
+    `run_id` resumes that run (a study's parent on re-run). A child (`parent_run_id` or `nested`) never
+    resumes $MLFLOW_RUN_ID, and is nested when its parent is the active run of this process.
+    """
+    if parent_run_id is not None or nested:
+        # mlflow.start_run() without run_id resumes $MLFLOW_RUN_ID (the run `mlflow run` made, i.e.
+        # the parent): a child needs a run of its own.
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        current = mlflow.active_run()
+        if parent_run_id is not None and current is not None and current.info.run_id == parent_run_id:
+            nested = True   # MLflow refuses a second active run unless it is nested
+    if run_id is not None:
+        active = mlflow.start_run(run_id=run_id, nested=nested)   # nested: a retried sweep trial
+    elif "MLFLOW_RUN_ID" in os.environ and not nested and parent_run_id is None:
         # Launched by `mlflow run`: the run already exists in the project's experiment.
         active = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
     else:
@@ -222,8 +273,10 @@ def log_dataset(name: str, source: str, digest: str, context: str, num_examples:
     mlflow.log_input(dataset, context=context, tags={"num_examples": str(num_examples)})
 
 
-def log_keras_model(model, example_batch) -> None:
-    """The trained model in `.keras` format, with a signature inferred from a real batch."""
+def log_keras_model(model, example_batch, metadata: Mapping[str, Any] | None = None) -> None:
+    """The trained model in `.keras` format, with a signature inferred from a real batch.
+
+    `metadata` goes into the MLmodel file (predict.py reads class names and preprocessing from it)."""
     import keras
     from mlflow.models import infer_signature
 
@@ -237,7 +290,22 @@ def log_keras_model(model, example_batch) -> None:
         requirements.append(f"tensorflow=={tf.__version__}")
     except ImportError:
         pass
-    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements,
+                           metadata=dict(metadata) if metadata else None)
+
+
+def log_preprocessing(data) -> None:
+    """The paper recipe's training-set statistics (colour PCA, mean, std) and, with pixel_mean, the mean
+    image, under `preprocessing/` next to data.json (predict.py reads the mean image back)."""
+    if getattr(data, "recipe_stats", None) is not None:
+        mlflow.log_dict(dict(data.recipe_stats), "preprocessing/statistics.json")
+    if getattr(data, "mean_image", None) is not None:
+        import numpy as np
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "mean_image.npy")
+            np.save(path, np.asarray(data.mean_image, np.float32))
+            mlflow.log_artifact(path, "preprocessing")
 
 
 def child_runs(parent_run_id: str) -> list:

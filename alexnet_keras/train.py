@@ -15,10 +15,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from . import figures, tracking
+from . import distribute, figures, tracking
 from .config import Config, TrainConfig
 from .data import Data, load_data
 from .model import build_alexnet, summary_text
+from .predict import model_metadata, ten_crop_metrics   # the paper recipe's hooks (see below)
 
 
 @dataclasses.dataclass
@@ -68,12 +69,18 @@ def build_callbacks(config: Config) -> list[keras.callbacks.Callback]:
 
 def prepare(config: Config) -> tuple[Data, keras.Model]:
     """Everything that can fail on bad input, done before a run exists."""
+    # Data parallelism (distribute.py, --distribute): the engine is created first, because
+    # MultiWorkerMirroredStrategy must exist before TensorFlow runs any op; the model is built and
+    # compiled in its scope. batch_size stays the global batch and the learning rate is not scaled.
+    dist = distribute.setup(config.train)
     set_global_state(config.train)
     data = load_data(config.data, image_size=config.model.input_size, batch_size=config.train.batch_size,
                      seed=config.train.seed)
-    model = build_alexnet(config.model, num_classes=data.num_classes, input_mean=data.mean,
-                          input_std=data.std)
-    return data, compile_model(model, config, data.steps_per_epoch)
+    data = distribute.adapt_data(data, dist)   # JAX shards need batches that split evenly
+    with dist.scope():
+        model = build_alexnet(config.model, num_classes=data.num_classes, input_mean=data.mean,
+                              input_std=data.std)
+        return data, compile_model(model, config, data.steps_per_epoch)
 
 
 def fit(model: keras.Model, data: Data, config: Config) -> tuple[dict[str, list[float]], float]:
@@ -128,6 +135,7 @@ def run_tags(config: Config, data: Data, model: keras.Model) -> dict[str, str]:
 def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
                        parent_run_id: str | None = None) -> TrainResult:
     """Train one AlexNet as described by `config`, log everything to MLflow, return the test metrics."""
+    tracking.preflight(config.experiment)   # an unusable store fails now, not after the training
     data, model = prepare(config)
     summary = summary_text(model)
     print(summary)
@@ -139,8 +147,10 @@ def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
         tracking.log_text(summary, "model/summary.txt")
         tracking.log_dict(config.to_dict(), "config.yaml")
         tracking.log_dict({"class_names": list(data.class_names), "mean": data.mean, "std": data.std,
-                           "counts": data.counts, "image_size": data.image_size, "source": data.source},
+                           "counts": data.counts, "image_size": data.image_size, "source": data.source,
+                           "preprocessing": data.preprocessing},   # what `predict` applies to a file
                           "data.json")
+        tracking.log_preprocessing(data)   # paper recipe: colour PCA / mean statistics, mean image
         for split in ("train", "val", "test"):
             context = {"train": "training", "val": "validation", "test": "test"}[split]
             tracking.log_dataset(f"{config.data.dataset}-{split}", data.source, data.digest, context,
@@ -149,6 +159,7 @@ def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
 
         history, train_seconds = fit(model, data, config)
         test_metrics, predictions = evaluate(model, data)
+        test_metrics.update(ten_crop_metrics(model, data))   # paper recipe: test_10crop_*; else nothing
         epochs_run = len(history["loss"])
         metrics = {**test_metrics, "train_time_s": train_seconds,
                    "epoch_time_s": train_seconds / max(1, epochs_run),
@@ -156,7 +167,8 @@ def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
         tracking.log_metrics(metrics)
         log_evaluation(data, predictions, history, title)
         example = next(iter(data.val.take(1)))[0].numpy()[:4]
-        tracking.log_keras_model(model, example)
+        # Class names and preprocessing travel with the logged model (its MLmodel metadata), for `predict`.
+        tracking.log_keras_model(model, example, metadata=model_metadata(data))
         tracking.flush()
         print(f"run {run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     return TrainResult(run_id=run_id, metrics=metrics, history=history)

@@ -222,3 +222,31 @@ def test_folder_dataset_skips_corrupt_files_and_logs_the_count(mlflow_store, tmp
     data_json = json.loads(Path(mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path="data.json", tracking_uri=mlflow_store)).read_text())
     assert data_json["class_names"] == ["cats", "dogs"] and data_json["counts"]["skipped"] == 1
+
+
+def test_sigterm_ends_the_run_killed(tmp_path):
+    """A scheduler's SIGTERM mid-training: the process stops and the run is KILLED, not left RUNNING."""
+    import signal
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2")
+    # Create the store's tables first: two processes migrating a new SQLite store at once race (mlflow#4123).
+    assert all_runs(uri) == []
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet_keras", "train", *_flags({**TINY, "epochs": 500})],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not [r for r in all_runs(uri) if "loss" in r.data.metrics]:   # training is under way
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    (run,) = all_runs(uri)
+    assert run.info.status == "KILLED"

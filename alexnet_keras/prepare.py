@@ -1,0 +1,324 @@
+"""`alexnet-keras prepare FOLDER OUT`: an image folder as sharded TFRecords with a manifest.
+
+Why: ImageNet's training set is 1.28 million JPEGs averaging ~110 KB and ~400x350 px. Opening that
+many small files and decoding + rescaling full-size JPEGs every epoch is what limits a CPU input
+pipeline, and 256x256x3 uint8 = 196 KB per image (250 GB for ImageNet) rules out holding them in
+memory. `prepare` does the expensive part once: every file is decoded (unreadable ones are skipped and
+listed in the manifest), rescaled as in the paper (shorter side to `stored_size`, central square) and
+re-encoded, then written in order into shards of `shard_size` records. Training then reads a few large
+files sequentially, interleaving shards in parallel, and decodes small JPEGs in a parallel map.
+
+Encodings (`size_policy` in the manifest):
+  * "jpeg" (default, quality 95): ~20-30 KB per 256-px image; pixels differ from the folder's by JPEG
+    rounding (a few grey levels);
+  * "png": lossless, so loading OUT gives exactly the arrays loading FOLDER gives (bigger, slower);
+  * "original": the files' own bytes, rescaled when read (no re-encoding loss, no size saving).
+
+OUT holds:
+  manifest.json          format, version, classes, counts, shard list per split, size policy,
+                         skipped files, source identity
+  labels.npz             the labels of every split, in record order
+  <split>-NNNNN.tfrecord tf.train.Example records: image (bytes), label (int64), index (int64: the
+                         record's position in its split), file (bytes: path relative to FOLDER)
+
+Splits follow the folder's layout exactly as `--dataset folder` reads it: train/ (+ test/ [+ val/]), or
+train/ + val/ (val/ is then the test split, ImageNet's layout), or class folders at the top (the test
+split is then carved at load time, as for the folder). `--data-dir OUT` (datasets `folder` and
+`cifar10`) detects the manifest and streams the shards; the manifest is written last, so a folder
+without one is not a finished conversion.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from . import data
+from .data import DataError
+
+MANIFEST = "manifest.json"
+LABELS = "labels.npz"
+FORMAT = "alexnet-keras-tfrecord"
+VERSION = 1
+ENCODINGS = ("jpeg", "png", "original")
+# Encoded records held for shuffling during training, on top of shuffling the order of the shards
+# (~25 KB each as 256-px JPEGs: ~100 MB).
+SHUFFLE_BUFFER = 4096
+
+_AUTOTUNE = tf.data.AUTOTUNE
+_FEATURES = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "label": tf.io.FixedLenFeature([], tf.int64),
+    "index": tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+def prepare(source: str | os.PathLike, out: str | os.PathLike, *, stored_size: int = 256,
+            encoding: str = "jpeg", quality: int = 95, shard_size: int = 1024, overwrite: bool = False,
+            verbose: bool = True) -> dict:
+    """Convert the image folder (or archive) `source` into TFRecord shards in `out`; return the manifest."""
+    if encoding not in ENCODINGS:
+        raise DataError(f"encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}.")
+    if encoding != "original" and (not isinstance(stored_size, int) or stored_size < 8):
+        raise DataError(f"stored size must be an integer >= 8 (the paper uses 256); got {stored_size!r}.")
+    if not 1 <= quality <= 100:
+        raise DataError(f"JPEG quality must be in [1, 100]; got {quality!r}.")
+    if shard_size < 1:
+        raise DataError(f"shard size must be a positive number of images; got {shard_size!r}.")
+    root = data.resolve_data_dir(source)
+    if root is None:
+        raise DataError("prepare needs the image folder to convert.")
+    if is_prepared(root):
+        raise DataError(f"{str(root)!r} already holds TFRecord shards ({MANIFEST}); pass it to --data-dir.")
+    out = Path(out).expanduser().absolute()
+    if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
+        raise DataError(f"the output folder {str(out)!r} must not be inside the image folder {str(root)!r}.")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise DataError(f"output folder {str(out)!r} is not empty; pass --overwrite to replace its "
+                            "shards, or choose another folder.")
+        if not is_prepared(out):
+            raise DataError(f"output folder {str(out)!r} is not empty and holds no {MANIFEST}; refusing "
+                            "to overwrite a folder this command did not write.")
+        _remove_previous(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    hint = ("Expected train/<class>/* (optionally with test/<class>/* and val/<class>/*) or <class>/* "
+            "directly, one sub-folder per class.")
+    layout, class_names, files, labels, splits = data._folder_listing(root, hint)
+    labels_arr, splits_arr = np.asarray(labels, np.int64), np.asarray(splits)
+    policy = ({"resize": "none", "encoding": "original"} if encoding == "original" else
+              {"resize": "shorter_side_crop", "stored_size": stored_size, "encoding": encoding,
+               **({"quality": quality} if encoding == "jpeg" else {})})
+
+    start = time.perf_counter()
+    manifest_splits, all_labels, skipped, sizes = {}, {}, [], {}
+    for split in layout:
+        chosen = np.flatnonzero(splits_arr == split)
+        shards, kept, bad = _write_split(split, root, [files[i] for i in chosen], labels_arr[chosen], out,
+                                         stored_size, encoding, quality, shard_size, verbose)
+        skipped += bad
+        all_labels[split] = labels_arr[chosen][kept]
+        manifest_splits[split] = {"folder": os.path.relpath(layout[split], root), "count": int(len(kept)),
+                                  "shards": shards}
+        sizes[split] = [os.path.getsize(os.path.join(root, files[chosen[k]])) for k in kept]
+    seconds = time.perf_counter() - start
+    np.savez(out / LABELS, **all_labels)
+    manifest = {
+        "format": FORMAT, "version": VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": str(root),
+        "classes": list(class_names),
+        "counts": {**{s: v["count"] for s, v in manifest_splits.items()}, "skipped": len(skipped)},
+        "size_policy": policy,
+        "splits": manifest_splits,
+        "labels_file": LABELS,
+        "skipped": skipped,
+        "identity": data._hash_json({"classes": class_names, "policy": policy,
+                                     "labels": {s: v.tolist() for s, v in all_labels.items()},
+                                     "sizes": sizes}),
+        "seconds": round(seconds, 1),
+    }
+    # Written last: a folder with a manifest is a finished conversion.
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+    if verbose:
+        total = sum(v["count"] for v in manifest_splits.values())
+        per_split = ", ".join(f"{s}: {v['count']}" for s, v in manifest_splits.items())
+        print(f"Wrote {total} images ({per_split}) "
+              f"in {sum(len(v['shards']) for v in manifest_splits.values())} shards to {out} in {seconds:.1f} s "
+              f"({total / max(seconds, 1e-9):.0f} images/s); skipped {len(skipped)} unreadable file(s).",
+              flush=True)
+    return manifest
+
+
+def _write_split(split: str, root: Path, files: list[str], labels: np.ndarray, out: Path, stored_size: int,
+                 encoding: str, quality: int, shard_size: int, verbose: bool):
+    """Write one split's shards; return (shard entries, kept positions into `files`, skipped files)."""
+    paths = [os.path.join(root, f) for f in files]
+
+    def load(position, path):
+        contents = tf.io.read_file(path)
+        if encoding == "original":
+            image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+            return position, contents, tf.shape(image)[0]   # using the shape makes the decode run
+        image = data.decode_image(contents, stored_size, "shorter_side_crop")
+        encoded = (tf.io.encode_png(image) if encoding == "png"
+                   else tf.io.encode_jpeg(image, quality=quality))
+        return position, encoded, tf.shape(image)[0]
+
+    # Decoding and encoding in parallel; deterministic, so records come out in file order; a file
+    # that fails to decode is dropped (ignore_errors) and found missing from the positions.
+    ds = (tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), np.asarray(paths, str)))
+          .map(load, num_parallel_calls=_AUTOTUNE, deterministic=True)
+          .ignore_errors()
+          .prefetch(64))
+    bar = None
+    if verbose and len(paths) >= data.PROGRESS_MIN_FILES:
+        import keras
+
+        print(f"Converting {len(paths)} {split} files...", flush=True)
+        bar = keras.utils.Progbar(len(paths), unit_name="file", verbose=1 if sys.stdout.isatty() else 2)
+    shards: list[dict] = []
+    kept: list[int] = []
+    writer = None
+    try:
+        for position, encoded, _ in ds.as_numpy_iterator():
+            if writer is None or shards[-1]["count"] == shard_size:
+                if writer is not None:
+                    writer.close()
+                shards.append({"file": f"{split}-{len(shards):05d}.tfrecord", "count": 0})
+                writer = tf.io.TFRecordWriter(str(out / shards[-1]["file"]))
+            example = tf.train.Example(features=tf.train.Features(feature={
+                "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
+                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(labels[position])])),
+                "index": tf.train.Feature(int64_list=tf.train.Int64List(value=[len(kept)])),
+                "file": tf.train.Feature(bytes_list=tf.train.BytesList(value=[files[position].encode()])),
+            }))
+            writer.write(example.SerializeToString())
+            shards[-1]["count"] += 1
+            kept.append(int(position))
+            if bar is not None and len(kept) % 256 == 0:
+                bar.update(len(kept))
+    finally:
+        if writer is not None:
+            writer.close()
+    if bar is not None and len(kept) < len(paths):
+        bar.update(len(paths), finalize=True)   # skipped files never arrive; close the bar anyway
+    kept_set = set(kept)
+    return shards, np.asarray(kept, np.int64), [files[i] for i in range(len(files)) if i not in kept_set]
+
+
+def _remove_previous(out: Path) -> None:
+    manifest = json.loads((out / MANIFEST).read_text())
+    for split in manifest.get("splits", {}).values():
+        for shard in split.get("shards", []):
+            (out / shard["file"]).unlink(missing_ok=True)
+    for name in (LABELS, MANIFEST):
+        (out / name).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+def is_prepared(root: str | os.PathLike) -> bool:
+    """Whether `root` holds shards written by `prepare` (its manifest)."""
+    return (Path(root) / MANIFEST).is_file()
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    path = Path(root) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{str(path)!r} is not a readable manifest ({err}). Run `alexnet-keras prepare` "
+                        "again.") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"{str(path)!r} is not an alexnet-keras TFRecord manifest (no format {FORMAT!r}).")
+    if manifest.get("version") != VERSION:
+        raise DataError(f"{str(path)!r} has version {manifest.get('version')!r}; this alexnet-keras reads "
+                        f"version {VERSION}. Run `alexnet-keras prepare` again.")
+    splits = manifest.get("splits") or {}
+    if "train" not in splits:
+        raise DataError(f"{str(path)!r} lists no train split.")
+    missing = [s["file"] for split in splits.values() for s in split["shards"]
+               if not (Path(root) / s["file"]).is_file()]
+    if missing:
+        raise DataError(f"shards listed in {str(path)!r} are missing: {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''}. Copy the whole folder, or prepare it again.")
+    return manifest
+
+
+class RecordImages(data._Images):
+    """One split of a prepared folder: records decoded to `side` px with `policy` as they are read.
+
+    A subset (`images[index]`) reads every shard and keeps the records whose index it holds, in record
+    order. Training reads the shards in a reshuffled order, interleaving up to 16 of them in parallel,
+    then shuffles records in a buffer of SHUFFLE_BUFFER; evaluation reads them in order.
+    """
+
+    def __init__(self, shards: list[str], all_labels: np.ndarray, side: int, policy: str,
+                 index: np.ndarray | None = None):
+        self.shards = list(shards)
+        self._all = np.asarray(all_labels, np.int32)
+        self.index = np.arange(len(self._all)) if index is None else np.sort(np.asarray(index, np.int64))
+        self.labels = self._all[self.index]
+        self.side, self.policy = side, policy
+
+    def _subset(self, index):
+        return RecordImages(self.shards, self._all, self.side, self.policy, self.index[index])
+
+    def batches(self, batch_size, *, shuffle=False, seed=0):
+        side, policy = self.side, self.policy
+        if not self.shards:
+            spec = (tf.TensorSpec([None, side, side, 3], tf.uint8), tf.TensorSpec([None], tf.int32))
+            return tf.data.Dataset.from_generator(lambda: iter(()), output_signature=spec)
+        if shuffle and len(self.shards) > 1:
+            files = tf.data.Dataset.from_tensor_slices(self.shards).shuffle(
+                len(self.shards), seed=seed, reshuffle_each_iteration=True)
+            ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(self.shards), 16),
+                                  num_parallel_calls=_AUTOTUNE, deterministic=True)
+        else:
+            ds = tf.data.TFRecordDataset(self.shards)
+        ds = ds.map(lambda record: tf.io.parse_single_example(record, _FEATURES), num_parallel_calls=_AUTOTUNE,
+                    deterministic=True)
+        if len(self.index) < len(self._all):
+            mask = np.zeros(len(self._all), dtype=bool)
+            mask[self.index] = True
+            keep = tf.constant(mask)
+            ds = ds.filter(lambda record: tf.gather(keep, record["index"]))
+        if shuffle:
+            ds = ds.shuffle(max(1, min(len(self), SHUFFLE_BUFFER)), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.map(lambda record: (data.decode_image(record["image"], side, policy),
+                                    tf.cast(record["label"], tf.int32)),
+                    num_parallel_calls=_AUTOTUNE, deterministic=True)
+        return ds.batch(batch_size)
+
+
+def load_prepared(root: Path, side: int, policy: str, split_seed: int):
+    """A prepared folder as the data module's `_Raw`, its splits streamed as RecordImages."""
+    manifest = read_manifest(root)
+    with np.load(root / manifest.get("labels_file", LABELS)) as stored:
+        labels = {name: stored[name].astype(np.int32) for name in stored.files}
+    splits = manifest["splits"]
+
+    def images(split: str) -> RecordImages:
+        entry = splits[split]
+        if len(labels.get(split, ())) != entry["count"]:
+            raise DataError(f"{str(root / LABELS)!r} does not match the manifest's {split} count. "
+                            "Prepare the folder again.")
+        if not entry["count"]:
+            raise DataError(f"the {split} split of {str(root)!r} has no images. Prepare it again from a "
+                            f"folder whose {split} split holds readable images.")
+        return RecordImages([str(root / s["file"]) for s in entry["shards"]], labels[split], side, policy)
+
+    x_train = images("train")
+    if len(np.unique(x_train.labels)) < 2:
+        raise DataError(f"the train split of {str(root)!r} has images of only one class.")
+    if "test" in splits:
+        x_test = images("test")
+        x_train_kept = x_train
+    else:   # carved as `_folder` carves a folder without test/: the same images in the same order
+        keep, out = data._stratified(np.arange(len(x_train)), x_train.labels,
+                                     data._held_out_size(x_train.labels, data.FOLDER_TEST_FRACTION),
+                                     split_seed, "test")
+        x_test, x_train_kept = x_train[np.sort(out)], x_train[np.sort(keep)]
+    x_val = images("val") if "val" in splits else None
+    identity = data._hash_json({"kind": "tfrecord", "identity": manifest["identity"], "side": side,
+                                "policy": policy, "carved_test": "test" not in splits})
+    return data._Raw(x_train_kept, x_train_kept.labels, x_test, x_test.labels, list(manifest["classes"]),
+                     str(root), identity, int(manifest["counts"].get("skipped", 0)),
+                     x_val, None if x_val is None else x_val.labels)

@@ -1,0 +1,245 @@
+"""The benchmark (alexnet_keras/benchmark.py): its arithmetic, every option at a tiny size, and the CLI
+end to end into a temporary MLflow store."""
+
+import csv
+import io
+import math
+
+import numpy as np
+import pytest
+
+from alexnet_keras import benchmark
+from alexnet_keras.benchmark import BenchmarkOptions, images_per_second, mean_sd, time_loop, time_steps
+from alexnet_keras.config import PRECISIONS, ConfigError
+
+from conftest import all_runs
+
+
+# --- arithmetic ------------------------------------------------------------------------------
+
+def test_mean_sd_is_the_seeds_population_formula():
+    durations = [0.1, 0.2, 0.3, 0.4]
+    mean, sd = mean_sd(durations)
+    assert mean == pytest.approx(0.25)
+    # The seeds: sqrt(sum(t^2)/n - mean^2).
+    assert sd == pytest.approx(math.sqrt(sum(d * d for d in durations) / 4 - 0.25 ** 2))
+    assert sd == pytest.approx(np.std(durations))
+    assert mean_sd([0.5]) == (0.5, 0.0)
+    assert mean_sd([0.3] * 1000)[1] == pytest.approx(0.0, abs=1e-12)   # no negative variance
+    with pytest.raises(ValueError):
+        mean_sd([])
+
+
+def test_images_per_second_from_known_timings():
+    assert images_per_second(256, 0.01) == pytest.approx(25_600)
+    assert images_per_second(32, 0.0007) == pytest.approx(45_714.2857, rel=1e-6)
+    assert images_per_second(32, 0.0) == float("inf")
+
+
+class FakeClock:
+    """perf_counter stand-in: every step advances it by the next of `costs`."""
+
+    def __init__(self, costs):
+        self.now, self.costs, self.calls = 0.0, list(costs), 0
+
+    def __call__(self):
+        return self.now
+
+    def step(self):
+        self.now += self.costs[self.calls]
+        self.calls += 1
+        return self.calls
+
+
+def test_time_steps_drops_the_burn_in():
+    clock = FakeClock([5.0, 4.0, 0.1, 0.2, 0.3])   # two slow warm-up steps (compilation)
+    durations = time_steps(clock.step, steps=3, burn_in=2, clock=clock)
+    assert durations == pytest.approx([0.1, 0.2, 0.3]) and clock.calls == 5
+
+
+def test_time_loop_blocks_once_and_divides_by_steps():
+    clock = FakeClock([9.0, 0.5, 0.5, 0.5, 0.5])
+    blocked = []
+    seconds = time_loop(clock.step, blocked.append, steps=4, burn_in=1, clock=clock)
+    assert seconds == pytest.approx(0.5)
+    assert blocked == [1, 5]   # after the burn-in, and on the last result only
+
+
+def test_median_and_speedups_over_tf1():
+    assert benchmark.median([3.0, 1.0, 2.0]) == 2.0 and benchmark.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    rows = [{"impl": "keras", "shapes": "project", "xla": False, "forward_median_ms": 10.0,
+             "fwdbwd_median_ms": 30.0, "gflop": 2.0},
+            {"impl": "keras", "shapes": "project", "xla": True, "forward_median_ms": 5.0,
+             "fwdbwd_median_ms": 15.0, "gflop": 2.0},
+            {"impl": "tf1", "shapes": "project", "xla": "", "forward_median_ms": 12.0,
+             "fwdbwd_median_ms": 33.0, "gflop": 2.0},
+            {"impl": "tf1", "shapes": "seeds", "xla": "", "forward_median_ms": 6.0,
+             "fwdbwd_median_ms": 15.0, "gflop": 1.0}]
+    speedups = {(r["shapes"], r["xla"]): r for r in benchmark.tf1_speedups(rows)}
+    assert len(speedups) == 4
+    project = speedups["project", False]
+    assert project["forward_speedup"] == pytest.approx(1.2) and project["fwdbwd_speedup"] == pytest.approx(1.1)
+    assert project["fwdbwd_speedup_per_flop"] == pytest.approx(1.1)
+    assert speedups["project", True]["fwdbwd_speedup"] == pytest.approx(2.2)
+    seeds = speedups["seeds", False]
+    assert seeds["fwdbwd_speedup"] == pytest.approx(0.5)
+    assert seeds["fwdbwd_speedup_per_flop"] == pytest.approx(1.0)   # twice the work in twice the time
+
+
+def test_tf1_comparison_runs_keras_and_the_tf1_graph_with_the_same_arithmetic():
+    options = BenchmarkOptions(batch_size=2, image_size=67, width=0.0625, steps=3, burn_in=1, num_classes=4,
+                               xla=(False,))
+    ticks = iter(range(10_000))   # every clock read advances one "second": each step lasts 1 s
+    rows = benchmark.tf1_comparison(options, shapes=("project",), clock=lambda: float(next(ticks)))
+    assert [(r["impl"], r["shapes"]) for r in rows] == [("keras", "project"), ("tf1", "project")]
+    keras_row, tf1_row = rows
+    assert keras_row["gflop"] == pytest.approx(tf1_row["gflop"])   # same layers, same FLOPs
+    for row in rows:
+        assert row["steps"] == 3 and row["fwdbwd_median_ms"] == row["forward_ms"] == 1000.0
+        assert row["fwdbwd_sd_ms"] == 0.0
+
+
+def test_tables():
+    rows = [{"section": "x", "a": 1, "b": 0.012345, "c": True}, {"section": "y", "a": 25600.4, "d": "z"}]
+    table = benchmark.markdown_table(rows, ("a", "b", "c"))
+    assert table.splitlines()[0] == "| a | b | c |"
+    assert "| 1 | 0.0123 | on |" in table and "| 25,600 |" in table
+    parsed = list(csv.DictReader(io.StringIO(benchmark.to_csv(rows))))
+    assert parsed[0]["c"] == "true" and parsed[1]["d"] == "z" and parsed[1]["b"] == ""
+
+
+def test_forward_flops_of_the_conv_stack():
+    model = benchmark.build_model("conv", image_size=224)
+    # conv1 54x54x96 from 11x11x3, conv2 26x26x256 from 5x5x96, conv3..5 at 12x12.
+    expected = 2 * (54 * 54 * 96 * 11 * 11 * 3 + 26 * 26 * 256 * 5 * 5 * 96 + 12 * 12 * 384 * 3 * 3 * 256
+                    + 12 * 12 * 384 * 3 * 3 * 384 + 12 * 12 * 256 * 3 * 3 * 384)
+    assert benchmark.forward_flops(model) == expected
+    assert model.output_shape == (None, 5, 5, 256) and model.layers[-1].name == "pool5"
+
+
+# --- options ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"channels": "first"}, "channels_first is not supported"),
+    ({"precisions": ("float64",)}, "precisions must be a comma-separated list"),
+    ({"parts": ("convs",)}, "parts must be"),
+    ({"steps": 0}, "steps must be a positive integer"),
+    ({"burn_in": -1}, "burn_in must be an integer >= 0"),
+    ({"image_size": 40}, "image_size must be an integer >= 67"),
+    ({"throughput_batch_sizes": (0,)}, "throughput_batch_sizes"),
+])
+def test_bad_options_are_clear_errors(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        BenchmarkOptions(**overrides)
+
+
+def test_quick_is_cpu_sized_and_flags_win():
+    quick = BenchmarkOptions.quick(steps=3)
+    assert quick.steps == 3 and quick.burn_in == benchmark.QUICK["burn_in"]
+    assert quick.throughput_batch_sizes == (32,)
+    assert BenchmarkOptions().throughput_batch_sizes == (32, 128, 256, 512)
+    assert BenchmarkOptions().params()["xla"] == "true"
+
+
+# --- every option builds and runs one step ---------------------------------------------------
+
+@pytest.mark.parametrize("part", benchmark.PARTS)
+@pytest.mark.parametrize("xla", [False, True])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_option_runs_one_step(part, xla, precision):
+    import keras
+
+    model = benchmark.build_model(part, variant="cifar", image_size=16, width=1 / 16, num_classes=4,
+                                  precision=precision)
+    assert keras.mixed_precision.global_policy().name == "float32"   # restored after the build
+    assert model.layers[-1].dtype_policy.name == ("float32" if part == "full" else precision)
+    x, y = benchmark.random_batch(4, 16, 4)
+    outputs = benchmark.make_forward(model, xla)(x)
+    benchmark.block(outputs)
+    assert tuple(outputs.shape) == ((4, 4) if part == "full" else (4, 2, 2, 16))
+    grads = benchmark.make_gradients(model, part, xla)(x, y)
+    benchmark.block(grads)
+    assert len(grads) == len(model.trainable_variables)
+    assert all(np.isfinite(keras.ops.convert_to_numpy(g)).all() for g in grads)
+
+
+@pytest.mark.parametrize("precision, xla", [("float32", False), ("float32", True), ("mixed_float16", False),
+                                            ("mixed_bfloat16", False)])
+def test_train_step_updates_the_weights(precision, xla):
+    import keras
+
+    model = benchmark.build_model("full", variant="cifar", image_size=16, width=1 / 16, num_classes=4,
+                                  precision=precision)
+    x, y = benchmark.random_batch(4, 16, 4)
+    before = keras.ops.convert_to_numpy(model.get_layer("fc8").kernel)
+    step = benchmark.make_train_step(model, xla, precision)
+    losses = [float(keras.ops.convert_to_numpy(step(x, y))) for _ in range(2)]
+    assert all(np.isfinite(losses))
+    if keras.backend.backend() == "tensorflow":   # JAX keeps the updated state in the step's closure
+        assert not np.allclose(before, keras.ops.convert_to_numpy(model.get_layer("fc8").kernel))
+
+
+# --- the command, end to end ------------------------------------------------------------------
+
+TINY_CLI = ["benchmark", "--quick", "--image-size", "67", "--width", "0.0625", "--num-classes", "4",
+            "--steps", "2", "--burn-in", "1", "--xla", "false", "--throughput-variants", "cifar",
+            "--throughput-batch-sizes", "8", "--throughput-steps", "2", "--throughput-burn-in", "1"]
+
+
+def test_benchmark_cli_logs_one_run_with_its_table(mlflow_store, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from alexnet_keras import cli
+
+    out_dir = tmp_path / "results"
+    assert cli.main(TINY_CLI + ["--tf1-reference", "--profile", "--output-dir", str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "| part | precision | xla |" in printed and "| variant | image_size |" in printed
+    assert "seeds' TF1 graph" in printed and "| op_type |" in printed
+
+    runs = all_runs(mlflow_store)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["steps"] == "2" and run.data.params["xla"] == "false"
+    assert run.data.tags["alexnet_keras.job"] == "benchmark"
+    metrics = run.data.metrics
+    for key in ("timing.conv.float32.noxla.fwdbwd_ms", "timing.full.float32.noxla.forward_ms",
+                "throughput.cifar.b8.float32.noxla.fit_img_s", "throughput.cifar.b8.float32.noxla.step_img_s",
+                "tf1.project.fwdbwd_median_ms", "tf1.keras.noxla.fwdbwd_median_ms",
+                "tf1.project.noxla.fwdbwd_speedup"):
+        assert key in metrics and metrics[key] > 0, key
+    client = MlflowClient(mlflow_store)
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "benchmark")}
+    assert names == {"benchmark/results.md", "benchmark/results.csv", "benchmark/results.json"}
+    table = (out_dir / "results.csv").read_text()
+    assert table.startswith("section,") and "throughput" in table and "tf1_speedup" in table
+
+
+def test_channels_first_is_refused_before_any_run(mlflow_store, capsys):
+    from alexnet_keras import cli
+
+    assert cli.main(["benchmark", "--quick", "--channels-first"]) == 2
+    assert "channels_first is not supported" in capsys.readouterr().err
+    assert all_runs(mlflow_store) == []
+
+
+def test_mlproject_benchmark_entry_point_matches_the_options():
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    from alexnet_keras import cli
+
+    root = Path(__file__).resolve().parent.parent
+    entry = yaml.safe_load((root / "MLproject").read_text())["entry_points"]["benchmark"]
+    defaults = BenchmarkOptions().params()
+    params = {name: str(spec["default"]) for name, spec in entry["parameters"].items()}
+    for name, value in params.items():
+        assert name in defaults, f"MLproject parameter {name!r} is not a benchmark option"
+        assert value == defaults[name], name
+    argv = shlex.split(entry["command"].format(**params))[3:]   # after `python -m alexnet_keras`
+    args = cli._parser().parse_args(argv)
+    assert args.command == "benchmark"
+    assert benchmark.options_from_args(args) == BenchmarkOptions()

@@ -1,0 +1,112 @@
+"""Data parallelism (alexnet_keras/distribute.py) on two logical CPU devices, one tiny run per engine.
+
+Each case runs in a subprocess: the device count and the Keras backend are fixed when a process first
+uses TensorFlow / JAX. TF: two logical CPUs from `tf.config.set_logical_device_configuration`;
+JAX: `XLA_FLAGS=--xla_force_host_platform_device_count=2`.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from alexnet_keras.config import ConfigError, TrainConfig, load_config
+
+SCRIPT = r"""
+import json, sys
+kind = sys.argv[1]
+if kind == "mirrored":
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from alexnet_keras.config import load_config
+from alexnet_keras.train import fit, prepare
+
+config = load_config(overrides=dict(
+    variant="cifar", width=0.125, dataset="synthetic", synthetic_samples=80, synthetic_classes=4,
+    batch_size=16, epochs=1, init="keras", schedule="constant", distribute=kind))
+# The training path itself: prepare() builds the engine, data and model; fit() is train.py's loop
+# (one epoch of 5 steps here; the MLflow callback logs nowhere without an active run).
+data, model = prepare(config)
+history, _ = fit(model, data, config)
+test = model.evaluate(data.test, return_dict=True, verbose=0)
+out = {"loss": history["loss"][-1], "test_accuracy": test["accuracy"], "backend": keras.backend.backend()}
+if kind == "data_parallel":
+    import jax
+    out["devices"] = jax.device_count()
+    out["kernel_devices"] = len(model.get_layer("conv1").kernel.value.sharding.device_set)
+    out["distribution"] = type(keras.distribution.distribution()).__name__
+else:
+    out["replicas"] = model.distribute_strategy.num_replicas_in_sync
+    out["strategy"] = type(model.distribute_strategy).__name__
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _run(kind, backend, extra_env=None):
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
+           **(extra_env or {})}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, kind], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_tf_mirrored_on_two_logical_cpus():
+    result = _run("mirrored", "tensorflow")
+    assert result["backend"] == "tensorflow"
+    assert result["strategy"] == "MirroredStrategy" and result["replicas"] == 2
+    assert math.isfinite(result["loss"]) and 0.0 <= result["test_accuracy"] <= 1.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_jax_data_parallel_on_two_cpu_devices():
+    result = _run("data_parallel", "jax", {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert result["backend"] == "jax" and result["devices"] == 2
+    # Weights replicated on both devices, batches sharded over them.
+    assert result["distribution"] == "DataParallel" and result["kernel_devices"] == 2
+    assert math.isfinite(result["loss"]) and 0.0 <= result["test_accuracy"] <= 1.0
+
+
+def test_distribute_is_a_validated_choice():
+    assert load_config(overrides={"distribute": "mirrored"}).train.distribute == "mirrored"
+    with pytest.raises(ConfigError, match="train.distribute must be one of 'none', 'mirrored'"):
+        TrainConfig(distribute="horovod")
+
+
+def test_engine_on_the_wrong_backend_is_a_clear_error():
+    import keras
+
+    from alexnet_keras import distribute
+
+    wrong = "data_parallel" if keras.backend.backend() != "jax" else "mirrored"
+    with pytest.raises(ConfigError, match="KERAS_BACKEND"):
+        distribute.setup(TrainConfig(distribute=wrong))
+
+
+def test_none_is_one_replica_and_keeps_data():
+    from alexnet_keras import distribute
+
+    dist = distribute.setup(TrainConfig())
+    assert dist.replicas == 1 and dist.per_replica_batch(128) == 128
+    with dist.scope():
+        pass
+    sentinel = object()
+    assert distribute.adapt_data(sentinel, dist) is sentinel
+
+
+def test_even_batches_drops_only_the_uneven_batch():
+    import numpy as np
+    import tensorflow as tf
+
+    from alexnet_keras.distribute import even_batches
+
+    ds = tf.data.Dataset.from_tensor_slices((np.zeros((7, 2), "float32"), np.arange(7))).batch(2)
+    sizes = [int(y.shape[0]) for _, y in even_batches(ds, 2)]
+    assert sizes == [2, 2, 2]

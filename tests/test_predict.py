@@ -1,0 +1,176 @@
+"""`alexnet-keras predict`: the same preprocessing as training, from what the model carries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import all_runs
+from test_recipe import CLASSES, make_folder
+
+from alexnet_keras import cli
+from alexnet_keras import data as data_module
+from alexnet_keras.config import ModelConfig
+from alexnet_keras.data import decode_image
+from alexnet_keras.model import build_alexnet
+from alexnet_keras.predict import load_predictor, save_model
+
+STORED, SIZE = 28, 24
+SPEC = {"recipe": "paper", "resize": "shorter_side_crop", "stored_size": STORED, "image_size": SIZE,
+        "pixel_mean": False}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv(data_module.CACHE_ENV, str(tmp_path / "cache"))
+
+
+def untrained_model(seed: int = 0, mean=(120.0, 110.0, 100.0), std=(60.0, 60.0, 60.0)) -> keras.Model:
+    """An untrained 24-px AlexNet with a fixed seed, its logits spread so that inputs matter."""
+    keras.utils.set_random_seed(seed)
+    model = build_alexnet(ModelConfig(variant="cifar", image_size=SIZE, width=0.125, init="keras", dropout=0.0),
+                          num_classes=len(CLASSES), input_mean=list(mean), input_std=list(std))
+    fc8 = model.get_layer("fc8")
+    fc8.kernel.assign(fc8.kernel * 30.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Odd sizes, grayscale, CMYK JPEG, RGBA, and a corrupt file."""
+    root = make_folder(tmp_path_factory.mktemp("predict") / "images", n_train=5, n_test=0, seed=5)
+    return sorted(str(p) for p in (root / "train").rglob("*") if p.is_file())
+
+
+def expected_probabilities(model, files, mean_image=None, crops="center"):
+    """The model on pixels prepared independently: decode, then NumPy crops."""
+    out = []
+    for path in files:
+        stored = decode_image(tf.io.read_file(path), STORED, "shorter_side_crop").numpy().astype(np.float32)
+        if mean_image is not None:
+            stored = stored - mean_image
+        o = (STORED - SIZE) // 2
+        views = [stored[o:o + SIZE, o:o + SIZE]]
+        if crops == "ten":
+            e = STORED - SIZE
+            views = [stored[t:t + SIZE, l:l + SIZE] for t, l in ((0, 0), (0, e), (e, 0), (e, e), (o, o))]
+            views += [v[:, ::-1] for v in views]
+        out.append(model.predict(np.stack(views), verbose=0).mean(axis=0))
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("crops", ["center", "ten"])
+def test_predict_matches_model_predict_on_the_same_pixels(images, tmp_path, crops):
+    model = untrained_model()
+    path = save_model(model, tmp_path / "net.keras", CLASSES, SPEC)
+    predictor = load_predictor(str(path))
+    assert predictor.preprocessing == SPEC and predictor.class_names == CLASSES
+    readable = [f for f in images if not f.endswith("corrupt.jpg")]
+    results = predictor.predict_files(images, crops=crops, top=5)
+    assert [r["file"] for r in results] == images
+    assert [r for r in results if "error" in r] == [{"file": next(f for f in images if f.endswith("corrupt.jpg")),
+                                                      "error": "not a readable image (JPEG, PNG, GIF or BMP)"}]
+    expected = expected_probabilities(model, readable, crops=crops)
+    assert np.ptp(expected.argmax(axis=1)) > 0 or np.ptp(expected[:, 0]) > 0.05   # inputs change outputs
+    got = [r for r in results if "error" not in r]
+    for result, probs in zip(got, expected):
+        assert [p["index"] for p in result["predictions"]] == list(np.argsort(-probs, kind="stable")[:3])
+        assert [p["class"] for p in result["predictions"]] == [CLASSES[i] for i in np.argsort(-probs, kind="stable")]
+        np.testing.assert_allclose([p["probability"] for p in result["predictions"]], np.sort(probs)[::-1],
+                                   atol=1e-5)
+
+
+def test_pixel_mean_model_subtracts_its_mean_image(images, tmp_path):
+    mean_image = np.random.default_rng(0).uniform(50, 200, size=(STORED, STORED, 3)).astype(np.float32)
+    model = untrained_model(mean=(0.0, 0.0, 0.0), std=(50.0, 50.0, 50.0))
+    path = save_model(model, tmp_path / "pm.keras", CLASSES, {**SPEC, "pixel_mean": True}, mean_image)
+    predictor = load_predictor(str(path))
+    np.testing.assert_array_equal(predictor.mean_image, mean_image)
+    readable = [f for f in images if not f.endswith("corrupt.jpg")][:4]
+    got = np.array([[p["probability"] for p in sorted(r["predictions"], key=lambda p: p["index"])]
+                    for r in predictor.predict_files(readable)])
+    np.testing.assert_allclose(got, expected_probabilities(model, readable, mean_image), atol=1e-5)
+
+
+def test_native_size_model_gets_small_images_resized_as_in_training(images, tmp_path):
+    # A model trained on 8-px in-memory images resized to 28 per batch (as CIFAR's 32 -> 256).
+    model = untrained_model()
+    path = save_model(model, tmp_path / "small.keras", CLASSES, {**SPEC, "native_size": 8})
+    readable = [f for f in images if not f.endswith("corrupt.jpg")][:3]
+    got = load_predictor(str(path)).predict_files(readable, top=1)
+    small = np.stack([decode_image(tf.io.read_file(f), 8, "squash").numpy() for f in readable])
+    upscaled = tf.image.resize(small.astype(np.float32), [STORED, STORED]).numpy()   # bilinear, in float
+    o = (STORED - SIZE) // 2
+    expected = model.predict(upscaled[:, o:o + SIZE, o:o + SIZE], verbose=0)
+    assert [r["predictions"][0]["index"] for r in got] == expected.argmax(axis=1).tolist()
+    np.testing.assert_allclose([r["predictions"][0]["probability"] for r in got], expected.max(axis=1), atol=1e-5)
+
+
+def test_predict_cli_text_json_and_errors(images, tmp_path, capsys):
+    path = save_model(untrained_model(), tmp_path / "net.keras", CLASSES, SPEC)
+    folder = str(Path(images[0]).parent.parent)
+    assert cli.main(["predict", "--model", str(path), images[0], "--json", "--crops", "ten"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["crops"] == "ten" and out["preprocessing"] == SPEC
+    (result,) = out["results"]
+    assert result["file"] == images[0] and [p["rank"] for p in result["predictions"]] == [1, 2, 3]
+    assert sum(p["probability"] for p in result["predictions"]) == pytest.approx(1.0, abs=1e-5)
+
+    assert cli.main(["predict", "--model", str(path), folder, "--top", "2"]) == 1   # the corrupt file
+    text = capsys.readouterr().out
+    assert "corrupt.jpg  (centre crop)\n  error: not a readable image" in text
+    assert text.count("  1. ") == len(images) - 1 and "  3. " not in text
+
+    bare = tmp_path / "bare" / "net.keras"
+    bare.parent.mkdir()
+    untrained_model().save(bare)
+    assert cli.main(["predict", "--model", str(bare), images[0]]) == 2
+    assert "net.preprocessing.json" in capsys.readouterr().err
+    assert cli.main(["predict", "--model", "no-such-model", images[0]]) == 2
+    assert "neither an existing .keras file" in capsys.readouterr().err
+
+
+def test_trained_run_predicts_logs_recipe_and_serves_pyfunc(mlflow_store, tmp_path, capsys):
+    """Train a tiny paper-recipe model, then use it through its run id and through mlflow.pyfunc."""
+    root = make_folder(tmp_path / "data", n_train=8, n_test=3, seed=2)
+    flags = ["--variant", "cifar", "--width", "0.125", "--init", "keras", "--dataset", "folder",
+             "--data-dir", str(root), "--recipe", "paper", "--stored-size", "36", "--epochs", "1",
+             "--batch-size", "8", "--pixel-mean", "true", "--experiment", "paper-recipe-test"]
+    assert cli.main(["train", *flags]) == 0
+    (run,) = all_runs(mlflow_store)
+    run_id = run.info.run_id
+    metrics = run.data.metrics
+    for key in ("test_accuracy", "test_top5_accuracy", "test_10crop_accuracy", "test_10crop_top5_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert run.data.params["recipe"] == "paper" and run.data.params["pca_color"] == "true"
+    data_json = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="data.json", tracking_uri=mlflow_store)).read_text())
+    assert data_json["class_names"] == CLASSES
+    assert data_json["preprocessing"] == {"recipe": "paper", "resize": "shorter_side_crop", "stored_size": 36,
+                                          "image_size": 32, "pixel_mean": True}
+    stats = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="preprocessing/statistics.json", tracking_uri=mlflow_store)).read_text())
+    assert len(stats["pca_eigenvalues"]) == 3 and stats["augmentation"]["pca_color"] is True
+    info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
+    assert info.metadata["alexnet_keras"]["class_names"] == CLASSES
+
+    files = sorted(str(p) for p in (root / "test").rglob("*.png"))[:4]
+    capsys.readouterr()
+    assert cli.main(["predict", "--model", run_id, *files, "--json"]) == 0
+    by_run = json.loads(capsys.readouterr().out)["results"]
+    predictor = load_predictor(f"runs:/{run_id}/model")
+    assert predictor.mean_image.shape == (36, 36, 3)
+    assert predictor.predict_files(files) == by_run
+
+    # mlflow.pyfunc on the views predict feeds the model: the same probabilities.
+    stored = np.stack([decode_image(tf.io.read_file(f), 36, "shorter_side_crop").numpy() for f in files])
+    views = predictor.views(stored)
+    served = np.asarray(mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(views))
+    assert served.shape == (4, 3)
+    np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(served, predictor.probabilities(stored), atol=1e-5)
