@@ -485,26 +485,25 @@ def timing_row(part: str, precision: str, xla: bool, options: BenchmarkOptions) 
     }
 
 
-class _FitClock:
-    """Keras callback: time from the start of step `burn_in` to the end of the epoch."""
+def fit_clock(burn_in: int):
+    """A Keras callback timing `fit` from the start of step `burn_in` (0-based) to the end of the
+    epoch; `.start` / `.stop` are perf_counter readings."""
+    import keras
 
-    def __new__(cls, burn_in: int):
-        import keras
+    class FitClock(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.start = self.stop = None
 
-        class FitClock(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.start = self.stop = None
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == burn_in:
+                self.start = time.perf_counter()
 
-            def on_train_batch_begin(self, batch, logs=None):
-                if batch == burn_in:
-                    self.start = time.perf_counter()
+        def on_epoch_end(self, epoch, logs=None):
+            float(logs["loss"])   # the last step's loss: waits for every queued step
+            self.stop = time.perf_counter()
 
-            def on_epoch_end(self, epoch, logs=None):
-                float(logs["loss"])   # the last step's loss: waits for every queued step
-                self.stop = time.perf_counter()
-
-        return FitClock()
+    return FitClock()
 
 
 def throughput_row(variant: str, batch_size: int, precision: str, xla: bool,
@@ -548,7 +547,7 @@ def throughput_row(variant: str, batch_size: int, precision: str, xla: bool,
     config = Config(train=TrainConfig(batch_size=batch_size, precision=precision, schedule="constant",
                                       jit_compile="true" if xla else "false", seed=options.seed))
     compile_model(model, config, steps_per_epoch=burn_in + steps)
-    clock = _FitClock(burn_in)
+    clock = fit_clock(burn_in)
     # shuffle=False: the pipeline shuffles itself (as train.fit does).
     model.fit(pipeline, epochs=1, steps_per_epoch=burn_in + steps, callbacks=[clock], verbose=0,
               shuffle=False)
@@ -798,7 +797,8 @@ class BenchmarkResult:
         if self.profile:
             p = self.profile
             parts += ["", f"Profile ({p['part']} network, forward+backward, {p['precision']}, "
-                      f"XLA {'on' if p['xla'] else 'off'}): self-time by op type, then by layer:", "",
+                      f"XLA {'on' if p['xla'] else 'off'}; trace in {p['logdir']}): self-time by op type, "
+                      f"then by layer:", "",
                       markdown_table(p["by_type"], ("op_type", "self_ms_per_step", "share")), "",
                       markdown_table(p["by_layer"], ("layer", "self_ms_per_step", "share"))]
         return "\n".join(parts) + "\n"
@@ -977,8 +977,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--throughput-steps", type=int, help=f"default {d.throughput_steps}")
     parser.add_argument("--throughput-burn-in", type=int, help=f"default {d.throughput_burn_in}")
     parser.add_argument("--tf1-reference", nargs="?", const="true", default=None, metavar="BOOL",
-                        help="also time benchmarks/tf1_reference.py (TF1 graph mode) at the timing "
-                             "settings and report the speedup (default false)")
+                        help="also time benchmarks/tf1_reference.py (TF1 graph mode, TensorFlow's "
+                             "own device: meant for CPU) in turn with the Keras conv stack at the "
+                             "timing settings and report the speedup (default false)")
     parser.add_argument("--profile", nargs="?", const="true", default=None, metavar="BOOL",
                         help="TensorFlow profiler summary of the full net's forward+backward")
     parser.add_argument("--seed", type=int)

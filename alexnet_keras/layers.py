@@ -113,7 +113,10 @@ class LocalResponseNormalization(keras.layers.Layer):
                 window_sum = view if window_sum is None else window_sum + view
         else:
             window_sum = squared
-        outputs = x * ops.power(self.k + self.alpha * window_sum, -self.beta)
+        # exp(-beta * log(.)) rather than power(., -beta): the same value (the base is > 0 for k > 0),
+        # but 2.7x faster on TensorFlow's CPU kernels, where power made LRN a quarter of the step
+        # (benchmarks/README.md).
+        outputs = x * ops.exp(-self.beta * ops.log(self.k + self.alpha * window_sum))
         return ops.cast(outputs, inputs.dtype)
 
     def compute_output_shape(self, input_shape):

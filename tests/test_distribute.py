@@ -51,6 +51,7 @@ print("RESULT " + json.dumps(out))
 def _run(kind, backend, extra_env=None):
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
            **(extra_env or {})}
+    env.pop("TF_CONFIG", None)   # a cluster from the caller's environment would change the test
     proc = subprocess.run([sys.executable, "-c", SCRIPT, kind], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -63,6 +64,15 @@ def test_tf_mirrored_on_two_logical_cpus():
     assert result["backend"] == "tensorflow"
     assert result["strategy"] == "MirroredStrategy" and result["replicas"] == 2
     assert math.isfinite(result["loss"]) and 0.0 <= result["test_accuracy"] <= 1.0
+
+
+def test_tf_multi_worker_without_tf_config_is_one_local_worker():
+    # No TF_CONFIG: a one-worker cluster on this machine (the code path of a multi-node launch).
+    result = _run("multi_worker", "tensorflow")
+    # tf.distribute.MultiWorkerMirroredStrategy is CollectiveAllReduceStrategy under the hood.
+    assert result["strategy"] in ("MultiWorkerMirroredStrategy", "CollectiveAllReduceStrategy")
+    assert result["replicas"] == 1
+    assert math.isfinite(result["loss"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
