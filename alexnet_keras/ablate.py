@@ -585,6 +585,14 @@ def _fatal(err: BaseException) -> bool:
     return isinstance(err, (ConfigError, DataError, TrackingError))
 
 
+def _record_failure(result: StudyResult, child: Child, err: Exception) -> None:
+    """A child's own failure is recorded and the study goes on; a fatal one (bad input, store) stops it."""
+    if _fatal(err):
+        raise err
+    result.failed[child.label] = f"{type(err).__name__}: {err}"
+    print(f"child {child.label} failed: {err}", flush=True)
+
+
 def _run_sequential(study: Study, todo: list[Child], parent_id: str, result: StudyResult) -> None:
     import keras
 
@@ -596,10 +604,7 @@ def _run_sequential(study: Study, todo: list[Child], parent_id: str, result: Stu
         try:
             train_and_evaluate(child.config, tags=child_tags(study, child), parent_run_id=parent_id)
         except Exception as err:
-            if _fatal(err):
-                raise
-            result.failed[child.label] = f"{type(err).__name__}: {err}"
-            print(f"child {child.label} failed: {err}", flush=True)
+            _record_failure(result, child, err)
         else:
             result.ran.append(child.label)
 
@@ -620,10 +625,7 @@ def _run_parallel(study: Study, todo: list[Child], parent_id: str, workers: int,
                 try:
                     future.result()
                 except Exception as err:
-                    if _fatal(err):
-                        raise
-                    result.failed[child.label] = f"{type(err).__name__}: {err}"
-                    print(f"child {child.label} failed: {err}", flush=True)
+                    _record_failure(result, child, err)
                 else:
                     result.ran.append(child.label)
                     print(f"child {child.label} finished ({len(result.ran)}/{len(todo)})", flush=True)
