@@ -38,6 +38,7 @@ Recipes (`DataConfig.recipe`):
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
 import json
@@ -595,7 +596,7 @@ def rgb_statistics(batches, *, pixel_mean: bool = False) -> RGBStats:
     return moments.stats()
 
 
-class _Images:
+class _Images(abc.ABC):
     """A split's images, decoded on demand: in memory (_ArrayImages), from files (_FileImages) or from
     TFRecord shards (prepare.RecordImages). `images[index]` (index array or boolean mask) is a subset,
     in the order given; `batches` yields (uint8 (B, side, side, 3), int32 (B,)) in that order, or
@@ -610,11 +611,13 @@ class _Images:
     def __getitem__(self, index) -> "_Images":
         return self._subset(np.arange(len(self))[index])
 
+    @abc.abstractmethod
     def _subset(self, index: np.ndarray) -> "_Images":
-        raise NotImplementedError
+        """The images at `index`, as the same kind of source."""
 
+    @abc.abstractmethod
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
-        raise NotImplementedError
+        """(uint8 images, int32 labels) batches in index order, or reshuffled every epoch."""
 
     def numpy_batches(self, batch_size: int = _STATS_BATCH):
         for images, _ in self.batches(batch_size).as_numpy_iterator():

@@ -297,9 +297,9 @@ def log_keras_model(model, example_batch, metadata: Mapping[str, Any] | None = N
 def log_preprocessing(data) -> None:
     """The paper recipe's training-set statistics (colour PCA, mean, std) and, with pixel_mean, the mean
     image, under `preprocessing/` next to data.json (predict.py reads the mean image back)."""
-    if getattr(data, "recipe_stats", None) is not None:
+    if data.recipe_stats is not None:
         mlflow.log_dict(dict(data.recipe_stats), "preprocessing/statistics.json")
-    if getattr(data, "mean_image", None) is not None:
+    if data.mean_image is not None:
         import numpy as np
 
         with tempfile.TemporaryDirectory() as folder:
