@@ -1,4 +1,5 @@
-# alexnet-keras on TensorFlow's GPU image: `docker run --gpus all IMAGE train --config ...`.
+# alexnet-keras on TensorFlow's GPU image: `docker build -t alexnet-keras:0.1.0 .` (the tag is the package
+# version; deploy/docker/MLproject runs that image), then `docker run --gpus all alexnet-keras:0.1.0 train ...`.
 # Pinned base (a release tag; pin by digest where your registry mirror allows). Docker cannot build on
 # the development machines: tests/test_packaging.py lints this file with hadolint instead.
 FROM tensorflow/tensorflow:2.21.0-gpu

@@ -137,7 +137,8 @@ class DataConfig:
                                     # false: per-channel mean/std inside the model (self-contained)
     ten_crop: bool = True           # paper recipe: also report the 10-crop test metrics
     max_memory_mb: int = 4096       # image folders whose decoded images need more are streamed from files
-    test_limit: int | None = None   # score a stratified subset of this many test images (CPU-sized runs)
+    test_limit: int | None = field(default=None, metadata={"digest": "omit_default"})
+                                    # score a stratified subset of this many test images (CPU-sized runs)
 
     def __post_init__(self) -> None:
         _choice("data", "dataset", self.dataset, DATASETS)
@@ -175,6 +176,8 @@ class TrainConfig:
     precision: str = "float32"
     jit_compile: str = "auto"       # XLA: "auto" lets Keras decide per backend; "true"; "false"
     distribute: str = "none"        # data parallelism (distribute.py); batch_size is the global batch
+    # Bit-identical reruns: seeds plus the backends' deterministic kernels (train.py, docs/reliability.md).
+    deterministic: bool = field(default=False, metadata={"digest": "omit_default"})
 
     def __post_init__(self) -> None:
         s = "train"
@@ -197,6 +200,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     experiment: str = "alexnet-keras"   # MLflow experiment name
     run_name: str | None = None
+    # An interrupted run (killed, or RUNNING from a dead process) with the same config and data is
+    # continued from its last completed epoch, in the same MLflow run (train.py, "Resuming").
+    resume: bool = True
+    checkpoint_dir: str = "checkpoints"  # per-run training checkpoints, CHECKPOINT_DIR/<run id>/
 
     # --- flat view: one name per leaf -------------------------------------------------------
     def flat(self) -> dict[str, Any]:
@@ -213,9 +220,15 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def digest(self, exclude: tuple[str, ...] = ("run_name", "experiment")) -> str:
-        """A stable hash of everything that changes a run's outcome (used to skip finished runs)."""
-        flat = {k: v for k, v in self.flat().items() if k not in exclude}
+    def digest(self) -> str:
+        """A stable hash of everything that changes a run's outcome (used to skip finished runs and to
+        find the run to resume). Tracking fields are left out; so is a field marked "omit_default"
+        while it holds its default: such fields came after runs were logged, and at their default
+        they change nothing, so adding one keeps the digests (and the resumability) of older runs."""
+        leaves = leaf_fields()
+        flat = {k: v for k, v in self.flat().items()
+                if leaves[k][0] is not None   # experiment, run_name, resume, checkpoint_dir
+                and not (leaves[k][1].metadata.get("digest") == "omit_default" and v == leaves[k][1].default)}
         return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
     def override(self, values: Mapping[str, Any], *, source: str = "overrides") -> "Config":
@@ -224,7 +237,7 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
-TOP_LEVEL = ("experiment", "run_name")
+TOP_LEVEL = ("experiment", "run_name", "resume", "checkpoint_dir")
 
 
 def leaf_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:

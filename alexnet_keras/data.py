@@ -134,6 +134,12 @@ class _Raw:
 # Public entry points
 # ---------------------------------------------------------------------------------------------
 
+def enable_op_determinism() -> None:
+    """TensorFlow's deterministic mode (`--deterministic`): tf.data and TF ops give the same results
+    from the same seeds (TF ops without a deterministic kernel raise instead of running)."""
+    tf.config.experimental.enable_op_determinism()
+
+
 def load_data(cfg: DataConfig, image_size: int, batch_size: int, seed: int = 0, *,
               verbose: bool = True) -> Data:
     """Read the dataset `cfg` names and build its pipelines at `image_size` pixels.

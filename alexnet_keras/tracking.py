@@ -5,16 +5,20 @@ Store: `MLFLOW_TRACKING_URI` when set, else the embedded `sqlite:///mlflow.db` (
 why the default is SQLite.
 
 A run ends FINISHED, FAILED (error message kept in the `error` tag) or KILLED (Ctrl-C / SIGTERM),
-never stuck RUNNING.
+never stuck RUNNING: every run records the host and process that owns it, so a run left RUNNING by a
+process that died (SIGKILL, power loss) is found later and marked KILLED (`mark_dead_runs`), and a
+KILLED training run can be continued in place (`find_resumable_run`, train.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -192,6 +196,8 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
             nested = True   # MLflow refuses a second active run unless it is nested
     if run_id is not None:
         active = mlflow.start_run(run_id=run_id, nested=nested)   # nested: a retried sweep trial
+        if TAG_PREFIX + "end_reason" in active.data.tags:   # why it ended last time; it runs again now
+            MlflowClient().delete_tag(run_id, TAG_PREFIX + "end_reason")
     elif "MLFLOW_RUN_ID" in os.environ and not nested and parent_run_id is None:
         # Launched by `mlflow run`: the run already exists in the project's experiment.
         active = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
@@ -199,12 +205,13 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
         experiment_id = _experiment_id(experiment)
         active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested,
                                   parent_run_id=parent_run_id)
+    owner_tags = {TAG_PREFIX + "host": socket.gethostname(), TAG_PREFIX + "pid": str(os.getpid()),
+                  TAG_PREFIX + "pid_start": _process_start(os.getpid())}
     previous_sigterm = None
     if not nested and parent_run_id is None and _is_main_thread():
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        if tags:
-            mlflow.set_tags(dict(tags))
+        mlflow.set_tags({**owner_tags, **dict(tags or {})})
         if params:
             log_params(params)
         yield active
@@ -224,19 +231,130 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
             signal.signal(signal.SIGTERM, previous_sigterm)
 
 
+def _process_start(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot, Linux), so a reused pid is not taken for the
+    process that owned a run; "" where /proc is absent."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _process_alive(pid: int, start: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, owned by another user
+        return True
+    return not start or _process_start(pid) in (start, "")
+
+
+def mark_dead_runs(experiment: str) -> list[str]:
+    """Mark KILLED the runs of `experiment` still RUNNING although the process that owned them, on this
+    host, is gone (SIGKILL, out-of-memory killer, a reboot). Runs of other hosts are left alone: from
+    here a live process there cannot be told from a dead one. Returns the ids marked."""
+    client = MlflowClient()
+    host_tag = TAG_PREFIX + "host"
+    runs = client.search_runs([_experiment_id(experiment)], max_results=10000,
+                              filter_string=f"attributes.status = 'RUNNING' and tags.`{host_tag}` = "
+                                            f"'{socket.gethostname()}'")
+    marked = []
+    for found in runs:
+        tags = found.data.tags
+        pid = tags.get(TAG_PREFIX + "pid", "")
+        if not pid.isdigit() or _process_alive(int(pid), tags.get(TAG_PREFIX + "pid_start", "")):
+            continue
+        client.set_tag(found.info.run_id, TAG_PREFIX + "end_reason",
+                       f"process {pid} on {socket.gethostname()} died while the run was RUNNING")
+        client.set_terminated(found.info.run_id, "KILLED")
+        marked.append(found.info.run_id)
+    return marked
+
+
+def find_resumable_run(experiment: str, match_tags: Mapping[str, str]) -> Any | None:
+    """The latest KILLED top-level run of `experiment` whose tags equal `match_tags` (the config and data
+    digests) and that has a checkpoint folder (tag `checkpoint_dir`), or None."""
+    conditions = ["attributes.status = 'KILLED'"] + [f"tags.`{k}` = '{v}'" for k, v in match_tags.items()]
+    runs = MlflowClient().search_runs([_experiment_id(experiment)], " and ".join(conditions),
+                                      order_by=["attributes.start_time DESC"], max_results=100)
+    for found in runs:
+        tags = found.data.tags
+        if "mlflow.parentRunId" not in tags and TAG_PREFIX + "checkpoint_dir" in tags:
+            return found
+    return None
+
+
+@functools.cache
+def _epoch_metrics_class():
+    import keras   # here, not at the top: `report` and the other store-only commands need no Keras
+
+    class EpochMetrics(keras.callbacks.Callback):
+        """Per-epoch metrics (step = epoch) and the optimizer's settings, logged as each epoch ends.
+
+        Used instead of `mlflow.keras.MlflowCallback`, which queues epoch metrics asynchronously (lost if
+        the process is killed; failures only warned about) and logs every validation on step 0. Here
+        logging is synchronous. With `skip_logged_steps` (a run resumed from a checkpoint), a step
+        already in the run is not logged twice: an epoch logged just before the process was killed,
+        then trained again from the previous epoch's checkpoint, keeps its first values.
+        """
+
+        def __init__(self, skip_logged_steps: bool = False):
+            super().__init__()
+            self.skip_logged_steps = skip_logged_steps
+            self.logged_steps: set[int] = set()
+            self.active = False
+
+        def on_train_begin(self, logs=None):
+            self.active = mlflow.active_run() is not None   # no run: a plain fit, nothing to log
+            if not self.active:
+                return
+            if self.skip_logged_steps:
+                run_id = mlflow.active_run().info.run_id
+                self.logged_steps = {m.step for m in MlflowClient().get_metric_history(run_id, "loss")}
+            log_params({f"optimizer_{k}": v for k, v in self.model.optimizer.get_config().items()})
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.active and logs and epoch not in self.logged_steps:
+                log_metrics(logs, step=epoch)
+                self.logged_steps.add(epoch)
+
+    return EpochMetrics
+
+
+def epoch_metrics_callback(skip_logged_steps: bool = False):
+    return _epoch_metrics_class()(skip_logged_steps)
+
+
+def is_epoch_metrics_callback(callback) -> bool:
+    """Whether `callback` logs to the active run (tune.py drops it where no trial run is active)."""
+    return isinstance(callback, _epoch_metrics_class())
+
+
+def epoch_history(run_id: str, keys) -> dict[str, list[float]]:
+    """A run's per-epoch metrics as {key: [value at step 0, 1, ...]}: the whole training of a resumed
+    run, across the processes that trained it."""
+    client = MlflowClient()
+    history = {}
+    for key in keys:
+        by_step = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        if by_step:
+            history[key] = [by_step[step] for step in sorted(by_step)]
+    return history
+
+
 def _is_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
 
 
-def keras_callback():
-    """Per-epoch metrics (step = epoch), optimizer params and the model summary, from MLflow itself."""
-    return mlflow.keras.MlflowCallback(log_every_epoch=True)
-
-
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def set_tags(tags: Mapping[str, str]) -> None:
+    mlflow.set_tags(dict(tags))
 
 
 def log_text(text: str, artifact_file: str) -> None:
@@ -334,7 +452,7 @@ def download_artifact(run_id: str, path: str) -> Path:
 
 
 def flush() -> None:
-    """Wait for asynchronously logged metrics (the Keras callback logs with synchronous=False)."""
+    """Wait for anything MLflow still queues asynchronously (the per-epoch metrics are synchronous)."""
     with contextlib.suppress(Exception):
         mlflow.flush_async_logging()
 

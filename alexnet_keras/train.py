@@ -3,13 +3,26 @@
 Order matters for "never a half-written run": the config is validated when it is built, then the
 data are loaded and the model is built, and only then is an MLflow run opened. A bad option, a
 missing dataset or an impossible model fails before anything is written to the store.
+
+Resuming. Every epoch ends with a checkpoint (Keras `BackupAndRestore`: weights, optimizer state and
+epoch) in CHECKPOINT_DIR/<run id>/. A run killed by Ctrl-C or SIGTERM ends KILLED and keeps it; one
+killed outright (SIGKILL, out of memory) stays RUNNING until the next `train` in its experiment marks
+it KILLED (tracking.mark_dead_runs). Running the same command again (same config and data digests)
+continues that run: same run id, training from its last completed epoch, no metric step logged twice,
+the same number of epochs in the end. `--resume false` starts a new run instead. The checkpoint is
+deleted when the run ends FINISHED or FAILED. Runs of a study (`ablate`) or sweep (`tune`) are
+restarted by those commands instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -17,7 +30,7 @@ import numpy as np
 
 from . import distribute, figures, tracking
 from .config import Config, TrainConfig
-from .data import Data, load_data
+from .data import Data, enable_op_determinism, load_data
 from .model import build_alexnet, summary_text
 from .predict import model_metadata, ten_crop_metrics   # the paper recipe's hooks (see below)
 
@@ -31,8 +44,32 @@ class TrainResult:
 
 def set_global_state(train: TrainConfig) -> None:
     """Seeds (Python, NumPy, backend) and the dtype policy must be set before the model is built."""
+    if train.deterministic:
+        enable_determinism()
     keras.utils.set_random_seed(train.seed)
     keras.mixed_precision.set_global_policy(train.precision)
+
+
+def enable_determinism() -> None:
+    """`--deterministic`: deterministic kernels in every framework involved (seeds are always set).
+
+    Runs are seeded without it too, and two CPU runs here were already bit-identical; what this adds
+    is the guarantee, chiefly on GPUs, where atomics make cuDNN/XLA reductions order-dependent. Its cost
+    is measured in docs/reliability.md. A TensorFlow op with no deterministic kernel then raises.
+    """
+    enable_op_determinism()   # TensorFlow: tf.data on every backend, and the model's ops on TensorFlow
+    backend = keras.backend.backend()
+    if backend == "jax":
+        # Read when JAX starts its backend, which is after this (prepare() calls this before any jax op).
+        flag = "--xla_gpu_deterministic_ops=true"
+        if flag not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    elif backend == "torch":
+        import torch
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # required by deterministic cuBLAS
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
 
 
 def build_optimizer(train: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -57,8 +94,15 @@ def compile_model(model: keras.Model, config: Config, steps_per_epoch: int) -> k
     return model
 
 
-def build_callbacks(config: Config) -> list[keras.callbacks.Callback]:
-    callbacks: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN(), tracking.keras_callback()]
+def build_callbacks(config: Config, backup_dir: Path | None = None) -> list[keras.callbacks.Callback]:
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.TerminateOnNaN(), tracking.epoch_metrics_callback(skip_logged_steps=backup_dir is not None)]
+    if backup_dir is not None:
+        # After the metrics: a kill between the two re-trains that epoch, whose step is then not
+        # logged again (skip_logged_steps), rather than skipping an epoch whose metrics were never logged.
+        # double_checkpoint: a checkpoint torn by the kill falls back to the previous epoch's.
+        callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True,
+                                                          delete_checkpoint=False))
     if config.train.schedule == "plateau":
         # The paper divided the learning rate by 10 "when the validation error rate stopped improving".
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
@@ -69,6 +113,8 @@ def build_callbacks(config: Config) -> list[keras.callbacks.Callback]:
 
 def prepare(config: Config) -> tuple[Data, keras.Model]:
     """Everything that can fail on bad input, done before a run exists."""
+    if config.train.deterministic:
+        enable_determinism()   # before any framework starts its devices (XLA reads its flags then)
     # Data parallelism (distribute.py, --distribute): the engine is created first, because
     # MultiWorkerMirroredStrategy must exist before TensorFlow runs any op; the model is built and
     # compiled in its scope. batch_size stays the global batch and the learning rate is not scaled.
@@ -83,18 +129,33 @@ def prepare(config: Config) -> tuple[Data, keras.Model]:
         return data, compile_model(model, config, data.steps_per_epoch)
 
 
-def fit(model: keras.Model, data: Data, config: Config) -> tuple[dict[str, list[float]], float]:
+def checkpoint_epoch(backup_dir: Path | None) -> int:
+    """Epochs completed according to the checkpoint in `backup_dir` (0 when there is none)."""
+    try:
+        return int(json.loads((backup_dir / "training_metadata.json").read_text())["epoch"])
+    except (TypeError, OSError, ValueError, KeyError):
+        return 0
+
+
+def fit(model: keras.Model, data: Data, config: Config,
+        backup_dir: Path | None = None) -> tuple[dict[str, list[float]], float, int]:
+    """Train for the configured epochs, or what is left of them after the checkpoint in `backup_dir`.
+    Returns this call's Keras history, its seconds, and the epoch it started from."""
     verbose = 1 if sys.stdout.isatty() else 2   # a progress bar on a terminal, a line per epoch in logs
+    initial_epoch = min(checkpoint_epoch(backup_dir), config.train.epochs)
+    if initial_epoch:
+        print(f"resuming from the checkpoint of epoch {initial_epoch} of {config.train.epochs} in {backup_dir}",
+              flush=True)
     start = time.perf_counter()
     # shuffle=False: the tf.data pipeline already reshuffles every epoch (Keras would only warn).
     history = model.fit(data.train, validation_data=data.val, epochs=config.train.epochs,
-                        callbacks=build_callbacks(config), verbose=verbose, shuffle=False)
+                        callbacks=build_callbacks(config, backup_dir), verbose=verbose, shuffle=False)
     seconds = time.perf_counter() - start
-    loss = history.history.get("loss", [float("nan")])[-1]
-    if len(history.epoch) < config.train.epochs or not np.isfinite(loss):  # TerminateOnNaN stopped it
-        raise FloatingPointError(f"training diverged (loss {loss}) at epoch {len(history.epoch)}; "
+    loss = history.history["loss"][-1] if history.epoch else 0.0
+    if initial_epoch + len(history.epoch) < config.train.epochs or not np.isfinite(loss):   # TerminateOnNaN
+        raise FloatingPointError(f"training diverged (loss {loss}) at epoch {initial_epoch + len(history.epoch)}; "
                                  f"try a smaller --learning-rate than {config.train.learning_rate}.")
-    return {k: [float(v) for v in values] for k, values in history.history.items()}, seconds
+    return {k: [float(v) for v in values] for k, values in history.history.items()}, seconds, initial_epoch
 
 
 def evaluate(model: keras.Model, data: Data) -> tuple[dict[str, float], np.ndarray]:
@@ -132,6 +193,25 @@ def run_tags(config: Config, data: Data, model: keras.Model) -> dict[str, str]:
     }
 
 
+def resumable_run(config: Config, data: Data, model: keras.Model) -> str | None:
+    """The id of the interrupted run this command continues (see "Resuming" above), or None."""
+    for run_id in tracking.mark_dead_runs(config.experiment):
+        print(f"marked run {run_id} KILLED: the process training it is gone", flush=True)
+    if not config.resume:
+        return None
+    tags = run_tags(config, data, model)
+    match = {k: tags[k] for k in (tracking.TAG_PREFIX + "config_digest", tracking.TAG_PREFIX + "data_digest")}
+    if config.run_name:   # the digest leaves the name out; `--run-name b` does not continue run "a"
+        match["mlflow.runName"] = config.run_name
+    found = tracking.find_resumable_run(config.experiment, match)
+    if found is None:
+        return None
+    backup_dir = Path(found.data.tags[tracking.TAG_PREFIX + "checkpoint_dir"])
+    print(f"continuing run {found.info.run_id} (KILLED after {checkpoint_epoch(backup_dir)} of "
+          f"{config.train.epochs} epochs); pass --resume false to start a new run instead", flush=True)
+    return found.info.run_id
+
+
 def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
                        parent_run_id: str | None = None) -> TrainResult:
     """Train one AlexNet as described by `config`, log everything to MLflow, return the test metrics."""
@@ -140,35 +220,64 @@ def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
     summary = summary_text(model)
     print(summary)
     title = config.run_name or f"{config.model.variant} lrn={config.model.lrn} bn={config.model.batchnorm}"
-    with tracking.run(config.experiment, run_name=config.run_name, params=config.flat(),
-                      tags={**run_tags(config, data, model), **(tags or {})},
-                      parent_run_id=parent_run_id) as active:
-        run_id = active.info.run_id
-        tracking.log_text(summary, "model/summary.txt")
-        tracking.log_dict(config.to_dict(), "config.yaml")
-        tracking.log_dict({"class_names": list(data.class_names), "mean": data.mean, "std": data.std,
-                           "counts": data.counts, "image_size": data.image_size, "source": data.source,
-                           "preprocessing": data.preprocessing},   # what `predict` applies to a file
-                          "data.json")
-        tracking.log_preprocessing(data)   # paper recipe: colour PCA / mean statistics, mean image
-        for split in ("train", "val", "test"):
-            context = {"train": "training", "val": "validation", "test": "test"}[split]
-            tracking.log_dataset(f"{config.data.dataset}-{split}", data.source, data.digest, context,
-                                 data.counts[split])
-        tracking.log_metrics({"num_params": model.count_params(), "skipped_files": data.counts["skipped"]})
+    # Top-level runs only, and not under `mlflow run` (its launcher has already created this run).
+    top_level = parent_run_id is None and "MLFLOW_RUN_ID" not in os.environ
+    resume_id = resumable_run(config, data, model) if top_level else None
+    backup_dir = None
+    try:
+        with tracking.run(config.experiment, run_name=config.run_name, params=config.flat(),
+                          tags={**run_tags(config, data, model), **(tags or {})},
+                          parent_run_id=parent_run_id, run_id=resume_id) as active:
+            run_id = active.info.run_id
+            if parent_run_id is None:
+                backup_dir = Path(config.checkpoint_dir, run_id).resolve()
+                tracking.set_tags({tracking.TAG_PREFIX + "checkpoint_dir": str(backup_dir)})
+            result = _train_in_run(config, data, model, summary, title, run_id, backup_dir)
+    except KeyboardInterrupt:
+        raise   # KILLED: the checkpoint stays for the next run of the same command
+    except BaseException:
+        _remove_checkpoint(backup_dir)
+        raise
+    _remove_checkpoint(backup_dir)
+    return result
 
-        history, train_seconds = fit(model, data, config)
-        test_metrics, predictions = evaluate(model, data)
-        test_metrics.update(ten_crop_metrics(model, data))   # paper recipe: test_10crop_*; else nothing
-        epochs_run = len(history["loss"])
-        metrics = {**test_metrics, "train_time_s": train_seconds,
-                   "epoch_time_s": train_seconds / max(1, epochs_run),
-                   "final_train_accuracy": history["accuracy"][-1]}
-        tracking.log_metrics(metrics)
-        log_evaluation(data, predictions, history, title)
-        example = next(iter(data.val.take(1)))[0].numpy()[:4]
-        # Class names and preprocessing travel with the logged model (its MLmodel metadata), for `predict`.
-        tracking.log_keras_model(model, example, metadata=model_metadata(data))
-        tracking.flush()
-        print(f"run {run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+
+def _remove_checkpoint(backup_dir: Path | None) -> None:
+    if backup_dir is not None:
+        shutil.rmtree(backup_dir, ignore_errors=True)
+
+
+def _train_in_run(config: Config, data: Data, model: keras.Model, summary: str, title: str, run_id: str,
+                  backup_dir: Path | None) -> TrainResult:
+    tracking.log_text(summary, "model/summary.txt")
+    tracking.log_dict(config.to_dict(), "config.yaml")
+    tracking.log_dict({"class_names": list(data.class_names), "mean": data.mean, "std": data.std,
+                       "counts": data.counts, "image_size": data.image_size, "source": data.source,
+                       "preprocessing": data.preprocessing},   # what `predict` applies to a file
+                      "data.json")
+    tracking.log_preprocessing(data)   # paper recipe: colour PCA / mean statistics, mean image
+    for split in ("train", "val", "test"):
+        context = {"train": "training", "val": "validation", "test": "test"}[split]
+        tracking.log_dataset(f"{config.data.dataset}-{split}", data.source, data.digest, context,
+                             data.counts[split])
+    tracking.log_metrics({"num_params": model.count_params(), "skipped_files": data.counts["skipped"]})
+
+    history, train_seconds, initial_epoch = fit(model, data, config, backup_dir)
+    epochs_run = len(history.get("loss", []))
+    if initial_epoch:   # the whole training, across the processes that trained this run
+        history = tracking.epoch_history(run_id, ["loss", "accuracy", "val_loss", "val_accuracy",
+                                                  "top5_accuracy", "val_top5_accuracy"])
+        tracking.set_tags({tracking.TAG_PREFIX + "resumed_from_epoch": str(initial_epoch)})
+    test_metrics, predictions = evaluate(model, data)
+    test_metrics.update(ten_crop_metrics(model, data))   # paper recipe: test_10crop_*; else nothing
+    metrics = {**test_metrics, "train_time_s": train_seconds,   # this process's training time
+               "epoch_time_s": train_seconds / max(1, epochs_run),
+               "final_train_accuracy": history["accuracy"][-1]}
+    tracking.log_metrics(metrics)
+    log_evaluation(data, predictions, history, title)
+    example = next(iter(data.val.take(1)))[0].numpy()[:4]
+    # Class names and preprocessing travel with the logged model (its MLmodel metadata), for `predict`.
+    tracking.log_keras_model(model, example, metadata=model_metadata(data))
+    tracking.flush()
+    print(f"run {run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     return TrainResult(run_id=run_id, metrics=metrics, history=history)

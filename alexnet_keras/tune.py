@@ -469,7 +469,7 @@ class AlexNetHyperModel(keras_tuner.HyperModel):
         data = self.data_for(config)
         tracked = mlflow.active_run() is not None   # the trial's run (see _TrackedTrials.run_trial)
         own_callbacks = [c for c in build_callbacks(config)
-                         if tracked or not isinstance(c, mlflow.keras.MlflowCallback)]  # it would start a run
+                         if tracked or not tracking.is_epoch_metrics_callback(c)]  # it needs a run
         if tracked:
             mlflow.set_tags(run_tags(config, data, model))
             tracking.log_metrics({"num_params": model.count_params()})
@@ -582,7 +582,6 @@ class _TrackedTrials:
                 results = super().run_trial(trial, *args, **kwargs)
                 score, epoch = _best_epoch(results, sweep.objective, sweep.direction)
                 tracking.log_metrics({best_key: score, "best_epoch": epoch})
-                mlflow.flush_async_logging()   # the per-epoch metrics are logged asynchronously
             return results
         except Exception as err:
             if _is_tracking_error(err):
@@ -997,7 +996,7 @@ def _final_model(tuner, ctx: _Context, trial, config: Config, data: Data) -> tup
     print(f"re-training the best trial {trial.trial_id} ({config.train.epochs} epochs) for the sweep's model",
           flush=True)
     model = tuner.hypermodel.build(trial.hyperparameters)
-    callbacks = [c for c in build_callbacks(config) if not isinstance(c, mlflow.keras.MlflowCallback)]
+    callbacks = [c for c in build_callbacks(config) if not tracking.is_epoch_metrics_callback(c)]
     model.fit(data.train, validation_data=data.val, epochs=config.train.epochs, callbacks=callbacks,
               verbose=2, shuffle=False)
     return model, "retrained"

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from alexnet_keras.config import (ACTIVATIONS, DATASETS, POOLS, Config, ConfigError, ModelConfig,
+from alexnet_keras.config import (ACTIVATIONS, DATASETS, POOLS, TOP_LEVEL, Config, ConfigError, ModelConfig,
                                   from_dict, leaf_fields, load_config)
 
 
@@ -21,9 +21,29 @@ def test_defaults_are_the_papers():
 
 def test_leaf_names_are_unique_and_cover_every_field():
     leaves = leaf_fields()
-    expected = sum(len(dataclasses.fields(c)) for c in (Config().model, Config().data, Config().train)) + 2
+    expected = sum(len(dataclasses.fields(c)) for c in (Config().model, Config().data, Config().train)) + len(
+        TOP_LEVEL)
     assert len(leaves) == expected
     assert set(Config().flat()) == set(leaves)
+
+
+def test_digest_covers_what_changes_a_run_and_survives_fields_added_later():
+    base = Config()
+    # Tracking fields do not change what is trained: the same digest, so a rename or another
+    # checkpoint folder still finds (and resumes or skips) the same run.
+    assert base.override({"run_name": "x", "experiment": "e", "resume": False,
+                          "checkpoint_dir": "/tmp/c"}).digest() == base.digest()
+    assert base.override({"lrn": False}).digest() != base.digest()
+    # Fields added after runs were logged leave the digest alone at their default...
+    later = [name for name, (_, f) in leaf_fields().items() if f.metadata.get("digest") == "omit_default"]
+    assert {"deterministic", "test_limit"} <= set(later)
+    flat = {k: v for k, v in base.flat().items() if k not in (*TOP_LEVEL, *later)}
+    import hashlib
+    import json
+    assert base.digest() == hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+    # ...and change it when set.
+    assert base.override({"deterministic": True}).digest() != base.digest()
+    assert base.override({"test_limit": 100}).digest() != base.digest()
 
 
 @pytest.mark.parametrize("raw, expected", [("false", False), ("False", False), ("0", False), ("no", False),

@@ -31,9 +31,9 @@ config = load_config(overrides=dict(
     variant="cifar", width=0.125, dataset="synthetic", synthetic_samples=80, synthetic_classes=4,
     batch_size=16, epochs=1, init="keras", schedule="constant", distribute=kind))
 # The training path itself: prepare() builds the engine, data and model; fit() is train.py's loop
-# (one epoch of 5 steps here; the MLflow callback logs nowhere without an active run).
+# (one epoch of 5 steps here; the metrics callback logs nothing without an active run).
 data, model = prepare(config)
-history, _ = fit(model, data, config)
+history, _, _ = fit(model, data, config)
 test = model.evaluate(data.test, return_dict=True, verbose=0)
 out = {"loss": history["loss"][-1], "test_accuracy": test["accuracy"], "backend": keras.backend.backend()}
 if kind == "data_parallel":

@@ -1,0 +1,171 @@
+"""Several trainings writing to one SQLite store at the same moment (`ablate --parallel`, tuner workers):
+no metric lost or doubled, every run FINISHED, the database intact.
+
+Real OS processes, each through the project's own tracking functions: a short Keras `fit` with the
+per-epoch callback plus a synchronous metric on every batch, then a burst of stepped metrics, params,
+tags and an artifact. They are released together (a file that appears), so their writes overlap. The
+store and its experiment are created first, as `ablate` does (new stores race on the schema, mlflow#4123).
+"""
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from mlflow.utils.file_utils import local_file_uri_to_path
+
+WORKERS = 4
+EPOCHS = 5
+BATCHES = 8          # 64 samples, batch 8
+BURST = 60           # stepped metrics logged after the fit
+EPOCH_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+BURST_KEYS = ("burst_a", "burst_b")
+EXPERIMENT = "concurrency"
+
+WORKER = r"""
+import os, sys, time
+from pathlib import Path
+
+folder, uri, index = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+epochs, batches, burst = (int(v) for v in sys.argv[4:7])
+import keras
+import numpy as np
+from alexnet_keras import tracking
+
+tracking.configure(uri)
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+rng = np.random.default_rng(index)
+x, y = rng.normal(size=(8 * batches, 4)), rng.integers(0, 3, 8 * batches)
+
+
+class PerBatch(keras.callbacks.Callback):   # a synchronous write on every batch: steps 0, 1, ...
+    step = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        tracking.log_metrics({"batch_loss": logs["loss"]}, step=self.step)
+        self.step += 1
+
+
+(folder / f"ready-{index}").touch()
+while not (folder / "go").exists():       # every worker starts writing at the same moment
+    time.sleep(0.005)
+with tracking.run("EXPERIMENT", run_name=f"worker-{index}", params={"worker": index, "epochs": epochs},
+                  tags={"worker": str(index)}):
+    model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, validation_data=(x[:16], y[:16]),
+              callbacks=[tracking.epoch_metrics_callback(), PerBatch()])
+    for step in range(burst):
+        tracking.log_metrics({"burst_a": 1000 * index + step, "burst_b": -step}, step=step)
+    tracking.log_text(f"worker {index}", "worker.txt")
+    tracking.flush()
+print("pid", os.getpid())
+""".replace("EXPERIMENT", EXPERIMENT)
+
+
+def _expected_steps() -> set[tuple[str, int]]:
+    return ({(k, e) for k in EPOCH_KEYS for e in range(EPOCHS)}
+            | {("batch_loss", s) for s in range(EPOCHS * BATCHES)}
+            | {(k, s) for k in BURST_KEYS for s in range(BURST)})
+
+
+def _problems(db_path: Path, run_ids) -> list[str]:
+    """Everything wrong with the metrics of `run_ids` in the SQLite file: missing, doubled or unexpected
+    (key, step) pairs, burst values of another worker, and a failed integrity check."""
+    db = sqlite3.connect(db_path)
+    try:
+        problems = []
+        check = db.execute("PRAGMA integrity_check").fetchall()
+        if check != [("ok",)]:
+            problems.append(f"integrity_check: {check}")
+        expected = _expected_steps()
+        for run_id, index in run_ids.items():
+            rows = db.execute("SELECT key, step, value FROM metrics WHERE run_uuid = ?", (run_id,)).fetchall()
+            counts = Counter((key, step) for key, step, _ in rows)
+            missing = sorted(expected - set(counts))
+            doubled = sorted(k for k, n in counts.items() if n > 1)
+            extra = sorted(set(counts) - expected)
+            wrong = sorted((k, s) for k, s, v in rows if k == "burst_a" and v != 1000 * index + s)
+            for name, found in (("missing", missing), ("doubled", doubled), ("unexpected", extra),
+                                ("another worker's value", wrong)):
+                if found:
+                    problems.append(f"run {index}: {len(found)} {name} (key, step): {found[:5]}")
+        return problems
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)   # the experiment's artifact folder is ./mlruns, resolved here
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).create_experiment(EXPERIMENT)   # the store and experiment exist before the fan-out
+    return tmp_path, uri
+
+
+def test_concurrent_trainings_lose_no_metric_and_corrupt_nothing(store):
+    folder, uri = store
+    backend = "jax" if importlib.util.find_spec("jax") else "tensorflow"   # jax starts faster
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "KERASTUNER_"))}
+    env.update(MLFLOW_TRACKING_URI=uri, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1",
+               TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(folder), uri, str(i), str(EPOCHS), str(BATCHES),
+                               str(BURST)], cwd=folder, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(WORKERS)]
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(folder.glob("ready-*"))) < WORKERS:
+            crashed = [p for p in procs if p.poll() is not None]
+            assert not crashed, f"a worker died before the start: {crashed[0].communicate()[1][-3000:]}"
+            assert time.monotonic() < deadline, "workers not ready after 180 s"
+            time.sleep(0.05)
+        (folder / "go").touch()
+        outputs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+        # A failed write is an exception (the per-epoch callback logs synchronously), never only a warning.
+        assert "database is locked" not in err and "Failed to log run data" not in err, err[-3000:]
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    assert sorted(r.info.run_name for r in runs) == [f"worker-{i}" for i in range(WORKERS)]
+    by_index = {int(r.data.tags["worker"]): r for r in runs}
+    pids = {int(out.split()[-1]) for out, _ in outputs}
+    for index, run in by_index.items():
+        assert run.info.status == "FINISHED", (index, run.info.status, run.data.tags.get("error"))
+        assert run.data.params["worker"] == str(index) and run.data.params["epochs"] == str(EPOCHS)
+        assert float(run.data.params["optimizer_learning_rate"]) == pytest.approx(0.1)   # from the callback
+        assert int(run.data.tags["alexnet_keras.pid"]) in pids                          # owner tags
+        # The latest value of each metric is the last step's (latest_metrics kept consistent).
+        assert run.data.metrics["burst_a"] == 1000 * index + BURST - 1 and run.data.metrics["burst_b"] == 1 - BURST
+        artifact = Path(local_file_uri_to_path(run.info.artifact_uri)) / "worker.txt"
+        assert artifact.read_text() == f"worker {index}" and artifact.resolve().is_relative_to(folder.resolve())
+    run_ids = {r.info.run_id: i for i, r in by_index.items()}
+    assert _problems(folder / "mlflow.db", run_ids) == []
+
+    # The check above would catch a dropped or doubled metric: drop one row and double another in a copy.
+    broken = folder / "broken.db"
+    shutil.copy(folder / "mlflow.db", broken)
+    victim = by_index[0].info.run_id
+    with contextlib.closing(sqlite3.connect(broken)) as db, db:
+        db.execute("DELETE FROM metrics WHERE run_uuid = ? AND key = 'batch_loss' AND step = 3", (victim,))
+        db.execute("INSERT INTO metrics (key, value, timestamp, run_uuid, step, is_nan) SELECT key, value, "
+                   "timestamp + 1, run_uuid, step, is_nan FROM metrics WHERE run_uuid = ? AND key = 'burst_b' "
+                   "AND step = 7", (victim,))
+    assert _problems(broken, run_ids) == [
+        "run 0: 1 missing (key, step): [('batch_loss', 3)]",
+        "run 0: 1 doubled (key, step): [('burst_b', 7)]"]

@@ -1,0 +1,227 @@
+"""Interrupted training continues where it stopped, in the same MLflow run; `--deterministic` reruns match.
+
+The store is created before any training process starts: two processes creating a new SQLite store at
+once race on its schema (mlflow#4123).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from conftest import TINY, all_runs
+from mlflow.tracking import MlflowClient
+
+from alexnet_keras import cli, tracking, train
+from alexnet_keras.config import load_config
+
+TAG = tracking.TAG_PREFIX
+
+
+def _flags(overrides):
+    out = []
+    for key, value in overrides.items():
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
+def _steps(uri, run_id, key):
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def _subprocess_env(uri):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2")
+    return env
+
+
+def test_sigkill_mid_epoch_then_the_same_command_continues_the_same_run(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = _subprocess_env(uri)
+    assert all_runs(uri) == []   # creates the store's tables before the training process starts
+    # Epochs of a few seconds, so the kill lands inside one.
+    command = [sys.executable, "-m", "alexnet_keras", "train",
+               *_flags({**TINY, "width": 0.25, "synthetic_samples": 2048, "batch_size": 64, "epochs": 3})]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("checkpoints/*/training_metadata.json")):   # an epoch is done
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.1)
+        time.sleep(0.5)   # into the next epoch
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (metadata,) = tmp_path.glob("checkpoints/*/training_metadata.json")
+    checkpoint_epoch = json.loads(metadata.read_text())["epoch"]
+    assert 1 <= checkpoint_epoch < 3
+    (dead,) = all_runs(uri)
+    assert dead.info.status == "RUNNING"   # nobody was left to end it
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    run_id = dead.info.run_id
+    assert f"marked run {run_id} KILLED" in again.stdout
+    assert f"continuing run {run_id}" in again.stdout
+    (run,) = all_runs(uri)   # no second run
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert run.data.tags[TAG + "resumed_from_epoch"] == str(checkpoint_epoch)
+    assert TAG + "end_reason" not in run.data.tags   # it ended FINISHED this time
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert _steps(uri, run_id, key) == [0, 1, 2], key   # every epoch once: none lost, none twice
+    assert "test_accuracy" in run.data.metrics
+    assert not metadata.parent.exists()   # the checkpoint goes when the run is FINISHED
+
+
+@pytest.fixture
+def interrupt_after_first_epoch(monkeypatch):
+    """Ctrl-C as the second epoch begins (once), through the real callbacks of train.fit."""
+    import keras
+
+    class CtrlC(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    real = train.build_callbacks
+    calls = []
+
+    def build_callbacks(config, backup_dir=None):
+        calls.append(config)
+        return real(config, backup_dir) + ([CtrlC()] if len(calls) == 1 else [])
+
+    monkeypatch.setattr(train, "build_callbacks", build_callbacks)
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_only_the_same_command_continues_it(mlflow_store,
+                                                                             interrupt_after_first_epoch):
+    flags = _flags({**TINY, "epochs": 3})
+    assert cli.main(["train", *flags]) == 130
+    (killed,) = all_runs(mlflow_store)
+    assert killed.info.status == "KILLED"
+    backup = Path(killed.data.tags[TAG + "checkpoint_dir"])
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 1   # kept
+
+    assert cli.main(["train", *flags, "--resume", "false"]) == 0        # asked for a new run
+    assert cli.main(["train", *flags, "--learning-rate", "0.02"]) == 0  # another config: a new run
+    runs = {r.info.run_id: r for r in all_runs(mlflow_store)}
+    assert len(runs) == 3 and runs[killed.info.run_id].info.status == "KILLED"
+
+    assert cli.main(["train", *flags]) == 0   # the same command: continues the KILLED run
+    runs = {r.info.run_id: r for r in all_runs(mlflow_store)}
+    assert len(runs) == 3
+    resumed = runs[killed.info.run_id]
+    assert resumed.info.status == "FINISHED" and resumed.data.tags[TAG + "resumed_from_epoch"] == "1"
+    assert _steps(mlflow_store, killed.info.run_id, "loss") == [0, 1, 2]
+    assert not backup.exists()
+
+
+def test_a_resumed_fit_restores_weights_optimizer_state_and_epoch(mlflow_store, tmp_path):
+    config = load_config(overrides={**TINY, "epochs": 1})
+    backup = tmp_path / "backup"
+    data, model = train.prepare(config)
+    with mlflow.start_run(experiment_id=mlflow.set_experiment("resume").experiment_id) as run:
+        train.fit(model, data, config, backup)
+    assert train.checkpoint_epoch(backup) == 1
+    weights = [np.array(v) for v in model.weights]
+    # Keyed by the path below the optimizer's own name (sgd, then sgd_1 in this one process).
+    optimizer_state = {v.path.split("/", 1)[-1]: np.array(v) for v in model.optimizer.variables}
+    assert int(optimizer_state["iteration"]) == data.steps_per_epoch
+
+    data, fresh = train.prepare(config)   # a new process would build the model from scratch
+    assert not all(np.array_equal(a, np.array(b)) for a, b in zip(weights, fresh.weights))
+    with mlflow.start_run(run_id=run.info.run_id):
+        history, _, initial_epoch = train.fit(fresh, data, config, backup)
+    assert initial_epoch == 1 and history == {}   # nothing left to train
+    for a, b in zip(weights, fresh.weights):
+        np.testing.assert_array_equal(a, np.array(b))
+    restored = {v.path.split("/", 1)[-1]: np.array(v) for v in fresh.optimizer.variables}
+    assert restored.keys() == optimizer_state.keys()
+    for path, value in optimizer_state.items():   # momentum buffers and the step count
+        np.testing.assert_array_equal(value, restored[path], err_msg=path)
+
+
+def test_runs_left_running_by_dead_processes_are_marked_killed(mlflow_store):
+    import socket
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    experiment_id = mlflow.set_experiment("owners").experiment_id
+    client = MlflowClient()
+    here, me = socket.gethostname(), os.getpid()
+    owners = {
+        "dead": (here, gone.pid, ""),
+        "alive": (here, me, tracking._process_start(me)),
+        "pid_reused": (here, me, "1"),            # this pid now belongs to another process
+        "other_host": ("elsewhere", gone.pid, ""),   # cannot be checked from here: left alone
+    }
+    ids = {}
+    for name, (host, pid, start) in owners.items():
+        run = client.create_run(experiment_id, run_name=name,
+                                tags={TAG + "host": host, TAG + "pid": str(pid), TAG + "pid_start": start})
+        ids[name] = run.info.run_id
+    marked = tracking.mark_dead_runs("owners")
+    assert sorted(marked) == sorted([ids["dead"], ids["pid_reused"]])
+    status = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
+    assert status == {"dead": "KILLED", "alive": "RUNNING", "pid_reused": "KILLED", "other_host": "RUNNING"}
+    assert "died" in client.get_run(ids["dead"]).data.tags[TAG + "end_reason"]
+
+
+def _metric_histories(uri, run_id):
+    client = MlflowClient(uri)
+    return {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy")}
+
+
+def test_deterministic_runs_log_identical_metrics(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = _subprocess_env(uri)
+    assert all_runs(uri) == []
+    base = [sys.executable, "-m", "alexnet_keras", "train", *_flags({**TINY, "epochs": 2}), "--deterministic"]
+    for name, extra in (("first", []), ("second", []), ("other_seed", ["--seed", "1"])):
+        done = subprocess.run([*base, *extra, "--run-name", name], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    runs = {r.info.run_name: r for r in all_runs(uri)}
+    assert runs["first"].data.params["deterministic"] == "true"
+    first, second, other = (_metric_histories(uri, runs[n].info.run_id) for n in ("first", "second", "other_seed"))
+    assert first == second   # bit-identical, every epoch
+    assert first != other    # the comparison does see a difference when there is one
+
+
+def test_deterministic_switches_on_tensorflow_op_determinism(tmp_path):
+    """In a child process: the switch is global and cannot be undone in the test process."""
+    script = (
+        "from tensorflow.python.framework import config as tf_config\n"
+        "from alexnet_keras.config import load_config\n"
+        "from alexnet_keras.train import prepare\n"
+        f"tiny = {TINY!r}\n"
+        "prepare(load_config(overrides=tiny))\n"
+        "print('default', tf_config.is_op_determinism_enabled())\n"
+        "prepare(load_config(overrides={**tiny, 'deterministic': True}))\n"
+        "print('deterministic', tf_config.is_op_determinism_enabled())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "default False" in done.stdout and "deterministic True" in done.stdout
+
+
+def test_deterministic_on_jax_asks_xla_for_deterministic_gpu_ops(monkeypatch):
+    import keras
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    monkeypatch.setattr(train, "enable_op_determinism", lambda: None)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    train.enable_determinism()
+    train.enable_determinism()   # twice: the flag is added once
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_gpu_deterministic_ops=true"
