@@ -29,6 +29,36 @@ expected = x / (2.0 + 1e-2 * window) ** 0.75
 got = keras.ops.convert_to_numpy(LocalResponseNormalization(alpha=1e-2)(x))
 out["lrn_max_error"] = float(np.abs(got - expected).max())
 
+# Its gradient (written out in layers.py) against the formula's, by central differences in float64.
+weights = np.random.default_rng(2).normal(size=x.shape)
+def formula(v):
+    win = np.stack([np.sum(v[..., max(0, i - 2):i + 3] ** 2, -1) for i in range(7)], -1)
+    return np.sum(v / (2.0 + 1e-2 * win) ** 0.75 * weights)
+numeric = np.empty(x.shape)
+for index in np.ndindex(x.shape):
+    up, down = x.astype(np.float64), x.astype(np.float64)
+    up[index] += 1e-6
+    down[index] -= 1e-6
+    numeric[index] = (formula(up) - formula(down)) / 2e-6
+layer = LocalResponseNormalization(alpha=1e-2)
+if sys.argv[1] == "jax":
+    import jax
+    grad = jax.grad(lambda v: (layer(v) * weights.astype("float32")).sum())(x)
+elif sys.argv[1] == "torch":
+    import torch
+    v = torch.tensor(x, requires_grad=True)
+    (layer(v) * torch.tensor(weights, dtype=torch.float32)).sum().backward()
+    grad = v.grad
+else:
+    import tensorflow as tf
+    v = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(v)
+        total = tf.reduce_sum(layer(v) * weights.astype("float32"))
+    grad = tape.gradient(total, v)
+grad = keras.ops.convert_to_numpy(grad)
+out["lrn_grad_max_rel_error"] = float(np.abs(grad - numeric).max() / np.abs(numeric).max())
+
 keras.mixed_precision.set_global_policy("mixed_bfloat16")
 half = LocalResponseNormalization(alpha=1e-2)
 out["lrn_mixed_dtype"] = str(keras.ops.convert_to_numpy(half(keras.ops.cast(x, "bfloat16"))).dtype)
@@ -61,7 +91,9 @@ def _run(backend):
 
 @pytest.fixture(scope="module")
 def tensorflow_result():
-    return _run("tensorflow")
+    result = _run("tensorflow")
+    assert result["lrn_grad_max_rel_error"] < 1e-4
+    return result
 
 
 @pytest.mark.parametrize("backend, module", [("jax", "jax"), ("torch", "torch")])
@@ -70,6 +102,7 @@ def test_model_and_lrn_on_backend(backend, module, tensorflow_result):
         pytest.skip(f"{module} is not installed")
     result = _run(backend)
     assert result["lrn_max_error"] < 1e-5
+    assert result["lrn_grad_max_rel_error"] < 1e-4
     assert result["lrn_mixed_dtype"] == "bfloat16"
     assert result["params"] == tensorflow_result["params"]     # same layers, same weights everywhere
     assert result["loss"] == result["loss"] and result["loss"] < 10   # finite after one real step

@@ -48,6 +48,38 @@ def test_matches_tf_nn_lrn(shape, n, params):
     np.testing.assert_allclose(np.asarray(out), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def numeric_gradient(x, weights, n, alpha, beta, k, eps=1e-6):
+    """d sum(reference_lrn(x) * weights) / dx by central differences, in float64."""
+    x = np.asarray(x, np.float64)
+    grad = np.empty_like(x)
+    for index in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[index] += eps
+        down[index] -= eps
+        grad[index] = np.sum((reference_lrn(up, n, alpha, beta, k) - reference_lrn(down, n, alpha, beta, k))
+                             * weights) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 3, 7), (1, 2, 2, 96)])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("params", PARAMS)
+def test_gradient_matches_tf_nn_lrn_and_central_differences(shape, n, params):
+    # The channels-last path has its gradient written out (layers.py): it must be the formula's.
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.normal(0.0, 3.0, size=shape).astype("float32"))
+    weights = rng.normal(size=shape).astype("float32")   # an upstream gradient that is not all ones
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        ours = tf.reduce_sum(LocalResponseNormalization(size=n, **params)(x) * weights)
+        theirs = tf.reduce_sum(tf.nn.local_response_normalization(
+            x, depth_radius=n // 2, bias=params["k"], alpha=params["alpha"], beta=params["beta"]) * weights)
+    got, expected = tape.gradient(ours, x).numpy(), tape.gradient(theirs, x).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    if shape[-1] <= 7:   # central differences cost a forward pass per element
+        np.testing.assert_allclose(got, numeric_gradient(x.numpy(), weights, n, **params), rtol=1e-4, atol=1e-6)
+
+
 def test_edge_channels_use_a_clipped_window():
     # All ones, alpha=1, beta=1, k=0: b_i = 1 / (number of channels in i's window).
     # With N=7, n=5 the windows hold 3, 4, 5, 5, 5, 4, 3 channels.

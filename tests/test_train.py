@@ -225,7 +225,8 @@ def test_folder_dataset_skips_corrupt_files_and_logs_the_count(mlflow_store, tmp
 
 
 def test_sigterm_ends_the_run_killed(tmp_path):
-    """A scheduler's SIGTERM mid-training: the process stops and the run is KILLED, not left RUNNING."""
+    """A scheduler's SIGTERM mid-training: the process stops, the run is KILLED (not left RUNNING), the
+    checkpoint is kept."""
     import signal
     import time
 
@@ -238,7 +239,7 @@ def test_sigterm_ends_the_run_killed(tmp_path):
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
-        while not [r for r in all_runs(uri) if "loss" in r.data.metrics]:   # training is under way
+        while not list(tmp_path.glob("checkpoints/*/training_metadata.json")):   # an epoch is done
             assert proc.poll() is None, proc.stderr.read()[-2000:]
             assert time.monotonic() < deadline, "training did not start"
             time.sleep(1)
@@ -250,3 +251,6 @@ def test_sigterm_ends_the_run_killed(tmp_path):
     assert proc.returncode == 130
     (run,) = all_runs(uri)
     assert run.info.status == "KILLED"
+    # The checkpoint of the last completed epoch stays, for the same command to continue from.
+    checkpoint = Path(run.data.tags["alexnet_keras.checkpoint_dir"])
+    assert json.loads((checkpoint / "training_metadata.json").read_text())["epoch"] >= 1
