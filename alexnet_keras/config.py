@@ -220,16 +220,21 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def digest(self) -> str:
-        """A stable hash of everything that changes a run's outcome (used to skip finished runs and to
-        find the run to resume). Tracking fields are left out; so is a field marked "omit_default"
-        while it holds its default: such fields came after runs were logged, and at their default
-        they change nothing, so adding one keeps the digests (and the resumability) of older runs."""
+    def outcome_values(self) -> dict[str, Any]:
+        """The leaves that change a run's outcome, as {name: value}: what digest() hashes.
+
+        Tracking fields are left out; so is a field marked "omit_default" while it holds its default:
+        such fields came after runs were logged, and at their default they change nothing, so adding
+        one keeps the digests (and the resumability) of older runs, studies and sweeps."""
         leaves = leaf_fields()
-        flat = {k: v for k, v in self.flat().items()
+        return {k: v for k, v in self.flat().items()
                 if leaves[k][0] is not None   # experiment, run_name, resume, checkpoint_dir
                 and not (leaves[k][1].metadata.get("digest") == "omit_default" and v == leaves[k][1].default)}
-        return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+    def digest(self) -> str:
+        """A stable hash of everything that changes a run's outcome (used to skip finished runs and to
+        find the run to resume)."""
+        return hashlib.sha256(json.dumps(self.outcome_values(), sort_keys=True).encode()).hexdigest()[:16]
 
     def override(self, values: Mapping[str, Any], *, source: str = "overrides") -> "Config":
         """A copy with `values` applied; keys are leaf names or `section.name`, values typed or strings."""

@@ -256,7 +256,7 @@ def mark_dead_runs(experiment: str) -> list[str]:
     here a live process there cannot be told from a dead one. Returns the ids marked."""
     client = MlflowClient()
     host_tag = TAG_PREFIX + "host"
-    runs = client.search_runs([_experiment_id(experiment)], max_results=10000,
+    runs = client.search_runs([experiment_id_for(experiment)], max_results=10000,
                               filter_string=f"attributes.status = 'RUNNING' and tags.`{host_tag}` = "
                                             f"'{socket.gethostname()}'")
     marked = []
@@ -272,17 +272,53 @@ def mark_dead_runs(experiment: str) -> list[str]:
     return marked
 
 
+def experiment_id_for(experiment: str) -> str:
+    """The experiment this process logs to: the run's under `mlflow run`, else `experiment`'s."""
+    if "MLFLOW_RUN_ID" in os.environ:
+        return MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
+    return _experiment_id(experiment)
+
+
 def find_resumable_run(experiment: str, match_tags: Mapping[str, str]) -> Any | None:
-    """The latest KILLED top-level run of `experiment` whose tags equal `match_tags` (the config and data
-    digests) and that has a checkpoint folder (tag `checkpoint_dir`), or None."""
-    conditions = ["attributes.status = 'KILLED'"] + [f"tags.`{k}` = '{v}'" for k, v in match_tags.items()]
-    runs = MlflowClient().search_runs([_experiment_id(experiment)], " and ".join(conditions),
+    """The latest interrupted top-level run of `experiment` whose tags equal `match_tags` (the config
+    and data digests), or None. Interrupted: KILLED (Ctrl-C, SIGTERM, or found dead), or FAILED with
+    its checkpoint folder still there. train.py deletes the checkpoint of a run that fails, so such a
+    run died without cleaning up: the `mlflow run` launcher marks a killed child FAILED."""
+    conditions = [f"tags.`{k}` = '{v}'" for k, v in match_tags.items()]
+    runs = MlflowClient().search_runs([experiment_id_for(experiment)], " and ".join(conditions),
                                       order_by=["attributes.start_time DESC"], max_results=100)
     for found in runs:
         tags = found.data.tags
-        if "mlflow.parentRunId" not in tags and TAG_PREFIX + "checkpoint_dir" in tags:
+        checkpoint = tags.get(TAG_PREFIX + "checkpoint_dir")
+        if found.info.run_id == os.environ.get("MLFLOW_RUN_ID") or "mlflow.parentRunId" in tags or not checkpoint:
+            continue
+        if found.info.status == "KILLED" or (found.info.status == "FAILED" and Path(checkpoint).is_dir()):
             return found
     return None
+
+
+def adopt_run(previous_run_id: str) -> None:
+    """Continue `previous_run_id` in the active run: copy its metric history (steps and timestamps
+    kept), link the two by tags, and delete the previous run (MLflow's soft delete: `mlflow runs
+    restore` brings it back). For `mlflow run`, whose launcher always creates a new run, so that the
+    experiment still shows one run with the whole training."""
+    client = MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    previous = client.get_run(previous_run_id)
+    history = [m for key in previous.data.metrics for m in client.get_metric_history(previous_run_id, key)]
+    for start in range(0, len(history), 1000):   # MLflow's log_batch limit
+        client.log_batch(run_id, metrics=history[start:start + 1000], synchronous=True)
+    mlflow.set_tag(TAG_PREFIX + "resumed_from_run", previous_run_id)
+    client.set_tag(previous_run_id, TAG_PREFIX + "continued_in", run_id)
+    client.delete_run(previous_run_id)
+
+
+def log_metrics_once(metrics: Mapping[str, float]) -> None:
+    """Log the metrics the active run does not hold yet (a resumed run already has its run-level ones)."""
+    existing = MlflowClient().get_run(mlflow.active_run().info.run_id).data.metrics
+    fresh = {k: v for k, v in metrics.items() if k not in existing}
+    if fresh:
+        log_metrics(fresh)
 
 
 @functools.cache

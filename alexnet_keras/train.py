@@ -9,9 +9,11 @@ epoch) in CHECKPOINT_DIR/<run id>/. A run killed by Ctrl-C or SIGTERM ends KILLE
 killed outright (SIGKILL, out of memory) stays RUNNING until the next `train` in its experiment marks
 it KILLED (tracking.mark_dead_runs). Running the same command again (same config and data digests)
 continues that run: same run id, training from its last completed epoch, no metric step logged twice,
-the same number of epochs in the end. `--resume false` starts a new run instead. The checkpoint is
-deleted when the run ends FINISHED or FAILED. Runs of a study (`ablate`) or sweep (`tune`) are
-restarted by those commands instead.
+the same number of epochs in the end. Under `mlflow run`, whose launcher creates a new run every time
+(and marks a killed child FAILED), the new run takes over the interrupted one's metric history and
+checkpoint and the old run is deleted, so the experiment still shows one run. `--resume false` starts
+afresh. The checkpoint is deleted when the run ends FINISHED or FAILED. Runs of a study (`ablate`)
+or sweep (`tune`) are restarted by those commands instead.
 """
 
 from __future__ import annotations
@@ -193,8 +195,8 @@ def run_tags(config: Config, data: Data, model: keras.Model) -> dict[str, str]:
     }
 
 
-def resumable_run(config: Config, data: Data, model: keras.Model) -> str | None:
-    """The id of the interrupted run this command continues (see "Resuming" above), or None."""
+def resumable_run(config: Config, data: Data, model: keras.Model):
+    """The interrupted run this command continues (see "Resuming" above), or None."""
     for run_id in tracking.mark_dead_runs(config.experiment):
         print(f"marked run {run_id} KILLED: the process training it is gone", flush=True)
     if not config.resume:
@@ -204,12 +206,11 @@ def resumable_run(config: Config, data: Data, model: keras.Model) -> str | None:
     if config.run_name:   # the digest leaves the name out; `--run-name b` does not continue run "a"
         match["mlflow.runName"] = config.run_name
     found = tracking.find_resumable_run(config.experiment, match)
-    if found is None:
-        return None
-    backup_dir = Path(found.data.tags[tracking.TAG_PREFIX + "checkpoint_dir"])
-    print(f"continuing run {found.info.run_id} (KILLED after {checkpoint_epoch(backup_dir)} of "
-          f"{config.train.epochs} epochs); pass --resume false to start a new run instead", flush=True)
-    return found.info.run_id
+    if found is not None:
+        backup_dir = Path(found.data.tags[tracking.TAG_PREFIX + "checkpoint_dir"])
+        print(f"continuing run {found.info.run_id} ({found.info.status} after {checkpoint_epoch(backup_dir)} of "
+              f"{config.train.epochs} epochs); pass --resume false to start a new run instead", flush=True)
+    return found
 
 
 def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
@@ -220,17 +221,25 @@ def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
     summary = summary_text(model)
     print(summary)
     title = config.run_name or f"{config.model.variant} lrn={config.model.lrn} bn={config.model.batchnorm}"
-    # Top-level runs only, and not under `mlflow run` (its launcher has already created this run).
-    top_level = parent_run_id is None and "MLFLOW_RUN_ID" not in os.environ
-    resume_id = resumable_run(config, data, model) if top_level else None
+    # Top-level runs only: a study's children and a sweep's trials are restarted by ablate / tune.
+    previous = resumable_run(config, data, model) if parent_run_id is None else None
+    # Under `mlflow run` the launcher has created this process's run already: the previous run's
+    # history and checkpoint move into it (tracking.adopt_run). Otherwise the previous run itself resumes.
+    launched = "MLFLOW_RUN_ID" in os.environ
     backup_dir = None
     try:
         with tracking.run(config.experiment, run_name=config.run_name, params=config.flat(),
-                          tags={**run_tags(config, data, model), **(tags or {})},
-                          parent_run_id=parent_run_id, run_id=resume_id) as active:
+                          tags={**run_tags(config, data, model), **(tags or {})}, parent_run_id=parent_run_id,
+                          run_id=previous.info.run_id if previous is not None and not launched else None) as active:
             run_id = active.info.run_id
             if parent_run_id is None:
                 backup_dir = Path(config.checkpoint_dir, run_id).resolve()
+                if previous is not None and launched:
+                    tracking.adopt_run(previous.info.run_id)
+                    old = Path(previous.data.tags[tracking.TAG_PREFIX + "checkpoint_dir"])
+                    if old.is_dir():
+                        backup_dir.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(old, backup_dir)
                 tracking.set_tags({tracking.TAG_PREFIX + "checkpoint_dir": str(backup_dir)})
             result = _train_in_run(config, data, model, summary, title, run_id, backup_dir)
     except KeyboardInterrupt:
@@ -260,7 +269,7 @@ def _train_in_run(config: Config, data: Data, model: keras.Model, summary: str, 
         context = {"train": "training", "val": "validation", "test": "test"}[split]
         tracking.log_dataset(f"{config.data.dataset}-{split}", data.source, data.digest, context,
                              data.counts[split])
-    tracking.log_metrics({"num_params": model.count_params(), "skipped_files": data.counts["skipped"]})
+    tracking.log_metrics_once({"num_params": model.count_params(), "skipped_files": data.counts["skipped"]})
 
     history, train_seconds, initial_epoch = fit(model, data, config, backup_dir)
     epochs_run = len(history.get("loss", []))

@@ -180,7 +180,7 @@ class Sweep:
         out = {
             "name": self.name, "tuner": self.tuner,
             "objective": {"name": self.objective, "direction": self.direction}, "seed": self.seed,
-            "base": {k: v for k, v in self.base.flat().items() if k not in ("run_name", "experiment")},
+            "base": self.base.outcome_values(),   # new config fields at their default change nothing
             "search_space": {p.name: p.describe() for p in self.space},
         }
         if self.tuner == "hyperband":

@@ -79,6 +79,7 @@ def test_sigkill_mid_epoch_then_the_same_command_continues_the_same_run(tmp_path
     assert TAG + "end_reason" not in run.data.tags   # it ended FINISHED this time
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         assert _steps(uri, run_id, key) == [0, 1, 2], key   # every epoch once: none lost, none twice
+    assert _steps(uri, run_id, "num_params") == [0]   # run-level metrics are not logged again either
     assert "test_accuracy" in run.data.metrics
     assert not metadata.parent.exists()   # the checkpoint goes when the run is FINISHED
 
@@ -225,3 +226,77 @@ def test_deterministic_on_jax_asks_xla_for_deterministic_gpu_ops(monkeypatch):
     train.enable_determinism()
     train.enable_determinism()   # twice: the flag is added once
     assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_gpu_deterministic_ops=true"
+
+
+def _descendants(pid):
+    """Every live process below `pid` (Linux /proc)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the training process through /proc")
+def test_mlflow_run_killed_then_run_again_continues_in_one_run(tmp_path):
+    """`mlflow run` makes a new run each time: the new one takes over the killed one's epochs."""
+    import shutil
+
+    root = Path(__file__).resolve().parent.parent
+    project = tmp_path / "project"   # a copy, so the checkpoints/ the project writes stay in tmp_path
+    shutil.copytree(root, project, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "mlruns", "mlflow.db", "checkpoints", "tuner", "test-artifacts", "*.egg-info",
+        "__pycache__", ".pytest_cache"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = _subprocess_env(uri)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    assert all_runs(uri) == []
+    command = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local",
+               "--experiment-name", "resume-under-mlflow-run"]
+    for key, value in {"dataset": "synthetic", "width": 0.5, "batch_size": 32, "epochs": 3, "init": "keras"}.items():
+        command += ["-P", f"{key}={value}"]
+    launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(project.glob("checkpoints/*/training_metadata.json")):
+            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.1)
+        time.sleep(0.3)
+        for pid in _descendants(launcher.pid):   # the training process, not the launcher
+            with _ignore_gone():   # it may exit between the listing and the kill
+                os.kill(pid, signal.SIGKILL)
+        launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    (killed,) = all_runs(uri)
+    assert killed.info.status == "FAILED"   # what the launcher makes of a killed child
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (run,) = all_runs(uri)   # the killed run is deleted: one run shows the training
+    assert run.info.run_id != killed.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags[TAG + "resumed_from_run"] == killed.info.run_id
+    assert int(run.data.tags[TAG + "resumed_from_epoch"]) >= 1
+    for key in ("loss", "val_accuracy", "num_params"):
+        expected = [0, 1, 2] if key != "num_params" else [0]
+        assert _steps(uri, run.info.run_id, key) == expected, key
+    old = MlflowClient(uri).get_run(killed.info.run_id)
+    assert old.info.lifecycle_stage == "deleted" and old.data.tags[TAG + "continued_in"] == run.info.run_id
+    assert not list(project.glob("checkpoints/*"))
+
+
+def _ignore_gone():
+    import contextlib
+
+    return contextlib.suppress(ProcessLookupError)
