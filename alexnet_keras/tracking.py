@@ -279,9 +279,9 @@ def experiment_id_for(experiment: str) -> str:
     return _experiment_id(experiment)
 
 
-def find_resumable_run(experiment: str, match_tags: Mapping[str, str]) -> Any | None:
+def find_resumable_run(experiment: str, match_tags: Mapping[str, str], run_name: str | None = None) -> Any | None:
     """The latest interrupted top-level run of `experiment` whose tags equal `match_tags` (the config
-    and data digests), or None. Interrupted: KILLED (Ctrl-C, SIGTERM, or found dead), or FAILED with
+    and data digests: hex strings) and, if given, named `run_name`, or None. Interrupted: KILLED (Ctrl-C, SIGTERM, or found dead), or FAILED with
     its checkpoint folder still there. train.py deletes the checkpoint of a run that fails, so such a
     run died without cleaning up: the `mlflow run` launcher marks a killed child FAILED."""
     conditions = [f"tags.`{k}` = '{v}'" for k, v in match_tags.items()]
@@ -291,6 +291,8 @@ def find_resumable_run(experiment: str, match_tags: Mapping[str, str]) -> Any | 
         tags = found.data.tags
         checkpoint = tags.get(TAG_PREFIX + "checkpoint_dir")
         if found.info.run_id == os.environ.get("MLFLOW_RUN_ID") or "mlflow.parentRunId" in tags or not checkpoint:
+            continue
+        if run_name is not None and found.info.run_name != run_name:   # compared here: names may hold quotes
             continue
         if found.info.status == "KILLED" or (found.info.status == "FAILED" and Path(checkpoint).is_dir()):
             return found

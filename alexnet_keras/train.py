@@ -203,9 +203,8 @@ def resumable_run(config: Config, data: Data, model: keras.Model):
         return None
     tags = run_tags(config, data, model)
     match = {k: tags[k] for k in (tracking.TAG_PREFIX + "config_digest", tracking.TAG_PREFIX + "data_digest")}
-    if config.run_name:   # the digest leaves the name out; `--run-name b` does not continue run "a"
-        match["mlflow.runName"] = config.run_name
-    found = tracking.find_resumable_run(config.experiment, match)
+    # The digest leaves the name out; `--run-name b` does not continue run "a".
+    found = tracking.find_resumable_run(config.experiment, match, run_name=config.run_name)
     if found is not None:
         backup_dir = Path(found.data.tags[tracking.TAG_PREFIX + "checkpoint_dir"])
         print(f"continuing run {found.info.run_id} ({found.info.status} after {checkpoint_epoch(backup_dir)} of "

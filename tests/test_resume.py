@@ -115,12 +115,13 @@ def test_ctrl_c_keeps_the_checkpoint_and_only_the_same_command_continues_it(mlfl
 
     assert cli.main(["train", *flags, "--resume", "false"]) == 0        # asked for a new run
     assert cli.main(["train", *flags, "--learning-rate", "0.02"]) == 0  # another config: a new run
+    assert cli.main(["train", *flags, "--run-name", "Bob's run"]) == 0  # another name: a new run
     runs = {r.info.run_id: r for r in all_runs(mlflow_store)}
-    assert len(runs) == 3 and runs[killed.info.run_id].info.status == "KILLED"
+    assert len(runs) == 4 and runs[killed.info.run_id].info.status == "KILLED"
 
     assert cli.main(["train", *flags]) == 0   # the same command: continues the KILLED run
     runs = {r.info.run_id: r for r in all_runs(mlflow_store)}
-    assert len(runs) == 3
+    assert len(runs) == 4
     resumed = runs[killed.info.run_id]
     assert resumed.info.status == "FINISHED" and resumed.data.tags[TAG + "resumed_from_epoch"] == "1"
     assert _steps(mlflow_store, killed.info.run_id, "loss") == [0, 1, 2]
