@@ -348,8 +348,7 @@ def _epoch_metrics_class():
             if not self.active:
                 return
             if self.skip_logged_steps:
-                run_id = mlflow.active_run().info.run_id
-                self.logged_steps = {m.step for m in MlflowClient().get_metric_history(run_id, "loss")}
+                self.logged_steps = {step for step, _ in metric_history(mlflow.active_run().info.run_id, "loss")}
             log_params({f"optimizer_{k}": v for k, v in self.model.optimizer.get_config().items()})
 
         def on_epoch_end(self, epoch, logs=None):
@@ -372,10 +371,9 @@ def is_epoch_metrics_callback(callback) -> bool:
 def epoch_history(run_id: str, keys) -> dict[str, list[float]]:
     """A run's per-epoch metrics as {key: [value at step 0, 1, ...]}: the whole training of a resumed
     run, across the processes that trained it."""
-    client = MlflowClient()
     history = {}
     for key in keys:
-        by_step = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        by_step = dict(metric_history(run_id, key))
         if by_step:
             history[key] = [by_step[step] for step in sorted(by_step)]
     return history

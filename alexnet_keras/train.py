@@ -195,20 +195,25 @@ def run_tags(config: Config, data: Data, model: keras.Model) -> dict[str, str]:
     }
 
 
-def resumable_run(config: Config, data: Data, model: keras.Model):
-    """The interrupted run this command continues (see "Resuming" above), or None."""
+def checkpoint_dir_of(run) -> Path:
+    """Where `run` keeps (or kept) its training checkpoint."""
+    return Path(run.data.tags[tracking.TAG_PREFIX + "checkpoint_dir"])
+
+
+def resumable_run(config: Config, tags: dict[str, str]):
+    """The interrupted run this command continues (see "Resuming" above), or None; `tags` are this
+    run's (run_tags), whose config and data digests the interrupted run must share."""
     for run_id in tracking.mark_dead_runs(config.experiment):
         print(f"marked run {run_id} KILLED: the process training it is gone", flush=True)
     if not config.resume:
         return None
-    tags = run_tags(config, data, model)
     match = {k: tags[k] for k in (tracking.TAG_PREFIX + "config_digest", tracking.TAG_PREFIX + "data_digest")}
     # The digest leaves the name out; `--run-name b` does not continue run "a".
     found = tracking.find_resumable_run(config.experiment, match, run_name=config.run_name)
     if found is not None:
-        backup_dir = Path(found.data.tags[tracking.TAG_PREFIX + "checkpoint_dir"])
-        print(f"continuing run {found.info.run_id} ({found.info.status} after {checkpoint_epoch(backup_dir)} of "
-              f"{config.train.epochs} epochs); pass --resume false to start a new run instead", flush=True)
+        print(f"continuing run {found.info.run_id} ({found.info.status} after "
+              f"{checkpoint_epoch(checkpoint_dir_of(found))} of {config.train.epochs} epochs); pass --resume "
+              f"false to start a new run instead", flush=True)
     return found
 
 
@@ -220,22 +225,23 @@ def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
     summary = summary_text(model)
     print(summary)
     title = config.run_name or f"{config.model.variant} lrn={config.model.lrn} bn={config.model.batchnorm}"
+    all_tags = {**run_tags(config, data, model), **(tags or {})}
     # Top-level runs only: a study's children and a sweep's trials are restarted by ablate / tune.
-    previous = resumable_run(config, data, model) if parent_run_id is None else None
+    previous = resumable_run(config, all_tags) if parent_run_id is None else None
     # Under `mlflow run` the launcher has created this process's run already: the previous run's
     # history and checkpoint move into it (tracking.adopt_run). Otherwise the previous run itself resumes.
     launched = "MLFLOW_RUN_ID" in os.environ
     backup_dir = None
     try:
         with tracking.run(config.experiment, run_name=config.run_name, params=config.flat(),
-                          tags={**run_tags(config, data, model), **(tags or {})}, parent_run_id=parent_run_id,
+                          tags=all_tags, parent_run_id=parent_run_id,
                           run_id=previous.info.run_id if previous is not None and not launched else None) as active:
             run_id = active.info.run_id
             if parent_run_id is None:
                 backup_dir = Path(config.checkpoint_dir, run_id).resolve()
                 if previous is not None and launched:
                     tracking.adopt_run(previous.info.run_id)
-                    old = Path(previous.data.tags[tracking.TAG_PREFIX + "checkpoint_dir"])
+                    old = checkpoint_dir_of(previous)
                     if old.is_dir():
                         backup_dir.parent.mkdir(parents=True, exist_ok=True)
                         os.replace(old, backup_dir)

@@ -40,3 +40,31 @@ def all_runs(uri):
     client = MlflowClient(uri)
     ids = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(ids, max_results=1000) if ids else []
+
+
+def cli_flags(overrides):
+    """{"batch_size": 32} -> ["--batch-size", "32"]: config options as `alexnet-keras train` flags."""
+    out = []
+    for key, value in overrides.items():
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
+def subprocess_env(uri):
+    """The environment of a child process writing to the store at `uri`, as a user's shell would have it:
+    no MLFLOW_* left from this process (mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2")
+    return env
+
+
+def wait_for_checkpoint(proc, folder, timeout=300):
+    """Wait until a training run under `folder` has finished an epoch (its checkpoint's metadata exists)
+    while `proc` (the training process, or the launcher above it) keeps running."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not list(folder.glob("checkpoints/*/training_metadata.json")):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.1)

@@ -6,17 +6,10 @@ images) are checked for their documented outcome instead. docs/reliability.md li
 
 import numpy as np
 import pytest
-from conftest import TINY, all_runs
+from conftest import TINY, all_runs, cli_flags
 from PIL import Image
 
 from alexnet_keras import cli
-
-
-def _flags(overrides):
-    out = []
-    for key, value in overrides.items():
-        out += [f"--{key.replace('_', '-')}", str(value)]
-    return out
 
 
 def _write_images(folder, count=6, size=(20, 24), mode="RGB", colour=100):
@@ -56,7 +49,7 @@ FOLDER = {**TINY, "dataset": "folder", "epochs": 1}
     (["--val-fraction", "0.9"], ["data.val_fraction must be in (0.0, 0.5]"]),
 ])
 def test_bad_option_values(mlflow_store, capsys, flags, fragments):
-    _train_fails(mlflow_store, capsys, [*_flags(TINY), *flags], *fragments)
+    _train_fails(mlflow_store, capsys, [*cli_flags(TINY), *flags], *fragments)
 
 
 def test_unknown_option_is_refused_by_the_parser(mlflow_store, capsys):
@@ -88,18 +81,18 @@ def test_missing_experiment_file(mlflow_store, capsys, tmp_path):
 # --- data folders --------------------------------------------------------------------------------
 
 def test_data_dir_that_does_not_exist(mlflow_store, capsys, tmp_path):
-    _train_fails(mlflow_store, capsys, _flags({**FOLDER, "data_dir": tmp_path / "missing"}),
+    _train_fails(mlflow_store, capsys, cli_flags({**FOLDER, "data_dir": tmp_path / "missing"}),
                  str(tmp_path / "missing"), "does not exist", "--data-dir")
 
 
 def test_empty_data_dir(mlflow_store, capsys, tmp_path):
     (tmp_path / "empty").mkdir()
-    _train_fails(mlflow_store, capsys, _flags({**FOLDER, "data_dir": tmp_path / "empty"}), str(tmp_path / "empty"))
+    _train_fails(mlflow_store, capsys, cli_flags({**FOLDER, "data_dir": tmp_path / "empty"}), str(tmp_path / "empty"))
 
 
 def test_data_dir_with_one_class(mlflow_store, capsys, tmp_path):
     _write_images(tmp_path / "one" / "cats")
-    _train_fails(mlflow_store, capsys, _flags({**FOLDER, "data_dir": tmp_path / "one"}), "class")
+    _train_fails(mlflow_store, capsys, cli_flags({**FOLDER, "data_dir": tmp_path / "one"}), "class")
 
 
 def test_data_dir_with_files_but_no_images(mlflow_store, capsys, tmp_path):
@@ -107,13 +100,13 @@ def test_data_dir_with_files_but_no_images(mlflow_store, capsys, tmp_path):
         (tmp_path / "text" / cls).mkdir(parents=True)
         for i in range(3):
             (tmp_path / "text" / cls / f"{i}.txt").write_text("not an image")
-    _train_fails(mlflow_store, capsys, _flags({**FOLDER, "data_dir": tmp_path / "text"}), str(tmp_path / "text"))
+    _train_fails(mlflow_store, capsys, cli_flags({**FOLDER, "data_dir": tmp_path / "text"}), str(tmp_path / "text"))
 
 
 def test_data_dir_that_is_a_plain_file(mlflow_store, capsys, tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("x")
-    _train_fails(mlflow_store, capsys, _flags({**FOLDER, "data_dir": path}), "is a file")
+    _train_fails(mlflow_store, capsys, cli_flags({**FOLDER, "data_dir": path}), "is a file")
 
 
 def test_corrupt_truncated_and_empty_files_are_skipped_and_counted(mlflow_store, tmp_path):
@@ -124,7 +117,7 @@ def test_corrupt_truncated_and_empty_files_are_skipped_and_counted(mlflow_store,
     (tmp_path / "mixed" / "a" / "truncated.png").write_bytes(good[: len(good) // 3])
     (tmp_path / "mixed" / "b" / "empty.jpg").write_bytes(b"")
     (tmp_path / "mixed" / "b" / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0 garbage")
-    assert cli.main(["train", *_flags({**FOLDER, "data_dir": tmp_path / "mixed"})]) == 0
+    assert cli.main(["train", *cli_flags({**FOLDER, "data_dir": tmp_path / "mixed"})]) == 0
     (run,) = all_runs(mlflow_store)
     assert run.info.status == "FINISHED" and run.data.metrics["skipped_files"] == 3
 
@@ -137,7 +130,7 @@ def test_grayscale_rgba_cmyk_and_huge_images_are_converted(mlflow_store, tmp_pat
     cmyk = Image.fromarray(np.full((30, 30, 3), 120, "uint8")).convert("CMYK")
     cmyk.save(root / "gray" / "cmyk.jpg")
     Image.fromarray(np.full((3000, 2500, 3), 200, "uint8")).save(root / "rgba" / "huge.png")
-    assert cli.main(["train", *_flags({**FOLDER, "data_dir": root})]) == 0
+    assert cli.main(["train", *cli_flags({**FOLDER, "data_dir": root})]) == 0
     (run,) = all_runs(mlflow_store)
     assert run.info.status == "FINISHED" and run.data.metrics["skipped_files"] == 0
 
@@ -145,7 +138,7 @@ def test_grayscale_rgba_cmyk_and_huge_images_are_converted(mlflow_store, tmp_pat
 # --- the MLflow store ----------------------------------------------------------------------------
 
 def test_store_folder_that_does_not_exist(capsys):
-    code = cli.main(["train", *_flags(TINY), "--tracking-uri", "sqlite:////nonexistent/dir/mlflow.db"])
+    code = cli.main(["train", *cli_flags(TINY), "--tracking-uri", "sqlite:////nonexistent/dir/mlflow.db"])
     err = capsys.readouterr().err
     assert code == 2 and "/nonexistent/dir" in err and "--tracking-uri" in err
 
@@ -155,7 +148,7 @@ def test_unwritable_artifact_folder_fails_before_training(mlflow_store, capsys):
 
     # /dev/null is a file, so nothing can be created below it (chmod would not stop root).
     MlflowClient().create_experiment("blocked", artifact_location="/dev/null/artifacts")
-    err = _train_fails(mlflow_store, capsys, [*_flags(TINY), "--experiment", "blocked"],
+    err = _train_fails(mlflow_store, capsys, [*cli_flags(TINY), "--experiment", "blocked"],
                        "/dev/null/artifacts", "not writable")
     assert "--experiment" in err
 

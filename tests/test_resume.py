@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import TINY, all_runs
+from conftest import TINY, all_runs, cli_flags, subprocess_env, wait_for_checkpoint
 from mlflow.tracking import MlflowClient
 
 from alexnet_keras import cli, tracking, train
@@ -24,38 +24,21 @@ from alexnet_keras.config import load_config
 TAG = tracking.TAG_PREFIX
 
 
-def _flags(overrides):
-    out = []
-    for key, value in overrides.items():
-        out += [f"--{key.replace('_', '-')}", str(value)]
-    return out
-
-
 def _steps(uri, run_id, key):
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
-def _subprocess_env(uri):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2")
-    return env
-
-
 def test_sigkill_mid_epoch_then_the_same_command_continues_the_same_run(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = _subprocess_env(uri)
+    env = subprocess_env(uri)
     assert all_runs(uri) == []   # creates the store's tables before the training process starts
     # Epochs of a few seconds, so the kill lands inside one.
     command = [sys.executable, "-m", "alexnet_keras", "train",
-               *_flags({**TINY, "width": 0.25, "synthetic_samples": 2048, "batch_size": 64, "epochs": 3})]
+               *cli_flags({**TINY, "width": 0.25, "synthetic_samples": 2048, "batch_size": 64, "epochs": 3})]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     try:
-        deadline = time.monotonic() + 300
-        while not list(tmp_path.glob("checkpoints/*/training_metadata.json")):   # an epoch is done
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint was written"
-            time.sleep(0.1)
+        wait_for_checkpoint(proc, tmp_path)   # an epoch is done
         time.sleep(0.5)   # into the next epoch
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
@@ -106,7 +89,7 @@ def interrupt_after_first_epoch(monkeypatch):
 
 def test_ctrl_c_keeps_the_checkpoint_and_only_the_same_command_continues_it(mlflow_store,
                                                                              interrupt_after_first_epoch):
-    flags = _flags({**TINY, "epochs": 3})
+    flags = cli_flags({**TINY, "epochs": 3})
     assert cli.main(["train", *flags]) == 130
     (killed,) = all_runs(mlflow_store)
     assert killed.info.status == "KILLED"
@@ -187,9 +170,9 @@ def _metric_histories(uri, run_id):
 
 def test_deterministic_runs_log_identical_metrics(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = _subprocess_env(uri)
+    env = subprocess_env(uri)
     assert all_runs(uri) == []
-    base = [sys.executable, "-m", "alexnet_keras", "train", *_flags({**TINY, "epochs": 2}), "--deterministic"]
+    base = [sys.executable, "-m", "alexnet_keras", "train", *cli_flags({**TINY, "epochs": 2}), "--deterministic"]
     for name, extra in (("first", []), ("second", []), ("other_seed", ["--seed", "1"])):
         done = subprocess.run([*base, *extra, "--run-name", name], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=600)
@@ -257,7 +240,7 @@ def test_mlflow_run_killed_then_run_again_continues_in_one_run(tmp_path):
         ".venv", ".git", "mlruns", "mlflow.db", "checkpoints", "tuner", "test-artifacts", "*.egg-info",
         "__pycache__", ".pytest_cache"))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = _subprocess_env(uri)
+    env = subprocess_env(uri)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     assert all_runs(uri) == []
     command = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local",
@@ -267,11 +250,7 @@ def test_mlflow_run_killed_then_run_again_continues_in_one_run(tmp_path):
     launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while not list(project.glob("checkpoints/*/training_metadata.json")):
-            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint was written"
-            time.sleep(0.1)
+        wait_for_checkpoint(launcher, project)
         time.sleep(0.3)
         for pid in _descendants(launcher.pid):   # the training process, not the launcher
             with _ignore_gone():   # it may exit between the listing and the kill

@@ -9,20 +9,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import TINY, all_runs
+from conftest import TINY, all_runs, cli_flags, subprocess_env, wait_for_checkpoint
 from mlflow.tracking import MlflowClient
 
 from alexnet_keras import cli
 from alexnet_keras.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _flags(overrides):
-    out = []
-    for key, value in overrides.items():
-        out += [f"--{key.replace('_', '-')}", str(value)]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +27,7 @@ def trained_run(tmp_path_factory):
     os.chdir(root)
     try:
         mlflow.set_tracking_uri(uri)
-        code = cli.main(["train", *_flags(TINY), "--lrn", "false", "--tracking-uri", uri,
+        code = cli.main(["train", *cli_flags(TINY), "--lrn", "false", "--tracking-uri", uri,
                          "--run-name", "tiny"])
     finally:
         os.chdir(cwd)
@@ -113,7 +106,7 @@ def test_logged_model_loads_with_signature_and_without_lrn(trained_run):
     (["--dataset", "folder", "--data-dir", "/nonexistent/images"], "/nonexistent/images"),
 ])
 def test_bad_input_fails_before_any_run(mlflow_store, capsys, flags, fragment):
-    assert cli.main(["train", *_flags(TINY), *flags]) == 2
+    assert cli.main(["train", *cli_flags(TINY), *flags]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
     assert all_runs(mlflow_store) == []
@@ -133,7 +126,7 @@ def test_offline_cifar_without_data_says_how_to_point_at_data(mlflow_store, caps
 
 
 def test_unwritable_store_is_a_clear_error(capsys):
-    assert cli.main(["train", *_flags(TINY), "--tracking-uri", "sqlite:////nonexistent/dir/mlflow.db"]) == 2
+    assert cli.main(["train", *cli_flags(TINY), "--tracking-uri", "sqlite:////nonexistent/dir/mlflow.db"]) == 2
     assert "not writable" in capsys.readouterr().err
 
 
@@ -158,14 +151,14 @@ def test_interrupt_ends_run_killed(mlflow_store, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "fit", interrupted_fit)
-    assert cli.main(["train", *_flags(TINY)]) == 130
+    assert cli.main(["train", *cli_flags(TINY)]) == 130
     (run,) = all_runs(mlflow_store)
     assert run.info.status == "KILLED"
 
 
 def test_divergence_ends_run_failed_with_reason(mlflow_store, capsys):
     # A learning rate of 10 with plain SGD blows the loss up to NaN within the first epoch.
-    code = cli.main(["train", *_flags({**TINY, "epochs": 3}), "--learning-rate", "10", "--weight-decay", "0"])
+    code = cli.main(["train", *cli_flags({**TINY, "epochs": 3}), "--learning-rate", "10", "--weight-decay", "0"])
     (run,) = all_runs(mlflow_store)
     assert code == 1 and run.info.status == "FAILED"
     assert "diverged" in run.data.tags["error"] and "diverged" in capsys.readouterr().err
@@ -181,9 +174,7 @@ def test_dry_run_prints_config_and_summary_without_a_run(mlflow_store, capsys):
 def test_mlflow_run_lrn_false_end_to_end(tmp_path):
     """`mlflow run . -P lrn=false`, exactly as a user types it (with the local env manager)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    # mlflow.set_experiment() in earlier tests exports MLFLOW_EXPERIMENT_ID: a user's shell has none.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2")
+    env = subprocess_env(uri)
     # The MLproject command runs `python`: the one of this environment, as in an activated venv.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     params = {"lrn": "false", "dataset": "synthetic", "width": 0.125, "epochs": 1, "batch_size": 32,
@@ -216,7 +207,7 @@ def test_folder_dataset_skips_corrupt_files_and_logs_the_count(mlflow_store, tmp
             Image.fromarray(pixels).save(folder / f"{i}.png")
     (tmp_path / "photos" / "cats" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     overrides = {**TINY, "dataset": "folder", "data_dir": str(tmp_path / "photos"), "epochs": 1}
-    assert cli.main(["train", *_flags(overrides)]) == 0
+    assert cli.main(["train", *cli_flags(overrides)]) == 0
     (run,) = all_runs(mlflow_store)
     assert run.data.metrics["skipped_files"] == 1
     data_json = json.loads(Path(mlflow.artifacts.download_artifacts(
@@ -228,21 +219,15 @@ def test_sigterm_ends_the_run_killed(tmp_path):
     """A scheduler's SIGTERM mid-training: the process stops, the run is KILLED (not left RUNNING), the
     checkpoint is kept."""
     import signal
-    import time
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2")
+    env = subprocess_env(uri)
     # Create the store's tables first: two processes migrating a new SQLite store at once race (mlflow#4123).
     assert all_runs(uri) == []
-    proc = subprocess.Popen([sys.executable, "-m", "alexnet_keras", "train", *_flags({**TINY, "epochs": 500})],
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet_keras", "train", *cli_flags({**TINY, "epochs": 500})],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not list(tmp_path.glob("checkpoints/*/training_metadata.json")):   # an epoch is done
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(1)
+        wait_for_checkpoint(proc, tmp_path, timeout=240)   # an epoch is done
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
