@@ -1,0 +1,73 @@
+"""Rows of results as text: the one CSV writer, the one Markdown table writer, the one value formatter.
+
+Reports (ablation studies, sweeps, benchmarks) all hold their results as a list of dicts, one per row.
+They become CSV files (exact values, for machines) and Markdown tables (rounded, for people) here, so
+that a boolean reads `true`/`false` everywhere (the form MLproject parameters and MLflow params use)
+and every table is written the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from typing import Any, Mapping, Sequence
+
+
+def value_text(value: Any) -> str:
+    """A value as MLflow params and CSV files show it: `true`/`false`, "" for None, else `str`
+    (full precision for floats)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def cell(value: Any, digits: int | None = None) -> str:
+    """A value as a Markdown table shows it: floats rounded (`digits` decimals, else 3 significant
+    digits below 100 and thousands separators above), NaN and None as "n/a"/""."""
+    if isinstance(value, bool) or value is None:
+        return value_text(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        if math.isinf(value):
+            return str(value)
+        if digits is not None:
+            return f"{value:.{digits}f}"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
+    return str(value)
+
+
+def columns_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every key of every row, in first-seen order."""
+    return list(dict.fromkeys(k for row in rows for k in row))
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """CSV with a header; `columns` default to every key seen. Floats keep full precision (repr),
+    booleans are true/false, None and missing keys are empty."""
+    names = list(columns) if columns is not None else columns_of(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=names, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (repr(v) if isinstance(v, float) else value_text(v)) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *,
+                   headers: Mapping[str, str] | None = None, digits: Mapping[str, int] | None = None,
+                   right: Sequence[str] = ()) -> str:
+    """A Markdown table of `columns` (titles from `headers`, default the column names). Values that are
+    already strings are kept as they are; others go through `cell` with the column's `digits`. Columns
+    in `right` are right-aligned (numbers)."""
+    headers, digits = dict(headers or {}), dict(digits or {})
+    lines = ["| " + " | ".join(headers.get(c, c) for c in columns) + " |",
+             "|" + "|".join("---:" if c in right else "---" for c in columns) + "|"]
+    for row in rows:
+        values = [row.get(c) for c in columns]
+        lines.append("| " + " | ".join(v if isinstance(v, str) else cell(v, digits.get(c))
+                                       for c, v in zip(columns, values)) + " |")
+    return "\n".join(lines) + "\n"
