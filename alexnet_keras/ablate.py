@@ -24,7 +24,9 @@ before any run is created; a mistake fails with a message that names the file, t
 Re-running a study resumes it: the parent run is found again by its study name and study digest, the
 children that FINISHED with the same config digest are kept, the others (failed, killed, never
 started) run. Under `mlflow run` the parent is the run MLflow made ($MLFLOW_RUN_ID); finished children
-of an earlier parent of the same study are moved under it.
+of an earlier parent of the same study are moved under it. The keys every study and sweep file shares
+(name ... base) are read by specfile.py; finding, ending and adopting runs is tracking.py's protocol,
+the same for `train`, `ablate` and `tune`.
 """
 
 from __future__ import annotations
@@ -40,28 +42,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import SECTIONS, Config, ConfigError, leaf_fields, load_yaml
+from . import tracking
+from .config import SECTIONS, Config, ConfigError, did_you_mean, leaf_fields
+from .specfile import located, read_spec
+from .tables import value_text
+from .tracking import (BASELINE_TAG, CONFIG_DIGEST_TAG, FACTOR_TAG, ROLE_TAG, SEED_TAG, SPEC_ARTIFACT,
+                       STUDY_DIGEST_TAG, STUDY_TAG, VARIANT_TAG)   # tag names live in tracking.py
 
 DESIGNS = {"one_factor_at_a_time": "one_factor_at_a_time", "ofat": "one_factor_at_a_time",
            "grid": "grid", "factorial": "grid"}
-STUDY_KEYS = ("name", "description", "experiment", "base_config", "base", "design", "axes", "baseline",
-              "seeds", "nuisance", "fixed")
+# The keys of a study file besides those every study and sweep file has (specfile.COMMON_KEYS).
+STUDY_KEYS = ("design", "axes", "baseline", "seeds", "nuisance", "fixed")
 # Axes may not vary these: seeds have their own key, the split must be the same for every child,
 # and naming is the study's job.
 RESERVED_AXES = {"seed": "use `seeds:` to list the seeds", "split_seed": "every child must see the same split",
                  "experiment": "set `experiment:` at the top of the study", "run_name": "children are named "
                  "after their variant"}
-
-TAG = "alexnet_keras."
-STUDY_TAG = TAG + "study"
-STUDY_DIGEST_TAG = TAG + "study_digest"
-ROLE_TAG = TAG + "study_role"             # "parent" or "child"
-VARIANT_TAG = TAG + "variant_name"
-FACTOR_TAG = TAG + "factor."
-BASELINE_TAG = TAG + "is_baseline"
-SEED_TAG = TAG + "seed"
-CONFIG_DIGEST_TAG = TAG + "config_digest"  # set by train.train_and_evaluate
-SPEC_ARTIFACT = "study/study.json"
 
 
 class StudyError(ConfigError):
@@ -175,9 +171,8 @@ def _jsonable(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 def _value_name(raw: Any) -> str:
-    if isinstance(raw, bool):
-        return "true" if raw else "false"
-    return "none" if raw is None else str(raw)
+    """How an axis value is named in variant names and tags: `true`, `0.5`, `none` for null."""
+    return value_text(raw) or "none"
 
 
 def _leaf_names(options: Mapping[str, Any]) -> set[str]:
@@ -221,7 +216,7 @@ def _parse_axis(name: str, raw: Any, base: Config, src: str) -> tuple[tuple[str,
             try:
                 base.override(options, source=f"{where}, value {value_name!r}")
             except ConfigError as err:
-                raise StudyError(_located(err, src, f"{where}, value {value_name!r}")) from None
+                raise StudyError(located(err, src, f"{where}, value {value_name!r}")) from None
             for leaf in _leaf_names(options):
                 if leaf in RESERVED_AXES:
                     raise StudyError(f"{where}: value {value_name!r} sets {leaf!r}, which cannot be varied: "
@@ -235,10 +230,7 @@ def _parse_axis(name: str, raw: Any, base: Config, src: str) -> tuple[tuple[str,
                                  f"{sorted(first[1])}, {value_name!r} sets {sorted(names)}.")
         return tuple(overrides), overrides, True
     if name not in leaves:
-        import difflib
-
-        close = difflib.get_close_matches(name, sorted(leaves), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(name, sorted(leaves))
         raise StudyError(f"{where}: unknown option {name!r}.{hint} An axis with a list of values must be a "
                          f"config option ({', '.join(sorted(leaves))}); a composite axis maps each value "
                          f"name to options, e.g. normalization: {{none: {{lrn: false, batchnorm: false}}}}.")
@@ -257,12 +249,6 @@ def _parse_axis(name: str, raw: Any, base: Config, src: str) -> tuple[tuple[str,
             raise StudyError(f"{where}: {err}") from None
         overrides[value_name] = {name: value}
     return tuple(overrides), overrides, False
-
-
-def _located(err: Exception, src: str, where: str) -> str:
-    """The message of `err`, prefixed with where it comes from unless it already says so."""
-    message = str(err)
-    return message if message.startswith(src) else f"{where}: {message}"
 
 
 def _parse_seeds(raw: Any, src: str) -> tuple[int, ...]:
@@ -289,38 +275,8 @@ def _variant_name(factors: Mapping[str, str], baseline: Mapping[str, str]) -> st
 
 def load_study(path: str | Path) -> Study:
     """Read and validate a study file; build (and so check) every variant's full Config."""
-    path = Path(path)
-    src = str(path)
-    try:
-        data = load_yaml(path)
-    except ConfigError as err:
-        raise StudyError(str(err).replace("config file", "study file", 1)) from None
-    unknown = [k for k in data if k not in STUDY_KEYS]
-    if unknown:
-        raise StudyError(f"{src}: unknown key(s) {', '.join(map(repr, unknown))}. A study file has "
-                         f"{', '.join(STUDY_KEYS)}; training options go under `base:`.")
-    name = data.get("name") or path.stem
-    if not isinstance(name, str):
-        raise StudyError(f"{src}: `name` must be a string; got {name!r}.")
-
-    # The base config: defaults, then `base_config` (a YAML next to the study file), then `base`.
-    base = Config()
-    if data.get("base_config") is not None:
-        base_path = Path(str(data["base_config"]))
-        if not base_path.is_absolute():
-            beside = path.parent / base_path
-            base_path = beside if beside.is_file() or not base_path.is_file() else base_path
-        try:
-            base = base.override(load_yaml(base_path), source=str(base_path))
-        except ConfigError as err:
-            raise StudyError(f"{src}: base_config: {err}") from None
-    raw_base = data.get("base") or {}
-    if not isinstance(raw_base, Mapping):
-        raise StudyError(f"{src}: `base` must be a mapping of training options; got {raw_base!r}.")
-    try:
-        base = base.override(raw_base, source=f"{src}: base")
-    except ConfigError as err:
-        raise StudyError(_located(err, src, f"{src}: base")) from None
+    spec = read_spec(path, kind="study", keys=STUDY_KEYS, error=StudyError)
+    src, data, base = spec.source, spec.data, spec.base
 
     design_raw = data.get("design", "one_factor_at_a_time")
     if design_raw not in DESIGNS:
@@ -374,7 +330,7 @@ def load_study(path: str | Path) -> Study:
         try:
             config = base.override(merged, source=f"{src}: variant {name_!r}")
         except ConfigError as err:
-            raise StudyError(_located(err, src, f"{src}: variant {name_!r}")) from None
+            raise StudyError(located(err, src, f"{src}: variant {name_!r}")) from None
         digest = config.digest()
         if digest in seen:
             raise StudyError(f"{src}: variants {seen[digest]!r} and {name_!r} are the same configuration; "
@@ -398,12 +354,8 @@ def load_study(path: str | Path) -> Study:
     nuisance = list(dict.fromkeys(["seed", *nuisance]))   # the seeds are always a nuisance
     if not fixed:   # everything that is neither scientific nor nuisance
         fixed = [n for n in leaves if n not in owner and n not in nuisance and n not in ("experiment", "run_name")]
-    experiment = data.get("experiment") or base.experiment
-    description = data.get("description") or ""
-    if not isinstance(description, str) or not isinstance(experiment, str):
-        raise StudyError(f"{src}: `description` and `experiment` must be strings.")
-    return Study(name=name, description=description.strip(), path=src, text=path.read_text(), design=design,
-                 seeds=seeds, axes=tuple(axes), variants=tuple(variants), base=base, experiment=experiment,
+    return Study(name=spec.name, description=spec.description, path=src, text=spec.text, design=design,
+                 seeds=seeds, axes=tuple(axes), variants=tuple(variants), base=base, experiment=spec.experiment,
                  nuisance=tuple(nuisance), fixed=tuple(fixed))
 
 
@@ -429,62 +381,11 @@ def child_tags(study: Study, child: Child) -> dict[str, str]:
     }
 
 
-def _find_parents(client, experiment_id: str, study: Study) -> list:
-    return client.search_runs(
-        [experiment_id],
-        filter_string=(f"tags.`{STUDY_TAG}` = '{_quote(study.name)}' and tags.`{STUDY_DIGEST_TAG}` = "
-                       f"'{study.digest()}' and tags.`{ROLE_TAG}` = 'parent'"),
-        order_by=["attributes.start_time DESC"], max_results=100)
-
-
-def _quote(text: str) -> str:
-    return text.replace("'", "\\'")
-
-
-def _children_of(client, experiment_id: str, parent_id: str) -> list:
-    return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-                              max_results=50000)
-
-
-def _resume_state(client, experiment_id: str, parent_id: str, study: Study) -> dict[str, str]:
-    """{config digest: run id} of the finished children; stale RUNNING children are marked KILLED and
-    finished children of earlier parents of the same study are moved under this parent."""
-    wanted = {c.digest for c in study.children()}
-    done: dict[str, str] = {}
-    for run in _children_of(client, experiment_id, parent_id):
-        digest = run.data.tags.get(CONFIG_DIGEST_TAG)
-        if run.info.status == "FINISHED" and digest in wanted:
-            done.setdefault(digest, run.info.run_id)
-        elif run.info.status in ("RUNNING", "SCHEDULED"):   # left behind by a killed study
-            client.set_tag(run.info.run_id, TAG + "end_reason", "stale: the study was restarted")
-            client.set_terminated(run.info.run_id, "KILLED")
-    for old in _find_parents(client, experiment_id, study):
-        if old.info.run_id == parent_id:
-            continue
-        moved = 0
-        for run in _children_of(client, experiment_id, old.info.run_id):
-            digest = run.data.tags.get(CONFIG_DIGEST_TAG)
-            if run.info.status == "FINISHED" and digest in wanted and digest not in done:
-                client.set_tag(run.info.run_id, "mlflow.parentRunId", parent_id)
-                client.set_tag(run.info.run_id, TAG + "adopted_from", old.info.run_id)
-                done[digest] = run.info.run_id
-                moved += 1
-        if moved:
-            client.set_tag(old.info.run_id, TAG + "superseded_by", parent_id)
-            note = old.data.tags.get("mlflow.note.content", "")
-            client.set_tag(old.info.run_id, "mlflow.note.content",
-                           f"**Superseded by run {parent_id}**: its finished children were moved there.\n\n{note}")
-            print(f"moved {moved} finished child run(s) of earlier parent {old.info.run_id} under {parent_id}")
-    return done
-
-
 def _init_worker(tracking_uri: str, threads: int) -> None:
     """Runs once in each spawned worker, before TensorFlow is imported by any task."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")   # workers share one GPU
     os.environ.pop("MLFLOW_RUN_ID", None)
-    from . import tracking
-
     tracking.configure(tracking_uri)
     try:
         import tensorflow as tf
@@ -512,58 +413,56 @@ class StudyResult:
 
 def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = None) -> StudyResult:
     """Create or resume the parent, train the missing children, write the report on the parent."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from . import tracking
     from .report import build_report
 
     if parallel < 1:
         raise StudyError(f"--parallel must be at least 1; got {parallel}.")
     uri = tracking.configure(tracking_uri)
-    client = MlflowClient()
     env_run_id = os.environ.get("MLFLOW_RUN_ID")
+    parent_tags = {STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "parent"}
     if env_run_id:   # under `mlflow run`: the parent is the run MLflow created for us
-        parent = tracking.get_run(env_run_id)
-        experiment_id = parent.info.experiment_id
-        experiment_name = client.get_experiment(experiment_id).name
+        experiment_id = tracking.get_run(env_run_id).info.experiment_id
+        experiment_name = tracking.experiment_name(experiment_id)
         if experiment_name != study.experiment:
             print(f"note: `mlflow run` chose experiment {experiment_name!r}; the study's {study.experiment!r} "
                   f"is used only outside `mlflow run` (pass --experiment-name to pick it)")
-        resume_id = None
+        resume = None
     else:
-        experiment_id = tracking._experiment_id(study.experiment)   # create it before any fan-out
+        experiment_id = tracking.open_experiment(study.experiment)   # create it before any fan-out
         experiment_name = study.experiment
-        found = _find_parents(client, experiment_id, study)
-        resume_id = found[0].info.run_id if found else None
+        resume = tracking.latest_run(parent_tags, experiment_ids=[experiment_id])
 
     result = StudyResult(parent_run_id="", ran=[], skipped=[], failed={})
-    parent_tags = {STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "parent",
-                   "mlflow.runName": study.name}
     params = {"study": study.name, "study_file": study.path, "design": study.design,
               "seeds": ",".join(map(str, study.seeds)), "axes": ",".join(a.name for a in study.axes),
               "num_variants": len(study.variants), "num_children": len(study.variants) * len(study.seeds)}
-    with tracking.run(experiment_name, run_name=study.name, params=params, tags=parent_tags,
-                      run_id=resume_id) as active:
+    with tracking.run(experiment_name, run_name=study.name, params=params,
+                      tags={**parent_tags, tracking.RUN_NAME_TAG: study.name},
+                      run_id=resume.info.run_id if resume is not None else None) as active:
         parent_id = active.info.run_id
         result.parent_run_id = parent_id
         os.environ.pop("MLFLOW_RUN_ID", None)   # children (and workers) must not resume the parent
         tracking.log_dict(study.spec(), SPEC_ARTIFACT)
         tracking.log_text(study.text, "study/" + Path(study.path).name)
         print(plan_text(study))
-        how = "made by `mlflow run`" if env_run_id else "resumed" if resume_id else "new"
-        print(f"parent run {parent_id} ({how}) in experiment "
-              f"{experiment_name!r} at {uri}")
+        how = "made by `mlflow run`" if env_run_id else "resumed" if resume is not None else "new"
+        print(f"parent run {parent_id} ({how}) in experiment {experiment_name!r} at {uri}")
 
-        done = _resume_state(client, experiment_id, parent_id, study)
+        # Resuming: children a killed study left RUNNING end KILLED (and run again); finished children
+        # of earlier parents of this study (an earlier `mlflow run`) move here; finished ones are kept.
         children = study.children(experiment_name)
+        wanted = {c.digest for c in children}
+        tracking.end_stale_children(parent_id, "stale: the study was restarted")
+        tracking.adopt_children(parent_id, tracking.find_runs(parent_tags, experiment_ids=[experiment_id]),
+                                key_tag=CONFIG_DIGEST_TAG, wanted=wanted)
+        done = tracking.children_by(parent_id, CONFIG_DIGEST_TAG, status="FINISHED")
         todo = [c for c in children if c.digest not in done]
         result.skipped = [c.label for c in children if c.digest in done]
         if result.skipped:
             print(f"{len(result.skipped)} of {len(children)} children already finished: skipped")
         start = time.perf_counter()
         if parallel > 1 and len(todo) > 1:
-            _run_parallel(study, todo, parent_id, min(parallel, len(todo)), mlflow.get_tracking_uri(), result)
+            _run_parallel(study, todo, parent_id, min(parallel, len(todo)), uri, result)
         else:
             _run_sequential(study, todo, parent_id, result)
         print(f"trained {len(result.ran)} children in {time.perf_counter() - start:.1f}s; "
@@ -580,9 +479,8 @@ def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = Non
 def _fatal(err: BaseException) -> bool:
     """Errors every child would hit again (bad data path, bad config): stop the study."""
     from .data import DataError
-    from .tracking import TrackingError
 
-    return isinstance(err, (ConfigError, DataError, TrackingError))
+    return isinstance(err, (ConfigError, DataError, tracking.TrackingError))
 
 
 def _record_failure(result: StudyResult, child: Child, err: Exception) -> None:

@@ -7,9 +7,10 @@ Sections of one benchmark run (each row logged to one MLflow run, plus CSV/Markd
   sd, for the forward pass and for forward+backward, of the conv stack alone (conv1..pool5, as in the
   seeds) and of the full network (to the softmax). Every precision x XLA setting asked for.
 * throughput: images/s of training the `paper` (227 px) and `cifar` (32 px) variants at each batch
-  size: `model.fit` fed by the project's own tf.data pipeline (data.load_data on synthetic images:
-  shuffle, gather, random crop + flip, prefetch) against a hand-written train step on one batch that
-  stays on the device, and the pipeline alone (how many images/s it can deliver).
+  size: the training path itself (train.prepare + train.fit, i.e. train.py's optimizer, compile and
+  fit, on the project's own tf.data pipeline: data.load_data on synthetic images: shuffle, gather,
+  random crop + flip, prefetch; the benchmark is just a config of it) against a hand-written train
+  step on one batch that stays on the device, and the pipeline alone (how many images/s it can deliver).
 * tf1 (optional): the seeds' TF1 graph code (benchmarks/tf1_reference.py, graph mode + session.run),
   with the seeds' own layer shapes and with this model's, against the Keras conv stack (float32,
   each XLA setting), all timed step by step in turn in this process so that they share the machine's
@@ -28,9 +29,9 @@ How each number is taken (for asynchronous devices the clock stops only once the
                    a `tf.function`, `torch.autograd.grad`; then block on all gradients.
   train step       (throughput) gradients + SGD-momentum update, stateless on JAX
                    (`stateless_call` + `optimizer.stateless_apply`, jitted, buffers donated);
-                   `tf.function` + `optimizer.apply` on TensorFlow. Timed over all steps, one block
-                   at the end.
-  model.fit        one `fit` of burn_in + steps steps; the clock starts when step burn_in begins and
+                   `tf.function` + `optimizer.apply` on TensorFlow (train.py's optimizer). Timed over
+                   all steps, one block at the end.
+  fit              one train.fit epoch of burn_in + steps steps; the clock starts when step burn_in begins and
                    stops at the end of the epoch after the epoch's loss has been read (which waits
                    for the last step).
 XLA on/off: TensorFlow `tf.function(jit_compile=...)` and `compile(jit_compile=...)`; on JAX "off" means
@@ -43,15 +44,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
-import io
 import json
 import logging
 import math
 import os
 import platform
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -59,7 +59,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .config import NATIVE_IMAGE_SIZE, PRECISIONS, VARIANTS, ConfigError
+from .config import NATIVE_IMAGE_SIZE, PRECISIONS, VARIANTS, ConfigError, parse_value
+from .tables import csv_text, markdown_table, value_text
 
 PARTS = ("conv", "full")
 CHANNELS = ("last", "first")
@@ -138,15 +139,9 @@ class BenchmarkOptions:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, tuple):
-                value = ",".join(_text(v) for v in value)
-            out[f.name] = _text(value)
+                value = ",".join(value_text(v) for v in value)
+            out[f.name] = value_text(value)
         return out
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def _subset(name: str, values: tuple, allowed: tuple, *, allow_empty: bool = False) -> None:
@@ -161,14 +156,11 @@ def _subset(name: str, values: tuple, allowed: tuple, *, allow_empty: bool = Fal
 # ---------------------------------------------------------------------------------------------
 
 def mean_sd(durations: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard deviation of `durations`, as the seeds report them (population sd:
-    sqrt(E[t^2] - E[t]^2), computed here as sqrt(mean((t - mean)^2)), the same value without the
-    cancellation)."""
+    """Mean and standard deviation of `durations`, as the seeds report them: the population sd,
+    sqrt(E[t^2] - E[t]^2) (statistics.pstdev computes it without the cancellation). StatisticsError (a
+    ValueError) for no durations."""
     values = [float(d) for d in durations]
-    if not values:
-        raise ValueError("mean_sd needs at least one duration")
-    mean = sum(values) / len(values)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    return statistics.fmean(values), statistics.pstdev(values)
 
 
 def images_per_second(batch_size: int, seconds_per_batch: float) -> float:
@@ -368,11 +360,15 @@ def make_gradients(model, part: str, xla: bool) -> Callable[[Any, Any], Any]:
     return gradients_torch
 
 
-def make_optimizer(precision: str, learning_rate: float = 0.01):
-    """SGD with momentum 0.9 (the project's optimizer); loss-scaled under mixed_float16."""
+def make_optimizer(precision: str):
+    """train.py's optimizer (SGD, momentum 0.9, the default learning rate, constant), loss-scaled under
+    mixed_float16 as `compile` does it for `fit`."""
     import keras
 
-    optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.9)
+    from .config import TrainConfig
+    from .train import build_optimizer
+
+    optimizer = build_optimizer(TrainConfig(precision=precision, schedule="constant"), steps_per_epoch=1)
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
@@ -508,15 +504,14 @@ def fit_clock(burn_in: int):
 
 def throughput_row(variant: str, batch_size: int, precision: str, xla: bool,
                    options: BenchmarkOptions) -> dict[str, Any]:
-    """Training images/s: model.fit on the project's tf.data pipeline, the pipeline alone, and a
-    hand-written train step on one device-resident batch."""
+    """Training images/s: train.fit on the project's tf.data pipeline (the training path itself: the
+    benchmark is a config of it), the pipeline alone, and a hand-written train step on one
+    device-resident batch."""
     import keras
     import numpy as np
 
     from .config import Config, DataConfig, ModelConfig, TrainConfig
-    from .data import load_data
-    from .model import build_alexnet
-    from .train import compile_model
+    from .train import fit, prepare
 
     _check_xla(xla)
     image_size = NATIVE_IMAGE_SIZE[variant]
@@ -524,11 +519,15 @@ def throughput_row(variant: str, batch_size: int, precision: str, xla: bool,
     n_train = PIPELINE_BATCHES * batch_size
     # Enough synthetic images for n_train after the validation split; train_limit keeps exactly
     # n_train, so every batch of the pipeline is a full one.
-    data_config = DataConfig(dataset="synthetic", synthetic_samples=math.ceil(n_train / 0.85) + 16,
-                             synthetic_classes=10, train_limit=n_train, augment=True)
-    with warnings.catch_warnings():   # "not stratified": irrelevant for timing
+    config = Config(
+        model=ModelConfig(variant=variant, width=options.width),
+        data=DataConfig(dataset="synthetic", synthetic_samples=math.ceil(n_train / 0.85) + 16,
+                        synthetic_classes=10, train_limit=n_train, augment=True),
+        train=TrainConfig(epochs=1, batch_size=batch_size, precision=precision, schedule="constant",
+                          jit_compile="true" if xla else "false", seed=options.seed))
+    with warnings.catch_warnings(), dtype_policy(precision):   # "not stratified": irrelevant for timing
         warnings.simplefilter("ignore", UserWarning)
-        data = load_data(data_config, image_size, batch_size, options.seed, verbose=False)
+        data, model = prepare(config)
     pipeline = data.train.repeat()
 
     # The pipeline alone.
@@ -540,17 +539,11 @@ def throughput_row(variant: str, batch_size: int, precision: str, xla: bool,
         next(iterator)
     pipeline_s = (time.perf_counter() - start) / steps
 
-    keras.utils.set_random_seed(options.seed)
-    with dtype_policy(precision):
-        model = build_alexnet(ModelConfig(variant=variant, width=options.width), data.num_classes,
-                              input_mean=data.mean, input_std=data.std)
-    config = Config(train=TrainConfig(batch_size=batch_size, precision=precision, schedule="constant",
-                                      jit_compile="true" if xla else "false", seed=options.seed))
-    compile_model(model, config, steps_per_epoch=burn_in + steps)
+    # train.fit: one epoch of burn_in + steps steps over the repeated pipeline, no validation, nothing
+    # logged (the benchmark's own run gets the numbers).
     clock = fit_clock(burn_in)
-    # shuffle=False: the pipeline shuffles itself (as train.fit does).
-    model.fit(pipeline, epochs=1, steps_per_epoch=burn_in + steps, callbacks=[clock], verbose=0,
-              shuffle=False)
+    fit(model, dataclasses.replace(data, train=pipeline, val=None), config, callbacks=[clock],
+        steps_per_epoch=burn_in + steps, verbose=0, track=False)
     fit_s = (clock.stop - clock.start) / steps
 
     images, labels = next(iter(data.train))
@@ -628,17 +621,9 @@ def tf1_comparison(options: BenchmarkOptions, shapes: Sequence[str] = ("seeds", 
         for kind in ("forward", "fwdbwd"):
             mean, sd = mean_sd(times[name][kind])
             row.update({f"{kind}_ms": 1e3 * mean, f"{kind}_sd_ms": 1e3 * sd,
-                        f"{kind}_median_ms": 1e3 * median(times[name][kind])})
+                        f"{kind}_median_ms": 1e3 * statistics.median(times[name][kind])})
         rows.append(row)
     return rows
-
-
-def median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    n = len(ordered)
-    if not n:
-        raise ValueError("median needs at least one value")
-    return ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
 
 
 def tf1_speedups(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -724,37 +709,6 @@ THROUGHPUT_COLUMNS = ("variant", "image_size", "batch_size", "precision", "xla",
 TF1_COLUMNS = ("impl", "shapes", "xla", "batch_size", "image_size", "gflop", "forward_ms", "forward_sd_ms",
                "forward_median_ms", "fwdbwd_ms", "fwdbwd_sd_ms", "fwdbwd_median_ms")
 SPEEDUP_COLUMNS = ("shapes", "xla", "forward_speedup", "fwdbwd_speedup", "fwdbwd_speedup_per_flop")
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, float):
-        if math.isinf(value) or math.isnan(value):
-            return str(value)
-        if abs(value) >= 100:
-            return f"{value:,.0f}"
-        return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
-    return str(value)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines)
-
-
-def to_csv(rows: Sequence[dict[str, Any]]) -> str:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (_text(v) if isinstance(v, bool) else v) for k, v in row.items()})
-    return buffer.getvalue()
 
 
 @dataclasses.dataclass
@@ -907,7 +861,7 @@ def benchmark_and_log(options: BenchmarkOptions, *, experiment: str = DEFAULT_EX
     and results.md / results.csv / results.json artifacts (also written to `output_dir` if given)."""
     from . import tracking
 
-    tags = {**tracking.environment_tags(), tracking.TAG_PREFIX + "job": "benchmark"}
+    tags = {**tracking.environment_tags(), tracking.JOB_TAG: "benchmark"}
     with tracking.run(experiment, run_name=run_name or "benchmark", params=options.params(),
                       tags=tags) as active:
         result = run_benchmark(options, log=log)
@@ -927,7 +881,7 @@ def benchmark_and_log(options: BenchmarkOptions, *, experiment: str = DEFAULT_EX
 def _artifacts(result: BenchmarkResult) -> dict[str, str]:
     payload = {"options": result.options.params(), "environment": result.environment, "rows": result.rows,
                "seconds": result.seconds}
-    return {"results.md": result.markdown(), "results.csv": to_csv(result.rows),
+    return {"results.md": result.markdown(), "results.csv": csv_text(result.rows),
             "results.json": json.dumps(payload, indent=2, default=str)}
 
 
@@ -935,22 +889,11 @@ def _artifacts(result: BenchmarkResult) -> dict[str, str]:
 # Command line (wired into `alexnet-keras benchmark` by cli.py)
 # ---------------------------------------------------------------------------------------------
 
-def _bool(text: str) -> bool:
-    value = str(text).strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise ConfigError(f"expected true or false; got {text!r}.")
-
-
-def _list(text: str, kind: Callable[[str], Any] = str) -> tuple:
+def _items(text: str) -> list[str]:
+    """The entries of a comma-separated flag; none for "" or "none"."""
     if text is None or str(text).strip().lower() in ("", "none"):
-        return ()
-    try:
-        return tuple(kind(part.strip()) for part in str(text).split(",") if part.strip())
-    except ValueError:
-        raise ConfigError(f"expected a comma-separated list; got {text!r}.") from None
+        return []
+    return [part.strip() for part in str(text).split(",") if part.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -991,24 +934,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> BenchmarkOptions:
+    """The options the flags give, each value parsed as config options are (config.parse_value)."""
     values: dict[str, Any] = {}
     for name in ("batch_size", "image_size", "steps", "burn_in", "width", "num_classes", "throughput_steps",
                  "throughput_burn_in", "seed", "channels"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
-    if args.parts is not None:
-        values["parts"] = _list(args.parts)
-    if args.precisions is not None:
-        values["precisions"] = _list(args.precisions)
-    if args.xla is not None:
-        values["xla"] = _list(args.xla, _bool)
-    if args.throughput_variants is not None:
-        values["throughput_variants"] = _list(args.throughput_variants)
-    if args.throughput_batch_sizes is not None:
-        values["throughput_batch_sizes"] = _list(args.throughput_batch_sizes, int)
+    for name, kind in (("parts", str), ("precisions", str), ("xla", bool), ("throughput_variants", str),
+                       ("throughput_batch_sizes", int)):
+        if getattr(args, name) is not None:
+            values[name] = tuple(parse_value(f"benchmark {name}", item, kind) for item in _items(getattr(args, name)))
     for name in ("tf1_reference", "profile"):
         if getattr(args, name) is not None:
-            values[name] = _bool(getattr(args, name))
+            values[name] = parse_value(f"benchmark {name}", getattr(args, name), bool)
     return BenchmarkOptions.quick(**values) if args.quick else BenchmarkOptions(**values)
 
 

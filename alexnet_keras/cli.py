@@ -30,7 +30,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             help=f"default: {defaults[name]!r}")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alexnet-keras", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train one AlexNet and log it to MLflow")
@@ -144,7 +144,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return tune(args)
 
 
-
 def _add_benchmark_parser(sub) -> None:
     from .benchmark import add_arguments
 
@@ -157,11 +156,6 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from .benchmark import cmd_benchmark as benchmark
 
     return benchmark(args)
-
-
-COMMANDS = {"train": cmd_train, "ablate": cmd_ablate, "report": cmd_report}
-COMMANDS["tune"] = cmd_tune
-COMMANDS["benchmark"] = cmd_benchmark
 
 
 def _add_recipe_parsers(sub) -> None:
@@ -205,20 +199,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare import prepare
+    from .data.tfrecord import prepare
 
     prepare(args.source, args.out, stored_size=args.stored_size, encoding=args.encoding, quality=args.quality,
             shard_size=args.shard_size, overwrite=args.overwrite)
     return 0
 
 
-COMMANDS["predict"] = cmd_predict
-COMMANDS["prepare"] = cmd_prepare
+COMMANDS = {"train": cmd_train, "ablate": cmd_ablate, "report": cmd_report, "tune": cmd_tune,
+            "benchmark": cmd_benchmark, "predict": cmd_predict, "prepare": cmd_prepare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from .data import DataError
     from .tracking import TrackingError
 

@@ -7,6 +7,13 @@ learns) + tracking fields. Every leaf field has a unique name across the tree, s
   * a key in an experiment YAML (`model: {lrn: false}`; flat `lrn: false` is accepted too).
 Values are checked when an object is built, so a bad value fails before any data is read or any
 MLflow run is created, with a message that names the field, the allowed values and the value given.
+Every numeric leaf has a range. A config built from user-given values (`from_dict`: flags, YAML files,
+MLproject parameters, study variants, sweep trials) is also checked as a whole against this machine's
+memory (`check_memory`), so a size that would exhaust it is refused before anything is allocated.
+
+Also here: the network's geometry as arithmetic on a ModelConfig (filters, feature-map sides, parameter
+and activation counts; model.py builds its layers from it), and `load_yaml`, the one reader of every
+YAML file the package takes (experiments, studies, sweeps): bounded in size and alias expansion, UTF-8.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -36,6 +44,36 @@ DISTRIBUTE = ("none", "mirrored", "multi_worker", "data_parallel")
 
 # Native input side of each variant, used when `image_size` is left unset.
 NATIVE_IMAGE_SIZE = {"paper": 227, "cifar": 32}
+# What the model's first layer does to the 0..255 pixels (model.py): "standardize" divides the
+# mean-subtracted pixels by the per-channel std; "center" only subtracts the mean, the paper's regime,
+# in which LRN sees activations large enough against k to normalise (issue 16).
+INPUT_NORMS = ("standardize", "center")
+
+# --- The network's geometry: model.py builds its layers from these, and the config uses them to refuse
+# a network that cannot be built or would not fit in memory, before anything is built.
+CONV_FILTERS = (96, 256, 384, 384, 256)                           # conv1..conv5, before `width`
+CONV_KERNELS = {"paper": (11, 5, 3, 3, 3), "cifar": (3, 3, 3, 3, 3)}
+HIDDEN_UNITS = 4096                                               # fc6 and fc7, before `width`
+# The paper's two-GPU split: only these convs see just the half of the previous layer's maps that
+# lives on their own GPU (conv3 and the FC layers connect across GPUs).
+GROUPED_CONVS = (2, 4, 5)
+LRN_CONVS = (1, 2)                                                # LRN after these convs' activation
+POOLED_CONVS = (1, 2, 5)                                          # max-pooling after these convs
+POOL_SIZES = {"overlapping": 3, "non_overlapping": 2}
+
+# Ranges of the integer leaves that have no natural upper end: far beyond any sensible run, but finite.
+MAX_SIDE = 32768                 # image_size, stored_size (pixels)
+MAX_COUNT = 2 ** 31 - 1          # image counts (train_limit, test_limit, synthetic_samples)
+MAX_EPOCHS = 100_000             # epochs, plateau_patience
+MAX_BATCH_SIZE = 2 ** 20
+MAX_SEED = 2 ** 32 - 1           # NumPy's and Keras' seeds are unsigned 32-bit integers
+# Memory the training process holds per value (see memory_estimate).
+_FLOAT_BYTES = 4                 # float32 weights, gradients, activations (an upper estimate under mixed precision)
+_SYNTHETIC_PEAK_BYTES = 16       # per pixel value while data.py generates synthetic images (float64 noise,
+                                 # float32 sums; measured with tracemalloc: 16.04)
+# An experiment, study or sweep file is a page of options: anything bigger is a mistake (or an attack).
+YAML_MAX_BYTES = 2 ** 20
+YAML_MAX_NODES = 100_000         # values after alias expansion ("billion laughs" files expand to 10^9)
 
 
 class ConfigError(ValueError):
@@ -61,6 +99,17 @@ def _range(section: str, name: str, value: float, lo: float, hi: float, *, hi_op
         raise ConfigError(f"{section}.{name} must be in {interval}; got {value!r}.")
 
 
+def _integer(section: str, name: str, value: Any, lo: int, hi: int, *, optional: bool = False,
+             what: str | None = None) -> None:
+    """`value` is an integer in [lo, hi] (or None when `optional`); `what` words the rule instead."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        rule = what or f"an integer in [{lo}, {hi}]"
+        unset = " (or unset)" if optional else ""
+        raise ConfigError(f"{section}.{name} must be {rule}{unset}; got {value!r}.")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """AlexNet's design choices, each an independent toggle. Defaults are the 2012 paper's."""
@@ -80,6 +129,10 @@ class ModelConfig:
     activation: str = "relu"
     init: str = "paper"             # "paper": N(0, 0.01), bias 1 in conv2/4/5 + hidden FC; "keras"
     weight_decay: float = 5e-4      # L2 on kernels, as the paper's update rule (see model.py)
+    # What the first layer does to the 0..255 pixels: "standardize" = (x - mean) / std per channel;
+    # "center" = x - mean, the paper's regime (with init "paper", LRN then sees activations of the
+    # paper's size). Added after runs were logged: at its default it leaves their digests alone.
+    input_norm: str = field(default="standardize", metadata={"digest": "omit_default"})
 
     def __post_init__(self) -> None:
         s = "model"
@@ -87,27 +140,101 @@ class ModelConfig:
         _choice(s, "pool", self.pool, POOLS)
         _choice(s, "activation", self.activation, ACTIVATIONS)
         _choice(s, "init", self.init, INITS)
+        _choice(s, "input_norm", self.input_norm, INPUT_NORMS)
         _range(s, "dropout", self.dropout, 0.0, 1.0, hi_open=True)
         _range(s, "width", self.width, 0.0, 16.0, lo_open=True)
         _range(s, "weight_decay", self.weight_decay, 0.0, 1.0)
-        _range(s, "lrn_alpha", self.lrn_alpha, 0.0, math.inf)
-        _range(s, "lrn_beta", self.lrn_beta, 0.0, math.inf)
-        _range(s, "lrn_k", self.lrn_k, 0.0, math.inf)
-        if not isinstance(self.lrn_size, int) or self.lrn_size < 1 or self.lrn_size % 2 == 0:
-            raise ConfigError(f"model.lrn_size must be a positive odd integer (the paper uses 5); "
+        _range(s, "lrn_alpha", self.lrn_alpha, 0.0, 1000.0)
+        _range(s, "lrn_beta", self.lrn_beta, 0.0, 10.0)
+        # k > 0: with k = 0 a window of zero activations (dead ReLUs) gives 0 / 0.
+        _range(s, "lrn_k", self.lrn_k, 0.0, 1e6, lo_open=True)
+        if (isinstance(self.lrn_size, bool) or not isinstance(self.lrn_size, int) or not 1 <= self.lrn_size <= 1023
+                or self.lrn_size % 2 == 0):
+            raise ConfigError(f"model.lrn_size must be a positive odd integer up to 1023 (the paper uses 5); "
                               f"got {self.lrn_size!r}.")
-        if self.groups not in (1, 2):
+        if self.groups not in (1, 2) or isinstance(self.groups, bool):
             raise ConfigError(f"model.groups must be one of 1, 2; got {self.groups!r}.")
         if self.image_size is not None:
-            # Smallest sides whose pool5 map is not empty (model.py checks every layer's size).
-            minimum = {"paper": 67 if self.pool == "overlapping" else 39}.get(self.variant, 8)
-            if not isinstance(self.image_size, int) or self.image_size < minimum:
-                raise ConfigError(f"model.image_size must be an integer >= {minimum} for variant "
-                                  f"{self.variant!r} (or unset); got {self.image_size!r}.")
+            # Smallest side whose every feature map (up to pool5) is not empty; the cifar variant's
+            # 'same' layers never empty a map, but fewer than 8 px leave nothing to learn from.
+            minimum = max(8, next(side for side in range(1, MAX_SIDE)
+                                  if min(self.feature_sides(side).values()) >= 1))
+            _integer(s, "image_size", self.image_size, minimum, MAX_SIDE, optional=True,
+                     what=f"an integer >= {minimum} for variant {self.variant!r} (at most {MAX_SIDE})")
 
     @property
     def input_size(self) -> int:
         return self.image_size or NATIVE_IMAGE_SIZE[self.variant]
+
+    # --- geometry (model.py builds the layers from these; tests/test_model.py checks them against it)
+    @property
+    def conv_filters(self) -> tuple[int, ...]:
+        """Filters of conv1..conv5 after `width` (a multiple of 2 with groups=2, so each group gets
+        whole channels)."""
+        multiple = 2 if self.groups == 2 else 1
+        return tuple(scaled_units(f, self.width, multiple) for f in CONV_FILTERS)
+
+    @property
+    def hidden_units(self) -> int:
+        """Units of fc6 and fc7 after `width`."""
+        return scaled_units(HIDDEN_UNITS, self.width)
+
+    def feature_sides(self, size: int | None = None) -> dict[str, int]:
+        """The side of the feature map after conv1 and each pool for inputs of `size` px (default: the
+        input size); 0 where a map would be empty."""
+        size = self.input_size if size is None else size
+        pool = POOL_SIZES[self.pool]
+        sides = {}
+        if self.variant == "paper":
+            # conv1 'valid' 11x11 stride 4; pools 'valid' stride 2; the other convs keep the size.
+            size = (size - 11) // 4 + 1 if size >= 11 else 0
+            sides["conv1"] = size
+            for name in ("pool1", "pool2", "pool5"):
+                size = (size - pool) // 2 + 1 if size >= pool else 0
+                sides[name] = size
+        else:
+            # All 'same': only the stride-2 pools shrink the map, to ceil(size / 2).
+            sides["conv1"] = size
+            for name in ("pool1", "pool2", "pool5"):
+                size = -(-size // 2)
+                sides[name] = size
+        return sides
+
+    def parameter_count(self, num_classes: int) -> int:
+        """The number of weights of the AlexNet this config builds (what `model.count_params()` says,
+        BatchNormalization's moving statistics included)."""
+        sides = self.feature_sides()
+        channels, total = 3, 0
+        for i, (filters, kernel) in enumerate(zip(self.conv_filters, CONV_KERNELS[self.variant]), start=1):
+            groups = self.groups if i in GROUPED_CONVS else 1
+            total += kernel * kernel * (channels // groups) * filters
+            total += 4 * filters if self.batchnorm else filters   # BN: gamma, beta, mean, variance
+            channels = filters
+        hidden, flat = self.hidden_units, sides["pool5"] ** 2 * channels
+        return total + (flat + 1) * hidden + (hidden + 1) * hidden + (hidden + 1) * num_classes
+
+    def activation_count(self, num_classes: int) -> int:
+        """Values the layers output for one image: the sum of every layer's output size."""
+        sides = self.feature_sides()
+        map_side = {1: sides["conv1"], 2: sides["pool1"], 3: sides["pool2"], 4: sides["pool2"], 5: sides["pool2"]}
+        pooled = {1: sides["pool1"], 2: sides["pool2"], 5: sides["pool5"]}
+        total = self.input_size ** 2 * 3                                   # preprocess
+        for i, filters in enumerate(self.conv_filters, start=1):
+            layers = 2 + self.batchnorm + (self.lrn and i in LRN_CONVS)    # conv, *bn, act, *lrn
+            total += layers * map_side[i] ** 2 * filters
+            if i in POOLED_CONVS:
+                total += pooled[i] ** 2 * filters
+        flat, hidden = sides["pool5"] ** 2 * self.conv_filters[-1], self.hidden_units
+        total += flat                                                      # flatten
+        if self.dropout > 0:
+            total += flat + hidden                                         # dropout6, dropout7
+        return total + 4 * hidden + 2 * num_classes                        # fc6/7 + act, fc8, softmax
+
+
+def scaled_units(units: int, width: float, multiple: int = 1) -> int:
+    """`units * width`, rounded half up (not Python's banker's rounding) to a multiple of `multiple`,
+    at least one multiple."""
+    return max(multiple, multiple * int(math.floor(units * width / multiple + 0.5)))
 
 
 @dataclass(frozen=True)
@@ -146,20 +273,18 @@ class DataConfig:
         if self.dataset == "folder" and not self.data_dir:
             raise ConfigError("data.dataset 'folder' needs a folder: pass --data-dir PATH "
                               "(class sub-folders, or train/ and test/ each with class sub-folders).")
-        if self.train_limit is not None and self.train_limit < 2:
-            raise ConfigError(f"data.train_limit must be at least 2 (or unset); got {self.train_limit!r}.")
-        if self.synthetic_samples < 16:
-            raise ConfigError(f"data.synthetic_samples must be at least 16; got {self.synthetic_samples!r}.")
-        if not 2 <= self.synthetic_classes <= 1000:
-            raise ConfigError(f"data.synthetic_classes must be in [2, 1000]; got {self.synthetic_classes!r}.")
+        _integer("data", "split_seed", self.split_seed, 0, MAX_SEED)
+        for name in ("train_limit", "test_limit"):
+            _integer("data", name, getattr(self, name), 2, MAX_COUNT, optional=True,
+                     what=f"at least 2 (at most {MAX_COUNT})")
+        _integer("data", "synthetic_samples", self.synthetic_samples, 16, MAX_COUNT,
+                 what=f"at least 16 (at most {MAX_COUNT})")
+        _integer("data", "synthetic_classes", self.synthetic_classes, 2, 1000)
         _choice("data", "recipe", self.recipe, RECIPES)
-        for name, lowest in (("stored_size", 8), ("max_memory_mb", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-                raise ConfigError(f"data.{name} must be an integer >= {lowest}; got {value!r}.")
+        _integer("data", "stored_size", self.stored_size, 8, MAX_SIDE, what=f"an integer >= 8 (at most {MAX_SIDE})")
+        _integer("data", "max_memory_mb", self.max_memory_mb, 0, 2 ** 24,   # 16 TiB
+                 what=f"an integer >= 0 (at most {2 ** 24}, 16 TiB)")
         _range("data", "pca_std", self.pca_std, 0.0, 10.0)
-        if self.test_limit is not None and self.test_limit < 2:
-            raise ConfigError(f"data.test_limit must be at least 2 (or unset); got {self.test_limit!r}.")
 
 
 @dataclass(frozen=True)
@@ -185,10 +310,9 @@ class TrainConfig:
         _choice(s, "precision", self.precision, PRECISIONS)
         _choice(s, "jit_compile", self.jit_compile, JIT)
         _choice(s, "distribute", self.distribute, DISTRIBUTE)
-        for name in ("epochs", "batch_size", "plateau_patience"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"train.{name} must be a positive integer; got {value!r}.")
+        for name, most in (("epochs", MAX_EPOCHS), ("batch_size", MAX_BATCH_SIZE), ("plateau_patience", MAX_EPOCHS)):
+            _integer(s, name, getattr(self, name), 1, most, what=f"a positive integer (at most {most})")
+        _integer(s, "seed", self.seed, 0, MAX_SEED)
         _range(s, "learning_rate", self.learning_rate, 0.0, 10.0, lo_open=True)
         _range(s, "momentum", self.momentum, 0.0, 1.0, hi_open=True)
 
@@ -335,35 +459,208 @@ def from_dict(values: Mapping[str, Any], *, base: Config | None = None, source: 
             put(str(key), raw)
 
     sections = {s: replace(getattr(base, s), **updates[s]) for s in SECTIONS}
-    return replace(base, **sections, **updates[None])
+    config = replace(base, **sections, **updates[None])
+    check_memory(config)
+    return config
 
 
 def _unknown_key_message(key: str, source: str) -> str:
-    import difflib
-
     names = sorted(leaf_fields())
-    close = difflib.get_close_matches(key.split(".")[-1], names, n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return f"{source}: unknown option {key!r}.{hint} Known options: {', '.join(names)}."
+    return f"{source}: unknown option {key!r}.{did_you_mean(key.split('.')[-1], names)} Known options: {', '.join(names)}."
 
+
+# --- memory ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a training run of a config holds at least (see `memory_estimate`)."""
+
+    parameters: int     # weights of the model
+    weights: int        # bytes of the weights, their gradients and SGD's momentum
+    activations: int    # bytes of one batch's layer outputs and their gradients
+    images: int         # bytes of the images held in memory (synthetic: the peak while generating them)
+    batch_size: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations + self.images
+
+
+def memory_estimate(config: Config) -> MemoryEstimate:
+    """What a training run of `config` needs in memory, from the config alone (nothing is built).
+
+    weights: 3 float32 copies of every parameter (the weights, their gradients, SGD's momentum);
+    activations: every layer's output for one batch, twice (kept for the backward pass, and its
+    gradient), in float32; images: the synthetic dataset, which data.py generates in memory at about 16
+    bytes per pixel value (float64 noise, float32 sums), or CIFAR-10 held at its native 32 px. Image
+    folders are left out: above `max_memory_mb` they are streamed from the files. An estimate, not a
+    measurement: the frameworks add their own memory, while fused kernels (XLA) and mixed precision keep
+    less per activation; it is checked against the whole machine's memory, so what it refuses is far
+    out of reach (an image side of 20,000 px, 10^8 synthetic images), not a run that nearly fits."""
+    model, data = config.model, config.data
+    num_classes = {"synthetic": data.synthetic_classes, "cifar10": 10}.get(data.dataset, 1000)
+    parameters = model.parameter_count(num_classes)
+    batch = config.train.batch_size
+    activations = 2 * _FLOAT_BYTES * batch * model.activation_count(num_classes)
+    if data.dataset == "synthetic":
+        side = data.stored_size if data.recipe == "paper" else model.input_size
+        images = _SYNTHETIC_PEAK_BYTES * data.synthetic_samples * side * side * 3
+    elif data.dataset == "cifar10":
+        images = 60_000 * 32 * 32 * 3
+    else:
+        images = 0
+    return MemoryEstimate(parameters=parameters, weights=3 * _FLOAT_BYTES * parameters,
+                          activations=activations, images=images, batch_size=batch)
+
+
+def memory_bound() -> int | None:
+    """Bytes of memory this process can have: the machine's physical memory (os.sysconf), or its
+    cgroup's limit (containers) when that is lower; None where neither can be read."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):   # not a POSIX system
+        return None
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
+
+
+def check_memory(config: Config, bound: int | None = None) -> None:
+    """Refuse `config` when `memory_estimate` exceeds `bound` (default: `memory_bound()`), with the
+    estimate, its largest part and the option that shrinks it."""
+    bound = memory_bound() if bound is None else bound
+    estimate = memory_estimate(config)
+    if bound is None or estimate.total <= bound:
+        return
+    parts = {"weights": estimate.weights, "activations": estimate.activations, "images": estimate.images}
+    largest = max(parts, key=parts.get)
+    room = bound - (estimate.total - parts[largest])   # what the largest part may take
+    if largest == "images":
+        per_image = estimate.images / config.data.synthetic_samples
+        fits = int(room // per_image) if room > 0 else 0
+        fix = (f"use --synthetic-samples {fits} or fewer" if fits >= 16 else "use fewer --synthetic-samples")
+        fix += ", or a smaller --stored-size" if config.data.recipe == "paper" else ", or a smaller --image-size"
+    elif largest == "activations":
+        per_image = estimate.activations / estimate.batch_size
+        fits = int(room // per_image) if room > 0 else 0
+        fix = (f"use --batch-size {fits} or less" if fits >= 1 else "use a smaller --batch-size") + \
+            ", a smaller --image-size or a smaller --width"
+    else:
+        native = NATIVE_IMAGE_SIZE[config.model.variant]
+        fix = (f"use a smaller --image-size (fc6's weights grow with its square; the {config.model.variant} "
+               f"variant's own is {native}) or a smaller --width")
+    raise ConfigError(
+        f"this run would need about {_bytes_text(estimate.total)} of memory, more than the "
+        f"{_bytes_text(bound)} this machine has (physical memory, or the cgroup limit if lower): "
+        f"weights, gradients and momentum of {estimate.parameters:,} parameters {_bytes_text(estimate.weights)}, "
+        f"activations of a batch of {estimate.batch_size} {_bytes_text(estimate.activations)}, "
+        f"images {_bytes_text(estimate.images)}. Fix: {fix}.")
+
+
+def _bytes_text(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if count < 1024 or unit == "PiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+# --- YAML ----------------------------------------------------------------------------------------
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read an experiment YAML file into a mapping, with clear errors for missing or malformed files."""
+    """Read a YAML file (experiment, study or sweep) into a mapping, with one clear error for a path
+    that is not a regular file, a file over YAML_MAX_BYTES, text that is not UTF-8, malformed YAML,
+    aliases that expand beyond YAML_MAX_NODES values (or into themselves), and a non-mapping.
+    Only plain YAML is read (yaml.SafeLoader: no Python objects)."""
     import yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist. Pass the path of a YAML file, "
-                          f"e.g. experiments/cifar10.yaml.")
+    where = f"config file {str(path)!r}"
+    if path.is_dir():
+        raise ConfigError(f"{where} is a folder, not a file. Pass the path of a YAML file in it, e.g. "
+                          f"experiments/cifar10.yaml.")
+    if not path.exists():
+        raise ConfigError(f"{where} does not exist. Pass the path of a YAML file, e.g. experiments/cifar10.yaml.")
+    if not path.is_file():   # a FIFO or device would block the read, or never end
+        raise ConfigError(f"{where} is not a regular file. Pass the path of a YAML file.")
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open("rb") as file:
+            raw = file.read(YAML_MAX_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{where} cannot be read ({err.strerror or err}).") from None
+    if len(raw) > YAML_MAX_BYTES:
+        raise ConfigError(f"{where} is larger than {YAML_MAX_BYTES // 2 ** 10} KiB; an experiment, study or "
+                          f"sweep file is a page of options. Check that it is the file you meant.")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}). "
+                          f"Save it as UTF-8.") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}
+        _check_yaml_size(node, where)
+        data = loader.construct_document(node)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-    if data is None:
-        return {}
+        # One line (PyYAML's own text spans several, with a caret under the spot).
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        context = getattr(err, "context", None)
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}" + (f" ({context})" if context else "")
+                          ) from None
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply to be an options file.") from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of options; got {type(data).__name__}.")
+        raise ConfigError(f"{where} must hold a mapping of options; got {type(data).__name__}.")
     return data
+
+
+def _check_yaml_size(root, where: str) -> None:
+    """Refuse a YAML node graph whose aliases expand beyond YAML_MAX_NODES values or into themselves.
+    Counting shared nodes once per use, with a memo per node, takes time linear in the file."""
+    import yaml
+
+    expanded: dict[int, int] = {}   # id(node) -> values under it, aliases expanded
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            open_nodes.discard(key)
+            children = _yaml_children(node, yaml)
+            expanded[key] = 1 + sum(expanded[id(child)] for child in children)
+            if expanded[key] > YAML_MAX_NODES:
+                raise ConfigError(f"{where} holds more than {YAML_MAX_NODES:,} values once its aliases (*name) "
+                                  f"are expanded; an options file needs a few hundred. Remove the aliases "
+                                  f"that repeat other aliases.")
+            continue
+        if key in expanded:
+            continue
+        if key in open_nodes:
+            raise ConfigError(f"{where} has an alias (*name) inside the value it names, which would "
+                              f"expand forever. Remove it.")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _yaml_children(node, yaml) if id(child) not in expanded)
+
+
+def _yaml_children(node, yaml) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -373,4 +670,14 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         config = from_dict(load_yaml(path), base=config, source=str(path))
     if overrides:
         config = from_dict(overrides, base=config, source="command line")
+    check_memory(config)
     return config
+
+
+def did_you_mean(word: str, known: list[str] | tuple[str, ...], n: int = 3) -> str:
+    """" Did you mean a, b?" with the names of `known` closest to `word`, or "" when none is close: the
+    one hint every unknown option, key or axis gets (configs, study and sweep files)."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(known), n=n)
+    return f" Did you mean {', '.join(close)}?" if close else ""

@@ -50,7 +50,9 @@ class LocalResponseNormalization(keras.layers.Layer):
         axis: the channel axis (-1 for channels_last).
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
-    The layer has no weights; the output shape equals the input shape.
+    The layer has no weights; the output shape equals the input shape. Its parts are public, so that
+    what the layer does can be measured with the layer's own code: `squared_sum(inputs)` (the window
+    sum) and `scale(inputs)` (the factor (k + alpha * sum) ** -beta); `call` is inputs * scale(inputs).
     """
 
     def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
@@ -75,18 +77,24 @@ class LocalResponseNormalization(keras.layers.Layer):
         self.supports_masking = True
 
     def build(self, input_shape):
-        rank = len(input_shape)
+        self._channel_axis(len(input_shape))
+        self.built = True
+
+    def _channel_axis(self, rank: int) -> int:
         if not -rank <= self.axis < rank:
             raise ValueError(f"LocalResponseNormalization: `axis` must be in [-{rank}, {rank}) for "
                              f"inputs of rank {rank}; received axis={self.axis}.")
-        self.built = True
+        return self.axis % rank
 
-    def call(self, inputs):
+    def squared_sum(self, inputs):
+        """sum_j a_j^2 over each channel's window (n channels, clipped at the first and last), in
+        float32, shaped as `inputs`: the sum in the formula above. `scale` and `call` use it, and so
+        does the diagnostic of how much the layer normalises (model.lrn_diagnostics)."""
         # float32 whatever the compute dtype: see the class docstring (overflow of the squared
         # sum and precision of the power in float16).
         x = ops.cast(inputs, "float32")
         rank = len(x.shape)
-        axis = self.axis % rank
+        axis = self._channel_axis(rank)
         radius = self.size // 2
         squared = ops.square(x)
         channels = x.shape[axis]
@@ -96,28 +104,35 @@ class LocalResponseNormalization(keras.layers.Layer):
             # for the shifted-slice sum below, whose strided slices are slow to differentiate.
             index = np.arange(channels)
             band = (np.abs(index[:, None] - index[None, :]) <= radius).astype("float32")
-            window_sum = ops.matmul(squared, band)
-        elif radius:
-            # Zero-padding both ends of the channel axis clips the window at the edge channels.
-            padding = [[0, 0]] * rank
-            padding[axis] = [radius, radius]
-            padded = ops.pad(squared, padding)
-            # Sum the n shifted views of length N: view i starts at i and stops 2r - i before the
-            # end, so the channel count N need not be known statically.
-            window_sum = None
-            for i in range(self.size):
-                stop = i - 2 * radius
-                index = [slice(None)] * rank
-                index[axis] = slice(i, stop if stop < 0 else None)
-                view = padded[tuple(index)]
-                window_sum = view if window_sum is None else window_sum + view
-        else:
-            window_sum = squared
+            return ops.matmul(squared, band)
+        if not radius:
+            return squared
+        # Zero-padding both ends of the channel axis clips the window at the edge channels.
+        padding = [[0, 0]] * rank
+        padding[axis] = [radius, radius]
+        padded = ops.pad(squared, padding)
+        # Sum the n shifted views of length N: view i starts at i and stops 2r - i before the
+        # end, so the channel count N need not be known statically.
+        window_sum = None
+        for i in range(self.size):
+            stop = i - 2 * radius
+            index = [slice(None)] * rank
+            index[axis] = slice(i, stop if stop < 0 else None)
+            view = padded[tuple(index)]
+            window_sum = view if window_sum is None else window_sum + view
+        return window_sum
+
+    def scale(self, inputs):
+        """(k + alpha * squared_sum(inputs)) ** -beta in float32: the factor each activation is
+        multiplied by. It is the constant k ** -beta wherever alpha * sum is small against k."""
         # exp(-beta * log(.)) rather than power(., -beta): the same value (the base is > 0 for k > 0),
         # but 2.7x faster on TensorFlow's CPU kernels, where power made LRN a quarter of the step
         # (benchmarks/README.md).
-        outputs = x * ops.exp(-self.beta * ops.log(self.k + self.alpha * window_sum))
-        return ops.cast(outputs, inputs.dtype)
+        return ops.exp(-self.beta * ops.log(self.k + self.alpha * self.squared_sum(inputs)))
+
+    def call(self, inputs):
+        x = ops.cast(inputs, "float32")   # see squared_sum
+        return ops.cast(x * self.scale(x), inputs.dtype)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)

@@ -13,24 +13,20 @@ import math
 from typing import Any, Sequence
 
 import keras
+import numpy as np
 
-from alexnet_keras.config import ConfigError, ModelConfig
+from alexnet_keras.config import (CONV_KERNELS, GROUPED_CONVS, LRN_CONVS, POOL_SIZES, POOLED_CONVS, ConfigError,
+                                  ModelConfig)
 from alexnet_keras.layers import LocalResponseNormalization
 
 # The option names `AlexNet(**options)` accepts: exactly the fields of ModelConfig.
 MODEL_OPTIONS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
-# Filters of conv1..conv5, kernel sizes per variant, and the hidden FC units, before `width`.
-_FILTERS = (96, 256, 384, 384, 256)
-_KERNELS = {"paper": (11, 5, 3, 3, 3), "cifar": (3, 3, 3, 3, 3)}
-_HIDDEN_UNITS = 4096
-# The paper's two-GPU split: only these convs see just the half of the previous layer's maps that
-# lives on their own GPU (conv3 and the FC layers connect across GPUs).
-_GROUPED_CONVS = (2, 4, 5)
+# The network's geometry (filters, kernels, which convs are grouped, pooled or followed by LRN, the
+# feature-map sides) lives in config.py, which checks a config against it before anything is built.
 # "We initialized the neuron biases in the second, fourth, and fifth convolutional layers, as well
 # as in the fully-connected hidden layers, with the constant 1." (section 5)
 _BIAS_ONE = {"conv2", "conv4", "conv5", "fc6", "fc7"}
-_POOL_SIZES = {"overlapping": 3, "non_overlapping": 2}
 
 
 @keras.saving.register_keras_serializable(package="alexnet_keras")
@@ -39,8 +35,10 @@ class AlexNet(keras.Model):
 
     Takes float images of shape (S, S, 3) with raw pixel values in 0..255 (S =
     `ModelConfig.input_size`) and returns float32 class probabilities of shape (num_classes,).
-    The first layer, "preprocess", scales the pixels: `(x - input_mean) / input_std` per channel
-    when both are given (in 0..255 units), else `x / 255`; so a saved model is self-contained.
+    The first layer, "preprocess", scales the pixels (so a saved model is self-contained), as
+    `input_norm` says: "standardize" gives `(x - input_mean) / input_std` per channel when both are
+    given (in 0..255 units), else `x / 255`; "center" gives `x - input_mean` (still 0..255 units, the
+    paper's regime), else `x - 127.5`.
 
     Layer order of each conv block (names in brackets; optional layers marked *):
 
@@ -76,6 +74,7 @@ class AlexNet(keras.Model):
         elsewhere; "keras" = Keras defaults (glorot_uniform kernels, zero biases). Randomness comes
         from `keras.utils.set_random_seed`, set by the caller.
       * weight_decay: L2 penalty on every conv/dense kernel (see `_regularizer`).
+      * input_norm: "standardize" or "center" (the "preprocess" layer, above).
 
     `get_config()` returns every constructor argument, so `AlexNet.from_config` and
     `keras.saving.load_model` rebuild the same network. `self.config` is the ModelConfig.
@@ -89,7 +88,6 @@ class AlexNet(keras.Model):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"AlexNet num_classes must be a positive integer; got {num_classes!r}.")
         mean, std = _normalization_stats(input_mean, input_std)
-        _check_spatial_sizes(config)
 
         inputs, outputs = _build_graph(config, num_classes, mean, std)
         super().__init__(inputs=inputs, outputs=outputs, name=name, trainable=trainable)
@@ -134,6 +132,55 @@ def summary_text(model: keras.Model, **summary_kwargs: Any) -> str:
     return f"{text}\nTotal params: {model.count_params():,}"
 
 
+def lrn_diagnostics(model: keras.Model, images: Any, batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """How much each LocalResponseNormalization layer of `model` normalises on `images`.
+
+    `images`: a batch of model inputs (N, S, S, 3), 0..255 pixels for an AlexNet. Each LRN layer's
+    input activations a are computed (inference mode, `batch_size` images at a time) and measured
+    with the layer's own `squared_sum` and `scale`, over every position and channel:
+
+      ratio_mean, ratio_p95   mean and 95th percentile of alpha * sum(a^2) / k: the normalising
+                              term against the constant; ~0 means the layer normalises nothing
+      scale_mean, scale_min, scale_max   of the factor (k + alpha * sum(a^2)) ** -beta
+      constant_scale          k ** -beta, what the factor reduces to when the ratio is ~0
+      relative_scale_mean, relative_scale_min   scale_mean and scale_min / constant_scale
+                              (1 = a constant factor; lower = the layer damps large responses)
+
+    Returns {layer name: {statistic: float}} ({} for a model without LRN). Backend-free.
+    """
+    layers = [layer for layer in model.layers if isinstance(layer, LocalResponseNormalization)]
+    if not layers:
+        return {}
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"lrn_diagnostics: batch_size must be a positive integer; got {batch_size!r}.")
+    images = keras.ops.convert_to_numpy(images)
+    if images.ndim < 1 or len(images) == 0:
+        raise ValueError("lrn_diagnostics: `images` must be a non-empty batch of model inputs.")
+    probe = keras.Model(model.input, [layer.input for layer in layers])
+    ratios: dict[str, list[np.ndarray]] = {layer.name: [] for layer in layers}
+    scales: dict[str, list[np.ndarray]] = {layer.name: [] for layer in layers}
+    for start in range(0, len(images), batch_size):
+        activations = probe(images[start:start + batch_size], training=False)
+        if len(layers) == 1:
+            activations = [activations]
+        for layer, a in zip(layers, activations):
+            ratio = layer.alpha * layer.squared_sum(a) / layer.k
+            ratios[layer.name].append(keras.ops.convert_to_numpy(ratio).ravel())
+            scales[layer.name].append(keras.ops.convert_to_numpy(layer.scale(a)).ravel())
+    out = {}
+    for layer in layers:
+        ratio = np.concatenate(ratios[layer.name]).astype(np.float64)
+        scale = np.concatenate(scales[layer.name]).astype(np.float64)
+        constant = layer.k ** -layer.beta
+        out[layer.name] = {
+            "ratio_mean": float(ratio.mean()), "ratio_p95": float(np.percentile(ratio, 95)),
+            "scale_mean": float(scale.mean()), "scale_min": float(scale.min()), "scale_max": float(scale.max()),
+            "constant_scale": float(constant), "relative_scale_mean": float(scale.mean() / constant),
+            "relative_scale_min": float(scale.min() / constant),
+        }
+    return out
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 def _model_config(options: dict[str, Any]) -> ModelConfig:
@@ -175,42 +222,6 @@ def _normalization_stats(mean, std) -> tuple[tuple[float, ...] | None, tuple[flo
     return out[0], out[1]
 
 
-def _spatial_sizes(config: ModelConfig, size: int) -> dict[str, int]:
-    """The side of the feature map after conv1 and each pool, computed without building layers."""
-    pool = _POOL_SIZES[config.pool]
-    sizes = {}
-    if config.variant == "paper":
-        # conv1 'valid' 11x11 stride 4; pools 'valid' stride 2; other convs keep the size.
-        size = (size - 11) // 4 + 1 if size >= 11 else 0
-        sizes["conv1"] = size
-        for name in ("pool1", "pool2", "pool5"):
-            size = (size - pool) // 2 + 1 if size >= pool else 0
-            sizes[name] = size
-    else:
-        # All 'same': only the stride-2 pools shrink the map, to ceil(size / 2).
-        sizes["conv1"] = size
-        for name in ("pool1", "pool2", "pool5"):
-            size = -(-size // 2)
-            sizes[name] = size
-    return sizes
-
-
-def _check_spatial_sizes(config: ModelConfig) -> None:
-    sizes = _spatial_sizes(config, config.input_size)
-    if min(sizes.values()) >= 1:
-        return
-    smallest = next(s for s in range(1, 4096) if min(_spatial_sizes(config, s).values()) >= 1)
-    trace = ", ".join(f"{k} {v}" for k, v in sizes.items())
-    raise ConfigError(f"model.image_size {config.input_size} is too small for variant "
-                      f"{config.variant!r} with pool {config.pool!r}: a feature map would be "
-                      f"empty (sides: {trace}). Use image_size >= {smallest}.")
-
-
-def _scaled(units: int, width: float, multiple: int = 1) -> int:
-    # Round half up (not Python's banker's rounding) to a multiple of `multiple`, at least one.
-    return max(multiple, multiple * int(math.floor(units * width / multiple + 0.5)))
-
-
 def _kernel_initializer(config: ModelConfig):
     # A fresh instance per layer: Keras warns when one unseeded initializer is reused.
     if config.init == "paper":
@@ -237,24 +248,27 @@ def _regularizer(config: ModelConfig):
 def _build_graph(config: ModelConfig, num_classes: int, mean, std):
     size = config.input_size
     inputs = keras.Input(shape=(size, size, 3), name="image")
+    center = config.input_norm == "center"
     if mean is not None:
-        x = keras.layers.Normalization(mean=list(mean), variance=[s * s for s in std],
+        # "center": variance 1, so the layer only subtracts the mean (0..255 units, as in the paper).
+        x = keras.layers.Normalization(mean=list(mean), variance=[1.0] * 3 if center else [s * s for s in std],
                                        name="preprocess")(inputs)
+    elif center:   # no statistics: the middle of the 0..255 scale stands in for the mean
+        x = keras.layers.Rescaling(1.0, offset=-127.5, name="preprocess")(inputs)
     else:
         x = keras.layers.Rescaling(1.0 / 255.0, name="preprocess")(inputs)
 
     paper = config.variant == "paper"
-    multiple = 2 if config.groups == 2 else 1
-    pool_size = _POOL_SIZES[config.pool]
-    for i, (filters, kernel) in enumerate(zip(_FILTERS, _KERNELS[config.variant]), start=1):
+    pool_size = POOL_SIZES[config.pool]
+    for i, (filters, kernel) in enumerate(zip(config.conv_filters, CONV_KERNELS[config.variant]), start=1):
         name = f"conv{i}"
         first_paper_conv = paper and i == 1
         x = keras.layers.Conv2D(
-            filters=_scaled(filters, config.width, multiple),
+            filters=filters,
             kernel_size=kernel,
             strides=4 if first_paper_conv else 1,
             padding="valid" if first_paper_conv else "same",
-            groups=config.groups if i in _GROUPED_CONVS else 1,
+            groups=config.groups if i in GROUPED_CONVS else 1,
             # BN's beta does the bias' job, so a conv bias before BN would be a wasted weight.
             use_bias=not config.batchnorm,
             kernel_initializer=_kernel_initializer(config),
@@ -265,17 +279,17 @@ def _build_graph(config: ModelConfig, num_classes: int, mean, std):
         if config.batchnorm:
             x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
         x = keras.layers.Activation(config.activation, name=f"act{i}")(x)
-        if config.lrn and i in (1, 2):
+        if config.lrn and i in LRN_CONVS:
             x = LocalResponseNormalization(size=config.lrn_size, alpha=config.lrn_alpha,
                                            beta=config.lrn_beta, k=config.lrn_k, name=f"lrn{i}")(x)
-        if i in (1, 2, 5):
+        if i in POOLED_CONVS:
             # 'valid' in the paper variant gives 55 -> 27 -> 13 -> 6 for 3x3/2 and 2x2/2 alike;
             # 'same' in the cifar variant gives 32 -> 16 -> 8 -> 4 for both.
             x = keras.layers.MaxPooling2D(pool_size=pool_size, strides=2,
                                           padding="valid" if paper else "same", name=f"pool{i}")(x)
 
     x = keras.layers.Flatten(name="flatten")(x)
-    hidden = _scaled(_HIDDEN_UNITS, config.width)
+    hidden = config.hidden_units
     for i in (6, 7):
         if config.dropout > 0:
             x = keras.layers.Dropout(config.dropout, name=f"dropout{i}")(x)

@@ -53,7 +53,8 @@ def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = 
     writer = csv.DictWriter(buffer, fieldnames=names, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (repr(v) if isinstance(v, float) else value_text(v)) for k, v in row.items()})
+        # repr(float(v)): full precision, also for NumPy floats (whose own repr is "np.float64(...)").
+        writer.writerow({k: (repr(float(v)) if isinstance(v, float) else value_text(v)) for k, v in row.items()})
     return buffer.getvalue()
 
 

@@ -1,4 +1,4 @@
-"""Every MLflow call of the project lives here.
+"""Every MLflow call of the project, and every tag name it writes, live here.
 
 Store: `MLFLOW_TRACKING_URI` when set, else the embedded `sqlite:///mlflow.db` (artifacts under
 `./mlruns`). MLflow >= 3.13 refuses a plain `./mlruns` *file* store unless told otherwise, which is
@@ -6,8 +6,15 @@ why the default is SQLite.
 
 A run ends FINISHED, FAILED (error message kept in the `error` tag) or KILLED (Ctrl-C / SIGTERM),
 never stuck RUNNING: every run records the host and process that owns it, so a run left RUNNING by a
-process that died (SIGKILL, power loss) is found later and marked KILLED (`mark_dead_runs`), and a
-KILLED training run can be continued in place (`find_resumable_run`, train.py).
+process that died (SIGKILL, power loss) is found later and marked KILLED (`mark_dead_runs`).
+
+Parents, children and resuming: one protocol for `train`, `ablate` and `tune`. Runs are found by
+their tags (`find_runs`, `latest_run`); a parent's children by `child_runs` / `children_by`; a
+re-run parent takes over the children of earlier parents of the same study or sweep
+(`adopt_children`) and ends the children a killed process left RUNNING (`end_stale_children`); an
+interrupted training run is found again (`find_resumable_run`) and continued in place, or, under
+`mlflow run`, in the run the launcher made (`adopt_run`). The functions that log accept
+`run_id=` to write to a run other than the active one (the study report does).
 """
 
 from __future__ import annotations
@@ -21,14 +28,66 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+# --- tag and artifact names: typed here only ---------------------------------------------------------
 TAG_PREFIX = "alexnet_keras."
+PARENT_TAG = "mlflow.parentRunId"            # MLflow's own: nests a run under its parent in the UI
+RUN_NAME_TAG = "mlflow.runName"
+NOTE_TAG = "mlflow.note.content"             # the run page's description
+ERROR_TAG = "error"                          # why a run ended FAILED
+# Every training run (train.py).
+CONFIG_DIGEST_TAG = TAG_PREFIX + "config_digest"
+DATA_DIGEST_TAG = TAG_PREFIX + "data_digest"
+VARIANT_NAME_TAG = TAG_PREFIX + "variant"
+NUM_PARAMS_TAG = TAG_PREFIX + "num_params"
+CHECKPOINT_DIR_TAG = TAG_PREFIX + "checkpoint_dir"
+RESUMED_FROM_EPOCH_TAG = TAG_PREFIX + "resumed_from_epoch"
+RESUMED_FROM_RUN_TAG = TAG_PREFIX + "resumed_from_run"
+CONTINUED_IN_TAG = TAG_PREFIX + "continued_in"
+JOB_TAG = TAG_PREFIX + "job"
+# Who owns a run, why it ended, and which parent took over a child.
+HOST_TAG = TAG_PREFIX + "host"
+PID_TAG = TAG_PREFIX + "pid"
+PID_START_TAG = TAG_PREFIX + "pid_start"
+END_REASON_TAG = TAG_PREFIX + "end_reason"
+ADOPTED_FROM_TAG = TAG_PREFIX + "adopted_from"
+SUPERSEDED_BY_TAG = TAG_PREFIX + "superseded_by"
+# Ablation studies (ablate.py writes them, report.py reads them).
+STUDY_TAG = TAG_PREFIX + "study"
+STUDY_DIGEST_TAG = TAG_PREFIX + "study_digest"
+ROLE_TAG = TAG_PREFIX + "study_role"             # "parent" or "child"
+VARIANT_TAG = TAG_PREFIX + "variant_name"
+FACTOR_TAG = TAG_PREFIX + "factor."              # + axis name
+BASELINE_TAG = TAG_PREFIX + "is_baseline"
+SEED_TAG = TAG_PREFIX + "seed"
+SPEC_ARTIFACT = "study/study.json"
+# Sweeps (tune.py).
+SWEEP_TAG = TAG_PREFIX + "sweep"
+SWEEP_DIGEST_TAG = TAG_PREFIX + "sweep_digest"
+SWEEP_UID_TAG = TAG_PREFIX + "sweep_uid"
+SWEEP_ROLE_TAG = TAG_PREFIX + "sweep_role"       # "parent", "trial" or "superseded"
+SWEEP_SESSION_TAG = TAG_PREFIX + "sweep_session"  # when a chief / standalone run last took the parent
+SWEEP_SUMMARY_TAG = TAG_PREFIX + "sweep_summary"  # what the parent's summary was computed from
+TRIAL_TAG = TAG_PREFIX + "trial_id"
+TUNER_ID_TAG = TAG_PREFIX + "tuner_id"
+ATTEMPT_TAG = TAG_PREFIX + "attempt"
+SWEEP_MAX_TRIALS_TAG = TAG_PREFIX + "max_trials"
+BEST_TAG = "best."                               # + hyperparameter name, on the sweep's parent
+BEST_TRIAL_TAG = TAG_PREFIX + "best_trial"
+BEST_RUN_ID_TAG = TAG_PREFIX + "best_run_id"
+MODEL_SOURCE_TAG = TAG_PREFIX + "model_source"   # the sweep's model: "checkpoint", "retrained" or "none"
+# The per-epoch metrics Keras logs (step = epoch).
+EPOCH_KEYS = ("loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy")
+# Most runs one search returns (the SQL stores' limit).
+MAX_RESULTS = 50000
 
 
 class TrackingError(RuntimeError):
@@ -48,14 +107,30 @@ def configure(tracking_uri: str | None = None) -> str:
     return uri
 
 
-def _experiment_id(name: str) -> str:
-    """Create-or-get the experiment up front (also surfaces store errors before any training)."""
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def open_experiment(name: str) -> str:
+    """Create-or-get the experiment `name` and make it the current one; its id. Surfaces store errors
+    before any training (and creates the experiment before a fan-out of processes, mlflow#4123)."""
     try:
         experiment = mlflow.set_experiment(name)
     except Exception as err:  # store unreachable, schema locked, permission denied ...
         raise TrackingError(f"could not open MLflow experiment {name!r} at {mlflow.get_tracking_uri()!r}: "
                             f"{err}") from err
     return experiment.experiment_id
+
+
+def experiment_name(experiment_id: str) -> str:
+    return MlflowClient().get_experiment(experiment_id).name
+
+
+def experiment_id_for(experiment: str) -> str:
+    """The experiment this process logs to: the run's under `mlflow run`, else `experiment`'s."""
+    if "MLFLOW_RUN_ID" in os.environ:
+        return MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
+    return open_experiment(experiment)
 
 
 def preflight(experiment: str) -> None:
@@ -72,7 +147,7 @@ def preflight(experiment: str) -> None:
                                 f"started, at {mlflow.get_tracking_uri()!r}: {err}") from err
         experiment_id = run_info.experiment_id
     else:
-        experiment_id = _experiment_id(experiment)
+        experiment_id = open_experiment(experiment)
     location = MlflowClient().get_experiment(experiment_id).artifact_location
     local = _local_path(location)
     if local is None:
@@ -94,6 +169,17 @@ def _local_path(uri: str) -> Path | None:
     if parsed.scheme in ("", "file"):
         return Path(parsed.path if parsed.scheme else uri)
     return None
+
+
+def is_tracking_error(err: BaseException) -> bool:
+    """Whether `err` (or what caused it) comes from MLflow or its store, rather than from training."""
+    for e in (err, err.__cause__, err.__context__):
+        if e is None:
+            continue
+        module = type(e).__module__ or ""
+        if isinstance(e, TrackingError) or module.split(".")[0] in ("mlflow", "sqlalchemy", "sqlite3"):
+            return True
+    return False
 
 
 def environment_tags() -> dict[str, str]:
@@ -154,28 +240,40 @@ def describe_device() -> str:
     return f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
-def _param_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"   # the form MLproject users type
-    return "" if value is None else str(value)
-
-
 def log_params(params: Mapping[str, Any]) -> None:
-    """Log params, skipping keys already on the run.
+    """Log params on the active run, skipping keys already on it.
 
     `mlflow run` logs every entry-point parameter (as the string the user typed) before the program
     starts, and MLflow refuses to change a param, so `-P lrn=False` must not be re-logged as "false".
     The config already parsed those strings into the same values.
     """
+    from .tables import value_text
+
     run = mlflow.active_run()
     existing = MlflowClient().get_run(run.info.run_id).data.params
-    fresh = {k: _param_text(v) for k, v in params.items() if k not in existing}
+    fresh = {k: value_text(v) for k, v in params.items() if k not in existing}
     if fresh:
         mlflow.log_params(fresh)
 
 
-def _raise_keyboard_interrupt(signum, frame):  # SIGTERM → the same path as Ctrl-C
+def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within: SIGTERM (a scheduler stopping the job) takes the path of Ctrl-C, so runs end KILLED.
+    Only the main thread can install signal handlers; elsewhere this does nothing."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -184,8 +282,9 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
         parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Start (or, under `mlflow run`, resume) a run; end it FINISHED, FAILED or KILLED.
 
-    `run_id` resumes that run (a study's parent on re-run). A child (`parent_run_id` or `nested`) never
-    resumes $MLFLOW_RUN_ID, and is nested when its parent is the active run of this process.
+    `run_id` resumes that run (a study's or sweep's parent on re-run, an interrupted training run or
+    trial). A child (`parent_run_id` or `nested`) never resumes $MLFLOW_RUN_ID, and is nested when its
+    parent is the active run of this process. A top-level run turns SIGTERM into Ctrl-C.
     """
     if parent_run_id is not None or nested:
         # mlflow.start_run() without run_id resumes $MLFLOW_RUN_ID (the run `mlflow run` made, i.e.
@@ -195,43 +294,48 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
         if parent_run_id is not None and current is not None and current.info.run_id == parent_run_id:
             nested = True   # MLflow refuses a second active run unless it is nested
     if run_id is not None:
+        # start_run(run_id=...) refuses a run of another experiment than the last set_experiment().
+        mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
         active = mlflow.start_run(run_id=run_id, nested=nested)   # nested: a retried sweep trial
-        if TAG_PREFIX + "end_reason" in active.data.tags:   # why it ended last time; it runs again now
-            MlflowClient().delete_tag(run_id, TAG_PREFIX + "end_reason")
+        if END_REASON_TAG in active.data.tags:   # why it ended last time; it runs again now
+            MlflowClient().delete_tag(run_id, END_REASON_TAG)
     elif "MLFLOW_RUN_ID" in os.environ and not nested and parent_run_id is None:
         # Launched by `mlflow run`: the run already exists in the project's experiment.
         active = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
     else:
-        experiment_id = _experiment_id(experiment)
+        experiment_id = open_experiment(experiment)
         active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested,
                                   parent_run_id=parent_run_id)
-    owner_tags = {TAG_PREFIX + "host": socket.gethostname(), TAG_PREFIX + "pid": str(os.getpid()),
-                  TAG_PREFIX + "pid_start": _process_start(os.getpid())}
-    previous_sigterm = None
-    if not nested and parent_run_id is None and _is_main_thread():
-        previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
-        mlflow.set_tags({**owner_tags, **dict(tags or {})})
-        if params:
-            log_params(params)
-        yield active
-    except KeyboardInterrupt:
-        mlflow.set_tag(TAG_PREFIX + "end_reason", "interrupted")
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException as err:
-        with contextlib.suppress(Exception):
-            mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
-        mlflow.end_run("FAILED")
-        raise
-    else:
-        mlflow.end_run("FINISHED")
-    finally:
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+    owner_tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+                  PID_START_TAG: process_start(os.getpid())}
+    top_level = not nested and parent_run_id is None
+    with sigterm_as_interrupt() if top_level else contextlib.nullcontext():
+        try:
+            mlflow.set_tags({**owner_tags, **dict(tags or {})})
+            if params:
+                log_params(params)
+            yield active
+        except KeyboardInterrupt:
+            mlflow.set_tag(END_REASON_TAG, "interrupted")
+            mlflow.end_run("KILLED")
+            raise
+        except BaseException as err:
+            with contextlib.suppress(Exception):
+                mlflow.set_tag(ERROR_TAG, f"{type(err).__name__}: {err}"[:5000])
+            mlflow.end_run("FAILED")
+            raise
+        else:
+            mlflow.end_run("FINISHED")
 
 
-def _process_start(pid: int) -> str:
+def active_run_id() -> str | None:
+    active = mlflow.active_run()
+    return active.info.run_id if active is not None else None
+
+
+# --- who owns a run ----------------------------------------------------------------------------------
+
+def process_start(pid: int) -> str:
     """When process `pid` started (clock ticks since boot, Linux), so a reused pid is not taken for the
     process that owned a run; "" where /proc is absent."""
     try:
@@ -247,52 +351,157 @@ def _process_alive(pid: int, start: str) -> bool:
         return False
     except PermissionError:   # alive, owned by another user
         return True
-    return not start or _process_start(pid) in (start, "")
+    return not start or process_start(pid) in (start, "")
 
 
 def mark_dead_runs(experiment: str) -> list[str]:
     """Mark KILLED the runs of `experiment` still RUNNING although the process that owned them, on this
     host, is gone (SIGKILL, out-of-memory killer, a reboot). Runs of other hosts are left alone: from
     here a live process there cannot be told from a dead one. Returns the ids marked."""
-    client = MlflowClient()
-    host_tag = TAG_PREFIX + "host"
-    runs = client.search_runs([experiment_id_for(experiment)], max_results=10000,
-                              filter_string=f"attributes.status = 'RUNNING' and tags.`{host_tag}` = "
-                                            f"'{socket.gethostname()}'")
+    host = socket.gethostname()
     marked = []
-    for found in runs:
+    for found in find_runs({HOST_TAG: host}, experiment_ids=[experiment_id_for(experiment)], status="RUNNING"):
         tags = found.data.tags
-        pid = tags.get(TAG_PREFIX + "pid", "")
-        if not pid.isdigit() or _process_alive(int(pid), tags.get(TAG_PREFIX + "pid_start", "")):
+        pid = tags.get(PID_TAG, "")
+        if not pid.isdigit() or _process_alive(int(pid), tags.get(PID_START_TAG, "")):
             continue
-        client.set_tag(found.info.run_id, TAG_PREFIX + "end_reason",
-                       f"process {pid} on {socket.gethostname()} died while the run was RUNNING")
-        client.set_terminated(found.info.run_id, "KILLED")
+        end_run(found.info.run_id, "KILLED", f"process {pid} on {host} died while the run was RUNNING")
         marked.append(found.info.run_id)
     return marked
 
 
-def experiment_id_for(experiment: str) -> str:
-    """The experiment this process logs to: the run's under `mlflow run`, else `experiment`'s."""
-    if "MLFLOW_RUN_ID" in os.environ:
-        return MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
-    return _experiment_id(experiment)
+def end_run(run_id: str, status: str, reason: str) -> None:
+    """End `run_id` (not this process's active run) with `status`, saying why in its end_reason tag."""
+    client = MlflowClient()
+    client.set_tag(run_id, END_REASON_TAG, reason)
+    client.set_terminated(run_id, status)
+
+
+# --- finding runs, parents and children ------------------------------------------------------------------
+
+def _quotable(value: str) -> bool:
+    return "'" not in value and "\\" not in value
+
+
+def find_runs(tags: Mapping[str, str], *, experiment_ids: Sequence[str] | None = None,
+              status: str | None = None) -> list:
+    """The runs whose tags equal `tags` (and whose status is `status`), newest first, in
+    `experiment_ids` (default: every experiment of the store). Deleted runs are left out. Values
+    that SQL filters cannot quote safely (quotes, backslashes) are compared here instead."""
+    client = MlflowClient()
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return []
+    conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items() if _quotable(v)]
+    if status is not None:
+        conditions.append(f"attributes.status = '{status}'")
+    runs = client.search_runs(list(experiment_ids), " and ".join(conditions), max_results=MAX_RESULTS,
+                              order_by=["attributes.start_time DESC"])
+    return [r for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items())]
+
+
+def latest_run(tags: Mapping[str, str], **kwargs: Any) -> Any | None:
+    """The newest run of `find_runs(tags, **kwargs)`, or None."""
+    found = find_runs(tags, **kwargs)
+    return found[0] if found else None
+
+
+def child_runs(parent_run_id: str) -> list:
+    """Every run nested under `parent_run_id` (in any experiment), newest first."""
+    return find_runs({PARENT_TAG: parent_run_id})
+
+
+def children_by(parent_run_id: str, key_tag: str, *, status: str | None = None) -> dict[str, Any]:
+    """{value of `key_tag`: the newest child of `parent_run_id` with it} (with `status`, if given)."""
+    out: dict[str, Any] = {}
+    for found in child_runs(parent_run_id):   # newest first: the first one of each key wins
+        key = found.data.tags.get(key_tag)
+        if key is not None and key not in out and (status is None or found.info.status == status):
+            out[key] = found
+    return out
+
+
+def end_stale_children(parent_run_id: str, reason: str) -> list[str]:
+    """Mark KILLED the children of `parent_run_id` left RUNNING (or SCHEDULED) by a process that is
+    gone: only call this where no other process trains children of this parent. Returns their ids."""
+    stale = [r.info.run_id for r in child_runs(parent_run_id) if r.info.status in ("RUNNING", "SCHEDULED")]
+    for run_id in stale:
+        end_run(run_id, "KILLED", reason)
+    return stale
+
+
+def adopt_children(parent_run_id: str, earlier_parents: Iterable[Any], *, key_tag: str | None = None,
+                   wanted: Collection[str] | None = None, retire: Mapping[str, str] | None = None) -> int:
+    """Move under `parent_run_id` the children of `earlier_parents` (earlier runs of the same study or
+    sweep: a re-run under `mlflow run` always gets a new parent), so that one parent holds all.
+
+    With `key_tag`, only FINISHED children whose key is in `wanted` and that `parent_run_id` does not
+    hold finished already move (one per key; the others stay as history); without it, every child.
+    Each earlier parent is tagged superseded_by (plus `retire`), and gets a note saying where its
+    children went. Returns how many children moved."""
+    have = set(children_by(parent_run_id, key_tag, status="FINISHED")) if key_tag else set()
+    client = MlflowClient()
+    total = 0
+    for old in earlier_parents:
+        old_id = old.info.run_id
+        if old_id == parent_run_id:
+            continue
+        moved = 0
+        for child in child_runs(old_id):
+            if key_tag is not None:
+                key = child.data.tags.get(key_tag)
+                if child.info.status != "FINISHED" or key in have or (wanted is not None and key not in wanted):
+                    continue
+                have.add(key)
+            client.set_tag(child.info.run_id, PARENT_TAG, parent_run_id)
+            client.set_tag(child.info.run_id, ADOPTED_FROM_TAG, old_id)
+            moved += 1
+        for key, value in {SUPERSEDED_BY_TAG: parent_run_id, **dict(retire or {})}.items():
+            client.set_tag(old_id, key, value)
+        if moved:
+            note = old.data.tags.get(NOTE_TAG, "")
+            client.set_tag(old_id, NOTE_TAG, f"**Superseded by run {parent_run_id}**: its children were "
+                                             f"moved there.\n\n{note}")
+            print(f"moved {moved} child run(s) of earlier parent {old_id} under {parent_run_id}", flush=True)
+        total += moved
+    return total
+
+
+def wait_for_run(tags: Mapping[str, str], *, timeout: float, newest_by: str | None = None,
+                 poll: float = 1.0) -> Any | None:
+    """The RUNNING run with `tags` (the one with the highest numeric `newest_by` tag, else the newest),
+    waiting up to `timeout` seconds for one to appear; None if none did. Store errors are retried until
+    then: the process that makes the run may still be creating the store."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            runs = find_runs(tags, status="RUNNING")
+        except Exception as err:
+            if time.monotonic() >= deadline:
+                raise TrackingError(f"MLflow store {mlflow.get_tracking_uri()!r}: {err}") from err
+            runs = []
+        if runs:
+            if newest_by is not None:
+                runs.sort(key=lambda r: float(r.data.tags.get(newest_by, "0")), reverse=True)
+            return runs[0]
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(poll)
 
 
 def find_resumable_run(experiment: str, match_tags: Mapping[str, str], run_name: str | None = None) -> Any | None:
-    """The latest interrupted top-level run of `experiment` whose tags equal `match_tags` (the config
-    and data digests: hex strings) and, if given, named `run_name`, or None. Interrupted: KILLED (Ctrl-C, SIGTERM, or found dead), or FAILED with
-    its checkpoint folder still there. train.py deletes the checkpoint of a run that fails, so such a
-    run died without cleaning up: the `mlflow run` launcher marks a killed child FAILED."""
-    conditions = [f"tags.`{k}` = '{v}'" for k, v in match_tags.items()]
-    runs = MlflowClient().search_runs([experiment_id_for(experiment)], " and ".join(conditions),
-                                      order_by=["attributes.start_time DESC"], max_results=100)
-    for found in runs:
+    """The latest interrupted top-level training run of `experiment` whose tags equal `match_tags` (the
+    config and data digests) and, if given, named `run_name`, or None. Interrupted: KILLED (Ctrl-C,
+    SIGTERM, or found dead), or FAILED with its checkpoint folder still there. train.py deletes the
+    checkpoint of a run that fails, so such a run died without cleaning up: the `mlflow run` launcher
+    marks a killed child FAILED."""
+    for found in find_runs(match_tags, experiment_ids=[experiment_id_for(experiment)]):
         tags = found.data.tags
-        checkpoint = tags.get(TAG_PREFIX + "checkpoint_dir")
-        if found.info.run_id == os.environ.get("MLFLOW_RUN_ID") or "mlflow.parentRunId" in tags or not checkpoint:
+        checkpoint = tags.get(CHECKPOINT_DIR_TAG)
+        if found.info.run_id == os.environ.get("MLFLOW_RUN_ID") or PARENT_TAG in tags or not checkpoint:
             continue
-        if run_name is not None and found.info.run_name != run_name:   # compared here: names may hold quotes
+        if run_name is not None and found.info.run_name != run_name:
             continue
         if found.info.status == "KILLED" or (found.info.status == "FAILED" and Path(checkpoint).is_dir()):
             return found
@@ -310,18 +519,12 @@ def adopt_run(previous_run_id: str) -> None:
     history = [m for key in previous.data.metrics for m in client.get_metric_history(previous_run_id, key)]
     for start in range(0, len(history), 1000):   # MLflow's log_batch limit
         client.log_batch(run_id, metrics=history[start:start + 1000], synchronous=True)
-    mlflow.set_tag(TAG_PREFIX + "resumed_from_run", previous_run_id)
-    client.set_tag(previous_run_id, TAG_PREFIX + "continued_in", run_id)
+    mlflow.set_tag(RESUMED_FROM_RUN_TAG, previous_run_id)
+    client.set_tag(previous_run_id, CONTINUED_IN_TAG, run_id)
     client.delete_run(previous_run_id)
 
 
-def log_metrics_once(metrics: Mapping[str, float]) -> None:
-    """Log the metrics the active run does not hold yet (a resumed run already has its run-level ones)."""
-    existing = MlflowClient().get_run(mlflow.active_run().info.run_id).data.metrics
-    fresh = {k: v for k, v in metrics.items() if k not in existing}
-    if fresh:
-        log_metrics(fresh)
-
+# --- per-epoch metrics ---------------------------------------------------------------------------------
 
 @functools.cache
 def _epoch_metrics_class():
@@ -363,48 +566,74 @@ def epoch_metrics_callback(skip_logged_steps: bool = False):
     return _epoch_metrics_class()(skip_logged_steps)
 
 
-def is_epoch_metrics_callback(callback) -> bool:
-    """Whether `callback` logs to the active run (tune.py drops it where no trial run is active)."""
-    return isinstance(callback, _epoch_metrics_class())
-
-
-def epoch_history(run_id: str, keys) -> dict[str, list[float]]:
+def epoch_history(run_id: str, keys: Sequence[str] = EPOCH_KEYS) -> dict[str, list[float]]:
     """A run's per-epoch metrics as {key: [value at step 0, 1, ...]}: the whole training of a resumed
-    run, across the processes that trained it."""
+    run, across the processes that trained it; where a step was logged twice, the later value."""
+    client = MlflowClient()
     history = {}
     for key in keys:
-        by_step = dict(metric_history(run_id, key))
+        by_step: dict[int, tuple[int, float]] = {}
+        for m in client.get_metric_history(run_id, key):
+            if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
+                by_step[m.step] = (m.timestamp, m.value)
         if by_step:
-            history[key] = [by_step[step] for step in sorted(by_step)]
+            history[key] = [by_step[step][1] for step in sorted(by_step)]
     return history
 
 
-def _is_main_thread() -> bool:
-    import threading
+# --- logging (to the active run, or to `run_id`) -------------------------------------------------------
 
-    return threading.current_thread() is threading.main_thread()
+def log_metrics(metrics: Mapping[str, float], step: int | None = None, *, run_id: str | None = None) -> None:
+    values = {k: float(v) for k, v in metrics.items()}
+    if run_id is None:
+        mlflow.log_metrics(values, step=step)
+        return
+    from mlflow.entities import Metric
 
-
-def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-
-
-def set_tags(tags: Mapping[str, str]) -> None:
-    mlflow.set_tags(dict(tags))
-
-
-def log_text(text: str, artifact_file: str) -> None:
-    mlflow.log_text(text, artifact_file)
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, step or 0) for k, v in values.items()],
+                             synchronous=True)
 
 
-def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
-    mlflow.log_dict(dict(data), artifact_file)
+def log_metrics_once(metrics: Mapping[str, float]) -> None:
+    """Log the metrics the active run does not hold yet (a resumed run already has its run-level ones)."""
+    existing = MlflowClient().get_run(mlflow.active_run().info.run_id).data.metrics
+    fresh = {k: v for k, v in metrics.items() if k not in existing}
+    if fresh:
+        log_metrics(fresh)
 
 
-def log_figure(figure, artifact_file: str) -> None:
+def set_tags(tags: Mapping[str, str], *, run_id: str | None = None) -> None:
+    if run_id is None:
+        mlflow.set_tags(dict(tags))
+        return
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def log_text(text: str, artifact_file: str, *, run_id: str | None = None) -> None:
+    if run_id is None:
+        mlflow.log_text(text, artifact_file)
+    else:
+        MlflowClient().log_text(run_id, text, artifact_file)
+
+
+def log_dict(data: Mapping[str, Any], artifact_file: str, *, run_id: str | None = None) -> None:
+    if run_id is None:
+        mlflow.log_dict(dict(data), artifact_file)
+    else:
+        MlflowClient().log_dict(run_id, dict(data), artifact_file)
+
+
+def log_figure(figure, artifact_file: str, *, run_id: str | None = None) -> None:
+    """Log a matplotlib figure as an image, then close it."""
     import matplotlib.pyplot as plt
 
-    mlflow.log_figure(figure, artifact_file)
+    if run_id is None:
+        mlflow.log_figure(figure, artifact_file)
+    else:
+        MlflowClient().log_figure(run_id, figure, artifact_file)
     plt.close(figure)
 
 
@@ -427,25 +656,16 @@ def log_dataset(name: str, source: str, digest: str, context: str, num_examples:
     mlflow.log_input(dataset, context=context, tags={"num_examples": str(num_examples)})
 
 
-def log_keras_model(model, example_batch, metadata: Mapping[str, Any] | None = None) -> None:
-    """The trained model in `.keras` format, with a signature inferred from a real batch.
+def log_keras_model(model, example_batch, metadata) -> None:
+    """The trained model as a self-contained MLflow model, `runs:/<run id>/model` (serving.log_model):
+    it loads with mlflow.pyfunc / `mlflow models serve` anywhere and classifies raw images.
 
-    `metadata` goes into the MLmodel file (predict.py reads class names and preprocessing from it)."""
-    import keras
-    from mlflow.models import infer_signature
+    `metadata`: inference.model_metadata(data), the class names and preprocessing (and mean image) of
+    the training data; `example_batch`: a batch of model inputs, whose first image becomes the input
+    example."""
+    from . import serving
 
-    predictions = model.predict(example_batch, verbose=0)
-    signature = infer_signature(example_batch, predictions)
-    # Explicit requirements: MLflow would otherwise re-import the model in a subprocess to infer them.
-    requirements = [f"keras=={keras.__version__}", "alexnet-keras"]
-    try:
-        import tensorflow as tf
-
-        requirements.append(f"tensorflow=={tf.__version__}")
-    except ImportError:
-        pass
-    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements,
-                           metadata=dict(metadata) if metadata else None)
+    serving.log_model(model, metadata, example_batch)
 
 
 def log_preprocessing(data) -> None:
@@ -460,14 +680,6 @@ def log_preprocessing(data) -> None:
             path = os.path.join(folder, "mean_image.npy")
             np.save(path, np.asarray(data.mean_image, np.float32))
             mlflow.log_artifact(path, "preprocessing")
-
-
-def child_runs(parent_run_id: str) -> list:
-    return MlflowClient().search_runs(
-        [MlflowClient().get_run(parent_run_id).info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-        max_results=10000,
-    )
 
 
 def get_run(run_id: str):
@@ -499,3 +711,9 @@ def dumps(value: Any) -> str:
 
 def stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def log_table(columns: Mapping[str, Sequence[Any]], artifact_file: str, *, run_id: str | None = None) -> None:
+    """A table ({column: values}) as an MLflow table artifact (JSON), which the UI's artifact view shows
+    as a table; `artifact_file` must end in .json."""
+    mlflow.log_table(dict(columns), artifact_file, run_id=run_id)

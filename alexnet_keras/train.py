@@ -1,4 +1,8 @@
-"""Training as small functions, ending in `train_and_evaluate(config)`.
+"""Training as small functions, ending in `train_and_evaluate(config)`: the one training path.
+
+`prepare` (seeds, data, model, compile), `fit` (the training loop: `train`, a study's children, a
+sweep's trials and the benchmark's throughput all go through it), `log_inputs` and `log_trained_model`
+(what a run logs before and after training: `train` and the sweep's best model alike).
 
 Order matters for "never a half-written run": the config is validated when it is built, then the
 data are loaded and the model is built, and only then is an MLflow run opened. A bad option, a
@@ -25,7 +29,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import keras
 import numpy as np
@@ -34,7 +38,7 @@ from . import distribute, figures, tracking
 from .config import Config, TrainConfig
 from .data import Data, enable_op_determinism, load_data
 from .model import build_alexnet, summary_text
-from .predict import model_metadata, ten_crop_metrics   # the paper recipe's hooks (see below)
+from .inference import model_metadata, ten_crop_metrics   # the paper recipe's hooks (see below)
 
 
 @dataclasses.dataclass
@@ -96,9 +100,13 @@ def compile_model(model: keras.Model, config: Config, steps_per_epoch: int) -> k
     return model
 
 
-def build_callbacks(config: Config, backup_dir: Path | None = None) -> list[keras.callbacks.Callback]:
-    callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.TerminateOnNaN(), tracking.epoch_metrics_callback(skip_logged_steps=backup_dir is not None)]
+def build_callbacks(config: Config, backup_dir: Path | None = None, *,
+                    track: bool = True) -> list[keras.callbacks.Callback]:
+    """NaN stop, per-epoch metrics to the active run (unless not `track`), checkpoints in `backup_dir`,
+    and the plateau schedule."""
+    callbacks: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
+    if track:
+        callbacks.append(tracking.epoch_metrics_callback(skip_logged_steps=backup_dir is not None))
     if backup_dir is not None:
         # After the metrics: a kill between the two re-trains that epoch, whose step is then not
         # logged again (skip_logged_steps), rather than skipping an epoch whose metrics were never logged.
@@ -139,25 +147,41 @@ def checkpoint_epoch(backup_dir: Path | None) -> int:
         return 0
 
 
-def fit(model: keras.Model, data: Data, config: Config,
-        backup_dir: Path | None = None) -> tuple[dict[str, list[float]], float, int]:
-    """Train for the configured epochs, or what is left of them after the checkpoint in `backup_dir`.
-    Returns this call's Keras history, its seconds, and the epoch it started from."""
-    verbose = 1 if sys.stdout.isatty() else 2   # a progress bar on a terminal, a line per epoch in logs
-    initial_epoch = min(checkpoint_epoch(backup_dir), config.train.epochs)
-    if initial_epoch:
-        print(f"resuming from the checkpoint of epoch {initial_epoch} of {config.train.epochs} in {backup_dir}",
-              flush=True)
+def fit(model: keras.Model, data: Data, config: Config, backup_dir: Path | None = None, *,
+        callbacks: Sequence[keras.callbacks.Callback] = (), epochs: int | None = None, initial_epoch: int = 0,
+        steps_per_epoch: int | None = None, verbose: int | None = None,
+        track: bool = True) -> tuple[dict[str, list[float]], float, int]:
+    """Train to `epochs` (default: the config's) from `initial_epoch`, or from the checkpoint in
+    `backup_dir`: the one training loop of `train`, the study's children, the sweep's trials (which
+    add keras-tuner's `callbacks` and, under hyperband, their own epochs) and the benchmark's throughput
+    (`steps_per_epoch` of a repeated pipeline, no validation when `data.val` is None). A loss that
+    turns NaN or infinite stops it with FloatingPointError. `track=False` logs no per-epoch metrics to
+    the active run. Returns this call's Keras history, its seconds, and the epoch it started from."""
+    epochs = epochs or config.train.epochs
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2   # a progress bar on a terminal, a line per epoch in logs
+    resumed = min(checkpoint_epoch(backup_dir), epochs)
+    if resumed:
+        print(f"resuming from the checkpoint of epoch {resumed} of {epochs} in {backup_dir}", flush=True)
+    start_epoch = max(initial_epoch, resumed)
     start = time.perf_counter()
     # shuffle=False: the tf.data pipeline already reshuffles every epoch (Keras would only warn).
-    history = model.fit(data.train, validation_data=data.val, epochs=config.train.epochs,
-                        callbacks=build_callbacks(config, backup_dir), verbose=verbose, shuffle=False)
+    # BackupAndRestore moves a resumed fit to its checkpoint's epoch itself.
+    history = model.fit(data.train, validation_data=data.val, epochs=epochs, initial_epoch=initial_epoch,
+                        steps_per_epoch=steps_per_epoch, callbacks=[*build_callbacks(config, backup_dir, track=track),
+                                                                    *callbacks],
+                        verbose=verbose, shuffle=False)
     seconds = time.perf_counter() - start
     loss = history.history["loss"][-1] if history.epoch else 0.0
-    if initial_epoch + len(history.epoch) < config.train.epochs or not np.isfinite(loss):   # TerminateOnNaN
-        raise FloatingPointError(f"training diverged (loss {loss}) at epoch {initial_epoch + len(history.epoch)}; "
+    if start_epoch + len(history.epoch) < epochs or not np.isfinite(loss):   # TerminateOnNaN
+        raise FloatingPointError(f"training diverged (loss {loss}) at epoch {start_epoch + len(history.epoch)}; "
                                  f"try a smaller --learning-rate than {config.train.learning_rate}.")
-    return {k: [float(v) for v in values] for k, values in history.history.items()}, seconds, initial_epoch
+    return {k: [float(v) for v in values] for k, values in history.history.items()}, seconds, start_epoch
+
+
+def timing_metrics(history: dict[str, list[float]], seconds: float) -> dict[str, float]:
+    """This process's training time, in all and per epoch trained."""
+    return {"train_time_s": seconds, "epoch_time_s": seconds / max(1, len(history.get("loss", [])))}
 
 
 def evaluate(model: keras.Model, data: Data) -> tuple[dict[str, float], np.ndarray]:
@@ -188,16 +212,16 @@ def log_evaluation(data: Data, predictions: np.ndarray, history: dict[str, list[
 def run_tags(config: Config, data: Data, model: keras.Model) -> dict[str, str]:
     return {
         **tracking.environment_tags(),
-        tracking.TAG_PREFIX + "config_digest": config.digest(),
-        tracking.TAG_PREFIX + "data_digest": data.digest,
-        tracking.TAG_PREFIX + "variant": config.model.variant,
-        tracking.TAG_PREFIX + "num_params": str(model.count_params()),
+        tracking.CONFIG_DIGEST_TAG: config.digest(),
+        tracking.DATA_DIGEST_TAG: data.digest,
+        tracking.VARIANT_NAME_TAG: config.model.variant,
+        tracking.NUM_PARAMS_TAG: str(model.count_params()),
     }
 
 
 def checkpoint_dir_of(run) -> Path:
     """Where `run` keeps (or kept) its training checkpoint."""
-    return Path(run.data.tags[tracking.TAG_PREFIX + "checkpoint_dir"])
+    return Path(run.data.tags[tracking.CHECKPOINT_DIR_TAG])
 
 
 def resumable_run(config: Config, tags: dict[str, str]):
@@ -207,7 +231,7 @@ def resumable_run(config: Config, tags: dict[str, str]):
         print(f"marked run {run_id} KILLED: the process training it is gone", flush=True)
     if not config.resume:
         return None
-    match = {k: tags[k] for k in (tracking.TAG_PREFIX + "config_digest", tracking.TAG_PREFIX + "data_digest")}
+    match = {k: tags[k] for k in (tracking.CONFIG_DIGEST_TAG, tracking.DATA_DIGEST_TAG)}
     # The digest leaves the name out; `--run-name b` does not continue run "a".
     found = tracking.find_resumable_run(config.experiment, match, run_name=config.run_name)
     if found is not None:
@@ -245,7 +269,7 @@ def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
                     if old.is_dir():
                         backup_dir.parent.mkdir(parents=True, exist_ok=True)
                         os.replace(old, backup_dir)
-                tracking.set_tags({tracking.TAG_PREFIX + "checkpoint_dir": str(backup_dir)})
+                tracking.set_tags({tracking.CHECKPOINT_DIR_TAG: str(backup_dir)})
             result = _train_in_run(config, data, model, summary, title, run_id, backup_dir)
     except KeyboardInterrupt:
         raise   # KILLED: the checkpoint stays for the next run of the same command
@@ -261,37 +285,50 @@ def _remove_checkpoint(backup_dir: Path | None) -> None:
         shutil.rmtree(backup_dir, ignore_errors=True)
 
 
-def _train_in_run(config: Config, data: Data, model: keras.Model, summary: str, title: str, run_id: str,
-                  backup_dir: Path | None) -> TrainResult:
-    tracking.log_text(summary, "model/summary.txt")
+def log_inputs(config: Config, data: Data, model: keras.Model, summary: str | None = None) -> None:
+    """What a run trains on, logged on the active run before it trains: the model summary, the resolved
+    config, the data description (class names and the preprocessing `predict` applies to a file), the
+    paper recipe's statistics, the datasets, the parameter count and the unreadable files skipped."""
+    tracking.log_text(summary if summary is not None else summary_text(model), "model/summary.txt")
     tracking.log_dict(config.to_dict(), "config.yaml")
     tracking.log_dict({"class_names": list(data.class_names), "mean": data.mean, "std": data.std,
                        "counts": data.counts, "image_size": data.image_size, "source": data.source,
-                       "preprocessing": data.preprocessing},   # what `predict` applies to a file
+                       "preprocessing": data.preprocessing},
                       "data.json")
     tracking.log_preprocessing(data)   # paper recipe: colour PCA / mean statistics, mean image
-    for split in ("train", "val", "test"):
-        context = {"train": "training", "val": "validation", "test": "test"}[split]
+    for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
         tracking.log_dataset(f"{config.data.dataset}-{split}", data.source, data.digest, context,
                              data.counts[split])
     tracking.log_metrics_once({"num_params": model.count_params(), "skipped_files": data.counts["skipped"]})
 
-    history, train_seconds, initial_epoch = fit(model, data, config, backup_dir)
-    epochs_run = len(history.get("loss", []))
-    if initial_epoch:   # the whole training, across the processes that trained this run
-        history = tracking.epoch_history(run_id, ["loss", "accuracy", "val_loss", "val_accuracy",
-                                                  "top5_accuracy", "val_top5_accuracy"])
-        tracking.set_tags({tracking.TAG_PREFIX + "resumed_from_epoch": str(initial_epoch)})
+
+def log_trained_model(model: keras.Model, data: Data, history: dict[str, list[float]], *, title: str,
+                      metrics: dict[str, float] | None = None, step: int | None = None) -> dict[str, float]:
+    """A trained model and its evaluation, logged on the active run: the test metrics (plus `metrics`,
+    at `step`), the classification report, confusion matrix and learning curves, and the model itself
+    with the class names and preprocessing `predict` needs. Shared by `train` and the sweep's best
+    model. Returns the metrics logged."""
     test_metrics, predictions = evaluate(model, data)
     test_metrics.update(ten_crop_metrics(model, data))   # paper recipe: test_10crop_*; else nothing
-    metrics = {**test_metrics, "train_time_s": train_seconds,   # this process's training time
-               "epoch_time_s": train_seconds / max(1, epochs_run),
-               "final_train_accuracy": history["accuracy"][-1]}
-    tracking.log_metrics(metrics)
+    logged = {**test_metrics, **(metrics or {})}
+    tracking.log_metrics(logged, step=step)
     log_evaluation(data, predictions, history, title)
     example = next(iter(data.val.take(1)))[0].numpy()[:4]
     # Class names and preprocessing travel with the logged model (its MLmodel metadata), for `predict`.
     tracking.log_keras_model(model, example, metadata=model_metadata(data))
     tracking.flush()
+    return logged
+
+
+def _train_in_run(config: Config, data: Data, model: keras.Model, summary: str, title: str, run_id: str,
+                  backup_dir: Path | None) -> TrainResult:
+    log_inputs(config, data, model, summary)
+    history, train_seconds, initial_epoch = fit(model, data, config, backup_dir)
+    timing = timing_metrics(history, train_seconds)   # this process's training
+    if initial_epoch:   # the whole training, across the processes that trained this run
+        history = tracking.epoch_history(run_id)
+        tracking.set_tags({tracking.RESUMED_FROM_EPOCH_TAG: str(initial_epoch)})
+    metrics = log_trained_model(model, data, history, title=title,
+                                metrics={**timing, "final_train_accuracy": history["accuracy"][-1]})
     print(f"run {run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     return TrainResult(run_id=run_id, metrics=metrics, history=history)

@@ -1,11 +1,13 @@
 """Hyperparameter sweeps: keras-tuner over the project's own AlexNet, every trial a nested MLflow run.
 
-`alexnet-keras tune SWEEP.yaml` (or `mlflow run . -e tune -P config=SWEEP.yaml`) reads a sweep file:
+`alexnet-keras tune SWEEP.yaml` (or `mlflow run . -e tune -P config=SWEEP.yaml`) reads a sweep file
+(name, description, experiment, base_config and base as in every study and sweep file: specfile.py):
 
     name: cifar10-cpu            # the parent run's name and the tuner folder (<directory>/<name>)
     tuner: random                # random | bayesian | hyperband
     objective: {name: val_accuracy, direction: max}   # or just `val_accuracy`
-    budget: {max_trials: 8, epochs: 3}                # hyperband: epochs = max_epochs, plus factor
+    budget: {max_trials: 8, epochs: 3}                # hyperband: epochs = max_epochs, plus factor;
+                                                      # bayesian: num_initial_points (random trials first)
     base_config: cifar10.yaml    # optional experiment YAML (relative to this file), applied first
     base: {model: {width: 0.25}, data: {train_limit: 10000}}   # experiment-YAML keys, nested or flat
     search_space:                # any config option
@@ -14,77 +16,70 @@
       pool: [overlapping, non_overlapping]            # a list is a choice
       lrn: {type: boolean}
 
+Each dimension is declared on a keras_tuner.HyperParameters as the file is read, so keras-tuner's own
+checks (ranges, sampling, steps) run before anything else, their messages prefixed with the YAML path;
+every value is also checked against the config. Bayesian optimisation starts with `num_initial_points`
+random trials (default max(2, min(3 x dimensions, max_trials // 2)); keras-tuner's own default,
+3 x dimensions, can exceed max_trials and make the whole search random, so that is refused).
+
 The `HyperModel` maps a trial's values onto `Config.override(...)` and builds the network with
-`build_alexnet` + `compile_model` (no second model definition); `fit` rebuilds the tf.data pipeline
-at the trial's batch size. MLflow: one parent run per sweep, one nested run per trial (the full
-resolved config as params, per-epoch metrics, status), and on the parent the best trial's values
-(`best.<name>` tags, `sweep/best_hyperparameters.json`), `best_<objective>`, the table of all trials
-(`sweep/trials.csv`, `sweep/trials.md`), a figure (`sweep/objective.png`) and the best model.
+`build_alexnet` + `compile_model` (no second model definition); its `fit` is train.fit (the one
+training loop) on tf.data pipelines rebuilt at the trial's batch size. MLflow: one parent run per
+sweep, one nested run per trial (the full resolved config as params, what train logs before training,
+per-epoch metrics, status), and on the parent the best trial's values (`best.<name>` tags,
+`sweep/best_hyperparameters.json`), `best_<objective>`, the table of all trials (`sweep/trials.csv`,
+`sweep/trials.md`), their importance, a figure (`sweep/objective.png`) and the best model, logged by
+train.log_trained_model like any trained model (its best-epoch checkpoint through keras-tuner's
+`tuner.load_model`, else re-trained from its values).
 
 Resuming: the tuner state in `<directory>/<name>` (keras-tuner, `overwrite=False`) plus
 `sweep.json` there (the sweep file's digest and a sweep id). The parent run and the trial runs carry
-the sweep id as a tag, so a second invocation reuses the parent and never logs a trial twice.
+the sweep id as a tag, so a second invocation reuses the parent (or, under `mlflow run`, adopts the
+earlier parent's trials: tracking.adopt_children) and never logs a trial twice; an interrupted trial
+is retried in its own run.
 Distributed: keras-tuner's `KERASTUNER_TUNER_ID` / `KERASTUNER_ORACLE_IP` / `KERASTUNER_ORACLE_PORT`;
-the chief serves the oracle and owns the parent run, workers find it through
-`$ALEXNET_KERAS_PARENT_RUN_ID` (or `--parent-run-id`) or by the sweep's tags. See docs/sweeps.md.
+the chief serves the oracle (keras-tuner's own `search()`) and owns the parent run, workers find it
+through `$ALEXNET_KERAS_PARENT_RUN_ID` (or `--parent-run-id`) or by the sweep's tags. See docs/sweeps.md.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import difflib
 import hashlib
-import io
 import json
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 import typing
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import keras
 import keras_tuner
-import mlflow
 import numpy as np
-from mlflow.tracking import MlflowClient
 
 from . import tracking
-from .config import SECTIONS, Config, ConfigError, from_dict, leaf_fields, load_config, load_yaml, parse_value
+from .config import SECTIONS, Config, ConfigError, leaf_fields, parse_value
 from .data import Data, load_data
-from .model import build_alexnet, summary_text
-from .train import build_callbacks, compile_model, evaluate, log_evaluation, run_tags, set_global_state
+from .model import build_alexnet
+from .specfile import SpecFile, check_keys, read_spec, spec_from_dict
+from .tables import cell, csv_text, markdown_table, value_text
+from .train import compile_model, fit, log_inputs, log_trained_model, run_tags, set_global_state, timing_metrics
 
 TUNERS = ("random", "bayesian", "hyperband")
 PARAM_TYPES = ("float", "int", "choice", "boolean")
-SAMPLINGS = ("linear", "log", "reverse_log")
 FINAL_MODEL = ("auto", "retrain", "none")
 OBJECTIVES = tuple(p + m for p in ("val_", "") for m in ("accuracy", "loss", "top5_accuracy"))
-SWEEP_KEYS = ("name", "description", "experiment", "tuner", "objective", "budget", "seed", "directory",
-              "base_config", "base", "search_space", "final_model")
-BUDGET_KEYS = ("max_trials", "epochs", "factor", "hyperband_iterations", "max_failed_trials")
+# The keys of a sweep file besides those every study and sweep file has (specfile.COMMON_KEYS).
+SWEEP_KEYS = ("tuner", "objective", "budget", "seed", "directory", "search_space", "final_model")
+BUDGET_KEYS = ("max_trials", "epochs", "factor", "hyperband_iterations", "max_failed_trials", "num_initial_points")
 PARAM_KEYS = ("type", "min", "max", "step", "sampling", "values")
 DEFAULT_DIRECTORY = "tuner"
 STATE_FILE = "sweep.json"
-
 PARENT_ENV = "ALEXNET_KERAS_PARENT_RUN_ID"
-TAG_SWEEP = tracking.TAG_PREFIX + "sweep"
-TAG_DIGEST = tracking.TAG_PREFIX + "sweep_digest"
-TAG_UID = tracking.TAG_PREFIX + "sweep_uid"
-TAG_ROLE = tracking.TAG_PREFIX + "sweep_role"           # "parent" or "trial"
-TAG_SESSION = tracking.TAG_PREFIX + "sweep_session"     # when a chief/standalone run last took the parent
-TAG_SUMMARY = tracking.TAG_PREFIX + "sweep_summary"     # what the parent's summary was computed from
-TAG_TRIAL = tracking.TAG_PREFIX + "trial_id"
-TAG_TUNER_ID = tracking.TAG_PREFIX + "tuner_id"
-TAG_ATTEMPT = tracking.TAG_PREFIX + "attempt"
-TAG_SUPERSEDED = tracking.TAG_PREFIX + "sweep_superseded_by"
-BEST_TAG = "best."
 
 
 class SweepError(RuntimeError):
@@ -155,6 +150,7 @@ class Sweep:
     factor: int = 3
     hyperband_iterations: int = 1
     max_failed_trials: int = 3
+    num_initial_points: int | None = None   # bayesian only: random trials before the model guides
     final_model: str = "auto"
     description: str = ""
     source: str = "sweep"
@@ -188,20 +184,17 @@ class Sweep:
         return out
 
     def digest(self) -> str:
-        """Identifies the search; `max_trials` is left out so a bigger budget continues the sweep."""
+        """Identifies the search; the budget (`max_trials`, `num_initial_points`: keras-tuner keeps the
+        latter in its state) is left out so a bigger budget continues the sweep."""
         text = json.dumps(self.describe(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.describe(), "experiment": self.base.experiment, "final_model": self.final_model,
                 "budget": {"max_trials": self.max_trials, "epochs": self.base.train.epochs,
-                           "max_failed_trials": self.max_failed_trials},
+                           "max_failed_trials": self.max_failed_trials,
+                           **({"num_initial_points": self.num_initial_points} if self.tuner == "bayesian" else {})},
                 "directory": self.directory, "digest": self.digest()}
-
-
-def _closest(key: str, known: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(key, known, n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def _positive_int(where: str, value: Any, minimum: int = 1) -> int:
@@ -229,6 +222,8 @@ def _check_value(base: Config, name: str, value: Any, where: str) -> None:
 
 
 def _parse_param(name: str, spec: Any, base: Config, tuner: str, source: str) -> Param:
+    """One search-space entry: which option, of which type; keras-tuner checks the dimension itself
+    (its message gets the YAML path), and every value it can take must make a valid config."""
     where = f"{source}: search_space.{name}"
     leaves = leaf_fields()
     if name not in leaves:
@@ -249,10 +244,7 @@ def _parse_param(name: str, spec: Any, base: Config, tuner: str, source: str) ->
         raise ConfigError(f"{where} must be a mapping such as {{type: choice, values: [a, b]}} or "
                           f"{{type: float, min: 0.001, max: 0.1, sampling: log}}, or a list of values; "
                           f"got {spec!r}.")
-    for key in spec:
-        if key not in PARAM_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r}.{_closest(str(key), PARAM_KEYS)} "
-                              f"Known keys: {', '.join(PARAM_KEYS)}.")
+    check_keys(spec, PARAM_KEYS, where)
     allowed = {bool: ("boolean", "choice"), int: ("int", "choice"), float: ("float", "choice")}.get(
         kind, ("choice",))
     kind_name = {bool: "true/false", int: "an integer", float: "a number"}.get(kind, "a string")
@@ -264,24 +256,18 @@ def _parse_param(name: str, spec: Any, base: Config, tuner: str, source: str) ->
     if ptype not in allowed:
         raise ConfigError(f"{where}: type {ptype!r} does not fit {full}, which is {kind_name}; use type "
                           f"{' or '.join(allowed)}.")
+    extra = sorted(set(spec) - ({"type", "min", "max", "step", "sampling"} if ptype in ("float", "int")
+                                else {"type", "values"} if ptype == "choice" else {"type"}))
+    if extra:
+        raise ConfigError(f"{where}: {', '.join(extra)} cannot be used with type {ptype}.")
 
-    if ptype in ("choice", "boolean"):
-        extra = sorted(set(spec) & {"min", "max", "step", "sampling"})
-        if extra:
-            raise ConfigError(f"{where}: {', '.join(extra)} only apply to type float or int.")
     if ptype == "boolean":
-        if "values" in spec:
-            raise ConfigError(f"{where}: type boolean takes no values (it tries true and false).")
-        for value in (True, False):
-            _check_value(base, name, value, where)
-        return Param(name, "boolean")
-    if ptype == "choice":
+        param = Param(name, "boolean")
+        values: list[Any] = [True, False]
+    elif ptype == "choice":
         raw = spec.get("values")
         if not isinstance(raw, list):
             raise ConfigError(f"{where}: values must be a list; got {raw!r}.")
-        if not raw:
-            raise ConfigError(f"{where}: values is empty; list at least one value (two or more to "
-                              f"search).")
         values = []
         for item in raw:
             if item is None:
@@ -291,63 +277,50 @@ def _parse_param(name: str, spec: Any, base: Config, tuner: str, source: str) ->
                 value = parse_value(full, item, annotation)
             except ConfigError as err:
                 raise ConfigError(f"{where}: {item!r} is not a valid value: {err}") from None
-            _check_value(base, name, value, where)
             if value in values:
                 raise ConfigError(f"{where}: {value!r} is listed twice.")
             values.append(value)
-        return Param(name, "choice", values=tuple(values))
-
-    # float / int ranges
-    number = float if ptype == "float" else int
-    for key in ("min", "max"):
-        if key not in spec:
+        param = Param(name, "choice", values=tuple(values))
+    else:
+        number = float if ptype == "float" else int
+        missing = [key for key in ("min", "max") if key not in spec]
+        if missing:
             raise ConfigError(f"{where}: type {ptype} needs min and max.")
-    try:
         # YAML reads `1e-3` (no dot) as a string: parse_value turns it into a number.
         low = parse_value(f"{where}.min", spec["min"], number)
         high = parse_value(f"{where}.max", spec["max"], number)
         step = None if spec.get("step") is None else parse_value(f"{where}.step", spec["step"], number)
-    except ConfigError as err:
-        raise ConfigError(str(err)) from None
-    if low > high:
-        raise ConfigError(f"{where}: min ({low}) is greater than max ({high}).")
-    if low == high:
-        raise ConfigError(f"{where}: min equals max ({low}); a fixed value belongs in `base`.")
-    sampling = spec.get("sampling", "linear")
-    if sampling not in SAMPLINGS:
-        raise ConfigError(f"{where}: sampling must be one of {', '.join(SAMPLINGS)}; got {sampling!r}.")
-    if sampling != "linear" and low <= 0:
-        raise ConfigError(f"{where}: {sampling} sampling needs min > 0; got min {low}.")
-    if step is not None and (step <= 0 or (sampling != "linear" and step <= 1)):
-        raise ConfigError(f"{where}: step must be > 0 (with {sampling} sampling, a factor > 1); "
-                          f"got {step}.")
-    for value in (low, high):
+        if low == high:
+            raise ConfigError(f"{where}: min equals max ({low}); a fixed value belongs in `base`.")
+        if step is not None and step <= 0:   # keras-tuner would take it and never move
+            raise ConfigError(f"{where}: step must be > 0; got {step}.")
+        param = Param(name, ptype, min=low, max=high, step=step, sampling=spec.get("sampling", "linear"))
+        values = [low, high]
+    try:   # keras-tuner's own checks: empty choices, min > max, log sampling from 0, steps ...
+        param.declare(keras_tuner.HyperParameters())
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+    for value in values:
         _check_value(base, name, value, where)
-    return Param(name, ptype, min=low, max=high, step=step, sampling=sampling)
-
-
-def _resolve_base_config(raw: Any, sweep_path: Path | None, source: str) -> Path:
-    if not isinstance(raw, str) or not raw:
-        raise ConfigError(f"{source}: base_config must be the path of an experiment YAML; got {raw!r}.")
-    path = Path(raw).expanduser()
-    candidates = [path] if path.is_absolute() else (
-        ([sweep_path.parent / path] if sweep_path else []) + [Path.cwd() / path])
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"{source}: base_config {raw!r} not found (looked at "
-                      f"{', '.join(str(c) for c in candidates)}).")
+    return param
 
 
 def sweep_from_dict(data: Mapping[str, Any], *, source: str = "sweep", path: Path | None = None,
                     max_trials: int | None = None, directory: str | None = None) -> Sweep:
     """Validate a sweep mapping. Every choice value and range end is checked by building a Config."""
-    for key in data:
-        if key not in SWEEP_KEYS:
-            raise ConfigError(f"{source}: unknown key {key!r}.{_closest(str(key), SWEEP_KEYS)} "
-                              f"Known keys: {', '.join(SWEEP_KEYS)}.")
-    name = data.get("name", path.stem if path else None)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+    spec = spec_from_dict(data, kind="sweep", keys=SWEEP_KEYS, source=source, path=path)
+    return _sweep(spec, max_trials=max_trials, directory=directory)
+
+
+def load_sweep(path: str | Path, *, max_trials: int | None = None, directory: str | None = None) -> Sweep:
+    """Read and validate a sweep file; nothing is built, read or logged."""
+    return _sweep(read_spec(path, kind="sweep", keys=SWEEP_KEYS), max_trials=max_trials, directory=directory)
+
+
+def _sweep(spec: SpecFile, *, max_trials: int | None, directory: str | None) -> Sweep:
+    data, source = spec.data, spec.source
+    name = spec.name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ConfigError(f"{source}: name must be letters, digits, '.', '_' or '-' (it names a folder "
                           f"and the parent run); got {name!r}.")
     tuner = data.get("tuner", "random")
@@ -357,9 +330,7 @@ def sweep_from_dict(data: Mapping[str, Any], *, source: str = "sweep", path: Pat
     objective = data.get("objective", "val_accuracy")
     direction = None
     if isinstance(objective, Mapping):
-        unknown = set(objective) - {"name", "direction"}
-        if unknown:
-            raise ConfigError(f"{source}: objective takes name and direction; got {sorted(unknown)}.")
+        check_keys(objective, ("name", "direction"), f"{source}: objective")
         direction = objective.get("direction")
         objective = objective.get("name")
     if objective not in OBJECTIVES:
@@ -373,10 +344,7 @@ def sweep_from_dict(data: Mapping[str, Any], *, source: str = "sweep", path: Pat
     if not isinstance(budget, Mapping):
         raise ConfigError(f"{source}: budget must be a mapping such as {{max_trials: 8, epochs: 3}}; "
                           f"got {budget!r}.")
-    for key in budget:
-        if key not in BUDGET_KEYS:
-            raise ConfigError(f"{source}: unknown budget key {key!r}.{_closest(str(key), BUDGET_KEYS)} "
-                              f"Known keys: {', '.join(BUDGET_KEYS)}.")
+    check_keys(budget, BUDGET_KEYS, f"{source}: budget")
     trials = _positive_int(f"{source}: budget.max_trials",
                            max_trials if max_trials is not None else budget.get("max_trials", 10))
     factor = _positive_int(f"{source}: budget.factor", budget.get("factor", 3), 2)
@@ -392,18 +360,9 @@ def sweep_from_dict(data: Mapping[str, Any], *, source: str = "sweep", path: Pat
     if not isinstance(directory, str):
         raise ConfigError(f"{source}: directory must be a folder path; got {directory!r}.")
 
-    base = Config()
-    if data.get("base_config") is not None:
-        base = load_config(_resolve_base_config(data["base_config"], path, source))
-    raw_base = data.get("base") or {}
-    if not isinstance(raw_base, Mapping):
-        raise ConfigError(f"{source}: base must be a mapping of experiment options (model/data/train or "
-                          f"flat names); got {raw_base!r}.")
-    base = from_dict(raw_base, base=base, source=f"{source}: base")
-    if data.get("experiment") is not None:
-        base = base.override({"experiment": str(data["experiment"])})
+    base = spec.base.override({"experiment": spec.experiment})
     searched = data.get("search_space") or {}
-    if getattr(base.train, "distribute", "none") != "none" or "distribute" in searched:
+    if base.train.distribute != "none" or "distribute" in searched:
         raise ConfigError(f"{source}: sweeps train each trial on one device; leave `distribute` at none "
                           f"(run several workers instead, see docs/sweeps.md).")
     if budget.get("epochs") is not None:
@@ -415,46 +374,59 @@ def sweep_from_dict(data: Mapping[str, Any], *, source: str = "sweep", path: Pat
                           f"{{learning_rate: {{type: float, min: 1e-3, max: 1e-1, sampling: log}}}}; "
                           f"got {raw_space!r}.")
     space = tuple(_parse_param(str(k), v, base, tuner, source) for k, v in raw_space.items())
+    initial = _initial_points(budget.get("num_initial_points"), tuner, trials, len(space), source)
     return Sweep(name=name, tuner=tuner, objective=objective, direction=direction, max_trials=trials,
                  base=base, space=space, seed=seed, directory=directory, factor=factor,
-                 hyperband_iterations=iterations, max_failed_trials=max_failed, final_model=final_model,
-                 description=str(data.get("description") or "").strip(), source=source)
+                 hyperband_iterations=iterations, max_failed_trials=max_failed, num_initial_points=initial,
+                 final_model=final_model, description=spec.description, source=source)
 
 
-def load_sweep(path: str | Path, *, max_trials: int | None = None, directory: str | None = None) -> Sweep:
-    """Read and validate a sweep file; nothing is built, read or logged."""
-    path = Path(path)
-    return sweep_from_dict(load_yaml(path), source=str(path), path=path, max_trials=max_trials,
-                           directory=directory)
+def _initial_points(raw: Any, tuner: str, max_trials: int, dimensions: int, source: str) -> int | None:
+    """Bayesian optimisation's random start. keras-tuner's default (3 x dimensions) can exceed
+    max_trials, and then no trial is ever chosen by the model: the default here stays below."""
+    where = f"{source}: budget.num_initial_points"
+    if tuner != "bayesian":
+        if raw is not None:
+            raise ConfigError(f"{where} applies to tuner: bayesian only (this sweep's tuner is {tuner}).")
+        return None
+    points = (_positive_int(where, raw) if raw is not None
+              else max(2, min(3 * dimensions, max_trials // 2)))
+    if points >= max_trials:
+        raise ConfigError(f"{where} is {points}, but budget.max_trials is {max_trials}: every trial would be "
+                          f"one of the random initial points, so the search would be random, not Bayesian. "
+                          f"Raise max_trials above num_initial_points (or lower it), or set `tuner: random` "
+                          f"if a random search is what you want.")
+    return points
 
 
 # ---------------------------------------------------------------------------------------------
-# The HyperModel: the project's AlexNet, built from a Config
+# The HyperModel: the project's AlexNet, built from a Config, trained by train.fit
 # ---------------------------------------------------------------------------------------------
 
 class AlexNetHyperModel(keras_tuner.HyperModel):
     """`build(hp)` = `Config.override(hp values)` -> `build_alexnet` -> `compile_model`.
 
-    `fit` feeds the trial its own tf.data pipelines (a batch size in the search space rebuilds them).
-    Pipelines are cached per (data options, image size, batch size, seed).
+    `fit` is train.fit on the trial's own tf.data pipelines (a batch size in the search space rebuilds
+    them), with keras-tuner's callbacks and epochs. Pipelines are cached per (data options, image size,
+    batch size, seed). Inside a trial's run it also logs what `train` logs before and after training.
     """
 
     def __init__(self, sweep: Sweep):
         super().__init__(name="alexnet", tunable=True)
         self.sweep = sweep
-        self._data: dict[tuple, Data] = {}
+        self._pipelines: dict[tuple, Data] = {}
 
     def values(self, hp: keras_tuner.HyperParameters) -> dict[str, Any]:
         return {p.name: p.declare(hp) for p in self.sweep.space}
 
     def data_for(self, config: Config) -> Data:
         key = (config.data, config.model.input_size, config.train.batch_size, config.train.seed)
-        if key not in self._data:
-            if len(self._data) >= 4:
-                self._data.pop(next(iter(self._data)))
-            self._data[key] = load_data(config.data, image_size=config.model.input_size,
-                                        batch_size=config.train.batch_size, seed=config.train.seed)
-        return self._data[key]
+        if key not in self._pipelines:
+            if len(self._pipelines) >= 4:
+                self._pipelines.pop(next(iter(self._pipelines)))
+            self._pipelines[key] = load_data(config.data, image_size=config.model.input_size,
+                                            batch_size=config.train.batch_size, seed=config.train.seed)
+        return self._pipelines[key]
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
         config = self.sweep.trial_config(self.values(hp))
@@ -467,29 +439,19 @@ class AlexNetHyperModel(keras_tuner.HyperModel):
     def fit(self, hp, model, *args, callbacks=None, epochs=None, initial_epoch=0, **kwargs):
         config = self.sweep.trial_config(self.values(hp))
         data = self.data_for(config)
-        tracked = mlflow.active_run() is not None   # the trial's run (see _TrackedTrials.run_trial)
-        own_callbacks = [c for c in build_callbacks(config)
-                         if tracked or not tracking.is_epoch_metrics_callback(c)]  # it needs a run
+        tracked = tracking.active_run_id() is not None   # the trial's run (see TrackedTrials.run_trial)
         if tracked:
-            mlflow.set_tags(run_tags(config, data, model))
-            tracking.log_metrics({"num_params": model.count_params()})
-            tracking.log_text(summary_text(model), "model/summary.txt")
-        epochs = epochs or config.train.epochs
-        verbose = 1 if sys.stdout.isatty() else 2
-        start = time.perf_counter()
-        history = model.fit(data.train, validation_data=data.val, epochs=epochs, initial_epoch=initial_epoch,
-                            callbacks=[*own_callbacks, *(callbacks or [])], verbose=verbose,
-                            shuffle=False)
-        seconds = time.perf_counter() - start
-        loss = history.history.get("loss", [float("nan")])[-1]
-        if len(history.epoch) < epochs - initial_epoch or not np.isfinite(loss):
-            raise FloatingPointError(f"training diverged (loss {loss}) at epoch "
-                                     f"{initial_epoch + len(history.epoch)} with learning_rate "
-                                     f"{config.train.learning_rate}.")
+            tracking.set_tags(run_tags(config, data, model))
+            log_inputs(config, data, model)
+        history, seconds, start = fit(model, data, config, callbacks=callbacks or (), epochs=epochs,
+                                      initial_epoch=initial_epoch, track=tracked)
         if tracked:
-            tracking.log_metrics({"train_time_s": seconds,
-                                  "epoch_time_s": seconds / max(1, len(history.epoch))})
-        return history
+            tracking.log_metrics(timing_metrics(history, seconds))
+        # keras-tuner reads the best epoch's metrics (and its step) from a History.
+        result = keras.callbacks.History()
+        result.history = history
+        result.epoch = list(range(start, start + len(history.get("loss", []))))
+        return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,7 +459,7 @@ class AlexNetHyperModel(keras_tuner.HyperModel):
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
-class _Context:
+class SweepContext:
     """What a tuner needs to log its trials: set once the parent run is known."""
 
     sweep: Sweep
@@ -508,38 +470,13 @@ class _Context:
     fatal: BaseException | None = None
     trial_runs: dict[str, str] = field(default_factory=dict)   # trial id -> run id (this process)
 
-
-def _is_tracking_error(err: BaseException) -> bool:
-    """MLflow/store errors stop the sweep; keras-tuner would only mark the trial failed."""
-    for e in (err, err.__cause__, err.__context__):
-        if e is None:
-            continue
-        module = type(e).__module__ or ""
-        if isinstance(e, tracking.TrackingError) or module.split(".")[0] in ("mlflow", "sqlalchemy",
-                                                                              "sqlite3"):
-            return True
-    return False
+    def runs(self) -> dict[str, Any]:
+        """{trial id: its newest run} under the parent."""
+        return tracking.children_by(self.parent_run_id, tracking.TRIAL_TAG)
 
 
-def _runs(filter_string: str, max_results: int = 1000) -> list:
-    """Runs matching `filter_string` in every experiment of the store (deleted runs excluded)."""
-    client = MlflowClient()
-    ids = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(ids, filter_string=filter_string, max_results=max_results) if ids else []
-
-
-def _trial_runs(uid: str) -> dict[str, Any]:
-    """{trial id: run} for the sweep `uid` (the newest run if a store somehow holds two)."""
-    out: dict[str, Any] = {}
-    for run in _runs(f"tags.`{TAG_UID}` = '{uid}' and tags.`{TAG_ROLE}` = 'trial'"):
-        trial_id = run.data.tags.get(TAG_TRIAL)
-        newer = trial_id not in out or run.info.start_time > out[trial_id].info.start_time
-        if trial_id is not None and newer:
-            out[trial_id] = run
-    return out
-
-
-def _best_epoch(results: Any, objective: str, direction: str) -> tuple[float, int]:
+def best_epoch(results: Any, objective: str, direction: str) -> tuple[float, int]:
+    """The objective's best value in a trial's History, and its epoch."""
     history = results[0] if isinstance(results, list) else results
     if isinstance(history, dict):
         return float(history[objective]), 0
@@ -548,10 +485,10 @@ def _best_epoch(results: Any, objective: str, direction: str) -> tuple[float, in
     return float(values[index]), index + int(history.epoch[0] if history.epoch else 0)
 
 
-class _TrackedTrials:
+class TrackedTrials:
     """Mixed into a keras-tuner Tuner: each trial runs inside its own nested MLflow run."""
 
-    sweep_context: _Context
+    sweep_context: SweepContext
 
     def run_trial(self, trial, *args, **kwargs):
         ctx = self.sweep_context
@@ -561,7 +498,7 @@ class _TrackedTrials:
         config = sweep.trial_config(trial.hyperparameters.values, run_name=run_name,
                                     experiment=ctx.experiment)
         try:
-            existing = _trial_runs(ctx.uid).get(trial.trial_id)
+            existing = ctx.runs().get(trial.trial_id)
         except Exception as err:
             ctx.fatal = err
             raise keras_tuner.errors.FatalError(f"MLflow: {err}") from err
@@ -571,33 +508,35 @@ class _TrackedTrials:
                   f"reusing its result", flush=True)
             ctx.trial_runs[trial.trial_id] = existing.info.run_id
             return {sweep.objective: existing.data.metrics[best_key]}
-        attempt = 1 if existing is None else int(existing.data.tags.get(TAG_ATTEMPT, "1")) + 1
-        tags = {TAG_SWEEP: sweep.name, TAG_DIGEST: sweep.digest(), TAG_UID: ctx.uid, TAG_ROLE: "trial",
-                TAG_TRIAL: str(trial.trial_id), TAG_TUNER_ID: str(self.tuner_id), TAG_ATTEMPT: str(attempt)}
+        attempt = 1 if existing is None else int(existing.data.tags.get(tracking.ATTEMPT_TAG, "1")) + 1
+        tags = {tracking.SWEEP_TAG: sweep.name, tracking.SWEEP_DIGEST_TAG: sweep.digest(),
+                tracking.SWEEP_UID_TAG: ctx.uid, tracking.SWEEP_ROLE_TAG: "trial",
+                tracking.TRIAL_TAG: str(trial.trial_id), tracking.TUNER_ID_TAG: str(self.tuner_id),
+                tracking.ATTEMPT_TAG: str(attempt)}
         try:
             with tracking.run(ctx.experiment, run_name=run_name, params=config.flat(), tags=tags, nested=True,
                               parent_run_id=ctx.parent_run_id,
                               run_id=existing.info.run_id if existing is not None else None) as active:
                 ctx.trial_runs[trial.trial_id] = active.info.run_id
                 results = super().run_trial(trial, *args, **kwargs)
-                score, epoch = _best_epoch(results, sweep.objective, sweep.direction)
+                score, epoch = best_epoch(results, sweep.objective, sweep.direction)
                 tracking.log_metrics({best_key: score, "best_epoch": epoch})
             return results
         except Exception as err:
-            if _is_tracking_error(err):
+            if tracking.is_tracking_error(err):   # keras-tuner would only mark the trial failed
                 ctx.fatal = err
                 raise keras_tuner.errors.FatalError(f"MLflow: {err}") from err
             tracking.stderr(f"trial {trial.trial_id} failed: {type(err).__name__}: {err}")
             raise keras_tuner.errors.FailedTrialError(f"{type(err).__name__}: {err}") from err
 
 
-_TUNER_CLASSES = {"random": keras_tuner.RandomSearch, "bayesian": keras_tuner.BayesianOptimization,
-                  "hyperband": keras_tuner.Hyperband}
+TUNER_CLASSES = {"random": keras_tuner.RandomSearch, "bayesian": keras_tuner.BayesianOptimization,
+                 "hyperband": keras_tuner.Hyperband}
 
 
-def make_tuner(sweep: Sweep, hypermodel: AlexNetHyperModel, ctx: _Context) -> keras_tuner.Tuner:
-    base_cls = _TUNER_CLASSES[sweep.tuner]
-    cls = type(f"Tracked{base_cls.__name__}", (_TrackedTrials, base_cls), {})
+def make_tuner(sweep: Sweep, hypermodel: AlexNetHyperModel, ctx: SweepContext) -> keras_tuner.Tuner:
+    base_cls = TUNER_CLASSES[sweep.tuner]
+    cls = type(f"Tracked{base_cls.__name__}", (TrackedTrials, base_cls), {})
     kwargs: dict[str, Any] = dict(
         hypermodel=hypermodel, objective=keras_tuner.Objective(sweep.objective, sweep.direction),
         seed=sweep.seed, max_consecutive_failed_trials=sweep.max_failed_trials,
@@ -607,6 +546,8 @@ def make_tuner(sweep: Sweep, hypermodel: AlexNetHyperModel, ctx: _Context) -> ke
                       hyperband_iterations=sweep.hyperband_iterations)
     else:
         kwargs.update(max_trials=sweep.max_trials)
+    if sweep.tuner == "bayesian":
+        kwargs.update(num_initial_points=sweep.num_initial_points)
     tuner = cls(**kwargs)
     tuner.sweep_context = ctx
     return tuner
@@ -637,7 +578,7 @@ def role() -> str:
     return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
 
 
-def _open_state(sweep: Sweep, overwrite: bool) -> str:
+def open_state(sweep: Sweep, overwrite: bool) -> str:
     """The sweep id of `<directory>/<name>`, creating it for a new sweep; refuse a changed sweep file."""
     folder = sweep.project_dir
     state = folder / STATE_FILE
@@ -662,112 +603,36 @@ def _open_state(sweep: Sweep, overwrite: bool) -> str:
     return uid
 
 
-def _find_parent(uid: str) -> str | None:
-    runs = _runs(f"tags.`{TAG_UID}` = '{uid}' and tags.`{TAG_ROLE}` = 'parent'")
-    runs.sort(key=lambda r: r.info.start_time, reverse=True)
-    return runs[0].info.run_id if runs else None
-
-
-def _adopt(uid: str, parent_run_id: str) -> None:
-    """Nest every trial of sweep `uid` under `parent_run_id`; earlier parents become "superseded".
-
-    A second `mlflow run . -e tune` makes a new parent run (MLflow creates it): the trials of the
-    earlier invocations move under it, so one parent always holds the whole sweep.
-    """
-    client = MlflowClient()
-    for run in _runs(f"tags.`{TAG_UID}` = '{uid}'"):
-        tags, run_id = run.data.tags, run.info.run_id
-        if tags.get(TAG_ROLE) == "trial" and tags.get("mlflow.parentRunId") != parent_run_id:
-            client.set_tag(run_id, "mlflow.parentRunId", parent_run_id)
-        elif tags.get(TAG_ROLE) == "parent" and run_id != parent_run_id:
-            client.set_tag(run_id, TAG_ROLE, "superseded")
-            client.set_tag(run_id, TAG_SUPERSEDED, parent_run_id)
-
-
-def _wait_for_parent(sweep: Sweep, timeout: float) -> str:
-    """A worker's parent: the RUNNING parent of this sweep (name and digest) that a chief took last."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            runs = _runs(f"tags.`{TAG_SWEEP}` = '{sweep.name}' and tags.`{TAG_DIGEST}` = '{sweep.digest()}' "
-                         f"and tags.`{TAG_ROLE}` = 'parent' and attributes.status = 'RUNNING'")
-        except Exception as err:   # the chief may still be creating a new store: ask again
-            if time.monotonic() >= deadline:
-                raise tracking.TrackingError(f"MLflow store {mlflow.get_tracking_uri()!r}: {err}") from err
-            runs = []
-        if runs:
-            runs.sort(key=lambda r: float(r.data.tags.get(TAG_SESSION, "0")), reverse=True)
-            return runs[0].info.run_id
-        if time.monotonic() >= deadline:
-            raise SweepError(f"no running parent run of sweep {sweep.name!r} (digest {sweep.digest()}) in "
-                             f"{mlflow.get_tracking_uri()!r} after {timeout:.0f} s: start the chief first, "
-                             f"or give the parent's id with --parent-run-id / ${PARENT_ENV}.")
-        time.sleep(1.0)
-
-
-def _serve(tuner: keras_tuner.Tuner, poll: float = 0.5) -> None:
-    """The chief: serve the oracle to the workers until every trial is done.
-
-    keras-tuner's own `search()` on the chief does the same but polls the end every 20 s.
-    """
-    from concurrent import futures
-
-    import grpc
-    from keras_tuner.src import protos
-    from keras_tuner.src.distribute import oracle_chief
-
-    address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
-    tuner.save()
-    servicer = oracle_chief.OracleServicer(tuner.oracle)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
-    if server.add_insecure_port(address) == 0:
-        raise SweepError(f"the chief cannot listen on {address} (port in use, or not an address of this "
-                         f"machine?).")
-    server.start()
-    print(f"chief: serving the oracle on {address}", flush=True)
+def search(tuner: keras_tuner.Tuner, ctx: SweepContext) -> None:
+    """keras-tuner's own search: trials here, or, on the chief, serving the oracle to the workers."""
     try:
-        while not (servicer.stop_triggered and oracle_chief.exit_chief(tuner.oracle)):
-            time.sleep(poll)
-    finally:
-        server.stop(grace=2)
-
-
-def _search(tuner: keras_tuner.Tuner, ctx: _Context, serve: bool) -> None:
-    try:
-        _serve(tuner) if serve else tuner.search()
-    except keras_tuner.errors.FatalError as err:
+        tuner.search()
+    except keras_tuner.errors.FatalError:
         if ctx.fatal is None:
             raise
     except RuntimeError as err:
         if "consecutive failures" in str(err):
             raise SweepError(f"sweep {ctx.sweep.name!r} stopped: {str(err).splitlines()[0]} (see the FAILED "
                              f"trial runs' `error` tag).") from err
+        if "Failed to bind" in str(err):
+            raise SweepError(f"the chief cannot serve the oracle: {str(err).split(';')[0]} (port in use, or "
+                             f"not an address of this machine?); set KERASTUNER_ORACLE_PORT / "
+                             f"KERASTUNER_ORACLE_IP.") from None
         raise
     if ctx.fatal is not None:   # keras-tuner would have marked the trial failed and gone on
         if isinstance(ctx.fatal, tracking.TrackingError):
             raise ctx.fatal
         raise tracking.TrackingError(f"MLflow failed during a trial of sweep {ctx.sweep.name!r} "
-                                     f"({mlflow.get_tracking_uri()!r}): {type(ctx.fatal).__name__}: "
+                                     f"({tracking.tracking_uri()!r}): {type(ctx.fatal).__name__}: "
                                      f"{ctx.fatal}") from ctx.fatal
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def parent_params(sweep: Sweep) -> dict[str, Any]:
+    """The sweep's parent run's params: what is searched, how, and (bayesian) how many random trials first."""
+    return {"sweep_name": sweep.name, "sweep_tuner": sweep.tuner, "sweep_objective": sweep.objective,
+            "sweep_direction": sweep.direction, "sweep_seed": sweep.seed,
+            **({"sweep_num_initial_points": sweep.num_initial_points} if sweep.tuner == "bayesian" else {}),
+            **{f"space.{p.name}": p.short() for p in sweep.space}}
 
 
 def run_sweep(sweep: Sweep, *, overwrite: bool = False, parent_run_id: str | None = None,
@@ -780,50 +645,58 @@ def run_sweep(sweep: Sweep, *, overwrite: bool = False, parent_run_id: str | Non
     explicit_parent = parent_run_id or os.environ.get(PARENT_ENV) or None
     hypermodel = AlexNetHyperModel(sweep)
     hypermodel.data_for(sweep.base)        # a missing dataset fails here, before any run or state
-    ctx = _Context(sweep=sweep, hypermodel=hypermodel)
+    ctx = SweepContext(sweep=sweep, hypermodel=hypermodel)
+    parent_tags = {tracking.SWEEP_TAG: sweep.name, tracking.SWEEP_DIGEST_TAG: sweep.digest(),
+                   tracking.SWEEP_ROLE_TAG: "parent"}
 
     if mode == "worker":
-        parent = explicit_parent or _wait_for_parent(sweep, worker_wait)
-        run = tracking.get_run(parent)
-        if run.data.tags.get(TAG_DIGEST) != sweep.digest():
+        if explicit_parent:
+            run = tracking.get_run(explicit_parent)
+        else:   # the RUNNING parent of this sweep that a chief took last
+            run = tracking.wait_for_run(parent_tags, timeout=worker_wait, newest_by=tracking.SWEEP_SESSION_TAG)
+            if run is None:
+                raise SweepError(f"no running parent run of sweep {sweep.name!r} (digest {sweep.digest()}) in "
+                                 f"{tracking.tracking_uri()!r} after {worker_wait:.0f} s: start the chief first, "
+                                 f"or give the parent's id with --parent-run-id / ${PARENT_ENV}.")
+        parent = run.info.run_id
+        if run.data.tags.get(tracking.SWEEP_DIGEST_TAG) != sweep.digest():
             raise ConfigError(f"parent run {parent} belongs to another sweep file (digest "
-                              f"{run.data.tags.get(TAG_DIGEST)}, this file gives {sweep.digest()}): give "
-                              f"every worker the chief's sweep file.")
-        ctx.uid, ctx.parent_run_id = run.data.tags[TAG_UID], parent
-        ctx.experiment = MlflowClient().get_experiment(run.info.experiment_id).name
+                              f"{run.data.tags.get(tracking.SWEEP_DIGEST_TAG)}, this file gives "
+                              f"{sweep.digest()}): give every worker the chief's sweep file.")
+        ctx.uid, ctx.parent_run_id = run.data.tags[tracking.SWEEP_UID_TAG], parent
+        ctx.experiment = tracking.experiment_name(run.info.experiment_id)
         tuner = make_tuner(sweep, hypermodel, ctx)
         print(f"worker {os.environ['KERASTUNER_TUNER_ID']}: trials go under parent run {parent}", flush=True)
-        with _sigterm_as_interrupt():
-            _search(tuner, ctx, serve=False)
+        with tracking.sigterm_as_interrupt():
+            search(tuner, ctx)
         return SweepResult(role=mode, parent_run_id=parent)
 
-    ctx.uid = _open_state(sweep, overwrite)
+    ctx.uid = open_state(sweep, overwrite)
     tuner = make_tuner(sweep, hypermodel, ctx)
     tuner.save()   # keras-tuner reloads only if its tuner file exists: an interrupted first trial resumes too
-    parent = explicit_parent or project_run or _find_parent(ctx.uid)
-    tags = {**tracking.environment_tags(), TAG_SWEEP: sweep.name, TAG_DIGEST: sweep.digest(),
-            TAG_UID: ctx.uid, TAG_ROLE: "parent", TAG_SESSION: f"{time.time():.3f}",
-            tracking.TAG_PREFIX + "max_trials": str(sweep.max_trials)}
-    params = {"sweep_name": sweep.name, "sweep_tuner": sweep.tuner, "sweep_objective": sweep.objective,
-              "sweep_direction": sweep.direction, "sweep_seed": sweep.seed,
-              **{f"space.{p.name}": p.short() for p in sweep.space}}
+    uid_tags = {tracking.SWEEP_UID_TAG: ctx.uid, tracking.SWEEP_ROLE_TAG: "parent"}
+    found = None if explicit_parent or project_run else tracking.latest_run(uid_tags)
+    parent = explicit_parent or project_run or (found.info.run_id if found is not None else None)
+    tags = {**tracking.environment_tags(), **parent_tags, **uid_tags, tracking.RUN_NAME_TAG: sweep.name,
+            tracking.SWEEP_SESSION_TAG: f"{time.time():.3f}",
+            tracking.SWEEP_MAX_TRIALS_TAG: str(sweep.max_trials)}
+    params = parent_params(sweep)
     if sweep.description:
-        tags["mlflow.note.content"] = sweep.description
-    if parent is not None:
-        # start_run(run_id=...) refuses a run of another experiment than the last set_experiment().
-        mlflow.set_experiment(experiment_id=tracking.get_run(parent).info.experiment_id)
+        tags[tracking.NOTE_TAG] = sweep.description
     with tracking.run(sweep.base.experiment, run_name=sweep.name, params=params, tags=tags,
                       run_id=parent) as active:
         ctx.parent_run_id = active.info.run_id
-        ctx.experiment = MlflowClient().get_experiment(active.info.experiment_id).name
-        if active.info.run_name != sweep.name:   # a run made by `mlflow run` has a random name
-            mlflow.set_tag("mlflow.runName", sweep.name)
-        _adopt(ctx.uid, ctx.parent_run_id)
+        ctx.experiment = tracking.experiment_name(active.info.experiment_id)
+        # One parent holds the whole sweep: a new parent (a second `mlflow run`) takes the trials of the
+        # earlier ones, which are retired.
+        tracking.adopt_children(ctx.parent_run_id, tracking.find_runs(uid_tags),
+                                retire={tracking.SWEEP_ROLE_TAG: "superseded"})
         tracking.log_dict(sweep.to_dict(), "sweep/sweep.yaml")
         if mode == "chief":
-            print(f"chief: parent run {ctx.parent_run_id}; workers find it by its tags or with "
-                  f"{PARENT_ENV}={ctx.parent_run_id}", flush=True)
-        _search(tuner, ctx, serve=(mode == "chief"))
+            address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+            print(f"chief: parent run {ctx.parent_run_id}; serving the oracle on {address}; workers find the "
+                  f"parent by its tags or with {PARENT_ENV}={ctx.parent_run_id}", flush=True)
+        search(tuner, ctx)
         rows, best = summarize(tuner, ctx, active.info.run_id)
     print(f"sweep {sweep.name!r}: parent run {ctx.parent_run_id}; best trial {best['trial']} "
           f"{sweep.objective}={best[sweep.objective]:.4g}", flush=True)
@@ -834,10 +707,10 @@ def run_sweep(sweep: Sweep, *, overwrite: bool = False, parent_run_id: str | Non
 # The parent's summary: table, figure, best values, best model
 # ---------------------------------------------------------------------------------------------
 
-def trial_rows(tuner: keras_tuner.Tuner, ctx: _Context) -> list[dict[str, Any]]:
+def trial_rows(tuner: keras_tuner.Tuner, ctx: SweepContext) -> list[dict[str, Any]]:
     """One row per trial the oracle knows, best first (trials without a score last)."""
     sweep = ctx.sweep
-    runs = _trial_runs(ctx.uid)
+    runs = ctx.runs()
     rows = []
     for order, trial_id in enumerate(tuner.oracle.start_order or sorted(tuner.oracle.trials)):
         trial = tuner.oracle.trials[trial_id]
@@ -858,8 +731,11 @@ def trial_rows(tuner: keras_tuner.Tuner, ctx: _Context) -> list[dict[str, Any]]:
 
 def importance(rows: list[dict[str, Any]], sweep: Sweep) -> dict[str, float]:
     """A rough 0..1 importance per dimension over the completed trials: |Spearman rank correlation|
-    with the objective for numbers, the share of variance explained by the groups (eta squared) for
-    choices and booleans. Zero with fewer than three completed trials."""
+    with the objective for numbers (scipy's, which gives tied values their average rank), the share of
+    variance explained by the groups (eta squared) for choices and booleans. Zero with fewer than three
+    completed trials, or where a dimension or the objective does not vary."""
+    from scipy import stats
+
     done = [r for r in rows if r[sweep.objective] is not None]
     scores = np.array([r[sweep.objective] for r in done], dtype=float)
     out = {}
@@ -868,9 +744,7 @@ def importance(rows: list[dict[str, Any]], sweep: Sweep) -> dict[str, float]:
         value = 0.0
         if len(done) >= 3 and len(set(map(str, values))) > 1 and np.ptp(scores) > 0:
             if p.numeric or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                x = np.argsort(np.argsort(np.asarray(values, dtype=float))).astype(float)
-                y = np.argsort(np.argsort(scores)).astype(float)
-                value = abs(float(np.corrcoef(x, y)[0, 1]))
+                value = abs(float(stats.spearmanr(np.asarray(values, dtype=float), scores).statistic))
             else:
                 total = float(np.sum((scores - scores.mean()) ** 2))
                 between = sum(len(g) * (np.mean(g) - scores.mean()) ** 2 for g in (
@@ -880,38 +754,13 @@ def importance(rows: list[dict[str, Any]], sweep: Sweep) -> dict[str, float]:
     return out
 
 
-def _text(value: Any) -> str:
-    """A value as MLflow params show it (true/false for booleans, full precision for numbers)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "" if value is None else str(value)
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def trials_table(rows: list[dict[str, Any]], sweep: Sweep) -> tuple[str, str]:
     """(CSV, Markdown) of the trials, in the order of `rows` (best first)."""
     columns = ["rank", "trial", "status", sweep.objective, "best_epoch", *sweep.names, "run_id"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else _fmt(row[k]) if isinstance(row[k], bool)
-                             else row[k]) for k in columns})
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(row.get(k)) for k in columns) + " |" for row in rows]
     direction = "higher" if sweep.direction == "max" else "lower"
     header = (f"# Sweep {sweep.name}: {len(rows)} trials, sorted by {sweep.objective} ({direction} is "
               f"better)\n\n")
-    return buffer.getvalue(), header + "\n".join(lines) + "\n"
+    return csv_text(rows, columns), header + markdown_table(rows, columns, digits={sweep.objective: 4})
 
 
 def sweep_figure(rows: list[dict[str, Any]], sweep: Sweep, weights: Mapping[str, float], top: int = 3):
@@ -953,9 +802,9 @@ def sweep_figure(rows: list[dict[str, Any]], sweep: Sweep, weights: Mapping[str,
                 ax.set_xscale("log")
                 ax.xaxis.set_minor_formatter(NullFormatter())
         else:
-            labels = [_fmt(v) for v in (param.values if param.type == "choice" else (False, True))]
+            labels = [cell(v) for v in (param.values if param.type == "choice" else (False, True))]
             position = {label: i for i, label in enumerate(labels)}
-            xs = [position[_fmt(v)] + rng.uniform(-0.08, 0.08) for v in values]
+            xs = [position[cell(v)] + rng.uniform(-0.08, 0.08) for v in values]
             ax.plot(xs, scores, "o")
             ax.set_xticks(range(len(labels)), labels)
             ax.set_xlim(-0.5, len(labels) - 0.5)
@@ -967,42 +816,30 @@ def sweep_figure(rows: list[dict[str, Any]], sweep: Sweep, weights: Mapping[str,
     return fig
 
 
-def _history(run_id: str) -> dict[str, list[float]]:
-    """A trial's per-epoch metrics from MLflow (the last value logged at each step)."""
-    client = MlflowClient()
-    out = {}
-    for key in ("loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy"):
-        by_step: dict[int, tuple[int, float]] = {}
-        for m in client.get_metric_history(run_id, key):
-            if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
-                by_step[m.step] = (m.timestamp, m.value)
-        if by_step:
-            out[key] = [by_step[s][1] for s in sorted(by_step)]
-    return out
-
-
-def _final_model(tuner, ctx: _Context, trial, config: Config, data: Data) -> tuple[keras.Model | None, str]:
-    """The best trial's network: its best-epoch checkpoint if this machine has it, else re-trained."""
+def final_model(tuner: keras_tuner.Tuner, ctx: SweepContext, trial, config: Config,
+                data: Data) -> tuple[keras.Model | None, str]:
+    """The best trial's network: its best-epoch checkpoint (keras-tuner's `load_model`) where this
+    machine has it, else re-trained from the trial's values."""
     mode = ctx.sweep.final_model
     if mode == "none":
         return None, "none"
-    checkpoint = Path(tuner._get_checkpoint_fname(trial.trial_id))
-    if mode == "auto" and checkpoint.is_file():
+    if mode == "auto":
         import warnings
 
         with warnings.catch_warnings():   # "Skipping variable loading for optimizer": weights are enough
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            return tuner.load_model(trial), "checkpoint"
+            try:
+                return tuner.load_model(trial), "checkpoint"
+            except (OSError, ValueError) as err:   # the trial ran on another machine
+                print(f"no checkpoint of trial {trial.trial_id} here ({err})", flush=True)
     print(f"re-training the best trial {trial.trial_id} ({config.train.epochs} epochs) for the sweep's model",
           flush=True)
     model = tuner.hypermodel.build(trial.hyperparameters)
-    callbacks = [c for c in build_callbacks(config) if not tracking.is_epoch_metrics_callback(c)]
-    model.fit(data.train, validation_data=data.val, epochs=config.train.epochs, callbacks=callbacks,
-              verbose=2, shuffle=False)
+    fit(model, data, config, track=False)   # the parent's metrics are the sweep's, not this training's
     return model, "retrained"
 
 
-def summarize(tuner, ctx: _Context, parent_run_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def summarize(tuner, ctx: SweepContext, parent_run_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Log the sweep's results on the (active) parent run; skipped when nothing changed since last time."""
     sweep = ctx.sweep
     rows = trial_rows(tuner, ctx)
@@ -1012,21 +849,21 @@ def summarize(tuner, ctx: _Context, parent_run_id: str) -> tuple[list[dict[str, 
                          f"trial runs' `error` tag.")
     best = done[0]
     key = f"{len(done)}/{len(rows)}:{best['trial']}"
-    if tracking.get_run(parent_run_id).data.tags.get(TAG_SUMMARY) == key:
+    if tracking.get_run(parent_run_id).data.tags.get(tracking.SWEEP_SUMMARY_TAG) == key:
         print(f"sweep {sweep.name!r}: no new trials since the last summary", flush=True)
         return rows, best
     step = len(done)
     best_values = {name: best[name] for name in sweep.names}
-    mlflow.set_tags({**{BEST_TAG + k: _text(v) for k, v in best_values.items()},
-                     tracking.TAG_PREFIX + "best_trial": best["trial"],
-                     tracking.TAG_PREFIX + "best_run_id": best["run_id"]})
+    tracking.set_tags({**{tracking.BEST_TAG + k: value_text(v) for k, v in best_values.items()},
+                       tracking.BEST_TRIAL_TAG: best["trial"],
+                       tracking.BEST_RUN_ID_TAG: best["run_id"]})
     tracking.log_metrics({f"best_{sweep.objective}": best[sweep.objective], "completed_trials": len(done),
                           "failed_trials": len(rows) - len(done)}, step=step)
     tracking.log_dict({"trial": best["trial"], "run_id": best["run_id"],
                        sweep.objective: best[sweep.objective], "hyperparameters": best_values},
                       "sweep/best_hyperparameters.json")
-    csv_text, markdown = trials_table(rows, sweep)
-    tracking.log_text(csv_text, "sweep/trials.csv")
+    csv_table, markdown = trials_table(rows, sweep)
+    tracking.log_text(csv_table, "sweep/trials.csv")
     tracking.log_text(markdown, "sweep/trials.md")
     weights = importance(rows, sweep)
     tracking.log_dict(weights, "sweep/importance.json")
@@ -1035,17 +872,13 @@ def summarize(tuner, ctx: _Context, parent_run_id: str) -> tuple[list[dict[str, 
     trial = tuner.oracle.trials[best["trial"]]
     config = sweep.trial_config(trial.hyperparameters.values)
     data = ctx.hypermodel.data_for(config)
-    model, source = _final_model(tuner, ctx, trial, config, data)
+    model, source = final_model(tuner, ctx, trial, config, data)
     if model is not None:
-        test_metrics, predictions = evaluate(model, data)
-        tracking.log_metrics(test_metrics, step=step)
-        history = _history(best["run_id"]) if best["run_id"] else {}
-        log_evaluation(data, predictions, history, title=f"{sweep.name}: best trial {best['trial']}")
-        tracking.log_dict(config.to_dict(), "config.yaml")
-        tracking.log_text(summary_text(model), "model/summary.txt")
-        example = next(iter(data.val.take(1)))[0].numpy()[:4]
-        tracking.log_keras_model(model, example)
-    mlflow.set_tags({tracking.TAG_PREFIX + "model_source": source, TAG_SUMMARY: key})
+        # What train logs for a trained model, so that the sweep's model predicts and serves the same way.
+        log_inputs(config, data, model)
+        history = tracking.epoch_history(best["run_id"]) if best["run_id"] else {}
+        log_trained_model(model, data, history, title=f"{sweep.name}: best trial {best['trial']}", step=step)
+    tracking.set_tags({tracking.MODEL_SOURCE_TAG: source, tracking.SWEEP_SUMMARY_TAG: key})
     tracking.flush()
     return rows, best
 

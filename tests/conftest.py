@@ -1,7 +1,21 @@
-"""Shared fixtures: every test that touches MLflow gets its own store in a temporary folder."""
+"""Shared fixtures and helpers: MLflow stores in temporary folders, the tiny training config, subprocesses.
 
+Stores: a new SQLite store costs seconds of MLflow schema migrations, a copy of a migrated one almost
+nothing. So one empty, migrated store is made per session, the first time a test needs one
+(`store_template`), and every test gets a copy in its own folder (`store_uri`, `mlflow_store`). A test
+of an error that must come before the store is opened uses `untouched_store` and asserts that no
+store file exists afterwards.
+"""
+
+import contextlib
+import json
 import os
+import shutil
+import sqlite3
+import subprocess
+import sys
 import tempfile
+import time
 
 import pytest
 
@@ -16,19 +30,67 @@ TINY = {
 }
 
 
+# --- MLflow stores --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory):
+    """An empty SQLite store with MLflow's schema, made once per session on first use."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()   # runs the migrations
+    return path
+
+
+def copy_store(template, folder):
+    """A copy of `template` as `folder`/mlflow.db, as if created there: its Default experiment keeps
+    artifacts in `folder`/mlruns/0. Returns the store's URI."""
+    db = folder / "mlflow.db"
+    shutil.copy(template, db)
+    with contextlib.closing(sqlite3.connect(db)) as connection, connection:
+        connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                           (str(folder.resolve() / "mlruns" / "0"),))
+    return f"sqlite:///{db}"
+
+
 @pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
-    """A fresh SQLite store; artifacts land in tmp_path/mlruns because the cwd is tmp_path."""
+def store_uri(store_template, tmp_path):
+    """A migrated store in tmp_path, for a test (or the processes it starts) to point at itself."""
+    return copy_store(store_template, tmp_path)
+
+
+def point_at(monkeypatch, folder, uri):
+    """This process logs to `uri` with `folder` as the working folder (so artifacts land in folder/mlruns),
+    and nothing of an earlier `mlflow run` or set_experiment() leaks in."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(folder)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     # mlflow.set_experiment() exports MLFLOW_EXPERIMENT_ID; monkeypatch restores it afterwards.
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(uri)
-    yield uri
+
+
+@pytest.fixture
+def mlflow_store(store_uri, tmp_path, monkeypatch):
+    """A migrated store in tmp_path that this process logs to; artifacts land in tmp_path/mlruns."""
+    import mlflow
+
+    point_at(monkeypatch, tmp_path, store_uri)
+    yield store_uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture
+def untouched_store(tmp_path, monkeypatch):
+    """Like `mlflow_store`, but no store file exists yet: the test asserts that none was created.
+    Yields the path the store would have."""
+    import mlflow
+
+    point_at(monkeypatch, tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
+    yield tmp_path / "mlflow.db"
     while mlflow.active_run():
         mlflow.end_run()
 
@@ -41,6 +103,8 @@ def all_runs(uri):
     ids = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(ids, max_results=1000) if ids else []
 
+
+# --- the command line and subprocesses -----------------------------------------------------------
 
 def cli_flags(overrides):
     """{"batch_size": 32} -> ["--batch-size", "32"]: config options as `alexnet-keras train` flags."""
@@ -58,13 +122,33 @@ def subprocess_env(uri):
     return env
 
 
+def run_script(script, *args, env=None, timeout=300):
+    """Run `script` in a fresh Python (backend, device count and determinism are fixed per process), with
+    this environment plus `env` (a None value removes a variable), and return the JSON of its last
+    `RESULT {...}` line."""
+    merged = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)],
+                          env={k: v for k, v in merged.items() if v is not None},
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
 def wait_for_checkpoint(proc, folder, timeout=300):
     """Wait until a training run under `folder` has finished an epoch (its checkpoint's metadata exists)
     while `proc` (the training process, or the launcher above it) keeps running."""
-    import time
-
     deadline = time.monotonic() + timeout
     while not list(folder.glob("checkpoints/*/training_metadata.json")):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint was written"
         time.sleep(0.1)
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def isolated_data(tmp_path, monkeypatch):
+    """Caches in this test's tmp_path, and no data folder from the shell (ALEXNET_KERAS_DATA_DIR)."""
+    monkeypatch.setenv("ALEXNET_KERAS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ALEXNET_KERAS_DATA_DIR", raising=False)

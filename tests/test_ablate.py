@@ -10,44 +10,21 @@ import os
 import shutil
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import yaml
-from conftest import all_runs
+from conftest import all_runs, copy_store, point_at
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
 
 from alexnet_keras import cli
 from alexnet_keras.ablate import StudyError, load_study
-from alexnet_keras.report import METRICS, welch
+from alexnet_keras.report import METRICS
+from alexnet_keras.stats import welch
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "smoke.yaml"
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-# --- stores -------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def store_template(tmp_path_factory):
-    """An empty, migrated SQLite store: creating one costs ~10 s of MLflow migrations, copying it none."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-def _store(template, folder):
-    shutil.copy(template, folder / "mlflow.db")
-    return f"sqlite:///{folder}/mlflow.db"
-
-
-def _point_at(mp, folder, uri):
-    mp.chdir(folder)
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.delenv("MLFLOW_RUN_ID", raising=False)
-    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    mlflow.set_tracking_uri(uri)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +34,9 @@ def smoke(tmp_path_factory, store_template):
     MLFLOW_EXPERIMENT_ID. That run must become the parent, and the children, trained for real in two
     spawned processes, must not resume it. Shared by the tests below (training is the slow part)."""
     folder = tmp_path_factory.mktemp("smoke")
-    uri = _store(store_template, folder)
+    uri = copy_store(store_template, folder)
     with pytest.MonkeyPatch.context() as mp:
-        _point_at(mp, folder, uri)
+        point_at(mp, folder, uri)
         client = MlflowClient(uri)
         # As with `--experiment-name alexnet-keras-smoke`, the study's own experiment, so that a later
         # `alexnet-keras ablate experiments/smoke.yaml` finds this parent again.
@@ -77,7 +54,7 @@ def smoke(tmp_path_factory, store_template):
 @pytest.fixture
 def in_smoke_store(smoke, monkeypatch):
     folder, uri, _ = smoke
-    _point_at(monkeypatch, folder, uri)
+    point_at(monkeypatch, folder, uri)
     return uri
 
 
@@ -262,9 +239,8 @@ def _fake_training(monkeypatch, fail=(), interrupt=()):
     return calls
 
 
-def test_sequential_makes_the_same_children_as_parallel(tmp_path, store_template, monkeypatch, smoke):
-    uri = _store(store_template, tmp_path)
-    _point_at(monkeypatch, tmp_path, uri)
+def test_sequential_makes_the_same_children_as_parallel(mlflow_store, monkeypatch, smoke):
+    uri = mlflow_store
     calls = _fake_training(monkeypatch)
     assert cli.main(["ablate", str(SMOKE)]) == 0
     # One after another, whole replicates (seeds) first.
@@ -276,9 +252,8 @@ def test_sequential_makes_the_same_children_as_parallel(tmp_path, store_template
                                                  if r.info.status == "FINISHED"} == _expected_children()
 
 
-def test_failed_children_leave_the_parent_failed_and_are_retried(tmp_path, store_template, monkeypatch, capsys):
-    uri = _store(store_template, tmp_path)
-    _point_at(monkeypatch, tmp_path, uri)
+def test_failed_children_leave_the_parent_failed_and_are_retried(mlflow_store, monkeypatch, capsys):
+    uri = mlflow_store
     calls = _fake_training(monkeypatch, fail={"dropout=0.0 seed=0", "dropout=0.0 seed=1"})
     assert cli.main(["ablate", str(SMOKE)]) == 1          # the others still ran
     assert "2 of 6 children failed" in capsys.readouterr().err and len(calls) == 6
@@ -298,9 +273,8 @@ def test_failed_children_leave_the_parent_failed_and_are_retried(tmp_path, store
     assert sorted(r.info.status for r in children) == ["FAILED"] * 2 + ["FINISHED"] * 6
 
 
-def test_interrupt_loses_only_the_child_in_flight(tmp_path, store_template, monkeypatch):
-    uri = _store(store_template, tmp_path)
-    _point_at(monkeypatch, tmp_path, uri)
+def test_interrupt_loses_only_the_child_in_flight(mlflow_store, monkeypatch):
+    uri = mlflow_store
     calls = _fake_training(monkeypatch, interrupt={"normalization=none seed=0"})   # the second child
     assert cli.main(["ablate", str(SMOKE)]) == 130
     (parent,), children = _split(all_runs(uri))
@@ -349,40 +323,45 @@ def _bad(**changes):
     (_bad(design="random"), "`design` must be one of"),
     (_bad(base={"dropuot": 0.5}), "unknown option 'dropuot'"),
     (_bad(baseline={"dropout": 0.3}), "baseline dropout='0.3' is not one of its values"),
-    (_bad(axis={"lrn": [True]}), "unknown key(s) 'axis'"),
+    (_bad(axis={"lrn": [True]}), "unknown key 'axis'. Did you mean axes?"),
+    (_bad(base_config="nowhere.yaml"), "base_config 'nowhere.yaml' not found (looked at"),
+    (_bad(base={"dropout": 1.5}), "base: model.dropout must be in [0.0, 1.0)"),
+    (_bad(description=["a", "list"]), "`description` must be a string"),
     (_bad(axes={"dropout": [0.5, 0.0, 0]}), "are the same configuration"),
 ])
-def test_bad_study_fails_before_any_run(tmp_path, mlflow_store, capsys, study, fragment):
+def test_bad_study_fails_before_any_run(tmp_path, untouched_store, capsys, study, fragment):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     assert cli.main(["ablate", str(path)]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err and str(path) in err
-    assert not (tmp_path / "mlflow.db").exists()   # not even the store was opened
+    assert not untouched_store.exists()   # not even the store was opened
 
 
 @pytest.mark.parametrize("text, fragment", [
     ("axes: [lrn\nseeds: {", "is not valid YAML"),
     ("- just\n- a list\n", "must hold a mapping"),
 ])
-def test_malformed_study_file(tmp_path, mlflow_store, capsys, text, fragment):
+def test_malformed_study_file(tmp_path, untouched_store, capsys, text, fragment):
     path = tmp_path / "study.yaml"
     path.write_text(text)
     assert cli.main(["ablate", str(path)]) == 2
-    assert fragment in capsys.readouterr().err
-    assert not (tmp_path / "mlflow.db").exists()
+    err = capsys.readouterr().err
+    assert fragment in err and f"study file {str(path)!r}" in err
+    assert not untouched_store.exists()
 
 
-def test_missing_study_file(tmp_path, mlflow_store, capsys):
+def test_missing_study_file(tmp_path, untouched_store, capsys):
     assert cli.main(["ablate", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert not untouched_store.exists()
 
 
-def test_dry_run_lists_variants_without_a_store(tmp_path, mlflow_store, capsys):
+def test_dry_run_lists_variants_without_a_store(tmp_path, untouched_store, capsys):
     assert cli.main(["ablate", str(ROOT / "experiments" / "ablation.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "11 variants x 3 seeds = 33 runs" in out and "normalization=batchnorm" in out
-    assert not (tmp_path / "mlflow.db").exists()
+    assert not untouched_store.exists()
 
 
 # --- the study file format ----------------------------------------------------------------------------

@@ -59,6 +59,16 @@ else:
 grad = keras.ops.convert_to_numpy(grad)
 out["lrn_grad_max_rel_error"] = float(np.abs(grad - numeric).max() / np.abs(numeric).max())
 
+# The LRN diagnostic (model.lrn_diagnostics, the layer's own squared_sum and scale) against the formula.
+from alexnet_keras.model import lrn_diagnostics
+probe_input = keras.Input((5, 5, 7))
+probe_model = keras.Model(probe_input, LocalResponseNormalization(alpha=1e-2, name="lrn1")(probe_input))
+diag = lrn_diagnostics(probe_model, x, batch_size=1)["lrn1"]
+ratio, factor = 1e-2 * window.astype(np.float64) / 2.0, (2.0 + 1e-2 * window.astype(np.float64)) ** -0.75
+wanted = {"ratio_mean": ratio.mean(), "ratio_p95": np.percentile(ratio, 95), "scale_mean": factor.mean(),
+          "scale_min": factor.min(), "scale_max": factor.max()}
+out["diag_max_rel_error"] = float(max(abs(diag[k] - v) / abs(v) for k, v in wanted.items()))
+
 keras.mixed_precision.set_global_policy("mixed_bfloat16")
 half = LocalResponseNormalization(alpha=1e-2)
 out["lrn_mixed_dtype"] = str(keras.ops.convert_to_numpy(half(keras.ops.cast(x, "bfloat16"))).dtype)
@@ -76,6 +86,9 @@ path = os.path.join(tempfile.mkdtemp(), "m.keras")
 model.save(path)
 again = keras.saving.load_model(path)
 out["reload_max_diff"] = float(np.abs(model.predict(images, verbose=0) - again.predict(images, verbose=0)).max())
+trained = lrn_diagnostics(model, images[:4])
+out["trained_diag_finite"] = bool(sorted(trained) == ["lrn1", "lrn2"] and all(
+    np.isfinite(v) for stats in trained.values() for v in stats.values()))
 print("RESULT " + json.dumps(out))
 """
 
@@ -107,3 +120,5 @@ def test_model_and_lrn_on_backend(backend, module, tensorflow_result):
     assert result["params"] == tensorflow_result["params"]     # same layers, same weights everywhere
     assert result["loss"] == result["loss"] and result["loss"] < 10   # finite after one real step
     assert result["reload_max_diff"] < 1e-5
+    assert result["diag_max_rel_error"] < 1e-5 and tensorflow_result["diag_max_rel_error"] < 1e-5
+    assert result["trained_diag_finite"] and tensorflow_result["trained_diag_finite"]

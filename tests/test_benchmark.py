@@ -65,8 +65,7 @@ def test_time_loop_blocks_once_and_divides_by_steps():
     assert blocked == [1, 5]   # after the burn-in, and on the last result only
 
 
-def test_median_and_speedups_over_tf1():
-    assert benchmark.median([3.0, 1.0, 2.0]) == 2.0 and benchmark.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+def test_speedups_over_tf1():
     rows = [{"impl": "keras", "shapes": "project", "xla": False, "forward_median_ms": 10.0,
              "fwdbwd_median_ms": 30.0, "gflop": 2.0},
             {"impl": "keras", "shapes": "project", "xla": True, "forward_median_ms": 5.0,
@@ -100,12 +99,15 @@ def test_tf1_comparison_runs_keras_and_the_tf1_graph_with_the_same_arithmetic():
 
 
 def test_tables():
+    from alexnet_keras.tables import csv_text, markdown_table
+
     rows = [{"section": "x", "a": 1, "b": 0.012345, "c": True}, {"section": "y", "a": 25600.4, "d": "z"}]
-    table = benchmark.markdown_table(rows, ("a", "b", "c"))
+    table = markdown_table(rows, ("a", "b", "c"))
     assert table.splitlines()[0] == "| a | b | c |"
-    assert "| 1 | 0.0123 | on |" in table and "| 25,600 |" in table
-    parsed = list(csv.DictReader(io.StringIO(benchmark.to_csv(rows))))
+    assert "| 1 | 0.0123 | true |" in table and "| 25,600 |" in table
+    parsed = list(csv.DictReader(io.StringIO(csv_text(rows))))
     assert parsed[0]["c"] == "true" and parsed[1]["d"] == "z" and parsed[1]["b"] == ""
+    assert float(parsed[0]["b"]) == 0.012345 and list(parsed[0]) == ["section", "a", "b", "c", "d"]
 
 
 def test_forward_flops_of_the_conv_stack():
@@ -216,12 +218,19 @@ def test_benchmark_cli_logs_one_run_with_its_table(mlflow_store, tmp_path, capsy
     assert table.startswith("section,") and "throughput" in table and "tf1_speedup" in table
 
 
-def test_channels_first_is_refused_before_any_run(mlflow_store, capsys):
+@pytest.mark.parametrize("flags, fragment", [
+    (["--channels-first"], "channels_first is not supported"),
+    (["--xla", "true,maybe"], "benchmark xla must be true or false; got 'maybe'"),
+    (["--throughput-batch-sizes", "32,lots"], "benchmark throughput_batch_sizes must be an integer; got 'lots'"),
+    (["--profile", "sometimes"], "benchmark profile must be true or false; got 'sometimes'"),
+])
+def test_bad_flags_are_refused_before_the_store_is_opened(untouched_store, capsys, flags, fragment):
     from alexnet_keras import cli
 
-    assert cli.main(["benchmark", "--quick", "--channels-first"]) == 2
-    assert "channels_first is not supported" in capsys.readouterr().err
-    assert all_runs(mlflow_store) == []
+    assert cli.main(["benchmark", "--quick", *flags]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+    assert not untouched_store.exists()
 
 
 def test_mlproject_benchmark_entry_point_matches_the_options():
@@ -240,6 +249,6 @@ def test_mlproject_benchmark_entry_point_matches_the_options():
         assert name in defaults, f"MLproject parameter {name!r} is not a benchmark option"
         assert value == defaults[name], name
     argv = shlex.split(entry["command"].format(**params))[3:]   # after `python -m alexnet_keras`
-    args = cli._parser().parse_args(argv)
+    args = cli.build_parser().parse_args(argv)
     assert args.command == "benchmark"
     assert benchmark.options_from_args(args) == BenchmarkOptions()

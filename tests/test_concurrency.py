@@ -103,12 +103,11 @@ def _problems(db_path: Path, run_ids) -> list[str]:
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(store_uri, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.chdir(tmp_path)   # the experiment's artifact folder is ./mlruns, resolved here
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    MlflowClient(uri).create_experiment(EXPERIMENT)   # the store and experiment exist before the fan-out
-    return tmp_path, uri
+    MlflowClient(store_uri).create_experiment(EXPERIMENT)   # the store and experiment exist before the fan-out
+    return tmp_path, store_uri
 
 
 def test_concurrent_trainings_lose_no_metric_and_corrupt_nothing(store):

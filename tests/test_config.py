@@ -153,3 +153,210 @@ def test_digests_of_the_logged_studies_and_sweep_do_not_move():
     assert combined == "41995232fac5608d"
     assert load_sweep(root + "sweep.yaml").digest() == "5c11feec7c703dac"   # docs/sweeps.md
     assert load_config(root + "cifar10.yaml").digest() == "d77d64afba55c9d6"
+
+
+# --- issue 14: every user-given number is range-checked, sizes are checked against memory, YAML is
+# bounded and UTF-8. Each case through the CLI: exit 2, one line on stderr, no traceback, no run. ----------
+
+def _refused(store, capsys, args, *fragments):
+    from conftest import all_runs
+
+    from alexnet_keras import cli
+
+    code = cli.main(["train", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err               # one clear line
+    assert err.startswith("alexnet-keras train: error: "), err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    assert all_runs(store) == [], "a refused config must not leave a run behind"
+    return err
+
+
+def _tiny_flags(**changes):
+    from conftest import TINY, cli_flags
+
+    return cli_flags({**TINY, **changes})
+
+
+SEED_RANGE = "must be an integer in [0, 4294967295]"
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--seed", "-1"], ["train.seed", SEED_RANGE, "got -1"]),
+    (["--seed", str(2 ** 32)], ["train.seed", SEED_RANGE, "got 4294967296"]),
+    (["--split-seed", "-1"], ["data.split_seed", SEED_RANGE, "got -1"]),
+    (["--split-seed", str(2 ** 40)], ["data.split_seed", SEED_RANGE]),
+    (["--epochs", "1000000"], ["train.epochs must be a positive integer (at most 100000)"]),
+    (["--batch-size", str(2 ** 21)], ["train.batch_size must be a positive integer (at most 1048576)"]),
+    (["--plateau-patience", "0"], ["train.plateau_patience must be a positive integer"]),
+    (["--train-limit", "1"], ["data.train_limit must be at least 2"]),
+    (["--test-limit", str(2 ** 31)], ["data.test_limit must be at least 2 (at most 2147483647)"]),
+    (["--synthetic-classes", "1001"], ["data.synthetic_classes must be an integer in [2, 1000]"]),
+    (["--synthetic-samples", "8"], ["data.synthetic_samples must be at least 16"]),
+    (["--stored-size", "40000"], ["data.stored_size must be an integer >= 8 (at most 32768)"]),
+    (["--max-memory-mb", "-1"], ["data.max_memory_mb must be an integer >= 0"]),
+    (["--image-size", "40000"], ["model.image_size must be an integer >= 8 for variant 'cifar' (at most 32768)"]),
+    (["--lrn-k", "0"], ["model.lrn_k must be in (0.0, 1000000.0]"]),
+    (["--lrn-k", "inf"], ["model.lrn_k", "got inf"]),
+    (["--lrn-alpha", "nan"], ["model.lrn_alpha must be a number; got nan"]),
+    (["--lrn-beta", "11"], ["model.lrn_beta must be in [0.0, 10.0]"]),
+    (["--lrn-size", "1025"], ["model.lrn_size must be a positive odd integer up to 1023"]),
+    (["--input-norm", "whiten"], ["model.input_norm must be one of 'standardize', 'center'; got 'whiten'"]),
+])
+def test_numbers_out_of_range_are_refused_before_anything_runs(mlflow_store, capsys, flags, fragments):
+    _refused(mlflow_store, capsys, [*_tiny_flags(), *flags], *fragments)
+
+
+def test_synthetic_samples_that_would_exhaust_memory(mlflow_store, capsys):
+    err = _refused(mlflow_store, capsys, _tiny_flags(synthetic_samples=100_000_000),
+                   "this run would need about", "TiB of memory", "this machine has", "--synthetic-samples")
+    # The estimate names the count that fits, and that count is accepted.
+    fits = int(err.split("--synthetic-samples ")[1].split()[0])
+    config = load_config(overrides={"variant": "cifar", "width": 0.125, "dataset": "synthetic",
+                                    "synthetic_samples": fits, "synthetic_classes": 4, "batch_size": 32})
+    assert config.data.synthetic_samples == fits
+
+
+def test_image_size_that_would_exhaust_memory_is_refused_by_the_dry_run(mlflow_store, capsys):
+    _refused(mlflow_store, capsys, ["--image-size", "20000", "--dry-run"],
+             "this run would need about", "TiB of memory", "parameters", "--image-size")
+
+
+def test_batch_size_beyond_memory_names_the_largest_that_fits(mlflow_store, capsys, monkeypatch):
+    from alexnet_keras import config as config_module
+
+    monkeypatch.setattr(config_module, "memory_bound", lambda: 2 ** 30)   # a 1 GiB machine
+    err = _refused(mlflow_store, capsys, _tiny_flags(batch_size=4096), "1.0 GiB this machine has", "--batch-size")
+    fits = int(err.split("--batch-size ")[1].split()[0])
+    base = {"variant": "cifar", "width": 0.125, "dataset": "synthetic", "synthetic_samples": 128,
+            "synthetic_classes": 4}
+    assert config_module.memory_estimate(load_config(overrides={**base, "batch_size": fits})).total <= 2 ** 30
+    with pytest.raises(ConfigError, match="would need about"):
+        load_config(overrides={**base, "batch_size": fits + 1})
+
+
+def test_memory_estimate_adds_up_weights_activations_and_images():
+    from alexnet_keras.config import check_memory, memory_estimate
+
+    config = load_config(overrides={"variant": "cifar", "width": 0.125, "dataset": "synthetic",
+                                    "synthetic_samples": 1000, "synthetic_classes": 4, "batch_size": 32})
+    estimate = memory_estimate(config)
+    model = config.model
+    assert estimate.parameters == model.parameter_count(4)
+    assert estimate.weights == 3 * 4 * estimate.parameters                  # weights, gradients, momentum
+    assert estimate.activations == 2 * 4 * 32 * model.activation_count(4)
+    assert estimate.images == 16 * 1000 * 32 * 32 * 3                        # generator's peak
+    assert estimate.total == estimate.weights + estimate.activations + estimate.images
+    check_memory(config, bound=estimate.total)                              # fits exactly
+    with pytest.raises(ConfigError, match="images"):
+        check_memory(config, bound=estimate.total - 1)
+    # The defaults (the paper's 227-px net, batch 128, CIFAR-10) pass on any machine that can train them.
+    assert memory_estimate(Config()).total < 8 * 2 ** 30
+
+
+# --- YAML files: bounded, UTF-8, plain data ---------------------------------------------------------
+
+def test_config_that_is_a_folder(mlflow_store, capsys, tmp_path):
+    _refused(mlflow_store, capsys, ["--config", str(tmp_path)], str(tmp_path), "is a folder, not a file")
+
+
+def test_config_that_is_not_utf8(mlflow_store, capsys, tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("run_name: caf\xe9\n".encode("latin-1"))
+    _refused(mlflow_store, capsys, ["--config", str(path)], str(path), "is not UTF-8 text",
+             "byte 0xe9 at offset 13", "Save it as UTF-8")
+
+
+def test_config_with_a_utf8_bom_is_read(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes("\ufeffrun_name: café\n".encode("utf-8"))
+    assert load_config(path).run_name == "café"
+
+
+def test_config_over_the_size_bound(mlflow_store, capsys, tmp_path):
+    from alexnet_keras.config import YAML_MAX_BYTES
+
+    path = tmp_path / "huge.yaml"
+    path.write_text("epochs: 3\n# " + "x" * YAML_MAX_BYTES + "\n")
+    _refused(mlflow_store, capsys, ["--config", str(path)], str(path), "is larger than 1024 KiB")
+
+
+def _laughs(levels):
+    """A 'billion laughs' file: each level is a list of ten aliases of the one before."""
+    lines = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_config_with_an_alias_expansion_bomb(mlflow_store, capsys, tmp_path):
+    path = tmp_path / "laughs.yaml"
+    path.write_text(_laughs(9))            # 10^9 values once expanded, from a file of 500 bytes
+    assert path.stat().st_size < 1000
+    _refused(mlflow_store, capsys, ["--config", str(path)], "more than 100,000 values once its aliases")
+
+
+def test_config_with_a_self_referencing_alias(mlflow_store, capsys, tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("model: &m {lrn: false, again: *m}\n")
+    _refused(mlflow_store, capsys, ["--config", str(path)], "inside the value it names")
+
+
+def test_config_nested_too_deeply(mlflow_store, capsys, tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("model: " + "[" * 20000 + "]" * 20000 + "\n")
+    _refused(mlflow_store, capsys, ["--config", str(path)], "nested too deeply")
+
+
+def test_config_that_is_a_fifo_is_refused_without_blocking(mlflow_store, capsys, tmp_path):
+    import os
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this system")
+    path = tmp_path / "pipe.yaml"
+    os.mkfifo(path)
+    _refused(mlflow_store, capsys, ["--config", str(path)], "is not a regular file")
+
+
+def test_config_cannot_run_code(mlflow_store, capsys, tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"run_name: !!python/object/apply:os.system ['touch {marker}']\n")
+    _refused(mlflow_store, capsys, ["--config", str(path)], "is not valid YAML")
+    assert not marker.exists()
+
+
+def test_small_aliases_still_work(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text("model: &m {lrn: false, variant: cifar}\ntrain: {epochs: 2}\n")
+    config = load_config(path)
+    assert (config.model.lrn, config.model.variant, config.train.epochs) == (False, "cifar", 2)
+
+
+def test_study_and_sweep_files_are_read_through_the_same_bounds(tmp_path):
+    """ablate and tune read their files with config.load_yaml, so they refuse the same inputs."""
+    from alexnet_keras.ablate import StudyError, load_study
+    from alexnet_keras.tune import load_sweep
+
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    laughs = tmp_path / "laughs.yaml"
+    laughs.write_text(_laughs(7))
+    for path, fragment in ((latin1, "is not UTF-8 text"), (laughs, "once its aliases"), (tmp_path, "is a folder")):
+        with pytest.raises(StudyError, match=fragment) as err:
+            load_study(path)
+        assert str(err.value).startswith("study file")
+        with pytest.raises(ConfigError, match=fragment):
+            load_sweep(path)
+
+
+def test_input_norm_keeps_old_digests_and_changes_them_when_set():
+    base = Config()
+    assert leaf_fields()["input_norm"][1].metadata.get("digest") == "omit_default"
+    assert "input_norm" not in base.outcome_values()
+    assert base.override({"input_norm": "center"}).digest() != base.digest()
+    assert base.override({"input_norm": "standardize"}).digest() == base.digest()
+    config = load_config(overrides={"input_norm": "center", "init": "paper"})
+    assert (config.model.input_norm, config.model.init) == ("center", "paper")

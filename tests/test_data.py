@@ -1,4 +1,4 @@
-"""Tests of alexnet_keras.data on tiny datasets built in tmp_path: no network, no shared 60k copy."""
+"""Tests of the alexnet_keras.data package on tiny datasets built in tmp_path: no network, no shared 60k copy."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from PIL import Image
 from alexnet_keras import data as data_module
 from alexnet_keras.config import DataConfig
 from alexnet_keras.data import Data, DataError, load_data, random_crop_flip, resolve_data_dir
+from alexnet_keras.data import decode as decode_module
 
 CLASSES = ["cat", "ant", "bee"]          # created unsorted on purpose
 SORTED = sorted(CLASSES)
@@ -195,7 +196,7 @@ def test_decoded_folder_is_cached_on_disk(layout, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data_module, "_decode_files", no_decoding)
+    monkeypatch.setattr(decode_module, "decode_files", no_decoding)
     with pytest.warns(UserWarning, match="skipped 3"):
         second = load_data(cfg, 24, 8, verbose=False)
     assert second.digest == first.digest and second.counts == first.counts
@@ -311,7 +312,7 @@ def test_archive_is_extracted_once_into_cache_and_loaded(archive, tmp_path, monk
     def no_extraction(*args, **kwargs):
         raise AssertionError("extracted again")
 
-    monkeypatch.setattr(data_module.tarfile, "open", no_extraction)
+    monkeypatch.setattr(tarfile, "open", no_extraction)
     assert resolve_data_dir(str(archive)) == root
     # The env var is the fallback for data_dir.
     monkeypatch.setenv(data_module.DATA_DIR_ENV, str(archive))
@@ -457,3 +458,298 @@ def test_unaugmented_pipelines_are_deterministic_and_train_is_reshuffled():
     assert key(x1) == key(x2)
     # The last partial batch is kept.
     assert [len(y) for _, y in data.train][-1] == 57 % 8
+
+
+# --------------------------------------------------------------------------------------------
+# hostile input (issue 14): nothing runs from data, nothing hangs, nothing stale, nothing left behind
+# --------------------------------------------------------------------------------------------
+
+class RunsCode:
+    """Unpickles into a call of os.system: what a hostile batches.meta can hold."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_fake_cifar_pickles(folder)
+    marker = tmp_path / "pwned"
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": RunsCode(f"touch {marker}")}, f)
+    with pytest.raises(DataError, match="batches.meta") as err:
+        load_data(DataConfig(dataset="cifar10", data_dir=str(tmp_path)), 32, 4, verbose=False)
+    assert "refused to load posix.system" in str(err.value) and "not loaded" in str(err.value)
+    assert not marker.exists()
+
+    # Any other global is refused as well, in a data batch too; NumPy arrays of every protocol load.
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"plane", b"car", b"bird"]}, f, protocol=5)
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"extra": Path("x")}, f)
+    with pytest.raises(DataError, match="data_batch_2.*pathlib"):
+        load_data(DataConfig(dataset="cifar10", data_dir=str(tmp_path)), 32, 4, verbose=False)
+    for protocol in (2, 3, 4, 5):
+        with open(folder / "data_batch_2", "wb") as f:
+            pickle.dump({b"data": np.full((6, 3072), protocol, np.uint8), b"labels": [0, 1, 2] * 2}, f,
+                        protocol=protocol)
+        data = load_data(DataConfig(dataset="cifar10", data_dir=str(tmp_path)), 32, 4, verbose=False)
+        assert data.counts["train"] + data.counts["val"] == 30
+
+
+def test_cifar_labels_out_of_range_fail_before_any_run(tmp_path, mlflow_store, capsys):
+    from conftest import all_runs
+
+    from alexnet_keras import cli
+
+    folder = tmp_path / "cifar-10-batches-py"
+    write_fake_cifar_pickles(folder)
+    with open(folder / "data_batch_3", "wb") as f:    # 3 classes in batches.meta, a label 7
+        pickle.dump({b"data": np.zeros((6, 3072), np.uint8), b"labels": [0, 1, 2, 7, 1, 0]}, f)
+    with pytest.raises(DataError, match=r"data_batch_3.*outside 0\.\.2.*\[7\]"):
+        load_data(DataConfig(dataset="cifar10", data_dir=str(tmp_path)), 32, 4, verbose=False)
+    code = cli.main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--variant", "cifar",
+                     "--width", "0.125", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data_batch_3" in err and "Traceback" not in err
+    assert all_runs(mlflow_store) == []
+
+
+class Watchdog:
+    """Unblocks anyone stuck opening the FIFO `path` for reading after `seconds` (by opening it for
+    writing), so a regression fails the test instead of hanging it."""
+
+    def __init__(self, path, seconds=60):
+        import threading
+
+        self.fired = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(path, seconds), daemon=True)
+        self._thread.start()
+
+    def _run(self, path, seconds):
+        if not self._stop.wait(seconds):
+            self.fired = True
+            os.close(os.open(path, os.O_WRONLY))   # a reader is blocked: let it see end-of-file
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def test_links_and_special_files_are_never_followed_or_opened(tmp_path):
+    root = make_flat(tmp_path / "data", per_class=4)
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (8, 8), (250, 250, 250)).save(outside)
+    ant = root / "ant"
+    (ant / "outward.png").symlink_to(outside)           # leads out of the tree
+    (ant / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (ant / "loop").symlink_to(root)                      # back into the tree: would loop
+    (ant / "again.png").symlink_to(ant / "0.png")        # a second copy of a file of the tree
+    os.mkfifo(ant / "pipe.png")                          # opening it blocks until a writer comes
+    (ant / "sub").mkdir()
+    Image.new("RGB", (8, 8), (20, 9, 128)).save(ant / "sub" / "deeper.png")
+
+    walk = data_module.walk_files(ant)
+    assert walk.files == ["0.png", "1.png", "2.png", "3.png", "sub/deeper.png"]
+    assert walk.skipped == ["again.png", "dangling.png", "loop", "outward.png", "pipe.png"]
+    assert "5 entries" in walk.note(ant) and "not followed" in walk.note(ant)
+
+    watchdog = Watchdog(ant / "pipe.png")
+    try:
+        with pytest.warns(UserWarning, match=r"skipped 5 entries .*ant/again.png") as record:
+            data = load_data(DataConfig(dataset="folder", data_dir=str(root), augment=False), 8, 4,
+                             verbose=False)
+    finally:
+        watchdog.stop()
+    assert not watchdog.fired, "the FIFO was opened"
+    assert "pipe.png" in str(record[0].message) and "loop" in str(record[0].message)
+    assert data.counts["train"] + data.counts["val"] + data.counts["test"] == 13   # 12 + deeper.png
+    assert data.counts["skipped"] == 5
+    seen = np.concatenate([collect(ds)[0] for ds in (data.train, data.val, data.test)])
+    assert not (seen == 250).all(axis=(1, 2, 3)).any()    # the image outside the tree was not read
+
+
+def test_linked_class_folder_is_refused(tmp_path):
+    root = make_flat(tmp_path / "data")
+    other = make_flat(tmp_path / "elsewhere")
+    (root / "cow").symlink_to(other / "ant")
+    with pytest.raises(DataError, match="cow.* symbolic link to a folder") as err:
+        load_data(DataConfig(dataset="folder", data_dir=str(root)), 8, 4, verbose=False)
+    assert "Replace the link" in str(err.value)
+
+
+def test_empty_or_unreadable_class_folder_is_refused_not_an_extra_class(tmp_path):
+    root = make_flat(tmp_path / "data")
+    (root / "dog").mkdir()
+    (root / "dog" / ".hidden").write_text("not data")
+    with pytest.raises(DataError, match=r"'dog' .* hold no files") as err:
+        load_data(DataConfig(dataset="folder", data_dir=str(root)), 8, 4, verbose=False)
+    assert "Add images to them or remove them" in str(err.value)
+    (root / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"'dog' .* hold no readable image"), pytest.warns(UserWarning):
+        load_data(DataConfig(dataset="folder", data_dir=str(root)), 8, 4, verbose=False)
+
+
+def same_size_tar(path: Path, colour) -> None:
+    """An uncompressed tar of a 3-class train/ + test/ folder of BMPs in `colour` order: archives made
+    with other colours have the same size, member names, member sizes and member mtimes."""
+    import io
+
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for split, n in (("train", 4), ("test", 2)):
+            for c, name in enumerate(SORTED):
+                for i in range(n):
+                    buffer = io.BytesIO()
+                    Image.new("RGB", (8, 8), tuple(np.roll(colour, c))).save(buffer, format="BMP")
+                    info = tarfile.TarInfo(f"set/{split}/{name}/{i}.bmp")
+                    info.size, info.mtime = len(buffer.getvalue()), 1_700_000_000
+                    tar.addfile(info, io.BytesIO(buffer.getvalue()))
+
+
+def test_archive_replaced_with_same_size_and_mtime_is_extracted_again(tmp_path):
+    archive = tmp_path / "set.tar"
+    same_size_tar(archive, (200, 30, 30))
+    before = archive.stat()
+    cfg = DataConfig(dataset="folder", data_dir=str(archive), augment=False)
+    first = load_data(cfg, 8, 4, verbose=False)
+    old_pixels = collect(first.test)[0]
+
+    replacement = tmp_path / "other.tar"
+    same_size_tar(replacement, (30, 200, 30))
+    archive.write_bytes(replacement.read_bytes())        # in place: same path, same inode
+    os.utime(archive, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = archive.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+
+    second = load_data(cfg, 8, 4, verbose=False)
+    assert second.digest != first.digest
+    new_pixels = collect(second.test)[0]
+    assert not np.array_equal(new_pixels, old_pixels)
+    np.testing.assert_array_equal(new_pixels.mean(axis=(1, 2)).argmax(axis=1),
+                                  (old_pixels.mean(axis=(1, 2)).argmax(axis=1) + 1) % 3)
+    assert len(list((tmp_path / "cache" / "datasets").iterdir())) == 2
+
+    # The hash is remembered while the file is unchanged (not read again), forgotten once it changes.
+    from alexnet_keras.data import archives
+
+    (remembered,) = [p for p in (tmp_path / "cache" / "archive-sha256").iterdir()
+                     if p.read_text() == archives.archive_sha256(archive)]
+    remembered.write_text("f" * 64)
+    assert archives.archive_sha256(archive) == "f" * 64
+    os.utime(archive, ns=(before.st_atime_ns, before.st_mtime_ns))   # sets ctime: a new key
+    assert archives.archive_sha256(archive) != "f" * 64
+
+
+def test_interrupted_or_failed_extraction_leaves_nothing_in_the_cache(tmp_path):
+    import _thread
+    import gzip
+    import threading
+
+    datasets = tmp_path / "cache" / "datasets"
+    # A real archive cut in half: extraction fails mid-way, after writing its first members.
+    whole = tmp_path / "whole.tar.gz"
+    with tarfile.open(whole, "w:gz") as tar:
+        for i in range(20):
+            member = tmp_path / f"noise{i}.bin"
+            member.write_bytes(np.random.default_rng(i).bytes(50_000))
+            tar.add(member, arcname=f"set/noise{i}.bin")
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(DataError, match="could not extract .*cut.tar.gz"):
+        resolve_data_dir(str(cut))
+    assert list(datasets.iterdir()) == []
+
+    # Ctrl-C while a large member is being written.
+    big = tmp_path / "big.tar.gz"
+    with gzip.open(big, "wb", compresslevel=1) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        info = tarfile.TarInfo("set/zeros.bin")
+        info.size = 256 * 2 ** 20
+
+        class Zeros:
+            def read(self, n):
+                return bytes(n)
+
+        tar.addfile(info, Zeros())
+
+    done = threading.Event()
+
+    def interrupt_once_writing():
+        while not any(p.stat().st_size > 0 for p in datasets.glob(".big-*/set/zeros.bin")):
+            if done.wait(0.001):
+                return
+        _thread.interrupt_main()   # what Ctrl-C does
+
+    watcher = threading.Thread(target=interrupt_once_writing, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            resolve_data_dir(str(big))
+    finally:
+        done.set()
+        watcher.join()
+    assert list(datasets.iterdir()) == []
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody can write to: a read-only tmpfs where this process may mount one (root), else
+    a folder without write permission (not root), else the test is skipped."""
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        if os.geteuid() == 0:
+            pytest.skip("cannot mount a read-only tmpfs, and root writes to any folder")
+        folder.chmod(0o555)
+    yield folder
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+    else:
+        folder.chmod(0o755)
+
+
+def test_read_only_cache_gives_one_clear_message(tmp_path, read_only_folder, monkeypatch, archive, mlflow_store,
+                                                 capsys):
+    from conftest import all_runs
+
+    from alexnet_keras import cli
+
+    monkeypatch.setenv(data_module.CACHE_ENV, str(read_only_folder / "cache"))
+    with pytest.raises(DataError, match="not writable") as err:
+        resolve_data_dir(str(archive))
+    assert data_module.CACHE_ENV in str(err.value) and str(read_only_folder) in str(err.value)
+    assert cli.main(["train", "--dataset", "folder", "--data-dir", str(archive), "--epochs", "1"]) == 2
+    message = capsys.readouterr().err
+    assert "Set ALEXNET_KERAS_CACHE to a writable folder" in message and "Traceback" not in message
+    assert all_runs(mlflow_store) == []
+
+    # A plain folder still loads: its decoded arrays are only not cached (a warning says so).
+    root = make_flat(tmp_path / "flat")
+    with pytest.warns(UserWarning, match="could not write the cache file"):
+        data = load_data(DataConfig(dataset="folder", data_dir=str(root)), 8, 4, verbose=False)
+    assert data.counts["train"] + data.counts["val"] + data.counts["test"] == 30
+
+
+def test_non_deterministic_training_pipeline_still_gives_every_image_once_per_epoch(tmp_path):
+    # deterministic=False (TrainConfig.deterministic off) lets the parallel stages hand out images in
+    # the order they are ready: every epoch still holds every training image exactly once.
+    root = make_flat(tmp_path / "flat", per_class=20)
+    for max_memory_mb in (None, 0):   # in memory, and streamed from the files
+        extra = {} if max_memory_mb is None else {"max_memory_mb": max_memory_mb}
+        cfg = DataConfig(dataset="folder", data_dir=str(root), augment=False, **extra)
+
+        def epoch(deterministic):
+            data = load_data(cfg, 8, 4, seed=5, verbose=False, deterministic=deterministic)
+            x, y = collect(data.train)
+            return sorted(zip(image_ids(x), y.tolist()))
+
+        unordered = epoch(False)
+        assert unordered == epoch(True)
+        assert len(set(unordered)) == len(unordered) == 43   # 60 less 12 test and 5 validation images

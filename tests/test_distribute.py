@@ -6,13 +6,10 @@ JAX: `XLA_FLAGS=--xla_force_host_platform_device_count=2`.
 """
 
 import importlib.util
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_script
 
 from alexnet_keras.config import ConfigError, TrainConfig, load_config
 
@@ -49,14 +46,9 @@ print("RESULT " + json.dumps(out))
 
 
 def _run(kind, backend, extra_env=None):
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
-           **(extra_env or {})}
-    env.pop("TF_CONFIG", None)   # a cluster from the caller's environment would change the test
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, kind], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    # TF_CONFIG: None, since a cluster from the caller's environment would change the test.
+    return run_script(SCRIPT, kind, env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3",
+                                         "JAX_PLATFORMS": "cpu", "TF_CONFIG": None, **(extra_env or {})})
 
 
 def test_tf_mirrored_on_two_logical_cpus():

@@ -197,3 +197,21 @@ def test_invalid_arguments(kwargs, match):
 def test_axis_out_of_range():
     with pytest.raises(ValueError, match="axis"):
         LocalResponseNormalization(axis=4)(np.zeros((1, 2, 2, 3), "float32"))
+
+
+@pytest.mark.parametrize("axis, n", [(-1, 5), (1, 3), (-1, 1)])   # the band-matmul, shifted-slice, n=1 paths
+def test_squared_sum_and_scale_are_the_formulas_parts(axis, n):
+    """The public parts that call() is made of (and lrn_diagnostics measures with)."""
+    x = np.random.default_rng(5).normal(0.0, 3.0, size=(2, 7, 3, 7)).astype("float32")
+    layer = LocalResponseNormalization(size=n, alpha=0.3, beta=0.6, k=1.3, axis=axis)
+    last = np.moveaxis(x, axis, -1).astype(np.float64)
+    window = np.stack([np.sum(last[..., max(0, i - n // 2):i + n // 2 + 1] ** 2, axis=-1)
+                       for i in range(last.shape[-1])], axis=-1)
+    got_sum = np.moveaxis(keras.ops.convert_to_numpy(layer.squared_sum(x)), axis, -1)
+    np.testing.assert_allclose(got_sum, window, rtol=1e-5)
+    got_scale = np.moveaxis(keras.ops.convert_to_numpy(layer.scale(x)), axis, -1)
+    np.testing.assert_allclose(got_scale, (1.3 + 0.3 * window) ** -0.6, rtol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)),
+                               x * keras.ops.convert_to_numpy(layer.scale(x)), rtol=1e-6)
+    with pytest.raises(ValueError, match="axis"):
+        LocalResponseNormalization(axis=4).squared_sum(x)

@@ -309,3 +309,125 @@ def test_bad_combinations():
         small(input_mean=[1.0, 2.0], input_std=[1.0, 1.0, 1.0])
     with pytest.raises(ConfigError, match="> 0"):
         small(input_mean=[1.0, 2.0, 3.0], input_std=[1.0, 0.0, 1.0])
+
+
+# --- the geometry config.py checks a config against is the model's -------------------------------
+
+@pytest.mark.parametrize("options, num_classes", [
+    (dict(variant="paper", width=0.25), 1000),
+    (dict(variant="paper", width=0.1, groups=2, pool="non_overlapping", image_size=131), 17),
+    (dict(variant="cifar", width=0.25, batchnorm=True, dropout=0.0), 10),
+    (dict(variant="cifar", width=0.05, groups=2, lrn=False, image_size=40), 3),
+    (dict(variant="cifar", width=0.125, lrn=True, batchnorm=True, image_size=9), 2),
+])
+def test_parameter_and_activation_counts_match_the_built_model(options, num_classes):
+    config = ModelConfig(**options)
+    model = build_alexnet(config, num_classes=num_classes)
+    assert config.parameter_count(num_classes) == model.count_params()
+    outputs = sum(math.prod(layer.output.shape[1:]) for layer in model.layers[1:])   # every layer after the input
+    assert config.activation_count(num_classes) == outputs
+    sides = config.feature_sides()
+    for name in ("conv1", "pool1", "pool2", "pool5"):
+        assert model.get_layer(name).output.shape[1] == sides[name], name
+
+
+def test_paper_parameter_count_from_the_config_alone():
+    # The numbers of test_paper_parameter_count, without building 62 million weights.
+    assert ModelConfig().parameter_count(1000) == 62_378_344
+    assert ModelConfig(groups=2).parameter_count(1000) == 60_965_224
+
+
+# --- input_norm: the paper's regime (mean-subtracted 0..255 pixels) -----------------------------
+
+def test_input_norm_center_only_subtracts_the_mean():
+    mean, std = [125.3, 123.0, 113.9], [63.0, 62.1, 66.7]
+    x = images(2)
+    model = small(input_norm="center", input_mean=mean, input_std=std)
+    head = keras.Model(model.input, model.get_layer("preprocess").output)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(head(x)), x - np.array(mean), rtol=1e-5, atol=1e-3)
+    # Without statistics, the middle of the scale.
+    plain = small(input_norm="center")
+    head = keras.Model(plain.input, plain.get_layer("preprocess").output)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(head(x)), x - 127.5, rtol=1e-5, atol=1e-3)
+    # The default is unchanged: standardised.
+    assert small().config.input_norm == "standardize"
+    with pytest.raises(ConfigError, match="input_norm must be one of 'standardize', 'center'"):
+        small(input_norm="whiten")
+
+
+def test_input_norm_survives_get_config_and_saving(tmp_path):
+    model = small(width=0.125, input_norm="center", input_mean=[120.0, 115.0, 100.0], input_std=[60.0, 61.0, 62.0])
+    assert model.get_config()["input_norm"] == "center"
+    clone = AlexNet.from_config(model.get_config())
+    assert clone.config.input_norm == "center" and clone.get_config() == model.get_config()
+    path = tmp_path / "center.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.config.input_norm == "center"
+    x = images(2)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded.predict(x, verbose=0)),
+                               keras.ops.convert_to_numpy(model.predict(x, verbose=0)), rtol=1e-6)
+    # A model saved before the option existed (no input_norm in its config) loads as standardised.
+    old = small(width=0.125).get_config()
+    del old["input_norm"]
+    assert AlexNet.from_config(old).config.input_norm == "standardize"
+
+
+# --- lrn_diagnostics: how much each LRN layer normalises -----------------------------------------
+
+def test_lrn_diagnostics_equal_a_direct_numpy_computation():
+    from alexnet_keras.model import lrn_diagnostics
+
+    alpha, beta, k, n = 0.3, 0.6, 1.3, 3
+    inputs = keras.Input((3, 3, 7))
+    first = LocalResponseNormalization(size=n, alpha=alpha, beta=beta, k=k, name="lrn1")(inputs)
+    second = LocalResponseNormalization(size=5, alpha=1e-4, beta=0.75, k=2.0, name="lrn2")(first * 10.0)
+    model = keras.Model(inputs, second)
+    x = np.random.default_rng(7).normal(0.0, 2.0, size=(5, 3, 3, 7)).astype("float32")
+
+    def expected(a, n, alpha, beta, k):
+        a = np.asarray(a, np.float64)
+        window = np.stack([np.sum(a[..., max(0, i - n // 2):i + n // 2 + 1] ** 2, axis=-1)
+                           for i in range(a.shape[-1])], axis=-1)
+        ratio, scale = alpha * window / k, (k + alpha * window) ** -beta
+        return {"ratio_mean": ratio.mean(), "ratio_p95": np.percentile(ratio, 95), "scale_mean": scale.mean(),
+                "scale_min": scale.min(), "scale_max": scale.max(), "constant_scale": k ** -beta,
+                "relative_scale_mean": scale.mean() / k ** -beta, "relative_scale_min": scale.min() / k ** -beta}
+
+    lrn1_out = keras.ops.convert_to_numpy(model.get_layer("lrn1")(x))
+    for batch_size in (2, 32):   # batching must not change the statistics
+        got = lrn_diagnostics(model, x, batch_size=batch_size)
+        assert set(got) == {"lrn1", "lrn2"}
+        for name, want in (("lrn1", expected(x, n, alpha, beta, k)),
+                           ("lrn2", expected(lrn1_out * 10.0, 5, 1e-4, 0.75, 2.0))):
+            assert set(got[name]) == set(want)
+            for stat, value in want.items():
+                assert got[name][stat] == pytest.approx(value, rel=1e-5), (name, stat)
+    assert lrn_diagnostics(small(lrn=False, width=0.125), images(2)) == {}
+
+
+def test_lrn_normalises_in_the_papers_regime_and_not_when_standardised():
+    """Issue 16: with standardised inputs and Keras' init, alpha * sum(a^2) is tiny against k and LRN is
+    the constant factor k^-beta; with the paper's regime (mean-subtracted 0..255 pixels, N(0, 0.01)
+    init) it is at least ten times larger and the factor departs from the constant, on the same images."""
+    from alexnet_keras.model import lrn_diagnostics
+
+    x = images(16, seed=3)
+    mean = x.reshape(-1, 3).mean(axis=0).tolist()
+    std = x.reshape(-1, 3).std(axis=0).tolist()
+    results = {}
+    for input_norm, init in (("standardize", "keras"), ("center", "paper")):
+        keras.utils.set_random_seed(0)
+        model = small(input_norm=input_norm, init=init, input_mean=mean, input_std=std)
+        results[input_norm] = lrn_diagnostics(model, x)
+    standardised, paper = results["standardize"], results["center"]
+    constant = 2.0 ** -0.75
+    for name in ("lrn1", "lrn2"):
+        assert paper[name]["ratio_mean"] >= 10 * standardised[name]["ratio_mean"], name
+        assert paper[name]["ratio_p95"] >= 10 * standardised[name]["ratio_p95"], name
+        assert standardised[name]["constant_scale"] == pytest.approx(constant)
+    # Standardised: the factor is k^-beta everywhere to 4 digits; the paper's regime damps the largest
+    # responses of lrn1 by more than 1 %.
+    assert standardised["lrn1"]["relative_scale_min"] > 0.999
+    assert paper["lrn1"]["relative_scale_min"] < 0.99
+    assert paper["lrn1"]["scale_min"] < 0.99 * constant

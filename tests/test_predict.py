@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import zipfile
 from pathlib import Path
 
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 from conftest import all_runs
@@ -17,8 +21,9 @@ from alexnet_keras import cli
 from alexnet_keras import data as data_module
 from alexnet_keras.config import ModelConfig
 from alexnet_keras.data import decode_image
+from alexnet_keras.inference import METADATA_KEY, save_model
 from alexnet_keras.model import build_alexnet
-from alexnet_keras.predict import load_predictor, save_model
+from alexnet_keras.serving import load_predictor
 
 STORED, SIZE = 28, 24
 SPEC = {"recipe": "paper", "resize": "shorter_side_crop", "stored_size": STORED, "image_size": SIZE,
@@ -167,10 +172,151 @@ def test_trained_run_predicts_logs_recipe_and_serves_pyfunc(mlflow_store, tmp_pa
     assert predictor.mean_image.shape == (36, 36, 3)
     assert predictor.predict_files(files) == by_run
 
-    # mlflow.pyfunc on the views predict feeds the model: the same probabilities.
-    stored = np.stack([decode_image(tf.io.read_file(f), 36, "shorter_side_crop").numpy() for f in files])
-    views = predictor.views(stored)
-    served = np.asarray(mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(views))
-    assert served.shape == (4, 3)
-    np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(served, predictor.probabilities(stored), atol=1e-5)
+    # mlflow.pyfunc on the files' bytes: the same classes and probabilities as predict.
+    served = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(
+        pd.DataFrame({"image": [Path(f).read_bytes() for f in files]}), params={"top_k": 3})
+    assert served["top_k"].tolist() == [r["predictions"] for r in by_run]
+    np.testing.assert_allclose([r["predictions"][0]["probability"] for r in by_run], served["probability"], atol=1e-6)
+
+
+def test_pixel_arrays_and_encoded_bytes_give_what_the_files_give(images, tmp_path):
+    predictor = load_predictor(str(save_model(untrained_model(), tmp_path / "net.keras", CLASSES, SPEC)))
+    pngs = [f for f in images if f.endswith(".png")][:3]
+    by_file = predictor.predict_files(pngs, top=3)
+    decoded = [np.asarray(tf.io.decode_image(tf.io.read_file(f), channels=3, expand_animations=False)) for f in pngs]
+    by_array = predictor.predict_images(decoded, top=3)
+    by_bytes = predictor.predict_images([Path(f).read_bytes() for f in pngs], top=3)
+    assert [r["predictions"] for r in by_array] == [r["predictions"] for r in by_file]
+    assert [r["predictions"] for r in by_bytes] == [r["predictions"] for r in by_file]
+    as_lists = predictor.predict_images([d.astype(np.int64).tolist() for d in decoded], top=3)   # JSON's form
+    assert [r["predictions"] for r in as_lists] == [r["predictions"] for r in by_file]
+    bad = predictor.predict_images([b"", b"not an image", np.zeros((4, 4)), np.full((2, 2, 3), 256),
+                                    np.full((2, 2, 3), 0.5), "aGVsbG8=", [[1, 2], [3]]])
+    assert [r["error"].split(" ")[0] for r in bad] == ["empty", "not", "pixel", "pixel", "pixel", "a", "not"]
+
+
+def test_a_model_logged_before_models_carried_their_preprocessing_still_predicts(images, tmp_path, mlflow_store):
+    """Runs logged with mlflow.keras.log_model (class names and preprocessing in the MLmodel metadata,
+    the mean image a run artifact) load as before."""
+    mean_image = np.random.default_rng(1).uniform(50, 200, size=(STORED, STORED, 3)).astype(np.float32)
+    model = untrained_model(mean=(0.0, 0.0, 0.0), std=(50.0, 50.0, 50.0))
+    spec = {**SPEC, "pixel_mean": True}
+    mlflow.set_experiment("legacy")   # not the process's last active experiment, which is in another store
+    with mlflow.start_run() as run:
+        np.save(tmp_path / "mean_image.npy", mean_image)
+        mlflow.log_artifact(str(tmp_path / "mean_image.npy"), "preprocessing")
+        mlflow.keras.log_model(model, name="model", metadata={METADATA_KEY: {
+            "class_names": CLASSES, "preprocessing": {**spec, "mean_image": "preprocessing/mean_image.npy"}}})
+    readable = [f for f in images if not f.endswith("corrupt.jpg")][:3]
+    old = load_predictor(run.info.run_id)
+    np.testing.assert_array_equal(old.mean_image, mean_image)
+    new = load_predictor(str(save_model(model, tmp_path / "net.keras", CLASSES, spec, mean_image)))
+    assert old.predict_files(readable) == new.predict_files(readable)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--top", "0"], "top must be a whole number of at least 1; got 0"),
+    (["--batch-size", "-4"], "batch size must be a whole number of at least 1; got -4"),
+])
+def test_bad_predict_options_are_one_line_before_any_model_is_loaded(images, capsys, flags, fragment):
+    assert cli.main(["predict", "--model", "no-such-model", images[0], *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"alexnet-keras predict: error: {fragment}."
+
+
+def test_predict_on_a_failed_run_says_it_has_no_model(images, mlflow_store, capsys):
+    mlflow.set_experiment("failed")
+    with mlflow.start_run() as run:
+        mlflow.log_text("summary", "model/summary.txt")   # train logs this before training
+    mlflow.MlflowClient().set_terminated(run.info.run_id, "FAILED")
+    capsys.readouterr()
+    assert cli.main(["predict", "--model", run.info.run_id, images[0]]) == 2
+    err = capsys.readouterr().err
+    assert "holds no logged model" in err and "status is FAILED" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def crafted_keras(tmp_path: Path, config: dict) -> Path:
+    """A .keras file whose config.json is `config`, with the weights of a real model and a sidecar."""
+    tmp_path.mkdir()
+    good = save_model(untrained_model(), tmp_path / "good.keras", CLASSES, SPEC)
+    path = tmp_path / "crafted.keras"
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(path, "w") as target:
+        for name in source.namelist():
+            target.writestr(name, json.dumps(config) if name == "config.json" else source.read(name))
+    (tmp_path / "crafted.preprocessing.json").write_text((tmp_path / "good.preprocessing.json").read_text())
+    return path
+
+
+def test_hostile_or_broken_model_files_are_refused_in_one_line(images, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    cases = {}
+    not_zip = tmp_path / "notzip.keras"
+    not_zip.write_bytes(b"hello, not a zip")
+    (tmp_path / "notzip.preprocessing.json").write_text(json.dumps({"class_names": CLASSES, "preprocessing": SPEC}))
+    cases[str(not_zip)] = "is not a .keras model file"
+    for class_name in ("function", "system"):   # os.system named as a function, and as a class
+        cases[str(crafted_keras(tmp_path / class_name, {
+            "module": "os", "class_name": class_name, "config": "system", "registered_name": "system",
+            "args": [f"touch {marker}"]}))] = "refused to load"
+    for case, fragment in cases.items():
+        assert cli.main(["predict", "--model", case, images[0]]) == 2, case
+        err = capsys.readouterr().err
+        assert fragment in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("sidecar, content, fragment", [
+    ("preprocessing.json", b"{not json", "cannot read"),
+    ("preprocessing.json", b"\xff\xfe\x00", "cannot read"),
+    ("preprocessing.json", json.dumps({"class_names": "bee", "preprocessing": SPEC}).encode(), "`class_names`"),
+    ("preprocessing.json", json.dumps({"class_names": CLASSES, "preprocessing": {**SPEC, "stored_size": -1}}).encode(),
+     "`stored_size` must be an integer"),
+    ("preprocessing.json", json.dumps({"class_names": CLASSES, "preprocessing": {**SPEC, "resize": "x"}}).encode(),
+     "`resize` must be one of"),
+    ("preprocessing.json", json.dumps({"class_names": CLASSES, "preprocessing": {**SPEC, "image_size": 32}}).encode(),
+     "larger than `stored_size`"),
+    ("mean_image.npy", b"garbage", "cannot read the mean image"),
+    ("mean_image.npy", None, "cannot read the mean image"),          # an object array: would need pickle
+])
+def test_corrupt_sidecars_are_one_clear_line(images, tmp_path, capsys, sidecar, content, fragment):
+    mean_image = np.zeros((STORED, STORED, 3), np.float32)
+    path = save_model(untrained_model(), tmp_path / "net.keras", CLASSES, {**SPEC, "pixel_mean": True}, mean_image)
+    target = tmp_path / f"net.{sidecar}"
+    if content is None:
+        np.save(target, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    else:
+        target.write_bytes(content)
+    assert cli.main(["predict", "--model", str(path), images[0]]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_predict_folder_opens_regular_files_only(images, tmp_path, capsys):
+    """A FIFO (opening it would block forever), links out of the folder, dangling and looping links are
+    never followed; the walk says what it skipped. A FIFO named on the command line is not opened."""
+    path = save_model(untrained_model(), tmp_path / "net.keras", CLASSES, SPEC)
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    good = folder / "sub" / "a.png"
+    good.write_bytes(Path(next(f for f in images if f.endswith(".png"))).read_bytes())
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(good.read_bytes())
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "out.png").symlink_to(outside)
+    (folder / "dangling.jpg").symlink_to(tmp_path / "missing.jpg")
+    (folder / "loop").symlink_to(folder)
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("predict blocked on a special file"))
+    signal.alarm(120)
+    try:
+        assert cli.main(["predict", "--model", str(path), str(folder), "--json"]) == 0
+        captured = capsys.readouterr()
+        results = json.loads(captured.out)["results"]
+        assert [r["file"] for r in results] == [str(good)]
+        assert "skipped 4 entries" in captured.err
+        assert cli.main(["predict", "--model", str(path), str(folder / "pipe.jpg"), str(good), "--json"]) == 1
+        fifo, ok = json.loads(capsys.readouterr().out)["results"]
+        assert fifo["error"] == "not a regular file" and "predictions" in ok
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -1,4 +1,5 @@
-"""The paper's data recipe (data.py "Recipes") and TFRecord shards (prepare.py), on tiny generated folders."""
+"""The paper's data recipe (alexnet_keras.data, "Recipes") and TFRecord shards (data/tfrecord.py), on tiny
+generated folders."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from PIL import Image
 
 from alexnet_keras import cli
 from alexnet_keras import data as data_module
-from alexnet_keras import prepare as prepare_module
 from alexnet_keras.config import ConfigError, DataConfig, load_config
+from alexnet_keras.data import tfrecord
 from alexnet_keras.data import (DataError, center_crop, decode_image, load_data, model_views, pca_color_shift,
                                 random_crops, rgb_statistics, ten_crops)
-from alexnet_keras.predict import ten_crop_metrics, top_k, top_k_accuracy
+from alexnet_keras.inference import ten_crop_metrics, top_k, top_k_accuracy
 
 CLASSES = ["bee", "cat", "dog"]
 # Odd sizes (width, height), portrait and landscape, smaller and larger than the stored size.
@@ -332,11 +333,11 @@ def test_prepare_writes_shards_that_load_like_the_folder(folder, tmp_path, capsy
 
     # The files' own bytes: the same arrays too (decoded and rescaled when read); JPEG: close.
     original = tmp_path / "original"
-    prepare_module.prepare(folder, original, encoding="original", verbose=False)
+    tfrecord.prepare(folder, original, encoding="original", verbose=False)
     x_orig, _ = collect(load_data(paper(original, augment=False), CROP, 8, verbose=False).test)
     np.testing.assert_array_equal(x_orig, collect(from_folder.test)[0])
     jpeg = tmp_path / "jpeg"
-    prepare_module.prepare(folder, jpeg, stored_size=STORED, verbose=False)
+    tfrecord.prepare(folder, jpeg, stored_size=STORED, verbose=False)
     x_jpeg, _ = collect(load_data(paper(jpeg, augment=False), CROP, 8, verbose=False).test)
     # (Noise is JPEG's worst case: ~8 grey levels off on average here; photographs lose far less.)
     assert np.abs(x_jpeg - collect(from_folder.test)[0]).mean() < 12
@@ -346,3 +347,33 @@ def test_prepare_writes_shards_that_load_like_the_folder(folder, tmp_path, capsy
     assert "--overwrite" in capsys.readouterr().err
     assert cli.main(["prepare", str(folder), str(out), "--overwrite", "--stored-size", "12"]) == 0
     assert json.loads((out / "manifest.json").read_text())["size_policy"]["stored_size"] == 12
+
+
+def test_carved_splits_of_shards_are_read_from_shards_of_their_own(folder, tmp_path):
+    # Issue 13 item 6: a validation split carved from the training shards used to read every training
+    # record each epoch. It is now copied once into the cache and read from there.
+    out = tmp_path / "records"
+    tfrecord.prepare(folder, out, stored_size=STORED, encoding="png", shard_size=4, verbose=False)
+    cfg = paper(out, augment=False, val_fraction=0.2)
+    data = load_data(cfg, CROP, 8, verbose=False)
+    (subset,) = (tmp_path / "cache" / "records").iterdir()
+    parts = sorted(subset.glob("part-*.tfrecord"))
+    assert sum(1 for _ in tf.data.TFRecordDataset([str(p) for p in parts])) == data.counts["val"] == 4
+    val = collect(data.val)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for shard in manifest["splits"]["train"]["shards"]:
+        (out / shard["file"]).rename(hidden / shard["file"])
+    again = collect(data.val)                      # no training shard is read for validation
+    np.testing.assert_array_equal(again[0], val[0])
+    np.testing.assert_array_equal(again[1], val[1])
+    with pytest.raises(tf.errors.NotFoundError):
+        collect(data.train)
+    for shard in manifest["splits"]["train"]["shards"]:
+        (hidden / shard["file"]).rename(out / shard["file"])
+
+    # A second load (another process, another run of a study) reuses the copy.
+    assert load_data(cfg, CROP, 8, verbose=False).digest == data.digest
+    assert list((tmp_path / "cache" / "records").iterdir()) == [subset]

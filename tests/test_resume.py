@@ -1,7 +1,7 @@
 """Interrupted training continues where it stopped, in the same MLflow run; `--deterministic` reruns match.
 
-The store is created before any training process starts: two processes creating a new SQLite store at
-once race on its schema (mlflow#4123).
+The store exists before any training process starts (a copy of the session's migrated template): two
+processes creating a new SQLite store at once race on its schema (mlflow#4123).
 """
 
 import json
@@ -28,10 +28,9 @@ def _steps(uri, run_id, key):
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
-def test_sigkill_mid_epoch_then_the_same_command_continues_the_same_run(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_sigkill_mid_epoch_then_the_same_command_continues_the_same_run(store_uri, tmp_path):
+    uri = store_uri   # the store exists before the training process starts
     env = subprocess_env(uri)
-    assert all_runs(uri) == []   # creates the store's tables before the training process starts
     # Epochs of a few seconds, so the kill lands inside one.
     command = [sys.executable, "-m", "alexnet_keras", "train",
                *cli_flags({**TINY, "width": 0.25, "synthetic_samples": 2048, "batch_size": 64, "epochs": 3})]
@@ -80,9 +79,9 @@ def interrupt_after_first_epoch(monkeypatch):
     real = train.build_callbacks
     calls = []
 
-    def build_callbacks(config, backup_dir=None):
+    def build_callbacks(config, backup_dir=None, **kwargs):
         calls.append(config)
-        return real(config, backup_dir) + ([CtrlC()] if len(calls) == 1 else [])
+        return real(config, backup_dir, **kwargs) + ([CtrlC()] if len(calls) == 1 else [])
 
     monkeypatch.setattr(train, "build_callbacks", build_callbacks)
 
@@ -146,7 +145,7 @@ def test_runs_left_running_by_dead_processes_are_marked_killed(mlflow_store):
     here, me = socket.gethostname(), os.getpid()
     owners = {
         "dead": (here, gone.pid, ""),
-        "alive": (here, me, tracking._process_start(me)),
+        "alive": (here, me, tracking.process_start(me)),
         "pid_reused": (here, me, "1"),            # this pid now belongs to another process
         "other_host": ("elsewhere", gone.pid, ""),   # cannot be checked from here: left alone
     }
@@ -162,16 +161,59 @@ def test_runs_left_running_by_dead_processes_are_marked_killed(mlflow_store):
     assert "died" in client.get_run(ids["dead"]).data.tags[TAG + "end_reason"]
 
 
+def test_parents_and_children_are_found_by_tags_and_adopted_by_a_new_parent(mlflow_store):
+    """The one protocol of studies and sweeps (tracking.py): find by tags (values with quotes too), the
+    newest child per key, stale children ended, an earlier parent's finished children adopted."""
+    client = MlflowClient()
+    experiment_id = mlflow.set_experiment("parents").experiment_id
+    study = {TAG + "study": "Bob's study", TAG + "study_role": "parent"}   # a quote: compared in Python
+    old = client.create_run(experiment_id, tags=study).info.run_id
+    time.sleep(0.01)
+    new = client.create_run(experiment_id, tags=study).info.run_id
+    client.create_run(experiment_id, tags={**study, TAG + "study": "Bob's other study"})
+
+    def child(parent, key, status):
+        run_id = client.create_run(experiment_id, tags={tracking.PARENT_TAG: parent, tracking.CONFIG_DIGEST_TAG: key}
+                                   ).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(run_id, status)
+        return run_id
+
+    done_a = child(old, "a", "FINISHED")
+    failed_b = child(old, "b", "FAILED")
+    done_b = child(old, "b", "FINISHED")
+    other_c = child(old, "c", "FINISHED")            # not wanted any more: stays with the old parent
+    mine_a = child(new, "a", "FINISHED")             # the new parent has "a" already
+    stale = child(new, "d", "RUNNING")
+    assert [r.info.run_id for r in tracking.find_runs(study, experiment_ids=[experiment_id])] == [new, old]
+    assert tracking.latest_run(study).info.run_id == new
+
+    assert tracking.end_stale_children(new, "stale: restarted") == [stale]
+    moved = tracking.adopt_children(new, tracking.find_runs(study), key_tag=tracking.CONFIG_DIGEST_TAG,
+                                    wanted={"a", "b", "d"}, retire={TAG + "study_role": "superseded"})
+    assert moved == 1
+    finished = tracking.children_by(new, tracking.CONFIG_DIGEST_TAG, status="FINISHED")
+    assert {k: r.info.run_id for k, r in finished.items()} == {"a": mine_a, "b": done_b}
+    assert {r.info.run_id for r in tracking.child_runs(old)} == {done_a, failed_b, other_c}
+    assert client.get_run(done_b).data.tags[tracking.ADOPTED_FROM_TAG] == old
+    old_tags = client.get_run(old).data.tags
+    assert old_tags[tracking.SUPERSEDED_BY_TAG] == new and old_tags[TAG + "study_role"] == "superseded"
+    assert client.get_run(stale).info.status == "KILLED"
+    assert client.get_run(stale).data.tags[TAG + "end_reason"] == "stale: restarted"
+    # Without a key every child moves (a sweep's trials, finished or not, go where the sweep goes on).
+    assert tracking.adopt_children(old, [client.get_run(new)]) == 3
+    assert {r.info.run_id for r in tracking.child_runs(new)} == set()
+
+
 def _metric_histories(uri, run_id):
     client = MlflowClient(uri)
     return {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
             for key in ("loss", "accuracy", "val_loss", "val_accuracy")}
 
 
-def test_deterministic_runs_log_identical_metrics(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_deterministic_runs_log_identical_metrics(store_uri, tmp_path):
+    uri = store_uri
     env = subprocess_env(uri)
-    assert all_runs(uri) == []
     base = [sys.executable, "-m", "alexnet_keras", "train", *cli_flags({**TINY, "epochs": 2}), "--deterministic"]
     for name, extra in (("first", []), ("second", []), ("other_seed", ["--seed", "1"])):
         done = subprocess.run([*base, *extra, "--run-name", name], cwd=tmp_path, env=env, capture_output=True,
@@ -230,7 +272,7 @@ def _descendants(pid):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the training process through /proc")
-def test_mlflow_run_killed_then_run_again_continues_in_one_run(tmp_path):
+def test_mlflow_run_killed_then_run_again_continues_in_one_run(store_uri, tmp_path):
     """`mlflow run` makes a new run each time: the new one takes over the killed one's epochs."""
     import shutil
 
@@ -239,10 +281,9 @@ def test_mlflow_run_killed_then_run_again_continues_in_one_run(tmp_path):
     shutil.copytree(root, project, ignore=shutil.ignore_patterns(
         ".venv", ".git", "mlruns", "mlflow.db", "checkpoints", "tuner", "test-artifacts", "*.egg-info",
         "__pycache__", ".pytest_cache"))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = store_uri
     env = subprocess_env(uri)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    assert all_runs(uri) == []
     command = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local",
                "--experiment-name", "resume-under-mlflow-run"]
     for key, value in {"dataset": "synthetic", "width": 0.5, "batch_size": 32, "epochs": 3, "init": "keras"}.items():

@@ -20,7 +20,7 @@ import keras_tuner
 import mlflow
 import pytest
 import yaml
-from conftest import all_runs
+from conftest import all_runs, copy_store, point_at
 from mlflow.tracking import MlflowClient
 
 from alexnet_keras import cli, tracking, tune
@@ -49,7 +49,7 @@ def _text(value):
 
 
 def _role(runs, role):
-    return [r for r in runs if r.data.tags.get(tune.TAG_ROLE) == role]
+    return [r for r in runs if r.data.tags.get(tracking.SWEEP_ROLE_TAG) == role]
 
 
 # --- the sweep files ---------------------------------------------------------------------------
@@ -71,6 +71,8 @@ def test_shipped_sweep_files_validate():
     assert set(real.names) == {"learning_rate", "weight_decay", "dropout", "batch_size", "lrn", "batchnorm"}
     assert real.param("learning_rate").sampling == "log" and real.param("weight_decay").sampling == "log"
     assert "CPU-sized" in (ROOT / "experiments" / "sweep.yaml").read_text()
+    # Bayesian with 8 trials: 4 random ones first, then the model chooses (keras-tuner's 18 would not).
+    assert real.tuner != "bayesian" or real.num_initial_points == 4
 
 
 def test_digest_ignores_the_budget_but_not_the_space(tmp_path):
@@ -81,37 +83,103 @@ def test_digest_ignores_the_budget_but_not_the_space(tmp_path):
     assert changed.digest() != a.digest()
 
 
+
+def test_bayesian_sweep_starts_with_fewer_random_trials_than_its_budget(tmp_path):
+    """keras-tuner's default num_initial_points (3 x 4 dimensions = 12 here) would make a search of 8
+    trials all random: the default stays below max_trials, and a sweep that would be random is refused."""
+    def bayesian(**budget):
+        return tune.load_sweep(_sweep_file(tmp_path, tuner="bayesian", budget={"epochs": 1, **budget}),
+                               directory=str(tmp_path / "tuner"))
+
+    sweep = bayesian(max_trials=8)
+    assert sweep.num_initial_points == 4                       # max(2, min(3 * 4, 8 // 2))
+    assert sweep.to_dict()["budget"]["num_initial_points"] == 4                 # logged as sweep/sweep.yaml
+    assert tune.parent_params(sweep)["sweep_num_initial_points"] == 4          # and as the parent's param
+    assert bayesian(max_trials=40).num_initial_points == 12    # 3 x dimensions when the budget allows
+    assert bayesian(max_trials=8, num_initial_points=6).num_initial_points == 6
+    assert bayesian(max_trials=8).digest() == bayesian(max_trials=9).digest()   # budget, not the search
+    tuner = tune.make_tuner(sweep, tune.AlexNetHyperModel(sweep), tune.SweepContext(sweep, None))
+    assert tuner.oracle.num_initial_points == 4                # what keras-tuner runs with
+    for budget, fragment in (({"max_trials": 8, "num_initial_points": 8}, "num_initial_points is 8, but "
+                              "budget.max_trials is 8"),
+                             ({"max_trials": 2}, "num_initial_points is 2, but budget.max_trials is 2")):
+        with pytest.raises(ConfigError) as err:
+            bayesian(**budget)
+        assert fragment in str(err.value) and "tuner: random" in str(err.value)
+    assert tune.load_sweep(_sweep_file(tmp_path, tuner="random", budget={"max_trials": 2})).num_initial_points is None
+
+
+def test_importance_is_scipys_spearman_with_tied_values_ranked_alike():
+    from scipy import stats
+
+    sweep = tune.load_sweep(SMOKE)   # learning_rate (float), batch_size (choice of 16, 32), lrn, pool
+    scores = [0.1, 0.2, 0.4, 0.3]
+    rates = [0.01, 0.01, 0.02, 0.03]                            # a tie
+    rows = [{"val_accuracy": score, "learning_rate": rate, "batch_size": batch, "lrn": lrn, "pool": pool}
+            for score, rate, batch, lrn, pool in zip(scores, rates, [16, 32, 16, 32], [True, True, False, False],
+                                                     ["overlapping"] * 4)]
+    weights = tune.importance(rows, sweep)
+    assert weights["learning_rate"] == pytest.approx(abs(stats.spearmanr(rates, scores).statistic), abs=1e-4)
+    # Batch sizes 16, 32, 16, 32 against 0.1, 0.2, 0.4, 0.3: no monotone relation. Ranking the ties
+    # arbitrarily (argsort of argsort) gave 0.4 here.
+    assert weights["batch_size"] == 0.0
+    # Booleans: the share of variance between the groups (0.15, 0.35 around 0.25).
+    assert weights["lrn"] == pytest.approx(0.8)
+    assert weights["pool"] == 0.0                               # never varied
+    assert tune.importance(rows[:2], sweep) == {name: 0.0 for name in sweep.names}   # too few trials
+
 BAD_SPACES = [
-    ({"pool": {"type": "choice", "values": []}}, "search_space.pool: values is empty"),
+    # keras-tuner's own checks, with the YAML path in front.
+    ({"pool": {"type": "choice", "values": []}}, "search_space.pool: `values` must be provided for `Choice`"),
     ({"learning_rate": {"type": "float", "min": 0.1, "max": 0.001}},
-     "search_space.learning_rate: min (0.1) is greater than max (0.001)"),
+     "search_space.learning_rate: For HyperParameters.Float(name='learning_rate'), min_value 0.1 is greater "
+     "than the max_value 0.001"),
+    ({"learning_rate": {"type": "float", "min": 0.001, "max": 0.1, "sampling": "lag"}},
+     "search_space.learning_rate: For HyperParameters.Float(name='learning_rate'), sampling must be one of"),
+    ({"batch_size": {"type": "int", "min": 16, "max": 64, "step": 1, "sampling": "log"}},
+     "search_space.batch_size: For HyperParameters.Int(name='batch_size'), expected step > 1 with sampling='log'"),
+    ({"learning_rate": {"type": "float", "min": 0, "max": 0.1, "sampling": "log"}},
+     "search_space.learning_rate: For HyperParameters.Float(name='learning_rate'), sampling='log' does not "
+     "support negative values, found min_value: 0.0"),
+    # The project's own: the option exists, fits the type, and every value makes a valid config.
     ({"lerning_rate": {"type": "float", "min": 0.001, "max": 0.1}}, "unknown option 'lerning_rate'"),
     ({"pool": ["overlapping", "foo"]}, "'foo' is not a valid value: model.pool must be one of"),
     ({"dropout": {"type": "float", "min": 0.0, "max": 1.5}}, "model.dropout must be in [0.0, 1.0)"),
-    ({"learning_rate": {"type": "float", "min": 0, "max": 0.1, "sampling": "log"}},
-     "log sampling needs min > 0"),
     ({"lrn": {"type": "float", "min": 0, "max": 1}}, "does not fit model.lrn"),
     ({"batch_size": {"type": "choice", "values": [16, 0]}}, "train.batch_size must be a positive integer"),
     ({"run_name": ["a", "b"]}, "cannot be searched"),
+    ({"dropout": {"type": "float", "min": 0.1, "max": 0.1}}, "search_space.dropout: min equals max (0.1)"),
+    ({"dropout": {"type": "float", "min": 0.0, "max": 0.5, "step": 0}}, "search_space.dropout: step must be > 0"),
+    ({"dropout": {"type": "float", "min": 0.0, "max": 0.5, "smapling": "log"}},
+     "search_space.dropout: unknown key 'smapling'. Did you mean sampling?"),
+    ({"pool": {"type": "choice", "values": ["overlapping"], "sampling": "log"}},
+     "search_space.pool: sampling cannot be used with type choice"),
     ({}, "search_space must map config options"),
 ]
 
 
 @pytest.mark.parametrize("space, fragment", BAD_SPACES)
-def test_invalid_search_space_fails_before_anything_runs(mlflow_store, tmp_path, capsys, space, fragment):
+def test_invalid_search_space_fails_before_anything_runs(untouched_store, tmp_path, capsys, space, fragment):
     path = _sweep_file(tmp_path, search_space=space)
     assert cli.main(["tune", str(path), "--tuner-dir", str(tmp_path / "tuner")]) == 2
     err = capsys.readouterr().err
-    assert fragment in err and "Traceback" not in err, err
+    assert fragment in err and str(path) in err and "Traceback" not in err, err
     # Nothing was created: no tuner state, not even the store's database.
-    assert not (tmp_path / "tuner").exists() and not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "tuner").exists() and not untouched_store.exists()
 
 
 @pytest.mark.parametrize("changes, fragment", [
     ({"tuner": "grid"}, "tuner must be one of random, bayesian, hyperband; got 'grid'"),
     ({"objective": "val_acc"}, "objective must be one of"),
     ({"budget": {"max_trials": 0}}, "budget.max_trials must be an integer >= 1"),
-    ({"serach_space": {}}, "unknown key 'serach_space'. Did you mean 'search_space'?"),
+    ({"serach_space": {}}, "unknown key 'serach_space'. Did you mean search_space?"),
+    ({"budget": {"max_trails": 3}}, "budget: unknown key 'max_trails'. Did you mean max_trials?"),
+    ({"objective": {"name": "val_accuracy", "goal": "max"}}, "objective: unknown key 'goal'"),
+    ({"base_config": "nowhere.yaml"}, "base_config 'nowhere.yaml' not found (looked at"),
+    ({"base": {"dropuot": 0.5}}, "unknown option 'dropuot'. Did you mean dropout?"),
+    ({"base": {"dropout": 1.5}}, "base: model.dropout must be in [0.0, 1.0)"),
+    ({"budget": {"max_trials": 2, "num_initial_points": 1}},
+     "budget.num_initial_points applies to tuner: bayesian only"),
 ])
 def test_invalid_sweep_settings_are_clear_errors(tmp_path, changes, fragment):
     with pytest.raises(ConfigError) as err:
@@ -119,11 +187,11 @@ def test_invalid_sweep_settings_are_clear_errors(tmp_path, changes, fragment):
     assert fragment in str(err.value)
 
 
-def test_dry_run_creates_nothing(mlflow_store, tmp_path, capsys):
+def test_dry_run_creates_nothing(untouched_store, tmp_path, capsys):
     assert cli.main(["tune", str(SMOKE), "--dry-run", "--tuner-dir", str(tmp_path / "t")]) == 0
     out = capsys.readouterr().out
     assert '"learning_rate"' in out and "new sweep" in out
-    assert not (tmp_path / "t").exists() and not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "t").exists() and not untouched_store.exists()
 
 
 # --- the HyperModel ------------------------------------------------------------------------------
@@ -153,21 +221,18 @@ def test_hypermodel_builds_the_project_alexnet_and_rebatches_per_trial(tmp_path)
 # --- a sweep, resumed: as `mlflow run . -e tune` first, then from the command line -------------------
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
+def swept(tmp_path_factory, store_template):
     """Three invocations of one sweep into one store, with snapshots of the runs after each:
     1. under `mlflow run` (MLFLOW_RUN_ID names the parent), 2 trials;
     2. from the command line, after making the tuner forget that trial 1 ended (as if stopped in
        between): the same parent, no new runs;
     3. under `mlflow run` again with max_trials 3: a new parent (MLflow made it), one new trial."""
     root = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = copy_store(store_template, root)
     client = MlflowClient(uri)
     snapshots, outputs = [], []
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-        mlflow.set_tracking_uri(uri)
+        point_at(mp, root, uri)
         # What `mlflow run . -e tune -P config=...` does before starting the program.
         project_run = client.create_run("0", run_name="mlflow-run")
         client.log_param(project_run.info.run_id, "config", str(SMOKE))
@@ -205,8 +270,8 @@ def test_mlflow_run_id_becomes_the_parent_and_trials_nest_under_it(swept):
         assert trial.info.run_id != project_run_id
         assert trial.data.tags["mlflow.parentRunId"] == project_run_id
         assert trial.info.experiment_id == parent.info.experiment_id
-        assert trial.data.tags[tune.TAG_UID] == parent.data.tags[tune.TAG_UID]
-    assert sorted(t.data.tags[tune.TAG_TRIAL] for t in trials) == ["0", "1"]
+        assert trial.data.tags[tracking.SWEEP_UID_TAG] == parent.data.tags[tracking.SWEEP_UID_TAG]
+    assert sorted(t.data.tags[tracking.TRIAL_TAG] for t in trials) == ["0", "1"]
 
 
 def test_trial_runs_log_the_resolved_config_epoch_metrics_and_status(swept):
@@ -271,23 +336,23 @@ def test_resume_reuses_runs_and_more_trials_adds_only_the_new_ones(swept):
     # A bigger budget continues the same sweep: one new trial. `mlflow run` made a new parent: every
     # trial is nested under it now, and the first parent is marked superseded.
     new = [third[i] for i in third.keys() - second.keys() if i != second_parent]
-    assert len(new) == 1 and new[0].data.tags[tune.TAG_TRIAL] == "2"
+    assert len(new) == 1 and new[0].data.tags[tracking.TRIAL_TAG] == "2"
     (parent,) = _role(snapshots[-1], "parent")
     assert parent.info.run_id == second_parent
     trials = _role(snapshots[-1], "trial")
-    assert sorted(r.data.tags[tune.TAG_TRIAL] for r in trials) == ["0", "1", "2"]
+    assert sorted(r.data.tags[tracking.TRIAL_TAG] for r in trials) == ["0", "1", "2"]
     assert all(r.data.tags["mlflow.parentRunId"] == second_parent for r in trials)
-    assert third[first_parent].data.tags[tune.TAG_SUPERSEDED] == second_parent
+    assert third[first_parent].data.tags[tracking.SUPERSEDED_BY_TAG] == second_parent
 
 
 # --- failures ----------------------------------------------------------------------------------
 
-def test_changed_sweep_file_refuses_the_old_tuner_state(mlflow_store, tmp_path, capsys):
+def test_changed_sweep_file_refuses_the_old_tuner_state(untouched_store, tmp_path, capsys):
     state = tmp_path / "tuner" / "sweep-smoke"
     state.mkdir(parents=True)
     (state / tune.STATE_FILE).write_text(json.dumps({"digest": "0" * 16, "uid": "x"}))
     assert cli.main(["tune", str(SMOKE), "--tuner-dir", str(tmp_path / "tuner")]) == 2
-    assert "--overwrite" in capsys.readouterr().err and not (tmp_path / "mlflow.db").exists()
+    assert "--overwrite" in capsys.readouterr().err and not untouched_store.exists()
 
 
 def test_interrupted_trial_is_resumed_in_the_same_run(mlflow_store, tmp_path, monkeypatch):
@@ -309,7 +374,7 @@ def test_interrupted_trial_is_resumed_in_the_same_run(mlflow_store, tmp_path, mo
     (trial,) = _role(runs, "trial")
     (parent,) = _role(runs, "parent")
     assert len(runs) == 2 and trial.info.run_id == killed.info.run_id
-    assert trial.info.status == "FINISHED" and trial.data.tags[tune.TAG_ATTEMPT] == "2"
+    assert trial.info.status == "FINISHED" and trial.data.tags[tracking.ATTEMPT_TAG] == "2"
     assert parent.info.status == "FINISHED" and parent.data.tags["alexnet_keras.model_source"] == "none"
 
 
@@ -343,9 +408,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_chief_and_two_workers_log_every_trial_once_under_one_parent(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    MlflowClient(uri).search_experiments()   # create a new SQLite store before fanning out (mlflow#4123)
+def test_chief_and_two_workers_log_every_trial_once_under_one_parent(store_uri, tmp_path):
+    uri = store_uri   # the store exists before the fan-out: new SQLite stores race on the schema (mlflow#4123)
     # mlflow.set_experiment() in earlier tests exports MLFLOW_EXPERIMENT_ID: a user's shell has none.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "KERASTUNER_"))}
     env.update(MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2", KERASTUNER_ORACLE_IP="127.0.0.1",
@@ -378,9 +442,9 @@ def test_chief_and_two_workers_log_every_trial_once_under_one_parent(tmp_path):
     (parent,) = _role(runs, "parent")
     trials = _role(runs, "trial")
     assert len(runs) == 4 and parent.info.status == "FINISHED"
-    assert sorted(t.data.tags[tune.TAG_TRIAL] for t in trials) == ["0", "1", "2"]
+    assert sorted(t.data.tags[tracking.TRIAL_TAG] for t in trials) == ["0", "1", "2"]
     assert all(t.data.tags["mlflow.parentRunId"] == parent.info.run_id for t in trials)
     assert all(t.info.status == "FINISHED" for t in trials)
-    assert {t.data.tags[tune.TAG_TUNER_ID] for t in trials} <= {"tuner1", "tuner2"}
+    assert {t.data.tags[tracking.TUNER_ID_TAG] for t in trials} <= {"tuner1", "tuner2"}
     assert parent.data.metrics["completed_trials"] == 3
     assert parent.data.tags["alexnet_keras.model_source"] == "checkpoint"

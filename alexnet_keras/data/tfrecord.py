@@ -1,4 +1,5 @@
-"""`alexnet-keras prepare FOLDER OUT`: an image folder as sharded TFRecords with a manifest.
+"""TFRecord shards: `prepare` (`alexnet-keras prepare FOLDER OUT`) writes an image folder as shards with a
+manifest; `load_prepared` and `RecordImages` read them back for training.
 
 Why: ImageNet's training set is 1.28 million JPEGs averaging ~110 KB and ~400x350 px. Opening that
 many small files and decoding + rescaling full-size JPEGs every epoch is what limits a CPU input
@@ -26,22 +27,37 @@ train/ + val/ (val/ is then the test split, ImageNet's layout), or class folders
 split is then carved at load time, as for the folder). `--data-dir OUT` (datasets `folder` and
 `cifar10`) detects the manifest and streams the shards; the manifest is written last, so a folder
 without one is not a finished conversion.
+
+Reading: a split that is a small part of a shard set (a validation split carved from train/, or a test
+split carved from a folder without test/) would otherwise read every record of the shards and keep a
+few each epoch (~10x the records kept, for a 10 % validation split). Such a subset (at most half of
+its shards' records) is copied once, as raw records, into shards of its own in the cache
+(records/<key>/, keyed by the shards' names, sizes and mtimes and the subset), and read from there.
+Training reads the shards in a reshuffled order, interleaving up to 16 of them in parallel, then
+shuffles records in a buffer of SHUFFLE_BUFFER; evaluation reads them in order.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-from . import data
-from .data import DataError
+from .archives import resolve_data_dir
+from .cache import build_folder_once, cache_root, hash_json
+from .decode import PROGRESS_MIN_FILES, decode_image
+from .files import DataError, folder_layout
+from .images import Images, SourceImages
+from .split import carve_test
 
 MANIFEST = "manifest.json"
 LABELS = "labels.npz"
@@ -52,7 +68,9 @@ ENCODINGS = ("jpeg", "png", "original")
 # (~25 KB each as 256-px JPEGs: ~100 MB).
 SHUFFLE_BUFFER = 4096
 
-_AUTOTUNE = tf.data.AUTOTUNE
+# Records per shard of a cached subset (subset_shards).
+SUBSET_SHARD_SIZE = 1024
+_INDEX = {"index": tf.io.FixedLenFeature([], tf.int64)}
 _FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
     "label": tf.io.FixedLenFeature([], tf.int64),
@@ -76,7 +94,7 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, stored_size: i
         raise DataError(f"JPEG quality must be in [1, 100]; got {quality!r}.")
     if shard_size < 1:
         raise DataError(f"shard size must be a positive number of images; got {shard_size!r}.")
-    root = data.resolve_data_dir(source)
+    root = resolve_data_dir(source)
     if root is None:
         raise DataError("prepare needs the image folder to convert.")
     if is_prepared(root):
@@ -96,14 +114,15 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, stored_size: i
 
     hint = ("Expected train/<class>/* (optionally with test/<class>/* and val/<class>/*) or <class>/* "
             "directly, one sub-folder per class.")
-    layout, class_names, files, labels, splits = data._folder_listing(root, hint)
-    labels_arr, splits_arr = np.asarray(labels, np.int64), np.asarray(splits)
+    listing = folder_layout(root, hint)
+    layout, class_names, files = listing.layout, listing.class_names, listing.files
+    labels_arr, splits_arr = np.asarray(listing.labels, np.int64), np.asarray(listing.splits)
     policy = ({"resize": "none", "encoding": "original"} if encoding == "original" else
               {"resize": "shorter_side_crop", "stored_size": stored_size, "encoding": encoding,
                **({"quality": quality} if encoding == "jpeg" else {})})
 
     start = time.perf_counter()
-    manifest_splits, all_labels, skipped, sizes = {}, {}, [], {}
+    manifest_splits, all_labels, skipped, sizes = {}, {}, list(listing.skipped), {}
     for split in layout:
         chosen = np.flatnonzero(splits_arr == split)
         shards, kept, bad = _write_split(split, root, [files[i] for i in chosen], labels_arr[chosen], out,
@@ -125,7 +144,7 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, stored_size: i
         "splits": manifest_splits,
         "labels_file": LABELS,
         "skipped": skipped,
-        "identity": data._hash_json({"classes": class_names, "policy": policy,
+        "identity": hash_json({"classes": class_names, "policy": policy,
                                      "labels": {s: v.tolist() for s, v in all_labels.items()},
                                      "sizes": sizes}),
         "seconds": round(seconds, 1),
@@ -154,7 +173,7 @@ def _write_split(split: str, root: Path, files: list[str], labels: np.ndarray, o
         if encoding == "original":
             image = tf.io.decode_image(contents, channels=3, expand_animations=False)
             return position, contents, tf.shape(image)[0]   # using the shape makes the decode run
-        image = data.decode_image(contents, stored_size, "shorter_side_crop")
+        image = decode_image(contents, stored_size, "shorter_side_crop")
         encoded = (tf.io.encode_png(image) if encoding == "png"
                    else tf.io.encode_jpeg(image, quality=quality))
         return position, encoded, tf.shape(image)[0]
@@ -162,13 +181,11 @@ def _write_split(split: str, root: Path, files: list[str], labels: np.ndarray, o
     # Decoding and encoding in parallel; deterministic, so records come out in file order; a file
     # that fails to decode is dropped (ignore_errors) and found missing from the positions.
     ds = (tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), np.asarray(paths, str)))
-          .map(load, num_parallel_calls=_AUTOTUNE, deterministic=True)
+          .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
           .ignore_errors()
           .prefetch(64))
     bar = None
-    if verbose and len(paths) >= data.PROGRESS_MIN_FILES:
-        import keras
-
+    if verbose and len(paths) >= PROGRESS_MIN_FILES:
         print(f"Converting {len(paths)} {split} files...", flush=True)
         bar = keras.utils.Progbar(len(paths), unit_name="file", verbose=1 if sys.stdout.isatty() else 2)
     shards: list[dict] = []
@@ -242,56 +259,108 @@ def read_manifest(root: str | os.PathLike) -> dict:
     return manifest
 
 
-class RecordImages(data._Images):
+class RecordImages(Images):
     """One split of a prepared folder: records decoded to `side` px with `policy` as they are read.
 
-    A subset (`images[index]`) reads every shard and keeps the records whose index it holds, in record
-    order. Training reads the shards in a reshuffled order, interleaving up to 16 of them in parallel,
-    then shuffles records in a buffer of SHUFFLE_BUFFER; evaluation reads them in order.
+    `index` (sorted positions into the split's records) makes a subset; see the module docstring for
+    how a subset is read.
     """
 
     def __init__(self, shards: list[str], all_labels: np.ndarray, side: int, policy: str,
                  index: np.ndarray | None = None):
         self.shards = list(shards)
-        self._all = np.asarray(all_labels, np.int32)
-        self.index = np.arange(len(self._all)) if index is None else np.sort(np.asarray(index, np.int64))
-        self.labels = self._all[self.index]
+        self.all_labels = np.asarray(all_labels, np.int32)
+        self.index = np.arange(len(self.all_labels)) if index is None else np.sort(np.asarray(index, np.int64))
+        self.labels = self.all_labels[self.index]
         self.side, self.policy = side, policy
+        self._plan: tuple[list[str], np.ndarray | None] | None = None
 
-    def _subset(self, index):
-        return RecordImages(self.shards, self._all, self.side, self.policy, self.index[index])
+    def subset(self, index):
+        return RecordImages(self.shards, self.all_labels, self.side, self.policy, self.index[index])
 
-    def batches(self, batch_size, *, shuffle=False, seed=0):
+    def read_plan(self) -> tuple[list[str], np.ndarray | None]:
+        """(shards to read, boolean mask of the records to keep by their `index` feature, or None to
+        keep every record read)."""
+        if self._plan is None:
+            if len(self.index) == len(self.all_labels):
+                self._plan = (self.shards, None)
+            else:
+                mask = np.zeros(len(self.all_labels), dtype=bool)
+                mask[self.index] = True
+                self._plan = (self.shards, mask)
+                if 0 < len(self.index) <= len(self.all_labels) // 2:
+                    try:
+                        self._plan = (subset_shards(self.shards, mask), None)
+                    except DataError as err:   # a read-only cache: read through the filter instead
+                        warnings.warn(f"{err} Reading the subset through all {len(self.shards)} shards "
+                                      "meanwhile.", stacklevel=2)
+        return self._plan
+
+    def batch_keys(self, batch_size, *, shuffle=False, seed=0, deterministic=True):
         side, policy = self.side, self.policy
-        if not self.shards:
-            spec = (tf.TensorSpec([None, side, side, 3], tf.uint8), tf.TensorSpec([None], tf.int32))
+        shards, mask = self.read_plan()
+        if not shards:
+            spec = {"x": tf.TensorSpec([None, side, side, 3], tf.uint8), "y": tf.TensorSpec([None], tf.int32)}
             return tf.data.Dataset.from_generator(lambda: iter(()), output_signature=spec)
-        if shuffle and len(self.shards) > 1:
-            files = tf.data.Dataset.from_tensor_slices(self.shards).shuffle(
-                len(self.shards), seed=seed, reshuffle_each_iteration=True)
-            ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(self.shards), 16),
-                                  num_parallel_calls=_AUTOTUNE, deterministic=True)
+        if shuffle and len(shards) > 1:
+            files = tf.data.Dataset.from_tensor_slices(shards).shuffle(
+                len(shards), seed=seed, reshuffle_each_iteration=True)
+            ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(shards), 16),
+                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
         else:
-            ds = tf.data.TFRecordDataset(self.shards)
-        ds = ds.map(lambda record: tf.io.parse_single_example(record, _FEATURES), num_parallel_calls=_AUTOTUNE,
-                    deterministic=True)
-        if len(self.index) < len(self._all):
-            mask = np.zeros(len(self._all), dtype=bool)
-            mask[self.index] = True
+            ds = tf.data.TFRecordDataset(shards)
+        ds = ds.map(lambda record: tf.io.parse_single_example(record, _FEATURES),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        if mask is not None:
             keep = tf.constant(mask)
             ds = ds.filter(lambda record: tf.gather(keep, record["index"]))
         if shuffle:
             ds = ds.shuffle(max(1, min(len(self), SHUFFLE_BUFFER)), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.map(lambda record: (data.decode_image(record["image"], side, policy),
-                                    tf.cast(record["label"], tf.int32)),
-                    num_parallel_calls=_AUTOTUNE, deterministic=True)
+        ds = ds.map(lambda record: {"x": decode_image(record["image"], side, policy),
+                                    "y": tf.cast(record["label"], tf.int32)},
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
         return ds.batch(batch_size)
 
 
-def load_prepared(root: Path, side: int, policy: str, split_seed: int):
-    """A prepared folder as the data module's `_Raw`, its splits streamed as RecordImages."""
+def subset_shards(shards: list[str], mask: np.ndarray) -> list[str]:
+    """Shards in the cache holding, in order, the records of `shards` whose index `mask` keeps; written
+    once (one sequential pass over `shards`, records copied as they are, not decoded)."""
+    stats = [os.stat(s) for s in shards]
+    key = hash_json({"shards": [os.path.basename(s) for s in shards], "sizes": [s.st_size for s in stats],
+                     "mtimes": [s.st_mtime_ns for s in stats], "folder": os.path.dirname(shards[0]),
+                     "subset": hashlib.sha256(np.packbits(mask).tobytes()).hexdigest()})
+    target = cache_root() / "records" / key
+
+    def fill(folder: Path) -> None:
+        keep = tf.constant(mask)
+        ds = (tf.data.TFRecordDataset(shards)
+              .filter(lambda record: tf.gather(keep, tf.io.parse_single_example(record, _INDEX)["index"]))
+              .batch(256))
+        writer, written = None, 0
+        try:
+            for records in ds.as_numpy_iterator():
+                for record in records:
+                    if written % SUBSET_SHARD_SIZE == 0:
+                        if writer is not None:
+                            writer.close()
+                        writer = tf.io.TFRecordWriter(str(folder / f"part-{written // SUBSET_SHARD_SIZE:05d}.tfrecord"))
+                    writer.write(record)
+                    written += 1
+        finally:
+            if writer is not None:
+                writer.close()
+        if written != int(mask.sum()):
+            raise DataError(f"the shards {shards[0]!r}... hold {written} of the {int(mask.sum())} records "
+                            "expected. Prepare the folder again.")
+
+    folder = build_folder_once(target, fill)
+    return sorted(str(p) for p in folder.glob("part-*.tfrecord"))
+
+
+def load_prepared(root: Path, side: int, policy: str, split_seed: int) -> SourceImages:
+    """A prepared folder as SourceImages, its splits streamed as RecordImages."""
     manifest = read_manifest(root)
-    with np.load(root / manifest.get("labels_file", LABELS)) as stored:
+    with np.load(root / manifest.get("labels_file", LABELS), allow_pickle=False) as stored:
         labels = {name: stored[name].astype(np.int32) for name in stored.files}
     splits = manifest["splits"]
 
@@ -310,15 +379,11 @@ def load_prepared(root: Path, side: int, policy: str, split_seed: int):
         raise DataError(f"the train split of {str(root)!r} has images of only one class.")
     if "test" in splits:
         x_test = images("test")
-        x_train_kept = x_train
-    else:   # carved as `_folder` carves a folder without test/: the same images in the same order
-        keep, out = data._stratified(np.arange(len(x_train)), x_train.labels,
-                                     data._held_out_size(x_train.labels, data.FOLDER_TEST_FRACTION),
-                                     split_seed, "test")
-        x_test, x_train_kept = x_train[np.sort(out)], x_train[np.sort(keep)]
+    else:   # carved as image folders without test/ are: the same images in the same order
+        keep, out = carve_test(x_train.labels, split_seed)
+        x_test, x_train = x_train[out], x_train[keep]
     x_val = images("val") if "val" in splits else None
-    identity = data._hash_json({"kind": "tfrecord", "identity": manifest["identity"], "side": side,
-                                "policy": policy, "carved_test": "test" not in splits})
-    return data._Raw(x_train_kept, x_train_kept.labels, x_test, x_test.labels, list(manifest["classes"]),
-                     str(root), identity, int(manifest["counts"].get("skipped", 0)),
-                     x_val, None if x_val is None else x_val.labels)
+    identity = hash_json({"kind": "tfrecord", "identity": manifest["identity"], "side": side,
+                          "policy": policy, "carved_test": "test" not in splits})
+    return SourceImages(x_train, x_test, list(manifest["classes"]), str(root), identity,
+                        int(manifest["counts"].get("skipped", 0)), x_val)

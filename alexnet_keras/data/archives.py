@@ -1,0 +1,140 @@
+"""Where the data is: `--data-dir` / $ALEXNET_KERAS_DATA_DIR resolved, archives extracted once into the cache.
+
+An archive (.tar.gz, .tgz, .tar, .zip) is identified by the sha256 of its content, not by its path or
+time stamps: an archive replaced by another at the same path, with the same size and mtime, is
+extracted again and gives another data digest. The hash is computed once per change of the file and
+remembered under a key made of its path, size, mtime, ctime, inode and device (ctime changes with
+every write and cannot be set back, unlike mtime). Extraction fills a temporary folder that is
+renamed when complete and removed on any failure or Ctrl-C (cache.build_folder_once). Tar members
+are extracted with tarfile's "data" filter (no paths outside the folder, no device files, no links
+leading out of it); zipfile drops absolute paths and "..". No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+from .cache import build_folder_once, cache_root, save_text, unwritable
+from .files import CIFAR_PICKLE_DIR, DataError, visible
+
+DATA_DIR_ENV = "ALEXNET_KERAS_DATA_DIR"
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+_HASH_CHUNK = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class DataDir:
+    """The folder to read, and the sha256 of the archive it was extracted from (None for a folder)."""
+
+    path: Path
+    archive_sha256: str | None = None
+
+
+def locate_data_dir(data_dir: str | os.PathLike | None) -> DataDir | None:
+    """The folder `data_dir` names (else $ALEXNET_KERAS_DATA_DIR, else None: use the download).
+
+    An archive is extracted once into the cache and the folder inside it that holds the data returned.
+    """
+    origin = ""
+    if not data_dir:
+        data_dir = os.environ.get(DATA_DIR_ENV) or None
+        origin = f" (from ${DATA_DIR_ENV})"
+    if not data_dir:
+        return None
+    path = Path(data_dir).expanduser().absolute()
+    if not path.exists():
+        raise DataError(f"data dir {str(path)!r}{origin} does not exist. Pass --data-dir PATH with an "
+                        "existing folder (train/<class>/*, <class>/* or cifar-10-batches-py/) or an "
+                        "archive (.tar.gz, .zip) of one.")
+    if path.is_dir():
+        return DataDir(path)
+    if not path.is_file() or not path.name.lower().endswith(ARCHIVE_SUFFIXES):
+        raise DataError(f"data dir {str(path)!r}{origin} is {'a file' if path.is_file() else 'not a regular file'}, "
+                        f"not a folder or an archive ({', '.join(ARCHIVE_SUFFIXES)}). Pass the folder "
+                        "that holds the images.")
+    sha256 = archive_sha256(path)
+    return DataDir(layout_root(extract(path, sha256)), sha256)
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    """The folder to read: `data_dir`, else $ALEXNET_KERAS_DATA_DIR, else None (use the download).
+
+    An archive (.tar.gz, .tgz, .tar, .zip) is extracted once into the cache and the folder inside it
+    that holds the data is returned.
+    """
+    located = locate_data_dir(data_dir)
+    return None if located is None else located.path
+
+
+def archive_sha256(archive: Path) -> str:
+    """The sha256 of `archive`'s bytes, read from the cache when the file has not changed since."""
+    stat = archive.stat()
+    key = hashlib.sha256(json.dumps([str(archive.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns,
+                                     stat.st_ino, stat.st_dev]).encode()).hexdigest()[:32]
+    remembered = cache_root() / "archive-sha256" / key
+    try:
+        known = remembered.read_text().strip()
+        if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
+            return known
+    except OSError:
+        pass
+    digest = hashlib.sha256()
+    try:
+        with open(archive, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except OSError as err:
+        raise DataError(f"cannot read the archive {str(archive)!r} ({err.strerror or err}).") from err
+    save_text(remembered, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def archive_stem(path: Path) -> str:
+    name = path.name
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def extract(archive: Path, sha256: str) -> Path:
+    """The cache folder holding `archive`'s content (whose hash is `sha256`), extracted if no run did."""
+    target = cache_root() / "datasets" / f"{archive_stem(archive)}-{sha256[:16]}"
+
+    def fill(folder: Path) -> None:
+        try:
+            if archive.name.lower().endswith(".zip"):
+                with zipfile.ZipFile(archive) as zf:
+                    zf.extractall(folder)    # zipfile drops absolute paths and "..", so it stays inside
+            else:
+                with tarfile.open(archive) as tar:
+                    tar.extractall(folder, filter="data")   # no paths outside, no device files
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.ENOSPC, errno.EROFS, errno.EDQUOT):   # the cache, not the archive
+                raise unwritable(folder.parent, err) from err
+            raise DataError(f"could not extract {str(archive)!r} ({err}). Check that the archive is "
+                            "complete, or extract it yourself and pass the folder with --data-dir.") from err
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as err:
+            raise DataError(f"could not extract {str(archive)!r} ({err}). Check that the archive is "
+                            "complete, or extract it yourself and pass the folder with --data-dir.") from err
+
+    return build_folder_once(target, fill)
+
+
+def layout_root(folder: Path) -> Path:
+    """Descend through lone wrapper folders (data.tar.gz -> data/) to the one holding the layout.
+    Links are not descended into (a link to "." would loop)."""
+    while True:
+        with os.scandir(folder) as scan:
+            entries = [e for e in scan if visible(e.name)]
+        if (len(entries) != 1 or not entries[0].is_dir(follow_symlinks=False)
+                or entries[0].name in ("train", CIFAR_PICKLE_DIR)):
+            return folder
+        folder = Path(entries[0].path)

@@ -1,0 +1,191 @@
+"""What a data folder holds on disk, read safely: `DataError`, `walk_files` and the folder layout.
+
+No TensorFlow here. `walk_files` is the one walk of user folders (data folders here, prediction
+folders in predict.py): it takes regular files only and never follows a symbolic link, so a link
+cannot lead out of the folder or back into it (no loops, no escapes), and FIFOs, sockets and devices
+are listed as skipped without ever being opened (opening a FIFO blocks forever).
+
+`folder_layout` reads the layouts `--dataset folder` accepts: train/ (+ test/ [+ val/]), train/ + val/
+(ImageNet's: val/ is then the test split), or class folders at the top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+# Class folders and files that are never data: hidden entries and macOS archive droppings.
+HIDDEN_PREFIX = "."
+IGNORED_NAMES = ("__MACOSX",)
+SPLITS = ("train", "val", "test")
+# The folder of CIFAR-10's official python release (data_batch_1..5, test_batch, batches.meta).
+CIFAR_PICKLE_DIR = "cifar-10-batches-py"
+
+
+class DataError(ValueError):
+    """The data cannot be read as asked. The message says what is wrong, where, and how to fix it."""
+
+
+def visible(name: str) -> bool:
+    """Whether an entry named `name` can hold data (not hidden, not __MACOSX)."""
+    return not name.startswith(HIDDEN_PREFIX) and name not in IGNORED_NAMES
+
+
+@dataclasses.dataclass
+class Walk:
+    """The result of `walk_files`: paths relative to the walked folder, in walk order."""
+
+    files: list[str]      # regular files, depth first: a folder's files (sorted), then its sub-folders'
+    skipped: list[str]    # entries that are not regular files or folders: links, FIFOs, sockets, devices
+
+    def note(self, where: str | os.PathLike) -> str:
+        """One line saying what was skipped under `where` and why ("" when nothing was)."""
+        if not self.skipped:
+            return ""
+        shown = ", ".join(self.skipped[:5])
+        more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
+        return (f"skipped {len(self.skipped)} entr{'y' if len(self.skipped) == 1 else 'ies'} under "
+                f"{str(where)!r} that {'is' if len(self.skipped) == 1 else 'are'} not regular files "
+                f"(symbolic links are not followed; FIFOs, sockets and devices are not opened): "
+                f"{shown}{more}.")
+
+
+def walk_files(folder: str | os.PathLike) -> Walk:
+    """Every visible regular file under `folder`, without following any symbolic link.
+
+    Entries are classified by `lstat` (through `os.scandir`), so nothing is opened: links (to files
+    or folders, dangling or looping) and special files (FIFOs, sockets, devices) go to `skipped`.
+    Hidden entries (".*") and __MACOSX are ignored. Folders are walked depth first, each folder's
+    files in name order before its sub-folders in name order. Plain strings throughout: pathlib costs
+    seconds on CIFAR's 60,000 files. `folder` itself may be a link (the user named it).
+    """
+    files: list[str] = []
+    skipped: list[str] = []
+    pending = [""]
+    while pending:
+        relative = pending.pop()
+        path = os.path.join(folder, relative) if relative else os.fspath(folder)
+        try:
+            with os.scandir(path) as scan:
+                entries = sorted((e for e in scan if visible(e.name)), key=lambda e: e.name)
+        except OSError as err:
+            raise DataError(f"cannot list the folder {path!r} ({err.strerror or err}). Check its "
+                            "permissions, or leave it out of the data folder.") from err
+        subfolders = []
+        for entry in entries:
+            name = os.path.join(relative, entry.name) if relative else entry.name
+            if entry.is_symlink():
+                skipped.append(name)
+            elif entry.is_dir(follow_symlinks=False):
+                subfolders.append(name)
+            elif entry.is_file(follow_symlinks=False):
+                files.append(name)
+            else:
+                skipped.append(name)
+        pending.extend(reversed(subfolders))
+    return Walk(files, skipped)
+
+
+def subfolders(folder: Path) -> list[Path]:
+    """The visible sub-folders of `folder`, sorted by name; a link among them is refused."""
+    out = []
+    with os.scandir(folder) as scan:
+        entries = sorted((e for e in scan if visible(e.name)), key=lambda e: e.name)
+    for entry in entries:
+        if entry.is_symlink():
+            if os.path.isdir(entry.path):
+                raise _linked_folder(entry.path)
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            out.append(Path(entry.path))
+    return out
+
+
+def _linked_folder(path) -> DataError:
+    return DataError(f"{str(path)!r} is a symbolic link to a folder; links inside the data folder are not "
+                     "followed (they could lead out of it or back into it). Replace the link with the "
+                     "folder itself.")
+
+
+@dataclasses.dataclass
+class FolderListing:
+    """Every file of a folder dataset, before decoding."""
+
+    layout: dict[str, Path]   # {split: folder}; "train" always, "test" and "val" when given
+    class_names: list[str]
+    files: list[str]          # relative to the data folder, walk order: split, class, then walk_files
+    labels: list[int]         # class index of each file
+    splits: list[str]         # split of each file
+    skipped: list[str]        # links and special files not taken, relative to the data folder
+
+
+def folder_layout(root: Path, fix_hint: str) -> FolderListing:
+    """The split folders, class names and files of the image folder `root`.
+
+    Refused with a DataError: no train/ beside test/ or val/, fewer than two class folders, class
+    folders of test/ or val/ other than train/'s, a class folder of train/ without files (it would
+    silently become an output class that never sees an image), a linked split or class folder.
+    """
+    if not root.is_dir():
+        raise DataError(f"data dir {str(root)!r} is not a folder. {fix_hint}")
+    split_dirs = {}
+    for name in SPLITS:
+        folder = root / name
+        if folder.is_symlink() and folder.is_dir():
+            raise _linked_folder(folder)
+        if folder.is_dir():
+            split_dirs[name] = folder
+    if "train" in split_dirs:
+        # train/ + test/ (+ val/): test/ is the held-out test set; val/ is the validation set when
+        # test/ exists too, and otherwise the test set (ImageNet's layout, where val/ is what is
+        # reported).
+        layout = {"train": split_dirs["train"]}
+        if "test" in split_dirs:
+            layout["test"] = split_dirs["test"]
+            if "val" in split_dirs:
+                layout["val"] = split_dirs["val"]
+        elif "val" in split_dirs:
+            layout["test"] = split_dirs["val"]
+    elif split_dirs:
+        raise DataError(f"data dir {str(root)!r} has {'/ and '.join(sorted(split_dirs))}/ but no train/. "
+                        f"{fix_hint}")
+    else:
+        layout = {"train": root}
+
+    class_names = [p.name for p in subfolders(layout["train"])]
+    if not class_names:
+        raise DataError(f"no class folders in {str(layout['train'])!r}. {fix_hint}")
+    if len(class_names) < 2:
+        raise DataError(f"only one class folder ({class_names[0]!r}) in {str(layout['train'])!r}; "
+                        f"classification needs at least 2. {fix_hint}")
+    for split, folder in layout.items():
+        if split == "train":
+            continue
+        names = [p.name for p in subfolders(folder)]
+        if names != class_names:
+            missing = sorted(set(class_names) - set(names))
+            extra = sorted(set(names) - set(class_names))
+            raise DataError(f"the class folders of {str(folder)!r} do not match those of "
+                            f"{str(layout['train'])!r} (missing: {missing or 'none'}; not in train: "
+                            f"{extra or 'none'}). Give {split}/ the same class sub-folders as train/.")
+
+    listing = FolderListing(layout, class_names, [], [], [], [])
+    empty = []
+    for split, folder in layout.items():
+        for label, name in enumerate(class_names):
+            walk = walk_files(folder / name)
+            prefix = os.path.relpath(folder / name, root)
+            listing.files.extend(os.path.join(prefix, f) for f in walk.files)
+            listing.labels.extend([label] * len(walk.files))
+            listing.splits.extend([split] * len(walk.files))
+            listing.skipped.extend(os.path.join(prefix, f) for f in walk.skipped)
+            if split == "train" and not walk.files:
+                empty.append(name)
+    if not listing.files:
+        raise DataError(f"no files under the class folders of {str(root)!r}. {fix_hint}")
+    if empty:
+        raise DataError(f"class folder(s) {', '.join(repr(n) for n in empty)} of {str(layout['train'])!r} "
+                        "hold no files, so the model would get output classes it never sees an image of. "
+                        "Add images to them or remove them.")
+    return listing

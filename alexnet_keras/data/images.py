@@ -1,0 +1,159 @@
+"""A split's images as one interface, wherever they are: in memory, in image files, or in TFRecord shards.
+
+`Images` (`len`, `labels`, `side`, `images[index]` for a subset, `batches(...)` for a tf.data pipeline
+of (uint8 (B, side, side, 3), int32 (B,)) batches) is what the pipeline builder (pipeline.py) and the
+colour statistics (pixel_stats.py) read; `ArrayImages` and `FileImages` live here, `RecordImages` in
+tfrecord.py. `SourceImages` is what every source (sources.py) returns: its splits before the
+validation split is carved.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from .decode import decode_image
+from .files import DataError
+
+# Images per step of a pass over a split (colour statistics).
+PASS_BATCH = 256
+
+
+class Images(abc.ABC):
+    """A split's images, decoded on demand. `images[index]` (index array or boolean mask) is a subset,
+    in the order given.
+
+    Pipelines come in two steps, so that what the images become (crops, augmentation) runs in the same
+    tf.data map that fetches them: `batch_keys` gives batches of keys (in memory: index batches; from
+    files or shards: batches already decoded) and `fetch(keys)` turns one into (uint8 (B, side, side,
+    3), int32 (B,)). `batches` is the two together.
+    """
+
+    labels: np.ndarray
+    side: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index) -> "Images":
+        return self.subset(np.arange(len(self))[index])
+
+    @abc.abstractmethod
+    def subset(self, index: np.ndarray) -> "Images":
+        """The images at `index` (positions into this split), as the same kind of source."""
+
+    @abc.abstractmethod
+    def batch_keys(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                   deterministic: bool = True) -> tf.data.Dataset:
+        """Batches of keys in index order, or reshuffled every epoch (`shuffle`). `deterministic=False`
+        lets parallel stages hand out elements in the order they are ready."""
+
+    def fetch(self, keys):
+        """(uint8 images, int32 labels) of a batch of keys; by default the keys are {"x", "y"} already."""
+        return keys["x"], keys["y"]
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                deterministic: bool = True) -> tf.data.Dataset:
+        """(uint8 images, int32 labels) batches in index order, or reshuffled every epoch."""
+        return self.batch_keys(batch_size, shuffle=shuffle, seed=seed, deterministic=deterministic).map(
+            self.fetch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the images are decoded from disk every time they are read (not held in memory)."""
+        return True
+
+    def numpy_batches(self, batch_size: int = PASS_BATCH):
+        for images, _ in self.batches(batch_size).as_numpy_iterator():
+            yield images
+
+
+class ArrayImages(Images):
+    """Images held in memory as one uint8 array (N, side, side, 3)."""
+
+    def __init__(self, x: np.ndarray, labels: np.ndarray):
+        self.x, self.labels, self.side = x, np.asarray(labels, np.int32), x.shape[1]
+        self._variables = None
+
+    @property
+    def streamed(self) -> bool:
+        return False
+
+    def subset(self, index):
+        return ArrayImages(self.x[index], self.labels[index])
+
+    def batch_keys(self, batch_size, *, shuffle=False, seed=0, deterministic=True):
+        # Index batches, gathered from the arrays by `fetch`: as fast as from_tensor_slices -> cache ->
+        # shuffle -> batch on CIFAR, but the shuffle buffer holds integers, not images, so filling it
+        # costs nothing even for large images.
+        ds = tf.data.Dataset.range(len(self))
+        if shuffle:
+            ds = ds.shuffle(max(len(self), 1), seed=seed, reshuffle_each_iteration=True)
+        return ds.batch(batch_size)
+
+    def fetch(self, keys):
+        # The arrays sit in CPU variables (one copy per split, shared by all its pipelines), which the
+        # map function captures by handle; a captured constant would be copied into the function's
+        # graph, which takes seconds and doubles memory for large arrays.
+        if self._variables is None:
+            with tf.device("/CPU:0"):
+                self._variables = (tf.Variable(self.x, trainable=False),
+                                   tf.Variable(self.labels, trainable=False))
+        images, labels = self._variables
+        return tf.gather(images, keys), tf.gather(labels, keys)
+
+    def numpy_batches(self, batch_size=PASS_BATCH):
+        for start in range(0, len(self), batch_size):
+            yield self.x[start:start + batch_size]
+
+
+class FileImages(Images):
+    """Image files decoded in parallel every time they are read (files known to decode: sources.py)."""
+
+    def __init__(self, paths, labels, side: int, policy: str):
+        self.paths = np.asarray(paths, dtype=str)
+        self.labels, self.side, self.policy = np.asarray(labels, np.int32), side, policy
+
+    def subset(self, index):
+        return FileImages(self.paths[index], self.labels[index], self.side, self.policy)
+
+    def batch_keys(self, batch_size, *, shuffle=False, seed=0, deterministic=True):
+        side, policy = self.side, self.policy
+        ds = tf.data.Dataset.from_tensor_slices((self.paths, self.labels))
+        if shuffle:   # a buffer of file names, not images: cheap even for ImageNet's 1.28 million
+            ds = ds.shuffle(max(len(self), 1), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.map(lambda path, label: {"x": decode_image(tf.io.read_file(path), side, policy), "y": label},
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        return ds.batch(batch_size)
+
+
+@dataclasses.dataclass
+class SourceImages:
+    """A source's splits before the validation split is carved. `val` is set only when the source has
+    its own validation split (a folder's val/ beside train/ and test/)."""
+
+    train: Images
+    test: Images
+    class_names: list[str]
+    source: str               # where the images came from, for logs and MLflow
+    identity: str             # hash of the source's content: the data half of `Data.digest`
+    skipped: int = 0          # files under the source that were not used (unreadable, links, FIFOs)
+    val: Images | None = None
+
+    def __post_init__(self):
+        for split, images in (("train", self.train), ("test", self.test), ("val", self.val)):
+            if images is not None:
+                check_labels(images.labels, len(self.class_names), f"the {split} split of {self.source!r}")
+
+
+def check_labels(labels, num_classes: int, where: str) -> None:
+    """Labels must be class indices 0..num_classes-1; a DataError saying which are not, and where."""
+    labels = np.asarray(labels)
+    bad = labels[(labels < 0) | (labels >= num_classes)] if labels.size else labels
+    if bad.size:
+        raise DataError(f"{where} has labels outside 0..{num_classes - 1} ({num_classes} classes), e.g. "
+                        f"{sorted(set(bad.tolist()))[:5]}. Check the label files (or the class list) of "
+                        "the dataset.")

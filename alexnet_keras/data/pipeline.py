@@ -1,0 +1,213 @@
+"""`load_data`: a `DataConfig` in, a `Data` out (batched train/val/test tf.data pipelines and what a run
+logs about them). The one pipeline builder, for every source and both recipes.
+
+Every source is an `Images` per split (images.py: in memory, image files or TFRecord shards); the
+validation split is carved by index (split.py); the colour statistics are one pass over the training
+split (pixel_stats.py); then every pipeline is one parallel map over the source's batches of keys
+(`mapped`: fetch the images, as in-memory gathers or already decoded, and transform them):
+  * evaluation (val, test): `model_views`, the centre view (the simple recipe's is the whole image,
+    resized to the input size when stored at another: CIFAR's 32 px);
+  * training: reshuffled every epoch, then, with augmentation, a seed per batch from a seeded stream
+    (epochs differ from one another, yet a run with the same `seed` sees the same augmented batches):
+    simple recipe: `random_crop_flip` at the stored resolution (4 px of a 32-px CIFAR image), then
+    resized; paper recipe: `random_crops` of the input size from the stored images (less the mean
+    image with `pixel_mean`), and `pca_color_shift`.
+`deterministic=False` lets the training pipeline's parallel stages hand out batches in the order they
+are ready (the same batches, in another order); evaluation pipelines always keep their order, which
+`Data.test_labels` follows. TensorFlow's op determinism (`--deterministic`) forces order anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from .augment import model_views, pca_color_shift, random_crop_flip, random_crops, to_stored
+from .cache import hash_json
+from .files import DataError
+from .images import Images
+from .pixel_stats import statistics
+from .sources import read_source
+from .split import limit_test, train_val_indices
+
+
+@dataclasses.dataclass
+class Data:
+    """Everything a training run needs to know about its data."""
+
+    train: tf.data.Dataset    # (float32 (B,S,S,3) in 0..255, int32 (B,)); reshuffled each epoch;
+                              # augmented if cfg.augment; the last partial batch is kept
+    val: tf.data.Dataset      # batched in a fixed order, never augmented
+    test: tf.data.Dataset     # batched in a fixed order, never augmented; for the final evaluation only
+    test_labels: np.ndarray   # int32 labels of `test` in dataset order
+    class_names: list[str]
+    image_size: int
+    batch_size: int
+    counts: dict              # {"train", "val", "test", "skipped"}: images per split, files not used
+    mean: list[float]         # per-channel mean of the train split's pixels, 0..255 units
+    std: list[float]          # per-channel (population) std of the train split's pixels
+    source: str               # where the images came from, for logs and MLflow
+    digest: str               # 16 hex digits identifying the images, labels and split
+    # What a prediction must do to a file to give the model what it was trained on (`preprocessing`);
+    # logged in data.json and with the model, read back by predict.py.
+    preprocessing: dict = dataclasses.field(default_factory=dict)
+    recipe_stats: dict | None = None      # paper recipe: RGB mean/std/covariance, PCA, for logging
+    mean_image: np.ndarray | None = None  # paper recipe with pixel_mean: (stored, stored, 3) float32
+    test_ten_crop: tf.data.Dataset | None = None  # paper recipe with ten_crop: images only, 10 views
+                                          # per test image (batches of 10*B), in `test_labels` order
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.counts["train"] / self.batch_size))
+
+
+def enable_op_determinism() -> None:
+    """TensorFlow's deterministic mode (`--deterministic`): tf.data and TF ops give the same results
+    from the same seeds (TF ops without a deterministic kernel raise instead of running)."""
+    tf.config.experimental.enable_op_determinism()
+
+
+def preprocessing(recipe: str, stored_size: int, image_size: int, pixel_mean: bool,
+                  native_size: int | None = None) -> dict:
+    """`Data.preprocessing`: what predict.py applies to a file (logged in data.json and with the model).
+
+    `native_size`: the images were held at this side (CIFAR's 32 px) and resized to stored_size per
+    batch in float; predict then squashes a file to native_size first and resizes it the same way.
+    """
+    spec = {"recipe": recipe, "resize": "shorter_side_crop" if recipe == "paper" else "squash",
+            "stored_size": int(stored_size), "image_size": int(image_size), "pixel_mean": bool(pixel_mean)}
+    if native_size is not None and native_size != stored_size:
+        spec["native_size"] = int(native_size)
+    return spec
+
+
+def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: bool = True,
+              deterministic: bool = True) -> Data:
+    """Read the dataset `cfg` (a DataConfig) names and build its pipelines at `image_size` pixels.
+
+    `seed` drives only the per-epoch shuffling and augmentation; the split depends on
+    `cfg.split_seed` alone. `verbose=False` silences the decoding progress bar and timing line.
+    `deterministic=False` (TrainConfig.deterministic off) lets the training pipeline hand out its
+    batches in the order they are ready.
+    """
+    if not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"image_size must be a positive integer; got {image_size!r}.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer; got {batch_size!r}.")
+    paper = cfg.recipe == "paper"
+    if paper and cfg.stored_size < image_size:
+        raise DataError(f"the paper recipe crops {image_size}x{image_size} inputs from images stored at "
+                        f"{cfg.stored_size}x{cfg.stored_size}: pass --stored-size {max(256, image_size)} "
+                        f"(or at least {image_size}), or a smaller --image-size.")
+    # Files are decoded to squares of `stored` px: the stored size of the paper recipe, else the input size.
+    stored = cfg.stored_size if paper else image_size
+    source = read_source(cfg, stored, "shorter_side_crop" if paper else "squash", verbose)
+
+    train_idx, val_idx = train_val_indices(source.train.labels, cfg.val_fraction, cfg.train_limit,
+                                           cfg.split_seed, own_val=source.val is not None)
+    train = source.train[train_idx]
+    val = source.val if val_idx is None else source.train[val_idx]
+    test = source.test
+    kept = limit_test(test.labels, cfg.test_limit, cfg.split_seed)
+    if kept is not None:
+        test = test[kept]
+
+    pixel_mean = paper and cfg.pixel_mean
+    stats = statistics(train, hash_json({
+        "data": source.identity, "train": hashlib.sha256(np.asarray(train_idx, np.int64).tobytes()).hexdigest(),
+        "side": train.side, "pixel_mean": pixel_mean}), pixel_mean, verbose)
+    mean, std, mean_image = stats.mean, stats.std, None
+    if pixel_mean:
+        mean_image = stats.mean_image.astype(np.float32)
+        if mean_image.shape[0] != stored:   # CIFAR: the mean of the resized images is the resized mean
+            mean_image = to_stored(mean_image[None], stored).numpy()[0]
+        # The model's first layer then only scales: the mean is already gone.
+        mean, std = np.zeros(3), stats.residual_std
+    views = dict(image_size=image_size, stored_size=stored, mean_image=mean_image)
+
+    def evaluation(x, y):
+        return model_views(x, **views), y
+
+    def augmented(x, y, batch_seed):
+        if not paper:   # shifted and flipped at the stored resolution, then resized
+            return to_stored(random_crop_flip(x, batch_seed, crop=cfg.random_crop, flip=cfg.random_flip),
+                             stored), y
+        crop_seed, color_seed = tf.unstack(tf.random.experimental.stateless_split(
+            tf.cast(batch_seed, tf.int64), 2))
+        x = random_crops(to_stored(x, stored, mean_image), image_size, crop_seed,
+                         crop=cfg.random_crop, flip=cfg.random_flip)
+        if cfg.pca_color:
+            x = pca_color_shift(x, color_seed, stats.eigenvalues, stats.eigenvectors, cfg.pca_std)
+        return x, y
+
+    augment = cfg.augment and (cfg.random_crop or cfg.random_flip or (paper and cfg.pca_color))
+    train_ds = mapped(train, batch_size, augmented if augment else evaluation, shuffle=True, seed=seed,
+                      deterministic=deterministic, seeded=augment)
+    test_ten_crop = None
+    if paper and cfg.ten_crop:
+        # ~batch_size crops per batch: 10 views of batch_size // 10 images.
+        test_ten_crop = mapped(test, max(1, batch_size // 10), lambda x, y: model_views(x, crops="ten", **views))
+
+    recipe_stats = None
+    if paper:
+        recipe_stats = {
+            "recipe": "paper", "stored_size": stored, "image_size": image_size,
+            "computed_at_side": train.side,   # < stored_size: on the native pixels (CIFAR's 32 px)
+            "streamed": train.streamed,
+            **stats.to_json(),
+            "pixel_mean": pixel_mean,
+            "augmentation": {"augment": cfg.augment, "random_crop": cfg.random_crop,
+                             "random_flip": cfg.random_flip, "pca_color": cfg.pca_color,
+                             "pca_std": cfg.pca_std},
+            "pca_shift": "255 * sum_i alpha_i * pca_eigenvalues[i] * pca_eigenvectors_columns[:, i], "
+                         "alpha_i ~ N(0, pca_std) per image; eigen-decomposition of covariance_rgb / 255^2",
+            "ten_crop": cfg.ten_crop,
+        }
+    digest = hash_json({
+        "data": source.identity, "image_size": image_size, "val_fraction": cfg.val_fraction,
+        "split_seed": cfg.split_seed, "train_limit": cfg.train_limit,
+        **({"test_limit": cfg.test_limit} if cfg.test_limit is not None else {}),
+        **({"recipe": "paper", "stored_size": stored, "pixel_mean": pixel_mean} if paper else {}),
+    })
+    return Data(
+        train=train_ds,
+        val=mapped(val, batch_size, evaluation),
+        test=mapped(test, batch_size, evaluation),
+        test_labels=test.labels.astype(np.int32),
+        class_names=list(source.class_names),
+        image_size=image_size,
+        batch_size=batch_size,
+        counts={"train": len(train), "val": len(val), "test": len(test), "skipped": source.skipped},
+        mean=[float(v) for v in mean],
+        std=[float(v) if v > 0 else 1.0 for v in std],
+        source=source.source,
+        digest=digest,
+        preprocessing=preprocessing(cfg.recipe, stored, image_size, pixel_mean, native_size=train.side),
+        recipe_stats=recipe_stats,
+        mean_image=mean_image,
+        test_ten_crop=test_ten_crop,
+    )
+
+
+def mapped(images: Images, batch_size: int, transform, *, shuffle: bool = False, seed: int = 0,
+           deterministic: bool = True, seeded: bool = False) -> tf.data.Dataset:
+    """`images` in batches, each fetched and turned into `transform(x, y)` in one parallel map, then
+    prefetched. `seeded`: `transform(x, y, batch_seed)` with a seed per batch from a stream seeded by
+    `seed` (epochs differ from one another; the same `seed` gives the same augmented batches)."""
+    keys = images.batch_keys(batch_size, shuffle=shuffle, seed=seed, deterministic=deterministic)
+    if seeded:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((keys, seeds)).map(lambda k, s: transform(*images.fetch(k), s),
+                                                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    else:
+        ds = keys.map(lambda k: transform(*images.fetch(k)), num_parallel_calls=tf.data.AUTOTUNE,
+                      deterministic=deterministic)
+    return ds.prefetch(tf.data.AUTOTUNE)

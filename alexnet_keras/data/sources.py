@@ -1,0 +1,310 @@
+"""Where images come from: `read_source` turns a `DataConfig` into `SourceImages`.
+
+Sources:
+  * "synthetic": generated class templates plus noise, in memory;
+  * "cifar10": Keras' download, or `--data-dir` holding CIFAR-10's python pickles
+    (cifar-10-batches-py/), an image folder, or TFRecord shards;
+  * "folder": an image folder (files.folder_layout) or TFRecord shards written by `prepare`.
+A folder is decoded into memory once (cached on disk, decode.py) unless its decoded images would need
+more than `max_memory_mb`: then its files are decoded on the fly every epoch (`FileImages`), after one
+cached pass that finds the unreadable ones. CIFAR-10 stays at its native 32 px in memory.
+
+CIFAR-10's pickles are read by `SafeUnpickler`, which admits only what that format holds (dicts,
+lists, bytes, numbers and NumPy arrays): a pickle is a program, and a downloaded dataset folder must
+never run code.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from . import tfrecord
+from .archives import DATA_DIR_ENV, locate_data_dir
+from .cache import hash_json
+from .decode import decode_cached
+from .files import CIFAR_PICKLE_DIR, DataError, Walk, folder_layout
+from .images import ArrayImages, FileImages, SourceImages, check_labels
+from .split import carve_test
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck"]
+CIFAR_SIZE = 32
+
+
+def read_source(cfg, side: int, policy: str, verbose: bool) -> SourceImages:
+    """The images `cfg` (a DataConfig) names. Files are decoded to squares of `side` px with `policy`
+    (decode.RESIZE_POLICIES); CIFAR-10 stays at 32 px, except in TFRecord shards."""
+    max_bytes = cfg.max_memory_mb * 2 ** 20
+    if cfg.dataset == "synthetic":
+        return synthetic(cfg.synthetic_samples, cfg.synthetic_classes, side, cfg.split_seed)
+    located = locate_data_dir(cfg.data_dir)
+    if cfg.dataset == "cifar10":
+        if located is None:
+            return cifar10_download()
+        # Image folders stay at CIFAR's native 32 px in memory (resized per batch); TFRecord shards
+        # are decoded straight to `side` with `policy`.
+        return from_dir(located.path, CIFAR_SIZE, verbose, cfg.split_seed, cifar=True, max_bytes=max_bytes,
+                        record_side=side, record_policy=policy, content_id=located.archive_sha256)
+    if located is None:
+        raise DataError("dataset 'folder' needs a folder: pass --data-dir PATH (class sub-folders, "
+                        "or train/ and test/ each with class sub-folders) or set "
+                        f"${DATA_DIR_ENV}.")
+    return from_dir(located.path, side, verbose, cfg.split_seed, cifar=False, policy=policy,
+                    max_bytes=max_bytes, content_id=located.archive_sha256)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic and downloaded
+# ---------------------------------------------------------------------------------------------
+
+def array_identity(kind: str, *arrays: np.ndarray) -> str:
+    """16 hex digits identifying the content of `arrays`."""
+    h = hashlib.sha256(kind.encode())
+    for array in arrays:
+        h.update(str(array.shape).encode())
+        h.update(np.ascontiguousarray(array).data)
+    return h.hexdigest()[:16]
+
+
+def in_memory(x_train, y_train, x_test, y_test, class_names, source: str, kind: str) -> SourceImages:
+    return SourceImages(ArrayImages(x_train, y_train), ArrayImages(x_test, y_test), list(class_names), source,
+                        array_identity(kind, x_train, y_train, x_test, y_test))
+
+
+def synthetic(samples: int, classes: int, image_size: int, seed: int) -> SourceImages:
+    # Each class: its own mean colour and stripe pattern (orientation, frequency), plus per-pixel
+    # noise. Easy enough that a small CNN separates the classes within a couple of epochs, while the
+    # noise keeps every image distinct.
+    rng = np.random.default_rng(seed)
+    k, s = classes, image_size
+    n_train, n_test = samples, max(samples // 4, k)
+    colours = rng.uniform(50, 205, size=(k, 1, 1, 3)).astype(np.float32)
+    angle = rng.uniform(0, np.pi, size=(k, 1, 1))
+    freq = rng.uniform(1.0, 4.0, size=(k, 1, 1)) * 2 * np.pi / s
+    phase = rng.uniform(0, 2 * np.pi, size=(k, 1, 1))
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    stripes = np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
+    templates = colours + 40.0 * stripes[..., None].astype(np.float32)
+
+    def make(n):
+        labels = rng.permutation(np.arange(n) % k).astype(np.int32)
+        images = templates[labels] + rng.normal(0, 20, size=(n, s, s, 3)).astype(np.float32)
+        return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels
+
+    x_train, y_train = make(n_train)
+    x_test, y_test = make(n_test)
+    return in_memory(x_train, y_train, x_test, y_test, [f"class_{i}" for i in range(k)], "synthetic",
+                     "synthetic")
+
+
+def cifar10_download() -> SourceImages:
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+    except Exception as err:  # noqa: BLE001 - any failure here means "no download"
+        raise DataError(
+            f"CIFAR-10 could not be downloaded ({type(err).__name__}: {err}). Point at a local copy "
+            "with --data-dir PATH (a folder with train/<class>/* and test/<class>/*, "
+            f"a {CIFAR_PICKLE_DIR}/ folder, or a .tar.gz of either) or set ${DATA_DIR_ENV}."
+        ) from err
+    y_train, y_test = y_train.reshape(-1).astype(np.int32), y_test.reshape(-1).astype(np.int32)
+    return in_memory(x_train, y_train, x_test, y_test, CIFAR10_CLASSES, "keras.datasets.cifar10", "cifar10")
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders: TFRecord shards, CIFAR-10 pickles, image folders
+# ---------------------------------------------------------------------------------------------
+
+def from_dir(root: Path, image_size: int, verbose: bool, split_seed: int, *, cifar: bool,
+             policy: str = "squash", max_bytes: int | None = None, record_side: int | None = None,
+             record_policy: str | None = None, content_id: str | None = None) -> SourceImages:
+    if tfrecord.is_prepared(root):
+        source = tfrecord.load_prepared(root, record_side or image_size, record_policy or policy, split_seed)
+    else:
+        pickles = find_cifar_pickles(root)
+        if pickles is not None:
+            return cifar_pickles(pickles)     # identified by content already
+        source = image_folder(root, image_size, verbose, layout_hint(cifar), split_seed, policy=policy,
+                              max_bytes=max_bytes, content_id=content_id)
+    if content_id:
+        # Extracted from an archive: its members may keep their names, sizes and mtimes across
+        # versions of the archive, so the archive's own hash goes into the identity.
+        source.identity = hash_json({"identity": source.identity, "archive_sha256": content_id})
+    return source
+
+
+def layout_hint(cifar: bool) -> str:
+    hint = ("Expected train/<class>/* (optionally with test/<class>/*) or <class>/* directly, "
+            "one sub-folder per class")
+    if cifar:
+        hint += f", or CIFAR-10's {CIFAR_PICKLE_DIR}/ (data_batch_1..5, test_batch, batches.meta)"
+    return hint + "."
+
+
+def find_cifar_pickles(root: Path) -> Path | None:
+    for candidate in (root, root / CIFAR_PICKLE_DIR):
+        if (candidate / "data_batch_1").is_file() and (candidate / "test_batch").is_file():
+            return candidate
+    return None
+
+
+def _numpy_pickling_callables() -> dict[str, object]:
+    """The functions NumPy's own pickling of arrays and scalars reduces to, by name (taken from what
+    NumPy returns, so no private module is imported)."""
+    found = {}
+    for obj in (np.zeros(1, np.uint8).__reduce__()[0],             # ndarray (protocols 2-4)
+                np.zeros(1, np.uint8).__reduce_ex__(5)[0],         # ndarray (protocol 5)
+                np.float64(0).__reduce__()[0]):                     # NumPy scalars
+        found[obj.__name__] = obj
+    return found
+
+
+# What a CIFAR-10 pickle may name. Module names differ between NumPy 1 and 2 (numpy.core ->
+# numpy._core) and between the pickles each writes; the objects admitted are the same.
+PICKLE_GLOBALS = {
+    **{(module, name): obj for module in ("numpy.core.multiarray", "numpy._core.multiarray",
+                                          "numpy.core.numeric", "numpy._core.numeric")
+       for name, obj in _numpy_pickling_callables().items()},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,   # bytes, as Python 3 pickles them at protocol 2
+    ("builtins", "bytearray"): bytearray,
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR-10's python release holds: dicts, lists, bytes, strings, numbers and
+    NumPy arrays. Any other global a pickle names (os.system, builtins.eval, a class with side effects
+    in its constructor ...) raises pickle.UnpicklingError instead of being called."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds only "
+                                         "dicts, lists, bytes, numbers and NumPy arrays") from None
+
+
+def load_safe_pickle(path: Path):
+    """The object pickled in `path`, read by SafeUnpickler (Python 2 strings as bytes)."""
+    with open(path, "rb") as f:
+        return SafeUnpickler(f, encoding="bytes").load()
+
+
+def cifar_pickles(folder: Path) -> SourceImages:
+    def read(name: str) -> dict:
+        path = folder / name
+        if not path.is_file():
+            raise DataError(f"{str(path)!r} is missing or not a regular file: {CIFAR_PICKLE_DIR}/ needs "
+                            "data_batch_1..5 and test_batch. Re-extract the archive.")
+        try:
+            batch = load_safe_pickle(path)
+        except pickle.UnpicklingError as err:
+            raise DataError(f"{str(path)!r} is not a CIFAR-10 batch and was not loaded ({err}). Use the "
+                            "official cifar-10-python release, or an image folder.") from err
+        except Exception as err:  # noqa: BLE001 - unpickling fails in many ways on a broken file
+            raise DataError(f"{str(path)!r} is not a readable CIFAR-10 batch ({type(err).__name__}: {err}). "
+                            "Re-extract the archive.") from err
+        if not isinstance(batch, dict):
+            raise DataError(f"{str(path)!r} is not a CIFAR-10 batch (it holds a {type(batch).__name__}, "
+                            "not a dict). Re-extract the archive.")
+        return batch
+
+    def arrays(batch: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, CIFAR_SIZE, CIFAR_SIZE)
+            y = np.asarray(batch[b"labels"], dtype=np.int64)
+        except (KeyError, ValueError, TypeError) as err:
+            raise DataError(f"{str(folder / name)!r} does not hold CIFAR-10 data/labels ({err}).") from err
+        if y.shape != (len(x),):
+            raise DataError(f"{str(folder / name)!r} has {len(x)} images but {y.size} labels.")
+        return x.transpose(0, 2, 3, 1), y
+
+    names = sorted((p.name for p in folder.glob("data_batch_*")), key=lambda n: int(n.rsplit("_", 1)[1])
+                   if n.rsplit("_", 1)[1].isdigit() else 0)
+    class_names = list(CIFAR10_CLASSES)
+    if (folder / "batches.meta").is_file():
+        meta = read("batches.meta")
+        if b"label_names" in meta:
+            class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
+    parts = {name: arrays(read(name), name) for name in [*names, "test_batch"]}
+    for name, (_, y) in parts.items():
+        check_labels(y, len(class_names), repr(str(folder / name)))
+    x_test, y_test = parts.pop("test_batch")
+    x_train = np.concatenate([x for x, _ in parts.values()])
+    y_train = np.concatenate([y for _, y in parts.values()]).astype(np.int32)
+    return in_memory(x_train, y_train, x_test, y_test.astype(np.int32), class_names, str(folder),
+                     "cifar10-pickles")
+
+
+def image_folder(root: Path, image_size: int, verbose: bool, fix_hint: str, split_seed: int, *,
+                 policy: str = "squash", max_bytes: int | None = None,
+                 content_id: str | None = None) -> SourceImages:
+    listing = folder_layout(root, fix_hint)
+    files, layout, class_names = listing.files, listing.layout, listing.class_names
+    if listing.skipped:
+        warnings.warn(Walk([], listing.skipped).note(root), stacklevel=3)
+    # Decoded into memory (and cached as .npz) unless that would take more than `max_bytes`: then the
+    # files are streamed, decoded every epoch, after a cached pass that finds the unreadable ones.
+    stream = max_bytes is not None and len(files) * image_size * image_size * 3 > max_bytes
+    labels = np.asarray(listing.labels, dtype=np.int32)
+    if stream:
+        _, good, sizes = decode_cached(root, files, image_size, verbose, policy=policy, keep=False,
+                                       content_id=content_id)
+        images = FileImages([os.path.join(root, files[i]) for i in good], labels[good], image_size, policy)
+    else:
+        decoded, good, sizes = decode_cached(root, files, image_size, verbose, policy=policy,
+                                             content_id=content_id)
+        images = ArrayImages(decoded, labels[good])
+    bad = np.ones(len(files), dtype=bool)
+    bad[good] = False
+    unreadable = [files[i] for i in np.flatnonzero(bad)]
+    if not len(good):
+        raise DataError(f"no readable images in {str(root)!r}: all {len(files)} files failed to decode "
+                        f"as JPEG, PNG, GIF or BMP (e.g. {files[0]!r}). {fix_hint}")
+    if unreadable:
+        names = ", ".join(unreadable[:5])
+        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+        warnings.warn(f"skipped {len(unreadable)} file(s) under {str(root)!r} that are not readable "
+                      f"images: {names}{more}.", stacklevel=3)
+
+    splits = np.asarray(listing.splits)[good]
+    by_split = {s: images[splits == s] for s in layout}
+    train = by_split["train"]
+    present = np.unique(train.labels)
+    if len(present) < 2:
+        raise DataError(f"only one class of {str(layout['train'])!r} has readable images; "
+                        f"classification needs at least 2. {fix_hint}")
+    if len(present) < len(class_names):
+        missing = [class_names[c] for c in sorted(set(range(len(class_names))) - set(present.tolist()))]
+        raise DataError(f"class folder(s) {', '.join(repr(n) for n in missing)} of {str(layout['train'])!r} "
+                        "hold no readable image, so the model would get output classes it never sees an "
+                        "image of. Add images to them or remove them.")
+
+    if "test" in by_split:
+        test = by_split["test"]
+        if not len(test):
+            raise DataError(f"no readable images in {str(layout['test'])!r}. Add images to it or "
+                            "remove it to carve a test split from train/.")
+    else:
+        keep, out = carve_test(train.labels, split_seed)
+        train, test = train[keep], train[out]
+    val = by_split.get("val")
+    if val is not None and not len(val):
+        raise DataError(f"no readable images in {str(layout['val'])!r}. Add images to it or "
+                        "remove it to carve the validation split from train/.")
+
+    identity = hash_json({"kind": "folder", "files": [files[i] for i in good],
+                          "sizes": [sizes[i] for i in good],
+                          "labels": labels[good].tolist(), "stored": image_size,
+                          "carved_test": "test" not in by_split,
+                          **({"policy": policy} if policy != "squash" else {})})
+    return SourceImages(train, test, class_names, str(root), identity, len(unreadable) + len(listing.skipped),
+                        val)

@@ -1,0 +1,385 @@
+"""A trained model as an MLflow model: logged self-contained, loaded from any reference, served, registered.
+
+Besides tracking.py, the one module that imports MLflow. What lives here:
+  * `log_model`: the model every run logs (tracking.log_keras_model delegates here; train, the study's
+    children and the sweep's best all go through it);
+  * `AlexNetClassifier`: the pyfunc that `mlflow.pyfunc.load_model`, `mlflow models serve` and
+    `mlflow models predict` run: raw images in, class names with probabilities out;
+  * `load_predictor`: an inference.Predictor from a run id, `runs:/` or `models:/` URI, a model folder
+    or a .keras file (what `alexnet-keras predict --model` takes);
+  * `register_model` / `check_model_name`: the model registry (a name, an alias such as `champion`,
+    tags saying where the version came from).
+
+A logged model (`runs:/<run id>/model`) is a folder that needs nothing but the packages of its
+requirements.txt (no `alexnet-keras` install, no import of the package by hand):
+    MLmodel                      flavors `python_function` (AlexNetClassifier) and `keras`
+    alexnet_classifier.py        the model's code ("models from code": no pickle)
+    code/alexnet_keras/          this package, put on sys.path by MLflow when the model loads
+    artifacts/model.keras        the network (loaded with safe_mode=True), and beside it
+    artifacts/model.preprocessing.json, model.mean_image.npy   its preprocessing (inference.save_model)
+    requirements.txt ...         tensorflow, keras, numpy, scikit-learn pinned to the training versions
+    input_example.json, serving_input_example.json             a real request
+`mlflow.keras.load_model` gives the Keras network itself (after `import alexnet_keras`, which registers
+its classes).
+
+Requests (signature): a DataFrame with a column `image` (the bytes of a JPEG/PNG/GIF/BMP file; base64
+strings in JSON) or `pixels` (an HxWx3 array of integers in 0..255, RGB; nested lists in JSON), one image
+per row; params `top_k` (default 5) and `crops` ("center" or "ten"). Each row is answered with `class`,
+`index`, `probability` (the top class) and `top_k` (a list of {rank, class, index, probability}),
+preprocessed exactly as the training run prepared its evaluation images (inference.Predictor).
+A bad request (no rows, not an image, wrong shape, bad params) raises an MlflowException with
+INVALID_PARAMETER_VALUE: the scoring server answers 400 with the message and keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.metadata
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+
+from .data import DataError
+from .inference import (METADATA_KEY, ModelMetadata, Predictor, check_metadata, check_options, checked,
+                        load_keras, load_keras_predictor, read_json, read_mean_image, save_model, sidecar)
+
+MODEL_NAME = "model"                  # the artifact name of the model in its run: runs:/<run id>/model
+KERAS_FILE = "model.keras"            # under artifacts/ in the model folder
+# What the served model imports beyond MLflow's own requirements, pinned to the versions that trained
+# it (tests/test_serving.py checks this against a fresh process that loads the model).
+REQUIREMENTS = ("tensorflow", "keras", "numpy", "scikit-learn")
+DEFAULT_ALIAS = "champion"
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+# "Models from code": the model's code is this file, run by MLflow when it loads the model, after it has
+# put the model's code/ folder (this package) on sys.path. Nothing is unpickled.
+_MODEL_CODE = ('"""The served model of alexnet-keras (see alexnet_keras/serving.py)."""\n'
+               "import mlflow\n\nfrom alexnet_keras.serving import AlexNetClassifier\n\n"
+               "mlflow.models.set_model(AlexNetClassifier())\n")
+
+INPUT_SCHEMA = Schema([ColSpec("binary", "image", required=False), ColSpec(AnyType(), "pixels", required=False)])
+OUTPUT_SCHEMA = Schema([
+    ColSpec("string", "class"), ColSpec("long", "index"), ColSpec("double", "probability"),
+    ColSpec(Array(Object([Property("rank", "long"), Property("class", "string"), Property("index", "long"),
+                          Property("probability", "double")])), "top_k")])
+PARAMS_SCHEMA = ParamSchema([ParamSpec("top_k", "long", 5), ParamSpec("crops", "string", "center")])
+
+
+class ModelError(DataError):
+    """A model cannot be loaded, logged or registered as asked. The message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The served model
+# ---------------------------------------------------------------------------------------------
+
+class AlexNetClassifier(mlflow.pyfunc.PythonModel):
+    """Raw images in, top-k classes out (see the module doc for the request and response)."""
+
+    def load_context(self, context) -> None:
+        keras_file = Path(context.artifacts["keras_model"])
+        self.predictor = load_keras_predictor(keras_file, source=str(keras_file.parent.parent))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        params = {"top_k": 5, "crops": "center", **(params or {})}
+        images = request_images(model_input)
+        try:
+            check_options(params["crops"], params["top_k"])
+            results = self.predictor.predict_images(images, crops=params["crops"], top=int(params["top_k"]))
+        except DataError as err:
+            raise MlflowException(str(err), INVALID_PARAMETER_VALUE) from None
+        errors = [f"row {i}: {r['error']}" for i, r in enumerate(results) if "error" in r]
+        if errors:
+            more = f" (and {len(errors) - 5} more rows)" if len(errors) > 5 else ""
+            raise MlflowException("; ".join(errors[:5]) + more, INVALID_PARAMETER_VALUE)
+        return pd.DataFrame([{"class": r["predictions"][0]["class"], "index": r["predictions"][0]["index"],
+                              "probability": r["predictions"][0]["probability"], "top_k": r["predictions"]}
+                             for r in results], columns=list(OUTPUT_SCHEMA.input_names()))
+
+
+def request_images(model_input) -> list:
+    """The images of a request, one per row: bytes (`image`; a base64 string is decoded) or an array
+    (`pixels`). An MlflowException (HTTP 400) for an empty request or a row without exactly one."""
+    if not isinstance(model_input, pd.DataFrame):
+        raise MlflowException(f"expected a DataFrame with an `image` or `pixels` column; got "
+                              f"{type(model_input).__name__}.", INVALID_PARAMETER_VALUE)
+    if not len(model_input) or not {"image", "pixels"} & set(model_input.columns):
+        raise MlflowException("no images in the request: send rows with an `image` column (the bytes of an "
+                              "image file; base64 in JSON) or a `pixels` column (HxWx3 integers in 0..255).",
+                              INVALID_PARAMETER_VALUE)
+    images = []
+    for i, row in enumerate(model_input.itertuples(index=False)):
+        given = {k: getattr(row, k, None) for k in ("image", "pixels")}
+        given = {k: v for k, v in given.items() if not _missing(v)}
+        if len(given) != 1:
+            raise MlflowException(f"row {i}: give exactly one of `image` and `pixels`; got "
+                                  f"{sorted(given) or 'neither'}.", INVALID_PARAMETER_VALUE)
+        (key, value), = given.items()
+        if key == "image" and isinstance(value, str):
+            try:
+                value = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise MlflowException(f"row {i}: `image` is a string but not base64 (send the file's bytes, "
+                                      "base64-encoded in JSON).", INVALID_PARAMETER_VALUE) from None
+        elif key == "image" and not isinstance(value, (bytes, bytearray, memoryview)):
+            raise MlflowException(f"row {i}: `image` must be the bytes of an image file; got "
+                                  f"{type(value).__name__} (arrays go in `pixels`).", INVALID_PARAMETER_VALUE)
+        images.append(value)
+    return images
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------
+
+def requirements() -> list[str]:
+    """REQUIREMENTS pinned to the running versions (all on the package index; never alexnet-keras,
+    whose code travels with the model)."""
+    return [f"{name}=={importlib.metadata.version(name)}" for name in REQUIREMENTS]
+
+
+def example_image(metadata: ModelMetadata, example_batch=None) -> bytes:
+    """A PNG for the model's input example: the first image of `example_batch` (model views, with the
+    mean image's centre added back when the run subtracted one), else a grey square."""
+    from PIL import Image
+
+    spec = metadata.preprocessing
+    if example_batch is None or not len(example_batch):
+        pixels = np.full((spec["stored_size"], spec["stored_size"], 3), 128.0)
+    else:
+        pixels = np.asarray(example_batch[0], np.float64)
+        if metadata.mean_image is not None:
+            size, stored = pixels.shape[0], metadata.mean_image.shape[0]
+            o = (stored - size) // 2
+            pixels = pixels + metadata.mean_image[o:o + size, o:o + size]
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class _PyfuncWithKerasFlavor:
+    """The flavor `Model.log` saves with: MLflow's pyfunc, plus a `keras` flavor on the same .keras file,
+    so that `mlflow.keras.load_model` gives the network itself."""
+
+    __name__ = "mlflow.pyfunc"
+
+    @staticmethod
+    def save_model(path, mlflow_model, **kwargs) -> None:
+        import keras
+
+        mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, **kwargs)
+        # mlflow.keras's loader reads <data>/model.keras.
+        mlflow_model.add_flavor("keras", data="artifacts", keras_version=keras.__version__,
+                                keras_backend=keras.backend.backend(), save_exported_model=False)
+        mlflow_model.save(os.path.join(path, "MLmodel"))
+
+
+def log_model(model, metadata: ModelMetadata, example_batch=None):
+    """Log `model` to the active run as `runs:/<run id>/model`, self-contained (module doc). Returns
+    MLflow's ModelInfo."""
+    import keras
+
+    with tempfile.TemporaryDirectory(prefix="alexnet-keras-log-") as folder:
+        keras_file = save_model(model, Path(folder, KERAS_FILE), metadata.class_names, metadata.preprocessing,
+                                metadata.mean_image)
+        artifacts = {"keras_model": str(keras_file), "preprocessing": str(sidecar(keras_file, "preprocessing.json"))}
+        if metadata.mean_image is not None:
+            artifacts["mean_image"] = str(sidecar(keras_file, "mean_image.npy"))
+        code = Path(folder, "alexnet_classifier.py")
+        code.write_text(_MODEL_CODE)
+        example = pd.DataFrame({"image": [example_image(metadata, example_batch)]})
+        return mlflow.models.Model.log(
+            artifact_path=None, name=MODEL_NAME, flavor=_PyfuncWithKerasFlavor, python_model=str(code), artifacts=artifacts,
+            code_paths=[str(Path(__file__).resolve().parent)], pip_requirements=requirements(),
+            signature=ModelSignature(INPUT_SCHEMA, OUTPUT_SCHEMA, PARAMS_SCHEMA),
+            input_example=(example, {"top_k": min(5, len(metadata.class_names))}),
+            metadata={METADATA_KEY: {**metadata.to_dict(f"artifacts/{sidecar(Path(KERAS_FILE), 'mean_image.npy')}"),
+                                     "keras_version": keras.__version__}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading any model reference
+# ---------------------------------------------------------------------------------------------
+
+def model_uri(ref: str) -> str | None:
+    """The MLflow URI `ref` names (a run id -> runs:/<id>/model), or None if it is not one."""
+    if _RUN_ID.fullmatch(ref):
+        return f"runs:/{ref}/{MODEL_NAME}"
+    if "://" in ref or ref.startswith(("runs:/", "models:/")):
+        return ref
+    return None
+
+
+def load_predictor(ref: str) -> Predictor:
+    """A Predictor from a run id, an MLflow model URI (runs:/, models:/NAME/VERSION, models:/NAME@ALIAS),
+    a model folder or a .keras file. Downloads go to a temporary folder that is removed before returning
+    (everything is in memory by then). The tracking store is the one MLflow is configured with."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if path.is_dir():
+            if (path / "MLmodel").is_file():
+                return _from_model_folder(path, ref)
+            raise ModelError(f"{ref!r} is a folder without an MLmodel file; pass a .keras file, an MLflow "
+                             "model folder, a run id or a runs:/ URI.")
+        if path.suffix != ".keras":
+            raise ModelError(f"{ref!r} is not a .keras file; pass a .keras file, an MLflow model folder, a run "
+                             "id or a runs:/<run id>/model URI.")
+        has_sidecar = sidecar(path, "preprocessing.json").is_file() or (path.parent / "data.json").is_file()
+        if not has_sidecar and (path.parent.parent / "MLmodel").is_file():   # inside a model folder
+            return _from_model_folder(path.parent.parent, ref)
+        return load_keras_predictor(path, source=ref)
+    uri = model_uri(ref)
+    if uri is None:
+        raise ModelError(f"--model {ref!r} is neither an existing .keras file or MLflow model folder nor a "
+                         "run id (32 hex digits) or an MLflow model URI (runs:/<run id>/model, "
+                         "models:/NAME/VERSION, models:/NAME@ALIAS).")
+    with tempfile.TemporaryDirectory(prefix="alexnet-keras-model-") as folder:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
+        except Exception as err:  # noqa: BLE001 - unknown run or model, no such artifact, store unreachable
+            raise ModelError(f"could not fetch the model {uri!r} from {mlflow.get_tracking_uri()!r}: "
+                             f"{_first_line(err)}. Check the run id or model name (and --tracking-uri), or "
+                             "pass a .keras file.") from None
+        if not (local / "MLmodel").is_file():
+            raise ModelError(f"{uri!r} holds no logged model (no MLmodel file){_run_status(uri)}: a run logs its "
+                             "model only when its training ends FINISHED. Pick a finished run "
+                             "(`mlflow ui`, or `mlflow runs list`).")
+        return _from_model_folder(local, ref, scratch=Path(folder))
+
+
+def _from_model_folder(folder: Path, ref: str, scratch: Path | None = None) -> Predictor:
+    keras_file = folder / "artifacts" / KERAS_FILE
+    if keras_file.is_file() and sidecar(keras_file, "preprocessing.json").is_file():
+        return load_keras_predictor(keras_file, source=ref)
+    return _from_legacy_model_folder(folder, ref, scratch)
+
+
+def _from_legacy_model_folder(folder: Path, ref: str, scratch: Path | None) -> Predictor:
+    """A model logged by mlflow.keras.log_model before models carried their preprocessing: the class
+    names and preprocessing from its MLmodel metadata (else the run's data.json), the mean image from the
+    run's `preprocessing/mean_image.npy`."""
+    from mlflow.models import Model
+
+    try:
+        mlmodel = Model.load(str(folder / "MLmodel"))
+    except Exception as err:  # noqa: BLE001 - a hand-edited or truncated MLmodel file
+        raise ModelError(f"cannot read {str(folder / 'MLmodel')!r}: {_first_line(err)}") from None
+    keras_files = sorted(folder.rglob("*.keras"))
+    if not keras_files:
+        raise ModelError(f"the MLflow model {ref!r} holds no .keras file (was it logged by alexnet-keras?).")
+    run_id = mlmodel.run_id
+    with tempfile.TemporaryDirectory(prefix="alexnet-keras-run-", dir=scratch) as downloads:
+        meta = (mlmodel.metadata or {}).get(METADATA_KEY)
+        if meta is None and run_id:
+            data_json = _run_artifact(run_id, "data.json", downloads)
+            meta = read_json(data_json) if data_json else None
+        if meta is None:
+            raise ModelError(f"the MLflow model {ref!r} carries no alexnet-keras preprocessing metadata and no "
+                             "training run with a data.json; predict cannot know how its inputs were prepared.")
+        class_names, spec = check_metadata(meta, f"the metadata of {ref!r}")
+        mean_image = None
+        if spec["pixel_mean"]:
+            mean_file = _run_artifact(run_id, spec.get("mean_image") or "preprocessing/mean_image.npy",
+                                      downloads) if run_id else None
+            if mean_file is None:
+                raise ModelError(f"the model {ref!r} was trained with a per-pixel mean image, which its run "
+                                 f"{run_id!r} no longer has.")
+            mean_image = read_mean_image(mean_file, spec["stored_size"])
+        return checked(Predictor(load_keras(keras_files[0]), class_names, spec, mean_image, ref))
+
+
+def _run_artifact(run_id: str, artifact: str, folder: str) -> Path | None:
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=folder))
+    except Exception:  # noqa: BLE001 - no such artifact (or run): the caller reports it
+        return None
+
+
+def _run_status(uri: str) -> str:
+    match = re.fullmatch(r"runs:/([0-9a-f]{32})/.*", uri)
+    if not match:
+        return ""
+    try:
+        status = mlflow.MlflowClient().get_run(match.group(1)).info.status
+    except Exception:  # noqa: BLE001 - the message is about the model; the status is a hint
+        return ""
+    return f"; the run's status is {status}"
+
+
+def _first_line(err: Exception) -> str:
+    text = getattr(err, "message", None) or str(err) or type(err).__name__
+    return text.strip().splitlines()[0][:300]
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+def check_model_name(name: str, alias: str | None = DEFAULT_ALIAS) -> None:
+    """A ModelError unless `name` (and `alias`) can be used in `models:/NAME@ALIAS`; call it before
+    training, so that a bad name does not fail a finished run."""
+    if not isinstance(name, str) or not name.strip() or name != name.strip() or re.search(r"[/:@%]", name):
+        raise ModelError(f"registered model name {name!r}: use letters, digits, spaces, '.', '_' or '-' "
+                         "(not empty; no '/', ':', '@' or '%'), e.g. alexnet-cifar10.")
+    if alias is not None and (not re.fullmatch(r"[A-Za-z0-9_-]+", alias) or alias.lower() == "latest"
+                              or re.fullmatch(r"[vV]\d+", alias)):
+        raise ModelError(f"model alias {alias!r}: use letters, digits, '_' or '-', not 'latest' or v<number>; "
+                         "e.g. champion.")
+
+
+def register_model(run_id: str, name: str, *, alias: str | None = DEFAULT_ALIAS, origin: str = "train",
+                   tags: Mapping[str, str] | None = None, description: str | None = None):
+    """Register the model of run `run_id` as a new version of `name` and point `alias` at it.
+
+    The version is tagged with where it came from: `origin` (train, study, sweep ...), the run's id,
+    name and experiment, its config and data digests and test accuracy where the run has them, plus
+    `tags`. Returns MLflow's ModelVersion; `models:/NAME@ALIAS` then loads it."""
+    check_model_name(name, alias)
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise ModelError(f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()!r}: {_first_line(err)}") from None
+    run_tags = run.data.tags
+    source = {"origin": origin, "run_id": run_id, "run_name": run.info.run_name or "",
+              "experiment_id": run.info.experiment_id}
+    for key in ("config_digest", "data_digest", "variant"):
+        if f"{METADATA_KEY}.{key}" in run_tags:
+            source[key] = run_tags[f"{METADATA_KEY}.{key}"]
+    if "test_accuracy" in run.data.metrics:
+        source["test_accuracy"] = f"{run.data.metrics['test_accuracy']:.6g}"
+    version_tags = {f"{METADATA_KEY}.{k}": str(v) for k, v in source.items()}
+    version_tags.update({k: str(v) for k, v in (tags or {}).items()})
+    try:
+        version = mlflow.register_model(f"runs:/{run_id}/{MODEL_NAME}", name, tags=version_tags)
+        if description:
+            client.update_model_version(name, version.version, description)
+        if alias:
+            client.set_registered_model_alias(name, alias, version.version)
+    except MlflowException as err:
+        raise ModelError(f"could not register the model of run {run_id} as {name!r}: {_first_line(err)}") from None
+    return version
+
+
+def registered_version(name: str, alias: str = DEFAULT_ALIAS):
+    """The ModelVersion that `models:/NAME@ALIAS` loads."""
+    try:
+        return mlflow.MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        raise ModelError(f"no model version {name!r}@{alias!r} in {mlflow.get_tracking_uri()!r}: "
+                         f"{_first_line(err)}") from None

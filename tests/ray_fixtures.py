@@ -1,0 +1,242 @@
+"""A two-node Ray cluster and an MLflow tracking server on 127.0.0.1, started by tests with the commands a
+user runs (`ray start`, `mlflow server`).
+
+Every command is started in a session of its own; the daemons it leaves behind (GCS, raylets, agents,
+Ray's worker processes, the server's workers) keep that session id, so they are found again by it, checked
+(`loopback_violations`) and stopped (`LoopbackCluster.stop`) by process id, never by name. Ray's own
+`ray stop` is not used: it ends every Ray process of the machine, other users' too.
+
+Ray 2.60 turns token authentication on for a new local cluster, and a head started while a token exists;
+the cluster here always uses it, with the token given (RAY_AUTH_TOKEN, never ~/.ray/auth_token) to its
+nodes and to the test process (`auth_env`).
+
+Ray 2.60 rewrites 127.0.0.1 to the machine's outward address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+which `ray start` refuses for a node that joins a cluster. The head is started with that switch; the
+second node is started by Ray's own CLI entry point with the rewrite turned off (JOIN_LAUNCHER), so that it
+too advertises and listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+try:
+    import psutil
+except ImportError:   # tests/test_cluster.py skips its Ray tests without it (pip install -e '.[ray]')
+    psutil = None
+
+BIN = Path(sys.executable).parent
+LOOPBACK = ipaddress.ip_address("127.0.0.1")
+JOIN_LAUNCHER = """\
+import sys
+import ray._private.services as services
+services.resolve_ip_for_localhost = lambda host: host   # keep 127.0.0.1 (see tests/ray_fixtures.py)
+from ray.scripts.scripts import main
+sys.argv = ["ray", *sys.argv[1:]]
+main()
+"""
+
+
+def auth_env(token: str) -> dict[str, str]:
+    """The environment that makes a Ray process use token authentication with `token`."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every live process of session `sid` (the session a command started with start_new_session has)."""
+    out = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return out
+
+
+def stop_pids(pids, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL what is left (Ray's agents ignore SIGTERM)."""
+    procs = []
+    for pid in set(pids):
+        try:
+            proc = psutil.Process(pid)
+            proc.terminate()
+            procs.append(proc)
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+def _ip(text: str):
+    ip = ipaddress.ip_address(text.split("%")[0])
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
+def tcp_sockets(pids) -> list[tuple[int, str, str, str]]:
+    """(pid, status, local address, remote address) of every TCP socket of `pids`."""
+    out = []
+    for pid in set(pids):
+        try:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        for c in conns:
+            local = f"{c.laddr.ip}:{c.laddr.port}" if c.laddr else ""
+            remote = f"{c.raddr.ip}:{c.raddr.port}" if c.raddr else ""
+            out.append((pid, c.status, local, remote))
+    return out
+
+
+def loopback_violations(sockets) -> list[tuple[int, str, str, str]]:
+    """The sockets (from tcp_sockets) with an end that is not 127.0.0.1 (a listener on 0.0.0.0 / :: too)."""
+    bad = []
+    for sock in sockets:
+        for end in sock[2:]:
+            if end and _ip(end.rsplit(":", 1)[0]) != LOOPBACK:
+                bad.append(sock)
+                break
+    return bad
+
+
+class LoopbackCluster:
+    """`ray start` head + a second node (1 CPU each, no GPU, no dashboard, no usage stats) and an
+    `mlflow server` with its own SQLite store and artifact folder, all on 127.0.0.1."""
+
+    def __init__(self, cpus_per_node: int = 1, token: str | None = None):
+        # Short: Ray's Unix socket paths live under it and must stay under 108 characters.
+        self.root = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+        self.cpus = cpus_per_node
+        self.token = token or secrets.token_hex(32)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.sessions: dict[str, int] = {}          # name -> session id (= pid of the command started)
+        self.mlflow_uri = ""
+        self._server: subprocess.Popen | None = None
+
+    # -- processes ------------------------------------------------------------------------------
+    def _env(self, loopback_switch: bool) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+        env.update(RAY_USAGE_STATS_ENABLED="0", **auth_env(self.token))
+        if loopback_switch:
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        return env
+
+    def _start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "wb")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root,
+                                start_new_session=True)
+        log.close()
+        self.sessions[name] = proc.pid
+        return proc
+
+    def _ray_start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        proc = self._start(name, argv, env)
+        try:
+            rc = proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            rc = None
+        if rc != 0:
+            raise RuntimeError(f"{name}: `ray start` failed ({rc}):\n{self.log(name)[-3000:]}")
+
+    def _node_flags(self, name: str) -> list[str]:
+        temp = self.root / name
+        temp.mkdir()
+        return [f"--num-cpus={self.cpus}", "--num-gpus=0", "--disable-usage-stats", f"--temp-dir={temp}",
+                f"--object-store-memory={200 * 1024 * 1024}", f"--dashboard-agent-listen-port={free_port()}"]
+
+    def start_head(self) -> None:
+        self._ray_start("head", [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+                                 f"--port={self.port}", f"--ray-client-server-port={free_port()}",
+                                 "--include-dashboard=false", *self._node_flags("head")],
+                        self._env(loopback_switch=True))
+
+    def add_node(self, name: str = "second") -> None:
+        self._ray_start(name, [sys.executable, "-c", JOIN_LAUNCHER, "start", f"--address={self.address}",
+                               "--node-ip-address=127.0.0.1", *self._node_flags(name)],
+                        self._env(loopback_switch=False))
+
+    def start_mlflow_server(self) -> None:
+        """Returns at once; wait_for_mlflow_server() waits until it answers."""
+        folder = self.root / "mlflow"
+        folder.mkdir()
+        port = free_port()
+        self.mlflow_uri = f"http://127.0.0.1:{port}"
+        self._server = self._start("mlflow", [
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination",
+            str(folder / "artifacts")], self._env(loopback_switch=False))
+
+    def wait_for_mlflow_server(self, timeout: float = 180) -> None:
+        def answers() -> bool:
+            if self._server.poll() is not None:
+                raise RuntimeError(f"mlflow server exited:\n{self.log('mlflow')[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.mlflow_uri}/health", timeout=2) as reply:
+                    return reply.status == 200
+            except OSError:
+                return False
+
+        wait_until(answers, timeout, interval=0.5, what="the mlflow server")
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def pids(self, *names: str) -> list[int]:
+        return [pid for name, sid in self.sessions.items() if not names or name in names
+                for pid in session_pids(sid)]
+
+    def raylet_pid(self, name: str) -> int:
+        for pid in self.pids(name):
+            try:
+                if psutil.Process(pid).name() == "raylet":
+                    return pid
+            except psutil.Error:
+                continue
+        raise LookupError(f"no raylet in session {name!r}")
+
+    def kill_raylet(self, name: str) -> int:
+        pid = self.raylet_pid(name)
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def stop(self) -> None:
+        stop_pids(self.pids())
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "LoopbackCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
