@@ -16,10 +16,22 @@ A study file (see experiments/ablation.yaml) names a base config, the axes to va
     baseline: {pool: overlapping}      # optional; default: the value matching the base config,
                                        # else the first value listed
     nuisance: [seed]                   # optional, recorded in the report (tuning playbook roles)
+    nuisance_grid:                     # optional: tuned per arm (see below)
+      learning_rate: [0.005, 0.02, 0.08]
 
 The axes are the scientific hyperparameters, `seeds` (and `nuisance`) the nuisance ones, everything
 else is fixed at the base config's value. Every variant's full Config is built (and so validated)
 before any run is created; a mistake fails with a message that names the file, the axis and the value.
+
+`nuisance_grid` maps config options (flat names, not an axis's) to the values to try; several keys
+are tried as their cartesian product. Every arm (variant) first runs each grid value with the first
+seed (the tuning children); its value is the one whose run ends with the best val_accuracy (never
+test; report.choose_grid_value), and its other seeds then run at that value: the first seed's run
+there is the tuning child itself (same config digest). A grid value whose training diverges is out
+for that arm, not a failure of the study, and is not retried. The spec on the parent holds
+`nuisance_grid` and, per variant, `grid_digests: {label: {seed: digest}}` instead of `config_digests`
+(report.py's docstring); on resume the choice is recomputed from the store. Studies without a grid
+keep their digests and specs.
 
 Re-running a study resumes it: the parent run is found again by its study name and study digest, the
 children that FINISHED with the same config digest are kept, the others (failed, killed, never
@@ -27,6 +39,10 @@ started) run. Under `mlflow run` the parent is the run MLflow made ($MLFLOW_RUN_
 of an earlier parent of the same study are moved under it. The keys every study and sweep file shares
 (name ... base) are read by specfile.py; finding, ending and adopting runs is tracking.py's protocol,
 the same for `train`, `ablate` and `tune`.
+
+Where children train: one after another in this process; `--parallel N` in N processes (one GPU each
+on a machine with GPUs); `--ray [ADDRESS]` each as a job on a Ray cluster (cluster.py, docs/cluster.md),
+where a retry after a dead process or node ends the dead attempt's run KILLED and trains anew.
 """
 
 from __future__ import annotations
@@ -40,7 +56,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from . import tracking
 from .config import SECTIONS, Config, ConfigError, did_you_mean, leaf_fields
@@ -52,12 +68,13 @@ from .tracking import (BASELINE_TAG, CONFIG_DIGEST_TAG, FACTOR_TAG, ROLE_TAG, SE
 DESIGNS = {"one_factor_at_a_time": "one_factor_at_a_time", "ofat": "one_factor_at_a_time",
            "grid": "grid", "factorial": "grid"}
 # The keys of a study file besides those every study and sweep file has (specfile.COMMON_KEYS).
-STUDY_KEYS = ("design", "axes", "baseline", "seeds", "nuisance", "fixed")
+STUDY_KEYS = ("design", "axes", "baseline", "seeds", "nuisance", "fixed", "nuisance_grid")
 # Axes may not vary these: seeds have their own key, the split must be the same for every child,
 # and naming is the study's job.
 RESERVED_AXES = {"seed": "use `seeds:` to list the seeds", "split_seed": "every child must see the same split",
                  "experiment": "set `experiment:` at the top of the study", "run_name": "children are named "
-                 "after their variant"}
+                 "after their variant", "register": "the study registers its best variant: `alexnet-keras "
+                 "ablate --register NAME`"}
 
 
 class StudyError(ConfigError):
@@ -87,10 +104,24 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class GridPoint:
+    """One value of a study's nuisance grid: the options it sets and its label in the spec (report.py):
+    the value as text ("0.01"), or "k1=v1,k2=v2" when the grid has several keys."""
+    label: str
+    options: dict[str, Any]
+
+    @property
+    def assignment(self) -> str:
+        """"learning_rate=0.01": how child labels and run names show it."""
+        return ",".join(f"{k}={_value_name(v)}" for k, v in self.options.items())
+
+
+@dataclass(frozen=True)
 class Child:
     variant: Variant
     seed: int
     config: Config
+    grid_point: GridPoint | None = None            # with a nuisance grid: the value this child trains at
 
     @property
     def digest(self) -> str:
@@ -98,7 +129,13 @@ class Child:
 
     @property
     def label(self) -> str:
-        return f"{self.variant.name} seed={self.seed}"
+        return child_label(self.variant, self.grid_point, self.seed)
+
+
+def child_label(variant: Variant, point: GridPoint | None, seed: int) -> str:
+    """A child's label and run name: "pool=x seed=1", or "pool=x learning_rate=0.02 seed=1" with a grid."""
+    at = f" {point.assignment}" if point is not None else ""
+    return f"{variant.name}{at} seed={seed}"
 
 
 @dataclass(frozen=True)
@@ -115,16 +152,41 @@ class Study:
     experiment: str
     nuisance: tuple[str, ...]
     fixed: tuple[str, ...] = field(default=())
+    grid: tuple[GridPoint, ...] = field(default=())   # the nuisance grid, tuned per arm; () = none
 
     def children(self, experiment: str | None = None) -> list[Child]:
-        """Every (variant, seed), seed-major: an interrupted study has whole replicates first."""
+        """Every (variant, seed), seed-major: an interrupted study has whole replicates first. With a
+        nuisance grid, every (variant, grid value, seed) that may run: `tuning_children` are run, then
+        `final_children` at each arm's chosen value."""
         out = []
         for seed in self.seeds:
             for variant in self.variants:
-                config = variant.config.override({"seed": seed, "run_name": f"{variant.name} seed={seed}",
-                                                  "experiment": experiment or self.experiment})
-                out.append(Child(variant, seed, config))
+                for point in self.grid or (None,):
+                    config = variant.config.override({**(point.options if point is not None else {}),
+                                                      "seed": seed, "run_name": child_label(variant, point, seed),
+                                                      "experiment": experiment or self.experiment})
+                    out.append(Child(variant, seed, config, point))
         return out
+
+    def tuning_children(self, experiment: str | None = None) -> list[Child]:
+        """With a nuisance grid: every arm at every grid value, with the first seed (none without a grid)."""
+        return [c for c in self.children(experiment) if self.grid and c.seed == self.seeds[0]]
+
+    def final_children(self, choice: Mapping[str, str | None], experiment: str | None = None) -> list[Child]:
+        """The other seeds of each arm at its chosen grid label (`choice`: variant name -> label; an arm
+        whose label is None gets none). The first seed's run at that label is its tuning child."""
+        return [c for c in self.children(experiment) if c.seed != self.seeds[0] and c.grid_point is not None
+                and c.grid_point.label == choice.get(c.variant.name)]
+
+    def choose(self, finished: Mapping[str, Any]) -> dict[str, str | None]:
+        """Each arm's grid label, recomputed from the store: `finished` maps config digests to FINISHED
+        runs; the rule (best final validation accuracy of the tuning runs, never test) is report.py's."""
+        from .report import choose_grid_value
+
+        tuning: dict[str, dict[str, Any]] = {v.name: {} for v in self.variants}
+        for child in self.tuning_children():
+            tuning[child.variant.name][child.grid_point.label] = finished.get(child.digest)
+        return {name: choose_grid_value(runs)[0] for name, runs in tuning.items()}
 
     @property
     def baseline(self) -> Variant:
@@ -137,10 +199,22 @@ class Study:
     @functools.cached_property
     def _digest(self) -> str:
         children = self.children()
-        content = {"name": self.name, "design": self.design, "seeds": list(self.seeds),
-                   "variants": [[v.name, [c.digest for c in children if c.variant is v]]
-                                for v in self.variants]}
+        content: dict[str, Any] = {"name": self.name, "design": self.design, "seeds": list(self.seeds),
+                                   "variants": [[v.name, [c.digest for c in children if c.variant is v]]
+                                                for v in self.variants]}
+        if self.grid:   # studies without a grid keep the digests they were logged under
+            content["nuisance_grid"] = [[p.label, {k: _jsonable(x) for k, x in p.options.items()}]
+                                        for p in self.grid]
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+    def grid_spec(self) -> dict[str, list[Any]]:
+        """The grid as the study file gives it: {option: [values]} (the spec's `nuisance_grid`)."""
+        spec: dict[str, list[Any]] = {}
+        for point in self.grid:
+            for key, value in point.options.items():
+                if _jsonable(value) not in spec.setdefault(key, []):
+                    spec[key].append(_jsonable(value))
+        return spec
 
     def spec(self) -> dict[str, Any]:
         """What `report` needs to rebuild the tables from the store alone (logged on the parent)."""
@@ -154,12 +228,21 @@ class Study:
             "baseline": self.baseline.name,
             "variants": [{"name": v.name, "factors": v.factors, "is_baseline": v.is_baseline,
                           "overrides": {k: _jsonable(x) for k, x in v.overrides.items()},
-                          "config_digests": {str(c.seed): c.digest for c in children if c.variant is v}}
+                          **self._digests_of(v, children)}
                          for v in self.variants],
             "hyperparameters": {"scientific": scientific, "nuisance": list(self.nuisance),
                                 "fixed": list(self.fixed)},
             "base_config": self.base.to_dict(),
+            **({"nuisance_grid": self.grid_spec()} if self.grid else {}),
         }
+
+    def _digests_of(self, variant: Variant, children: list[Child]) -> dict[str, Any]:
+        """`config_digests: {seed: digest}`, or with a grid `grid_digests: {label: {seed: digest}}`."""
+        mine = [c for c in children if c.variant is variant]
+        if not self.grid:
+            return {"config_digests": {str(c.seed): c.digest for c in mine}}
+        return {"grid_digests": {p.label: {str(c.seed): c.digest for c in mine if c.grid_point is p}
+                                 for p in self.grid}}
 
 
 def _jsonable(value: Any) -> Any:
@@ -268,6 +351,56 @@ def _parse_seeds(raw: Any, src: str) -> tuple[int, ...]:
     return tuple(raw)
 
 
+def _parse_grid(raw: Any, base: Config, owner: Mapping[str, str], src: str) -> tuple[GridPoint, ...]:
+    """`nuisance_grid: {option: [values], ...}` -> its points (the cartesian product of the keys, in
+    the file's order); () when absent."""
+    if raw is None:
+        return ()
+    example = "e.g. nuisance_grid: {learning_rate: [0.01, 0.02, 0.05]}"
+    if not isinstance(raw, Mapping) or not raw:
+        raise StudyError(f"{src}: `nuisance_grid` must map options to the values tried per arm, {example}; "
+                         f"got {raw!r}.")
+    leaves = leaf_fields()
+    values: dict[str, list[tuple[str, Any]]] = {}
+    for key, listed in raw.items():
+        where = f"{src}: nuisance_grid {key!r}"
+        if not isinstance(key, str) or key not in leaves:
+            hint = did_you_mean(str(key), sorted(leaves))
+            raise StudyError(f"{where}: unknown option.{hint} Its keys are config options (flat names, "
+                             f"{example}).")
+        if key in RESERVED_AXES:
+            raise StudyError(f"{where} cannot be tuned: {RESERVED_AXES[key]}.")
+        if key in owner:
+            raise StudyError(f"{where} is set by the axis {owner[key]!r} (scientific), so it cannot also be "
+                             f"tuned as a nuisance.")
+        if not isinstance(listed, list) or not listed:
+            raise StudyError(f"{where} must list the values to try, {example}; got {listed!r}.")
+        values[key] = []
+        for value in listed:
+            if isinstance(value, (Mapping, list)):
+                raise StudyError(f"{where}: value {value!r} must be a single value.")
+            name = _value_name(value)
+            if name in (n for n, _ in values[key]):
+                raise StudyError(f"{where}: value {name!r} is listed twice.")
+            try:
+                base.override({key: value}, source=f"{where}, value {name!r}")
+            except ConfigError as err:
+                raise StudyError(located(err, src, f"{where}, value {name!r}")) from None
+            values[key].append((name, value))
+    points, seen = [], {}
+    for combo in itertools.product(*values.values()):
+        options = {key: value for key, (_, value) in zip(values, combo)}
+        label = (combo[0][0] if len(values) == 1
+                 else ",".join(f"{key}={name}" for key, (name, _) in zip(values, combo)))
+        digest = base.override(options).digest()
+        if digest in seen:
+            raise StudyError(f"{src}: nuisance_grid values {seen[digest]!r} and {label!r} are the same "
+                             f"configuration; drop one.")
+        seen[digest] = label
+        points.append(GridPoint(label, options))
+    return tuple(points)
+
+
 def _variant_name(factors: Mapping[str, str], baseline: Mapping[str, str]) -> str:
     changed = [f"{axis}={value}" for axis, value in factors.items() if value != baseline[axis]]
     return ",".join(changed) or "baseline"
@@ -338,6 +471,17 @@ def load_study(path: str | Path) -> Study:
         seen[digest] = name_
         variants.append(Variant(name_, dict(factors), merged, config, factors == base_choice))
 
+    grid = _parse_grid(data.get("nuisance_grid"), base, owner, src)
+    for variant in variants:   # every arm at every grid value is a config that must hold
+        for point in grid:
+            try:
+                variant.config.override(point.options, source=f"{src}: variant {variant.name!r} at "
+                                                              f"nuisance_grid {point.assignment}")
+            except ConfigError as err:
+                raise StudyError(located(err, src, f"{src}: variant {variant.name!r} at nuisance_grid "
+                                                   f"{point.assignment}")) from None
+    tuned = list(grid[0].options) if grid else []
+
     nuisance = data.get("nuisance") or []
     fixed = data.get("fixed") or []
     leaves = leaf_fields()
@@ -351,20 +495,41 @@ def load_study(path: str | Path) -> Study:
         if clash:
             raise StudyError(f"{src}: {', '.join(map(repr, clash))} is an axis (scientific), so it cannot "
                              f"also be {key}.")
-    nuisance = list(dict.fromkeys(["seed", *nuisance]))   # the seeds are always a nuisance
+    if set(tuned) & set(fixed):
+        raise StudyError(f"{src}: {', '.join(map(repr, sorted(set(tuned) & set(fixed))))} is tuned in "
+                         f"`nuisance_grid`, so it cannot also be fixed.")
+    nuisance = list(dict.fromkeys(["seed", *nuisance, *tuned]))   # the seeds are always a nuisance
     if not fixed:   # everything that is neither scientific nor nuisance
         fixed = [n for n in leaves if n not in owner and n not in nuisance and n not in ("experiment", "run_name")]
     return Study(name=spec.name, description=spec.description, path=src, text=spec.text, design=design,
                  seeds=seeds, axes=tuple(axes), variants=tuple(variants), base=base, experiment=spec.experiment,
-                 nuisance=tuple(nuisance), fixed=tuple(fixed))
+                 nuisance=tuple(nuisance), fixed=tuple(fixed), grid=grid)
 
 
 def plan_text(study: Study) -> str:
-    lines = [f"study {study.name!r} ({study.design}, {len(study.variants)} variants x {len(study.seeds)} "
-             f"seeds = {len(study.variants) * len(study.seeds)} runs), experiment {study.experiment!r}"]
+    """The variants and, with a nuisance grid, the plan: the tuning runs, then the final runs."""
+    n_variants, n_seeds = len(study.variants), len(study.seeds)
+    if not study.grid:
+        runs = f"{n_variants} variants x {n_seeds} seeds = {n_variants * n_seeds} runs"
+    else:
+        n_tuning, n_final = n_variants * len(study.grid), n_variants * (n_seeds - 1)
+        runs = (f"{n_variants} variants x {n_seeds} seeds, {len(study.grid)} nuisance values tuned per arm = "
+                f"{n_tuning} tuning + {n_final} final = {n_tuning + n_final} runs")
+    lines = [f"study {study.name!r} ({study.design}, {runs}), experiment {study.experiment!r}"]
     for v in study.variants:
         options = ", ".join(f"{k}={_value_name(x)}" for k, x in v.overrides.items())
         lines.append(f"  {v.name:<32} {options}")
+    if study.grid:
+        grid = ", ".join(f"{k} in {{{', '.join(_value_name(x) for x in values)}}}"
+                         for k, values in study.grid_spec().items())
+        lines.append(f"nuisance grid: {grid}")
+        lines.append(f"1. tuning runs ({n_tuning}): every variant at every value, seed {study.seeds[0]}; each "
+                     f"arm keeps the value with the best final val_accuracy (never test)")
+        lines += [f"  {c.label}" for c in study.tuning_children()]
+        rest = ", ".join(map(str, study.seeds[1:])) or "none"
+        lines.append(f"2. final runs ({n_final}): seeds {rest} of each variant at its chosen value (seed "
+                     f"{study.seeds[0]}'s run there is its tuning run)")
+        lines += [f"  {v.name} seed={seed}" for seed in study.seeds[1:] for v in study.variants]
     return "\n".join(lines)
 
 
@@ -398,8 +563,43 @@ def _init_worker(tracking_uri: str, threads: int) -> None:
 def _train_child(config: Config, tags: dict[str, str], parent_run_id: str) -> tuple[str, dict[str, float]]:
     from .train import train_and_evaluate
 
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):   # the GPU this worker was given (cluster.py)
+        tags = {**tags, tracking.VISIBLE_DEVICES_TAG: os.environ["CUDA_VISIBLE_DEVICES"]}
     result = train_and_evaluate(config, tags=tags, parent_run_id=parent_run_id)
     return result.run_id, result.metrics
+
+
+def end_earlier_attempts(parent_run_id: str, digest: str, reason: str) -> list[str]:
+    """End KILLED the runs of one child (its config digest) that are still RUNNING under the parent; their
+    ids. Within one `ablate` a child is trained by one process at a time, so such a run belongs to an
+    attempt whose process or node died (a Ray retry, or a failure the driver reports)."""
+    stale = [r.info.run_id for r in tracking.child_runs(parent_run_id)
+             if r.data.tags.get(CONFIG_DIGEST_TAG) == digest and r.info.status in ("RUNNING", "SCHEDULED")]
+    for run_id in stale:
+        tracking.end_run(run_id, "KILLED", reason)
+    return stale
+
+
+def _train_child_on_ray(config: Config, tags: dict[str, str], parent_run_id: str, uri: str,
+                        threads: int) -> tuple[str, dict[str, float]]:
+    """One child as a Ray job (cluster.run_jobs): trained as in a --parallel worker, with its Ray task
+    and node in its tags. A retry (Ray re-runs the job when its worker process or node died) first ends
+    KILLED the run the dead attempt left RUNNING, then trains in a new run: the dead attempt's
+    per-epoch metrics stay in its own run, never mixed with the retry's."""
+    import keras
+
+    from . import cluster
+
+    _init_worker(uri, threads)
+    keras.backend.clear_session()   # a reused worker process: drop the previous child's graphs
+    task = cluster.current_task()
+    ended = end_earlier_attempts(parent_run_id, config.digest(),
+                                 f"the process or node training it died; Ray retried the child as task "
+                                 f"{task.get('task_id', '?')} on node {task.get('node_id', '?')[:8]}")
+    if ended:
+        print(f"ended KILLED the run(s) {', '.join(ended)} of an earlier attempt of {config.run_name}", flush=True)
+    tags = {**tags, tracking.RAY_TASK_TAG: task.get("task_id", ""), tracking.RAY_NODE_TAG: task.get("node_id", "")}
+    return _train_child(config, tags, parent_run_id)
 
 
 @dataclass
@@ -409,10 +609,93 @@ class StudyResult:
     skipped: list[str]
     failed: dict[str, str]          # child label -> error
     report: Any = None
+    diverged: list[str] = field(default_factory=list)   # tuning children whose grid value diverged
 
 
-def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = None) -> StudyResult:
-    """Create or resume the parent, train the missing children, write the report on the parent."""
+def parent_description(study: Study) -> str:
+    """The parent run's description until the report replaces it (report.build_report): what the study
+    compares, and the file's own `description`."""
+    axes = "; ".join(f"{a.name}: {', '.join(a.values)} (baseline {a.baseline})" for a in study.axes)
+    text = (f"Ablation study {study.name!r}: {len(study.variants)} variants ({study.design}) x "
+            f"{len(study.seeds)} seeds, one child run each. Axes: {axes}. The report (reports/ablation.md) "
+            f"replaces this description when the children have finished.")
+    return f"{text}\n\n{study.description}" if study.description else text
+
+
+SELECTION_METRIC = "val_accuracy"   # the study's champion is chosen on validation, never on test
+
+
+def champion(report) -> tuple[Any, str, float, float] | None:
+    """The study's best variant and run, chosen on validation accuracy (never test): the variant with
+    the highest mean final `val_accuracy` over its finished seeds (the first in the study's order on
+    ties), and its run with the highest final `val_accuracy`. Returns (variant summary, run id, the
+    variant's mean, the run's value), or None when no run has a validation accuracy."""
+    best = None
+    for variant in report.variants:
+        finals = [(h[-1], run_id) for h, run_id in zip(variant.val_histories, variant.run_ids) if h]
+        if not finals:
+            continue
+        mean = sum(v for v, _ in finals) / len(finals)
+        if best is None or mean > best[2]:
+            value, run_id = max(finals, key=lambda f: f[0])
+            best = (variant, run_id, mean, value)
+    return best
+
+
+def register_champion(study: Study, result: StudyResult, name: str) -> None:
+    """`ablate --register NAME`: the model of the study's champion run (`champion`) as a new version of
+    NAME with alias champion, tagged with the study, its parent run, the variant and seed, and the
+    mean validation accuracy it was chosen on."""
+    from .serving import DEFAULT_ALIAS, ModelError, register_model
+
+    chosen = champion(result.report)
+    if chosen is None:
+        raise ModelError(f"study {study.name!r}: no finished child run has a validation accuracy, so there is "
+                         f"no best variant to register as {name!r}.")
+    variant, run_id, mean, value = chosen
+    seed = variant.seeds[variant.run_ids.index(run_id)]
+    tags = {STUDY_TAG: study.name, tracking.PARENT_RUN_TAG: result.parent_run_id, VARIANT_TAG: variant.name,
+            SEED_TAG: str(seed), tracking.SELECTION_METRIC_TAG: f"mean {SELECTION_METRIC} of the variant",
+            tracking.SELECTION_VALUE_TAG: f"{mean:.6g}"}
+    description = (f"The best variant of ablation study {study.name!r}: {variant.name!r}, mean final "
+                   f"{SELECTION_METRIC} {mean:.4f} over {len(variant.run_ids)} seed(s); this is its seed-{seed} "
+                   f"run ({SELECTION_METRIC} {value:.4f}), the best of them.")
+    version = register_model(run_id, name, origin="study", tags=tags, description=description)
+    print(f"registered the model of run {run_id} (variant {variant.name!r}, seed {seed}) as {name!r} version "
+          f"{version.version}: models:/{name}@{DEFAULT_ALIAS}", flush=True)
+
+
+def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = None, ray: str | None = None,
+              ray_cpus: float = 1) -> StudyResult:
+    """Create or resume the parent, train the missing children, write the report on the parent.
+
+    `ray`: train every child as a job on a Ray cluster (cluster.py): "local" starts one on this machine,
+    "auto" or "HOST:PORT" joins one; each child asks for one GPU where the cluster has GPUs, else
+    `ray_cpus` CPUs. The cluster and the store it must share are checked before any run is created.
+    """
+    if ray is None:
+        return _run_study(study, parallel=parallel, tracking_uri=tracking_uri)
+    from . import cluster
+
+    if parallel != 1:
+        raise StudyError(f"--parallel {parallel} with --ray: Ray runs as many children at once as the cluster "
+                         f"has room for (one GPU each, else --ray-cpus CPUs each); drop --parallel.")
+    uri = tracking.configure(tracking_uri)
+    with cluster.connected(None if ray == "local" else ray) as info:
+        cluster.check_store(uri, info)          # before any run: a store some node cannot write to
+        print(f"children run as Ray jobs on the {info.describe()}", flush=True)
+        return _run_study(study, tracking_uri=uri, on_ray=RayChildren(info, ray_cpus))
+
+
+@dataclass(frozen=True)
+class RayChildren:
+    """A study's children run as Ray jobs on this cluster, each asking for `cpus` CPUs (no GPU there)."""
+    cluster: Any                          # cluster.ClusterInfo
+    cpus: float = 1
+
+
+def _run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = None,
+               on_ray: RayChildren | None = None) -> StudyResult:
     from .report import build_report
 
     if parallel < 1:
@@ -431,13 +714,21 @@ def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = Non
         experiment_id = tracking.open_experiment(study.experiment)   # create it before any fan-out
         experiment_name = study.experiment
         resume = tracking.latest_run(parent_tags, experiment_ids=[experiment_id])
+    if on_ray is not None:   # its artifacts too must go where every node can write, before any run
+        from . import cluster
+
+        cluster.check_store(uri, on_ray.cluster, artifact_location=tracking.artifact_location(experiment_id))
 
     result = StudyResult(parent_run_id="", ran=[], skipped=[], failed={})
     params = {"study": study.name, "study_file": study.path, "design": study.design,
               "seeds": ",".join(map(str, study.seeds)), "axes": ",".join(a.name for a in study.axes),
               "num_variants": len(study.variants), "num_children": len(study.variants) * len(study.seeds)}
+    if study.grid:   # tuning runs (every arm at every value, first seed), then the other seeds
+        params.update(num_children=len(study.variants) * (len(study.grid) + len(study.seeds) - 1),
+                      nuisance_grid=json.dumps(study.grid_spec()))
     with tracking.run(experiment_name, run_name=study.name, params=params,
-                      tags={**parent_tags, tracking.RUN_NAME_TAG: study.name},
+                      tags={**parent_tags, tracking.RUN_NAME_TAG: study.name,
+                            tracking.NOTE_TAG: parent_description(study)},
                       run_id=resume.info.run_id if resume is not None else None) as active:
         parent_id = active.info.run_id
         result.parent_run_id = parent_id
@@ -455,25 +746,68 @@ def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = Non
         tracking.end_stale_children(parent_id, "stale: the study was restarted")
         tracking.adopt_children(parent_id, tracking.find_runs(parent_tags, experiment_ids=[experiment_id]),
                                 key_tag=CONFIG_DIGEST_TAG, wanted=wanted)
-        done = tracking.children_by(parent_id, CONFIG_DIGEST_TAG, status="FINISHED")
-        todo = [c for c in children if c.digest not in done]
-        result.skipped = [c.label for c in children if c.digest in done]
-        if result.skipped:
-            print(f"{len(result.skipped)} of {len(children)} children already finished: skipped")
         start = time.perf_counter()
-        if parallel > 1 and len(todo) > 1:
-            _run_parallel(study, todo, parent_id, min(parallel, len(todo)), uri, result)
-        else:
-            _run_sequential(study, todo, parent_id, result)
+        if not study.grid:
+            planned = len(children)
+            _train_missing(study, children, parent_id, parallel, uri, result, on_ray=on_ray)
+        else:   # 1. every arm at every grid value with the first seed; 2. its other seeds at its best value
+            tuning = study.tuning_children(experiment_name)
+            _train_missing(study, tuning, parent_id, parallel, uri, result, diverged=_diverged(tuning, parent_id),
+                           on_ray=on_ray)
+            for child in tuning:   # a value that diverges is a tuning result, not a failure of the study
+                if child.label in result.failed and result.failed[child.label].startswith("FloatingPointError"):
+                    result.diverged.append(child.label)
+                    del result.failed[child.label]
+            choice = study.choose(tracking.children_by(parent_id, CONFIG_DIGEST_TAG, status="FINISHED"))
+            print("chosen on validation: " + "; ".join(f"{name}: {label or 'none (no tuning run finished)'}"
+                                                       for name, label in choice.items()), flush=True)
+            for name, label in choice.items():
+                if label is None:
+                    result.failed[name] = "no tuning run finished, so its other seeds were not run"
+            final = study.final_children(choice, experiment_name)
+            planned = len(tuning) + len(study.variants) * (len(study.seeds) - 1)
+            _train_missing(study, final, parent_id, parallel, uri, result, on_ray=on_ray)
         print(f"trained {len(result.ran)} children in {time.perf_counter() - start:.1f}s; "
-              f"{len(result.failed)} failed")
+              f"{len(result.failed)} failed" + (f", {len(result.diverged)} tuning runs diverged"
+                                                 if result.diverged else ""))
         result.report = build_report(parent_id)
         tracking.log_metrics({"children_trained": len(result.ran), "children_skipped": len(result.skipped),
                               "children_failed": len(result.failed)})
         if result.failed:
-            raise StudyIncomplete(f"{len(result.failed)} of {len(children)} children failed (re-run the study "
+            raise StudyIncomplete(f"{len(result.failed)} of {planned} children failed (re-run the study "
                                   f"to retry them): " + "; ".join(f"{k}: {v}" for k, v in result.failed.items()))
     return result
+
+
+def _train_missing(study: Study, children: list[Child], parent_id: str, parallel: int, uri: str,
+                   result: StudyResult, diverged: Collection[str] = (), on_ray: RayChildren | None = None) -> None:
+    """Train those of `children` that have no FINISHED run under the parent (nor, for tuning children,
+    a run that diverged: `diverged` digests), in `parallel` processes, or as Ray jobs (`on_ray`)."""
+    done = tracking.children_by(parent_id, CONFIG_DIGEST_TAG, status="FINISHED")
+    todo = [c for c in children if c.digest not in done and c.digest not in diverged]
+    skipped = [c.label for c in children if c.digest in done or c.digest in diverged]
+    result.skipped += skipped
+    if skipped:
+        print(f"{len(skipped)} of {len(children)} children already finished: skipped")
+    if on_ray is not None:
+        _run_on_ray(study, todo, parent_id, uri, result, on_ray)
+    elif parallel > 1 and len(todo) > 1:
+        _run_parallel(study, todo, parent_id, min(parallel, len(todo)), uri, result)
+    else:
+        _run_sequential(study, todo, parent_id, result)
+
+
+def _diverged(tuning: list[Child], parent_id: str) -> set[str]:
+    """Digests of tuning children whose newest run ended FAILED because training diverged: that grid
+    value is out for the arm, and running it again would diverge again."""
+    newest = tracking.children_by(parent_id, CONFIG_DIGEST_TAG)
+    out = set()
+    for child in tuning:
+        run = newest.get(child.digest)
+        if (run is not None and run.info.status == "FAILED"
+                and run.data.tags.get(tracking.ERROR_TAG, "").startswith("FloatingPointError")):
+            out.add(child.digest)
+    return out
 
 
 def _fatal(err: BaseException) -> bool:
@@ -510,12 +844,15 @@ def _run_sequential(study: Study, todo: list[Child], parent_id: str, result: Stu
 def _run_parallel(study: Study, todo: list[Child], parent_id: str, workers: int, uri: str,
                   result: StudyResult) -> None:
     import concurrent.futures as cf
-    import multiprocessing
+
+    from . import cluster
 
     threads = max(1, (os.cpu_count() or 1) // workers)
-    print(f"training {len(todo)} children in {workers} processes", flush=True)
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                initializer=_init_worker, initargs=(uri, threads)) as pool:
+    gpus = cluster.list_gpus()
+    on = f", one GPU each of {', '.join(gpus)}" if gpus else ""
+    print(f"training {len(todo)} children in {workers} processes{on}", flush=True)
+    # On a machine with GPUs each worker process sees only its own (CUDA_VISIBLE_DEVICES, round-robin).
+    with cluster.process_pool(workers, initializer=_init_worker, initargs=(uri, threads), devices=gpus) as pool:
         futures = {pool.submit(_train_child, c.config, child_tags(study, c), parent_id): c for c in todo}
         try:
             for future in cf.as_completed(futures):
@@ -530,4 +867,45 @@ def _run_parallel(study: Study, todo: list[Child], parent_id: str, workers: int,
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)   # in-flight children end on their own
             raise
+
+
+def _run_on_ray(study: Study, todo: list[Child], parent_id: str, uri: str, result: StudyResult,
+                on_ray: RayChildren) -> None:
+    """Every child of `todo` as a Ray job (cluster.run_jobs); see _train_child_on_ray for its retries.
+
+    A child whose retries are spent (its process or node died each time) is recorded failed and its
+    run ended KILLED, so the next `ablate` trains it again; a child that raised is recorded failed as
+    in the other paths. A store error stops the study: every child would hit it.
+    """
+    from . import cluster
+
+    if not todo:
+        return
+    by_label = {c.label: c for c in todo}
+    threads = max(1, int(cluster.job_resources(on_ray.cluster, on_ray.cpus)["num_cpus"]))
+    jobs = [cluster.Job(c.label, _train_child_on_ray, (c.config, child_tags(study, c), parent_id, uri, threads))
+            for c in todo]
+    print(f"training {len(todo)} children as Ray jobs", flush=True)
+
+    def on_done(outcome) -> None:
+        child = by_label[outcome.name]
+        if outcome.ok:
+            result.ran.append(child.label)
+            return
+        err = outcome.error
+        # The child's own message says which call failed, this one what to do. (An error raised in the
+        # child because of the store may not show it: its cause does not survive Ray; so ask the store.)
+        if tracking.is_tracking_error(err) or not tracking.store_answers():
+            raise tracking.TrackingError(
+                f"the MLflow store {uri} failed while child {child.label!r} was training ({outcome.error_text}); "
+                f"the study stops here. What was logged before is kept; once the store answers again, run the "
+                f"same command to train the children that did not finish.") from None
+        if cluster.is_system_error(err):   # Ray's long multi-line message: its first line is enough
+            end_earlier_attempts(parent_id, child.digest, f"its Ray job failed: {outcome.error_text}; the next "
+                                                          f"`alexnet-keras ablate` of the study trains it again")
+            err = RuntimeError(outcome.error_text)
+        _record_failure(result, child, err)
+
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2", **cluster.forwarded_env()}
+    cluster.run_jobs(jobs, cpus_per_job=on_ray.cpus, env=env, cwd=os.getcwd(), on_done=on_done)
 

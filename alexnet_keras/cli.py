@@ -2,12 +2,16 @@
 
 Every config leaf is a flag (`--lrn false`, `--batch-size 64`); `--config FILE.yaml` is applied first,
 flags after it. Bad input ends in one clear line on stderr and exit status 2, never a traceback.
+TensorFlow, Keras and MLflow are imported inside the commands that use them, so that `--help`,
+`--version` and `report` start without TensorFlow or Keras (tests/test_cli_startup.py; measured in
+docs/results.md, "CLI start-up").
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import typing
 from typing import Sequence
@@ -31,7 +35,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="alexnet-keras", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train one AlexNet and log it to MLflow")
     _add_config_flags(train)
@@ -43,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(variant, seed), and a report on the parent (see experiments/ablation.yaml)")
     ablate.add_argument("study", metavar="STUDY_YAML", help="study file: base config, axes, seeds")
     ablate.add_argument("--parallel", type=int, default=1, metavar="N", help="train N children at a "
-                        "time, each in its own process (default: 1, one after another)")
+                        "time, each in its own process (default: 1, one after another); on a machine with "
+                        "GPUs each process gets its own")
+    _add_ray_flags(ablate, "child")
+    _add_register_flag(ablate, "the study's best variant (highest mean validation accuracy; its run with the "
+                       "best validation accuracy)")
     ablate.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
                         "sqlite:///mlflow.db)")
     ablate.add_argument("--dry-run", action="store_true", help="validate the study and list its variants; "
@@ -56,6 +67,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_benchmark_parser(sub)
     _add_recipe_parsers(sub)
     return parser
+
+
+def _model_name(text: str) -> str | None:
+    """`--register ""` (an empty MLproject parameter) or `none`: register nothing."""
+    text = str(text)
+    return None if text.strip().lower() in ("", "none") else text
+
+
+def _add_register_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--register", type=_model_name, default=None, metavar="NAME",
+                        help=f"register {what} in the MLflow model registry as a new version of NAME, alias "
+                        f"champion: then `predict --model models:/NAME@champion`, `mlflow models serve -m "
+                        f"models:/NAME@champion`")
+
+
+def _ray_address(text: str) -> str | None:
+    """`--ray` alone: "local"; `--ray none` or an empty MLproject parameter: no Ray."""
+    text = str(text).strip()
+    return None if text.lower() in ("", "none") else text
+
+
+def _add_ray_flags(parser: argparse.ArgumentParser, unit: str) -> None:
+    """`--ray [ADDRESS]` and `--ray-cpus N` (alexnet_keras/cluster.py, docs/cluster.md)."""
+    parser.add_argument("--ray", nargs="?", const="local", default=None, type=_ray_address, metavar="ADDRESS",
+                        help=f"run every {unit} as a job on a Ray cluster: alone, a local cluster on this "
+                        f"machine (127.0.0.1 only); `auto`, the cluster this machine belongs to; HOST:PORT, "
+                        f"the cluster whose head is there; `none`: no Ray (default). Needs "
+                        f"pip install -e '.[ray]' and a store every node reaches (see docs/cluster.md)")
+    parser.add_argument("--ray-cpus", type=float, default=1.0, metavar="N", help=f"CPUs each {unit} asks "
+                        f"for on a cluster without GPUs (default: 1; with GPUs: one GPU each)")
 
 
 def _optional_int(text: str) -> int | None:
@@ -85,6 +126,10 @@ def _add_tune_parser(sub) -> None:
                       help="how long a worker waits for the chief's parent run (default: 600)")
     tune.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
                       "sqlite:///mlflow.db)")
+    _add_ray_flags(tune, "trial worker")
+    _add_register_flag(tune, "the sweep's model (its best trial's, logged on the parent run)")
+    tune.add_argument("--ray-workers", type=int, default=None, metavar="N", help="with --ray: how many workers "
+                      "(default: one per GPU of the cluster, else one per --ray-cpus CPUs, at most max_trials)")
     tune.add_argument("--dry-run", action="store_true", help="validate the sweep file, print it and stop: "
                       "no data is read, no tuner state or run is created")
 
@@ -105,10 +150,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(summary_text(build_alexnet(config.model, num_classes=num_classes)))
         return 0
     from . import tracking
-    from .train import train_and_evaluate
+    from .checkpoints import CheckpointError
+    from .train import ResultsNotLogged, train_and_evaluate
 
     tracking.configure(args.tracking_uri)
-    train_and_evaluate(config)
+    try:
+        train_and_evaluate(config)
+    except CheckpointError as err:   # a damaged checkpoint, or one that cannot be written (a full disk)
+        print(f"alexnet-keras train: error: {err}", file=sys.stderr)
+        return 2
+    except ResultsNotLogged as err:   # the run is FAILED; its trained weights are kept
+        cause = err.__cause__
+        if cause is not None and not (isinstance(cause, OSError) or tracking.is_tracking_error(cause)):
+            import traceback   # not the disk or the store: a bug, whose traceback helps fixing it
+
+            traceback.print_exception(cause)
+        command = shlex.join(["alexnet-keras", *getattr(args, "argv", ["train", "..."])])
+        print(f"alexnet-keras train: error: {err} The command: {command}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -116,16 +175,28 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from .ablate import StudyIncomplete, load_study, plan_text, run_study
 
     study = load_study(args.study)   # every variant is validated before any run exists
+    if args.register:
+        from .serving import check_model_name
+
+        check_model_name(args.register)   # before any run
     if args.dry_run:
         print(plan_text(study))
         return 0
     try:
-        result = run_study(study, parallel=args.parallel, tracking_uri=args.tracking_uri)
+        result = run_study(study, parallel=args.parallel, tracking_uri=args.tracking_uri, ray=args.ray,
+                           ray_cpus=args.ray_cpus)
     except StudyIncomplete as err:
         print(f"alexnet-keras ablate: {err}", file=sys.stderr)
+        if args.register:
+            print(f"alexnet-keras ablate: nothing registered as {args.register!r}: the study is incomplete",
+                  file=sys.stderr)
         return 1
     print(result.report.markdown)
     print(f"parent run: {result.parent_run_id}")
+    if args.register:
+        from .ablate import register_champion
+
+        register_champion(study, result, args.register)
     return 0
 
 
@@ -159,13 +230,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def _add_recipe_parsers(sub) -> None:
-    """`predict` (predict.py) and `prepare` (prepare.py): using a trained model, and TFRecord shards."""
+    """`predict` (predict.py) and `prepare` (data/tfrecord.py): using a trained model, and TFRecord shards."""
     predict = sub.add_parser("predict", help="top-5 classes of image files under a trained model, "
                              "preprocessed exactly as in its training run")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders "
                          "(every visible file under a folder)")
     predict.add_argument("--model", required=True, metavar="REF", help="run id, runs:/<run id>/model, "
-                         "models:/NAME/VERSION, an MLflow model folder, or a .keras file (with its "
+                         "models:/NAME@ALIAS (e.g. @champion), models:/NAME/VERSION, an MLflow model folder, or a .keras file (with its "
                          "<name>.preprocessing.json beside it)")
     predict.add_argument("--crops", choices=("center", "ten"), default="center", help="centre crop, or the "
                          "paper's ten views (corners + centre and their reflections, softmax averaged)")
@@ -175,7 +246,7 @@ def _add_recipe_parsers(sub) -> None:
     predict.add_argument("--tracking-uri", help="MLflow store for run ids and runs:/ URIs (default: "
                          "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     prepare = sub.add_parser("prepare", help="convert an image folder into sharded TFRecords with a "
-                             "manifest, for --data-dir (see alexnet_keras/prepare.py)")
+                             "manifest, for --data-dir (see alexnet_keras/data/tfrecord.py)")
     prepare.add_argument("source", metavar="FOLDER", help="train/<class>/* (+ val/, test/) or <class>/*, or "
                          "an archive of one")
     prepare.add_argument("out", metavar="OUT", help="output folder (new or empty)")
@@ -213,7 +284,8 @@ COMMANDS = {"train": cmd_train, "ablate": cmd_ablate, "report": cmd_report, "tun
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     args = build_parser().parse_args(argv)
-    from .data import DataError
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # to tell how to run the same command again
+    from .data import DataError            # data/files.py only: no TensorFlow
     from .tracking import TrackingError
 
     try:

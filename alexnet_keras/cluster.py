@@ -5,9 +5,13 @@
     check_store(uri, c)   refuse, before anything starts, an MLflow store that the cluster's nodes cannot
                           all write to (a sqlite:/// or local-file store while the cluster has several nodes).
     run_jobs(jobs)        each job (a picklable callable and its arguments) is one Ray task asking for its
-                          resources (one GPU where the cluster has GPUs, else `cpus_per_job` CPUs), retried
-                          when its worker process or node dies; one progress line per finished job; every
-                          job's result or error comes back, a failure loses none of the others.
+                          resources (one GPU where the cluster has GPUs, else `cpus_per_job` CPUs; a job
+                          may ask for others, or be pinned to a node), retried when its worker process or
+                          node dies; one progress line per finished job; every job's result or error comes
+                          back, a failure loses none of the others. Jobs run in the caller's working folder
+                          where the node has it, with the caller's training-related environment
+                          (`forwarded_env`).
+    current_task()        inside a job: its Ray task id (the same for every retry of it) and node id.
     process_pool(n)       a local `--parallel N` pool in which each worker process sees one GPU of its own
                           (CUDA_VISIBLE_DEVICES, set before the worker imports TensorFlow).
 
@@ -298,6 +302,9 @@ class Job:
     fn: Callable[..., Any]                        # picklable: a module-level function
     args: tuple = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    resources: Mapping[str, float] | None = None  # {"num_cpus": .., "num_gpus": ..}; None: job_resources()
+    env: Mapping[str, str] = field(default_factory=dict)   # on top of run_jobs(env=...), for this job only
+    node_id: str | None = None                    # run on this node only (e.g. a server others must find)
 
 
 @dataclass
@@ -326,12 +333,14 @@ def _task_body():
     """The function every job runs in: it calls the job and says where it ran. Built here as a closure so
     that Ray ships it by value: a worker does not import this package (and TensorFlow) for a no-op."""
 
-    def run_job(fn, args, kwargs):
+    def run_job(fn, args, kwargs, cwd=None):
         import os as _os
         import time as _time
 
         import ray as _ray
 
+        if cwd and _os.path.isdir(cwd):   # relative paths (store, data, tuner state) as for the caller
+            _os.chdir(cwd)
         start = _time.perf_counter()
         value = fn(*args, **kwargs)
         context = _ray.get_runtime_context()
@@ -350,9 +359,10 @@ def job_resources(cluster: ClusterInfo, cpus_per_job: float = 1) -> dict[str, fl
     return {"num_cpus": cpus_per_job, "num_gpus": 0}
 
 
-def _check_feasible(cluster: ClusterInfo, request: Mapping[str, float]) -> None:
+def _check_feasible(cluster: ClusterInfo, request: Mapping[str, float], node_id: str | None = None) -> None:
     """A request no node can meet would wait forever: say so now."""
-    fits = [n for n in cluster.nodes if n.cpus >= request["num_cpus"] and n.gpus >= request["num_gpus"]]
+    fits = [n for n in cluster.nodes if n.cpus >= request["num_cpus"] and n.gpus >= request["num_gpus"]
+            and node_id in (None, n.node_id)]
     if not fits:
         largest = max(cluster.nodes, key=lambda n: (n.gpus, n.cpus), default=None)
         have = f"the largest has {largest.cpus:g} CPU(s) and {largest.gpus:g} GPU(s)" if largest else "none is alive"
@@ -361,16 +371,17 @@ def _check_feasible(cluster: ClusterInfo, request: Mapping[str, float]) -> None:
 
 
 def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int = 3,
-             env: Mapping[str, str] | None = None, max_calls: int | None = None,
+             env: Mapping[str, str] | None = None, max_calls: int | None = None, cwd: str | None = None,
              on_done: Callable[[JobOutcome], None] | None = None, verbose: bool = True) -> list[JobOutcome]:
     """Run `jobs` as Ray tasks on the connected cluster; their outcomes, in the order of `jobs`.
 
     A task whose worker process or node dies is re-run (up to `max_retries` times) by Ray, on any node
     with room; an exception raised by the job itself is not retried: it becomes that job's `error` and
-    the others go on. `env`: variables set in the jobs' worker processes. `max_calls=1`: a fresh worker
-    process per job (Ray's default: reuse, except for GPU jobs). `on_done(outcome)` runs on this process
-    as each job finishes; if it raises (or on Ctrl-C), the jobs not yet finished are cancelled and the
-    error propagates.
+    the others go on. `env`: variables set in the jobs' worker processes (plus each job's own `env`).
+    `cwd`: the folder jobs run in, on nodes that have it (default: where Ray starts them). `max_calls=1`:
+    a fresh worker process per job (Ray's default: reuse, except for GPU jobs). `on_done(outcome)` runs
+    on this process as each job finishes; if it raises (or on Ctrl-C), the jobs not yet finished are
+    cancelled and the error propagates.
     """
     ray = _ray_if_connected()
     if ray is None:
@@ -378,17 +389,27 @@ def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int =
     if max_retries < 0:
         raise ClusterError(f"max_retries must be 0 or more; got {max_retries}.")
     cluster = cluster_info()
-    request = job_resources(cluster, cpus_per_job)
-    _check_feasible(cluster, request)
-    options: dict[str, Any] = {**request, "max_retries": max_retries, "retry_exceptions": False}
-    if env:
-        options["runtime_env"] = {"env_vars": {str(k): str(v) for k, v in env.items()}}
+    default_request = job_resources(cluster, cpus_per_job)
+    base: dict[str, Any] = {"max_retries": max_retries, "retry_exceptions": False}
     if max_calls is not None:
-        options["max_calls"] = max_calls
+        base["max_calls"] = max_calls
+    per_job = []
+    for job in jobs:   # every request checked before any job is submitted
+        request = {**default_request, **dict(job.resources or {})}
+        _check_feasible(cluster, request, job.node_id)
+        options = {**base, **request}
+        variables = {**dict(env or {}), **dict(job.env)}
+        if variables:
+            options["runtime_env"] = {"env_vars": {str(k): str(v) for k, v in variables.items()}}
+        if job.node_id is not None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(job.node_id, soft=False)
+        per_job.append(options)
     task = ray.remote(_task_body())
     outcomes: list[JobOutcome | None] = [None] * len(jobs)
-    index = {task.options(name=job.name, **options).remote(job.fn, tuple(job.args), dict(job.kwargs)): i
-             for i, job in enumerate(jobs)}
+    index = {task.options(name=job.name, **options).remote(job.fn, tuple(job.args), dict(job.kwargs), cwd): i
+             for i, (job, options) in enumerate(zip(jobs, per_job))}
     pending = list(index)
     finished = 0
     try:
@@ -421,6 +442,59 @@ def _outcome(ray, name: str, ref) -> JobOutcome:
     except ray.exceptions.RayError as err:       # worker or node died (retries spent), cancelled, ...
         return JobOutcome(name, error=err)
     return JobOutcome(name, **result)
+
+
+def is_system_error(err: BaseException | None) -> bool:
+    """Whether a job's error is Ray's (its worker process or node died and the retries are spent, it was
+    cancelled, ...) rather than an exception the job itself raised."""
+    ray = sys.modules.get("ray")
+    return (err is not None and ray is not None and isinstance(err, ray.exceptions.RayError)
+            and not isinstance(err, ray.exceptions.RayTaskError))
+
+
+def current_task() -> dict[str, str]:
+    """Inside a job: {"task_id": ..., "node_id": ...}; the task id is the same for every retry of the job,
+    so a retry can find what an earlier attempt left behind. Empty outside a Ray task."""
+    ray = _ray_if_connected()
+    if ray is None:
+        return {}
+    context = ray.get_runtime_context()
+    task_id = context.get_task_id()
+    return {"task_id": task_id, "node_id": context.get_node_id()} if task_id else {}
+
+
+def driver_node() -> Node:
+    """The node this process (the driver) is on: where a job that others must reach is pinned."""
+    ray = _ray_if_connected()
+    if ray is None:
+        raise ClusterError("not connected to a Ray cluster: call alexnet_keras.cluster.connect() first.")
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in cluster_info().nodes:
+        if node.node_id == node_id:
+            return node
+    raise ClusterError(f"this machine's Ray node {node_id[:8]} is not among the cluster's live nodes.")
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on `host` (an address of this machine) now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+# What a job needs of the caller's environment: the Keras backend, this package's settings (data folder,
+# cache), MLflow's client settings (retries, timeouts, credentials). Not the devices (Ray's business),
+# and not `mlflow run`'s run and experiment, which belong to the parent.
+FORWARDED_PREFIXES = ("MLFLOW_", "ALEXNET_KERAS_")
+FORWARDED_NAMES = ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL")
+NOT_FORWARDED = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_URI", GPUS_ENV)
+
+
+def forwarded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables of `environ` (default: this process's) that jobs get (see FORWARDED_PREFIXES)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items()
+            if (k.startswith(FORWARDED_PREFIXES) or k in FORWARDED_NAMES) and k not in NOT_FORWARDED}
 
 
 def _progress_line(outcome: JobOutcome, finished: int, total: int) -> str:

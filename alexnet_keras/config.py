@@ -34,7 +34,7 @@ POOLS = ("overlapping", "non_overlapping")
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
 INITS = ("paper", "keras")
 DATASETS = ("cifar10", "folder", "synthetic")
-# Input recipes (alexnet_keras/data.py): "simple" squashes to the input size; "paper" is Krizhevsky et al.'s.
+# Input recipes (alexnet_keras/data/pipeline.py): "simple" squashes to the input size; "paper" is Krizhevsky et al.'s.
 RECIPES = ("simple", "paper")
 SCHEDULES = ("plateau", "cosine", "constant")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -69,7 +69,7 @@ MAX_BATCH_SIZE = 2 ** 20
 MAX_SEED = 2 ** 32 - 1           # NumPy's and Keras' seeds are unsigned 32-bit integers
 # Memory the training process holds per value (see memory_estimate).
 _FLOAT_BYTES = 4                 # float32 weights, gradients, activations (an upper estimate under mixed precision)
-_SYNTHETIC_PEAK_BYTES = 16       # per pixel value while data.py generates synthetic images (float64 noise,
+_SYNTHETIC_PEAK_BYTES = 16       # per pixel value while data/sources.py generates synthetic images (float64 noise,
                                  # float32 sums; measured with tracemalloc: 16.04)
 # An experiment, study or sweep file is a page of options: anything bigger is a mistake (or an attack).
 YAML_MAX_BYTES = 2 ** 20
@@ -251,7 +251,7 @@ class DataConfig:
     train_limit: int | None = None  # keep a stratified subset of this many training images (smoke runs)
     synthetic_samples: int = 512    # size of the `synthetic` dataset (train+val; test is a quarter)
     synthetic_classes: int = 10
-    # --- The paper's ImageNet recipe (data.py, "Recipes"). `augment` stays the master switch of training
+    # --- The paper's ImageNet recipe (data/pipeline.py). `augment` stays the master switch of training
     # augmentation (false = none, in either recipe); random_crop / random_flip / pca_color pick its pieces.
     recipe: str = "simple"          # "simple": squash to the input size; "paper": shorter side to
                                     # stored_size + centre crop, mean subtraction, 10-crop test
@@ -328,6 +328,13 @@ class Config:
     # continued from its last completed epoch, in the same MLflow run (train.py, "Resuming").
     resume: bool = True
     checkpoint_dir: str = "checkpoints"  # per-run training checkpoints, CHECKPOINT_DIR/<run id>/
+    # `train --register NAME`: the run's model becomes a new version of registered model NAME, alias
+    # `champion` (serving.register_model), once the run has FINISHED. Ignored by a study's children and
+    # a sweep's trials (`ablate` / `tune --register` register the best one).
+    register: str | None = None
+    # CPU, memory, disk, network (and GPU, with nvidia-ml-py) as `system/...` metrics of every training
+    # run, through MLflow's own monitor (tracking.py, "System metrics").
+    system_metrics: bool = True
 
     # --- flat view: one name per leaf -------------------------------------------------------
     def flat(self) -> dict[str, Any]:
@@ -352,7 +359,7 @@ class Config:
         one keeps the digests (and the resumability) of older runs, studies and sweeps."""
         leaves = leaf_fields()
         return {k: v for k, v in self.flat().items()
-                if leaves[k][0] is not None   # experiment, run_name, resume, checkpoint_dir
+                if leaves[k][0] is not None   # TOP_LEVEL: naming, resuming, registering, monitoring
                 and not (leaves[k][1].metadata.get("digest") == "omit_default" and v == leaves[k][1].default)}
 
     def digest(self) -> str:
@@ -366,7 +373,7 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
-TOP_LEVEL = ("experiment", "run_name", "resume", "checkpoint_dir")
+TOP_LEVEL = ("experiment", "run_name", "resume", "checkpoint_dir", "register", "system_metrics")
 
 
 def leaf_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
@@ -491,7 +498,7 @@ def memory_estimate(config: Config) -> MemoryEstimate:
 
     weights: 3 float32 copies of every parameter (the weights, their gradients, SGD's momentum);
     activations: every layer's output for one batch, twice (kept for the backward pass, and its
-    gradient), in float32; images: the synthetic dataset, which data.py generates in memory at about 16
+    gradient), in float32; images: the synthetic dataset, which data/sources.py generates in memory at about 16
     bytes per pixel value (float64 noise, float32 sums), or CIFAR-10 held at its native 32 px. Image
     folders are left out: above `max_memory_mb` they are streamed from the files. An estimate, not a
     measurement: the frameworks add their own memory, while fused kernels (XLA) and mixed precision keep

@@ -26,7 +26,8 @@ the value as text, e.g. "0.01"; with several keys "k1=v1,k2=v2"). The runs at th
 tuning runs: the report recomputes the arm's value from the store
 as the label whose FINISHED tuning run has the highest final `val_accuracy` (never test; the first
 label listed on ties), and uses only that label's children (the tuning run included) for every
-statistic. It prints per arm the value chosen and the validation accuracy of each grid value. A spec
+statistic (`choose_grid_value`, which `ablate` uses too). The study table then has a column with
+each arm's value, and a table per arm gives the validation accuracy of each grid value. A spec
 without `grid_digests` (studies logged before, or without a grid) uses `config_digests` as always.
 """
 
@@ -244,18 +245,29 @@ def _tune(spec: Mapping[str, Any], variant: Mapping[str, Any], summary: VariantS
     if not grid:
         return {int(seed): digest for seed, digest in variant["config_digests"].items()}
     first = str(spec["seeds"][0])
+    runs = {label: finished.get(digests.get(first)) for label, digests in grid.items()}
+    summary.chosen, summary.tuning = choose_grid_value(runs)
     for label, digests in grid.items():
-        run = finished.get(digests.get(first))
-        value = float(run.data.metrics.get(VAL_ACCURACY, float("nan"))) if run is not None else float("nan")
-        summary.tuning[label] = value
+        run = runs[label]
         summary.tuning_runs[label] = (run.info.run_id if run is not None
                                       else "failed" if digests.get(first) in broken else "not run")
-    scored = [(label, value) for label, value in summary.tuning.items() if math.isfinite(value)]
-    if not scored:
+    if summary.chosen is None:
         return {int(seed): None for seed in spec["seeds"]}
-    best = max(value for _, value in scored)
-    summary.chosen = next(label for label, value in scored if value == best)
     return {int(seed): digest for seed, digest in grid[summary.chosen].items()}
+
+
+def choose_grid_value(tuning_runs: Mapping[str, Any]) -> tuple[str | None, dict[str, float]]:
+    """An arm's nuisance value, chosen on validation: `tuning_runs` maps each grid label (in the grid's
+    order) to its FINISHED tuning run or None. Returns the label whose run has the highest final
+    `val_accuracy` (the first listed on ties; None when no run has one) and each label's value (NaN
+    without one). Test metrics play no part. `ablate` runs the arm's other seeds at the label this gives."""
+    scores = {label: float(run.data.metrics.get(VAL_ACCURACY, float("nan"))) if run is not None else float("nan")
+              for label, run in tuning_runs.items()}
+    scored = [(label, value) for label, value in scores.items() if math.isfinite(value)]
+    if not scored:
+        return None, scores
+    best = max(value for _, value in scored)
+    return next(label for label, value in scored if value == best), scores
 
 
 def summarize(spec: dict[str, Any], children: Sequence[Any], history: History | None = None) -> list[VariantSummary]:
@@ -547,6 +559,11 @@ def study_table(spec: dict[str, Any], variants: Sequence[VariantSummary]) -> str
                "holm": "p (Holm)", "sig": "significant (Holm)", "dunnett": "p (Dunnett)", "mde": "MDE",
                "plateau": "val acc change, last fifth", "top5": "top-5", "train": "final train acc",
                "time": "train time (s)"}
+    if any(s.tuning for s in variants):   # each arm's nuisance value, chosen on validation
+        for row, s in zip(rows, variants):
+            row["chosen"] = s.chosen or "n/a"
+        columns.insert(2, "chosen")
+        headers["chosen"] = ", ".join(spec.get("nuisance_grid") or {}) or "nuisance value"
     right = ["n", "test", "delta", "p", "holm", "dunnett", "mde", "plateau", "top5", "train", "time", "params"]
     return markdown_table(rows, columns, headers=headers, right=right)
 

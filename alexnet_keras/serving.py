@@ -19,8 +19,8 @@ requirements.txt (no `alexnet-keras` install, no import of the package by hand):
     artifacts/model.preprocessing.json, model.mean_image.npy   its preprocessing (inference.save_model)
     requirements.txt ...         tensorflow, keras, numpy, scikit-learn pinned to the training versions
     input_example.json, serving_input_example.json             a real request
-`mlflow.keras.load_model` gives the Keras network itself (after `import alexnet_keras`, which registers
-its classes).
+`mlflow.keras.load_model` gives the Keras network itself (after `import alexnet_keras.model`, which
+registers its classes; a plain `import alexnet_keras` loads Keras only on first use of its names).
 
 Requests (signature): a DataFrame with a column `image` (the bytes of a JPEG/PNG/GIF/BMP file; base64
 strings in JSON) or `pixels` (an HxWx3 array of integers in 0..255, RGB; nested lists in JSON), one image

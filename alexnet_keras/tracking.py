@@ -1,4 +1,5 @@
-"""Every MLflow call of the project, and every tag name it writes, live here.
+"""Every MLflow call of training, studies and sweeps, and every tag name the project writes, live here
+(the MLflow model itself — logging it as a pyfunc, loading, serving, registering — is serving.py's).
 
 Store: `MLFLOW_TRACKING_URI` when set, else the embedded `sqlite:///mlflow.db` (artifacts under
 `./mlruns`). MLflow >= 3.13 refuses a plain `./mlruns` *file* store unless told otherwise, which is
@@ -53,6 +54,11 @@ RESUMED_FROM_EPOCH_TAG = TAG_PREFIX + "resumed_from_epoch"
 RESUMED_FROM_RUN_TAG = TAG_PREFIX + "resumed_from_run"
 CONTINUED_IN_TAG = TAG_PREFIX + "continued_in"
 JOB_TAG = TAG_PREFIX + "job"
+# Where a study's child or a sweep's worker ran (cluster.py): its GPU, its Ray task (the same id for
+# every retry of it) and node.
+VISIBLE_DEVICES_TAG = TAG_PREFIX + "cuda_visible_devices"
+RAY_TASK_TAG = TAG_PREFIX + "ray_task_id"
+RAY_NODE_TAG = TAG_PREFIX + "ray_node_id"
 # Who owns a run, why it ended, and which parent took over a child.
 HOST_TAG = TAG_PREFIX + "host"
 PID_TAG = TAG_PREFIX + "pid"
@@ -84,6 +90,12 @@ BEST_TAG = "best."                               # + hyperparameter name, on the
 BEST_TRIAL_TAG = TAG_PREFIX + "best_trial"
 BEST_RUN_ID_TAG = TAG_PREFIX + "best_run_id"
 MODEL_SOURCE_TAG = TAG_PREFIX + "model_source"   # the sweep's model: "checkpoint", "retrained" or "none"
+# On a registered model version that `ablate --register` / `tune --register` chose (serving.register_model
+# adds where it came from: origin, run id and name, digests, test accuracy): the study's or sweep's
+# parent run, and the metric the choice was made on with its value.
+PARENT_RUN_TAG = TAG_PREFIX + "parent_run_id"
+SELECTION_METRIC_TAG = TAG_PREFIX + "selection_metric"
+SELECTION_VALUE_TAG = TAG_PREFIX + "selection_value"
 # The per-epoch metrics Keras logs (step = epoch).
 EPOCH_KEYS = ("loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy")
 # Most runs one search returns (the SQL stores' limit).
@@ -97,6 +109,10 @@ class TrackingError(RuntimeError):
 def configure(tracking_uri: str | None = None) -> str:
     """Point MLflow at `tracking_uri`, else $MLFLOW_TRACKING_URI, else the embedded SQLite store."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri in ("sqlite://", "sqlite:///") or uri.startswith("sqlite:///:memory:"):
+        raise TrackingError(f"MLflow store {uri!r} is an in-memory database: every run would be lost when the "
+                            f"process ends. Pass --tracking-uri sqlite:///PATH/mlflow.db (or set "
+                            f"MLFLOW_TRACKING_URI) to a file.")
     if uri.startswith("sqlite:///"):
         parent = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
@@ -126,6 +142,11 @@ def experiment_name(experiment_id: str) -> str:
     return MlflowClient().get_experiment(experiment_id).name
 
 
+def artifact_location(experiment_id: str) -> str:
+    """Where the runs of an experiment keep their artifacts (fixed when the experiment was created)."""
+    return MlflowClient().get_experiment(experiment_id).artifact_location
+
+
 def experiment_id_for(experiment: str) -> str:
     """The experiment this process logs to: the run's under `mlflow run`, else `experiment`'s."""
     if "MLFLOW_RUN_ID" in os.environ:
@@ -137,18 +158,29 @@ def preflight(experiment: str) -> None:
     """Fail before any data is read or any run exists if the store or its artifact folder is unusable.
 
     The experiment is created if needed (not a run); a local artifact folder gets a probe file.
-    Under `mlflow run` the run's experiment already exists and is the one checked.
+    Under `mlflow run` the run's experiment already exists and is the one checked. A tracking server
+    is reached or refused within seconds (`quick_requests`), not after MLflow's minutes of retries.
     """
-    if "MLFLOW_RUN_ID" in os.environ:
+    with quick_requests():
         try:
-            run_info = MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info
+            if "MLFLOW_RUN_ID" in os.environ:
+                try:
+                    run_info = MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info
+                except Exception as err:
+                    raise TrackingError(f"cannot read the run {os.environ['MLFLOW_RUN_ID']!r} that `mlflow run` "
+                                        f"started, at {mlflow.get_tracking_uri()!r}: {err}") from err
+                experiment_id = run_info.experiment_id
+            else:
+                experiment_id = open_experiment(experiment)
+            location = MlflowClient().get_experiment(experiment_id).artifact_location
         except Exception as err:
-            raise TrackingError(f"cannot read the run {os.environ['MLFLOW_RUN_ID']!r} that `mlflow run` "
-                                f"started, at {mlflow.get_tracking_uri()!r}: {err}") from err
-        experiment_id = run_info.experiment_id
-    else:
-        experiment_id = open_experiment(experiment)
-    location = MlflowClient().get_experiment(experiment_id).artifact_location
+            uri = mlflow.get_tracking_uri()
+            if not uri.startswith(("http://", "https://")):
+                raise
+            raise TrackingError(f"the MLflow tracking server {uri!r} cannot be reached or refused the request "
+                                f"({_short(err)}). Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`), "
+                                f"or pass --tracking-uri (or set MLFLOW_TRACKING_URI) to a store that "
+                                f"works.") from None
     local = _local_path(location)
     if local is None:
         return  # a remote artifact store (s3://, mlflow-artifacts:/ ...) reports its own errors
@@ -160,6 +192,49 @@ def preflight(experiment: str) -> None:
         raise TrackingError(f"MLflow artifact folder {str(local)!r} of experiment {experiment!r} is not "
                             f"writable ({err.strerror or err}). Free space or fix permissions there, or use "
                             f"another experiment (--experiment) or store (--tracking-uri).") from None
+
+
+# MLflow retries a failed HTTP request 7 times with exponential backoff and waits up to 120 s for each:
+# minutes before a server that is down is reported (about 250 s for http://127.0.0.1:9). Within
+# `quick_requests`: two retries, the second after about 2 s (a server just starting gets that long),
+# and 10 s per request; a value the user set stays.
+QUICK_REQUESTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def quick_requests() -> Iterator[None]:
+    """Within: MLflow's HTTP requests give up within seconds (QUICK_REQUESTS). MLflow reads these
+    variables on every request."""
+    added = [key for key in QUICK_REQUESTS if key not in os.environ]
+    os.environ.update({key: QUICK_REQUESTS[key] for key in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def store_answers() -> bool:
+    """Whether the configured store answers now (within seconds: quick_requests). A study on a cluster
+    asks when a child fails, since the child's own error may not say that the store was the cause."""
+    with quick_requests():
+        try:
+            MlflowClient().search_experiments(max_results=1)
+        except Exception:
+            return False
+    return True
+
+
+def _short(err: BaseException) -> str:
+    """The reason in an MLflow request error (e.g. "[Errno 111] Connection refused"), else its message."""
+    import re
+
+    text = " ".join(str(getattr(err, "message", None) or err).split())
+    reason = re.search(r"\[Errno -?\d+\][^\"')]*|Failed to resolve '[^']*'|Read timed out[^\"')]*", text)
+    if reason:
+        return reason.group(0).strip(" .")
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _local_path(uri: str) -> Path | None:
@@ -279,13 +354,17 @@ def sigterm_as_interrupt() -> Iterator[None]:
 @contextlib.contextmanager
 def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, Any] | None = None,
         tags: Mapping[str, str] | None = None, nested: bool = False,
-        parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+        parent_run_id: str | None = None, run_id: str | None = None,
+        system_metrics: bool | None = None) -> Iterator[mlflow.ActiveRun]:
     """Start (or, under `mlflow run`, resume) a run; end it FINISHED, FAILED or KILLED.
 
     `run_id` resumes that run (a study's or sweep's parent on re-run, an interrupted training run or
     trial). A child (`parent_run_id` or `nested`) never resumes $MLFLOW_RUN_ID, and is nested when its
     parent is the active run of this process. A top-level run turns SIGTERM into Ctrl-C.
+    `system_metrics`: log MLflow's system metrics for this run (True for training runs, see
+    `system_metrics_setting`); None leaves it to MLflow's own switch (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING).
     """
+    system_metrics = system_metrics_setting(system_metrics)
     if parent_run_id is not None or nested:
         # mlflow.start_run() without run_id resumes $MLFLOW_RUN_ID (the run `mlflow run` made, i.e.
         # the parent): a child needs a run of its own.
@@ -296,16 +375,18 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
     if run_id is not None:
         # start_run(run_id=...) refuses a run of another experiment than the last set_experiment().
         mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
-        active = mlflow.start_run(run_id=run_id, nested=nested)   # nested: a retried sweep trial
-        if END_REASON_TAG in active.data.tags:   # why it ended last time; it runs again now
-            MlflowClient().delete_tag(run_id, END_REASON_TAG)
+        active = mlflow.start_run(run_id=run_id, nested=nested,   # nested: a retried sweep trial
+                                  log_system_metrics=system_metrics)
+        for key in (END_REASON_TAG, ERROR_TAG):   # why it ended last time; it runs again now
+            if key in active.data.tags:
+                MlflowClient().delete_tag(run_id, key)
     elif "MLFLOW_RUN_ID" in os.environ and not nested and parent_run_id is None:
         # Launched by `mlflow run`: the run already exists in the project's experiment.
-        active = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
+        active = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"], log_system_metrics=system_metrics)
     else:
         experiment_id = open_experiment(experiment)
         active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested,
-                                  parent_run_id=parent_run_id)
+                                  parent_run_id=parent_run_id, log_system_metrics=system_metrics)
     owner_tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
                   PID_START_TAG: process_start(os.getpid())}
     top_level = not nested and parent_run_id is None
@@ -316,16 +397,52 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
                 log_params(params)
             yield active
         except KeyboardInterrupt:
-            mlflow.set_tag(END_REASON_TAG, "interrupted")
-            mlflow.end_run("KILLED")
+            # The store may be what failed (a server gone): the interrupt or error goes up, not the
+            # store's complaint about ending the run (mlflow.end_run leaves no active run either way).
+            with contextlib.suppress(Exception):
+                mlflow.set_tag(END_REASON_TAG, "interrupted")
+            with contextlib.suppress(Exception):
+                mlflow.end_run("KILLED")
             raise
         except BaseException as err:
             with contextlib.suppress(Exception):
                 mlflow.set_tag(ERROR_TAG, f"{type(err).__name__}: {err}"[:5000])
-            mlflow.end_run("FAILED")
+            with contextlib.suppress(Exception):
+                mlflow.end_run("FAILED")
             raise
         else:
             mlflow.end_run("FINISHED")
+
+
+# --- system metrics ------------------------------------------------------------------------------------
+# MLflow's monitor (a thread per run) samples CPU, memory, disk, network and, where nvidia-ml-py finds an
+# NVIDIA GPU, its utilisation and memory, every SAMPLING_INTERVAL_S seconds, and logs the mean of every
+# SAMPLES_BEFORE_LOGGING samples as `system/...` metrics (step 0, 1, ...). A sample not yet logged when
+# the run ends is dropped (MLflow's loop), so a run shorter than interval x samples would log none: MLflow's
+# own 10 s would leave the short runs of tests and smoke checks empty. 2 s x 1 gives any run longer than
+# 2 s a point, at 1,800 points per metric per hour. MLflow's variables MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+# and MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING, when set, win.
+SYSTEM_METRICS_INTERVAL_S = 2.0
+SYSTEM_METRICS_SAMPLES = 1
+SYSTEM_METRICS_PREFIX = "system/"
+
+
+def system_metrics_setting(enabled: bool | None) -> bool | None:
+    """What `mlflow.start_run(log_system_metrics=...)` gets: `enabled` as it is, after setting the
+    sampling (above) where the environment does not. Without psutil, MLflow's monitor cannot run: a
+    warning, and the run goes on without system metrics."""
+    if not enabled:
+        return enabled
+    import importlib.util
+
+    if importlib.util.find_spec("psutil") is None:
+        stderr("note: no system metrics for this run: psutil is not installed (pip install psutil)")
+        return False
+    if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING"):
+        mlflow.set_system_metrics_samples_before_logging(SYSTEM_METRICS_SAMPLES)
+    return True
 
 
 def active_run_id() -> str | None:
@@ -494,8 +611,9 @@ def find_resumable_run(experiment: str, match_tags: Mapping[str, str], run_name:
     """The latest interrupted top-level training run of `experiment` whose tags equal `match_tags` (the
     config and data digests) and, if given, named `run_name`, or None. Interrupted: KILLED (Ctrl-C,
     SIGTERM, or found dead), or FAILED with its checkpoint folder still there. train.py deletes the
-    checkpoint of a run that fails, so such a run died without cleaning up: the `mlflow run` launcher
-    marks a killed child FAILED."""
+    checkpoint of a run that fails, except when the failure keeps what was trained (a checkpoint
+    that could not be written, results that could not be logged); otherwise such a run died without
+    cleaning up: the `mlflow run` launcher marks a killed child FAILED."""
     for found in find_runs(match_tags, experiment_ids=[experiment_id_for(experiment)]):
         tags = found.data.tags
         checkpoint = tags.get(CHECKPOINT_DIR_TAG)
@@ -653,7 +771,16 @@ def log_dataset(name: str, source: str, digest: str, context: str, num_examples:
     else:
         dataset_source = CodeDatasetSource(tags={"origin": source})
     dataset = MetaDataset(source=dataset_source, name=name, digest=digest)
-    mlflow.log_input(dataset, context=context, tags={"num_examples": str(num_examples)})
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context, tags={"num_examples": str(num_examples)})
+            return
+        except Exception as err:   # noqa: BLE001 - only the race below is retried
+            # Two children (`ablate --parallel`) logging the same dataset into one SQLite store at once race
+            # to create its row; the loser gets "UNIQUE constraint failed" and, tried again, finds the row.
+            if "UNIQUE constraint failed" not in str(err) or attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def log_keras_model(model, example_batch, metadata) -> None:

@@ -40,6 +40,8 @@ is retried in its own run.
 Distributed: keras-tuner's `KERASTUNER_TUNER_ID` / `KERASTUNER_ORACLE_IP` / `KERASTUNER_ORACLE_PORT`;
 the chief serves the oracle (keras-tuner's own `search()`) and owns the parent run, workers find it
 through `$ALEXNET_KERAS_PARENT_RUN_ID` (or `--parent-run-id`) or by the sweep's tags. See docs/sweeps.md.
+`--ray [ADDRESS]` starts the chief and the workers as jobs on a Ray cluster (run_sweep_on_ray,
+docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ import sys
 import time
 import typing
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -425,7 +427,8 @@ class AlexNetHyperModel(keras_tuner.HyperModel):
             if len(self._pipelines) >= 4:
                 self._pipelines.pop(next(iter(self._pipelines)))
             self._pipelines[key] = load_data(config.data, image_size=config.model.input_size,
-                                            batch_size=config.train.batch_size, seed=config.train.seed)
+                                            batch_size=config.train.batch_size, seed=config.train.seed,
+                                            deterministic=config.train.deterministic)
         return self._pipelines[key]
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
@@ -440,8 +443,9 @@ class AlexNetHyperModel(keras_tuner.HyperModel):
         config = self.sweep.trial_config(self.values(hp))
         data = self.data_for(config)
         tracked = tracking.active_run_id() is not None   # the trial's run (see TrackedTrials.run_trial)
-        if tracked:
-            tracking.set_tags(run_tags(config, data, model))
+        if tracked:   # the trial's tags (sweep, trial id) say in its description which trial it is
+            trial_tags = tracking.get_run(tracking.active_run_id()).data.tags
+            tracking.set_tags(run_tags(config, data, model, context=trial_tags))
             log_inputs(config, data, model)
         history, seconds, start = fit(model, data, config, callbacks=callbacks or (), epochs=epochs,
                                       initial_epoch=initial_epoch, track=tracked)
@@ -515,7 +519,7 @@ class TrackedTrials:
                 tracking.ATTEMPT_TAG: str(attempt)}
         try:
             with tracking.run(ctx.experiment, run_name=run_name, params=config.flat(), tags=tags, nested=True,
-                              parent_run_id=ctx.parent_run_id,
+                              parent_run_id=ctx.parent_run_id, system_metrics=config.system_metrics,
                               run_id=existing.info.run_id if existing is not None else None) as active:
                 ctx.trial_runs[trial.trial_id] = active.info.run_id
                 results = super().run_trial(trial, *args, **kwargs)
@@ -534,12 +538,19 @@ TUNER_CLASSES = {"random": keras_tuner.RandomSearch, "bayesian": keras_tuner.Bay
                  "hyperband": keras_tuner.Hyperband}
 
 
+def oracle_seed(seed: int) -> int:
+    """The seed keras-tuner's oracle gets for the sweep file's `seed`: seed + 1, because keras-tuner
+    takes a seed of 0 for none (`Oracle`: `self.seed = seed or random.randint(1, 10000)`), which made
+    `seed: 0` sweeps draw their trials from a random seed."""
+    return seed + 1
+
+
 def make_tuner(sweep: Sweep, hypermodel: AlexNetHyperModel, ctx: SweepContext) -> keras_tuner.Tuner:
     base_cls = TUNER_CLASSES[sweep.tuner]
     cls = type(f"Tracked{base_cls.__name__}", (TrackedTrials, base_cls), {})
     kwargs: dict[str, Any] = dict(
         hypermodel=hypermodel, objective=keras_tuner.Objective(sweep.objective, sweep.direction),
-        seed=sweep.seed, max_consecutive_failed_trials=sweep.max_failed_trials,
+        seed=oracle_seed(sweep.seed), max_consecutive_failed_trials=sweep.max_failed_trials,
         directory=str(sweep.directory), project_name=sweep.name, overwrite=False)
     if sweep.tuner == "hyperband":
         kwargs.update(max_epochs=sweep.base.train.epochs, factor=sweep.factor,
@@ -635,6 +646,38 @@ def parent_params(sweep: Sweep) -> dict[str, Any]:
             **{f"space.{p.name}": p.short() for p in sweep.space}}
 
 
+def parent_description(sweep: Sweep) -> str:
+    """The parent run's description (the run page's): what the sweep searches, how, and the file's own
+    `description`."""
+    space = ", ".join(f"{p.name} {p.short()}" for p in sweep.space)
+    budget = (f"hyperband up to {sweep.base.train.epochs} epochs a trial" if sweep.tuner == "hyperband"
+              else f"{sweep.max_trials} trials of {sweep.base.train.epochs} epochs")
+    text = (f"Hyperparameter sweep {sweep.name!r} ({sweep.tuner} search, {budget}, keras-tuner) for the best "
+            f"{sweep.objective} ({sweep.direction}) over {space}. One nested run per trial; here the trial "
+            f"table, the best values and the best trial's model.")
+    return f"{text}\n\n{sweep.description}" if sweep.description else text
+
+
+def register_best_trial(sweep: Sweep, result: SweepResult, name: str) -> None:
+    """`tune --register NAME`: the sweep's model (the best trial's, logged on the parent run) as a new
+    version of NAME with alias champion, tagged with the sweep, its parent run and the objective's value."""
+    from .serving import DEFAULT_ALIAS, register_model
+
+    if result.best is None or result.parent_run_id is None:   # a worker: the chief registers
+        print(f"worker: the chief registers the sweep's model as {name!r}", flush=True)
+        return
+    best = result.best
+    tags = {tracking.SWEEP_TAG: sweep.name, tracking.PARENT_RUN_TAG: result.parent_run_id,
+            tracking.SELECTION_METRIC_TAG: sweep.objective,
+            tracking.SELECTION_VALUE_TAG: f"{best[sweep.objective]:.6g}",
+            tracking.BEST_TRIAL_TAG: str(best["trial"]), tracking.BEST_RUN_ID_TAG: best["run_id"]}
+    version = register_model(result.parent_run_id, name, origin="sweep", tags=tags,
+                             description=f"The best trial ({best['trial']}) of sweep {sweep.name!r}: "
+                                         f"{sweep.objective} {best[sweep.objective]:.4g}.")
+    print(f"registered the model of sweep {sweep.name!r} (parent run {result.parent_run_id}) as {name!r} "
+          f"version {version.version}: models:/{name}@{DEFAULT_ALIAS}", flush=True)
+
+
 def run_sweep(sweep: Sweep, *, overwrite: bool = False, parent_run_id: str | None = None,
               worker_wait: float = 600.0) -> SweepResult:
     """Run (or continue) `sweep` into the configured MLflow store; see the module docstring."""
@@ -681,8 +724,7 @@ def run_sweep(sweep: Sweep, *, overwrite: bool = False, parent_run_id: str | Non
             tracking.SWEEP_SESSION_TAG: f"{time.time():.3f}",
             tracking.SWEEP_MAX_TRIALS_TAG: str(sweep.max_trials)}
     params = parent_params(sweep)
-    if sweep.description:
-        tags[tracking.NOTE_TAG] = sweep.description
+    tags[tracking.NOTE_TAG] = parent_description(sweep)
     with tracking.run(sweep.base.experiment, run_name=sweep.name, params=params, tags=tags,
                       run_id=parent) as active:
         ctx.parent_run_id = active.info.run_id
@@ -701,6 +743,89 @@ def run_sweep(sweep: Sweep, *, overwrite: bool = False, parent_run_id: str | Non
     print(f"sweep {sweep.name!r}: parent run {ctx.parent_run_id}; best trial {best['trial']} "
           f"{sweep.objective}={best[sweep.objective]:.4g}", flush=True)
     return SweepResult(role=mode, parent_run_id=ctx.parent_run_id, rows=rows, best=best)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chief and its workers as Ray jobs (`tune --ray`, cluster.py)
+# ---------------------------------------------------------------------------------------------
+
+def _sweep_role_on_ray(sweep: Sweep, uri: str, parent_run_id: str | None, worker_wait: float) -> SweepResult:
+    """A Ray job: the chief or a worker (its KERASTUNER_* variables come with the job), as run_sweep."""
+    os.environ.pop("MLFLOW_RUN_ID", None)   # the parent, if any, comes as `parent_run_id`
+    tracking.configure(uri)
+    return run_sweep(sweep, overwrite=False, parent_run_id=parent_run_id, worker_wait=worker_wait)
+
+
+def ray_workers(cluster_info, sweep: Sweep, cpus: float, workers: int | None) -> int:
+    """How many workers a sweep gets: `workers`, else one per GPU, else one per `cpus` CPUs of the cluster;
+    never more than max_trials (hyperband sets its own number of trials)."""
+    if workers is not None:
+        if workers < 1:
+            raise ConfigError(f"--ray-workers must be at least 1; got {workers}.")
+        return workers
+    fits = int(cluster_info.gpus) if cluster_info.gpus else int(cluster_info.cpus // cpus)
+    if sweep.tuner != "hyperband":
+        fits = min(fits, sweep.max_trials)
+    return max(1, fits)
+
+
+def run_sweep_on_ray(sweep: Sweep, address: str, *, overwrite: bool = False, parent_run_id: str | None = None,
+                     workers: int | None = None, cpus: float = 1, worker_wait: float = 600.0) -> SweepResult:
+    """Run (or continue) `sweep` on a Ray cluster: the chief on this machine's node (it serves the oracle
+    there and needs no CPU or GPU of its own), each worker a job asking for one GPU where the cluster
+    has GPUs, else `cpus` CPUs. Everything else is run_sweep's: one parent, a nested run per trial, the
+    tuner state in `<directory>/<name>`, resume by running the same command again.
+
+    A worker or chief that fails stops the sweep: the others are cancelled (the parent ends KILLED) and
+    the same command continues it. One whose process or node dies is re-run by Ray with the same tuner
+    id, which takes its trial up again (keras-tuner's protocol)."""
+    from . import cluster
+
+    if role() != "single":
+        raise ConfigError("--ray starts the chief and the workers itself: unset KERASTUNER_TUNER_ID, "
+                          "KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT.")
+    if address.startswith("ray://"):   # the chief serves the oracle on this machine's node
+        raise ConfigError(f"tune --ray {address}: run the sweep on a node of the cluster (--ray auto or "
+                          f"HEAD:PORT there, or `ray job submit`), not through a ray:// client address.")
+    uri = tracking.tracking_uri()          # as configured by the caller (--tracking-uri, else the default)
+    project_run = os.environ.get("MLFLOW_RUN_ID")
+    parent = parent_run_id or project_run   # else the chief finds or makes it, and the workers find it by tags
+    with cluster.connected(None if address == "local" else address) as info:
+        cluster.check_store(uri, info)      # before anything is created
+        experiment_id = (tracking.get_run(project_run).info.experiment_id if project_run
+                         else tracking.open_experiment(sweep.base.experiment))   # before the fan-out
+        cluster.check_store(uri, info, artifact_location=tracking.artifact_location(experiment_id))
+        open_state(sweep, overwrite)        # a changed sweep file is refused here, not in the chief
+        count = ray_workers(info, sweep, cpus, workers)
+        node = cluster.driver_node()
+        oracle = {"KERASTUNER_ORACLE_IP": node.address, "KERASTUNER_ORACLE_PORT": str(cluster.free_port(node.address))}
+        threads = {"TF_NUM_INTRAOP_THREADS": str(max(1, int(cpus))), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        directory = str(Path(sweep.directory).resolve())   # the chief's folder; workers' where they have it
+        sweep = replace(sweep, directory=directory)
+        args = (sweep, uri, parent, worker_wait)
+        jobs = [cluster.Job("chief", _sweep_role_on_ray, args, resources={"num_cpus": 0, "num_gpus": 0},
+                            env={**oracle, "KERASTUNER_TUNER_ID": "chief"}, node_id=node.node_id)]
+        jobs += [cluster.Job(f"tuner{i}", _sweep_role_on_ray, args,
+                             env={**oracle, **threads, "KERASTUNER_TUNER_ID": f"tuner{i}"}) for i in range(count)]
+        print(f"sweep {sweep.name!r} on the {info.describe()}: the chief on {node.address} (oracle port "
+              f"{oracle['KERASTUNER_ORACLE_PORT']}), {count} worker(s)", flush=True)
+
+        def on_done(outcome) -> None:
+            if outcome.ok:
+                return
+            err = outcome.error
+            if isinstance(err, (ConfigError, tracking.TrackingError)):
+                raise err
+            if tracking.is_tracking_error(err):
+                raise tracking.TrackingError(f"the MLflow store {uri} failed in the sweep's {outcome.name} "
+                                             f"({outcome.error_text}); what was logged is kept: run the same "
+                                             f"command again once the store answers.") from None
+            raise SweepError(f"the sweep's {outcome.name} failed ({outcome.error_text}); the others were "
+                             f"stopped. Run the same command again to continue the sweep.")
+
+        outcomes = cluster.run_jobs(jobs, cpus_per_job=cpus, env=cluster.forwarded_env(), cwd=os.getcwd(),
+                                    on_done=on_done)
+    return outcomes[0].value   # the chief's: the parent, every trial, the best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -894,11 +1019,25 @@ def cmd_tune(args) -> int:
         state = sweep.project_dir / STATE_FILE
         print(f"tuner state: {sweep.project_dir} ({'resumes' if state.is_file() else 'new sweep'})")
         return 0
+    register = getattr(args, "register", None)
+    if register:   # before any run: a bad name, or a sweep that logs no model, fails now
+        from .serving import check_model_name
+
+        check_model_name(register)
+        if sweep.final_model == "none":
+            raise ConfigError(f"{sweep.source}: --register needs the sweep's model, but `final_model: none` "
+                              f"logs none; remove final_model (or set it to auto).")
     tracking.configure(args.tracking_uri)
     try:
-        run_sweep(sweep, overwrite=args.overwrite, parent_run_id=args.parent_run_id,
-                  worker_wait=args.worker_wait)
+        if getattr(args, "ray", None) is not None:
+            result = run_sweep_on_ray(sweep, args.ray, overwrite=args.overwrite, parent_run_id=args.parent_run_id,
+                                      workers=args.ray_workers, cpus=args.ray_cpus, worker_wait=args.worker_wait)
+        else:
+            result = run_sweep(sweep, overwrite=args.overwrite, parent_run_id=args.parent_run_id,
+                               worker_wait=args.worker_wait)
     except SweepError as err:
         print(f"alexnet-keras tune: error: {err}", file=sys.stderr)
         return 1
+    if register:
+        register_best_trial(sweep, result, register)
     return 0

@@ -7,13 +7,18 @@ TensorFlow backend, no XLA) is timed with the LRN layer's `call` swapped in turn
                       with keras.ops.custom_gradient (fewer passes over the activations; tried, not kept);
   * `tf.nn`         - TensorFlow's fused LRN kernel (what the TF1 graph uses; not portable to JAX/PyTorch);
 and against the same stack written directly in tf.nn ops in one tf.function (TF1's layers, eager
-TF2). Every contender runs one step in turn, `--rounds` times; medians. Results: benchmarks/README.md.
+TF2). Every contender runs one step in turn, `--rounds` times; medians, printed, and one CSV row per
+timed step (with the date and the load average before/after) in `--out`. Results: benchmarks/README.md.
 
-    python benchmarks/lrn_in_context.py --rounds 10
+    nice -n 10 python benchmarks/lrn_in_context.py --rounds 25 --out benchmarks/results/lrn-in-context.csv
 """
 
 import argparse
+import csv
+import os
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -85,8 +90,11 @@ def gradient_step(forward, variables):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", default="benchmarks/results/lrn-in-context.csv",
+                        help="CSV of every timed step")
     args = parser.parse_args()
-    images = tf.random.uniform((32, 224, 224, 3), 0, 255, seed=0)
+    images = tf.random.uniform((args.batch_size, 224, 224, 3), 0, 255, seed=0)
     steps = {}
     shipped = layers.LocalResponseNormalization.call
     for name, call in (("package", shipped), ("written grad", written_gradient_call), ("tf.nn", tf_nn_call)):
@@ -100,11 +108,25 @@ def main():
     times = {name: [] for name in steps}
     for step in steps.values():
         step(images)   # trace and warm up
+    load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
     for _ in range(args.rounds):
         for name, step in steps.items():
             start = time.perf_counter()
             step(images)[0].numpy()
             times[name].append(time.perf_counter() - start)
+    load_after = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    context = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+               "machine": f"{os.uname().machine} x{os.cpu_count()}", "tensorflow": tf.__version__,
+               "batch_size": args.batch_size, "load_before": load_before, "load_after": load_after}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*context, "contender", "round", "seconds"])
+        writer.writeheader()
+        for name, values in times.items():
+            for i, seconds in enumerate(values):
+                writer.writerow({**context, "contender": name, "round": i, "seconds": f"{seconds:.6f}"})
+    print(f"{context['date']}, load average before/after: {load_before} / {load_after}; rows: {path}")
     print("| conv stack, forward+backward | median ms | min ms |\n|---|---|---|")
     for name, values in times.items():
         print(f"| {name} | {1000 * np.median(values):.1f} | {1000 * min(values):.1f} |")

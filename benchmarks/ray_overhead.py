@@ -27,22 +27,14 @@ import sys
 import time
 from pathlib import Path
 
+from machine import machine  # benchmarks/machine.py
+
 
 def _noop_factory():
     def noop():
         return None   # built in a function so Ray ships it by value (no import of this script)
     return noop
 
-
-def machine() -> str:
-    model = ""
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.machine()} {model or platform.processor()} x{os.cpu_count()}, {mem:.0f} GiB"
 
 
 def main(argv: list[str] | None = None) -> int:

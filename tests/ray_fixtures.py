@@ -48,7 +48,13 @@ main()
 """
 
 
-def auth_env(token: str) -> dict[str, str]:
+# The token of every cluster the tests start. Ray reads its token once per process, so every test
+# module that connects the pytest process itself to a cluster must use the same one (never written to
+# ~/.ray).
+TOKEN = secrets.token_hex(32)
+
+
+def auth_env(token: str = TOKEN) -> dict[str, str]:
     """The environment that makes a Ray process use token authentication with `token`."""
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
 
@@ -79,16 +85,22 @@ def session_pids(sid: int) -> list[int]:
     return out
 
 
-def stop_pids(pids, timeout: float = 10) -> None:
-    """SIGTERM, then SIGKILL what is left (Ray's agents ignore SIGTERM)."""
+def signal_pids(pids, action: str) -> list:
+    """`action` ("terminate" or "kill") sent to each live process of `pids`; the processes reached."""
     procs = []
     for pid in set(pids):
         try:
             proc = psutil.Process(pid)
-            proc.terminate()
+            getattr(proc, action)()
             procs.append(proc)
         except psutil.Error:
             continue
+    return procs
+
+
+def stop_pids(pids, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL what is left (Ray's agents ignore SIGTERM)."""
+    procs = signal_pids(pids, "terminate")
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for proc in alive:
         try:
@@ -130,19 +142,21 @@ def loopback_violations(sockets) -> list[tuple[int, str, str, str]]:
 
 
 class LoopbackCluster:
-    """`ray start` head + a second node (1 CPU each, no GPU, no dashboard, no usage stats) and an
-    `mlflow server` with its own SQLite store and artifact folder, all on 127.0.0.1."""
+    """`ray start` head + a second node (1 CPU each, no GPU, no dashboard, no usage stats) and
+    `mlflow server`s, each with its own SQLite store and artifact folder, all on 127.0.0.1. A server
+    can be killed and started again on the same store and port (a tracking server that goes away)."""
 
-    def __init__(self, cpus_per_node: int = 1, token: str | None = None):
+    def __init__(self, cpus_per_node: int = 1, token: str = TOKEN):
         # Short: Ray's Unix socket paths live under it and must stay under 108 characters.
         self.root = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
         self.cpus = cpus_per_node
-        self.token = token or secrets.token_hex(32)
+        self.token = token
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.sessions: dict[str, int] = {}          # name -> session id (= pid of the command started)
-        self.mlflow_uri = ""
-        self._server: subprocess.Popen | None = None
+        self.mlflow_uri = ""                        # the server named "mlflow"
+        self._servers: dict[str, tuple[subprocess.Popen, str]] = {}   # name -> (process, URI)
+        self._ports: dict[str, int] = {}
 
     # -- processes ------------------------------------------------------------------------------
     def _env(self, loopback_switch: bool) -> dict[str, str]:
@@ -153,7 +167,7 @@ class LoopbackCluster:
         return env
 
     def _start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "wb")
+        log = open(self.root / f"{name}.log", "ab")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root,
                                 start_new_session=True)
         log.close()
@@ -186,28 +200,42 @@ class LoopbackCluster:
                                "--node-ip-address=127.0.0.1", *self._node_flags(name)],
                         self._env(loopback_switch=False))
 
-    def start_mlflow_server(self) -> None:
-        """Returns at once; wait_for_mlflow_server() waits until it answers."""
-        folder = self.root / "mlflow"
-        folder.mkdir()
-        port = free_port()
-        self.mlflow_uri = f"http://127.0.0.1:{port}"
-        self._server = self._start("mlflow", [
+    def start_mlflow_server(self, name: str = "mlflow") -> str:
+        """Start `mlflow server` (its store and artifacts in a folder named `name`) and return its URI at
+        once; wait_for_mlflow_server(name) waits until it answers. Starting a server that was killed
+        serves the same store on the same port again."""
+        folder = self.root / name
+        folder.mkdir(exist_ok=True)
+        port = self._ports.setdefault(name, free_port())
+        uri = f"http://127.0.0.1:{port}"
+        proc = self._start(name, [
             str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
             "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination",
             str(folder / "artifacts")], self._env(loopback_switch=False))
+        self._servers[name] = (proc, uri)
+        if name == "mlflow":
+            self.mlflow_uri = uri
+        return uri
 
-    def wait_for_mlflow_server(self, timeout: float = 180) -> None:
+    def wait_for_mlflow_server(self, name: str = "mlflow", timeout: float = 180) -> None:
+        proc, uri = self._servers[name]
+
         def answers() -> bool:
-            if self._server.poll() is not None:
-                raise RuntimeError(f"mlflow server exited:\n{self.log('mlflow')[-3000:]}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server {name} exited:\n{self.log(name)[-3000:]}")
             try:
-                with urllib.request.urlopen(f"{self.mlflow_uri}/health", timeout=2) as reply:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
                     return reply.status == 200
             except OSError:
                 return False
 
-        wait_until(answers, timeout, interval=0.5, what="the mlflow server")
+        wait_until(answers, timeout, interval=0.5, what=f"the mlflow server {name}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL every process of `name`'s session (a server or node that goes away at once)."""
+        psutil.wait_procs(signal_pids(self.pids(name), "kill"), timeout=30)
+        if name in self._servers:
+            self._servers[name][0].wait(timeout=30)
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"

@@ -5,6 +5,7 @@ and the Welch statistics."""
 
 import csv
 import io
+import json
 import math
 import os
 import shutil
@@ -442,3 +443,184 @@ def test_welch_is_undefined_without_replicates_or_variance():
     assert welch([0.5], [0.4, 0.6]).diff == pytest.approx(0.0)
     w = welch([0.25, 0.25], [0.25, 0.25])
     assert w.diff == 0.0 and math.isnan(w.p_value) and math.isnan(w.ci_low)
+
+
+# --- nuisance hyperparameters tuned per arm (`nuisance_grid`) -----------------------------------------------
+
+GRID_STUDY = {
+    "name": "tuned", "experiment": "alexnet-keras-tuned",
+    "base": {"model": {"variant": "cifar", "width": 0.125, "init": "keras"},
+             "data": {"dataset": "synthetic", "synthetic_samples": 128, "synthetic_classes": 4},
+             "train": {"epochs": 1, "batch_size": 32}},
+    "seeds": [0, 1, 2],
+    "axes": {"activation": ["relu", "tanh"]},
+    "nuisance_grid": {"learning_rate": [0.01, 0.05, 0.1]},
+}
+# Final validation / test accuracy per (activation, learning rate): validation picks 0.05 for ReLU and
+# 0.01 for tanh, while test would pick 0.01 for ReLU and 0.1 for tanh.
+VAL = {("relu", 0.01): 0.60, ("relu", 0.05): 0.70, ("relu", 0.1): 0.65,
+       ("tanh", 0.01): 0.55, ("tanh", 0.05): 0.50, ("tanh", 0.1): 0.45}
+TEST = {("relu", 0.01): 0.90, ("relu", 0.05): 0.50, ("relu", 0.1): 0.60,
+        ("tanh", 0.01): 0.40, ("tanh", 0.05): 0.45, ("tanh", 0.1): 0.95}
+
+
+def _grid_study(tmp_path, **changes):
+    path = tmp_path / "tuned.yaml"
+    path.write_text(yaml.safe_dump({**GRID_STUDY, **changes}, sort_keys=False))
+    return path
+
+
+def _fake_tuned_training(monkeypatch, fail=(), diverge=(), interrupt=()):
+    """A stand-in for train_and_evaluate whose metrics depend on (activation, learning rate) as VAL and
+    TEST say (plus 0.001 per seed); `fail` / `diverge` / `interrupt` name children by run name."""
+    from types import SimpleNamespace
+
+    from alexnet_keras import tracking
+
+    calls = []
+
+    def fake(config, *, tags=None, parent_run_id=None):
+        calls.append(config.run_name)
+        key = (config.model.activation, config.train.learning_rate)
+        with tracking.run(config.experiment, run_name=config.run_name, params=config.flat(),
+                          tags={**tags, "alexnet_keras.config_digest": config.digest()},
+                          parent_run_id=parent_run_id) as active:
+            if config.run_name in interrupt:
+                raise KeyboardInterrupt
+            if config.run_name in diverge:
+                raise FloatingPointError("training diverged (loss nan) at epoch 1; try a smaller --learning-rate")
+            if config.run_name in fail:
+                raise RuntimeError(f"out of disk ({config.run_name})")
+            bump = 0.001 * config.train.seed
+            tracking.log_metrics({"test_accuracy": TEST[key] + bump, "test_top5_accuracy": 1.0,
+                                  "final_train_accuracy": 0.8, "train_time_s": 1.0, "num_params": 100})
+            for epoch in range(2):   # the final value is the one that counts
+                tracking.log_metrics({"val_accuracy": (VAL[key] + bump) * (epoch + 1) / 2}, step=epoch)
+        return SimpleNamespace(run_id=active.info.run_id, metrics={}, history={})
+
+    monkeypatch.setattr("alexnet_keras.train.train_and_evaluate", fake)
+    return calls
+
+
+TUNING_CALLS = [f"{v} learning_rate={lr} seed=0" for v in ("baseline", "activation=tanh") for lr in (0.01, 0.05, 0.1)]
+
+
+def test_each_arm_is_tuned_on_validation_and_its_other_seeds_run_at_its_value(tmp_path, mlflow_store, monkeypatch):
+    path = _grid_study(tmp_path)
+    calls = _fake_tuned_training(monkeypatch)
+    assert cli.main(["ablate", str(path)]) == 0
+    # Tuning first (every arm at every value, seed 0), then the other seeds at the value validation chose:
+    # 0.05 for ReLU, 0.01 for tanh (test accuracy would have chosen 0.01 and 0.1).
+    assert calls == TUNING_CALLS + ["baseline learning_rate=0.05 seed=1", "activation=tanh learning_rate=0.01 seed=1",
+                                    "baseline learning_rate=0.05 seed=2", "activation=tanh learning_rate=0.01 seed=2"]
+    (parent,), children = _split(all_runs(mlflow_store))
+    assert parent.info.status == "FINISHED" and len(children) == 10
+    assert parent.data.params["num_children"] == "10"
+    lr_of = {r.info.run_name: float(r.data.params["learning_rate"]) for r in children}
+    assert lr_of["activation=tanh learning_rate=0.01 seed=2"] == 0.01
+
+    spec = json.loads((_artifact_dir(parent) / "study" / "study.json").read_text())
+    assert spec["nuisance_grid"] == {"learning_rate": [0.01, 0.05, 0.1]}
+    assert "learning_rate" in spec["hyperparameters"]["nuisance"]
+    study = load_study(path)
+    by_digest = {r.data.tags["alexnet_keras.config_digest"]: r for r in children}
+    for v in spec["variants"]:
+        assert "config_digests" not in v and list(v["grid_digests"]) == ["0.01", "0.05", "0.1"]
+        for label, digests in v["grid_digests"].items():
+            assert list(digests) == ["0", "1", "2"]
+            for seed, digest in digests.items():   # the digest of that arm, value and seed
+                child = next(c for c in study.children() if c.digest == digest)
+                assert (child.variant.name, child.grid_point.label, str(child.seed)) == (v["name"], label, seed)
+        # The first seed's run at the chosen value is the tuning run itself: trained once.
+        chosen = "0.05" if v["name"] == "baseline" else "0.01"
+        assert all(d in by_digest for d in v["grid_digests"][chosen].values())
+
+    # The report: each arm's value, the runs used (the chosen value's only), the tuning table.
+    rows = {r["variant"]: r for r in csv.DictReader(io.StringIO(
+        (_artifact_dir(parent) / "reports" / "ablation.csv").read_text()))}
+    assert rows["baseline"]["nuisance_value"] == "0.05" and rows["activation=tanh"]["nuisance_value"] == "0.01"
+    assert float(rows["baseline"]["test_accuracy_mean"]) == pytest.approx(0.501)   # 0.50 + 0.001 * mean seed
+    assert float(rows["activation=tanh"]["test_accuracy_mean"]) == pytest.approx(0.401)
+    md = (_artifact_dir(parent) / "reports" / "ablation.md").read_text()
+    table = md[md.index("| variant"):]
+    assert table.splitlines()[0].startswith("| variant | n | learning_rate | test acc |")
+    assert "| **baseline** | 3 | 0.05 |" in md and "| activation=tanh | 3 | 0.01 |" in md
+    assert "### Nuisance tuning per arm (learning_rate)" in md
+    assert "| activation=tanh | 0.01 | **0.5500** | 0.5000 | 0.4500 |" in md
+
+
+def test_a_tuned_study_resumes_with_the_choice_recomputed_from_the_store(tmp_path, mlflow_store, monkeypatch):
+    path = _grid_study(tmp_path)
+    # Interrupted during tuning: the tuning runs finished before are kept.
+    calls = _fake_tuned_training(monkeypatch, interrupt={"activation=tanh learning_rate=0.05 seed=0"})
+    assert cli.main(["ablate", str(path)]) == 130
+    assert calls == TUNING_CALLS[:5]
+    # Re-run: the rest of the tuning, then the final runs; one of them fails (not a divergence).
+    calls = _fake_tuned_training(monkeypatch, fail={"baseline learning_rate=0.05 seed=2"})
+    assert cli.main(["ablate", str(path)]) == 1
+    assert calls == TUNING_CALLS[4:] + ["baseline learning_rate=0.05 seed=1", "activation=tanh learning_rate=0.01 seed=1",
+                                        "baseline learning_rate=0.05 seed=2", "activation=tanh learning_rate=0.01 seed=2"]
+    # Again: only the failed child runs; the choice comes from the finished tuning runs in the store.
+    calls = _fake_tuned_training(monkeypatch)
+    assert cli.main(["ablate", str(path)]) == 0
+    assert calls == ["baseline learning_rate=0.05 seed=2"]
+    parents, children = _split(all_runs(mlflow_store))
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sum(r.info.status == "FINISHED" for r in children) == 10
+
+
+def test_a_grid_value_that_diverges_is_out_for_that_arm_not_a_failure(tmp_path, mlflow_store, monkeypatch):
+    path = _grid_study(tmp_path)
+    # ReLU's best value on validation (0.05) diverges: ReLU then runs at 0.1, its best finished value.
+    calls = _fake_tuned_training(monkeypatch, diverge={"baseline learning_rate=0.05 seed=0"})
+    assert cli.main(["ablate", str(path)]) == 0
+    assert "baseline learning_rate=0.1 seed=1" in calls and len(calls) == 10
+    calls = _fake_tuned_training(monkeypatch)
+    assert cli.main(["ablate", str(path)]) == 0
+    assert calls == []   # the diverged value is not tried again
+    (parent,), _ = _split(all_runs(mlflow_store))
+    md = (_artifact_dir(parent) / "reports" / "ablation.md").read_text()
+    assert "| baseline | 0.1 | 0.6000 | failed | **0.6500** |" in md
+
+
+def test_dry_run_lists_the_tuning_runs_then_the_final_runs(tmp_path, untouched_store, capsys):
+    assert cli.main(["ablate", str(_grid_study(tmp_path)), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 variants x 3 seeds, 3 nuisance values tuned per arm = 6 tuning + 4 final = 10 runs" in out
+    assert "nuisance grid: learning_rate in {0.01, 0.05, 0.1}" in out
+    tuning, final = out.index("1. tuning runs (6)"), out.index("2. final runs (4)")
+    assert tuning < out.index("activation=tanh learning_rate=0.1 seed=0") < final < out.index("baseline seed=2")
+    assert not untouched_store.exists()
+
+
+def test_a_grid_of_several_keys_is_their_product_and_no_grid_leaves_the_study_as_it_was(tmp_path):
+    path = _grid_study(tmp_path, nuisance_grid={"learning_rate": [0.01, 0.02], "batch_size": [32, 64]})
+    study = load_study(path)
+    assert [p.label for p in study.grid] == ["learning_rate=0.01,batch_size=32", "learning_rate=0.01,batch_size=64",
+                                             "learning_rate=0.02,batch_size=32", "learning_rate=0.02,batch_size=64"]
+    assert len(study.tuning_children()) == 8 and len(study.children()) == 2 * 4 * 3
+    assert len({c.digest for c in study.children()}) == 24
+    plain = load_study(_grid_study(tmp_path, nuisance_grid=None))
+    assert plain.grid == () and "nuisance_grid" not in plain.spec()
+    assert all("config_digests" in v and "grid_digests" not in v for v in plain.spec()["variants"])
+    assert plain.digest() != load_study(_grid_study(tmp_path)).digest()
+
+
+@pytest.mark.parametrize("grid, fragment", [
+    ({"learning_rat": [0.01]}, "nuisance_grid 'learning_rat': unknown option. Did you mean learning_rate"),
+    ({"activation": ["relu"]}, "is set by the axis 'activation' (scientific)"),
+    ({"seed": [0, 1]}, "cannot be tuned: use `seeds:`"),
+    ({"learning_rate": []}, "must list the values to try"),
+    ({"learning_rate": 0.01}, "must list the values to try"),
+    ({"learning_rate": [0.01, 0.01]}, "value '0.01' is listed twice"),
+    ({"learning_rate": [0.01, -1]}, "learning_rate"),
+    ({"dropout": [0.5, 0.50]}, "listed twice"),
+    ({"dropout": [0, 0.0]}, "are the same configuration"),
+    ([0.01, 0.02], "`nuisance_grid` must map options to the values tried per arm"),
+])
+def test_a_bad_nuisance_grid_fails_before_any_run(tmp_path, untouched_store, capsys, grid, fragment):
+    path = _grid_study(tmp_path, nuisance_grid=grid)
+    assert cli.main(["ablate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and str(path) in err and "Traceback" not in err
+    assert not untouched_store.exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import importlib.metadata
 import io
 import json
@@ -63,16 +64,15 @@ def learned(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root}/mlflow.db"
     data = colour_folder(root / "data", n_train=8, n_test=4)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.setenv(CACHE_ENV, str(root / "cache"))
-        patch.delenv("MLFLOW_RUN_ID", raising=False)
-        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-        assert cli.main(["train", "--variant", "cifar", "--width", "0.125", "--init", "keras", "--dropout", "0",
-                         "--dataset", "folder", "--data-dir", str(data), "--recipe", "paper", "--stored-size", "36",
-                         "--pixel-mean", "true", "--epochs", "5", "--batch-size", "8",
-                         "--experiment", "serving-test"]) == 0
+    # --deterministic so that it learns the same every time (without it tf.data may reorder batches and,
+    # rarely, 5 epochs on 24 images fall short), in a process of its own: determinism is process-wide.
+    trained = subprocess.run(
+        [sys.executable, "-m", "alexnet_keras", "train", "--variant", "cifar", "--width", "0.125", "--init", "keras",
+         "--dropout", "0", "--dataset", "folder", "--data-dir", str(data), "--recipe", "paper", "--stored-size",
+         "36", "--pixel-mean", "true", "--epochs", "5", "--batch-size", "8", "--deterministic", "true",
+         "--experiment", "serving-test"], cwd=root, env={**subprocess_env(uri), CACHE_ENV: str(root / "cache")},
+        capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
     (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("serving-test").experiment_id])
     assert run.data.metrics["test_accuracy"] == 1.0   # it has learned the colours
     rng = np.random.default_rng(99)
@@ -131,6 +131,8 @@ def test_a_fresh_python_loads_the_logged_model_without_the_package(learned, tmp_
         p.name for p in (folder / "artifacts").iterdir()}
     example = json.loads((folder / "serving_input_example.json").read_text())
     assert example["dataframe_split"]["columns"] == ["image"]
+    import alexnet_keras.model  # noqa: F401 - the keras flavor needs the AlexNet class registered
+
     network = mlflow.keras.load_model(model_uri)   # the keras flavor: the same .keras file
     assert network.input_shape == (None, 32, 32, 3) and network.output_shape == (None, len(COLOURS))
 
@@ -189,6 +191,32 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@contextlib.contextmanager
+def model_server(model_uri: str, cwd: Path, uri: str):
+    """`mlflow models serve -m model_uri` on a free 127.0.0.1 port, as a user starts it; yields (port,
+    process) once /ping answers, and stops it (and its uvicorn workers) afterwards, pass or fail."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=cwd, env=subprocess_env(uri), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(1)
+        yield port, server
+    finally:
+        stop(server)
+
+
 def stop(server: subprocess.Popen) -> None:
     """End the server and the uvicorn workers it started (its own process group)."""
     if server.poll() is None:
@@ -218,23 +246,7 @@ def test_serve_predict_and_cli_agree_and_bad_requests_get_400(learned, tmp_path,
     names = sorted(COLOURS)
     encoded = [base64.b64encode(files[name].read_bytes()).decode() for name in names]
     request = {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}, "params": {"top_k": 3}}
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model",
-                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=tmp_path, env=subprocess_env(uri), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, server.stdout.read()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(1)
+    with model_server(f"runs:/{run_id}/model", tmp_path, uri) as (port, server):
         status, served = post(port, request)
         assert status == 200, served
         served = served["predictions"]
@@ -265,8 +277,6 @@ def test_serve_predict_and_cli_agree_and_bad_requests_get_400(learned, tmp_path,
         status, again = post(port, request)
         assert status == 200 and again["predictions"] == served   # still serving, same answer
         assert server.poll() is None
-    finally:
-        stop(server)
 
     # `mlflow models predict` on the same request: the same answer.
     (tmp_path / "request.json").write_text(json.dumps(request))

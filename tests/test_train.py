@@ -66,6 +66,32 @@ def test_run_logs_per_epoch_and_test_metrics(trained_run):
     assert metrics["test_top5_accuracy"] == pytest.approx(1.0)
 
 
+def test_run_logs_system_metrics_and_a_description(trained_run):
+    """MLflow's system metrics (on by default, sampled every 2 s so that a short run gets some), and the
+    run page's description: what was trained, on what, how."""
+    uri, run = trained_run
+    metrics = run.data.metrics
+    assert metrics["system/cpu_utilization_percentage"] >= 0
+    assert metrics["system/system_memory_usage_megabytes"] > 0
+    history = MlflowClient(uri).get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+    assert [m.step for m in history] == list(range(len(history))) and history
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("AlexNet (cifar variant, 32 px input, width 0.125) trained on synthetic (")
+    for fragment in ("for 2 epochs", "batch 32", "seed 0", "LRN off", "batch norm off", "dropout 0.5"):
+        assert fragment in note, fragment
+
+
+def test_system_metrics_switch_off_and_the_default_run_name(mlflow_store):
+    """--system-metrics false: no system/ metric at all. No --run-name: the run is named for what it is."""
+    assert cli.main(["train", *cli_flags({**TINY, "epochs": 1}), "--system-metrics", "false", "--dropout", "0.25",
+                     "--activation", "tanh", "--seed", "3", "--batchnorm", "true"]) == 0
+    (run,) = all_runs(mlflow_store)
+    assert run.info.status == "FINISHED"
+    assert not [key for key in run.data.metrics if key.startswith("system/")]
+    assert run.data.params["system_metrics"] == "false"
+    assert run.info.run_name == "cifar-lrn-bn-pool3s2-do0.25-tanh-s3"
+
+
 def test_run_logs_reports_figures_model_and_dataset(trained_run):
     uri, run = trained_run
     client = MlflowClient(uri)
@@ -189,3 +215,48 @@ def test_sigterm_ends_the_run_killed(store_uri, tmp_path):
     # The checkpoint of the last completed epoch stays, for the same command to continue from.
     checkpoint = Path(run.data.tags["alexnet_keras.checkpoint_dir"])
     assert json.loads((checkpoint / "training_metadata.json").read_text())["epoch"] >= 1
+
+
+# --- how much LRN normalises, logged in every run with LRN layers ------------------------------------------
+
+LRN_METRICS = {f"lrn{i}_{name}_{when}" for i in (1, 2) for when in ("start", "end")
+               for name in ("ratio_mean", "ratio_p95", "scale_mean", "scale_min", "scale_max",
+                            "relative_scale_mean", "relative_scale_min")}
+
+
+def test_a_run_without_lrn_logs_no_lrn_diagnostics(trained_run):
+    _, run = trained_run   # --lrn false
+    assert not [key for key in run.data.metrics if key.startswith("lrn")]
+
+
+def test_lrn_diagnostics_are_logged_at_start_and_end_and_differ_between_input_regimes(mlflow_store):
+    from alexnet_keras.model import lrn_diagnostics
+    from alexnet_keras.train import lrn_probe_images, prepare
+
+    regimes = {"standardized": {"input_norm": "standardize", "init": "keras"},
+               "paper": {"input_norm": "center", "init": "paper"}}
+    metrics = {}
+    for name, options in regimes.items():
+        assert cli.main(["train", *cli_flags({**TINY, **options}), "--run-name", name]) == 0
+        (run,) = [r for r in all_runs(mlflow_store) if r.info.run_name == name]
+        metrics[name] = run.data.metrics
+        assert LRN_METRICS <= set(metrics[name])
+        assert not [key for key in metrics[name] if key.startswith("lrn") and key not in LRN_METRICS]
+        assert all(np.isfinite(metrics[name][key]) for key in LRN_METRICS)
+    # The start values are the diagnostic of the freshly built model on the first 64 validation images
+    # (all 13 here).
+    data, model = prepare(load_config(overrides={**TINY, **regimes["paper"]}))
+    images = lrn_probe_images(data)
+    assert images.shape == (data.counts["val"], 32, 32, 3) == (13, 32, 32, 3)
+    assert lrn_probe_images(data, count=5).shape[0] == 5
+    expected = lrn_diagnostics(model, images)
+    for layer in ("lrn1", "lrn2"):
+        for stat in ("ratio_mean", "ratio_p95", "relative_scale_min"):
+            assert metrics["paper"][f"{layer}_{stat}_start"] == pytest.approx(expected[layer][stat], rel=1e-4)
+    # Pixels on the 0..255 scale with N(0, 0.01) weights feed LRN larger activations than standardised
+    # pixels with Glorot weights: its normalising term is larger, its scale further below k^-beta.
+    standardized, paper = metrics["standardized"], metrics["paper"]
+    assert paper["lrn1_ratio_mean_start"] > 5 * standardized["lrn1_ratio_mean_start"]
+    assert paper["lrn1_relative_scale_min_start"] < standardized["lrn1_relative_scale_min_start"] <= 1.0
+    # Training moved the weights, and the diagnostic with them.
+    assert paper["lrn1_ratio_mean_end"] != paper["lrn1_ratio_mean_start"]

@@ -100,6 +100,12 @@ def test_bayesian_sweep_starts_with_fewer_random_trials_than_its_budget(tmp_path
     assert bayesian(max_trials=8).digest() == bayesian(max_trials=9).digest()   # budget, not the search
     tuner = tune.make_tuner(sweep, tune.AlexNetHyperModel(sweep), tune.SweepContext(sweep, None))
     assert tuner.oracle.num_initial_points == 4                # what keras-tuner runs with
+    # The file's seed (0 here) makes the search repeatable: keras-tuner would take a seed of 0 for none
+    # and draw a random one, so two tuners would propose different first trials.
+    again = tune.make_tuner(sweep, tune.AlexNetHyperModel(sweep), tune.SweepContext(sweep, None))
+    assert sweep.seed == 0 and tuner.oracle.seed == again.oracle.seed == tune.oracle_seed(0) != 0
+    first = [t.oracle.create_trial("probe").hyperparameters.values for t in (tuner, again)]
+    assert first[0] == first[1]
     for budget, fragment in (({"max_trials": 8, "num_initial_points": 8}, "num_initial_points is 8, but "
                               "budget.max_trials is 8"),
                              ({"max_trials": 2}, "num_initial_points is 2, but budget.max_trials is 2")):

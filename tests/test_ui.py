@@ -1,10 +1,14 @@
 """The MLflow UI shows what a training run logged: started for real, read by headless Chromium.
 
-Skipped where Chromium is absent (.ci/run installs Debian's `chromium`). A screenshot of the run page is
-kept under test-artifacts/ for a person to look at.
+One store holds a `train --register` run (no --run-name: named for what it is) and a tiny ablation study.
+The run page shows the run's name, its params, its description and its registered model; the study's
+parent shows the study table (reports/ablation_table.json, an MLflow table) as a table. Skipped where
+Chromium is absent (.ci/run installs Debian's `chromium`). A screenshot of the run page is kept under
+test-artifacts/ for a person to look at.
 """
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -15,12 +19,14 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import TINY, all_runs
+import yaml
+from conftest import TINY, all_runs, copy_store, point_at
 
-from alexnet_keras import cli
+from alexnet_keras import cli, tracking
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed")
 
 
@@ -37,14 +43,26 @@ def _chromium(url: str, *extra: str, profile: Path) -> subprocess.CompletedProce
     return subprocess.run([CHROMIUM, *flags, *extra, url], capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture
-def ui(mlflow_store, tmp_path):
-    """`mlflow ui` on a free loopback port over a store holding one real training run."""
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory, store_template):
+    """`mlflow ui` on a free loopback port over a store holding a real registered training run and a
+    tiny study (two variants, one seed); shared by the tests below (training is the slow part)."""
+    tmp_path = tmp_path_factory.mktemp("ui")
+    mlflow_store = copy_store(store_template, tmp_path)
     flags = []
-    for key, value in {**TINY, "epochs": 1, "run_name": "ui-check-run", "lrn": "false"}.items():
+    for key, value in {**TINY, "epochs": 1, "lrn": "false", "register": "ui-model"}.items():
         flags += [f"--{key.replace('_', '-')}", str(value)]
-    assert cli.main(["train", *flags]) == 0
-    (run,) = all_runs(mlflow_store)
+    study = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
+    study.update(name="ui-study", seeds=[0], axes={"dropout": [0.5, 0.0]}, experiment="alexnet-keras")
+    study["base"]["data"]["synthetic_samples"] = 64
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    with pytest.MonkeyPatch.context() as patch:
+        point_at(patch, tmp_path, mlflow_store)
+        assert cli.main(["train", *flags]) == 0
+        assert cli.main(["ablate", str(tmp_path / "study.yaml")]) == 0
+    runs = all_runs(mlflow_store)
+    (run,) = [r for r in runs if tracking.STUDY_TAG not in r.data.tags]
+    (parent,) = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "parent"]
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     server = subprocess.Popen(
@@ -63,7 +81,7 @@ def ui(mlflow_store, tmp_path):
             assert server.poll() is None, "mlflow ui exited"
             assert time.monotonic() < deadline, "mlflow ui did not answer within 90 s"
             time.sleep(0.5)
-        yield base, run
+        yield base, run, parent, mlflow_store
     finally:
         server.terminate()
         try:
@@ -73,13 +91,18 @@ def ui(mlflow_store, tmp_path):
 
 
 def test_ui_lists_the_experiment_and_shows_the_run_with_params(ui, tmp_path):
-    base, run = ui
+    base, run, _, uri = ui
     page = f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     dom = _chromium(page, "--dump-dom", profile=tmp_path / "profile-dom").stdout
-    assert "ui-check-run" in dom                       # the run page rendered (a React app: needs JS)
+    assert run.info.run_name == "cifar-lrn0-bn0-pool3s2-do0.5-s0"
+    assert "cifar-lrn0-bn0-pool3s2-do0.5-s0" in dom     # the run page rendered (a React app: needs JS)
     for param in ("lrn", "weight_decay", "batch_size"):
         assert param in dom, param
     assert "Finished" in dom
+    assert "AlexNet (cifar variant, 32 px input, width 0.125) trained on synthetic" in dom   # the description
+    # The registered model, linked from the run page ("Registered models": ui-model v1).
+    assert 'href="#/models/ui-model/versions/1"' in dom
+    assert "Registered models" in dom
 
     listing = _chromium(f"{base}/#/experiments", "--dump-dom", profile=tmp_path / "profile-list").stdout
     assert "alexnet-keras" in listing                  # the experiment appears in the experiments list
@@ -90,5 +113,20 @@ def test_ui_lists_the_experiment_and_shows_the_run_with_params(ui, tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
 
     # The artifacts the page links to: figures and the model are served by the same server.
-    artifacts = mlflow.artifacts.list_artifacts(run_id=run.info.run_id, tracking_uri=mlflow.get_tracking_uri())
+    artifacts = mlflow.artifacts.list_artifacts(run_id=run.info.run_id, tracking_uri=uri)
     assert {"figures", "model"} <= {a.path for a in artifacts}
+
+
+def test_ui_shows_the_study_parent_with_its_table(ui, tmp_path):
+    """The study's parent, named after the study, shows reports/ablation_table.json (logged with
+    mlflow.log_table) as a table: its columns as header cells, one row per variant."""
+    base, _, parent, _ = ui
+    assert parent.info.run_name == "ui-study"
+    page = (f"{base}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+            f"/artifacts/reports/ablation_table.json")
+    dom = _chromium(page, "--dump-dom", profile=tmp_path / "profile-table").stdout
+    assert "ui-study" in dom and "View as table" in dom
+    for column in ("variant", "test_accuracy_mean", "delta_test_accuracy", "reading"):
+        assert re.search(rf'table-header-text[^>]*title="{column}"', dom), column
+    text = re.sub(r"<[^>]+>", " ", dom)
+    assert re.search(r"\bbaseline\b", text) and "dropout=0.0" in text

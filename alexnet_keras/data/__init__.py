@@ -45,17 +45,39 @@ CIFAR-10 stays at its native 32 px in memory; other sizes are produced per batch
 `max_memory_mb`, and TFRecord shards, are streamed: decoded on the fly, in parallel, every epoch.
 """
 
-from .archives import ARCHIVE_SUFFIXES, DATA_DIR_ENV, DataDir, locate_data_dir, resolve_data_dir
-from .augment import (TEN_CROP_VIEWS, center_crop, model_views, pca_color_shift, random_crop_flip, random_crops,
-                      ten_crops, to_stored)
-from .cache import CACHE_ENV, cache_root
-from .decode import RESIZE_POLICIES, decode_image
-from .files import DataError, Walk, walk_files
-from .images import ArrayImages, FileImages, Images, SourceImages
-from .pipeline import Data, enable_op_determinism, load_data
-from .pixel_stats import RGBStats, rgb_statistics
-from .sources import CIFAR10_CLASSES, SafeUnpickler
-from .tfrecord import RecordImages, is_prepared, prepare, read_manifest
+import importlib
+
+# Every name this package exports, and the module that defines it. They are imported on first use
+# (PEP 562), so that `from .data import DataError` (the CLI's error handling, `report`, the served
+# model) does not start TensorFlow: only augment, decode, images, sources, tfrecord and pipeline need it.
+_EXPORTS = {
+    "archives": ("ARCHIVE_SUFFIXES", "DATA_DIR_ENV", "DataDir", "locate_data_dir", "resolve_data_dir"),
+    "augment": ("TEN_CROP_VIEWS", "center_crop", "model_views", "pca_color_shift", "random_crop_flip",
+                "random_crops", "ten_crops", "to_stored"),
+    "cache": ("CACHE_ENV", "cache_root"),
+    "decode": ("RESIZE_POLICIES", "decode_image"),
+    "files": ("DataError", "Walk", "walk_files"),
+    "images": ("ArrayImages", "FileImages", "Images", "SourceImages"),
+    "pipeline": ("Data", "enable_op_determinism", "load_data"),
+    "pixel_stats": ("RGBStats", "rgb_statistics"),
+    "sources": ("CIFAR10_CLASSES", "SafeUnpickler"),
+    "tfrecord": ("RecordImages", "is_prepared", "prepare", "read_manifest"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value   # later look-ups (and monkeypatching) see a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULE_OF})
+
 
 __all__ = [
     "ARCHIVE_SUFFIXES", "CACHE_ENV", "CIFAR10_CLASSES", "DATA_DIR_ENV", "RESIZE_POLICIES", "TEN_CROP_VIEWS",

@@ -1,0 +1,165 @@
+"""The model registry wired into the commands, on a SQLite store: `train --register NAME` (then
+`predict --model models:/NAME@champion` and `mlflow models serve -m models:/NAME@champion` answering
+HTTP on loopback), `ablate --register` (the best variant, chosen on validation accuracy) and
+`tune --register` (the sweep's best model); a bad name is refused before anything runs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from conftest import TINY, all_runs, cli_flags, subprocess_env
+from mlflow.tracking import MlflowClient
+from test_serving import COLOURS, colour_folder, colour_image, jpeg_bytes, model_server, post
+
+from alexnet_keras import ablate, cli, serving, tracking
+from alexnet_keras.data import CACHE_ENV
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_train_register_then_predict_and_serve_by_alias(mlflow_store, tmp_path, monkeypatch, capsys):
+    """`alexnet-keras train --register colours`: version 1 of `colours`, alias champion, tagged with the
+    run it came from; `predict` and `mlflow models serve` load it by models:/colours@champion and tell
+    the colours apart."""
+    import numpy as np
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    data = colour_folder(tmp_path / "data", n_train=8, n_test=4)
+    # test_serving.py's `learned` model (the paper recipe, which tells these colours apart in 5 epochs),
+    # with --deterministic (so it learns the same every time) in a process of its own (determinism is
+    # process-wide in TensorFlow).
+    trained = subprocess.run(
+        [sys.executable, "-m", "alexnet_keras", "train", "--variant", "cifar", "--width", "0.125", "--init", "keras",
+         "--dropout", "0", "--dataset", "folder", "--data-dir", str(data), "--recipe", "paper", "--stored-size",
+         "36", "--pixel-mean", "true", "--epochs", "5", "--batch-size", "8", "--deterministic", "true",
+         "--register", "colours"], cwd=tmp_path, env={**subprocess_env(mlflow_store), CACHE_ENV: str(tmp_path / "cache")},
+        capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "registered the model of run" in trained.stdout
+    (run,) = all_runs(mlflow_store)
+    assert run.info.status == "FINISHED" and run.data.metrics["test_accuracy"] == 1.0   # it has learned
+
+    version = serving.registered_version("colours")
+    assert int(version.version) == 1 and version.run_id == run.info.run_id
+    assert version.tags["alexnet_keras.origin"] == "train"
+    assert version.tags["alexnet_keras.run_name"] == run.info.run_name == "cifar-lrn-bn0-pool3s2-do0-s0"
+    assert version.description == run.data.tags["mlflow.note.content"]   # the run's description
+    assert MlflowClient().get_registered_model("colours").aliases == {"champion": 1}
+
+    rng = np.random.default_rng(7)
+    files = {}
+    for name, colour in COLOURS.items():
+        files[name] = tmp_path / f"{name}.jpg"
+        files[name].write_bytes(jpeg_bytes(colour_image(rng, colour, (40, 28))))
+    names = sorted(COLOURS)
+    assert cli.main(["predict", "--model", "models:/colours@champion", *[str(files[n]) for n in names],
+                     "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [r["predictions"][0]["class"] for r in results] == names
+
+    with model_server("models:/colours@champion", tmp_path, mlflow_store) as (port, _):
+        encoded = [base64.b64encode(files[n].read_bytes()).decode() for n in names]
+        status, body = post(port, {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]},
+                                   "params": {"top_k": 2}})
+        assert status == 200, body
+        assert [row["class"] for row in body["predictions"]] == names
+        assert [row["top_k"][0] for row in body["predictions"]] == [r["predictions"][0] for r in results]
+
+
+def test_bad_registered_model_name_is_refused_before_anything_runs(untouched_store, tmp_path, capsys):
+    assert cli.main(["train", *cli_flags(TINY), "--register", "team/alexnet"]) == 2
+    err = capsys.readouterr().err
+    assert "registered model name 'team/alexnet'" in err and "Traceback" not in err
+    study = tmp_path / "study.yaml"
+    study.write_text((ROOT / "experiments" / "smoke.yaml").read_text())
+    assert cli.main(["ablate", str(study), "--register", "a@b"]) == 2
+    assert "registered model name 'a@b'" in capsys.readouterr().err
+    sweep = yaml.safe_load((ROOT / "experiments" / "sweep_smoke.yaml").read_text())
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({**sweep, "final_model": "none"}))
+    assert cli.main(["tune", str(tmp_path / "sweep.yaml"), "--register", "sweep-best"]) == 2
+    assert "--register needs the sweep's model" in capsys.readouterr().err
+    assert not untouched_store.exists()   # no run, and not even the store
+
+
+def _variant(name, finals):
+    """A report's VariantSummary-like record: one run per final validation accuracy."""
+    return SimpleNamespace(name=name, run_ids=[f"{name}-{i}" for i in range(len(finals))],
+                           seeds=list(range(len(finals))), val_histories=[[0.1, v] for v in finals])
+
+
+def test_champion_is_the_best_mean_validation_variant_then_its_best_run():
+    # b has the single best run (0.9), but a has the better mean (0.7 against 0.55): a wins, with its
+    # own best run. Test accuracy plays no part (the record has none).
+    report = SimpleNamespace(variants=[_variant("baseline", [0.5, 0.52]), _variant("a", [0.6, 0.8]),
+                                       _variant("b", [0.9, 0.2]), _variant("never-finished", [])])
+    variant, run_id, mean, value = ablate.champion(report)
+    assert (variant.name, run_id, value) == ("a", "a-1", 0.8) and mean == pytest.approx(0.7)
+    tie = SimpleNamespace(variants=[_variant("first", [0.5]), _variant("second", [0.5])])
+    assert ablate.champion(tie)[0].name == "first"     # ties: the study's order
+    assert ablate.champion(SimpleNamespace(variants=[_variant("x", [])])) is None
+
+
+def test_ablate_register_registers_the_best_variant_on_validation(mlflow_store, tmp_path):
+    study = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
+    study.update(name="registry-smoke", seeds=[0, 1], axes={"dropout": [0.5, 0.0]})
+    study["base"]["data"]["synthetic_samples"] = 96
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    assert cli.main(["ablate", str(path), "--register", "study-best"]) == 0
+
+    runs = all_runs(mlflow_store)
+    (parent,) = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "parent"]
+    children = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "child"]
+    assert len(children) == 4
+    by_variant = {}
+    for child in children:
+        by_variant.setdefault(child.data.tags[tracking.VARIANT_TAG], []).append(child)
+    means = {name: sum(c.data.metrics["val_accuracy"] for c in group) / len(group)
+             for name, group in by_variant.items()}
+    assert set(means) == {"baseline", "dropout=0.0"}
+    best = max(["baseline", "dropout=0.0"], key=lambda name: means[name])   # the study's order on ties
+    best_run = max(by_variant[best], key=lambda c: c.data.metrics["val_accuracy"])
+
+    version = serving.registered_version("study-best")
+    assert version.run_id in {c.info.run_id for c in by_variant[best]}
+    assert MlflowClient().get_run(version.run_id).data.metrics["val_accuracy"] == \
+        best_run.data.metrics["val_accuracy"]
+    tags = version.tags
+    assert tags["alexnet_keras.origin"] == "study" and tags[tracking.STUDY_TAG] == "registry-smoke"
+    assert tags[tracking.PARENT_RUN_TAG] == parent.info.run_id and tags[tracking.VARIANT_TAG] == best
+    assert tags[tracking.SELECTION_METRIC_TAG] == "mean val_accuracy of the variant"
+    assert float(tags[tracking.SELECTION_VALUE_TAG]) == pytest.approx(means[best], abs=1e-5)
+    # Parents and children are named and described.
+    assert parent.info.run_name == "registry-smoke"
+    for child in children:
+        note = child.data.tags["mlflow.note.content"]
+        assert "ablation study 'registry-smoke'" in note and f"variant {child.data.tags[tracking.VARIANT_TAG]!r}" in note
+
+
+def test_tune_register_registers_the_sweeps_model(mlflow_store, tmp_path):
+    sweep = yaml.safe_load((ROOT / "experiments" / "sweep_smoke.yaml").read_text())
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**sweep, "name": "registry-sweep"}))
+    assert cli.main(["tune", str(path), "--tuner-dir", str(tmp_path / "tuner"), "--register", "sweep-best"]) == 0
+    runs = all_runs(mlflow_store)
+    (parent,) = [r for r in runs if r.data.tags.get(tracking.SWEEP_ROLE_TAG) == "parent"]
+    version = serving.registered_version("sweep-best")
+    assert version.run_id == parent.info.run_id          # the model the parent logged: the best trial's
+    tags = version.tags
+    assert tags["alexnet_keras.origin"] == "sweep" and tags[tracking.SWEEP_TAG] == "registry-sweep"
+    assert tags[tracking.PARENT_RUN_TAG] == parent.info.run_id
+    assert tags[tracking.SELECTION_METRIC_TAG] == "val_accuracy"
+    assert float(tags[tracking.SELECTION_VALUE_TAG]) == pytest.approx(parent.data.metrics["best_val_accuracy"],
+                                                                      abs=1e-5)
+    assert tags[tracking.BEST_RUN_ID_TAG] == parent.data.tags[tracking.BEST_RUN_ID_TAG]
+    assert parent.info.run_name == "registry-sweep"
+    assert "Hyperparameter sweep 'registry-sweep'" in parent.data.tags["mlflow.note.content"]
+    for trial in [r for r in runs if r.data.tags.get(tracking.SWEEP_ROLE_TAG) == "trial"]:
+        assert "of hyperparameter sweep 'registry-sweep'" in trial.data.tags["mlflow.note.content"]
