@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import TINY, all_runs, cli_flags, subprocess_env
+from conftest import TINY, all_runs, cli_flags
 from mlflow.tracking import MlflowClient
-from test_serving import COLOURS, colour_folder, colour_image, jpeg_bytes, model_server, post
+from test_serving import COLOURS, colour_folder, colour_image, jpeg_bytes, model_server, post, train_colours
 
 from alexnet_keras import ablate, cli, serving, tracking
 from alexnet_keras.data import CACHE_ENV
@@ -32,15 +30,7 @@ def test_train_register_then_predict_and_serve_by_alias(mlflow_store, tmp_path, 
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     data = colour_folder(tmp_path / "data", n_train=8, n_test=4)
-    # test_serving.py's `learned` model (the paper recipe, which tells these colours apart in 5 epochs),
-    # with --deterministic (so it learns the same every time) in a process of its own (determinism is
-    # process-wide in TensorFlow).
-    trained = subprocess.run(
-        [sys.executable, "-m", "alexnet_keras", "train", "--variant", "cifar", "--width", "0.125", "--init", "keras",
-         "--dropout", "0", "--dataset", "folder", "--data-dir", str(data), "--recipe", "paper", "--stored-size",
-         "36", "--pixel-mean", "true", "--epochs", "5", "--batch-size", "8", "--deterministic", "true",
-         "--register", "colours"], cwd=tmp_path, env={**subprocess_env(mlflow_store), CACHE_ENV: str(tmp_path / "cache")},
-        capture_output=True, text=True, timeout=600)
+    trained = train_colours(data, tmp_path, mlflow_store, "--register", "colours")   # test_serving's model
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "registered the model of run" in trained.stdout
     (run,) = all_runs(mlflow_store)

@@ -64,14 +64,7 @@ def learned(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root}/mlflow.db"
     data = colour_folder(root / "data", n_train=8, n_test=4)
-    # --deterministic so that it learns the same every time (without it tf.data may reorder batches and,
-    # rarely, 5 epochs on 24 images fall short), in a process of its own: determinism is process-wide.
-    trained = subprocess.run(
-        [sys.executable, "-m", "alexnet_keras", "train", "--variant", "cifar", "--width", "0.125", "--init", "keras",
-         "--dropout", "0", "--dataset", "folder", "--data-dir", str(data), "--recipe", "paper", "--stored-size",
-         "36", "--pixel-mean", "true", "--epochs", "5", "--batch-size", "8", "--deterministic", "true",
-         "--experiment", "serving-test"], cwd=root, env={**subprocess_env(uri), CACHE_ENV: str(root / "cache")},
-        capture_output=True, text=True, timeout=600)
+    trained = train_colours(data, root, uri, "--experiment", "serving-test")
     assert trained.returncode == 0, trained.stderr[-3000:]
     (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("serving-test").experiment_id])
     assert run.data.metrics["test_accuracy"] == 1.0   # it has learned the colours
@@ -84,6 +77,19 @@ def learned(tmp_path_factory):
         files[name].write_bytes(jpeg_bytes(colour_image(rng, colour, (45, 30))))
     mlflow.set_tracking_uri(uri)
     yield uri, run.info.run_id, root, files
+
+
+def train_colours(data: Path, cwd: Path, uri: str, *flags: str) -> subprocess.CompletedProcess:
+    """`alexnet-keras train` of the paper recipe on colour_folder `data` (it tells the colours apart in 5
+    epochs), logging to `uri`, plus `flags`. --deterministic so that it learns the same every time
+    (without it tf.data may reorder batches and, rarely, 5 epochs on 24 images fall short), in a process
+    of its own: determinism is process-wide in TensorFlow."""
+    return subprocess.run(
+        [sys.executable, "-m", "alexnet_keras", "train", "--variant", "cifar", "--width", "0.125", "--init", "keras",
+         "--dropout", "0", "--dataset", "folder", "--data-dir", str(data), "--recipe", "paper", "--stored-size",
+         "36", "--pixel-mean", "true", "--epochs", "5", "--batch-size", "8", "--deterministic", "true", *flags],
+        cwd=cwd, env={**subprocess_env(uri), CACHE_ENV: str(cwd / "cache")}, capture_output=True, text=True,
+        timeout=600)
 
 
 def subprocess_env(uri: str) -> dict:
