@@ -268,3 +268,17 @@ class LoopbackCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def two_node_lab():
+    """The body of each Ray test module's `two_nodes` fixture: a two-node cluster (1 CPU a node) and an
+    MLflow server on 127.0.0.1, yielded once all are up; every process stopped afterwards, pass or fail."""
+    from alexnet_keras import cluster
+
+    with LoopbackCluster() as lab:
+        lab.start_mlflow_server()       # slowest to come up: start it first
+        lab.start_head()
+        lab.add_node("second")
+        lab.wait_for_mlflow_server()
+        yield lab
+        cluster.disconnect()

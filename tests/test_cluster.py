@@ -14,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from ray_fixtures import (TOKEN, LoopbackCluster, auth_env, free_port, loopback_violations, psutil,
+from ray_fixtures import (two_node_lab, TOKEN, auth_env, free_port, loopback_violations, psutil,
                           tcp_sockets, wait_until)
 
 from alexnet_keras import cluster
@@ -268,13 +268,7 @@ def two_nodes():
     """The two-node cluster and the MLflow server, for the whole module; stopped even on failure."""
     if RAY_MISSING:
         pytest.skip("ray or psutil is not installed (pip install -e '.[ray]')")
-    with LoopbackCluster(token=TOKEN) as lab:
-        lab.start_mlflow_server()       # slowest to come up: start it first
-        lab.start_head()
-        lab.add_node("second")
-        lab.wait_for_mlflow_server()
-        yield lab
-        cluster.disconnect()
+    yield from two_node_lab()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from ray_fixtures import (TOKEN, LoopbackCluster, auth_env, loopback_violations, psutil, tcp_sockets,
+from ray_fixtures import (two_node_lab, TOKEN, auth_env, loopback_violations, psutil, tcp_sockets,
                           wait_until)
 
 from alexnet_keras import cli, cluster, tracking
@@ -135,13 +135,7 @@ def two_nodes():
     """Two Ray nodes (1 CPU each) and an MLflow server on 127.0.0.1, for the whole module."""
     if RAY_MISSING:
         pytest.skip("ray or psutil is not installed (pip install -e '.[ray]')")
-    with LoopbackCluster() as lab:
-        lab.start_mlflow_server()       # slowest to come up: start it first
-        lab.start_head()
-        lab.add_node("second")
-        lab.wait_for_mlflow_server()
-        yield lab
-        cluster.disconnect()
+    yield from two_node_lab()
 
 
 @pytest.fixture
