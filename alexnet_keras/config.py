@@ -36,7 +36,7 @@ INITS = ("paper", "keras")
 DATASETS = ("cifar10", "folder", "synthetic")
 # Input recipes (alexnet_keras/data/pipeline.py): "simple" squashes to the input size; "paper" is Krizhevsky et al.'s.
 RECIPES = ("simple", "paper")
-SCHEDULES = ("plateau", "cosine", "constant")
+SCHEDULES = ("plateau", "cosine", "step", "constant")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 JIT = ("auto", "true", "false")
 # Multi-device data parallelism engines (alexnet_keras/distribute.py): none; TF mirrored / multi_worker; JAX.
@@ -295,7 +295,9 @@ class TrainConfig:
     batch_size: int = 128
     learning_rate: float = 0.01
     momentum: float = 0.9
-    schedule: str = "plateau"       # "plateau": lr/10 when val loss stalls (paper); "cosine"; "constant"
+    # "plateau": lr/10 when val loss stalls (paper); "cosine"; "step": lr/10 after half and again after
+    # three quarters of the epochs (the paper's /10 steps on a fixed timetable); "constant"
+    schedule: str = "plateau"
     plateau_patience: int = 3
     seed: int = 0
     precision: str = "float32"

@@ -88,13 +88,25 @@ def enable_determinism() -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def learning_rate_schedule(train: TrainConfig, steps_per_epoch: int) -> Any:
+    """The optimizer's learning rate: a float, or a Keras schedule of the optimizer step. The plateau
+    schedule is a callback instead (build_callbacks): it reacts to the validation loss."""
+    total = max(1, train.epochs * steps_per_epoch)
+    if train.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=total)
+    if train.schedule == "step":
+        # Drops after E/2 and 3E/4 epochs' worth of optimizer steps (rounded down; Keras keeps a value
+        # through its boundary step). docs/ablations.md asks whether the last fifth, at lr/100, still moves.
+        return keras.optimizers.schedules.PiecewiseConstantDecay(
+            boundaries=[total // 2, total * 3 // 4],
+            values=[train.learning_rate, train.learning_rate / 10, train.learning_rate / 100])
+    return train.learning_rate
+
+
 def build_optimizer(train: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """SGD with momentum, as in the paper; weight decay is an L2 term in the model (see model.py)."""
-    learning_rate: Any = train.learning_rate
-    if train.schedule == "cosine":
-        learning_rate = keras.optimizers.schedules.CosineDecay(
-            train.learning_rate, decay_steps=max(1, train.epochs * steps_per_epoch))
-    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=train.momentum)
+    return keras.optimizers.SGD(learning_rate=learning_rate_schedule(train, steps_per_epoch),
+                                momentum=train.momentum)
 
 
 def compile_model(model: keras.Model, config: Config, steps_per_epoch: int) -> keras.Model:

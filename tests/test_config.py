@@ -151,6 +151,7 @@ def test_digests_of_the_logged_studies_and_sweep_do_not_move():
     children = load_study(root + "ablation_cpu.yaml").children()   # docs/ablations.md, 33 runs
     combined = hashlib.sha256(",".join(sorted(c.digest for c in children)).encode()).hexdigest()[:16]
     assert combined == "41995232fac5608d"
+    assert load_study(root + "ablation_plateau_cpu.yaml").digest() == "790614642875dc40"   # docs/ablations.md
     assert load_sweep(root + "sweep.yaml").digest() == "5c11feec7c703dac"   # docs/sweeps.md
     assert load_config(root + "cifar10.yaml").digest() == "d77d64afba55c9d6"
 

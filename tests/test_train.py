@@ -260,3 +260,19 @@ def test_lrn_diagnostics_are_logged_at_start_and_end_and_differ_between_input_re
     assert paper["lrn1_relative_scale_min_start"] < standardized["lrn1_relative_scale_min_start"] <= 1.0
     # Training moved the weights, and the diagnostic with them.
     assert paper["lrn1_ratio_mean_end"] != paper["lrn1_ratio_mean_start"]
+
+
+
+@pytest.mark.parametrize("epochs, steps", [(10, 352), (3, 7)])
+def test_step_schedule_divides_the_rate_by_ten_at_half_and_three_quarters(epochs, steps):
+    from alexnet_keras.config import TrainConfig
+    from alexnet_keras.train import learning_rate_schedule
+
+    schedule = learning_rate_schedule(TrainConfig(epochs=epochs, schedule="step", learning_rate=0.02), steps)
+    total = epochs * steps
+    half, three_quarters = total // 2, total * 3 // 4
+    # Keras' PiecewiseConstantDecay keeps a value up to and including its boundary step.
+    at = {step: float(schedule(step)) for step in
+          (0, half, half + 1, three_quarters, three_quarters + 1, total - 1)}
+    assert at == pytest.approx({0: 0.02, half: 0.02, half + 1: 0.002, three_quarters: 0.002,
+                                three_quarters + 1: 0.0002, total - 1: 0.0002})
