@@ -212,8 +212,11 @@ def test_rerun_resumes_the_same_parent_skipping_finished_children(in_smoke_store
 
 # --- failures and interruptions (a stand-in for training: real runs, no Keras) --------------------------
 
-def _fake_training(monkeypatch, fail=(), interrupt=()):
-    """Replace train_and_evaluate by a run that logs made-up metrics; `fail` / `interrupt` name children."""
+def _fake_training(monkeypatch, accuracy=None, *, fail=(), diverge=(), interrupt=()):
+    """Replace train_and_evaluate by real runs that log made-up metrics. `accuracy(config)` gives the
+    (validation, test, final training) accuracy, by default `lrn_accuracy`; validation climbs to its value
+    over two epochs (the last one counts). `interrupt` / `diverge` / `fail` name children (by run name) that
+    raise KeyboardInterrupt / FloatingPointError (a divergence) / RuntimeError."""
     from types import SimpleNamespace
 
     from alexnet_keras import tracking
@@ -221,23 +224,32 @@ def _fake_training(monkeypatch, fail=(), interrupt=()):
     calls = []
 
     def fake(config, *, tags=None, parent_run_id=None):
-        calls.append(config.run_name)
-        with tracking.run(config.experiment, run_name=config.run_name, params=config.flat(),
+        name = config.run_name
+        calls.append(name)
+        val, test, train_accuracy = (accuracy or lrn_accuracy)(config)
+        with tracking.run(config.experiment, run_name=name, params=config.flat(),
                           tags={**tags, "alexnet_keras.config_digest": config.digest()},
                           parent_run_id=parent_run_id) as active:
-            if config.run_name in interrupt:
+            if name in interrupt:
                 raise KeyboardInterrupt
-            if config.run_name in fail:
-                raise FloatingPointError(f"training diverged ({config.run_name})")
-            acc = 0.5 + 0.01 * config.train.seed + 0.1 * config.model.lrn
-            tracking.log_metrics({"test_accuracy": acc, "test_top5_accuracy": 1.0, "final_train_accuracy": acc,
-                                  "train_time_s": 1.0, "num_params": 100})
+            if name in diverge:
+                raise FloatingPointError(f"training diverged (loss nan) at epoch 1 ({name})")
+            if name in fail:
+                raise RuntimeError(f"out of disk ({name})")
+            tracking.log_metrics({"test_accuracy": test, "test_top5_accuracy": 1.0,
+                                  "final_train_accuracy": train_accuracy, "train_time_s": 1.0, "num_params": 100})
             for epoch in range(2):
-                tracking.log_metrics({"val_accuracy": acc * (epoch + 1) / 2}, step=epoch)
+                tracking.log_metrics({"val_accuracy": val * (epoch + 1) / 2}, step=epoch)
         return SimpleNamespace(run_id=active.info.run_id, metrics={}, history={})
 
     monkeypatch.setattr("alexnet_keras.train.train_and_evaluate", fake)
     return calls
+
+
+def lrn_accuracy(config):
+    """0.5, plus 0.01 per seed, plus 0.1 with LRN: validation, test and training accuracy alike."""
+    acc = 0.5 + 0.01 * config.train.seed + 0.1 * config.model.lrn
+    return acc, acc, acc
 
 
 def test_sequential_makes_the_same_children_as_parallel(mlflow_store, monkeypatch, smoke):
@@ -255,7 +267,7 @@ def test_sequential_makes_the_same_children_as_parallel(mlflow_store, monkeypatc
 
 def test_failed_children_leave_the_parent_failed_and_are_retried(mlflow_store, monkeypatch, capsys):
     uri = mlflow_store
-    calls = _fake_training(monkeypatch, fail={"dropout=0.0 seed=0", "dropout=0.0 seed=1"})
+    calls = _fake_training(monkeypatch, diverge={"dropout=0.0 seed=0", "dropout=0.0 seed=1"})
     assert cli.main(["ablate", str(SMOKE)]) == 1          # the others still ran
     assert "2 of 6 children failed" in capsys.readouterr().err and len(calls) == 6
     (parent,), children = _split(all_runs(uri))
@@ -470,36 +482,10 @@ def _grid_study(tmp_path, **changes):
     return path
 
 
-def _fake_tuned_training(monkeypatch, fail=(), diverge=(), interrupt=()):
-    """A stand-in for train_and_evaluate whose metrics depend on (activation, learning rate) as VAL and
-    TEST say (plus 0.001 per seed); `fail` / `diverge` / `interrupt` name children by run name."""
-    from types import SimpleNamespace
-
-    from alexnet_keras import tracking
-
-    calls = []
-
-    def fake(config, *, tags=None, parent_run_id=None):
-        calls.append(config.run_name)
-        key = (config.model.activation, config.train.learning_rate)
-        with tracking.run(config.experiment, run_name=config.run_name, params=config.flat(),
-                          tags={**tags, "alexnet_keras.config_digest": config.digest()},
-                          parent_run_id=parent_run_id) as active:
-            if config.run_name in interrupt:
-                raise KeyboardInterrupt
-            if config.run_name in diverge:
-                raise FloatingPointError("training diverged (loss nan) at epoch 1; try a smaller --learning-rate")
-            if config.run_name in fail:
-                raise RuntimeError(f"out of disk ({config.run_name})")
-            bump = 0.001 * config.train.seed
-            tracking.log_metrics({"test_accuracy": TEST[key] + bump, "test_top5_accuracy": 1.0,
-                                  "final_train_accuracy": 0.8, "train_time_s": 1.0, "num_params": 100})
-            for epoch in range(2):   # the final value is the one that counts
-                tracking.log_metrics({"val_accuracy": (VAL[key] + bump) * (epoch + 1) / 2}, step=epoch)
-        return SimpleNamespace(run_id=active.info.run_id, metrics={}, history={})
-
-    monkeypatch.setattr("alexnet_keras.train.train_and_evaluate", fake)
-    return calls
+def tuned_accuracy(config):
+    """Validation and test accuracy by (activation, learning rate) as VAL and TEST say, plus 0.001 per seed."""
+    key, bump = (config.model.activation, config.train.learning_rate), 0.001 * config.train.seed
+    return VAL[key] + bump, TEST[key] + bump, 0.8
 
 
 TUNING_CALLS = [f"{v} learning_rate={lr} seed=0" for v in ("baseline", "activation=tanh") for lr in (0.01, 0.05, 0.1)]
@@ -507,7 +493,7 @@ TUNING_CALLS = [f"{v} learning_rate={lr} seed=0" for v in ("baseline", "activati
 
 def test_each_arm_is_tuned_on_validation_and_its_other_seeds_run_at_its_value(tmp_path, mlflow_store, monkeypatch):
     path = _grid_study(tmp_path)
-    calls = _fake_tuned_training(monkeypatch)
+    calls = _fake_training(monkeypatch, tuned_accuracy)
     assert cli.main(["ablate", str(path)]) == 0
     # Tuning first (every arm at every value, seed 0), then the other seeds at the value validation chose:
     # 0.05 for ReLU, 0.01 for tanh (test accuracy would have chosen 0.01 and 0.1).
@@ -552,16 +538,16 @@ def test_each_arm_is_tuned_on_validation_and_its_other_seeds_run_at_its_value(tm
 def test_a_tuned_study_resumes_with_the_choice_recomputed_from_the_store(tmp_path, mlflow_store, monkeypatch):
     path = _grid_study(tmp_path)
     # Interrupted during tuning: the tuning runs finished before are kept.
-    calls = _fake_tuned_training(monkeypatch, interrupt={"activation=tanh learning_rate=0.05 seed=0"})
+    calls = _fake_training(monkeypatch, tuned_accuracy, interrupt={"activation=tanh learning_rate=0.05 seed=0"})
     assert cli.main(["ablate", str(path)]) == 130
     assert calls == TUNING_CALLS[:5]
     # Re-run: the rest of the tuning, then the final runs; one of them fails (not a divergence).
-    calls = _fake_tuned_training(monkeypatch, fail={"baseline learning_rate=0.05 seed=2"})
+    calls = _fake_training(monkeypatch, tuned_accuracy, fail={"baseline learning_rate=0.05 seed=2"})
     assert cli.main(["ablate", str(path)]) == 1
     assert calls == TUNING_CALLS[4:] + ["baseline learning_rate=0.05 seed=1", "activation=tanh learning_rate=0.01 seed=1",
                                         "baseline learning_rate=0.05 seed=2", "activation=tanh learning_rate=0.01 seed=2"]
     # Again: only the failed child runs; the choice comes from the finished tuning runs in the store.
-    calls = _fake_tuned_training(monkeypatch)
+    calls = _fake_training(monkeypatch, tuned_accuracy)
     assert cli.main(["ablate", str(path)]) == 0
     assert calls == ["baseline learning_rate=0.05 seed=2"]
     parents, children = _split(all_runs(mlflow_store))
@@ -572,10 +558,10 @@ def test_a_tuned_study_resumes_with_the_choice_recomputed_from_the_store(tmp_pat
 def test_a_grid_value_that_diverges_is_out_for_that_arm_not_a_failure(tmp_path, mlflow_store, monkeypatch):
     path = _grid_study(tmp_path)
     # ReLU's best value on validation (0.05) diverges: ReLU then runs at 0.1, its best finished value.
-    calls = _fake_tuned_training(monkeypatch, diverge={"baseline learning_rate=0.05 seed=0"})
+    calls = _fake_training(monkeypatch, tuned_accuracy, diverge={"baseline learning_rate=0.05 seed=0"})
     assert cli.main(["ablate", str(path)]) == 0
     assert "baseline learning_rate=0.1 seed=1" in calls and len(calls) == 10
-    calls = _fake_tuned_training(monkeypatch)
+    calls = _fake_training(monkeypatch, tuned_accuracy)
     assert cli.main(["ablate", str(path)]) == 0
     assert calls == []   # the diverged value is not tried again
     (parent,), _ = _split(all_runs(mlflow_store))
