@@ -204,10 +204,8 @@ def _job_functions() -> SimpleNamespace:
     def gated(folder, name, release_after=120.0):
         """Mark the start (pid, raylet pid = the node), wait for the test's release file, mark the end."""
         folder = Path(folder)
+        (folder / f"{name}.start.{os.getpid()}").write_text(str(os.getppid()))
         try:
-            # Inside the try: the file tells another job that this one runs, which may get it cancelled
-            # at once, and an interrupt that lands before `try` would leave no trace of the cancellation.
-            (folder / f"{name}.start.{os.getpid()}").write_text(str(os.getppid()))
             deadline = time.monotonic() + release_after
             while not (folder / f"{name}.release").exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
