@@ -15,7 +15,6 @@ docs/results.md, "CLI start-up"; raw file: benchmarks/results/cli-startup.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import statistics
@@ -24,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import machine  # benchmarks/machine.py
+from machine import machine, write_rows  # benchmarks/machine.py
 
 COMMANDS = {"--help": ["--help"], "--version": ["--version"], "report --help": ["report", "--help"]}
 
@@ -54,17 +53,8 @@ def main() -> int:
                 rows.append({"label": label, "command": f"alexnet-keras {name}", "repeat": i,
                              "exit_status": proc.returncode, "seconds": f"{seconds:.4f}"})
     after = load()
-    new = not args.out.exists()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a", newline="") as file:
-        fields = ["date", "machine", "python", "load_before", "load_after", "label", "command", "repeat",
-                  "exit_status", "seconds"]
-        writer = csv.DictWriter(file, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({"date": date, "machine": machine(), "python": platform.python_version(),
-                             "load_before": before, "load_after": after, **row})
+    write_rows(args.out, rows, {"date": date, "machine": machine(), "python": platform.python_version(),
+                                "load_before": before, "load_after": after}, append=True)
     for name in COMMANDS:
         for label in clis:
             mine = [r for r in rows if r["command"] == f"alexnet-keras {name}" and r["label"] == label]

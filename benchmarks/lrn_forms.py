@@ -20,7 +20,6 @@ of load hits all alike), after one untimed warm-up step each. One CSV row per ti
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
 
 from alexnet_keras.layers import LocalResponseNormalization  # noqa: E402
+from machine import write_rows  # noqa: E402  benchmarks/machine.py
 
 
 def forms(layer: LocalResponseNormalization) -> dict:
@@ -92,13 +92,8 @@ def main():
                "keras": keras.__version__, "shape": "x".join(map(str, shape)),
                "load_before": load_before, "load_after": load_after}
     path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*context, "form", "round", "seconds"])
-        writer.writeheader()
-        for name, values in times.items():
-            for i, seconds in enumerate(values):
-                writer.writerow({**context, "form": name, "round": i, "seconds": f"{seconds:.6f}"})
+    write_rows(path, [{"form": name, "round": i, "seconds": f"{seconds:.6f}"}
+                      for name, values in times.items() for i, seconds in enumerate(values)], context)
     print(f"{context['date']}, load average before/after: {load_before} / {load_after}")
     print("| form | median ms | min ms | median / exp-log median |\n|---|---|---|---|")
     base = statistics.median(times["exp/log"])

@@ -14,7 +14,6 @@ timed step (with the date and the load average before/after) in `--out`. Results
 """
 
 import argparse
-import csv
 import os
 import time
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ from keras import ops
 
 from alexnet_keras import layers
 from alexnet_keras.benchmark import build_model
+from machine import write_rows  # benchmarks/machine.py
 
 FILTERS, KERNELS = [96, 256, 384, 384, 256], [11, 5, 3, 3, 3]
 
@@ -119,13 +119,8 @@ def main():
                "machine": f"{os.uname().machine} x{os.cpu_count()}", "tensorflow": tf.__version__,
                "batch_size": args.batch_size, "load_before": load_before, "load_after": load_after}
     path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*context, "contender", "round", "seconds"])
-        writer.writeheader()
-        for name, values in times.items():
-            for i, seconds in enumerate(values):
-                writer.writerow({**context, "contender": name, "round": i, "seconds": f"{seconds:.6f}"})
+    write_rows(path, [{"contender": name, "round": i, "seconds": f"{seconds:.6f}"}
+                      for name, values in times.items() for i, seconds in enumerate(values)], context)
     print(f"{context['date']}, load average before/after: {load_before} / {load_after}; rows: {path}")
     print("| conv stack, forward+backward | median ms | min ms |\n|---|---|---|")
     for name, values in times.items():

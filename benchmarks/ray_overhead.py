@@ -18,7 +18,6 @@ Each row of the CSV is one measurement; the printed table gives median, min and 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
 import platform
@@ -27,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import machine  # benchmarks/machine.py
+from machine import machine, write_rows  # benchmarks/machine.py
 
 
 def _noop_factory():
@@ -91,12 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                "load_before": " ".join(f"{x:.1f}" for x in load_before),
                "load_after": " ".join(f"{x:.1f}" for x in load_after)}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*context, "measure", "repeat", "seconds"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**context, **row})
+    write_rows(out, rows, context)
 
     print(f"Ray overhead: {context['machine']}, Python {context['python']}, Ray {context['ray']}, {date}; "
           f"load average before/after: {context['load_before']} / {context['load_after']}")
