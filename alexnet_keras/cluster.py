@@ -335,10 +335,18 @@ def _task_body():
 
     def run_job(fn, args, kwargs, cwd=None):
         import os as _os
+        import signal as _signal
+        import threading as _threading
         import time as _time
 
         import ray as _ray
 
+        # ray.cancel stops a running job by raising KeyboardInterrupt through SIGINT's handler. A node
+        # started with SIGINT ignored (under nohup, or as a background job of a script) hands that on to
+        # its workers, whose Python then installs no handler, and the cancel silently does nothing.
+        if (_threading.current_thread() is _threading.main_thread()
+                and _signal.getsignal(_signal.SIGINT) is _signal.SIG_IGN):
+            _signal.signal(_signal.SIGINT, _signal.default_int_handler)
         if cwd and _os.path.isdir(cwd):   # relative paths (store, data, tuner state) as for the caller
             _os.chdir(cwd)
         start = _time.perf_counter()

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +21,12 @@ import time
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Started in the background of a script or under nohup, this process ignores SIGINT, and so would every
+# process it starts: the tests that interrupt a command with SIGINT would wait out their timeouts. The
+# tests behave the same however pytest is started. (tests/ray_fixtures.py starts its Ray nodes with SIGINT
+# ignored on purpose.)
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # Decoded-image and archive caches go to a throwaway folder, not the user's ~/.cache.
 os.environ["ALEXNET_KERAS_CACHE"] = tempfile.mkdtemp(prefix="alexnet-keras-test-cache-")
 

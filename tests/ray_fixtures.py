@@ -175,7 +175,9 @@ class LoopbackCluster:
         return proc
 
     def _ray_start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        proc = self._start(name, argv, env)
+        # Every node starts with SIGINT ignored, as under nohup or as a script's background job: its
+        # workers inherit that, and run_jobs' cancellation must reach them all the same.
+        proc = self._start(name, ["/bin/sh", "-c", 'trap "" INT; exec "$@"', "sh", *argv], env)
         try:
             rc = proc.wait(timeout=180)
         except subprocess.TimeoutExpired:

@@ -348,8 +348,9 @@ def test_a_tracking_server_gone_mid_study_fails_clearly_and_loses_nothing(two_no
     uri = two_nodes.start_mlflow_server("flaky")
     two_nodes.wait_for_mlflow_server("flaky")
     client = MlflowClient(uri)
-    # One child of one epoch, one of four: the first finishes while the second trains.
-    path = _study_file(tmp_path, "ray-server-gone", axes={"epochs": [1, 4]})
+    # One child of one epoch, one of twelve: the first finishes while the second trains. (With four, the
+    # two finished 1 s apart on an idle machine, epochs taking 0.3 s, and the poll below missed it.)
+    path = _study_file(tmp_path, "ray-server-gone", axes={"epochs": [1, 12]})
     # MLflow's client retries a dead server for minutes by default; these reach the jobs too.
     for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
                         ("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")):
