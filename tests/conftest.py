@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -113,6 +114,11 @@ def all_runs(uri):
 
 # --- the command line and subprocesses -----------------------------------------------------------
 
+# `mlflow server` and `mlflow ui` also start a job runner with four worker processes (MLflow's server-side
+# jobs, which no test uses): 48 CPU-s in a server's first 30 s against 11 without, on the 2-core machine.
+QUIET_SERVER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def cli_flags(overrides):
     """{"batch_size": 32} -> ["--batch-size", "32"]: config options as `alexnet-keras train` flags."""
     out = []
@@ -159,3 +165,37 @@ def isolated_data(tmp_path, monkeypatch):
     """Caches in this test's tmp_path, and no data folder from the shell (ALEXNET_KERAS_DATA_DIR)."""
     monkeypatch.setenv("ALEXNET_KERAS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("ALEXNET_KERAS_DATA_DIR", raising=False)
+
+
+# --- running in parallel: pytest-xdist, `-n auto --no-loadscope-reorder` in pyproject's addopts -----------
+# (`pytest -n 0 ...` runs serially, e.g. under a debugger.)
+
+# The two Ray modules share one worker, so two two-node clusters never compete for the same cores.
+RAY_MODULES = {"test_cluster", "test_ray_study"}
+# The longest modules start first, so the run does not end waiting on one of them (a worker takes the next
+# module when it is free). Their cost on the 2-core machine, 2026-12-01: the Ray pair 363 s, resume 218,
+# ablate 126, tune 121 of 1,601 s in all (summed test times: benchmarks/results/test-suite-modules.csv).
+LONGEST_FIRST = ["test_cluster", "test_ray_study", "test_resume", "test_ablate", "test_tune"]
+
+
+def pytest_collection_modifyitems(items):
+    """Modules in LONGEST_FIRST order, then the rest as collected; each module's tests keep their order."""
+    def rank(item):
+        module = item.path.stem
+        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Each test module runs whole on one worker, so its module-scoped fixtures (a study, a sweep, a Ray
+    cluster, `mlflow ui`) are built once, and its tests keep their written order. (pytest-xdist's own
+    `--dist loadgroup` marks do nothing with pytest 9: the group never reaches the test's id.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0]
+            return "ray" if Path(module).stem in RAY_MODULES else module
+
+    return ByModule(config, log)

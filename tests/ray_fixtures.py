@@ -31,6 +31,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from conftest import QUIET_SERVER
+
 try:
     import psutil
 except ImportError:   # tests/test_cluster.py skips its Ray tests without it (pip install -e '.[ray]')
@@ -213,7 +215,7 @@ class LoopbackCluster:
         proc = self._start(name, [
             str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
             "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination",
-            str(folder / "artifacts")], self._env(loopback_switch=False))
+            str(folder / "artifacts")], {**self._env(loopback_switch=False), **QUIET_SERVER})
         self._servers[name] = (proc, uri)
         if name == "mlflow":
             self.mlflow_uri = uri
