@@ -835,6 +835,11 @@ def load_spec(parent_run_id: str) -> dict[str, Any]:
     try:
         path = tracking.download_artifact(parent_run_id, SPEC_ARTIFACT)
     except Exception as err:
+        if not tracking.store_answers():   # a store gone away (e.g. mid-study) is not a missing artifact
+            raise tracking.TrackingError(
+                f"could not read {SPEC_ARTIFACT} of run {parent_run_id}: the MLflow store {tracking.tracking_uri()} "
+                f"does not answer. What was logged is kept; once the store answers again, run the same command."
+            ) from None
         raise tracking.TrackingError(f"run {parent_run_id} has no {SPEC_ARTIFACT} artifact: {err}") from None
     return json.loads(path.read_text())
 

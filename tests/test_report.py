@@ -546,3 +546,38 @@ def test_build_report_logs_tables_and_figures_on_the_parent(mlflow_store, claims
     assert list(loaded["verdict"]) == [r["verdict"] for r in claims]
     for name in ("ablation_test_accuracy.png", "ablation_val_accuracy.png"):
         assert (folder / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_store_that_stops_answering_is_named_not_taken_for_a_missing_spec(mlflow_store, monkeypatch):
+    """The report of a study whose tracking server went away: the error names the store, and does not
+    say that the study's spec is missing (it is there, the server is not)."""
+    import socket
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from alexnet_keras import tracking
+
+    client = MlflowClient()
+    parent = client.create_run(client.create_experiment("spec"), tags={tracking.ROLE_TAG: "parent"}).info.run_id
+    with pytest.raises(tracking.TrackingError, match=f"run {parent} has no study/study.json artifact"):
+        report.load_spec(parent)                          # the store answers: the spec really is missing
+
+    with socket.socket() as probe:                          # a port where nothing answers
+        probe.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    found = tracking.get_run(parent)
+
+    def get_run_then_the_server_goes(run_id):             # it answered this call, then went away
+        mlflow.set_tracking_uri(gone)
+        return found
+
+    monkeypatch.setattr(tracking, "get_run", get_run_then_the_server_goes)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    try:
+        with pytest.raises(tracking.TrackingError) as raised:
+            report.load_spec(parent)
+    finally:
+        mlflow.set_tracking_uri(mlflow_store)
+    assert f"the MLflow store {gone} does not answer" in str(raised.value)
+    assert "has no" not in str(raised.value)
