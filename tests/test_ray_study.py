@@ -348,11 +348,12 @@ def test_a_tracking_server_gone_mid_study_fails_clearly_and_loses_nothing(two_no
     uri = two_nodes.start_mlflow_server("flaky")
     two_nodes.wait_for_mlflow_server("flaky")
     client = MlflowClient(uri)
-    # One child of one epoch, one of 24: the first finishes while the second trains. (Epochs take 0.3 s
-    # and the children start together: with four epochs the two finished 1 s apart and the poll below
-    # missed it; with twelve the server was once killed as the longer child logged its last call, so the
-    # study went on to its report.) The kill must land in the second child's training epochs.
-    path = _study_file(tmp_path, "ray-server-gone", axes={"epochs": [1, 24]})
+    # One child of one epoch, one of 16: the first finishes while the second trains, and the server is
+    # killed in the second's training epochs. A child spends some 20 s besides its epochs (start, test,
+    # model logging), so the epochs must be long: 1,024 images make them ~2.5 s. (With 128 images, 0.3 s
+    # epochs: at 4 epochs both children finished 1 s apart; at 24 the longer one was past epoch 17 when
+    # the first finished, under a loaded suite.)
+    path = _study_file(tmp_path, "ray-server-gone", axes={"epochs": [1, 16]}, samples=1024)
     # MLflow's client retries a dead server for minutes by default; these reach the jobs too.
     for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
                         ("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")):
@@ -364,7 +365,7 @@ def test_a_tracking_server_gone_mid_study_fails_clearly_and_loses_nothing(two_no
     def one_done_one_training() -> bool:
         _, children = _study_state(client, experiment_id)
         return (study.running() and any(r.info.status == "FINISHED" for r in children)
-                and any(r.info.status == "RUNNING" and 0 < len(_steps(client, r.info.run_id)) <= 16
+                and any(r.info.status == "RUNNING" and 0 < len(_steps(client, r.info.run_id)) <= 12
                         for r in children))
 
     wait_until(one_done_one_training, 600, interval=0.2, what="a child finished and another training")
