@@ -115,7 +115,8 @@ def all_runs(uri):
 # --- the command line and subprocesses -----------------------------------------------------------
 
 # `mlflow server` and `mlflow ui` also start a job runner with four worker processes (MLflow's server-side
-# jobs, which no test uses): 48 CPU-s in a server's first 30 s against 11 without, on the 2-core machine.
+# jobs, which no test uses): 48 CPU-s in a server's first 30 s against 11 without, on the 2-core machine
+# (benchmarks/results/mlflow-server-cpu.txt).
 QUIET_SERVER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 

@@ -65,7 +65,8 @@ def ui(tmp_path_factory, store_template):
     (parent,) = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "parent"]
     port = _free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **QUIET_SERVER}
-    # One worker, no job runner: 10 CPU-s in the first 30 s against 58 with `mlflow ui`'s defaults.
+    # One worker, no job runner: 10 CPU-s in the first 30 s against 58 with `mlflow ui`'s defaults
+    # (benchmarks/results/mlflow-server-cpu.txt).
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", mlflow_store, "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
