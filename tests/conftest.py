@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -118,6 +119,13 @@ def all_runs(uri):
 # jobs, which no test uses): 48 CPU-s in a server's first 30 s against 11 without, on the 2-core machine
 # (benchmarks/results/mlflow-server-cpu.txt).
 QUIET_SERVER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server a test starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def cli_flags(overrides):

@@ -23,7 +23,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import QUIET_SERVER
+from conftest import QUIET_SERVER, free_port
 
 try:
     import psutil
@@ -59,12 +58,6 @@ TOKEN = secrets.token_hex(32)
 def auth_env(token: str = TOKEN) -> dict[str, str]:
     """The environment that makes a Ray process use token authentication with `token`."""
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition") -> None:

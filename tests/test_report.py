@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from scipy import stats as scipy_stats
+from conftest import free_port
 
 from alexnet_keras import report, stats
 from alexnet_keras.ablate import load_study
@@ -551,8 +552,6 @@ def test_build_report_logs_tables_and_figures_on_the_parent(mlflow_store, claims
 def test_a_store_that_stops_answering_is_named_not_taken_for_a_missing_spec(mlflow_store, monkeypatch):
     """The report of a study whose tracking server went away: the error names the store, and does not
     say that the study's spec is missing (it is there, the server is not)."""
-    import socket
-
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -563,9 +562,7 @@ def test_a_store_that_stops_answering_is_named_not_taken_for_a_missing_spec(mlfl
     with pytest.raises(tracking.TrackingError, match=f"run {parent} has no study/study.json artifact"):
         report.load_spec(parent)                          # the store answers: the spec really is missing
 
-    with socket.socket() as probe:                          # a port where nothing answers
-        probe.bind(("127.0.0.1", 0))
-        gone = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    gone = f"http://127.0.0.1:{free_port()}"               # a port where nothing answers
     found = tracking.get_run(parent)
 
     def get_run_then_the_server_goes(run_id):             # it answered this call, then went away

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from conftest import free_port
 from PIL import Image
 
 from alexnet_keras import cli, serving
@@ -189,12 +189,6 @@ def assert_imports_covered(module_files: list[str], requirements: list[str]) -> 
     for requirement in requirements:
         add(requirement.split("==")[0])
     assert {d.replace("_", "-") for d in needed} <= covered, sorted(needed - covered)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager

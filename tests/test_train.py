@@ -262,7 +262,6 @@ def test_lrn_diagnostics_are_logged_at_start_and_end_and_differ_between_input_re
     assert paper["lrn1_ratio_mean_end"] != paper["lrn1_ratio_mean_start"]
 
 
-
 @pytest.mark.parametrize("epochs, steps", [(10, 352), (3, 7)])
 def test_step_schedule_divides_the_rate_by_ten_at_half_and_three_quarters(epochs, steps):
     from alexnet_keras.config import TrainConfig

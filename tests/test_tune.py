@@ -9,7 +9,6 @@ import io
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import keras_tuner
 import mlflow
 import pytest
 import yaml
-from conftest import all_runs, copy_store, point_at
+from conftest import all_runs, copy_store, free_port, point_at
 from mlflow.tracking import MlflowClient
 
 from alexnet_keras import cli, tracking, tune
@@ -408,18 +407,12 @@ def test_tracking_errors_inside_a_trial_stop_the_sweep(mlflow_store, capsys, mon
 
 # --- distributed: a chief and two workers on one machine ------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_chief_and_two_workers_log_every_trial_once_under_one_parent(store_uri, tmp_path):
     uri = store_uri   # the store exists before the fan-out: new SQLite stores race on the schema (mlflow#4123)
     # mlflow.set_experiment() in earlier tests exports MLFLOW_EXPERIMENT_ID: a user's shell has none.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "KERASTUNER_"))}
     env.update(MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2", KERASTUNER_ORACLE_IP="127.0.0.1",
-               KERASTUNER_ORACLE_PORT=str(_free_port()), OMP_NUM_THREADS="1", TF_NUM_INTRAOP_THREADS="1",
+               KERASTUNER_ORACLE_PORT=str(free_port()), OMP_NUM_THREADS="1", TF_NUM_INTRAOP_THREADS="1",
                TF_NUM_INTEROP_THREADS="1")
     command = [sys.executable, "-m", "alexnet_keras", "tune", str(SMOKE), "--max-trials", "3",
                "--worker-wait", "120"]

@@ -10,7 +10,6 @@ test-artifacts/ for a person to look at.
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import QUIET_SERVER, TINY, all_runs, copy_store, point_at
+from conftest import QUIET_SERVER, TINY, all_runs, copy_store, free_port, point_at
 
 from alexnet_keras import cli, tracking
 
@@ -28,12 +27,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _chromium(url: str, *extra: str, profile: Path) -> subprocess.CompletedProcess:
@@ -63,13 +56,14 @@ def ui(tmp_path_factory, store_template):
     runs = all_runs(mlflow_store)
     (run,) = [r for r in runs if tracking.STUDY_TAG not in r.data.tags]
     (parent,) = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "parent"]
-    port = _free_port()
+    port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **QUIET_SERVER}
     # One worker, no job runner: 10 CPU-s in the first 30 s against 58 with `mlflow ui`'s defaults
     # (benchmarks/results/mlflow-server-cpu.txt).
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", mlflow_store, "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "--port", str(port), "--workers", "1"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
