@@ -2,9 +2,12 @@
 # The test suite's time, before and after a change, in one sitting: README "Tests" reads its rows.
 #   bash benchmarks/test_suite_time.sh BEFORE_COMMIT "what runs beside it"   (BEFORE_COMMIT "-": this tree only)
 # Runs BEFORE_COMMIT's suite (a git worktree, its own pytest options, PYTHONPATH on it so its package
-# is the one imported, also by the subprocesses its tests start), then this working tree's, each as
+# is the one imported, also by the subprocesses its tests start), then this working tree's tests of the
+# modules BEFORE_COMMIT had (like for like: the tests added to them since count too; the modules added
+# since, for later features, do not), then this working tree's whole suite, each as
 # `/usr/bin/time -v python -m pytest -q` with this checkout's .venv, and appends one row per suite to
-# benchmarks/results/test-suite-time.csv. Logs: benchmarks/results/logs/suite-*.log (not in git).
+# benchmarks/results/test-suite-time.csv, and each test's time to a JUnit XML beside the log.
+# Logs: benchmarks/results/logs/suite-*.log and .xml (not in git).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 before=${1:?usage: test_suite_time.sh BEFORE_COMMIT [BACKGROUND]}
@@ -21,15 +24,16 @@ if [ "$before" != - ]; then
     trap 'git worktree remove --force "$tree"' EXIT
 fi
 
-run_suite() {   # label folder pythonpath
+run_suite() {   # label folder pythonpath [test files]
     local label=$1 folder=$2 pythonpath=$3 log
+    shift 3
     log=$logs/suite-$(date -u +%H%M%S).log
     local started
     started=$(date -u +%T)
-    (cd "$folder" && PYTHONPATH=$pythonpath /usr/bin/time -v "$python" -m pytest -q -p no:cacheprovider) \
-        > "$log" 2>&1 || true
+    (cd "$folder" && PYTHONPATH=$pythonpath /usr/bin/time -v "$python" -m pytest -q -p no:cacheprovider \
+        --junitxml="${log%.log}.xml" "$@") > "$log" 2>&1 || true
     "$python" - "$log" "$label" "$started" "$background" >> "$csv" <<'EOF'
-import re, sys, datetime
+import csv, re, sys, datetime
 log, label, started, background = sys.argv[1:]
 text = open(log, errors="replace").read()
 summary = [line for line in text.splitlines() if re.search(r"\d+ (passed|failed)", line) and " in " in line][-1]
@@ -41,12 +45,21 @@ h, m, s = (float(x) if x else 0.0 for x in wall.groups())
 pytest_s = re.findall(r" in ([\d.]+)s", summary)
 user = re.search(r"User time \(seconds\): ([\d.]+)", text).group(1)
 system = re.search(r"System time \(seconds\): ([\d.]+)", text).group(1)
-print(",".join([datetime.date.today().isoformat(), label, started, str(count("passed")), str(count("failed")),
-                str(count("skipped")), f"{3600 * h + 60 * m + s:.1f}", pytest_s[-1] if pytest_s else "",
-                user, system, log.rsplit("/", 1)[-1].removesuffix(".log"), background]))
+csv.writer(sys.stdout, lineterminator="\n").writerow([
+    datetime.date.today().isoformat(), label, started, count("passed"), count("failed"), count("skipped"),
+    f"{3600 * h + 60 * m + s:.1f}", pytest_s[-1] if pytest_s else "", user, system,
+    log.rsplit("/", 1)[-1].removesuffix(".log"), background])
 EOF
     tail -n 1 "$csv"
 }
 
-[ "$before" = - ] || run_suite "$(git rev-parse --short "$before") (before)" "$tree" "$tree"
+if [ "$before" != - ]; then
+    run_suite "$(git rev-parse --short "$before") (before)" "$tree" "$tree"
+    same_modules=()
+    for file in tests/test_*.py; do
+        if [ -f "$tree/$file" ]; then same_modules+=("$file"); fi
+    done
+    run_suite "$(git rev-parse --short HEAD) working tree (after), the ${#same_modules[@]} test modules $(git rev-parse --short "$before") had" \
+        "$PWD" "$PWD" "${same_modules[@]}"
+fi
 run_suite "$(git rev-parse --short HEAD) working tree (after)" "$PWD" "$PWD"

@@ -144,12 +144,12 @@ def subprocess_env(uri):
     return env
 
 
-def run_script(script, *args, env=None, timeout=300):
-    """Run `script` in a fresh Python (backend, device count and determinism are fixed per process), with
-    this environment plus `env` (a None value removes a variable), and return the JSON of its last
-    `RESULT {...}` line."""
+def run_script(script, *args, env=None, cwd=None, timeout=300):
+    """Run `script` in a fresh Python (backend, device count and determinism are fixed per process), in
+    `cwd`, with this environment plus `env` (a None value removes a variable), and return the JSON of its
+    last `RESULT {...}` line."""
     merged = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)],
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=cwd,
                           env={k: v for k, v in merged.items() if v is not None},
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -181,10 +181,14 @@ def isolated_data(tmp_path, monkeypatch):
 
 # The two Ray modules share one worker, so two two-node clusters never compete for the same cores.
 RAY_MODULES = {"test_cluster", "test_ray_study"}
-# The longest modules start first, so the run does not end waiting on one of them (a worker takes the next
-# module when it is free). Their cost on the 2-core machine, 2026-12-01: the Ray pair 363 s, resume 218,
-# ablate 126, tune 121 of 1,601 s in all (summed test times: benchmarks/results/test-suite-modules.csv).
-LONGEST_FIRST = ["test_cluster", "test_ray_study", "test_resume", "test_ablate", "test_tune"]
+# Modules start longest first, so the run does not end with one worker busy on a long module while the other
+# waits (a worker takes the next module when it is free). Their summed test times on the 2-core machine,
+# 2026-12-01, 2 workers: the Ray pair 363 s, resume 218, ablate 126, tune 121 ... (benchmarks/results/
+# test-suite-modules.csv); the modules not named take a few seconds each.
+LONGEST_FIRST = ["test_cluster", "test_ray_study", "test_resume", "test_ablate", "test_tune", "test_reliability",
+                 "test_registry", "test_distribute", "test_train", "test_serving", "test_benchmark",
+                 "test_predict", "test_backends", "test_ui", "test_cli_startup", "test_concurrency", "test_data",
+                 "test_model"]
 
 
 def pytest_collection_modifyitems(items):

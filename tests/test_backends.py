@@ -1,6 +1,6 @@
 """The model and the LRN layer on every Keras backend installed (a backend is fixed per process).
 
-TensorFlow is covered by the rest of the suite; JAX is part of the test extra; PyTorch runs where it is
+TensorFlow runs the checks in this process (and the rest of the suite); JAX, in a fresh Python, is part of the test extra; PyTorch runs where it is
 installed (its CPU wheel is large, so it is not a test dependency) and is skipped elsewhere.
 """
 
@@ -12,91 +12,105 @@ import sys
 
 import pytest
 
-SCRIPT = r"""
-import json, os, sys, tempfile
-import numpy as np
-import keras
-from alexnet_keras import AlexNet, LocalResponseNormalization
 
-assert keras.backend.backend() == sys.argv[1], keras.backend.backend()
-keras.utils.set_random_seed(0)
-out = {}
+def measure(backend: str) -> dict:
+    """The checks below on the Keras backend of this process (which must be `backend`)."""
+    import tempfile
 
-# LRN against the formula, computed in NumPy (alpha times the plain window sum).
-x = np.random.default_rng(0).normal(size=(2, 5, 5, 7)).astype("float32") * 3
-window = np.stack([np.sum(x[..., max(0, i - 2):i + 3] ** 2, -1) for i in range(7)], -1)
-expected = x / (2.0 + 1e-2 * window) ** 0.75
-got = keras.ops.convert_to_numpy(LocalResponseNormalization(alpha=1e-2)(x))
-out["lrn_max_error"] = float(np.abs(got - expected).max())
+    import keras
+    import numpy as np
 
-# Its gradient (written out in layers.py) against the formula's, by central differences in float64.
-weights = np.random.default_rng(2).normal(size=x.shape)
-def formula(v):
-    win = np.stack([np.sum(v[..., max(0, i - 2):i + 3] ** 2, -1) for i in range(7)], -1)
-    return np.sum(v / (2.0 + 1e-2 * win) ** 0.75 * weights)
-numeric = np.empty(x.shape)
-for index in np.ndindex(x.shape):
-    up, down = x.astype(np.float64), x.astype(np.float64)
-    up[index] += 1e-6
-    down[index] -= 1e-6
-    numeric[index] = (formula(up) - formula(down)) / 2e-6
-layer = LocalResponseNormalization(alpha=1e-2)
-if sys.argv[1] == "jax":
-    import jax
-    grad = jax.grad(lambda v: (layer(v) * weights.astype("float32")).sum())(x)
-elif sys.argv[1] == "torch":
-    import torch
-    v = torch.tensor(x, requires_grad=True)
-    (layer(v) * torch.tensor(weights, dtype=torch.float32)).sum().backward()
-    grad = v.grad
-else:
-    import tensorflow as tf
-    v = tf.constant(x)
-    with tf.GradientTape() as tape:
-        tape.watch(v)
-        total = tf.reduce_sum(layer(v) * weights.astype("float32"))
-    grad = tape.gradient(total, v)
-grad = keras.ops.convert_to_numpy(grad)
-out["lrn_grad_max_rel_error"] = float(np.abs(grad - numeric).max() / np.abs(numeric).max())
+    from alexnet_keras import AlexNet, LocalResponseNormalization
 
-# The LRN diagnostic (model.lrn_diagnostics, the layer's own squared_sum and scale) against the formula.
-from alexnet_keras.model import lrn_diagnostics
-probe_input = keras.Input((5, 5, 7))
-probe_model = keras.Model(probe_input, LocalResponseNormalization(alpha=1e-2, name="lrn1")(probe_input))
-diag = lrn_diagnostics(probe_model, x, batch_size=1)["lrn1"]
-ratio, factor = 1e-2 * window.astype(np.float64) / 2.0, (2.0 + 1e-2 * window.astype(np.float64)) ** -0.75
-wanted = {"ratio_mean": ratio.mean(), "ratio_p95": np.percentile(ratio, 95), "scale_mean": factor.mean(),
-          "scale_min": factor.min(), "scale_max": factor.max()}
-out["diag_max_rel_error"] = float(max(abs(diag[k] - v) / abs(v) for k, v in wanted.items()))
+    assert keras.backend.backend() == backend, keras.backend.backend()
+    keras.utils.set_random_seed(0)
+    out = {}
 
-keras.mixed_precision.set_global_policy("mixed_bfloat16")
-half = LocalResponseNormalization(alpha=1e-2)
-out["lrn_mixed_dtype"] = str(keras.ops.convert_to_numpy(half(keras.ops.cast(x, "bfloat16"))).dtype)
-keras.mixed_precision.set_global_policy("float32")
+    # LRN against the formula, computed in NumPy (alpha times the plain window sum).
+    x = np.random.default_rng(0).normal(size=(2, 5, 5, 7)).astype("float32") * 3
+    window = np.stack([np.sum(x[..., max(0, i - 2):i + 3] ** 2, -1) for i in range(7)], -1)
+    expected = x / (2.0 + 1e-2 * window) ** 0.75
+    got = keras.ops.convert_to_numpy(LocalResponseNormalization(alpha=1e-2)(x))
+    out["lrn_max_error"] = float(np.abs(got - expected).max())
 
-model = AlexNet(num_classes=4, variant="cifar", width=0.125, lrn=True, batchnorm=True, init="keras")
-model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="sparse_categorical_crossentropy",
-              metrics=["accuracy"])
-images = np.random.default_rng(1).uniform(0, 255, size=(16, 32, 32, 3)).astype("float32")
-labels = np.arange(16) % 4
-history = model.fit(images, labels, batch_size=8, epochs=1, verbose=0)
-out["loss"] = float(history.history["loss"][-1])
-out["params"] = int(model.count_params())
-path = os.path.join(tempfile.mkdtemp(), "m.keras")
-model.save(path)
-again = keras.saving.load_model(path)
-out["reload_max_diff"] = float(np.abs(model.predict(images, verbose=0) - again.predict(images, verbose=0)).max())
-trained = lrn_diagnostics(model, images[:4])
-out["trained_diag_finite"] = bool(sorted(trained) == ["lrn1", "lrn2"] and all(
-    np.isfinite(v) for stats in trained.values() for v in stats.values()))
-print("RESULT " + json.dumps(out))
+    # Its gradient (written out in layers.py) against the formula's, by central differences in float64.
+    weights = np.random.default_rng(2).normal(size=x.shape)
+    def formula(v):
+        win = np.stack([np.sum(v[..., max(0, i - 2):i + 3] ** 2, -1) for i in range(7)], -1)
+        return np.sum(v / (2.0 + 1e-2 * win) ** 0.75 * weights)
+    numeric = np.empty(x.shape)
+    for index in np.ndindex(x.shape):
+        up, down = x.astype(np.float64), x.astype(np.float64)
+        up[index] += 1e-6
+        down[index] -= 1e-6
+        numeric[index] = (formula(up) - formula(down)) / 2e-6
+    layer = LocalResponseNormalization(alpha=1e-2)
+    if backend == "jax":
+        import jax
+        grad = jax.grad(lambda v: (layer(v) * weights.astype("float32")).sum())(x)
+    elif backend == "torch":
+        import torch
+        v = torch.tensor(x, requires_grad=True)
+        (layer(v) * torch.tensor(weights, dtype=torch.float32)).sum().backward()
+        grad = v.grad
+    else:
+        import tensorflow as tf
+        v = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            total = tf.reduce_sum(layer(v) * weights.astype("float32"))
+        grad = tape.gradient(total, v)
+    grad = keras.ops.convert_to_numpy(grad)
+    out["lrn_grad_max_rel_error"] = float(np.abs(grad - numeric).max() / np.abs(numeric).max())
+
+    # The LRN diagnostic (model.lrn_diagnostics, the layer's own squared_sum and scale) against the formula.
+    from alexnet_keras.model import lrn_diagnostics
+    probe_input = keras.Input((5, 5, 7))
+    probe_model = keras.Model(probe_input, LocalResponseNormalization(alpha=1e-2, name="lrn1")(probe_input))
+    diag = lrn_diagnostics(probe_model, x, batch_size=1)["lrn1"]
+    ratio, factor = 1e-2 * window.astype(np.float64) / 2.0, (2.0 + 1e-2 * window.astype(np.float64)) ** -0.75
+    wanted = {"ratio_mean": ratio.mean(), "ratio_p95": np.percentile(ratio, 95), "scale_mean": factor.mean(),
+              "scale_min": factor.min(), "scale_max": factor.max()}
+    out["diag_max_rel_error"] = float(max(abs(diag[k] - v) / abs(v) for k, v in wanted.items()))
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        half = LocalResponseNormalization(alpha=1e-2)
+        out["lrn_mixed_dtype"] = str(keras.ops.convert_to_numpy(half(keras.ops.cast(x, "bfloat16"))).dtype)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+    model = AlexNet(num_classes=4, variant="cifar", width=0.125, lrn=True, batchnorm=True, init="keras")
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    images = np.random.default_rng(1).uniform(0, 255, size=(16, 32, 32, 3)).astype("float32")
+    labels = np.arange(16) % 4
+    history = model.fit(images, labels, batch_size=8, epochs=1, verbose=0)
+    out["loss"] = float(history.history["loss"][-1])
+    out["params"] = int(model.count_params())
+    path = os.path.join(tempfile.mkdtemp(), "m.keras")
+    model.save(path)
+    again = keras.saving.load_model(path)
+    out["reload_max_diff"] = float(np.abs(model.predict(images, verbose=0) - again.predict(images, verbose=0)).max())
+    trained = lrn_diagnostics(model, images[:4])
+    out["trained_diag_finite"] = bool(sorted(trained) == ["lrn1", "lrn2"] and all(
+        np.isfinite(v) for stats in trained.values() for v in stats.values()))
+    return out
+
+
+# A backend other than this process's runs this module's `measure` in a fresh Python.
+SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from test_backends import measure
+print("RESULT " + json.dumps(measure(sys.argv[1])))
 """
 
 
 def _run(backend):
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, backend], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, backend, os.path.dirname(__file__)], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
@@ -104,7 +118,11 @@ def _run(backend):
 
 @pytest.fixture(scope="module")
 def tensorflow_result():
-    result = _run("tensorflow")
+    """The same checks on TensorFlow, this process's backend (no second TensorFlow to start)."""
+    import keras
+
+    assert keras.backend.backend() == "tensorflow"
+    result = measure("tensorflow")
     assert result["lrn_grad_max_rel_error"] < 1e-4
     return result
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import TINY, all_runs, cli_flags, subprocess_env, wait_for_checkpoint
+from conftest import TINY, all_runs, cli_flags, copy_store, run_script, subprocess_env, wait_for_checkpoint
 from mlflow.tracking import MlflowClient
 
 from alexnet_keras import cli, tracking, train
@@ -31,9 +31,9 @@ def _steps(uri, run_id, key):
 def test_sigkill_mid_epoch_then_the_same_command_continues_the_same_run(store_uri, tmp_path):
     uri = store_uri   # the store exists before the training process starts
     env = subprocess_env(uri)
-    # Epochs of a few seconds, so the kill lands inside one.
+    # Epochs of 1.5 s (3 s beside the rest of the suite), so the kill, 0.5 s into the second, lands inside it.
     command = [sys.executable, "-m", "alexnet_keras", "train",
-               *cli_flags({**TINY, "width": 0.25, "synthetic_samples": 2048, "batch_size": 64, "epochs": 3})]
+               *cli_flags({**TINY, "width": 0.25, "synthetic_samples": 1024, "batch_size": 64, "epochs": 3})]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -211,36 +211,57 @@ def _metric_histories(uri, run_id):
             for key in ("loss", "accuracy", "val_loss", "val_accuracy")}
 
 
-def test_deterministic_runs_log_identical_metrics(store_uri, tmp_path):
-    uri = store_uri
+# Process A: a training without --deterministic leaves TensorFlow's op determinism off, then trains "first"
+# with --deterministic (which switches it on) and "other_seed"; process B trains "second" alone. So "first"
+# and "second" come from two processes, and "first" even had other work before it in its own.
+DETERMINISTIC_SCRIPT = """
+import json, sys
+from tensorflow.python.framework import config as tf_config
+from alexnet_keras import cli
+from alexnet_keras.config import load_config
+from alexnet_keras.train import prepare
+
+tiny, flags, names = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+out = {}
+if "first" in names:
+    prepare(load_config(overrides=tiny))
+    out["default"] = tf_config.is_op_determinism_enabled()
+for name in names:
+    extra = ["--seed", "1"] if name == "other_seed" else []
+    assert cli.main(["train", *flags, "--deterministic", *extra, "--run-name", name]) == 0, name
+    out.setdefault("deterministic", tf_config.is_op_determinism_enabled())
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def deterministic_runs(store_template, tmp_path_factory):
+    """Three `--deterministic` trainings in two fresh processes (the switch is global and cannot be undone
+    in the test process); returns the store's URI and what process A saw of the switch."""
+    folder = tmp_path_factory.mktemp("deterministic")
+    uri = copy_store(store_template, folder)
     env = subprocess_env(uri)
-    base = [sys.executable, "-m", "alexnet_keras", "train", *cli_flags({**TINY, "epochs": 2}), "--deterministic"]
-    for name, extra in (("first", []), ("second", []), ("other_seed", ["--seed", "1"])):
-        done = subprocess.run([*base, *extra, "--run-name", name], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+    env.update({key: None for key in os.environ if key.startswith("MLFLOW_") and key not in env})
+    flags = json.dumps(cli_flags({**TINY, "epochs": 2}))
+    seen = {}
+    for names in (["first", "other_seed"], ["second"]):
+        seen.update(run_script(DETERMINISTIC_SCRIPT, json.dumps(TINY), flags, json.dumps(names), env=env,
+                               cwd=folder, timeout=600))
+    return uri, seen
+
+
+def test_deterministic_runs_log_identical_metrics(deterministic_runs):
+    uri, _ = deterministic_runs
     runs = {r.info.run_name: r for r in all_runs(uri)}
     assert runs["first"].data.params["deterministic"] == "true"
     first, second, other = (_metric_histories(uri, runs[n].info.run_id) for n in ("first", "second", "other_seed"))
-    assert first == second   # bit-identical, every epoch
+    assert first == second   # bit-identical, every epoch, from two processes
     assert first != other    # the comparison does see a difference when there is one
 
 
-def test_deterministic_switches_on_tensorflow_op_determinism(tmp_path):
-    """In a child process: the switch is global and cannot be undone in the test process."""
-    script = (
-        "from tensorflow.python.framework import config as tf_config\n"
-        "from alexnet_keras.config import load_config\n"
-        "from alexnet_keras.train import prepare\n"
-        f"tiny = {TINY!r}\n"
-        "prepare(load_config(overrides=tiny))\n"
-        "print('default', tf_config.is_op_determinism_enabled())\n"
-        "prepare(load_config(overrides={**tiny, 'deterministic': True}))\n"
-        "print('deterministic', tf_config.is_op_determinism_enabled())\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "default False" in done.stdout and "deterministic True" in done.stdout
+def test_deterministic_switches_on_tensorflow_op_determinism(deterministic_runs):
+    _, seen = deterministic_runs
+    assert seen == {"default": False, "deterministic": True}
 
 
 def test_deterministic_on_jax_asks_xla_for_deterministic_gpu_ops(monkeypatch):
@@ -286,7 +307,8 @@ def test_mlflow_run_killed_then_run_again_continues_in_one_run(store_uri, tmp_pa
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     command = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local",
                "--experiment-name", "resume-under-mlflow-run"]
-    for key, value in {"dataset": "synthetic", "width": 0.5, "batch_size": 32, "epochs": 3, "init": "keras"}.items():
+    # Epochs of 1 s (2 s beside the rest of the suite): the kill, 0.3 s after the first, lands in the second.
+    for key, value in {"dataset": "synthetic", "width": 0.25, "batch_size": 32, "epochs": 3, "init": "keras"}.items():
         command += ["-P", f"{key}={value}"]
     launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
