@@ -5,12 +5,10 @@ installed (its CPU wheel is large, so it is not a test dependency) and is skippe
 """
 
 import importlib.util
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_script
 
 
 def measure(backend: str) -> dict:
@@ -108,12 +106,8 @@ print("RESULT " + json.dumps(measure(sys.argv[1])))
 
 
 def _run(backend):
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, backend, os.path.dirname(__file__)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return run_script(SCRIPT, backend, os.path.dirname(__file__),
+                      env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"})
 
 
 @pytest.fixture(scope="module")

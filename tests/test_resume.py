@@ -241,6 +241,7 @@ def deterministic_runs(store_template, tmp_path_factory):
     folder = tmp_path_factory.mktemp("deterministic")
     uri = copy_store(store_template, folder)
     env = subprocess_env(uri)
+    # run_script lays env over this process's: drop the MLFLOW_* earlier tests may have left here.
     env.update({key: None for key in os.environ if key.startswith("MLFLOW_") and key not in env})
     flags = json.dumps(cli_flags({**TINY, "epochs": 2}))
     seen = {}
