@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 # The network's names import Keras (and its backend), which takes seconds: they are loaded on first use
 # (PEP 562), so that `alexnet-keras --help`, `--version` and `report` start without them.
-_KERAS_EXPORTS = {"AlexNet": "model", "build_alexnet": "model", "LocalResponseNormalization": "layers"}
+_KERAS_EXPORTS = {"AlexNet": "model", "build_alexnet": "model", "LocalResponseNormalization": "model"}
 
 
 def __getattr__(name: str):

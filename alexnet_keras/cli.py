@@ -142,7 +142,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, _overrides(args))
     if args.dry_run:
-        from .model import build_alexnet, summary_text
+        from .model.alexnet import build_alexnet, summary_text
         from .tracking import dumps
 
         print(dumps(config.to_dict()))
@@ -150,8 +150,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(summary_text(build_alexnet(config.model, num_classes=num_classes)))
         return 0
     from . import tracking
-    from .checkpoints import CheckpointError
-    from .train import ResultsNotLogged, train_and_evaluate
+    from .training.checkpoints import CheckpointError
+    from .training.train import ResultsNotLogged, train_and_evaluate
 
     tracking.configure(args.tracking_uri)
     try:
@@ -172,7 +172,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from .ablate import StudyIncomplete, load_study, plan_text, run_study
+    from .experiments.ablate import StudyIncomplete, load_study, plan_text, run_study
 
     study = load_study(args.study)   # every variant is validated before any run exists
     if args.register:
@@ -194,7 +194,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     print(result.report.markdown)
     print(f"parent run: {result.parent_run_id}")
     if args.register:
-        from .ablate import register_champion
+        from .experiments.ablate import register_champion
 
         register_champion(study, result, args.register)
     return 0
@@ -202,7 +202,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from . import tracking
-    from .report import build_report
+    from .experiments.report import build_report
 
     tracking.configure(args.tracking_uri)
     print(build_report(args.run_id).markdown)
@@ -210,13 +210,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .tune import cmd_tune as tune
+    from .experiments.tune import cmd_tune as tune
 
     return tune(args)
 
 
 def _add_benchmark_parser(sub) -> None:
-    from .benchmark import add_arguments
+    from .training.benchmark import add_arguments
 
     bench = sub.add_parser("benchmark", help="time forward / forward+backward (the seeds' benchmark) and "
                            "training throughput, log them to one MLflow run (see benchmarks/README.md)")
@@ -224,7 +224,7 @@ def _add_benchmark_parser(sub) -> None:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .benchmark import cmd_benchmark as benchmark
+    from .training.benchmark import cmd_benchmark as benchmark
 
     return benchmark(args)
 

@@ -21,7 +21,7 @@ import sys
 from typing import Sequence
 
 from .data import DataError, walk_files
-from .inference import check_options
+from .model.inference import check_options
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:

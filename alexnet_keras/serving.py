@@ -52,7 +52,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
 from .data import DataError
-from .inference import (METADATA_KEY, ModelMetadata, Predictor, check_metadata, check_options, checked,
+from .model.inference import (METADATA_KEY, ModelMetadata, Predictor, check_metadata, check_options, checked,
                         load_keras, load_keras_predictor, read_json, read_mean_image, save_model, sidecar)
 
 MODEL_NAME = "model"                  # the artifact name of the model in its run: runs:/<run id>/model

@@ -15,9 +15,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 def main(label: str) -> None:
     import mlflow
 
-    from alexnet_keras import tracking, train
+    from alexnet_keras import tracking
+    from alexnet_keras.training import train
     from alexnet_keras.config import load_config
-    from alexnet_keras.inference import model_metadata
+    from alexnet_keras.model.inference import model_metadata
 
     folder = tempfile.mkdtemp(prefix="log-model-time-")
     os.chdir(folder)

@@ -1,4 +1,4 @@
-"""The LRN diagnostics that training logged (`lrn1_ratio_mean_start` ... , alexnet_keras.train.fit) for
+"""The LRN diagnostics that training logged (`lrn1_ratio_mean_start` ... , alexnet_keras.training.train.fit) for
 every finished child of the given study parents, as one CSV: how much each LRN layer normalised at the
 start and at the end of training, per run. docs/ablations.md ("LRN in the paper's input regime") reads it.
 

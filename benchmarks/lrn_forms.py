@@ -34,7 +34,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
 
-from alexnet_keras.layers import LocalResponseNormalization  # noqa: E402
+from alexnet_keras.model.layers import LocalResponseNormalization  # noqa: E402
 from machine import write_rows  # noqa: E402  benchmarks/machine.py
 
 

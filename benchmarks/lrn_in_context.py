@@ -2,7 +2,7 @@
 
 The conv stack (batch 32, 224 px, float32, forward+backward of l2_loss(pool5) w.r.t. every weight,
 TensorFlow backend, no XLA) is timed with the LRN layer's `call` swapped in turn for
-  * `package`       - alexnet_keras.layers as shipped (band matmul, exp/log, differentiated op by op);
+  * `package`       - alexnet_keras.model.layers as shipped (band matmul, exp/log, differentiated op by op);
   * `written grad`  - the same forward with alpha folded into the band and the gradient written out
                       with keras.ops.custom_gradient (fewer passes over the activations; tried, not kept);
   * `tf.nn`         - TensorFlow's fused LRN kernel (what the TF1 graph uses; not portable to JAX/PyTorch);
@@ -23,8 +23,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from alexnet_keras import layers
-from alexnet_keras.benchmark import build_model
+from alexnet_keras.model import layers
+from alexnet_keras.training.benchmark import build_model
 from machine import write_rows  # benchmarks/machine.py
 
 FILTERS, KERNELS = [96, 256, 384, 384, 256], [11, 5, 3, 3, 3]

@@ -2,7 +2,7 @@
 
     python benchmarks/ray_overhead.py [--starts 3] [--jobs 30] [--batch 200] [--cpus 2] [--out FILE.csv]
 
-Measured through alexnet_keras.cluster (what `ablate --ray` will use) and, for comparison, with bare Ray:
+Measured through alexnet_keras.experiments.cluster (what `ablate --ray` will use) and, for comparison, with bare Ray:
 
     start            connect() of a local cluster (ray.init on 127.0.0.1), until it answers
     stop             disconnect() (ray.shutdown of that cluster)
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/ray-overhead.csv")
     args = parser.parse_args(argv)
 
-    from alexnet_keras import cluster
+    from alexnet_keras.experiments import cluster
 
     noop = _noop_factory()
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

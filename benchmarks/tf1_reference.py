@@ -54,7 +54,7 @@ def _scaled(units, width):
 
 
 def print_activations(t):
-    if FLAGS is not None and not FLAGS.json:   # silent when imported (alexnet_keras.benchmark)
+    if FLAGS is not None and not FLAGS.json:   # silent when imported (alexnet_keras.training.benchmark)
         print(t.op.name, " ", t.get_shape().as_list())
 
 

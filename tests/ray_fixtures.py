@@ -270,7 +270,7 @@ class LoopbackCluster:
 def two_node_lab():
     """The body of each Ray test module's `two_nodes` fixture: a two-node cluster (1 CPU a node) and an
     MLflow server on 127.0.0.1, yielded once all are up; every process stopped afterwards, pass or fail."""
-    from alexnet_keras import cluster
+    from alexnet_keras.experiments import cluster
 
     with LoopbackCluster() as lab:
         lab.start_mlflow_server()       # slowest to come up: start it first

@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
 
 from alexnet_keras import cli
-from alexnet_keras.ablate import StudyError, load_study
-from alexnet_keras.report import METRICS
-from alexnet_keras.stats import welch
+from alexnet_keras.experiments.ablate import StudyError, load_study
+from alexnet_keras.experiments.report import METRICS
+from alexnet_keras.experiments.stats import welch
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "smoke.yaml"
@@ -242,7 +242,7 @@ def _fake_training(monkeypatch, accuracy=None, *, fail=(), diverge=(), interrupt
                 tracking.log_metrics({"val_accuracy": val * (epoch + 1) / 2}, step=epoch)
         return SimpleNamespace(run_id=active.info.run_id, metrics={}, history={})
 
-    monkeypatch.setattr("alexnet_keras.train.train_and_evaluate", fake)
+    monkeypatch.setattr("alexnet_keras.training.train.train_and_evaluate", fake)
     return calls
 
 

@@ -62,7 +62,7 @@ def measure(backend: str) -> dict:
     out["lrn_grad_max_rel_error"] = float(np.abs(grad - numeric).max() / np.abs(numeric).max())
 
     # The LRN diagnostic (model.lrn_diagnostics, the layer's own squared_sum and scale) against the formula.
-    from alexnet_keras.model import lrn_diagnostics
+    from alexnet_keras.model.alexnet import lrn_diagnostics
     probe_input = keras.Input((5, 5, 7))
     probe_model = keras.Model(probe_input, LocalResponseNormalization(alpha=1e-2, name="lrn1")(probe_input))
     diag = lrn_diagnostics(probe_model, x, batch_size=1)["lrn1"]

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from alexnet_keras import benchmark
-from alexnet_keras.benchmark import BenchmarkOptions, images_per_second, mean_sd, time_loop, time_steps
+from alexnet_keras.training import benchmark
+from alexnet_keras.training.benchmark import BenchmarkOptions, images_per_second, mean_sd, time_loop, time_steps
 from alexnet_keras.config import PRECISIONS, ConfigError
 
 from conftest import all_runs

@@ -60,7 +60,7 @@ def test_report_of_a_study_builds_its_tables_and_figures_without_tensorflow_or_k
     from mlflow.tracking import MlflowClient
 
     from alexnet_keras import tracking
-    from alexnet_keras.ablate import load_study
+    from alexnet_keras.experiments.ablate import load_study
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
@@ -79,7 +79,7 @@ def test_package_names_still_resolve_when_first_used():
     import alexnet_keras
     from alexnet_keras import data
     from alexnet_keras.data import pipeline
-    from alexnet_keras.model import AlexNet
+    from alexnet_keras.model.alexnet import AlexNet
 
     assert alexnet_keras.AlexNet is AlexNet and "AlexNet" in dir(alexnet_keras)
     assert data.load_data is pipeline.load_data and set(data.__all__) <= set(dir(data))

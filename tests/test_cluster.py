@@ -1,4 +1,4 @@
-"""alexnet_keras.cluster: device lists, one GPU per pool worker, the store preflight, and Ray for real: a
+"""alexnet_keras.experiments.cluster: device lists, one GPU per pool worker, the store preflight, and Ray for real: a
 local cluster and a two-node cluster on 127.0.0.1 (tests/ray_fixtures.py) with an MLflow server, jobs,
 errors, and the faults (a worker SIGKILLed, a node's raylet killed) with their retries."""
 
@@ -17,8 +17,8 @@ import pytest
 from ray_fixtures import (two_node_lab, TOKEN, auth_env, free_port, loopback_violations, psutil,
                           tcp_sockets, wait_until)
 
-from alexnet_keras import cluster
-from alexnet_keras.cluster import ClusterError, ClusterInfo, Job, Node
+from alexnet_keras.experiments import cluster
+from alexnet_keras.experiments.cluster import ClusterError, ClusterInfo, Job, Node
 
 RAY_MISSING = importlib.util.find_spec("ray") is None or psutil is None
 needs_ray = pytest.mark.skipif(RAY_MISSING, reason="ray or psutil is not installed (pip install -e '.[ray]')")

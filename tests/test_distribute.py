@@ -22,7 +22,7 @@ if kind == "mirrored":
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
 from alexnet_keras.config import load_config
-from alexnet_keras.train import fit, prepare
+from alexnet_keras.training.train import fit, prepare
 
 config = load_config(overrides=dict(
     variant="cifar", width=0.125, dataset="synthetic", synthetic_samples=80, synthetic_classes=4,
@@ -85,7 +85,7 @@ def test_distribute_is_a_validated_choice():
 def test_engine_on_the_wrong_backend_is_a_clear_error():
     import keras
 
-    from alexnet_keras import distribute
+    from alexnet_keras.training import distribute
 
     wrong = "data_parallel" if keras.backend.backend() != "jax" else "mirrored"
     with pytest.raises(ConfigError, match="KERAS_BACKEND"):
@@ -93,7 +93,7 @@ def test_engine_on_the_wrong_backend_is_a_clear_error():
 
 
 def test_none_is_one_replica_and_keeps_data():
-    from alexnet_keras import distribute
+    from alexnet_keras.training import distribute
 
     dist = distribute.setup(TrainConfig())
     assert dist.replicas == 1 and dist.per_replica_batch(128) == 128
@@ -107,7 +107,7 @@ def test_even_batches_drops_only_the_uneven_batch():
     import numpy as np
     import tensorflow as tf
 
-    from alexnet_keras.distribute import even_batches
+    from alexnet_keras.training.distribute import even_batches
 
     ds = tf.data.Dataset.from_tensor_slices((np.zeros((7, 2), "float32"), np.arange(7))).batch(2)
     sizes = [int(y.shape[0]) for _, y in even_batches(ds, 2)]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from alexnet_keras.layers import LocalResponseNormalization
+from alexnet_keras.model.layers import LocalResponseNormalization
 
 
 def reference_lrn(x, n, alpha, beta, k):

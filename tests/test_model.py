@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from alexnet_keras.config import ACTIVATIONS, POOLS, ConfigError, ModelConfig
-from alexnet_keras.layers import LocalResponseNormalization
-from alexnet_keras.model import MODEL_OPTIONS, AlexNet, build_alexnet, summary_text
+from alexnet_keras.model.layers import LocalResponseNormalization
+from alexnet_keras.model.alexnet import MODEL_OPTIONS, AlexNet, build_alexnet, summary_text
 
 CONVS = [f"conv{i}" for i in range(1, 6)]
 DENSES = ["fc6", "fc7", "fc8"]
@@ -376,7 +376,7 @@ def test_input_norm_survives_get_config_and_saving(tmp_path):
 # --- lrn_diagnostics: how much each LRN layer normalises -----------------------------------------
 
 def test_lrn_diagnostics_equal_a_direct_numpy_computation():
-    from alexnet_keras.model import lrn_diagnostics
+    from alexnet_keras.model.alexnet import lrn_diagnostics
 
     alpha, beta, k, n = 0.3, 0.6, 1.3, 3
     inputs = keras.Input((3, 3, 7))
@@ -410,7 +410,7 @@ def test_lrn_normalises_in_the_papers_regime_and_not_when_standardised():
     """Issue 16: with standardised inputs and Keras' init, alpha * sum(a^2) is tiny against k and LRN is
     the constant factor k^-beta; with the paper's regime (mean-subtracted 0..255 pixels, N(0, 0.01)
     init) it is at least ten times larger and the factor departs from the constant, on the same images."""
-    from alexnet_keras.model import lrn_diagnostics
+    from alexnet_keras.model.alexnet import lrn_diagnostics
 
     x = images(16, seed=3)
     mean = x.reshape(-1, 3).mean(axis=0).tolist()

@@ -21,8 +21,8 @@ from alexnet_keras import cli
 from alexnet_keras import data as data_module
 from alexnet_keras.config import ModelConfig
 from alexnet_keras.data import decode_image
-from alexnet_keras.inference import METADATA_KEY, save_model
-from alexnet_keras.model import build_alexnet
+from alexnet_keras.model.inference import METADATA_KEY, save_model
+from alexnet_keras.model.alexnet import build_alexnet
 from alexnet_keras.serving import load_predictor
 
 STORED, SIZE = 28, 24

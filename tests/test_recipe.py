@@ -17,7 +17,7 @@ from alexnet_keras.config import ConfigError, DataConfig, load_config
 from alexnet_keras.data import tfrecord
 from alexnet_keras.data import (DataError, center_crop, decode_image, load_data, model_views, pca_color_shift,
                                 random_crops, rgb_statistics, ten_crops)
-from alexnet_keras.inference import ten_crop_metrics, top_k, top_k_accuracy
+from alexnet_keras.model.inference import ten_crop_metrics, top_k, top_k_accuracy
 
 CLASSES = ["bee", "cat", "dog"]
 # Odd sizes (width, height), portrait and landscape, smaller and larger than the stored size.

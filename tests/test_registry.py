@@ -16,7 +16,9 @@ from conftest import TINY, all_runs, cli_flags
 from mlflow.tracking import MlflowClient
 from test_serving import COLOURS, colour_folder, colour_image, jpeg_bytes, model_server, post, train_colours
 
-from alexnet_keras import ablate, cli, serving, tracking
+from alexnet_keras.experiments import ablate
+from alexnet_keras import cli, tracking
+from alexnet_keras import serving
 from alexnet_keras.data import CACHE_ENV
 
 ROOT = Path(__file__).resolve().parent.parent

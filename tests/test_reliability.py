@@ -21,7 +21,8 @@ import pytest
 from conftest import TINY, all_runs, cli_flags, subprocess_env
 from mlflow.tracking import MlflowClient
 
-from alexnet_keras import checkpoints, cli, tracking, train
+from alexnet_keras.training import checkpoints, train
+from alexnet_keras import cli, tracking
 from alexnet_keras.config import load_config
 
 TAG = tracking.TAG_PREFIX
@@ -144,7 +145,7 @@ def test_results_that_cannot_be_logged_keep_the_weights_and_the_same_command_log
 def test_a_child_run_without_checkpoint_keeps_its_model_as_a_keras_file(mlflow_store, monkeypatch):
     """A study's child (no checkpoint) whose model cannot be logged: the trained model is saved where
     it can be, with the preprocessing `predict` needs, and the error says where."""
-    from alexnet_keras.inference import load_keras_predictor
+    from alexnet_keras.model.inference import load_keras_predictor
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -164,7 +165,7 @@ def test_a_child_run_without_checkpoint_keeps_its_model_as_a_keras_file(mlflow_s
 
 def test_a_model_is_kept_in_a_temporary_folder_when_the_checkpoint_folder_fails(tiny_model):
     model, data = tiny_model
-    from alexnet_keras.inference import model_metadata
+    from alexnet_keras.model.inference import model_metadata
 
     path = checkpoints.keep_model(model, model_metadata(data), [Path("/dev/null/checkpoints")])
     try:

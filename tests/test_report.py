@@ -15,9 +15,9 @@ import yaml
 from scipy import stats as scipy_stats
 from conftest import free_port
 
-from alexnet_keras import report, stats
-from alexnet_keras.ablate import load_study
-from alexnet_keras.stats import Welch
+from alexnet_keras.experiments import report, stats
+from alexnet_keras.experiments.ablate import load_study
+from alexnet_keras.experiments.stats import Welch
 from alexnet_keras.tracking import CONFIG_DIGEST_TAG
 
 # --- stats: every number against scipy, R or a simulation -------------------------------------------

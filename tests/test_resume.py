@@ -18,7 +18,8 @@ import pytest
 from conftest import TINY, all_runs, cli_flags, copy_store, run_script, subprocess_env, wait_for_checkpoint
 from mlflow.tracking import MlflowClient
 
-from alexnet_keras import cli, tracking, train
+from alexnet_keras import cli, tracking
+from alexnet_keras.training import train
 from alexnet_keras.config import load_config
 
 TAG = tracking.TAG_PREFIX
@@ -219,7 +220,7 @@ import json, sys
 from tensorflow.python.framework import config as tf_config
 from alexnet_keras import cli
 from alexnet_keras.config import load_config
-from alexnet_keras.train import prepare
+from alexnet_keras.training.train import prepare
 
 tiny, flags, names = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 out = {}

@@ -28,7 +28,8 @@ from mlflow.tracking import MlflowClient
 from conftest import free_port
 from PIL import Image
 
-from alexnet_keras import cli, serving
+from alexnet_keras import cli
+from alexnet_keras import serving
 from alexnet_keras.data import CACHE_ENV
 
 COLOURS = {"blue": (40, 40, 210), "green": (40, 190, 40), "red": (210, 40, 40)}   # sorted: class order
@@ -137,7 +138,7 @@ def test_a_fresh_python_loads_the_logged_model_without_the_package(learned, tmp_
         p.name for p in (folder / "artifacts").iterdir()}
     example = json.loads((folder / "serving_input_example.json").read_text())
     assert example["dataframe_split"]["columns"] == ["image"]
-    import alexnet_keras.model  # noqa: F401 - the keras flavor needs the AlexNet class registered
+    import alexnet_keras.model.alexnet  # noqa: F401 - the keras flavor needs the AlexNet class registered
 
     network = mlflow.keras.load_model(model_uri)   # the keras flavor: the same .keras file
     assert network.input_shape == (None, 32, 32, 3) and network.output_shape == (None, len(COLOURS))

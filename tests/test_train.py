@@ -129,7 +129,7 @@ def test_logged_model_loads_with_signature_and_without_lrn(trained_run):
 
 
 def test_exception_ends_run_failed_with_error_tag(mlflow_store, monkeypatch):
-    from alexnet_keras import train
+    from alexnet_keras.training import train
 
     def broken_fit(*args, **kwargs):
         raise RuntimeError("disk on fire")
@@ -143,7 +143,7 @@ def test_exception_ends_run_failed_with_error_tag(mlflow_store, monkeypatch):
 
 
 def test_interrupt_ends_run_killed(mlflow_store, monkeypatch):
-    from alexnet_keras import train
+    from alexnet_keras.training import train
 
     def interrupted_fit(*args, **kwargs):
         raise KeyboardInterrupt
@@ -230,8 +230,8 @@ def test_a_run_without_lrn_logs_no_lrn_diagnostics(trained_run):
 
 
 def test_lrn_diagnostics_are_logged_at_start_and_end_and_differ_between_input_regimes(mlflow_store):
-    from alexnet_keras.model import lrn_diagnostics
-    from alexnet_keras.train import lrn_probe_images, prepare
+    from alexnet_keras.model.alexnet import lrn_diagnostics
+    from alexnet_keras.training.train import lrn_probe_images, prepare
 
     regimes = {"standardized": {"input_norm": "standardize", "init": "keras"},
                "paper": {"input_norm": "center", "init": "paper"}}
@@ -265,7 +265,7 @@ def test_lrn_diagnostics_are_logged_at_start_and_end_and_differ_between_input_re
 @pytest.mark.parametrize("epochs, steps", [(10, 352), (3, 7)])
 def test_step_schedule_divides_the_rate_by_ten_at_half_and_three_quarters(epochs, steps):
     from alexnet_keras.config import TrainConfig
-    from alexnet_keras.train import learning_rate_schedule
+    from alexnet_keras.training.train import learning_rate_schedule
 
     schedule = learning_rate_schedule(TrainConfig(epochs=epochs, schedule="step", learning_rate=0.02), steps)
     total = epochs * steps

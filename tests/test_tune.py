@@ -22,7 +22,8 @@ import yaml
 from conftest import all_runs, copy_store, free_port, point_at
 from mlflow.tracking import MlflowClient
 
-from alexnet_keras import cli, tracking, tune
+from alexnet_keras import cli, tracking
+from alexnet_keras.experiments import tune
 from alexnet_keras.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,7 +203,7 @@ def test_dry_run_creates_nothing(untouched_store, tmp_path, capsys):
 # --- the HyperModel ------------------------------------------------------------------------------
 
 def test_hypermodel_builds_the_project_alexnet_and_rebatches_per_trial(tmp_path):
-    from alexnet_keras.model import AlexNet
+    from alexnet_keras.model.alexnet import AlexNet
 
     sweep = tune.load_sweep(SMOKE)
     hypermodel = tune.AlexNetHyperModel(sweep)

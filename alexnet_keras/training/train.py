@@ -44,11 +44,12 @@ from typing import Any, Mapping, Sequence
 import keras
 import numpy as np
 
-from . import checkpoints, distribute, figures, tracking
-from .config import POOL_SIZES, Config, TrainConfig
-from .data import Data, enable_op_determinism, load_data
-from .model import build_alexnet, lrn_diagnostics, summary_text
-from .inference import model_metadata, ten_crop_metrics   # the paper recipe's hooks (see below)
+from . import checkpoints, distribute
+from .. import figures, tracking
+from ..config import POOL_SIZES, Config, TrainConfig
+from ..data import Data, enable_op_determinism, load_data
+from ..model.alexnet import build_alexnet, lrn_diagnostics, summary_text
+from ..model.inference import model_metadata, ten_crop_metrics   # the paper recipe's hooks (see below)
 
 
 @dataclasses.dataclass
@@ -351,7 +352,7 @@ def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
     """Train one AlexNet as described by `config`, log everything to MLflow, return the test metrics."""
     register = config.register if parent_run_id is None else None   # children: ablate registers the best
     if register:
-        from .serving import check_model_name
+        from ..serving import check_model_name
 
         check_model_name(register)   # a bad name fails now, not after the training
     tracking.preflight(config.experiment)   # an unusable store fails now, not after the training
@@ -410,7 +411,7 @@ def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
 def register_trained_model(run_id: str, name: str, description: str | None = None) -> None:
     """`train --register NAME`: the FINISHED run's model as a new version of NAME, alias champion, with
     the run's `description`. A failure here (the store) leaves the run as it is: FINISHED, model logged."""
-    from .serving import DEFAULT_ALIAS, register_model
+    from ..serving import DEFAULT_ALIAS, register_model
 
     version = register_model(run_id, name, origin="train", description=description)
     print(f"registered the model of run {run_id} as {name!r} version {version.version}: "

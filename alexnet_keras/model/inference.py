@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .data import RESIZE_POLICIES, DataError
+from ..data import RESIZE_POLICIES, DataError
 
 METADATA_KEY = "alexnet_keras"       # key of the MLmodel `metadata` block of a logged model
 CROPS = ("center", "ten")
@@ -193,7 +193,7 @@ class Predictor:
     def views(self, stored_images, crops: str = "center") -> np.ndarray:
         """The model's input for a batch of decoded (stored-size, uint8) images; 10 rows per image for
         "ten"."""
-        from .data import model_views
+        from ..data import model_views
 
         spec = self.preprocessing
         return model_views(stored_images, image_size=spec["image_size"], stored_size=spec["stored_size"],
@@ -242,7 +242,7 @@ class Predictor:
         the bytes are not an image."""
         import tensorflow as tf
 
-        from .data import decode_image
+        from ..data import decode_image
 
         spec = self.preprocessing
         side, policy = spec["stored_size"], spec["resize"]
@@ -340,7 +340,7 @@ def load_keras_predictor(path: Path, source: str | None = None) -> Predictor:
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         raise DataError(f"no preprocessing found for {str(path)!r}: expected {candidates[0].name} (written by "
-                        "alexnet_keras.inference.save_model) or data.json (the training run's artifact) beside "
+                        "alexnet_keras.model.inference.save_model) or data.json (the training run's artifact) beside "
                         "it. Or pass the run id / runs:/ URI instead.")
     class_names, spec = check_metadata(read_json(found), str(found))
     mean_image = None
@@ -358,7 +358,7 @@ def load_keras(path: Path):
     names code outside Keras and this package (a Lambda layer, `os.system`, ...)."""
     import keras
 
-    from .model import AlexNet  # noqa: F401 - registers AlexNet and its layers for deserialization
+    from .alexnet import AlexNet  # noqa: F401 - registers AlexNet and its layers for deserialization
 
     path = Path(path)
     if not _is_regular_file(path) or not zipfile.is_zipfile(path):

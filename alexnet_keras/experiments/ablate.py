@@ -58,11 +58,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Mapping
 
-from . import tracking
-from .config import SECTIONS, Config, ConfigError, did_you_mean, leaf_fields
+from .. import tracking
+from ..config import SECTIONS, Config, ConfigError, did_you_mean, leaf_fields
 from .specfile import located, read_spec
-from .tables import value_text
-from .tracking import (BASELINE_TAG, CONFIG_DIGEST_TAG, FACTOR_TAG, ROLE_TAG, SEED_TAG, SPEC_ARTIFACT,
+from ..tables import value_text
+from ..tracking import (BASELINE_TAG, CONFIG_DIGEST_TAG, FACTOR_TAG, ROLE_TAG, SEED_TAG, SPEC_ARTIFACT,
                        STUDY_DIGEST_TAG, STUDY_TAG, VARIANT_TAG)   # tag names live in tracking.py
 
 DESIGNS = {"one_factor_at_a_time": "one_factor_at_a_time", "ofat": "one_factor_at_a_time",
@@ -561,7 +561,7 @@ def _init_worker(tracking_uri: str, threads: int) -> None:
 
 
 def _train_child(config: Config, tags: dict[str, str], parent_run_id: str) -> tuple[str, dict[str, float]]:
-    from .train import train_and_evaluate
+    from ..training.train import train_and_evaluate
 
     if os.environ.get("CUDA_VISIBLE_DEVICES"):   # the GPU this worker was given (cluster.py)
         tags = {**tags, tracking.VISIBLE_DEVICES_TAG: os.environ["CUDA_VISIBLE_DEVICES"]}
@@ -646,7 +646,7 @@ def register_champion(study: Study, result: StudyResult, name: str) -> None:
     """`ablate --register NAME`: the model of the study's champion run (`champion`) as a new version of
     NAME with alias champion, tagged with the study, its parent run, the variant and seed, and the
     mean validation accuracy it was chosen on."""
-    from .serving import DEFAULT_ALIAS, ModelError, register_model
+    from ..serving import DEFAULT_ALIAS, ModelError, register_model
 
     chosen = champion(result.report)
     if chosen is None:
@@ -812,7 +812,7 @@ def _diverged(tuning: list[Child], parent_id: str) -> set[str]:
 
 def _fatal(err: BaseException) -> bool:
     """Errors every child would hit again (bad data path, bad config): stop the study."""
-    from .data import DataError
+    from ..data import DataError
 
     return isinstance(err, (ConfigError, DataError, tracking.TrackingError))
 
@@ -828,7 +828,7 @@ def _record_failure(result: StudyResult, child: Child, err: Exception) -> None:
 def _run_sequential(study: Study, todo: list[Child], parent_id: str, result: StudyResult) -> None:
     import keras
 
-    from .train import train_and_evaluate
+    from ..training.train import train_and_evaluate
 
     for i, child in enumerate(todo, 1):
         print(f"\n[{i}/{len(todo)}] {child.label}", flush=True)

@@ -59,12 +59,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .config import NATIVE_IMAGE_SIZE, PRECISIONS, VARIANTS, ConfigError, parse_value
-from .tables import csv_text, markdown_table, value_text
+from ..config import NATIVE_IMAGE_SIZE, PRECISIONS, VARIANTS, ConfigError, parse_value
+from ..tables import csv_text, markdown_table, value_text
 
 PARTS = ("conv", "full")
 CHANNELS = ("last", "first")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TF1_SCRIPT = ROOT / "benchmarks" / "tf1_reference.py"
 DEFAULT_EXPERIMENT = "alexnet-keras-benchmark"
 # CPU-sized settings (`--quick`): short runs that still exercise every section.
@@ -125,7 +125,7 @@ class BenchmarkOptions:
                               f"got {self.throughput_batch_sizes!r}.")
         if not 0 < self.width <= 16:
             raise ConfigError(f"benchmark width must be in (0, 16]; got {self.width!r}.")
-        from .config import ModelConfig
+        from ..config import ModelConfig
 
         ModelConfig(variant="paper", image_size=self.image_size, width=self.width)  # size check
 
@@ -220,8 +220,8 @@ def build_model(part: str, *, variant: str = "paper", image_size: int | None = 2
     or for part "conv" its conv stack alone: input -> preprocess -> conv1 .. pool5."""
     import keras
 
-    from .config import ModelConfig
-    from .model import build_alexnet
+    from ..config import ModelConfig
+    from ..model.alexnet import build_alexnet
 
     # The seeds' objective for the conv stack is l2_loss(pool5) alone: no weight decay there.
     config = ModelConfig(variant=variant, image_size=image_size, width=width,
@@ -365,7 +365,7 @@ def make_optimizer(precision: str):
     mixed_float16 as `compile` does it for `fit`."""
     import keras
 
-    from .config import TrainConfig
+    from ..config import TrainConfig
     from .train import build_optimizer
 
     optimizer = build_optimizer(TrainConfig(precision=precision, schedule="constant"), steps_per_epoch=1)
@@ -510,7 +510,7 @@ def throughput_row(variant: str, batch_size: int, precision: str, xla: bool,
     import keras
     import numpy as np
 
-    from .config import Config, DataConfig, ModelConfig, TrainConfig
+    from ..config import Config, DataConfig, ModelConfig, TrainConfig
     from .train import fit, prepare
 
     _check_xla(xla)
@@ -785,7 +785,7 @@ class BenchmarkResult:
 def environment() -> dict[str, str]:
     import keras
 
-    from .tracking import describe_device
+    from ..tracking import describe_device
 
     env = {"backend": keras.backend.backend(), "keras": keras.__version__, "device": describe_device(),
            "python": platform.python_version(), "platform": platform.platform(),
@@ -859,7 +859,7 @@ def benchmark_and_log(options: BenchmarkOptions, *, experiment: str = DEFAULT_EX
                       log: Callable[[str], None] = print) -> BenchmarkResult:
     """Run the benchmark inside one MLflow run: params, environment tags, one metric per number,
     and results.md / results.csv / results.json artifacts (also written to `output_dir` if given)."""
-    from . import tracking
+    from .. import tracking
 
     tags = {**tracking.environment_tags(), tracking.JOB_TAG: "benchmark"}
     with tracking.run(experiment, run_name=run_name or "benchmark", params=options.params(),
@@ -952,7 +952,7 @@ def options_from_args(args: argparse.Namespace) -> BenchmarkOptions:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     options = options_from_args(args)   # validated before anything is measured or logged
-    from . import tracking
+    from .. import tracking
 
     tracking.configure(args.tracking_uri)
     result = benchmark_and_log(options, experiment=args.experiment, run_name=args.run_name,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .config import Config, ConfigError, did_you_mean, load_config, load_yaml
+from ..config import Config, ConfigError, did_you_mean, load_config, load_yaml
 
 COMMON_KEYS = ("name", "description", "experiment", "base_config", "base")
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from alexnet_keras.config import (CONV_KERNELS, GROUPED_CONVS, LRN_CONVS, POOL_SIZES, POOLED_CONVS, ConfigError,
                                   ModelConfig)
-from alexnet_keras.layers import LocalResponseNormalization
+from alexnet_keras.model.layers import LocalResponseNormalization
 
 # The option names `AlexNet(**options)` accepts: exactly the fields of ModelConfig.
 MODEL_OPTIONS = tuple(f.name for f in dataclasses.fields(ModelConfig))

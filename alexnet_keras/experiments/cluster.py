@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 
-from .config import ConfigError
+from ..config import ConfigError
 
 GPUS_ENV = "ALEXNET_KERAS_GPUS"          # "0,1": the GPUs to hand out (overrides detection); "": none
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -136,7 +136,7 @@ def _import_ray(keep_loopback: bool):
         if switched:
             del os.environ[LOOPBACK_SWITCH]
     if keep_loopback and not _is_loopback_host(ray.util.get_node_ip_address()):
-        raise ClusterError(f"Ray was imported before alexnet_keras.cluster.connect(), without "
+        raise ClusterError(f"Ray was imported before alexnet_keras.experiments.cluster.connect(), without "
                            f"{LOOPBACK_SWITCH}=0, so it would put this local cluster on "
                            f"{ray.util.get_node_ip_address()} instead of 127.0.0.1. Set {LOOPBACK_SWITCH}=0 in "
                            f"the environment before starting Python, or connect before importing ray.")
@@ -155,7 +155,7 @@ def cluster_info() -> ClusterInfo:
     """The cluster this process is connected to, as it is now."""
     ray = _ray_if_connected()
     if ray is None:
-        raise ClusterError("not connected to a Ray cluster: call alexnet_keras.cluster.connect() first.")
+        raise ClusterError("not connected to a Ray cluster: call alexnet_keras.experiments.cluster.connect() first.")
     nodes = tuple(Node(n["NodeID"], n["NodeManagerAddress"], float(n["Resources"].get("CPU", 0)),
                        float(n["Resources"].get("GPU", 0)))
                   for n in ray.nodes() if n.get("Alive"))
@@ -393,7 +393,7 @@ def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int =
     """
     ray = _ray_if_connected()
     if ray is None:
-        raise ClusterError("not connected to a Ray cluster: call alexnet_keras.cluster.connect() first.")
+        raise ClusterError("not connected to a Ray cluster: call alexnet_keras.experiments.cluster.connect() first.")
     if max_retries < 0:
         raise ClusterError(f"max_retries must be 0 or more; got {max_retries}.")
     cluster = cluster_info()
@@ -475,7 +475,7 @@ def driver_node() -> Node:
     """The node this process (the driver) is on: where a job that others must reach is pinned."""
     ray = _ray_if_connected()
     if ray is None:
-        raise ClusterError("not connected to a Ray cluster: call alexnet_keras.cluster.connect() first.")
+        raise ClusterError("not connected to a Ray cluster: call alexnet_keras.experiments.cluster.connect() first.")
     node_id = ray.get_runtime_context().get_node_id()
     for node in cluster_info().nodes:
         if node.node_id == node_id:

@@ -63,13 +63,13 @@ import keras
 import keras_tuner
 import numpy as np
 
-from . import tracking
-from .config import SECTIONS, Config, ConfigError, leaf_fields, parse_value
-from .data import Data, load_data
-from .model import build_alexnet
+from .. import tracking
+from ..config import SECTIONS, Config, ConfigError, leaf_fields, parse_value
+from ..data import Data, load_data
+from ..model.alexnet import build_alexnet
 from .specfile import SpecFile, check_keys, read_spec, spec_from_dict
-from .tables import cell, csv_text, markdown_table, value_text
-from .train import compile_model, fit, log_inputs, log_trained_model, run_tags, set_global_state, timing_metrics
+from ..tables import cell, csv_text, markdown_table, value_text
+from ..training.train import compile_model, fit, log_inputs, log_trained_model, run_tags, set_global_state, timing_metrics
 
 TUNERS = ("random", "bayesian", "hyperband")
 PARAM_TYPES = ("float", "int", "choice", "boolean")
@@ -661,7 +661,7 @@ def parent_description(sweep: Sweep) -> str:
 def register_best_trial(sweep: Sweep, result: SweepResult, name: str) -> None:
     """`tune --register NAME`: the sweep's model (the best trial's, logged on the parent run) as a new
     version of NAME with alias champion, tagged with the sweep, its parent run and the objective's value."""
-    from .serving import DEFAULT_ALIAS, register_model
+    from ..serving import DEFAULT_ALIAS, register_model
 
     if result.best is None or result.parent_run_id is None:   # a worker: the chief registers
         print(f"worker: the chief registers the sweep's model as {name!r}", flush=True)
@@ -891,7 +891,7 @@ def trials_table(rows: list[dict[str, Any]], sweep: Sweep) -> tuple[str, str]:
 def sweep_figure(rows: list[dict[str, Any]], sweep: Sweep, weights: Mapping[str, float], top: int = 3):
     """Objective per trial (with the best so far), then objective against the `top` most important
     dimensions."""
-    from . import figures  # noqa: F401  (selects the headless Agg backend)
+    from .. import figures  # noqa: F401  (selects the headless Agg backend)
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator, NullFormatter
 
@@ -1021,7 +1021,7 @@ def cmd_tune(args) -> int:
         return 0
     register = getattr(args, "register", None)
     if register:   # before any run: a bad name, or a sweep that logs no model, fails now
-        from .serving import check_model_name
+        from ..serving import check_model_name
 
         check_model_name(register)
         if sweep.final_model == "none":

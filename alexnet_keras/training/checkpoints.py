@@ -198,7 +198,7 @@ def keep_model(model: keras.Model, metadata, folders: Sequence[Path]) -> Path | 
     """Save `model` as model.keras with the preprocessing `predict` needs (inference.save_model;
     `metadata`: inference.model_metadata) in the first of `folders` where that works, else in a new
     temporary folder. Its path, or None when nothing could be written anywhere."""
-    from .inference import save_model
+    from ..model.inference import save_model
 
     for folder in [*folders, None]:
         try:

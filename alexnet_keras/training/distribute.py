@@ -28,7 +28,7 @@ import dataclasses
 import os
 from typing import Any, Callable, ContextManager
 
-from .config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig
 
 # Which Keras backend each engine runs on.
 ENGINE_BACKEND = {"mirrored": "tensorflow", "multi_worker": "tensorflow", "data_parallel": "jax"}

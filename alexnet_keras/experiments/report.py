@@ -43,7 +43,7 @@ import numpy as np
 
 from . import stats
 from .stats import ALPHA, CONFIDENCE, POWER, Welch
-from .tables import cell, csv_text, markdown_table
+from ..tables import cell, csv_text, markdown_table
 
 # (metric key, short column title, digits) in table order; the first is the one compared to baseline.
 METRICS = (
@@ -216,7 +216,7 @@ def variant_options(spec: Mapping[str, Any], variant: Mapping[str, Any]) -> dict
 
 
 def _digest_of(run: Any) -> str | None:
-    from .tracking import CONFIG_DIGEST_TAG
+    from ..tracking import CONFIG_DIGEST_TAG
 
     return run.data.tags.get(CONFIG_DIGEST_TAG)
 
@@ -729,7 +729,7 @@ def table_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
 # --- figures --------------------------------------------------------------------------------------
 
 def bar_chart(variants: Sequence[VariantSummary], title: str = ""):
-    from . import figures  # noqa: F401  (selects the headless Agg backend)
+    from .. import figures  # noqa: F401  (selects the headless Agg backend)
     import matplotlib.pyplot as plt
 
     n = len(variants)
@@ -771,7 +771,7 @@ def bar_chart(variants: Sequence[VariantSummary], title: str = ""):
 
 def curves_figure(curves: dict[str, tuple[list[int], list[float], list[float]]], baseline: str | None,
                   title: str = ""):
-    from . import figures  # noqa: F401
+    from .. import figures  # noqa: F401
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -825,8 +825,8 @@ def make_report(parent_run_id: str, spec: dict[str, Any], children: Sequence[Any
 
 
 def load_spec(parent_run_id: str) -> dict[str, Any]:
-    from . import tracking
-    from .tracking import ROLE_TAG, SPEC_ARTIFACT
+    from .. import tracking
+    from ..tracking import ROLE_TAG, SPEC_ARTIFACT
 
     run = tracking.get_run(parent_run_id)
     if run.data.tags.get(ROLE_TAG) != "parent":
@@ -846,7 +846,7 @@ def load_spec(parent_run_id: str) -> dict[str, Any]:
 
 def build_report(parent_run_id: str) -> Report:
     """Rebuild the study's tables and figures from the store and log them on the parent run."""
-    from . import tracking
+    from .. import tracking
 
     spec = load_spec(parent_run_id)
     def history(run_id: str, key: str) -> list[tuple[int, float]]:
