@@ -172,7 +172,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from .experiments.ablate import StudyIncomplete, load_study, plan_text, run_study
+    from .experiments.ablate import run_study
+    from .experiments.study import StudyIncomplete, load_study, plan_text
 
     study = load_study(args.study)   # every variant is validated before any run exists
     if args.register:

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
 
 from alexnet_keras import cli
-from alexnet_keras.experiments.ablate import StudyError, load_study
+from alexnet_keras.experiments.study import StudyError, load_study
 from alexnet_keras.experiments.report import METRICS
 from alexnet_keras.experiments.stats import welch
 

@@ -60,7 +60,7 @@ def test_report_of_a_study_builds_its_tables_and_figures_without_tensorflow_or_k
     from mlflow.tracking import MlflowClient
 
     from alexnet_keras import tracking
-    from alexnet_keras.experiments.ablate import load_study
+    from alexnet_keras.experiments.study import load_study
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)

@@ -142,8 +142,8 @@ def test_digests_of_the_logged_studies_and_sweep_do_not_move():
     `metadata={"digest": "omit_default"}` with a default that changes nothing)."""
     import hashlib
 
-    from alexnet_keras.experiments.ablate import load_study
-    from alexnet_keras.experiments.tune import load_sweep
+    from alexnet_keras.experiments.study import load_study
+    from alexnet_keras.experiments.sweep import load_sweep
 
     from pathlib import Path
 
@@ -338,8 +338,8 @@ def test_small_aliases_still_work(tmp_path):
 
 def test_study_and_sweep_files_are_read_through_the_same_bounds(tmp_path):
     """ablate and tune read their files with config.load_yaml, so they refuse the same inputs."""
-    from alexnet_keras.experiments.ablate import StudyError, load_study
-    from alexnet_keras.experiments.tune import load_sweep
+    from alexnet_keras.experiments.study import StudyError, load_study
+    from alexnet_keras.experiments.sweep import load_sweep
 
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))

@@ -26,7 +26,7 @@ from ray_fixtures import (two_node_lab, TOKEN, auth_env, loopback_violations, ps
 
 from alexnet_keras import cli, tracking
 from alexnet_keras.experiments import cluster
-from alexnet_keras.experiments.ablate import load_study
+from alexnet_keras.experiments.study import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "smoke.yaml"
@@ -97,7 +97,8 @@ def test_jobs_get_the_drivers_training_environment_only():
 
 def test_sweep_workers_one_per_gpu_else_per_cpus_at_most_max_trials():
     from alexnet_keras.experiments.cluster import ClusterInfo, Node
-    from alexnet_keras.experiments.tune import load_sweep, ray_workers
+    from alexnet_keras.experiments.sweep import load_sweep
+    from alexnet_keras.experiments.tune import ray_workers
 
     sweep = load_sweep(SWEEP_SMOKE, max_trials=6)
     cpus = ClusterInfo("h:1", (Node("a", "10.0.0.5", 8, 0), Node("b", "10.0.0.6", 8, 0)))

@@ -16,7 +16,7 @@ from scipy import stats as scipy_stats
 from conftest import free_port
 
 from alexnet_keras.experiments import report, stats
-from alexnet_keras.experiments.ablate import load_study
+from alexnet_keras.experiments.study import load_study
 from alexnet_keras.experiments.stats import Welch
 from alexnet_keras.tracking import CONFIG_DIGEST_TAG
 

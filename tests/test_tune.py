@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from alexnet_keras import cli, tracking
 from alexnet_keras.experiments import tune
+from alexnet_keras.experiments.sweep import load_sweep
 from alexnet_keras.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,11 +56,11 @@ def _role(runs, role):
 # --- the sweep files ---------------------------------------------------------------------------
 
 def test_shipped_sweep_files_validate():
-    smoke = tune.load_sweep(SMOKE)
+    smoke = load_sweep(SMOKE)
     assert smoke.max_trials == 2 and smoke.base.train.epochs == 1 and smoke.base.model.width == 0.125
     assert smoke.base.data.dataset == "synthetic" and smoke.base.data.synthetic_samples == 128
 
-    real = tune.load_sweep(ROOT / "experiments" / "sweep.yaml")
+    real = load_sweep(ROOT / "experiments" / "sweep.yaml")
     main_job = load_config(ROOT / "experiments" / "cifar10.yaml")
     assert real.tuner in ("random", "bayesian")
     assert (real.objective, real.direction) == ("val_accuracy", "max")
@@ -76,10 +77,10 @@ def test_shipped_sweep_files_validate():
 
 
 def test_digest_ignores_the_budget_but_not_the_space(tmp_path):
-    a = tune.load_sweep(SMOKE)
-    assert tune.load_sweep(SMOKE, max_trials=9).digest() == a.digest()
+    a = load_sweep(SMOKE)
+    assert load_sweep(SMOKE, max_trials=9).digest() == a.digest()
     space = yaml.safe_load(SMOKE.read_text())["search_space"]
-    changed = tune.load_sweep(_sweep_file(tmp_path, search_space={**space, "dropout": [0.0, 0.5]}))
+    changed = load_sweep(_sweep_file(tmp_path, search_space={**space, "dropout": [0.0, 0.5]}))
     assert changed.digest() != a.digest()
 
 
@@ -88,7 +89,7 @@ def test_bayesian_sweep_starts_with_fewer_random_trials_than_its_budget(tmp_path
     """keras-tuner's default num_initial_points (3 x 4 dimensions = 12 here) would make a search of 8
     trials all random: the default stays below max_trials, and a sweep that would be random is refused."""
     def bayesian(**budget):
-        return tune.load_sweep(_sweep_file(tmp_path, tuner="bayesian", budget={"epochs": 1, **budget}),
+        return load_sweep(_sweep_file(tmp_path, tuner="bayesian", budget={"epochs": 1, **budget}),
                                directory=str(tmp_path / "tuner"))
 
     sweep = bayesian(max_trials=8)
@@ -112,13 +113,13 @@ def test_bayesian_sweep_starts_with_fewer_random_trials_than_its_budget(tmp_path
         with pytest.raises(ConfigError) as err:
             bayesian(**budget)
         assert fragment in str(err.value) and "tuner: random" in str(err.value)
-    assert tune.load_sweep(_sweep_file(tmp_path, tuner="random", budget={"max_trials": 2})).num_initial_points is None
+    assert load_sweep(_sweep_file(tmp_path, tuner="random", budget={"max_trials": 2})).num_initial_points is None
 
 
 def test_importance_is_scipys_spearman_with_tied_values_ranked_alike():
     from scipy import stats
 
-    sweep = tune.load_sweep(SMOKE)   # learning_rate (float), batch_size (choice of 16, 32), lrn, pool
+    sweep = load_sweep(SMOKE)   # learning_rate (float), batch_size (choice of 16, 32), lrn, pool
     scores = [0.1, 0.2, 0.4, 0.3]
     rates = [0.01, 0.01, 0.02, 0.03]                            # a tie
     rows = [{"val_accuracy": score, "learning_rate": rate, "batch_size": batch, "lrn": lrn, "pool": pool}
@@ -189,7 +190,7 @@ def test_invalid_search_space_fails_before_anything_runs(untouched_store, tmp_pa
 ])
 def test_invalid_sweep_settings_are_clear_errors(tmp_path, changes, fragment):
     with pytest.raises(ConfigError) as err:
-        tune.load_sweep(_sweep_file(tmp_path, **changes))
+        load_sweep(_sweep_file(tmp_path, **changes))
     assert fragment in str(err.value)
 
 
@@ -205,7 +206,7 @@ def test_dry_run_creates_nothing(untouched_store, tmp_path, capsys):
 def test_hypermodel_builds_the_project_alexnet_and_rebatches_per_trial(tmp_path):
     from alexnet_keras.model.alexnet import AlexNet
 
-    sweep = tune.load_sweep(SMOKE)
+    sweep = load_sweep(SMOKE)
     hypermodel = tune.AlexNetHyperModel(sweep)
     hp = keras_tuner.HyperParameters()
     hypermodel.values(hp)                            # declares the space
@@ -283,7 +284,7 @@ def test_mlflow_run_id_becomes_the_parent_and_trials_nest_under_it(swept):
 def test_trial_runs_log_the_resolved_config_epoch_metrics_and_status(swept):
     uri, _, snapshots, _ = swept
     client = MlflowClient(uri)
-    sweep = tune.load_sweep(SMOKE)
+    sweep = load_sweep(SMOKE)
     for trial in _role(snapshots[-1], "trial"):
         params = trial.data.params
         values = {"learning_rate": float(params["learning_rate"]), "batch_size": int(params["batch_size"]),
