@@ -27,7 +27,9 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
+
+import pydantic
 
 VARIANTS = ("paper", "cifar")
 POOLS = ("overlapping", "non_overlapping")
@@ -690,3 +692,32 @@ def did_you_mean(word: str, known: list[str] | tuple[str, ...], n: int = 3) -> s
 
     close = difflib.get_close_matches(word, list(known), n=n)
     return f" Did you mean {', '.join(close)}?" if close else ""
+
+
+OptionsT = TypeVar("OptionsT", bound="Options")
+
+
+class Options(pydantic.BaseModel):
+    """Base of every validated options model outside the Config tree (study and sweep files, the
+    benchmark's flags): unknown keys are refused, values are not coerced across types."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+def validated(model: type[OptionsT], data: Mapping[str, Any], where: str) -> OptionsT:
+    """`model` built from `data`; pydantic's errors become one ConfigError whose lines each name the
+    value's path under `where` (a YAML file and key path, or a command's flags), what is allowed and
+    what came (unknown keys with "did you mean")."""
+    try:
+        return model.model_validate(dict(data))
+    except pydantic.ValidationError as err:
+        lines = []
+        for e in err.errors():
+            path = ".".join(str(part) for part in e["loc"])
+            if e["type"] == "extra_forbidden":
+                known = [name for name in model.model_fields]
+                lines.append(f"{where}: unknown key {path!r}.{did_you_mean(str(e['loc'][-1]), known)} "
+                             f"Known keys: {', '.join(known)}.")
+            else:
+                lines.append(f"{where}: {path}: {e['msg']}; got {e.get('input')!r}.")
+        raise ConfigError("\n".join(lines)) from None
