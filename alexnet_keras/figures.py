@@ -1,53 +1,58 @@
-"""Figures people would rather look at than read: learning curves and confusion matrices."""
+"""Every figure the package logs: a training run's learning curves and confusion matrix, an ablation
+study's accuracy bars and validation curves, a sweep's objective per trial. Headless (Agg), so they
+draw on servers, in CI and under `mlflow run`."""
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import math
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
-matplotlib.use("Agg")  # headless: runs on servers, in CI and under `mlflow run`
+matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
+
+from .tables import cell  # noqa: E402
 
 # (title, train key, validation key) of each learning-curve panel.
-CURVE_PANELS = (
-    ("loss", "loss", "val_loss"),
-    ("top-1 accuracy", "accuracy", "val_accuracy"),
-    ("top-5 accuracy", "top5_accuracy", "val_top5_accuracy"),
-)
+CURVE_PANELS = (("loss", "loss", "val_loss"), ("top-1 accuracy", "accuracy", "val_accuracy"),
+                ("top-5 accuracy", "top5_accuracy", "val_top5_accuracy"))
 
 
-def learning_curves(history: Mapping[str, Sequence[float]], title: str = ""):
-    """Train vs validation loss, top-1 and top-5 per epoch (plus the learning rate if it was logged)."""
-    panels = [p for p in CURVE_PANELS if p[1] in history]
-    with_lr = "learning_rate" in history
-    fig, axes = plt.subplots(1, len(panels) + with_lr, figsize=(4.2 * (len(panels) + with_lr), 3.4),
-                             squeeze=False)
-    for ax, (name, train_key, val_key) in zip(axes[0], panels):
-        epochs = np.arange(1, len(history[train_key]) + 1)
-        ax.plot(epochs, history[train_key], marker="o", label="train")
-        if val_key in history:
-            ax.plot(epochs, history[val_key], marker="o", label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if with_lr:
-        ax = axes[0][-1]
-        ax.plot(np.arange(1, len(history["learning_rate"]) + 1), history["learning_rate"], marker="o")
-        ax.set_yscale("log")
-        ax.set_xlabel("epoch")
-        ax.set_title("learning rate")
-        ax.grid(alpha=0.3)
+def _finish(fig, title: str = ""):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str],
-                     title: str = ""):
+def learning_curves(history: Mapping[str, Sequence[float]], title: str = ""):
+    """Train vs validation loss, top-1 and top-5 per epoch (plus the learning rate if it was logged)."""
+    panels = [p for p in CURVE_PANELS if p[1] in history]
+    with_lr = "learning_rate" in history
+    n = len(panels) + with_lr
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    for ax, (name, train_key, val_key) in zip(axes[0], panels):
+        epochs = np.arange(1, len(history[train_key]) + 1)
+        ax.plot(epochs, history[train_key], marker="o", label="train")
+        if val_key in history:
+            ax.plot(epochs, history[val_key], marker="o", label="validation")
+        ax.set_title(name)
+        ax.legend()
+    if with_lr:
+        ax = axes[0][-1]
+        ax.plot(np.arange(1, len(history["learning_rate"]) + 1), history["learning_rate"], marker="o")
+        ax.set_yscale("log")
+        ax.set_title("learning rate")
+    for ax in axes[0]:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    return _finish(fig, title)
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str], title: str = ""):
     """Row-normalised confusion matrix (recall on the diagonal) from scikit-learn."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
@@ -56,8 +61,106 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, class_names: S
     ConfusionMatrixDisplay.from_predictions(
         labels, predictions, labels=np.arange(len(class_names)), display_labels=list(class_names),
         normalize="true", values_format=".2f", xticks_rotation=45, colorbar=False, ax=ax,
-        include_values=len(class_names) <= 20,
-    )
+        include_values=len(class_names) <= 20)
     ax.set_title(title or "confusion matrix (rows: true class, normalised)")
-    fig.tight_layout()
-    return fig
+    return _finish(fig)
+
+
+def study_bars(variants: Sequence[Any], metric: str, confidence: float, title: str = ""):
+    """An ablation study's `metric` per variant (report.VariantSummary: mean ± std, a dot per seed), and
+    each variant's difference to the baseline with its interval (filled: significant after Holm) and
+    ±MDE band."""
+    n = len(variants)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.5 * n + 1.8), sharey=True)
+    y = np.arange(n)[::-1]
+    means, stds = zip(*(s.stats[metric] for s in variants))
+    left.barh(y, np.nan_to_num(means), xerr=np.nan_to_num(stds), alpha=0.8, capsize=4,
+              color=["tab:orange" if s.is_baseline else "tab:blue" for s in variants])
+    for yi, s in zip(y, variants):
+        left.scatter(s.values[metric], [yi] * len(s.values[metric]), color="black", s=12, zorder=3)
+        w = s.vs_baseline
+        if s.is_baseline:
+            right.scatter([0.0], [yi], color="tab:orange", marker="D")
+        elif w is not None and math.isfinite(w.diff):
+            face = "tab:blue" if s.significant else "white"
+            xerr = [[w.diff - w.ci_low], [w.ci_high - w.diff]] if math.isfinite(w.ci_low) else None
+            right.errorbar([w.diff], [yi], xerr=xerr, fmt="o", color="tab:blue", markerfacecolor=face, capsize=4)
+            if math.isfinite(s.mde):
+                right.plot([-s.mde, s.mde], [yi, yi], color="gray", alpha=0.35, linewidth=6,
+                           solid_capstyle="butt", zorder=0)
+    left.set_yticks(y, [s.name for s in variants])
+    label = metric.replace("_", " ")
+    left.set_xlabel(f"{label} (mean ± std over seeds; dots: seeds)")
+    right.axvline(0.0, color="gray", linestyle="--", linewidth=1)
+    right.set_xlabel(f"Δ {label} vs baseline ({int(confidence * 100)}% Welch CI)\n"
+                     f"filled: significant after Holm · grey band: ±MDE")
+    for ax in (left, right):
+        ax.grid(axis="x", alpha=0.3)
+    return _finish(fig, title)
+
+
+def study_curves(curves: Mapping[str, tuple[list[int], list[float], list[float]]], baseline: str | None,
+                 title: str = ""):
+    """Validation accuracy per epoch of each variant: {name: (epochs, mean, std over seeds)}."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, (epochs, mean, std) in curves.items():
+        if epochs:
+            style = {"color": "black", "linewidth": 2.5} if name == baseline else {"linewidth": 1.5}
+            line, = ax.plot(epochs, mean, marker="o", markersize=3, label=name, **style)
+            mean, std = np.asarray(mean), np.nan_to_num(std)
+            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.12)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (mean over seeds, band ± std)")
+    ax.grid(alpha=0.3)
+    if any(epochs for epochs, _, _ in curves.values()):
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title)
+    return _finish(fig)
+
+
+def sweep_figure(rows: Sequence[Mapping[str, Any]], sweep: Any, weights: Mapping[str, float], top: int = 3):
+    """A sweep's objective per trial (with the best so far), then against its `top` most important
+    hyperparameters (`sweep`: a sweep.Sweep; `rows`: its trials, as tune.trial_rows gives them)."""
+    objective = sweep.objective
+    names = sorted(sweep.names, key=lambda n: (-weights.get(n, 0.0), sweep.names.index(n)))[:top]
+    fig, axes = plt.subplots(1, 1 + len(names), figsize=(4.2 * (1 + len(names)), 3.6), squeeze=False)
+    ordered = sorted(rows, key=lambda r: r["order"])
+    done = [r for r in ordered if r[objective] is not None]
+    ax = axes[0][0]
+    if done:
+        ax.plot([r["order"] for r in done], [r[objective] for r in done], "o", label="trial")
+        pick = max if sweep.direction == "max" else min
+        best_so_far = [pick(r[objective] for r in done[:i + 1]) for i in range(len(done))]
+        ax.step([r["order"] for r in done], best_so_far, where="post", color="C1", label="best so far")
+    failed = [r["order"] for r in ordered if r[objective] is None]
+    if failed:
+        ax.plot(failed, [min((r[objective] for r in done), default=0.0)] * len(failed), "x", color="C3",
+                label="failed")
+    ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(objective)
+    ax.set_title(f"{objective} per trial")
+    ax.legend()
+    rng = np.random.default_rng(0)   # the jitter of categorical values, the same on every redraw
+    for ax, name in zip(axes[0][1:], names):
+        param = sweep.param(name)
+        values, scores = [r[name] for r in done], [r[objective] for r in done]
+        if param.numeric:
+            ax.plot(values, scores, "o")
+            if param.sampling == "log":
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
+        else:
+            labels = [cell(v) for v in (param.values if param.type == "choice" else (False, True))]
+            position = {label: i for i, label in enumerate(labels)}
+            ax.plot([position[cell(v)] + rng.uniform(-0.08, 0.08) for v in values], scores, "o")
+            ax.set_xticks(range(len(labels)), labels)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
+        ax.set_xlabel(name)
+        ax.set_title(f"{name} (importance {weights.get(name, 0.0):.2f})")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    return _finish(fig, f"sweep {sweep.name}: {objective} ({sweep.direction})")

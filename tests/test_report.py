@@ -20,6 +20,8 @@ from alexnet_keras.experiments.study import load_study
 from alexnet_keras.experiments.stats import Welch
 from alexnet_keras.tracking import CONFIG_DIGEST_TAG
 
+ROOT = Path(__file__).resolve().parent.parent
+
 # --- stats: every number against scipy, R or a simulation -------------------------------------------
 
 
@@ -355,7 +357,9 @@ def test_each_claim_is_measured_the_way_the_paper_states_it(claims_spec):
     assert "### The paper's claims (Krizhevsky et al. 2012)" in built.markdown
     assert "| Overlapping pooling lowers top-1 error | -0.4 points | baseline (n=5) vs pool=non_overlapping (n=5) |" \
         in built.markdown
-    assert "**contradicts** = Holm-adjusted p < 0.05 with the opposite sign" in built.markdown
+    # The verdict rules are written once, in the page every report links to.
+    assert report.METHODS in built.markdown
+    assert "**contradicts** = Holm-adjusted p < 0.05 with the opposite sign" in (ROOT / report.METHODS).read_text()
 
 
 def test_claims_contradicted_by_sign_or_not_measurable(claims_spec):
@@ -516,7 +520,7 @@ def test_build_report_logs_tables_and_figures_on_the_parent(mlflow_store, claims
     client = MlflowClient()
     experiment = client.create_experiment("report")
     parent = client.create_run(experiment, tags={tracking.ROLE_TAG: "parent"}).info.run_id
-    client.log_dict(parent, claims_spec, tracking.SPEC_ARTIFACT)   # a spec as older code logged it
+    client.log_dict(parent, claims_spec, tracking.SPEC_ARTIFACT)   # as ablate logs it
     fake = _fill(claims_spec, FakeStore(), seeds=range(3))
     for run in fake.children:
         child = client.create_run(experiment, tags={"mlflow.parentRunId": parent,

@@ -1,50 +1,7 @@
-"""The statistics of ablation reports: pure numpy/scipy (no Keras, no MLflow), on plain numbers.
-
-What report.py computes per comparison of a variant (or a paper claim's arm) with the baseline:
-
-* `welch`: difference of means `a - b`, its 95 % confidence interval and the two-sided p-value of
-  Welch's unequal-variance t-test (`scipy.stats.ttest_ind(equal_var=False)` and its
-  `confidence_interval`). Undefined (NaN) with fewer than 2 values in a group or no spread at all.
-* `holm`: Holm's step-down adjustment of the p-values of one family of comparisons (the variants that
-  share one baseline). A difference is called *significant* only when its Holm-adjusted p < `ALPHA`.
-  Holm, not Dunnett, decides: it holds under any dependence between the comparisons and sits on the
-  Welch p-values, which do not assume that every arm has the baseline's seed spread (arms such as
-  sigmoid, stuck near chance, spread far less than the baseline). `dunnett` (scipy.stats.dunnett,
-  many-to-one with one pooled variance) is reported beside it where every group has >= 2 values.
-* `minimum_detectable_effect` (MDE): the smallest true difference that a two-sided two-sample t-test at
-  `ALPHA` detects with probability `POWER`, given the baseline's seed standard deviation `sd` as the
-  spread of both groups and the numbers of seeds as run (n_a, n_b): MDE = nc* sd sqrt(1/n_a + 1/n_b),
-  where nc* solves P(|T'| > t_{1-alpha/2, df}) = POWER for T' noncentral t with df = n_a + n_b - 2 and
-  noncentrality nc* (`scipy.stats.nct`; R's `power.t.test(..., strict=TRUE)`). Undefined (NaN) when
-  a group has fewer than 2 values or the baseline has no spread. It is the pooled t-test's MDE before
-  any adjustment, i.e. the best case: at this difference Welch's test rejects less often at small n
-  (seeded simulation, 40,000 replicates: 70 % at n = 3 per group, 78 % at n = 5, 80 % at n = 10), and
-  Holm's adjustment lowers the power further.
-* `reading` of a difference, the words the report prints:
-    - "significant": Holm-adjusted p < ALPHA (sign given as higher/lower);
-    - "no effect >= MDE" ("no effect at resolution MDE"): not significant, and the 95 % interval lies
-      strictly inside (-MDE, +MDE), so every effect as large as the MDE is ruled out;
-    - "below resolution" ("too small to see"): not significant, and the interval reaches +-MDE or
-      beyond, so an effect the study was powered for is still compatible with the data;
-    - "n/a": no interval (fewer than 2 seeds in a group, no spread).
-* `verdict` on a claim of the paper, with `paper` its figure as the signed effect `a - b` in the
-  claim's units (or None when the paper gives only a direction, `direction` = +1 or -1):
-    - "reproduces": Holm-adjusted p < ALPHA and the difference has the paper's sign;
-    - "contradicts": Holm-adjusted p < ALPHA with the opposite sign; or, for a claim with a figure,
-      the 95 % interval excludes the paper's figure while the MDE is at most its size (the study
-      could see an effect that large, and the data rule it out);
-    - "below resolution": everything else (not significant, and either the MDE is above the paper's
-      figure or the interval still contains it; a direction-only claim that is not significant);
-    - "not measurable": no interval (an arm with fewer than 2 runs, no spread, or a run of the faster
-      arm of an epochs-to-threshold claim never reaching the threshold or never converging).
-  With `lower_bound=True` (epochs-to-threshold values of the slower arm cut at the epochs trained:
-  the effect is underestimated) only "reproduces" or "below resolution" can follow.
-* `plateau`: how much validation accuracy still moves at the end of training: the last epoch's value
-  minus the value ceil(E/5) epochs earlier (E = epochs logged), i.e. the change over the last fifth.
-* `epochs_to`: epochs until a per-epoch series first reaches a threshold, linearly interpolated
-  between epoch ends (the value before epoch 1 taken as 0); `math.inf` if it never does.
-  `epochs_to_converge`: epochs until validation accuracy first comes within a margin of its best, for a
-  run that got there before its last fifth and stayed there (inf otherwise: not converged, censored).
+"""The statistics of ablation reports, on plain numbers (numpy/scipy; no Keras, no MLflow): Welch's
+difference and interval, Holm's and Dunnett's adjustments, power and the minimum detectable effect
+(MDE), the reading of a difference and the verdict on a claim of the paper, and the per-epoch measures
+(plateau, epochs to a threshold or to convergence). The rules, and why they are these: docs/methodology.md.
 """
 
 from __future__ import annotations
@@ -70,7 +27,7 @@ CONTRADICTS = "contradicts"
 NOT_MEASURABLE = "not measurable"
 NOT_IN_STUDY = "not in this study"
 
-_NAN = float("nan")
+NAN = float("nan")
 
 
 @dataclass(frozen=True)
@@ -95,9 +52,9 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE
     from scipy import stats
 
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    diff = float(a.mean() - b.mean()) if len(a) and len(b) else _NAN
+    diff = float(a.mean() - b.mean()) if len(a) and len(b) else NAN
     if len(a) < 2 or len(b) < 2 or (a.var(ddof=1) == 0.0 and b.var(ddof=1) == 0.0):
-        return Welch(diff, _NAN, _NAN, _NAN, _NAN, _NAN)
+        return Welch(diff, NAN, NAN, NAN, NAN, NAN)
     with warnings.catch_warnings():   # one group without spread is fine for Welch; scipy warns anyway
         warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
         result = stats.ttest_ind(a, b, equal_var=False)
@@ -106,19 +63,26 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE
                  float(result.df))
 
 
+def pooled_sd(a: Sequence[float], b: Sequence[float]) -> float:
+    """The pooled standard deviation of two groups (NaN unless both have >= 2 values)."""
+    if len(a) < 2 or len(b) < 2:
+        return NAN
+    return math.sqrt(((len(a) - 1) * np.var(a, ddof=1) + (len(b) - 1) * np.var(b, ddof=1)) / (len(a) + len(b) - 2))
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; NaN for a single value, both NaN for none)."""
     x = np.asarray(values, dtype=float)
     if not len(x):
-        return _NAN, _NAN
-    return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else _NAN
+        return NAN, NAN
+    return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else NAN
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjusted p-values, in the order given (as R's `p.adjust(p, "holm")`). NaN
     entries (comparisons that could not be tested) stay NaN and do not count in the family size."""
     p = np.asarray(p_values, dtype=float)
-    out = np.full(p.shape, _NAN)
+    out = np.full(p.shape, NAN)
     tested = np.flatnonzero(np.isfinite(p))
     m = len(tested)
     if m:
@@ -137,7 +101,7 @@ def dunnett(groups: Mapping[str, Sequence[float]], control: Sequence[float], see
     names = list(groups)
     samples = [np.asarray(groups[n], dtype=float) for n in names]
     control = np.asarray(control, dtype=float)
-    nan = {n: _NAN for n in names}
+    nan = {n: NAN for n in names}
     if not names or len(control) < 2 or any(len(s) < 2 for s in samples):
         return nan
     if not all(np.isfinite(s).all() for s in [control, *samples]):
@@ -154,7 +118,7 @@ def power(effect: float, sd: float, n_a: float, n_b: float, alpha: float = ALPHA
     from scipy import stats
 
     if not (_finite(sd) and sd > 0 and n_a >= 2 and n_b >= 2 and _finite(effect)):
-        return _NAN
+        return NAN
     return _power_nc(abs(effect) / (sd * math.sqrt(1.0 / n_a + 1.0 / n_b)), n_a + n_b - 2, alpha, stats)
 
 
@@ -171,7 +135,7 @@ def minimum_detectable_effect(sd: float, n_a: float, n_b: float, alpha: float = 
     from scipy import optimize, stats
 
     if not (_finite(sd) and sd > 0 and n_a >= 2 and n_b >= 2):
-        return _NAN
+        return NAN
     df = n_a + n_b - 2
 
     def short(nc: float) -> float:
@@ -225,7 +189,7 @@ def plateau(values: Sequence[float], fraction: float = 0.2) -> float:
     ceil(fraction * E) epochs earlier. NaN with fewer than 2 epochs."""
     x = [float(v) for v in values]
     if len(x) < 2:
-        return _NAN
+        return NAN
     return x[-1] - x[-1 - tail_length(len(x), fraction)]
 
 
@@ -236,7 +200,7 @@ def epochs_to_converge(values: Sequence[float], within: float, fraction: float =
     briefly to tell when it would have), NaN without 2 epochs."""
     x = [float(v) for v in values]
     if len(x) < 2:
-        return _NAN
+        return NAN
     k = tail_length(len(x), fraction)
     target = max(x) - within
     reached = epochs_to(x, target)

@@ -54,17 +54,17 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import keras
 import keras_tuner
 import numpy as np
 
-from .. import tracking
+from .. import figures, tracking
 from ..config import Config, ConfigError
 from ..data import Data, load_data
 from ..model.alexnet import build_alexnet
-from ..tables import cell, csv_text, markdown_table, value_text
+from ..tables import csv_text, markdown_table, value_text
 from .sweep import Sweep, load_sweep
 from ..training.train import compile_model, fit, log_inputs, log_trained_model, run_tags, set_global_state, timing_metrics
 
@@ -561,59 +561,6 @@ def trials_table(rows: list[dict[str, Any]], sweep: Sweep) -> tuple[str, str]:
     return csv_text(rows, columns), header + markdown_table(rows, columns, digits={sweep.objective: 4})
 
 
-def sweep_figure(rows: list[dict[str, Any]], sweep: Sweep, weights: Mapping[str, float], top: int = 3):
-    """Objective per trial (with the best so far), then objective against the `top` most important
-    dimensions."""
-    from .. import figures  # noqa: F401  (selects the headless Agg backend)
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator, NullFormatter
-
-    names = sorted(sweep.names, key=lambda n: (-weights.get(n, 0.0), sweep.names.index(n)))[:top]
-    fig, axes = plt.subplots(1, 1 + len(names), figsize=(4.2 * (1 + len(names)), 3.6), squeeze=False)
-    objective = sweep.objective
-    ordered = sorted(rows, key=lambda r: r["order"])
-    done = [r for r in ordered if r[objective] is not None]
-    ax = axes[0][0]
-    if done:
-        ax.plot([r["order"] for r in done], [r[objective] for r in done], "o", label="trial")
-        pick = max if sweep.direction == "max" else min
-        best_so_far = [pick(r[objective] for r in done[:i + 1]) for i in range(len(done))]
-        ax.step([r["order"] for r in done], best_so_far, where="post", color="C1", label="best so far")
-    failed = [r["order"] for r in ordered if r[objective] is None]
-    if failed:
-        ax.plot(failed, [min((r[objective] for r in done), default=0.0)] * len(failed), "x", color="C3",
-                label="failed")
-    ax.set_xlabel("trial")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(objective)
-    ax.set_title(f"{objective} per trial")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    rng = np.random.default_rng(0)
-    for ax, name in zip(axes[0][1:], names):
-        param = sweep.param(name)
-        values = [r[name] for r in done]
-        scores = [r[objective] for r in done]
-        if param.numeric:
-            ax.plot(values, scores, "o")
-            if param.sampling == "log":
-                ax.set_xscale("log")
-                ax.xaxis.set_minor_formatter(NullFormatter())
-        else:
-            labels = [cell(v) for v in (param.values if param.type == "choice" else (False, True))]
-            position = {label: i for i, label in enumerate(labels)}
-            xs = [position[cell(v)] + rng.uniform(-0.08, 0.08) for v in values]
-            ax.plot(xs, scores, "o")
-            ax.set_xticks(range(len(labels)), labels)
-            ax.set_xlim(-0.5, len(labels) - 0.5)
-        ax.set_xlabel(name)
-        ax.set_title(f"{name} (importance {weights.get(name, 0.0):.2f})")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"sweep {sweep.name}: {objective} ({sweep.direction})")
-    fig.tight_layout()
-    return fig
-
-
 def final_model(tuner: keras_tuner.Tuner, ctx: SweepContext, trial, config: Config,
                 data: Data) -> tuple[keras.Model | None, str]:
     """The best trial's network: its best-epoch checkpoint (keras-tuner's `load_model`) where this
@@ -665,7 +612,7 @@ def summarize(tuner, ctx: SweepContext, parent_run_id: str) -> tuple[list[dict[s
     tracking.log_text(markdown, "sweep/trials.md")
     weights = importance(rows, sweep)
     tracking.log_dict(weights, "sweep/importance.json")
-    tracking.log_figure(sweep_figure(rows, sweep, weights), "sweep/objective.png")
+    tracking.log_figure(figures.sweep_figure(rows, sweep, weights), "sweep/objective.png")
 
     trial = tuner.oracle.trials[best["trial"]]
     config = sweep.trial_config(trial.hyperparameters.values)
