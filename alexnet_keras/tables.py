@@ -1,10 +1,6 @@
-"""Rows of results as text: the one CSV writer, the one Markdown table writer, the one value formatter.
-
-Reports (ablation studies, sweeps, benchmarks) all hold their results as a list of dicts, one per row.
-They become CSV files (exact values, for machines) and Markdown tables (rounded, for people) here, so
-that a boolean reads `true`/`false` everywhere (the form MLproject parameters and MLflow params use)
-and every table is written the same way.
-"""
+"""Rows of results (a list of dicts, one per row) as text: the one CSV writer (exact values, for
+machines), the one Markdown table writer (rounded, for people) and the one value formatter, so that a
+boolean reads `true`/`false` everywhere, as MLproject and MLflow params write it."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from . import stats
+from .. import figures, tracking
 from .stats import ALPHA, CONFIDENCE, NAN, POWER, Welch
 from ..tables import cell, columns_of, csv_text, markdown_table
 
@@ -156,22 +157,12 @@ def _series(history: History | None, run_id: str, key: str) -> list[float]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def variant_options(spec: Mapping[str, Any], variant: Mapping[str, Any]) -> dict[str, Any]:
-    """Every option of a variant: the base config's leaves (flattened) under the variant's overrides."""
-    options: dict[str, Any] = {}
-    for key, value in spec["base_config"].items():
-        options.update(value if isinstance(value, Mapping) else {key: value})
-    return {**options, **variant["overrides"]}
-
-
 def _index(children: Sequence[Any]) -> tuple[dict[str, Any], set[str]]:
     """{config digest: the latest FINISHED child}, and the digests with only FAILED / KILLED children."""
-    from ..tracking import CONFIG_DIGEST_TAG
-
     finished: dict[str, Any] = {}
     broken: set[str] = set()
     for run in sorted(children, key=lambda r: r.info.end_time or 0, reverse=True):   # the latest first
-        digest = run.data.tags.get(CONFIG_DIGEST_TAG)
+        digest = run.data.tags.get(tracking.CONFIG_DIGEST_TAG)
         if digest is not None and run.info.status == "FINISHED":
             finished.setdefault(digest, run)
         elif digest is not None and run.info.status in ("FAILED", "KILLED"):
@@ -212,9 +203,12 @@ def summarize(spec: dict[str, Any], children: Sequence[Any], history: History | 
     """Per variant: its children (through their config digest; the latest FINISHED wins), metrics and
     statistics against the baseline. `history` reads per-epoch metrics (None: no curves or plateau)."""
     finished, broken = _index(children)
+    base: dict[str, Any] = {}   # the base config's leaves, flattened: what each variant's overrides change
+    for key, value in spec["base_config"].items():
+        base.update(value if isinstance(value, Mapping) else {key: value})
     out = []
     for v in spec["variants"]:
-        summary = VariantSummary(v["name"], dict(v["factors"]), bool(v["is_baseline"]), variant_options(spec, v))
+        summary = VariantSummary(v["name"], dict(v["factors"]), bool(v["is_baseline"]), {**base, **v["overrides"]})
         plan = _plan(spec, v, summary, finished, broken)
         for seed in sorted(plan):
             run = finished.get(plan[seed])
@@ -252,12 +246,8 @@ def _compare(variants: Sequence[VariantSummary]) -> None:
 # --- claims ----------------------------------------------------------------------------------------
 
 def _same(x: Any, y: Any) -> bool:
-    """Equal option values, where true is not 1 but 1 is 1.0."""
-    if isinstance(x, bool) or isinstance(y, bool):
-        return isinstance(x, bool) and isinstance(y, bool) and x == y
-    if isinstance(x, (int, float)) and isinstance(y, (int, float)):
-        return float(x) == float(y)
-    return x == y
+    """Equal option values, where true is not 1 (but 1 is 1.0)."""
+    return x == y and isinstance(x, bool) == isinstance(y, bool)
 
 
 def _has(options: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
@@ -280,27 +270,22 @@ def _arms(claim: Claim, variants: Sequence[VariantSummary]) -> tuple[VariantSumm
     return min(pairs, key=distance, default=None)
 
 
-def _claim_values(claim: Claim, arm: VariantSummary, history: History | None) -> list[float]:
-    """The claim's metric for each run of an arm (epochs metrics: inf where the threshold is never met)."""
+def _claim_values(claim: Claim, arm: VariantSummary, history: History | None) -> tuple[list[float], list[float]]:
+    """The claim's metric for each run of an arm; for the epochs metrics (inf where the threshold is never
+    met) also the epochs each run is known to need at least: the epochs trained, or for convergence the
+    epochs before the last fifth."""
     test, train = arm.values["test_accuracy"], arm.values["final_train_accuracy"]
     if claim.metric == "top1_error":
-        return [100.0 * (1.0 - x) for x in test]
+        return [100.0 * (1.0 - x) for x in test], []
     if claim.metric == "top5_error":
-        return [100.0 * (1.0 - x) for x in arm.values["test_top5_accuracy"]]
+        return [100.0 * (1.0 - x) for x in arm.values["test_top5_accuracy"]], []
     if claim.metric == "train_test_gap":
-        return [100.0 * (t - x) for t, x in zip(train, test)]
+        return [100.0 * (t - x) for t, x in zip(train, test)], []
     if claim.metric == "epochs_to_converge":
-        return [stats.epochs_to_converge(h, CONVERGED_WITHIN) for h in arm.val_histories]
+        return ([stats.epochs_to_converge(h, CONVERGED_WITHIN) for h in arm.val_histories],
+                [float(len(h) - stats.tail_length(len(h))) if len(h) > 1 else NAN for h in arm.val_histories])
     series = [_series(history, run_id, TRAIN_ACCURACY) for run_id in arm.run_ids]
-    return [stats.epochs_to(h, 1.0 - TRAIN_ERROR_TARGET) if h else NAN for h in series]
-
-
-def _censored_at(arm: VariantSummary, history: History | None, claim: Claim) -> list[float]:
-    """Per run, the epochs a censored run is known to need at least: the epochs trained for a threshold
-    never reached; the epochs before the last fifth for a run that has not converged."""
-    if claim.metric == "epochs_to_converge":
-        return [float(len(h) - stats.tail_length(len(h))) if len(h) > 1 else NAN for h in arm.val_histories]
-    return [float(len(_series(history, run_id, TRAIN_ACCURACY))) for run_id in arm.run_ids]
+    return [stats.epochs_to(h, 1.0 - TRAIN_ERROR_TARGET) if h else NAN for h in series], [float(len(h)) for h in series]
 
 
 def judge_claims(variants: Sequence[VariantSummary], history: History | None = None,
@@ -315,18 +300,19 @@ def judge_claims(variants: Sequence[VariantSummary], history: History | None = N
             continue
         arm_a, arm_b = pair
         result.a, result.b = arm_a.name, arm_b.name
-        values_a, values_b = _claim_values(claim, arm_a, history), _claim_values(claim, arm_b, history)
+        (values_a, cut_a), (values_b, cut_b) = (_claim_values(claim, arm, history) for arm in pair)
         result.n_a, result.n_b = len(values_a), len(values_b)
         if result.ratio:   # epochs to a threshold: Welch on log epochs, the ratio of geometric means
-            (slower, slow_arm), faster = ((values_a, arm_a), values_b) if claim.direction > 0 else ((values_b, arm_b), values_a)
+            slower, cut, faster = (values_a, cut_a, values_b) if claim.direction > 0 else (values_b, cut_b, values_a)
             if any(math.isinf(x) for x in faster):
-                result.verdict, result.note = stats.NOT_MEASURABLE, "a run of the faster arm never reached the threshold"
+                result.verdict = stats.NOT_MEASURABLE
+                result.note = "a run of the faster arm never reached the threshold"
                 continue
             if any(math.isinf(x) for x in slower):
                 result.lower_bound = True
                 result.note = ("some runs of the slower arm never reached the threshold: the epochs they "
                                "are known to need at least stand in, so the ratio is a lower bound")
-                slower[:] = [c if math.isinf(x) else x for x, c in zip(slower, _censored_at(slow_arm, history, claim))]
+                slower[:] = [c if math.isinf(x) else x for x, c in zip(slower, cut)]
             values_a, values_b = ([math.log(x) if x > 0 else NAN for x in v] for v in (values_a, values_b))
         if not (np.all(np.isfinite(values_a)) and np.all(np.isfinite(values_b))):
             result.verdict, result.note = stats.NOT_MEASURABLE, result.note or "a run lacks the metric"
@@ -349,7 +335,7 @@ def _pm(stat: tuple[float, float], digits: int) -> str:
     mean, std = stat
     if not math.isfinite(mean):
         return "n/a"
-    return f"{mean:.{digits}f} ± {cell(std, digits)}" if math.isfinite(std) else f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f}" + (f" ± {cell(std, digits)}" if math.isfinite(std) else "")
 
 
 def _p(p: float) -> str:
@@ -363,7 +349,8 @@ def csv_rows(variants: Sequence[VariantSummary]) -> list[dict[str, Any]]:
         w = s.vs_baseline
         versus = {"p_holm": s.p_holm, "significant_holm": s.significant, "p_dunnett": s.p_dunnett, "mde": s.mde,
                   "reading": s.reading}
-        rows.append({"variant": s.name, "is_baseline": s.is_baseline, **{f"factor.{k}": v for k, v in s.factors.items()},
+        rows.append({"variant": s.name, "is_baseline": s.is_baseline,
+                     **{f"factor.{k}": v for k, v in s.factors.items()},
                      "n_seeds": len(s.seeds), "n_failed": s.failed, "n_missing": s.missing,
                      "num_params": None if math.isnan(s.num_params) else int(s.num_params),
                      **({"nuisance_value": s.chosen} if any(v.tuning for v in variants) else {}),
@@ -393,9 +380,11 @@ def _summary_text(variants: Sequence[VariantSummary]) -> str:
         if not s.is_baseline:
             label = f"no effect at resolution {cell(s.mde, 4)}" if s.reading == stats.NO_EFFECT else s.reading
             groups.setdefault(label, []).append(f"`{s.name}`")
-    words = {stats.SIGNIFICANT: "Significant after Holm", **{k: k[0].upper() + k[1:] + " (the interval lies inside ±MDE)"
-                                                             for k in sorted(groups) if k.startswith("no effect")},
-             stats.BELOW_RESOLUTION: "Below resolution (the interval still reaches ±MDE: too small to see with these seeds)",
+    words = {stats.SIGNIFICANT: "Significant after Holm",
+             **{k: k.capitalize() + " (the interval lies inside ±MDE)" for k in sorted(groups)
+                if k.startswith("no effect")},
+             stats.BELOW_RESOLUTION: "Below resolution (the interval still reaches ±MDE: too small to see with these "
+                                     "seeds)",
              stats.NOT_AVAILABLE: "Not testable (< 2 seeds in a group, or no spread)"}
     parts = [f"{title}: {', '.join(groups[key])}." for key, title in words.items() if key in groups]
     return text + " " + (" ".join(parts) or "No variant to compare with the baseline.")
@@ -430,11 +419,6 @@ def study_table(spec: dict[str, Any], variants: Sequence[VariantSummary]) -> str
                           right=[c for c in columns[1:] if c not in ("chosen", "sig", "reading")])
 
 
-def tuning_rows(variants: Sequence[VariantSummary]) -> list[dict[str, Any]]:
-    return [{"variant": s.name, "value": label, "val_accuracy": value, "chosen": label == s.chosen,
-             "run": s.tuning_runs.get(label)} for s in variants for label, value in s.tuning.items()]
-
-
 def tuning_table(variants: Sequence[VariantSummary]) -> str:
     labels = list(dict.fromkeys(label for s in variants for label in s.tuning))
     rows = []
@@ -464,8 +448,10 @@ def claims_table(results: Sequence[ClaimResult]) -> str:
             f"x{math.exp(r.mde):.2f}" if r.ratio else f"{r.mde:.2f} {unit}"
         rows.append({"claim": r.claim.claim, "paper": r.claim.paper_text, "ours": ours, "mde": mde,
                      "arms": f"{r.a} (n={r.n_a}) vs {r.b} (n={r.n_b})" if r.a is not None else "",
-                     "p_holm": _p(r.p_holm) if w is not None else "", "verdict": r.verdict + (f" ({r.note})" if r.note else "")})
-    headers = {"paper": "the paper", "arms": "compared (a vs b)", "mde": "MDE", "p_holm": "p (Holm)", "ours": f"ours, a − b [{CI}]"}
+                     "p_holm": _p(r.p_holm) if w is not None else "",
+                     "verdict": r.verdict + (f" ({r.note})" if r.note else "")})
+    headers = {"paper": "the paper", "arms": "compared (a vs b)", "mde": "MDE", "p_holm": "p (Holm)",
+               "ours": f"ours, a − b [{CI}]"}
     table = markdown_table(rows, ["claim", "paper", "arms", "ours", "mde", "p_holm", "verdict"], headers=headers,
                            right=["ours", "mde", "p_holm"])
     return f"### The paper's claims (Krizhevsky et al. 2012)\n\n{table}\nMetrics, arms and verdict rules: {METHODS}.\n"
@@ -491,7 +477,8 @@ def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims
     tuned = any(s.tuning for s in variants)
     lines = [f"## Ablation study `{spec['name']}`", "", *([spec["description"], ""] if spec["description"] else []),
              f"**{n_done}/{n_expected} runs finished**" + (f", {n_failed} failed" if n_failed else "")
-             + f" · design: {spec['design']} · seeds: {', '.join(map(str, spec['seeds']))} · study digest `{spec['digest']}`",
+             + f" · design: {spec['design']} · seeds: {', '.join(map(str, spec['seeds']))} "
+             f"· study digest `{spec['digest']}`",
              "", f"Scientific (the axes): {axes}. Nuisance: {nuisance}. "
              f"Fixed: every other option, at the base config's value (study/study.json).", "",
              study_table(spec, variants).rstrip("\n"), "",
@@ -510,19 +497,11 @@ def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims
                               + (", reports/tuning.csv" if tuned else "") + "."]) + "\n"
 
 
-def runs_csv(variants: Sequence[VariantSummary]) -> str:
-    """One row per child run used: its variant, seed, metrics and plateau."""
-    metrics = [m for m, _, _ in METRICS]
-    return csv_text([{"variant": s.name, "seed": seed, "run_id": run_id, **{m: s.values[m][i] for m in metrics},
-                      "val_plateau": stats.plateau(history)}
-                     for s in variants for i, (seed, run_id, history) in enumerate(zip(s.seeds, s.run_ids, s.val_histories))],
-                    ["variant", "seed", "run_id", *metrics, "val_plateau"])
-
-
 def table_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
     """Rows as the column dict `mlflow.log_table` takes (NaN and missing cells as None)."""
-    return {name: [None if isinstance(v, float) and not math.isfinite(v) else v for v in (row.get(name) for row in rows)]
-            for name in columns_of(rows)}
+    values = {name: [row.get(name) for row in rows] for name in columns_of(rows)}
+    return {name: [None if isinstance(v, float) and not math.isfinite(v) else v for v in column]
+            for name, column in values.items()}
 
 
 def mean_curve(histories: Sequence[Sequence[float]]) -> tuple[list[int], list[float], list[float]]:
@@ -545,15 +524,14 @@ def make_report(parent_run_id: str, spec: dict[str, Any], children: Sequence[Any
         history = functools.lru_cache(maxsize=None)(history)   # a claim may read a series twice
     variants = summarize(spec, children, history)
     claims = judge_claims(variants, history)
-    tuning = csv_text(tuning_rows(variants)) if any(s.tuning for s in variants) else ""
+    tuning = [{"variant": s.name, "value": label, "val_accuracy": value, "chosen": label == s.chosen,
+               "run": s.tuning_runs.get(label)} for s in variants for label, value in s.tuning.items()]
     return Report(parent_run_id, spec, variants, claims, to_markdown(spec, variants, claims),
-                  csv_text(csv_rows(variants)), csv_text(claim_rows(claims)), tuning)
+                  csv_text(csv_rows(variants)), csv_text(claim_rows(claims)), csv_text(tuning) if tuning else "")
 
 
 def load_spec(parent_run_id: str) -> dict[str, Any]:
-    from .. import tracking
-    from ..tracking import ROLE_TAG, SPEC_ARTIFACT
-
+    ROLE_TAG, SPEC_ARTIFACT = tracking.ROLE_TAG, tracking.SPEC_ARTIFACT
     if tracking.get_run(parent_run_id).data.tags.get(ROLE_TAG) != "parent":
         raise tracking.TrackingError(f"run {parent_run_id} is not the parent run of an ablation study (no "
                                      f"{ROLE_TAG}=parent tag); pass the id of the study's parent run.")
@@ -570,8 +548,6 @@ def load_spec(parent_run_id: str) -> dict[str, Any]:
 
 def build_report(parent_run_id: str) -> Report:
     """Rebuild the study's tables and figures from the store and log them on the parent run."""
-    from .. import figures, tracking
-
     spec = load_spec(parent_run_id)
 
     def history(run_id: str, key: str) -> list[tuple[int, float]]:
@@ -579,7 +555,13 @@ def build_report(parent_run_id: str) -> Report:
 
     report = make_report(parent_run_id, spec, tracking.child_runs(parent_run_id), history)
     on_parent = {"run_id": parent_run_id}
-    files = {"ablation.md": report.markdown, "ablation.csv": report.csv, "ablation_runs.csv": runs_csv(report.variants),
+    metrics = [m for m, _, _ in METRICS]
+    runs = [{"variant": s.name, "seed": seed, "run_id": run_id, **{m: s.values[m][i] for m in metrics},
+             "val_plateau": stats.plateau(history)}
+            for s in report.variants
+            for i, (seed, run_id, history) in enumerate(zip(s.seeds, s.run_ids, s.val_histories))]
+    files = {"ablation.md": report.markdown, "ablation.csv": report.csv,
+             "ablation_runs.csv": csv_text(runs, ["variant", "seed", "run_id", *metrics, "val_plateau"]),
              "claims.md": claims_table(report.claims), "claims.csv": report.claims_csv, "tuning.csv": report.tuning_csv}
     for name, text in files.items():
         if text:
@@ -587,7 +569,8 @@ def build_report(parent_run_id: str) -> Report:
     tracking.log_table(table_columns(csv_rows(report.variants)), "reports/ablation_table.json", **on_parent)
     tracking.log_table(table_columns(claim_rows(report.claims)), "reports/claims_table.json", **on_parent)
     curves = {s.name: mean_curve(s.val_histories) for s in report.variants}
-    tracking.log_figure(figures.study_bars(report.variants, PRIMARY, CONFIDENCE, title=f"{spec['name']}: test accuracy"),
+    bars = figures.study_bars(report.variants, PRIMARY, CONFIDENCE, title=f"{spec['name']}: test accuracy")
+    tracking.log_figure(bars,
                         "figures/ablation_test_accuracy.png", **on_parent)
     tracking.log_figure(figures.study_curves(curves, spec["baseline"], title=f"{spec['name']}: validation accuracy"),
                         "figures/ablation_val_accuracy.png", **on_parent)

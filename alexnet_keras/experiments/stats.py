@@ -12,28 +12,19 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+from scipy import optimize, stats as scipy_stats
 
-CONFIDENCE = 0.95
-ALPHA = 0.05
-POWER = 0.8
-
-SIGNIFICANT = "significant"
-NO_EFFECT = "no effect ≥ MDE"
-BELOW_RESOLUTION = "below resolution"
-NOT_AVAILABLE = "n/a"
-
-REPRODUCES = "reproduces"
-CONTRADICTS = "contradicts"
-NOT_MEASURABLE = "not measurable"
-NOT_IN_STUDY = "not in this study"
-
+CONFIDENCE, ALPHA, POWER = 0.95, 0.05, 0.8
 NAN = float("nan")
+# The readings of a difference, and the verdicts on a claim of the paper.
+SIGNIFICANT, NO_EFFECT, BELOW_RESOLUTION, NOT_AVAILABLE = "significant", "no effect ≥ MDE", "below resolution", "n/a"
+REPRODUCES, CONTRADICTS = "reproduces", "contradicts"
+NOT_MEASURABLE, NOT_IN_STUDY = "not measurable", "not in this study"
 
 
 @dataclass(frozen=True)
 class Welch:
     """`a` minus `b`: difference of means, its confidence interval, Welch's t, df and two-sided p."""
-
     diff: float
     ci_low: float
     ci_high: float
@@ -47,20 +38,16 @@ def _finite(x) -> bool:
 
 
 def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> Welch:
-    """Welch's unequal-variance t-test and CI for mean(a) - mean(b). NaN where undefined (n < 2 in a
-    group, or no variance in either)."""
-    from scipy import stats
-
+    """Welch's t-test and interval for mean(a) - mean(b); NaN with n < 2 in a group or no spread at all."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     diff = float(a.mean() - b.mean()) if len(a) and len(b) else NAN
     if len(a) < 2 or len(b) < 2 or (a.var(ddof=1) == 0.0 and b.var(ddof=1) == 0.0):
         return Welch(diff, NAN, NAN, NAN, NAN, NAN)
     with warnings.catch_warnings():   # one group without spread is fine for Welch; scipy warns anyway
         warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
-        result = stats.ttest_ind(a, b, equal_var=False)
+        result = scipy_stats.ttest_ind(a, b, equal_var=False)
     ci = result.confidence_interval(confidence)
-    return Welch(diff, float(ci.low), float(ci.high), float(result.pvalue), float(result.statistic),
-                 float(result.df))
+    return Welch(diff, float(ci.low), float(ci.high), float(result.pvalue), float(result.statistic), float(result.df))
 
 
 def pooled_sd(a: Sequence[float], b: Sequence[float]) -> float:
@@ -73,9 +60,7 @@ def pooled_sd(a: Sequence[float], b: Sequence[float]) -> float:
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; NaN for a single value, both NaN for none)."""
     x = np.asarray(values, dtype=float)
-    if not len(x):
-        return NAN, NAN
-    return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else NAN
+    return (float(x.mean()) if len(x) else NAN), (float(x.std(ddof=1)) if len(x) > 1 else NAN)
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -84,62 +69,48 @@ def holm(p_values: Sequence[float]) -> list[float]:
     p = np.asarray(p_values, dtype=float)
     out = np.full(p.shape, NAN)
     tested = np.flatnonzero(np.isfinite(p))
-    m = len(tested)
-    if m:
-        order = tested[np.argsort(p[tested], kind="stable")]
-        stepped = (m - np.arange(m)) * p[order]            # (m - i) p_(i), i = 0 .. m-1
-        out[order] = np.minimum(1.0, np.maximum.accumulate(stepped))
+    order = tested[np.argsort(p[tested], kind="stable")]
+    stepped = (len(order) - np.arange(len(order))) * p[order]     # (m - i) p_(i), i = 0 .. m-1
+    out[order] = np.minimum(1.0, np.maximum.accumulate(stepped))
     return [float(x) for x in out]
 
 
 def dunnett(groups: Mapping[str, Sequence[float]], control: Sequence[float], seed: int = 0) -> dict[str, float]:
-    """Many-to-one two-sided p-values of each group against `control` (scipy.stats.dunnett; its p-values
-    come from a quasi-Monte-Carlo integral, made repeatable by `seed`). All NaN unless the control and
-    every group have >= 2 values and some spread."""
-    from scipy import stats
-
+    """Many-to-one two-sided p-values of each group against `control` (scipy.stats.dunnett, repeatable
+    through `seed`). All NaN unless the control and every group have >= 2 values and some spread."""
     names = list(groups)
-    samples = [np.asarray(groups[n], dtype=float) for n in names]
-    control = np.asarray(control, dtype=float)
-    nan = {n: NAN for n in names}
-    if not names or len(control) < 2 or any(len(s) < 2 for s in samples):
-        return nan
-    if not all(np.isfinite(s).all() for s in [control, *samples]):
-        return nan
-    if sum(float(np.var(s, ddof=1)) for s in [control, *samples]) == 0.0:
-        return nan
-    result = stats.dunnett(*samples, control=control, rng=seed)
+    samples = [np.asarray(x, dtype=float) for x in (control, *groups.values())]
+    if (not names or any(len(x) < 2 or not np.isfinite(x).all() for x in samples)
+            or sum(float(np.var(x, ddof=1)) for x in samples) == 0.0):
+        return dict.fromkeys(names, NAN)
+    result = scipy_stats.dunnett(*samples[1:], control=samples[0], rng=seed)
     return {n: float(p) for n, p in zip(names, result.pvalue)}
 
 
 def power(effect: float, sd: float, n_a: float, n_b: float, alpha: float = ALPHA) -> float:
     """Probability that a two-sided two-sample t-test at `alpha` rejects when the true difference is
     `effect` and both groups have standard deviation `sd` (noncentral t, df = n_a + n_b - 2)."""
-    from scipy import stats
-
     if not (_finite(sd) and sd > 0 and n_a >= 2 and n_b >= 2 and _finite(effect)):
         return NAN
-    return _power_nc(abs(effect) / (sd * math.sqrt(1.0 / n_a + 1.0 / n_b)), n_a + n_b - 2, alpha, stats)
+    return _power_nc(abs(effect) / (sd * math.sqrt(1.0 / n_a + 1.0 / n_b)), n_a + n_b - 2, alpha)
 
 
-def _power_nc(nc: float, df: float, alpha: float, stats) -> float:
-    t_crit = stats.t.ppf(1.0 - alpha / 2.0, df)
-    lower = stats.nct.cdf(-t_crit, df, nc)   # the wrong-sign tail; NaN far out where it is 0
-    return float(stats.nct.sf(t_crit, df, nc) + (lower if math.isfinite(lower) else 0.0))
+def _power_nc(nc: float, df: float, alpha: float) -> float:
+    t_crit = scipy_stats.t.ppf(1.0 - alpha / 2.0, df)
+    lower = scipy_stats.nct.cdf(-t_crit, df, nc)   # the wrong-sign tail; NaN far out where it is 0
+    return float(scipy_stats.nct.sf(t_crit, df, nc) + (lower if math.isfinite(lower) else 0.0))
 
 
 def minimum_detectable_effect(sd: float, n_a: float, n_b: float, alpha: float = ALPHA,
                               target_power: float = POWER) -> float:
-    """The MDE (see the module docstring): the true difference detected with probability
+    """The MDE (docs/methodology.md): the true difference detected with probability
     `target_power` by a two-sided t-test at `alpha` with `n_a` and `n_b` values of spread `sd`."""
-    from scipy import optimize, stats
-
     if not (_finite(sd) and sd > 0 and n_a >= 2 and n_b >= 2):
         return NAN
     df = n_a + n_b - 2
 
     def short(nc: float) -> float:
-        return _power_nc(nc, df, alpha, stats) - target_power
+        return _power_nc(nc, df, alpha) - target_power
 
     high = 1.0
     while short(high) < 0:
@@ -149,8 +120,7 @@ def minimum_detectable_effect(sd: float, n_a: float, n_b: float, alpha: float = 
 
 
 def reading(w: Welch | None, p_adjusted: float, mde: float, alpha: float = ALPHA) -> str:
-    """How the report reads one difference (module docstring): significant / no effect >= MDE /
-    below resolution / n/a."""
+    """How the report reads one difference: significant / no effect >= MDE / below resolution / n/a."""
     if w is None or not (_finite(w.ci_low) and _finite(p_adjusted)):
         return NOT_AVAILABLE
     if p_adjusted < alpha:
@@ -162,8 +132,8 @@ def reading(w: Welch | None, p_adjusted: float, mde: float, alpha: float = ALPHA
 
 def verdict(w: Welch | None, p_adjusted: float, mde: float, paper: float | None, direction: int,
             *, lower_bound: bool = False, alpha: float = ALPHA) -> str:
-    """The verdict on one claim of the paper (rules in the module docstring). `paper` and the Welch
-    difference are in the same units (a - b); `direction` is the paper's sign of a - b."""
+    """The verdict on one claim of the paper. `paper` and the Welch difference are in the same units
+    (a - b); `direction` is the paper's sign of a - b."""
     if w is None or not (_finite(w.diff) and _finite(w.ci_low) and _finite(p_adjusted)):
         return NOT_MEASURABLE
     sign = 1 if w.diff > 0 else -1 if w.diff < 0 else 0
@@ -173,8 +143,7 @@ def verdict(w: Welch | None, p_adjusted: float, mde: float, paper: float | None,
         return BELOW_RESOLUTION
     if p_adjusted < alpha and sign == -direction:
         return CONTRADICTS
-    if (paper is not None and _finite(mde) and mde <= abs(paper)
-            and not (w.ci_low <= paper <= w.ci_high)):
+    if paper is not None and _finite(mde) and mde <= abs(paper) and not w.ci_low <= paper <= w.ci_high:
         return CONTRADICTS
     return BELOW_RESOLUTION
 
@@ -188,25 +157,19 @@ def plateau(values: Sequence[float], fraction: float = 0.2) -> float:
     """Change of a per-epoch series over the last `fraction` of training: values[-1] minus the value
     ceil(fraction * E) epochs earlier. NaN with fewer than 2 epochs."""
     x = [float(v) for v in values]
-    if len(x) < 2:
-        return NAN
-    return x[-1] - x[-1 - tail_length(len(x), fraction)]
+    return x[-1] - x[-1 - tail_length(len(x), fraction)] if len(x) > 1 else NAN
 
 
 def epochs_to_converge(values: Sequence[float], within: float, fraction: float = 0.2) -> float:
     """Epochs until a per-epoch validation series first comes within `within` of its best (`epochs_to`),
-    for a run that converged: that point lies before its last `fraction` of training and the series stays
-    within `within` of its best all through that last part. inf for a run that did not (it trained too
-    briefly to tell when it would have), NaN without 2 epochs."""
+    for a run that got there before its last `fraction` of training and stayed there; inf for one that
+    did not (it trained too briefly to tell when it would have), NaN without 2 epochs."""
     x = [float(v) for v in values]
     if len(x) < 2:
         return NAN
-    k = tail_length(len(x), fraction)
-    target = max(x) - within
+    k, target = tail_length(len(x), fraction), max(x) - within
     reached = epochs_to(x, target)
-    if reached > len(x) - k or min(x[-k:]) < target:
-        return math.inf
-    return reached
+    return math.inf if reached > len(x) - k or min(x[-k:]) < target else reached
 
 
 def epochs_to(values: Sequence[float], threshold: float) -> float:
