@@ -99,21 +99,24 @@ def study_bars(variants: Sequence[Any], metric: str, confidence: float, title: s
     return _finish(fig, title)
 
 
-def study_curves(curves: Mapping[str, tuple[list[int], list[float], list[float]]], baseline: str | None,
-                 title: str = ""):
-    """Validation accuracy per epoch of each variant: {name: (epochs, mean, std over seeds)}."""
+def study_curves(histories: Mapping[str, Sequence[Sequence[float]]], baseline: str, title: str = ""):
+    """Validation accuracy per epoch of each variant ({name: one series per seed}): the mean over the seeds
+    that reached the epoch, in a band of ± their std."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for name, (epochs, mean, std) in curves.items():
-        if epochs:
+    for name, runs in histories.items():
+        per_epoch = [[h[e] for h in runs if len(h) > e] for e in range(max(map(len, runs), default=0))]
+        if per_epoch:
+            mean = np.array([np.mean(v) for v in per_epoch])
+            std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per_epoch])
             style = {"color": "black", "linewidth": 2.5} if name == baseline else {"linewidth": 1.5}
+            epochs = np.arange(1, len(mean) + 1)
             line, = ax.plot(epochs, mean, marker="o", markersize=3, label=name, **style)
-            mean, std = np.asarray(mean), np.nan_to_num(std)
             ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.12)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (mean over seeds, band ± std)")
     ax.grid(alpha=0.3)
-    if any(epochs for epochs, _, _ in curves.values()):
+    if any(h for runs in histories.values() for h in runs):
         ax.legend(fontsize=8, loc="best")
     else:
         ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)

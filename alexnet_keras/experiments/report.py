@@ -11,8 +11,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 from . import stats
 from .. import figures, tracking
 from .stats import ALPHA, CONFIDENCE, NAN, POWER, Welch
@@ -27,7 +25,7 @@ VAL_ACCURACY = "val_accuracy"     # per epoch: curves, plateau, convergence; fin
 TRAIN_ACCURACY = "accuracy"       # per epoch: epochs to 25 % training error
 CI = f"{int(CONFIDENCE * 100)}% CI"
 
-# history(run_id, metric key) -> [(step, value)], step = epoch index (tracking.metric_history).
+# history(run_id, metric key) -> [(step, value)], step = epoch index (build_report: tracking.epoch_history).
 History = Callable[[str, str], Sequence[tuple[int, float]]]
 
 
@@ -288,12 +286,11 @@ def _claim_values(claim: Claim, arm: VariantSummary, history: History | None) ->
     return [stats.epochs_to(h, 1.0 - TRAIN_ERROR_TARGET) if h else NAN for h in series], [float(len(h)) for h in series]
 
 
-def judge_claims(variants: Sequence[VariantSummary], history: History | None = None,
-                 claims: Sequence[Claim] = CLAIMS) -> list[ClaimResult]:
+def judge_claims(variants: Sequence[VariantSummary], history: History | None = None) -> list[ClaimResult]:
     """A verdict per claim (stats.verdict): arms found by their options, Welch on the claim's metric
     (log values for ratios), the MDE from the spread of the arm that is the study's baseline (else the
     pooled spread of the two), Holm over the claims this study measures."""
-    results = [ClaimResult(claim) for claim in claims]
+    results = [ClaimResult(claim) for claim in CLAIMS]
     for result in results:
         claim, pair = result.claim, _arms(result.claim, variants)
         if pair is None:
@@ -314,7 +311,7 @@ def judge_claims(variants: Sequence[VariantSummary], history: History | None = N
                                "are known to need at least stand in, so the ratio is a lower bound")
                 slower[:] = [c if math.isinf(x) else x for x, c in zip(slower, cut)]
             values_a, values_b = ([math.log(x) if x > 0 else NAN for x in v] for v in (values_a, values_b))
-        if not (np.all(np.isfinite(values_a)) and np.all(np.isfinite(values_b))):
+        if not all(math.isfinite(x) for x in values_a + values_b):
             result.verdict, result.note = stats.NOT_MEASURABLE, result.note or "a run lacks the metric"
             continue
         result.welch = stats.welch(values_a, values_b)
@@ -504,16 +501,6 @@ def table_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
             for name, column in values.items()}
 
 
-def mean_curve(histories: Sequence[Sequence[float]]) -> tuple[list[int], list[float], list[float]]:
-    """Mean and std per epoch over the seeds that reached that epoch (epochs numbered from 1)."""
-    per_epoch: dict[int, list[float]] = {}
-    for history in histories:
-        for epoch, value in enumerate(history, 1):
-            per_epoch.setdefault(epoch, []).append(value)
-    moments = [stats.mean_std(values) for values in per_epoch.values()]
-    return list(per_epoch), [m for m, _ in moments], [sd for _, sd in moments]
-
-
 # --- from the store to the parent run ---------------------------------------------------------------
 
 def make_report(parent_run_id: str, spec: dict[str, Any], children: Sequence[Any],
@@ -557,9 +544,8 @@ def build_report(parent_run_id: str) -> Report:
     on_parent = {"run_id": parent_run_id}
     metrics = [m for m, _, _ in METRICS]
     runs = [{"variant": s.name, "seed": seed, "run_id": run_id, **{m: s.values[m][i] for m in metrics},
-             "val_plateau": stats.plateau(history)}
-            for s in report.variants
-            for i, (seed, run_id, history) in enumerate(zip(s.seeds, s.run_ids, s.val_histories))]
+             "val_plateau": stats.plateau(val)}
+            for s in report.variants for i, (seed, run_id, val) in enumerate(zip(s.seeds, s.run_ids, s.val_histories))]
     files = {"ablation.md": report.markdown, "ablation.csv": report.csv,
              "ablation_runs.csv": csv_text(runs, ["variant", "seed", "run_id", *metrics, "val_plateau"]),
              "claims.md": claims_table(report.claims), "claims.csv": report.claims_csv, "tuning.csv": report.tuning_csv}
@@ -568,11 +554,10 @@ def build_report(parent_run_id: str) -> Report:
             tracking.log_text(text, f"reports/{name}", **on_parent)
     tracking.log_table(table_columns(csv_rows(report.variants)), "reports/ablation_table.json", **on_parent)
     tracking.log_table(table_columns(claim_rows(report.claims)), "reports/claims_table.json", **on_parent)
-    curves = {s.name: mean_curve(s.val_histories) for s in report.variants}
     bars = figures.study_bars(report.variants, PRIMARY, CONFIDENCE, title=f"{spec['name']}: test accuracy")
-    tracking.log_figure(bars,
-                        "figures/ablation_test_accuracy.png", **on_parent)
-    tracking.log_figure(figures.study_curves(curves, spec["baseline"], title=f"{spec['name']}: validation accuracy"),
-                        "figures/ablation_val_accuracy.png", **on_parent)
+    tracking.log_figure(bars, "figures/ablation_test_accuracy.png", **on_parent)
+    curves = figures.study_curves({s.name: s.val_histories for s in report.variants}, spec["baseline"],
+                                  title=f"{spec['name']}: validation accuracy")
+    tracking.log_figure(curves, "figures/ablation_val_accuracy.png", **on_parent)
     tracking.set_tags({tracking.NOTE_TAG: report.markdown}, **on_parent)   # the run page's description
     return report
