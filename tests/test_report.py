@@ -501,7 +501,7 @@ def test_tuning_ties_failures_and_an_arm_not_tuned_yet(claims_spec):
     assert "| normalization=none | n/a (no tuning run finished) | failed | not run | not run |" in md
 
 
-def test_a_spec_without_a_grid_reports_as_before(claims_spec):
+def test_a_spec_without_a_grid_has_no_tuning_section(claims_spec):
     store = _fill(claims_spec, FakeStore())
     built = report.make_report("parent", claims_spec, store.children, store.history)
     assert built.tuning_csv == "" and "Nuisance tuning" not in built.markdown

@@ -380,8 +380,8 @@ def _summary_text(variants: Sequence[VariantSummary]) -> str:
     words = {stats.SIGNIFICANT: "Significant after Holm",
              **{k: k.capitalize() + " (the interval lies inside ±MDE)" for k in sorted(groups)
                 if k.startswith("no effect")},
-             stats.BELOW_RESOLUTION: "Below resolution (the interval still reaches ±MDE: too small to see with these "
-                                     "seeds)",
+             stats.BELOW_RESOLUTION:
+                 "Below resolution (the interval still reaches ±MDE: too small to see with these seeds)",
              stats.NOT_AVAILABLE: "Not testable (< 2 seeds in a group, or no spread)"}
     parts = [f"{title}: {', '.join(groups[key])}." for key, title in words.items() if key in groups]
     return text + " " + (" ".join(parts) or "No variant to compare with the baseline.")
