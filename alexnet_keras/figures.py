@@ -8,13 +8,13 @@ import math
 from typing import Any, Mapping, Sequence
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
+from .tables import cell
 
-from .tables import cell  # noqa: E402
+matplotlib.use("Agg")   # no display needed: every figure is saved, never shown
 
 # (title, train key, validation key) of each learning-curve panel.
 CURVE_PANELS = (("loss", "loss", "val_loss"), ("top-1 accuracy", "accuracy", "val_accuracy"),
