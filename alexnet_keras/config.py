@@ -76,14 +76,17 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 _RULES = {"bool_parsing": "must be true or false", "bool_type": "must be true or false",
           "int_parsing": "must be an integer", "int_type": "must be an integer", "int_from_float": "must be an integer",
           "float_parsing": "must be a number", "float_type": "must be a number",
-          "finite_number": "must be a finite number", "string_type": "must be a string"}
+          "finite_number": "must be a finite number", "string_type": "must be a string",
+          "too_short": "must not be empty", "dict_type": "must be a mapping", "list_type": "must be a list",
+          "model_type": "must be a mapping", "model_attributes_type": "must be a mapping",
+          "union_tag_not_found": "needs a `type`"}
 
 
 def _rule(error: Mapping[str, Any], info: Any) -> str:
     """What a value must be, from a pydantic error and the field's bounds (both ends where it has two)."""
     kind, ctx = error["type"], error.get("ctx") or {}
-    if kind == "literal_error":
-        return f"must be one of {ctx['expected'].replace(' or ', ', ')}"
+    if kind in ("literal_error", "union_tag_invalid"):
+        return f"must be one of {ctx.get('expected', ctx.get('expected_tags', '')).replace(' or ', ', ')}"
     if kind in ("value_error", "assertion_error"):
         return str(ctx.get("error", error["msg"]))
     if not kind.startswith(("greater", "less")):
@@ -107,34 +110,49 @@ def shown(value: Any) -> str:
         return repr(value)
 
 
+def _fields(owner: Any) -> dict[str, Any]:
+    return getattr(owner, "model_fields", None) or getattr(owner, "__pydantic_fields__", None) or {}
+
+
+def _walk(model: Any, loc: list[str]) -> tuple[list[str], Any]:
+    """The path a user wrote (a discriminated union's tag left out) and the model holding its last key."""
+    path, owner = [], model
+    for part in loc[:-1]:
+        if part in _fields(owner):
+            path.append(part)
+            owner = _fields(owner)[part].annotation
+            continue
+        members = [m for a in typing.get_args(owner) for m in (typing.get_args(a) or (a,)) if _fields(m)]
+        tagged = [m for m in members if "type" in _fields(m) and part in typing.get_args(_fields(m)["type"].annotation)]
+        if tagged:   # the union member the tag chose
+            owner = tagged[0]
+        else:        # a key of a dict or an index of a list: its values' type
+            path.append(part)
+            owner = (typing.get_args(owner) or (None,))[-1]
+    return path + loc[-1:], owner
+
+
 def explain(err: pydantic.ValidationError, prefix: str, model: Any) -> ConfigError:
     """One ConfigError line per pydantic error: `prefix` (a section, or a file), the value's path,
     what is allowed and what came; unknown keys with "did you mean" and the known ones."""
     lines = []
     for e in err.errors():
-        loc = [str(part) for part in e["loc"]]
-        owner = model
-        for part in loc[:-1]:   # the model that holds the value, for its known keys and bounds
-            fields = getattr(owner, "model_fields", None) or getattr(owner, "__pydantic_fields__", {})
-            owner = getattr(fields.get(part), "annotation", None)
-        fields = getattr(owner, "model_fields", None) or getattr(owner, "__pydantic_fields__", None) or {}
-        path = ".".join(loc)
+        loc, owner = _walk(model, [str(part) for part in e["loc"]])
+        fields, path = _fields(owner), ".".join(loc)
         if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-            known = list(fields)
-            lines.append(f"{prefix}unknown key {path!r}.{did_you_mean(loc[-1], known)} Known keys: "
-                         f"{', '.join(known)}.")
+            lines.append(f"{prefix}{'.'.join(loc[:-1]) + ': ' if loc[:-1] else ''}unknown key {loc[-1]!r}."
+                         f"{did_you_mean(loc[-1], list(fields))} Known keys: {', '.join(fields)}.")
             continue
         info = fields.get(loc[-1]) if loc else None
-        rule = _rule(e, info)
         if e["type"] == "missing":
-            lines.append(f"{prefix}`{path}` is missing" + (f"; {info.description}." if info and info.description
-                                                            else "."))
+            hint = f"; {info.description}" if info is not None and info.description else ""
+            lines.append(f"{prefix}`{path}` is missing{hint}.")
         elif not loc:   # a validator of the whole: its message names the values
-            lines.append(f"{prefix}{rule}.")
+            lines.append(f"{prefix}{_rule(e, info)}.")
         else:
             fix = (f" Fix it with --{path.replace('_', '-')} {typing.get_args(info.annotation)[0]}."
                    if e["type"] == "literal_error" and prefix.endswith(".") else "")
-            lines.append(f"{prefix}{path} {rule}; got {shown(e.get('input'))}.{fix}")
+            lines.append(f"{prefix}{path} {_rule(e, info)}; got {shown(e.get('input'))}.{fix}")
     return ConfigError("\n".join(lines))
 
 
@@ -218,23 +236,14 @@ class ModelConfig:
 
     def feature_sides(self, size: int | None = None) -> dict[str, int]:
         """The side of the feature map after conv1 and each pool for inputs of `size` px (default: the
-        input size); 0 where a map would be empty."""
-        size = self.input_size if size is None else size
-        pool = POOL_SIZES[self.pool]
-        sides = {}
-        if self.variant == "paper":
-            # conv1 'valid' 11x11 stride 4; pools 'valid' stride 2; the other convs keep the size.
-            size = (size - 11) // 4 + 1 if size >= 11 else 0
-            sides["conv1"] = size
-            for name in ("pool1", "pool2", "pool5"):
-                size = (size - pool) // 2 + 1 if size >= pool else 0
-                sides[name] = size
-        else:
-            # All 'same': only the stride-2 pools shrink the map, to ceil(size / 2).
-            sides["conv1"] = size
-            for name in ("pool1", "pool2", "pool5"):
-                size = -(-size // 2)
-                sides[name] = size
+        input size); 0 where a map would be empty. paper: conv1 'valid' 11x11 stride 4, 'valid' stride-2
+        pools, the other convs keep the size; cifar: all 'same', only the pools halve it (rounding up)."""
+        pool, paper = POOL_SIZES[self.pool], self.variant == "paper"
+        side = self.input_size if size is None else size
+        side = ((side - 11) // 4 + 1 if side >= 11 else 0) if paper else side
+        sides = {"conv1": side}
+        for name in ("pool1", "pool2", "pool5"):
+            side = sides[name] = ((side - pool) // 2 + 1 if side >= pool else 0) if paper else -(-side // 2)
         return sides
 
     def parameter_count(self, num_classes: int) -> int:
@@ -437,107 +446,83 @@ class MemoryEstimate:
 
 
 def memory_estimate(config: Config) -> MemoryEstimate:
-    """What a training run of `config` needs in memory, from the config alone (nothing is built).
-
-    weights: 3 float32 copies of every parameter (the weights, their gradients, SGD's momentum);
-    activations: every layer's output for one batch, twice (kept for the backward pass, and its
-    gradient), in float32; images: the synthetic dataset, which data/sources.py generates in memory at about 16
-    bytes per pixel value (float64 noise, float32 sums), or CIFAR-10 held at its native 32 px. Image
-    folders are left out: above `max_memory_mb` they are streamed from the files. An estimate, not a
-    measurement: the frameworks add their own memory, while fused kernels (XLA) and mixed precision keep
-    less per activation; it is checked against the whole machine's memory, so what it refuses is far
-    out of reach (an image side of 20,000 px, 10^8 synthetic images), not a run that nearly fits."""
+    """What a training run of `config` needs in memory, from the config alone: 3 float32 copies of every
+    parameter (weights, gradients, momentum), every layer's output for one batch twice (kept for the
+    backward pass, and its gradient), and the images held in memory (synthetic: generated at about 16
+    bytes per value; CIFAR-10 at 32 px; folders above max_memory_mb are streamed). An estimate checked
+    against the whole machine, so what it refuses is far out of reach, not a run that nearly fits."""
     model, data = config.model, config.data
     num_classes = {"synthetic": data.synthetic_classes, "cifar10": 10}.get(data.dataset, 1000)
-    parameters = model.parameter_count(num_classes)
-    batch = config.train.batch_size
-    activations = 2 * _FLOAT_BYTES * batch * model.activation_count(num_classes)
-    if data.dataset == "synthetic":
-        side = data.stored_size if data.recipe == "paper" else model.input_size
-        images = _SYNTHETIC_PEAK_BYTES * data.synthetic_samples * side * side * 3
-    elif data.dataset == "cifar10":
-        images = 60_000 * 32 * 32 * 3
-    else:
-        images = 0
-    return MemoryEstimate(parameters=parameters, weights=3 * _FLOAT_BYTES * parameters,
-                          activations=activations, images=images, batch_size=batch)
+    parameters, batch = model.parameter_count(num_classes), config.train.batch_size
+    side = data.stored_size if data.recipe == "paper" else model.input_size
+    images = {"synthetic": _SYNTHETIC_PEAK_BYTES * data.synthetic_samples * side * side * 3,
+              "cifar10": 60_000 * 32 * 32 * 3}.get(data.dataset, 0)
+    return MemoryEstimate(parameters=parameters, weights=3 * _FLOAT_BYTES * parameters, images=images,
+                          activations=2 * _FLOAT_BYTES * batch * model.activation_count(num_classes),
+                          batch_size=batch)
 
 
 def memory_bound() -> int | None:
-    """Bytes of memory this process can have: the machine's physical memory (os.sysconf), or its
-    cgroup's limit (containers) when that is lower; None where neither can be read."""
+    """Bytes of memory this process can have: physical memory, or its cgroup's limit when lower."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):   # not a POSIX system
         return None
     for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            limit = Path(limit_file).read_text().strip()
-        except OSError:
-            continue
-        if limit.isdigit():
-            total = min(total, int(limit))
+        limit = Path(limit_file).read_text().strip() if Path(limit_file).is_file() else ""
+        total = min(total, int(limit)) if limit.isdigit() else total
     return total
 
 
 def check_memory(config: Config, bound: int | None = None) -> None:
-    """Refuse `config` when `memory_estimate` exceeds `bound` (default: `memory_bound()`), with the
+    """Refuse `config` when `memory_estimate` exceeds `bound` (default: `memory_bound()`), naming the
     estimate, its largest part and the option that shrinks it."""
     bound = memory_bound() if bound is None else bound
-    estimate = memory_estimate(config)
-    if bound is None or estimate.total <= bound:
+    est = memory_estimate(config)
+    if bound is None or est.total <= bound:
         return
-    parts = {"weights": estimate.weights, "activations": estimate.activations, "images": estimate.images}
+    parts = {"weights": est.weights, "activations": est.activations, "images": est.images}
     largest = max(parts, key=parts.get)
-    room = bound - (estimate.total - parts[largest])   # what the largest part may take
+    room = max(0, bound - (est.total - parts[largest]))   # what the largest part may take
     if largest == "images":
-        per_image = estimate.images / config.data.synthetic_samples
-        fits = int(room // per_image) if room > 0 else 0
-        fix = (f"use --synthetic-samples {fits} or fewer" if fits >= 16 else "use fewer --synthetic-samples")
-        fix += ", or a smaller --stored-size" if config.data.recipe == "paper" else ", or a smaller --image-size"
+        fits = int(room // (est.images / config.data.synthetic_samples))
+        fix = (f"use --synthetic-samples {fits} or fewer" if fits >= 16 else "use fewer --synthetic-samples") + (
+            ", or a smaller --stored-size" if config.data.recipe == "paper" else ", or a smaller --image-size")
     elif largest == "activations":
-        per_image = estimate.activations / estimate.batch_size
-        fits = int(room // per_image) if room > 0 else 0
+        fits = int(room // (est.activations / est.batch_size))
         fix = (f"use --batch-size {fits} or less" if fits >= 1 else "use a smaller --batch-size") + \
             ", a smaller --image-size or a smaller --width"
     else:
-        native = NATIVE_IMAGE_SIZE[config.model.variant]
         fix = (f"use a smaller --image-size (fc6's weights grow with its square; the {config.model.variant} "
-               f"variant's own is {native}) or a smaller --width")
+               f"variant's own is {NATIVE_IMAGE_SIZE[config.model.variant]}) or a smaller --width")
     raise ConfigError(
-        f"this run would need about {_bytes_text(estimate.total)} of memory, more than the "
-        f"{_bytes_text(bound)} this machine has (physical memory, or the cgroup limit if lower): "
-        f"weights, gradients and momentum of {estimate.parameters:,} parameters {_bytes_text(estimate.weights)}, "
-        f"activations of a batch of {estimate.batch_size} {_bytes_text(estimate.activations)}, "
-        f"images {_bytes_text(estimate.images)}. Fix: {fix}.")
+        f"this run would need about {_bytes(est.total)} of memory, more than the {_bytes(bound)} this machine "
+        f"has (physical memory, or the cgroup limit if lower): weights, gradients and momentum of "
+        f"{est.parameters:,} parameters {_bytes(est.weights)}, activations of a batch of {est.batch_size} "
+        f"{_bytes(est.activations)}, images {_bytes(est.images)}. Fix: {fix}.")
 
 
-def _bytes_text(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if count < 1024 or unit == "PiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
+def _bytes(count: float) -> str:
+    unit = 0
+    while count >= 1024 and unit < 5:
+        count, unit = count / 1024, unit + 1
+    return f"{count:.0f} B" if unit == 0 else f"{count:.1f} {('KiB', 'MiB', 'GiB', 'TiB', 'PiB')[unit - 1]}"
 
 
 # --- YAML ----------------------------------------------------------------------------------------
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file (experiment, study or sweep) into a mapping, with one clear error for a path
-    that is not a regular file, a file over YAML_MAX_BYTES, text that is not UTF-8, malformed YAML,
-    aliases that expand beyond YAML_MAX_NODES values (or into themselves), and a non-mapping.
-    Only plain YAML is read (yaml.SafeLoader: no Python objects)."""
+    """A YAML file (experiment, study or sweep) as a mapping; one clear error for a path that is not a
+    regular file, a file over YAML_MAX_BYTES, text that is not UTF-8, malformed YAML, aliases that
+    expand beyond YAML_MAX_NODES values (or into themselves), and a non-mapping. Plain YAML only."""
     import yaml
 
     path = Path(path)
     where = f"config file {str(path)!r}"
-    if path.is_dir():
-        raise ConfigError(f"{where} is a folder, not a file. Pass the path of a YAML file in it, e.g. "
-                          f"experiments/cifar10.yaml.")
-    if not path.exists():
-        raise ConfigError(f"{where} does not exist. Pass the path of a YAML file, e.g. experiments/cifar10.yaml.")
-    if not path.is_file():   # a FIFO or device would block the read, or never end
-        raise ConfigError(f"{where} is not a regular file. Pass the path of a YAML file.")
+    if path.is_dir() or not path.is_file():   # a FIFO or device would block the read, or never end
+        raise ConfigError(f"{where} " + ("is a folder, not a file" if path.is_dir() else "does not exist"
+                                         if not path.exists() else "is not a regular file")
+                          + ". Pass the path of a YAML file, e.g. experiments/cifar10.yaml.")
     try:
         with path.open("rb") as file:
             raw = file.read(YAML_MAX_BYTES + 1)
@@ -556,14 +541,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         node = loader.get_single_node()
         if node is None:
             return {}
-        _check_yaml_size(node, where)
+        _yaml_values(node, {}, set(), where)
         data = loader.construct_document(node)
-    except yaml.YAMLError as err:
-        # One line (PyYAML's own text spans several, with a caret under the spot).
-        mark = getattr(err, "problem_mark", None)
+    except yaml.YAMLError as err:   # in one line (PyYAML's own text spans several)
+        mark, context = getattr(err, "problem_mark", None), getattr(err, "context", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = " ".join(str(getattr(err, "problem", None) or err).split())
-        context = getattr(err, "context", None)
         raise ConfigError(f"{where} is not valid YAML{at}: {problem}" + (f" ({context})" if context else "")
                           ) from None
     except RecursionError:
@@ -575,42 +558,24 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _check_yaml_size(root, where: str) -> None:
-    """Refuse a YAML node graph whose aliases expand beyond YAML_MAX_NODES values or into themselves.
-    Counting shared nodes once per use, with a memo per node, takes time linear in the file."""
-    import yaml
-
-    expanded: dict[int, int] = {}   # id(node) -> values under it, aliases expanded
-    stack: list[tuple[Any, bool]] = [(root, False)]
-    open_nodes: set[int] = set()
-    while stack:
-        node, children_done = stack.pop()
-        key = id(node)
-        if children_done:
-            open_nodes.discard(key)
-            children = _yaml_children(node, yaml)
-            expanded[key] = 1 + sum(expanded[id(child)] for child in children)
-            if expanded[key] > YAML_MAX_NODES:
-                raise ConfigError(f"{where} holds more than {YAML_MAX_NODES:,} values once its aliases (*name) "
-                                  f"are expanded; an options file needs a few hundred. Remove the aliases "
-                                  f"that repeat other aliases.")
-            continue
-        if key in expanded:
-            continue
-        if key in open_nodes:
-            raise ConfigError(f"{where} has an alias (*name) inside the value it names, which would "
-                              f"expand forever. Remove it.")
-        open_nodes.add(key)
-        stack.append((node, True))
-        stack.extend((child, False) for child in _yaml_children(node, yaml) if id(child) not in expanded)
-
-
-def _yaml_children(node, yaml) -> list:
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    if isinstance(node, yaml.MappingNode):
-        return [part for pair in node.value for part in pair]
-    return []
+def _yaml_values(node: Any, memo: dict[int, int], open_nodes: set[int], where: str) -> int:
+    """The values under `node` with its aliases expanded (once per node: linear in the file), refused
+    beyond YAML_MAX_NODES or when an alias sits inside the value it names."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in open_nodes:
+        raise ConfigError(f"{where} has an alias (*name) inside the value it names, which would expand "
+                          f"forever. Remove it.")
+    open_nodes.add(id(node))
+    children = node.value if isinstance(node.value, list) else []
+    children = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+    memo[id(node)] = 1 + sum(_yaml_values(child, memo, open_nodes, where) for child in children)
+    open_nodes.discard(id(node))
+    if memo[id(node)] > YAML_MAX_NODES:
+        raise ConfigError(f"{where} holds more than {YAML_MAX_NODES:,} values once its aliases (*name) are "
+                          f"expanded; an options file needs a few hundred. Remove the aliases that repeat "
+                          f"other aliases.")
+    return memo[id(node)]
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
