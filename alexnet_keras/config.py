@@ -152,7 +152,9 @@ def explain(err: pydantic.ValidationError, prefix: str, model: Any) -> ConfigErr
         else:
             fix = (f" Fix it with --{path.replace('_', '-')} {typing.get_args(info.annotation)[0]}."
                    if e["type"] == "literal_error" and prefix.endswith(".") else "")
-            lines.append(f"{prefix}{path} {_rule(e, info)}; got {shown(e.get('input'))}.{fix}")
+            hint = f" ({info.description})" if e["type"] == "too_short" and info is not None and info.description else ""
+            path = path if prefix.endswith(".") else f"`{path}`"   # a config leaf, or a key in a file
+            lines.append(f"{prefix}{path} {_rule(e, info)}{hint}; got {shown(e.get('input'))}.{fix}")
     return ConfigError("\n".join(lines))
 
 

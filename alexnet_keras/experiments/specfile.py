@@ -26,8 +26,8 @@ SpecT = TypeVar("SpecT", bound=SpecKeys)
 
 
 def read_spec(path: str | Path, model: type[SpecT], kind: str) -> tuple[SpecT, Config]:
-    """The study or sweep file at `path` as `model`, with its name set, and its base Config (whose
-    `experiment` is the file's, when it names one)."""
+    """The study or sweep file at `path` as `model` (its name defaults to the file's stem), and the
+    base Config its runs start from."""
     path = Path(path)
     source = str(path)
     try:
@@ -48,5 +48,4 @@ def read_spec(path: str | Path, model: type[SpecT], kind: str) -> tuple[SpecT, C
             base = load_config(found)
         except ConfigError as err:
             raise ConfigError(f"{source}: base_config: {err}") from None
-    base = base.override(spec.base, source=f"{source}: base")
-    return spec, base.override({"experiment": spec.experiment}) if spec.experiment else base
+    return spec, base.override(spec.base, source=f"{source}: base")

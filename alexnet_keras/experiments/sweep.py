@@ -245,8 +245,8 @@ def load_sweep(path: str | Path, *, max_trials: int | None = None, directory: st
     if base.train.distribute != "none" or "distribute" in spec.search_space:
         raise ConfigError(f"{source}: sweeps train each trial on one device; leave `distribute` at none "
                           f"(run several workers instead, see docs/sweeps.md).")
-    if budget.epochs is not None:
-        base = base.override({"epochs": budget.epochs})
+    base = base.override({"experiment": spec.experiment or base.experiment, "epochs": budget.epochs or
+                          base.train.epochs})
     space = tuple(_check_param(name, p, base, spec.tuner, source) for name, p in spec.search_space.items())
     objective = spec.objective
     return Sweep(name=spec.name, tuner=spec.tuner, objective=objective.name, max_trials=budget.max_trials,
