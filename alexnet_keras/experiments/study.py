@@ -158,10 +158,9 @@ class Study:
         children = self.children()
         content: dict[str, Any] = {"name": self.name, "design": self.design, "seeds": list(self.seeds),
                                    "variants": [[v.name, [c.digest for c in children if c.variant is v]]
-                                                for v in self.variants]}
-        if self.grid:   # studies without a grid keep the digests they were logged under
-            content["nuisance_grid"] = [[p.label, {k: _jsonable(x) for k, x in p.options.items()}]
-                                        for p in self.grid]
+                                                for v in self.variants],
+                                   "nuisance_grid": [[p.label, {k: _jsonable(x) for k, x in p.options.items()}]
+                                                     for p in self.grid]}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     def grid_spec(self) -> dict[str, list[Any]]:
