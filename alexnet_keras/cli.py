@@ -1,11 +1,6 @@
-"""The `alexnet-keras` command: a thin layer over config, train (and the other jobs).
-
-Every config leaf is a flag (`--lrn false`, `--batch-size 64`); `--config FILE.yaml` is applied first,
-flags after it. Bad input ends in one clear line on stderr and exit status 2, never a traceback.
-TensorFlow, Keras and MLflow are imported inside the commands that use them, so that `--help`,
-`--version` and `report` start without TensorFlow or Keras (tests/test_cli_startup.py; measured in
-docs/results.md, "CLI start-up").
-"""
+"""The `alexnet-keras` command: every config leaf is a flag (`--lrn false`), applied after `--config
+FILE.yaml`. Bad input ends in one clear line on stderr and exit status 2, never a traceback. TensorFlow,
+Keras and MLflow are imported inside the commands that use them, so `--help` and `report` start fast."""
 
 from __future__ import annotations
 
@@ -16,7 +11,7 @@ import sys
 import typing
 from typing import Sequence
 
-from .config import SECTIONS, ConfigError, leaf_fields, load_config, none_text
+from .config import SECTIONS, ConfigError, leaf_fields, load_config, none_text, parse_value
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -82,8 +77,7 @@ def _add_register_flag(parser: argparse.ArgumentParser, what: str) -> None:
 
 def _ray_address(text: str) -> str | None:
     """`--ray` alone: "local"; `--ray none` or an empty MLproject parameter: no Ray."""
-    text = str(text).strip()
-    return None if text.lower() in ("", "none") else text
+    return none_text(str(text).strip())
 
 
 def _add_ray_flags(parser: argparse.ArgumentParser, unit: str) -> None:
@@ -99,12 +93,10 @@ def _add_ray_flags(parser: argparse.ArgumentParser, unit: str) -> None:
 
 def _optional_int(text: str) -> int | None:
     """`--max-trials ""` (an empty MLproject parameter) means "as in the file"."""
-    if text is None or str(text).strip().lower() in ("", "none"):
-        return None
     try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+        return parse_value("value", text, int | None)
+    except ConfigError as err:   # argparse names the flag
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_tune_parser(sub) -> None:
