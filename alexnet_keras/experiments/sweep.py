@@ -173,7 +173,7 @@ class Sweep:
         out = {
             "name": self.name, "tuner": self.tuner,
             "objective": {"name": self.objective, "direction": self.direction}, "seed": self.seed,
-            "base": self.base.outcome_values(),   # new config fields at their default change nothing
+            "base": self.base.outcome_values(),
             "search_space": {p.name: p.describe() for p in self.space},
         }
         if self.tuner == "hyperband":
@@ -241,7 +241,8 @@ def load_sweep(path: str | Path, *, max_trials: int | None = None, directory: st
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec.name):
         raise ConfigError(f"{source}: name must be letters, digits, '.', '_' or '-' (it names a folder "
                           f"and the parent run); got {spec.name!r}.")
-    budget = spec.budget if max_trials is None else validated_budget(spec.budget, max_trials, source)
+    budget = spec.budget if max_trials is None else validated(   # --max-trials instead of the file's
+        Budget, {**spec.budget.model_dump(exclude_unset=True), "max_trials": max_trials}, f"{source} (--max-trials)")
     if base.train.distribute != "none" or "distribute" in spec.search_space:
         raise ConfigError(f"{source}: sweeps train each trial on one device; leave `distribute` at none "
                           f"(run several workers instead, see docs/sweeps.md).")
@@ -256,11 +257,6 @@ def load_sweep(path: str | Path, *, max_trials: int | None = None, directory: st
                  max_failed_trials=budget.max_failed_trials, final_model=spec.final_model,
                  num_initial_points=_initial_points(budget, spec.tuner, len(space), source),
                  description=spec.description, source=source)
-
-
-def validated_budget(budget: Budget, max_trials: int, source: str) -> Budget:
-    """The file's budget with `--max-trials` instead of its max_trials."""
-    return validated(Budget, {**budget.model_dump(exclude_unset=True), "max_trials": max_trials}, f"{source} (--max-trials)")
 
 
 def _initial_points(budget: Budget, tuner: str, dimensions: int, source: str) -> int | None:
