@@ -56,6 +56,16 @@ def test_strings_are_parsed_to_field_types():
     assert config.train.jit_compile == "false"
 
 
+def test_other_options_parse_strings_the_config_way():
+    """Flags outside the config tree (--max-trials, the benchmark's) parse as config values do."""
+    from alexnet_keras.config import parse_value
+
+    assert parse_value("n", "none", int | None) is None and parse_value("n", "", int | None) is None
+    assert parse_value("n", "3", int | None) == 3 and parse_value("b", "off", bool) is False
+    with pytest.raises(ConfigError, match="n must be an integer; got 'q'"):
+        parse_value("n", "q", int)
+
+
 @pytest.mark.parametrize("overrides, fragment", [
     ({"dropout": 1.5}, "model.dropout must be in [0.0, 1.0); got 1.5"),
     ({"dropout": -0.1}, "model.dropout must be in"),

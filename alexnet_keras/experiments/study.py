@@ -261,8 +261,10 @@ def _parse_axis(name: str, raw: Any, base: Config, src: str) -> tuple[tuple[str,
         raise StudyError(f"{src}: axis name {name!r} must be letters, digits, '_', '.' or '-'.")
     _check_option(name, where)
     if isinstance(raw, Mapping):   # composite: value name -> options
+        if not raw:
+            raise StudyError(f"{where} has no values.")
         overrides = {}
-        for value, options in raw.items() or [(None, None)]:
+        for value, options in raw.items():
             if not isinstance(options, Mapping) or not options:
                 raise StudyError(f"{where}: value {_value_name(value)!r} must map to a non-empty set of options, "
                                  f"e.g. {{lrn: false, batchnorm: true}}; got {options!r}.")
