@@ -158,6 +158,11 @@ def explain(err: pydantic.ValidationError, prefix: str, model: Any) -> ConfigErr
     return ConfigError("\n".join(lines))
 
 
+def _number_kind(annotation: Any) -> str | None:
+    kinds = {annotation, *typing.get_args(annotation)}
+    return "an integer" if int in kinds else "a number" if float in kinds else None
+
+
 def section(name: str):
     """A frozen pydantic dataclass whose errors are ConfigErrors naming `name.field`."""
     def wrap(cls):
@@ -166,6 +171,10 @@ def section(name: str):
         init = cls.__init__
 
         def __init__(self, *args, **kwargs):
+            for key, value in kwargs.items():   # pydantic's lax mode would read true as 1
+                kind = _number_kind(getattr(cls.__pydantic_fields__.get(key), "annotation", None))
+                if isinstance(value, bool) and kind:
+                    raise ConfigError(f"{name}.{key} must be {kind}; got {value!r}.")
             try:
                 init(self, *args, **kwargs)
             except pydantic.ValidationError as err:

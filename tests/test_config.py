@@ -76,6 +76,7 @@ def test_other_options_parse_strings_the_config_way():
     ({"lrn": "maybe"}, "model.lrn must be true or false; got 'maybe'"),
     ({"epochs": "ten"}, "train.epochs must be an integer; got 'ten'"),
     ({"epochs": 0}, "train.epochs must be a positive integer"),
+    ({"epochs": True}, "train.epochs must be an integer; got True"),   # YAML `epochs: yes`
     ({"lrn_size": 4}, "positive odd integer"),
     ({"groups": 3}, "model.groups must be a positive integer (at most 2); got 3"),
     ({"learning_rate": 0}, "train.learning_rate must be in (0.0, 10.0]"),
