@@ -188,10 +188,8 @@ def section(name: str):
 class ModelConfig:
     """AlexNet's design choices, each an independent toggle. Defaults are the 2012 paper's."""
 
-    variant: Literal[VARIANTS] = Field("paper", description="paper: the 227-px ImageNet net; cifar: the "
-                                       "same topology for 32 px")
-    image_size: Annotated[int | None, Unset] = Field(None, description="input side in pixels (none: the "
-                                                     "variant's own)")
+    variant: Literal[VARIANTS] = Field("paper", description="paper: the 227-px ImageNet net; cifar: for 32 px")
+    image_size: Annotated[int | None, Unset] = Field(None, description="input side in px (none: the variant's own)")
     width: float = Field(1.0, gt=0.0, le=16.0, description="multiplies every conv's filters and the hidden units")
     groups: int = Field(1, ge=1, le=2, description="2: the paper's two-GPU split of conv2, conv4, conv5")
     lrn: bool = Field(True, description="local response normalization after conv1 and conv2")
@@ -204,11 +202,9 @@ class ModelConfig:
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout before fc6 and fc7 (0: no dropout layers)")
     pool: Literal[POOLS] = Field("overlapping", description="overlapping 3x3/2 (paper) or non_overlapping 2x2/2")
     activation: Literal[ACTIVATIONS] = Field("relu", description="every hidden layer's activation")
-    init: Literal[INITS] = Field("paper", description="paper: N(0, 0.01), bias 1 in conv2/4/5 and fc6/7; "
-                                 "keras: Keras' defaults")
+    init: Literal[INITS] = Field("paper", description="paper: N(0, 0.01), bias 1 in conv2/4/5, fc6/7; keras")
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="L2 on kernels, as the paper's update rule")
-    input_norm: Literal[INPUT_NORMS] = Field("standardize", description="standardize: (x - mean) / std per "
-                                             "channel; center: x - mean, the paper's regime")
+    input_norm: Literal[INPUT_NORMS] = Field("standardize", description="(x - mean) / std, or x - mean (paper)")
 
     @pydantic.field_validator("lrn_size")
     @classmethod
@@ -298,36 +294,25 @@ def scaled_units(units: int, width: float, multiple: int = 1) -> int:
 class DataConfig:
     """Where images come from and how they are split and augmented."""
 
-    dataset: Literal[DATASETS] = Field("cifar10", description="the images: cifar10, an image folder, or "
-                                       "synthetic noise")
-    data_dir: Annotated[str | None, Unset] = Field(None, description="a folder (train/<class>/*, test/<class>/* "
-                                                   "or cifar-10-batches-py/) or a .tar.gz of one; none: "
-                                                   "$ALEXNET_KERAS_DATA_DIR, then keras.datasets")
-    val_fraction: float = Field(0.1, gt=0, le=0.5, description="validation share carved from the training "
-                                "set, stratified, seeded by split_seed")
-    split_seed: Seed = Field(0, description="the split's seed, apart from `seed`: every run of a study sees "
-                             "one split")
+    dataset: Literal[DATASETS] = Field("cifar10", description="cifar10, an image folder, or synthetic noise")
+    data_dir: Annotated[str | None, Unset] = Field(None, description="image folder or .tar.gz (none: "
+                                                   "$ALEXNET_KERAS_DATA_DIR, then keras.datasets)")
+    val_fraction: float = Field(0.1, gt=0.0, le=0.5, description="validation share of the training set")
+    split_seed: Seed = Field(0, description="the split's seed, apart from `seed`: a study's runs share a split")
     augment: bool = Field(True, description="training augmentation at all (random_crop, random_flip, pca_color)")
-    train_limit: Annotated[int | None, Unset] = Field(
-        None, ge=2, le=MAX_COUNT, description="a stratified subset of this many training images (smoke runs)")
-    synthetic_samples: int = Field(512, ge=16, le=MAX_COUNT, description="size of the synthetic dataset "
-                                   "(train + val; test is a quarter)")
+    train_limit: Annotated[int | None, Unset] = Field(None, ge=2, le=MAX_COUNT, description="training images kept")
+    synthetic_samples: int = Field(512, ge=16, le=MAX_COUNT, description="synthetic train + val images")
     synthetic_classes: int = Field(10, ge=2, le=1000, description="classes of the synthetic dataset")
-    recipe: Literal[RECIPES] = Field("simple", description="simple: squash to the input size; paper: "
-                                     "shorter side to stored_size, crops, mean subtraction, 10-crop test")
-    stored_size: int = Field(256, ge=8, le=MAX_SIDE, description="paper recipe: side of the stored images "
-                             "crops are cut from")
+    recipe: Literal[RECIPES] = Field("simple", description="squash to the input size, or the paper's crops")
+    stored_size: int = Field(256, ge=8, le=MAX_SIDE, description="paper recipe: side crops are cut from")
     random_crop: bool = Field(True, description="simple: shift by up to 1/8 of the side; paper: random crop")
     random_flip: bool = Field(True, description="random horizontal reflection")
     pca_color: bool = Field(True, description="paper recipe: the fancy-PCA colour shift per image")
     pca_std: float = Field(0.1, ge=0.0, le=10.0, description="std of the fancy-PCA coefficients (paper: 0.1)")
-    pixel_mean: bool = Field(False, description="paper recipe: subtract the per-pixel mean image in the "
-                             "pipeline (false: per-channel mean/std in the model)")
+    pixel_mean: bool = Field(False, description="paper recipe: subtract the per-pixel mean image")
     ten_crop: bool = Field(True, description="paper recipe: also report the 10-crop test metrics")
-    max_memory_mb: int = Field(4096, ge=0, le=2 ** 24, description="image folders whose decoded images need "
-                               "more are streamed from the files")
-    test_limit: Annotated[int | None, Unset] = Field(
-        None, ge=2, le=MAX_COUNT, description="score a stratified subset of this many test images (CPU-sized runs)")
+    max_memory_mb: int = Field(4096, ge=0, le=2 ** 24, description="larger image folders are streamed")
+    test_limit: Annotated[int | None, Unset] = Field(None, ge=2, le=MAX_COUNT, description="test images scored")
 
     @pydantic.model_validator(mode="after")
     def _folder(self) -> "DataConfig":
@@ -342,17 +327,14 @@ class TrainConfig:
     """How the network learns. Defaults follow the paper: SGD, momentum 0.9, lr 0.01, /10 on plateau."""
 
     epochs: int = Field(30, ge=1, le=MAX_EPOCHS, description="passes over the training set")
-    batch_size: int = Field(128, ge=1, le=2 ** 20, description="images per step (the global batch when "
-                            "distributed)")
+    batch_size: int = Field(128, ge=1, le=2 ** 20, description="images per step (global when distributed)")
     learning_rate: float = Field(0.01, gt=0.0, le=10.0, description="SGD's initial learning rate")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD's momentum")
-    schedule: Literal[SCHEDULES] = Field("plateau", description="plateau: lr/10 when val loss stalls (paper); "
-                                         "cosine; step: lr/10 at 1/2 and 3/4 of the epochs; constant")
+    schedule: Literal[SCHEDULES] = Field("plateau", description="lr/10 on a plateau (paper) or at 1/2, 3/4 (step)")
     plateau_patience: int = Field(3, ge=1, le=MAX_EPOCHS, description="epochs without progress before lr/10")
     seed: Seed = Field(0, description="the seed of weights, augmentation and shuffling")
     precision: Literal[PRECISIONS] = Field("float32", description="Keras dtype policy")
-    jit_compile: Annotated[Literal[JIT], Choice] = Field("auto", description="XLA: auto lets Keras decide "
-                                                         "per backend")
+    jit_compile: Annotated[Literal[JIT], Choice] = Field("auto", description="XLA (auto: as Keras decides)")
     distribute: Literal[DISTRIBUTE] = Field("none", description="data parallelism engine")
     deterministic: bool = Field(False, description="bit-identical reruns: the backends' deterministic kernels")
 
@@ -364,11 +346,9 @@ class Config:
     train: TrainConfig = Field(default_factory=TrainConfig)
     experiment: str = Field("alexnet-keras", description="MLflow experiment name")
     run_name: Annotated[str | None, Unset] = Field(None, description="MLflow run name")
-    resume: bool = Field(True, description="continue an interrupted run of the same config and data from "
-                         "its last completed epoch, in the same MLflow run")
+    resume: bool = Field(True, description="continue an interrupted run of the same config and data")
     checkpoint_dir: str = Field("checkpoints", description="per-run checkpoints, CHECKPOINT_DIR/<run id>/")
-    register: Annotated[str | None, Unset] = Field(None, description="register the finished run's model as a "
-                                                   "new version of this name, alias champion")
+    register: Annotated[str | None, Unset] = Field(None, description="register the model as NAME@champion")
     system_metrics: bool = Field(True, description="CPU, memory, disk, network (and GPU) as system/... metrics")
 
     def flat(self) -> dict[str, Any]:
