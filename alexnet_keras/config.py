@@ -98,7 +98,7 @@ def _rule(error: Mapping[str, Any], info: Any) -> str:
         return f"must be {'an integer ' if isinstance(lo or hi, int) else ''}" + (
             f"{'>=' if 'ge' in b else '>'} {lo}" if hi is None else f"{'<=' if 'le' in b else '<'} {hi}")
     if isinstance(lo, int) and isinstance(hi, int) and "ge" in b and "le" in b:
-        return f"must be a positive integer (at most {hi})" if lo == 1 else f"must be an integer in [{lo}, {hi}]"
+        return f"must be a positive integer (at most {hi})" if lo == 1 else f"must be an integer >= {lo} (at most {hi})"
     return f"must be in {'[' if 'ge' in b else '('}{float(lo)}, {float(hi)}{']' if 'le' in b else ')'}"
 
 
@@ -153,7 +153,7 @@ def explain(err: pydantic.ValidationError, prefix: str, model: Any) -> ConfigErr
             fix = (f" Fix it with --{path.replace('_', '-')} {typing.get_args(info.annotation)[0]}."
                    if e["type"] == "literal_error" and prefix.endswith(".") else "")
             hint = f" ({info.description})" if e["type"] == "too_short" and info is not None and info.description else ""
-            path = path if prefix.endswith(".") else f"`{path}`"   # a config leaf, or a key in a file
+            path = f"`{path}`" if prefix.endswith(": ") else path   # a key in a file, or a config leaf
             lines.append(f"{prefix}{path} {_rule(e, info)}{hint}; got {shown(e.get('input'))}.{fix}")
     return ConfigError("\n".join(lines))
 
