@@ -162,8 +162,8 @@ def test_digests_of_the_logged_studies_and_sweep_do_not_move():
     assert load_config(root + "cifar10.yaml").digest() == "5f2b6eda63c67e0f"
 
 
-# --- issue 14: every user-given number is range-checked, sizes are checked against memory, YAML is
-# bounded and UTF-8. Each case through the CLI: exit 2, one line on stderr, no traceback, no run. ----------
+# --- Every user-given number is range-checked, sizes are checked against memory, YAML is bounded
+# and UTF-8. Each case through the CLI: exit 2, one line on stderr, no traceback, no run. ----------
 
 def _refused(store, capsys, args, *fragments):
     from conftest import all_runs
