@@ -1,11 +1,6 @@
-"""The `alexnet-keras` command: a thin layer over config, train (and the other jobs).
-
-Every config leaf is a flag (`--lrn false`, `--batch-size 64`); `--config FILE.yaml` is applied first,
-flags after it. Bad input ends in one clear line on stderr and exit status 2, never a traceback.
-TensorFlow, Keras and MLflow are imported inside the commands that use them, so that `--help`,
-`--version` and `report` start without TensorFlow or Keras (tests/test_cli_startup.py; measured in
-docs/results.md, "CLI start-up").
-"""
+"""The `alexnet-keras` command: every config leaf is a flag (`--lrn false`), applied after `--config
+FILE.yaml`. Bad input ends in one clear line on stderr and exit status 2, never a traceback. TensorFlow,
+Keras and MLflow are imported inside the commands that use them, so `--help` and `report` start fast."""
 
 from __future__ import annotations
 
@@ -16,22 +11,29 @@ import sys
 import typing
 from typing import Sequence
 
-from .config import SECTIONS, Config, ConfigError, leaf_fields, load_config
+from .config import SECTIONS, ConfigError, leaf_fields, load_config, none_text, parse_value
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Every config leaf as a flag, its help the field's description, choices and default."""
     parser.add_argument("--config", metavar="YAML", help="experiment file applied before the flags "
                         "(see experiments/)")
-    defaults = Config().flat()
     groups = {section: parser.add_argument_group(f"{section} options") for section in SECTIONS}
     groups[None] = parser.add_argument_group("tracking options")
-    for name, (section, f) in leaf_fields().items():
-        hints = typing.get_type_hints(SECTIONS[section] if section else Config)
-        is_bool = hints[name] is bool
+    for name, (section, info) in leaf_fields().items():
+        is_bool = info.annotation is bool
+        choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Literal else ()
+        default = info.default if info.default_factory is None else info.default_factory()
         groups[section].add_argument(
             f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, metavar="BOOL" if is_bool else "X",
             nargs="?" if is_bool else None, const="true" if is_bool else None,
-            help=f"default: {defaults[name]!r}")
+            help=f"{info.description}" + (f"; one of {', '.join(choices)}" if choices else "")
+            + f" (default: {default!r})".replace("%", "%%"))
+
+
+def _add_tracking_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///mlflow.db with artifacts in ./mlruns)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train one AlexNet and log it to MLflow")
     _add_config_flags(train)
-    train.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
-                       "sqlite:///mlflow.db with artifacts in ./mlruns)")
+    _add_tracking_flag(train)
     train.add_argument("--dry-run", action="store_true", help="validate the config, print it and the "
                        "model summary, and stop: no data is read and no run is created")
     ablate = sub.add_parser("ablate", help="run an ablation study: one parent run, one child per "
@@ -55,28 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_flags(ablate, "child")
     _add_register_flag(ablate, "the study's best variant (highest mean validation accuracy; its run with the "
                        "best validation accuracy)")
-    ablate.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
-                        "sqlite:///mlflow.db)")
+    _add_tracking_flag(ablate)
     ablate.add_argument("--dry-run", action="store_true", help="validate the study and list its variants; "
                         "no run is created")
     report = sub.add_parser("report", help="rebuild an ablation study's report from the MLflow store")
     report.add_argument("run_id", metavar="PARENT_RUN_ID", help="the study's parent run")
-    report.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
-                        "sqlite:///mlflow.db)")
+    _add_tracking_flag(report)
     _add_tune_parser(sub)
     _add_benchmark_parser(sub)
     _add_recipe_parsers(sub)
     return parser
 
 
-def _model_name(text: str) -> str | None:
-    """`--register ""` (an empty MLproject parameter) or `none`: register nothing."""
-    text = str(text)
-    return None if text.strip().lower() in ("", "none") else text
-
-
 def _add_register_flag(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--register", type=_model_name, default=None, metavar="NAME",
+    parser.add_argument("--register", type=none_text, default=None, metavar="NAME",
                         help=f"register {what} in the MLflow model registry as a new version of NAME, alias "
                         f"champion: then `predict --model models:/NAME@champion`, `mlflow models serve -m "
                         f"models:/NAME@champion`")
@@ -84,8 +77,7 @@ def _add_register_flag(parser: argparse.ArgumentParser, what: str) -> None:
 
 def _ray_address(text: str) -> str | None:
     """`--ray` alone: "local"; `--ray none` or an empty MLproject parameter: no Ray."""
-    text = str(text).strip()
-    return None if text.lower() in ("", "none") else text
+    return none_text(str(text).strip())
 
 
 def _add_ray_flags(parser: argparse.ArgumentParser, unit: str) -> None:
@@ -101,12 +93,10 @@ def _add_ray_flags(parser: argparse.ArgumentParser, unit: str) -> None:
 
 def _optional_int(text: str) -> int | None:
     """`--max-trials ""` (an empty MLproject parameter) means "as in the file"."""
-    if text is None or str(text).strip().lower() in ("", "none"):
-        return None
     try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+        return parse_value("value", text, int | None)
+    except ConfigError as err:   # argparse names the flag
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_tune_parser(sub) -> None:
@@ -244,8 +234,7 @@ def _add_recipe_parsers(sub) -> None:
     predict.add_argument("--top", type=int, default=5, metavar="K", help="classes per image (default: 5)")
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per model call")
-    predict.add_argument("--tracking-uri", help="MLflow store for run ids and runs:/ URIs (default: "
-                         "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    _add_tracking_flag(predict)
     prepare = sub.add_parser("prepare", help="convert an image folder into sharded TFRecords with a "
                              "manifest, for --data-dir (see alexnet_keras/data/tfrecord.py)")
     prepare.add_argument("source", metavar="FOLDER", help="train/<class>/* (+ val/, test/) or <class>/*, or "

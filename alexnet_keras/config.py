@@ -1,19 +1,11 @@
-"""The one home of every default: a validated tree of frozen dataclasses.
+"""The one home of every default and of validation: `Config` (`ModelConfig` + `DataConfig` +
+`TrainConfig` + tracking fields) as frozen pydantic dataclasses, and `Options`, the base of every other
+validated file or flag set. Every leaf name is unique across the tree, so it is at once a CLI flag
+(`--batch-size 128`), an MLproject and MLflow param and a YAML key (nested `model: {lrn: false}` or flat).
+Every error names the value's path (and file or flag), what is allowed and what came.
 
-`Config` = `ModelConfig` (what the network is) + `DataConfig` (what it sees) + `TrainConfig` (how it
-learns) + tracking fields. Every leaf field has a unique name across the tree, so it is at once
-  * a CLI flag (`--lrn false`, `--batch-size 128`),
-  * an MLproject parameter and an MLflow param (`lrn`, `batch_size`),
-  * a key in an experiment YAML (`model: {lrn: false}`; flat `lrn: false` is accepted too).
-Values are checked when an object is built, so a bad value fails before any data is read or any
-MLflow run is created, with a message that names the field, the allowed values and the value given.
-Every numeric leaf has a range. A config built from user-given values (`from_dict`: flags, YAML files,
-MLproject parameters, study variants, sweep trials) is also checked as a whole against this machine's
-memory (`check_memory`), so a size that would exhaust it is refused before anything is allocated.
-
-Also here: the network's geometry as arithmetic on a ModelConfig (filters, feature-map sides, parameter
-and activation counts; model.py builds its layers from it), and `load_yaml`, the one reader of every
-YAML file the package takes (experiments, studies, sweeps): bounded in size and alias expansion, UTF-8.
+Also here: the network's geometry as arithmetic on a ModelConfig (model/alexnet.py builds its layers from
+it), the memory check of a whole config, and `load_yaml`, the one bounded reader of every YAML file.
 """
 
 from __future__ import annotations
@@ -23,36 +15,28 @@ import hashlib
 import json
 import math
 import os
-import types
 import typing
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Annotated, Any, Literal, Mapping, TypeVar
 
 import pydantic
+from pydantic import BeforeValidator, Field
 
 VARIANTS = ("paper", "cifar")
 POOLS = ("overlapping", "non_overlapping")
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
 INITS = ("paper", "keras")
 DATASETS = ("cifar10", "folder", "synthetic")
-# Input recipes (alexnet_keras/data/pipeline.py): "simple" squashes to the input size; "paper" is Krizhevsky et al.'s.
-RECIPES = ("simple", "paper")
+RECIPES = ("simple", "paper")   # data/pipeline.py: squash to the input size, or Krizhevsky et al.'s
 SCHEDULES = ("plateau", "cosine", "step", "constant")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 JIT = ("auto", "true", "false")
-# Multi-device data parallelism engines (alexnet_keras/distribute.py): none; TF mirrored / multi_worker; JAX.
-DISTRIBUTE = ("none", "mirrored", "multi_worker", "data_parallel")
-
-# Native input side of each variant, used when `image_size` is left unset.
-NATIVE_IMAGE_SIZE = {"paper": 227, "cifar": 32}
-# What the model's first layer does to the 0..255 pixels (model.py): "standardize" divides the
-# mean-subtracted pixels by the per-channel std; "center" only subtracts the mean, the paper's regime,
-# in which LRN sees activations large enough against k to normalise (issue 16).
+DISTRIBUTE = ("none", "mirrored", "multi_worker", "data_parallel")   # training/distribute.py
 INPUT_NORMS = ("standardize", "center")
+NATIVE_IMAGE_SIZE = {"paper": 227, "cifar": 32}   # each variant's input side when `image_size` is unset
 
-# --- The network's geometry: model.py builds its layers from these, and the config uses them to refuse
-# a network that cannot be built or would not fit in memory, before anything is built.
+# --- The network's geometry: model/alexnet.py builds its layers from these, and the config uses them to
+# refuse a network that cannot be built or would not fit in memory, before anything is built.
 CONV_FILTERS = (96, 256, 384, 384, 256)                           # conv1..conv5, before `width`
 CONV_KERNELS = {"paper": (11, 5, 3, 3, 3), "cifar": (3, 3, 3, 3, 3)}
 HIDDEN_UNITS = 4096                                               # fc6 and fc7, before `width`
@@ -67,102 +51,178 @@ POOL_SIZES = {"overlapping": 3, "non_overlapping": 2}
 MAX_SIDE = 32768                 # image_size, stored_size (pixels)
 MAX_COUNT = 2 ** 31 - 1          # image counts (train_limit, test_limit, synthetic_samples)
 MAX_EPOCHS = 100_000             # epochs, plateau_patience
-MAX_BATCH_SIZE = 2 ** 20
 MAX_SEED = 2 ** 32 - 1           # NumPy's and Keras' seeds are unsigned 32-bit integers
-# Memory the training process holds per value (see memory_estimate).
-_FLOAT_BYTES = 4                 # float32 weights, gradients, activations (an upper estimate under mixed precision)
-_SYNTHETIC_PEAK_BYTES = 16       # per pixel value while data/sources.py generates synthetic images (float64 noise,
-                                 # float32 sums; measured with tracemalloc: 16.04)
-# An experiment, study or sweep file is a page of options: anything bigger is a mistake (or an attack).
-YAML_MAX_BYTES = 2 ** 20
+_FLOAT_BYTES = 4                 # per float32 weight, gradient or activation (see memory_estimate)
+_SYNTHETIC_PEAK_BYTES = 16       # per pixel value while data/sources.py generates synthetic images
+                                 # (float64 noise, float32 sums; measured with tracemalloc: 16.04)
+YAML_MAX_BYTES = 2 ** 20         # an experiment, study or sweep file is a page of options
 YAML_MAX_NODES = 100_000         # values after alias expansion ("billion laughs" files expand to 10^9)
 
 
 class ConfigError(ValueError):
-    """A configuration value is wrong. The message says which field, what is allowed, and what came."""
+    """A configuration value is wrong. The message says where, what is allowed, and what came."""
 
 
-def _choice(section: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(
-            f"{section}.{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}. "
-            f"Fix it with --{name.replace('_', '-')} {allowed[0]} (or `{name}: {allowed[0]}` in YAML)."
-        )
+def none_text(value: Any) -> Any:
+    """"", "none" and "null" (an empty MLproject parameter, `--register none`) mean None."""
+    return None if isinstance(value, str) and value.strip().lower() in ("", "none", "null") else value
 
 
-def _range(section: str, name: str, value: float, lo: float, hi: float, *, hi_open: bool = False,
-           lo_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigError(f"{section}.{name} must be a number; got {value!r}.")
-    bad_lo = value <= lo if lo_open else value < lo
-    bad_hi = value >= hi if hi_open else value > hi
-    if bad_lo or bad_hi:
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ConfigError(f"{section}.{name} must be in {interval}; got {value!r}.")
+Unset = BeforeValidator(none_text)
+Choice = BeforeValidator(lambda v: str(v).lower() if isinstance(v, bool) else v)   # YAML `jit_compile: true`
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
-def _integer(section: str, name: str, value: Any, lo: int, hi: int, *, optional: bool = False,
-             what: str | None = None) -> None:
-    """`value` is an integer in [lo, hi] (or None when `optional`); `what` words the rule instead."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        rule = what or f"an integer in [{lo}, {hi}]"
-        unset = " (or unset)" if optional else ""
-        raise ConfigError(f"{section}.{name} must be {rule}{unset}; got {value!r}.")
+_RULES = {"bool_parsing": "must be true or false", "bool_type": "must be true or false",
+          "int_parsing": "must be an integer", "int_type": "must be an integer", "int_from_float": "must be an integer",
+          "float_parsing": "must be a number", "float_type": "must be a number",
+          "finite_number": "must be a finite number", "string_type": "must be a string",
+          "too_short": "must not be empty", "dict_type": "must be a mapping", "list_type": "must be a list",
+          "model_type": "must be a mapping", "model_attributes_type": "must be a mapping",
+          "union_tag_not_found": "needs a `type`"}
 
 
-@dataclass(frozen=True)
+def _rule(error: Mapping[str, Any], info: Any) -> str:
+    """What a value must be, from a pydantic error and the field's bounds (both ends where it has two)."""
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind in ("literal_error", "union_tag_invalid"):
+        return f"must be one of {ctx.get('expected', ctx.get('expected_tags', '')).replace(' or ', ', ')}"
+    if kind in ("value_error", "assertion_error"):
+        return str(ctx.get("error", error["msg"]))
+    if not kind.startswith(("greater", "less")):
+        return _RULES.get(kind, f"is wrong: {error['msg']}")
+    b = {type(m).__name__.lower(): getattr(m, type(m).__name__.lower()) for m in getattr(info, "metadata", ())
+         if type(m).__name__ in ("Ge", "Gt", "Le", "Lt")} or ctx
+    lo, hi = b.get("ge", b.get("gt")), b.get("le", b.get("lt"))
+    if lo is None or hi is None:
+        return f"must be {'an integer ' if isinstance(lo or hi, int) else ''}" + (
+            f"{'>=' if 'ge' in b else '>'} {lo}" if hi is None else f"{'<=' if 'le' in b else '<'} {hi}")
+    if isinstance(lo, int) and isinstance(hi, int) and "ge" in b and "le" in b:
+        return f"must be a positive integer (at most {hi})" if lo == 1 else f"must be an integer >= {lo} (at most {hi})"
+    return f"must be in {'[' if 'ge' in b else '('}{float(lo)}, {float(hi)}{']' if 'le' in b else ')'}"
+
+
+def shown(value: Any) -> str:
+    """A value as the user wrote it: a number given as text (a flag) unquoted, other text quoted."""
+    try:
+        return value if isinstance(value, str) and float(value) is not None else repr(value)
+    except ValueError:
+        return repr(value)
+
+
+def _fields(owner: Any) -> dict[str, Any]:
+    return getattr(owner, "model_fields", None) or getattr(owner, "__pydantic_fields__", None) or {}
+
+
+def _walk(model: Any, loc: list[str]) -> tuple[list[str], Any]:
+    """The path a user wrote (a discriminated union's tag left out) and the model holding its last key."""
+    path, owner = [], model
+    for part in loc[:-1]:
+        if part in _fields(owner):
+            path.append(part)
+            owner = _fields(owner)[part].annotation
+            continue
+        members = [m for a in typing.get_args(owner) for m in (typing.get_args(a) or (a,)) if _fields(m)]
+        tagged = [m for m in members if "type" in _fields(m) and part in typing.get_args(_fields(m)["type"].annotation)]
+        if tagged:   # the union member the tag chose
+            owner = tagged[0]
+        else:        # a key of a dict or an index of a list: its values' type
+            path.append(part)
+            owner = (typing.get_args(owner) or (None,))[-1]
+    return path + loc[-1:], owner
+
+
+def explain(err: pydantic.ValidationError, prefix: str, model: Any) -> ConfigError:
+    """One ConfigError line per pydantic error: `prefix` (a section, or a file), the value's path,
+    what is allowed and what came; unknown keys with "did you mean" and the known ones."""
+    lines = []
+    for e in err.errors():
+        loc, owner = _walk(model, [str(part) for part in e["loc"]])
+        fields, path = _fields(owner), ".".join(loc)
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            lines.append(f"{prefix}{'.'.join(loc[:-1]) + ': ' if loc[:-1] else ''}unknown key {loc[-1]!r}."
+                         f"{did_you_mean(loc[-1], list(fields))} Known keys: {', '.join(fields)}.")
+            continue
+        info = fields.get(loc[-1]) if loc else None
+        if e["type"] == "missing":
+            hint = f"; {info.description}" if info is not None and info.description else ""
+            lines.append(f"{prefix}`{path}` is missing{hint}.")
+        elif not loc:   # a validator of the whole: its message names the values
+            lines.append(f"{prefix}{_rule(e, info)}.")
+        else:
+            fix = (f" Fix it with --{path.replace('_', '-')} {typing.get_args(info.annotation)[0]}."
+                   if e["type"] == "literal_error" and prefix.endswith(".") else "")
+            hint = f" ({info.description})" if e["type"] == "too_short" and info is not None and info.description else ""
+            path = f"`{path}`" if prefix.endswith(": ") else path   # a key in a file, or a config leaf
+            lines.append(f"{prefix}{path} {_rule(e, info)}{hint}; got {shown(e.get('input'))}.{fix}")
+    return ConfigError("\n".join(lines))
+
+
+def _number_kind(annotation: Any) -> str | None:
+    kinds = {annotation, *typing.get_args(annotation)}
+    return "an integer" if int in kinds else "a number" if float in kinds else None
+
+
+def section(name: str):
+    """A frozen pydantic dataclass whose errors are ConfigErrors naming `name.field`."""
+    def wrap(cls):
+        cls = pydantic.dataclasses.dataclass(frozen=True, config=pydantic.ConfigDict(
+            extra="forbid", allow_inf_nan=False))(cls)
+        init = cls.__init__
+
+        def __init__(self, *args, **kwargs):
+            for key, value in kwargs.items():   # pydantic's lax mode would read true as 1
+                kind = _number_kind(getattr(cls.__pydantic_fields__.get(key), "annotation", None))
+                if isinstance(value, bool) and kind:
+                    raise ConfigError(f"{name}.{key} must be {kind}; got {value!r}.")
+            try:
+                init(self, *args, **kwargs)
+            except pydantic.ValidationError as err:
+                raise explain(err, f"{name}." if name else "", cls) from None
+        cls.__init__ = __init__
+        return cls
+    return wrap
+
+
+@section("model")
 class ModelConfig:
     """AlexNet's design choices, each an independent toggle. Defaults are the 2012 paper's."""
 
-    variant: str = "paper"          # "paper": 227x227 ImageNet net; "cifar": same topology for 32x32
-    image_size: int | None = None   # input side in pixels; None = the variant's native size
-    width: float = 1.0              # multiplies every conv's filters and the hidden FC units
-    groups: int = 1                 # 2 = the paper's two-GPU split of conv2, conv4, conv5
-    lrn: bool = True                # LocalResponseNormalization after the ReLU of conv1 and conv2
-    lrn_size: int = 5               # n, channels in the window
-    lrn_alpha: float = 1e-4
-    lrn_beta: float = 0.75
-    lrn_k: float = 2.0
-    batchnorm: bool = False         # BatchNormalization between each conv and its activation
-    dropout: float = 0.5            # before FC6 and FC7; 0 removes the layers
-    pool: str = "overlapping"       # "overlapping" 3x3/2 (paper) or "non_overlapping" 2x2/2
-    activation: str = "relu"
-    init: str = "paper"             # "paper": N(0, 0.01), bias 1 in conv2/4/5 + hidden FC; "keras"
-    weight_decay: float = 5e-4      # L2 on kernels, as the paper's update rule (see model.py)
-    # What the first layer does to the 0..255 pixels: "standardize" = (x - mean) / std per channel;
-    # "center" = x - mean, the paper's regime (with init "paper", LRN then sees activations of the
-    # paper's size). Added after runs were logged: at its default it leaves their digests alone.
-    input_norm: str = field(default="standardize", metadata={"digest": "omit_default"})
+    variant: Literal[VARIANTS] = Field("paper", description="paper: the 227-px ImageNet net; cifar: for 32 px")
+    image_size: Annotated[int | None, Unset] = Field(None, description="input side in px (none: the variant's own)")
+    width: float = Field(1.0, gt=0.0, le=16.0, description="multiplies every conv's filters and the hidden units")
+    groups: int = Field(1, ge=1, le=2, description="2: the paper's two-GPU split of conv2, conv4, conv5")
+    lrn: bool = Field(True, description="local response normalization after conv1 and conv2")
+    lrn_size: int = Field(5, ge=1, le=1023, description="LRN window n, in channels (odd)")
+    lrn_alpha: float = Field(1e-4, ge=0.0, le=1000.0, description="LRN alpha")
+    lrn_beta: float = Field(0.75, ge=0.0, le=10.0, description="LRN beta")
+    # k > 0: with k = 0 a window of zero activations (dead ReLUs) gives 0 / 0.
+    lrn_k: float = Field(2.0, gt=0.0, le=1e6, description="LRN k")
+    batchnorm: bool = Field(False, description="batch normalization between each conv and its activation")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout before fc6 and fc7 (0: no dropout layers)")
+    pool: Literal[POOLS] = Field("overlapping", description="overlapping 3x3/2 (paper) or non_overlapping 2x2/2")
+    activation: Literal[ACTIVATIONS] = Field("relu", description="every hidden layer's activation")
+    init: Literal[INITS] = Field("paper", description="paper: N(0, 0.01), bias 1 in conv2/4/5, fc6/7; keras")
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="L2 on kernels, as the paper's update rule")
+    input_norm: Literal[INPUT_NORMS] = Field("standardize", description="(x - mean) / std, or x - mean (paper)")
 
-    def __post_init__(self) -> None:
-        s = "model"
-        _choice(s, "variant", self.variant, VARIANTS)
-        _choice(s, "pool", self.pool, POOLS)
-        _choice(s, "activation", self.activation, ACTIVATIONS)
-        _choice(s, "init", self.init, INITS)
-        _choice(s, "input_norm", self.input_norm, INPUT_NORMS)
-        _range(s, "dropout", self.dropout, 0.0, 1.0, hi_open=True)
-        _range(s, "width", self.width, 0.0, 16.0, lo_open=True)
-        _range(s, "weight_decay", self.weight_decay, 0.0, 1.0)
-        _range(s, "lrn_alpha", self.lrn_alpha, 0.0, 1000.0)
-        _range(s, "lrn_beta", self.lrn_beta, 0.0, 10.0)
-        # k > 0: with k = 0 a window of zero activations (dead ReLUs) gives 0 / 0.
-        _range(s, "lrn_k", self.lrn_k, 0.0, 1e6, lo_open=True)
-        if (isinstance(self.lrn_size, bool) or not isinstance(self.lrn_size, int) or not 1 <= self.lrn_size <= 1023
-                or self.lrn_size % 2 == 0):
-            raise ConfigError(f"model.lrn_size must be a positive odd integer up to 1023 (the paper uses 5); "
-                              f"got {self.lrn_size!r}.")
-        if self.groups not in (1, 2) or isinstance(self.groups, bool):
-            raise ConfigError(f"model.groups must be one of 1, 2; got {self.groups!r}.")
+    @pydantic.field_validator("lrn_size")
+    @classmethod
+    def _odd(cls, size: int) -> int:
+        if size % 2 == 0:
+            raise ValueError("must be a positive odd integer up to 1023 (the paper uses 5)")
+        return size
+
+    @pydantic.model_validator(mode="after")
+    def _buildable(self) -> "ModelConfig":
+        # The smallest side whose every feature map (up to pool5) is not empty; the cifar variant's
+        # 'same' layers never empty a map, but fewer than 8 px leave nothing to learn from.
         if self.image_size is not None:
-            # Smallest side whose every feature map (up to pool5) is not empty; the cifar variant's
-            # 'same' layers never empty a map, but fewer than 8 px leave nothing to learn from.
-            minimum = max(8, next(side for side in range(1, MAX_SIDE)
-                                  if min(self.feature_sides(side).values()) >= 1))
-            _integer(s, "image_size", self.image_size, minimum, MAX_SIDE, optional=True,
-                     what=f"an integer >= {minimum} for variant {self.variant!r} (at most {MAX_SIDE})")
+            minimum = max(8, next(side for side in range(1, MAX_SIDE) if min(self.feature_sides(side).values())))
+            if not minimum <= self.image_size <= MAX_SIDE:
+                raise ValueError(f"image_size must be an integer >= {minimum} for variant {self.variant!r} "
+                                 f"(at most {MAX_SIDE}); got {self.image_size}")
+        return self
 
     @property
     def input_size(self) -> int:
@@ -183,23 +243,14 @@ class ModelConfig:
 
     def feature_sides(self, size: int | None = None) -> dict[str, int]:
         """The side of the feature map after conv1 and each pool for inputs of `size` px (default: the
-        input size); 0 where a map would be empty."""
-        size = self.input_size if size is None else size
-        pool = POOL_SIZES[self.pool]
-        sides = {}
-        if self.variant == "paper":
-            # conv1 'valid' 11x11 stride 4; pools 'valid' stride 2; the other convs keep the size.
-            size = (size - 11) // 4 + 1 if size >= 11 else 0
-            sides["conv1"] = size
-            for name in ("pool1", "pool2", "pool5"):
-                size = (size - pool) // 2 + 1 if size >= pool else 0
-                sides[name] = size
-        else:
-            # All 'same': only the stride-2 pools shrink the map, to ceil(size / 2).
-            sides["conv1"] = size
-            for name in ("pool1", "pool2", "pool5"):
-                size = -(-size // 2)
-                sides[name] = size
+        input size); 0 where a map would be empty. paper: conv1 'valid' 11x11 stride 4, 'valid' stride-2
+        pools, the other convs keep the size; cifar: all 'same', only the pools halve it (rounding up)."""
+        pool, paper = POOL_SIZES[self.pool], self.variant == "paper"
+        side = self.input_size if size is None else size
+        side = ((side - 11) // 4 + 1 if side >= 11 else 0) if paper else side
+        sides = {"conv1": side}
+        for name in ("pool1", "pool2", "pool5"):
+            side = sides[name] = ((side - pool) // 2 + 1 if side >= pool else 0) if paper else -(-side // 2)
         return sides
 
     def parameter_count(self, num_classes: int) -> int:
@@ -239,136 +290,82 @@ def scaled_units(units: int, width: float, multiple: int = 1) -> int:
     return max(multiple, multiple * int(math.floor(units * width / multiple + 0.5)))
 
 
-@dataclass(frozen=True)
+@section("data")
 class DataConfig:
     """Where images come from and how they are split and augmented."""
 
-    dataset: str = "cifar10"
-    # A folder (train/<class>/*, test/<class>/* or cifar-10-batches-py/), a .tar.gz of one, or None:
-    # then $ALEXNET_KERAS_DATA_DIR, then keras.datasets (needs the network).
-    data_dir: str | None = None
-    val_fraction: float = 0.1       # carved from the training set, stratified, seeded by split_seed
-    split_seed: int = 0             # fixed apart from `seed`, so every run of a study sees one split
-    augment: bool = True            # random crop (pad 4 / scale) + horizontal flip, training only
-    train_limit: int | None = None  # keep a stratified subset of this many training images (smoke runs)
-    synthetic_samples: int = 512    # size of the `synthetic` dataset (train+val; test is a quarter)
-    synthetic_classes: int = 10
-    # --- The paper's ImageNet recipe (data/pipeline.py). `augment` stays the master switch of training
-    # augmentation (false = none, in either recipe); random_crop / random_flip / pca_color pick its pieces.
-    recipe: str = "simple"          # "simple": squash to the input size; "paper": shorter side to
-                                    # stored_size + centre crop, mean subtraction, 10-crop test
-    stored_size: int = 256          # paper recipe: side of the stored square images crops are cut from
-    random_crop: bool = True        # simple: shift by up to 1/8 of the side; paper: random input-size crop
-    random_flip: bool = True        # random horizontal reflection (both recipes)
-    pca_color: bool = True          # paper recipe only: "fancy PCA" colour shift per image
-    pca_std: float = 0.1            # std of the fancy-PCA coefficients alpha (paper: 0.1)
-    pixel_mean: bool = False        # paper recipe: subtract the per-pixel mean image in the pipeline;
-                                    # false: per-channel mean/std inside the model (self-contained)
-    ten_crop: bool = True           # paper recipe: also report the 10-crop test metrics
-    max_memory_mb: int = 4096       # image folders whose decoded images need more are streamed from files
-    test_limit: int | None = field(default=None, metadata={"digest": "omit_default"})
-                                    # score a stratified subset of this many test images (CPU-sized runs)
+    dataset: Literal[DATASETS] = Field("cifar10", description="cifar10, an image folder, or synthetic noise")
+    data_dir: Annotated[str | None, Unset] = Field(None, description="image folder or .tar.gz (none: "
+                                                   "$ALEXNET_KERAS_DATA_DIR, then keras.datasets)")
+    val_fraction: float = Field(0.1, gt=0.0, le=0.5, description="validation share of the training set")
+    split_seed: Seed = Field(0, description="the split's seed, apart from `seed`: a study's runs share a split")
+    augment: bool = Field(True, description="training augmentation at all (random_crop, random_flip, pca_color)")
+    train_limit: Annotated[int | None, Unset] = Field(None, ge=2, le=MAX_COUNT, description="training images kept")
+    synthetic_samples: int = Field(512, ge=16, le=MAX_COUNT, description="synthetic train + val images")
+    synthetic_classes: int = Field(10, ge=2, le=1000, description="classes of the synthetic dataset")
+    recipe: Literal[RECIPES] = Field("simple", description="squash to the input size, or the paper's crops")
+    stored_size: int = Field(256, ge=8, le=MAX_SIDE, description="paper recipe: side crops are cut from")
+    random_crop: bool = Field(True, description="simple: shift by up to 1/8 of the side; paper: random crop")
+    random_flip: bool = Field(True, description="random horizontal reflection")
+    pca_color: bool = Field(True, description="paper recipe: the fancy-PCA colour shift per image")
+    pca_std: float = Field(0.1, ge=0.0, le=10.0, description="std of the fancy-PCA coefficients (paper: 0.1)")
+    pixel_mean: bool = Field(False, description="paper recipe: subtract the per-pixel mean image")
+    ten_crop: bool = Field(True, description="paper recipe: also report the 10-crop test metrics")
+    max_memory_mb: int = Field(4096, ge=0, le=2 ** 24, description="larger image folders are streamed")
+    test_limit: Annotated[int | None, Unset] = Field(None, ge=2, le=MAX_COUNT, description="test images scored")
 
-    def __post_init__(self) -> None:
-        _choice("data", "dataset", self.dataset, DATASETS)
-        _range("data", "val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
+    @pydantic.model_validator(mode="after")
+    def _folder(self) -> "DataConfig":
         if self.dataset == "folder" and not self.data_dir:
-            raise ConfigError("data.dataset 'folder' needs a folder: pass --data-dir PATH "
-                              "(class sub-folders, or train/ and test/ each with class sub-folders).")
-        _integer("data", "split_seed", self.split_seed, 0, MAX_SEED)
-        for name in ("train_limit", "test_limit"):
-            _integer("data", name, getattr(self, name), 2, MAX_COUNT, optional=True,
-                     what=f"at least 2 (at most {MAX_COUNT})")
-        _integer("data", "synthetic_samples", self.synthetic_samples, 16, MAX_COUNT,
-                 what=f"at least 16 (at most {MAX_COUNT})")
-        _integer("data", "synthetic_classes", self.synthetic_classes, 2, 1000)
-        _choice("data", "recipe", self.recipe, RECIPES)
-        _integer("data", "stored_size", self.stored_size, 8, MAX_SIDE, what=f"an integer >= 8 (at most {MAX_SIDE})")
-        _integer("data", "max_memory_mb", self.max_memory_mb, 0, 2 ** 24,   # 16 TiB
-                 what=f"an integer >= 0 (at most {2 ** 24}, 16 TiB)")
-        _range("data", "pca_std", self.pca_std, 0.0, 10.0)
+            raise ValueError("dataset 'folder' needs a folder: pass --data-dir PATH (class sub-folders, or "
+                             "train/ and test/ each with class sub-folders)")
+        return self
 
 
-@dataclass(frozen=True)
+@section("train")
 class TrainConfig:
     """How the network learns. Defaults follow the paper: SGD, momentum 0.9, lr 0.01, /10 on plateau."""
 
-    epochs: int = 30
-    batch_size: int = 128
-    learning_rate: float = 0.01
-    momentum: float = 0.9
-    # "plateau": lr/10 when val loss stalls (paper); "cosine"; "step": lr/10 after half and again after
-    # three quarters of the epochs (the paper's /10 steps on a fixed timetable); "constant"
-    schedule: str = "plateau"
-    plateau_patience: int = 3
-    seed: int = 0
-    precision: str = "float32"
-    jit_compile: str = "auto"       # XLA: "auto" lets Keras decide per backend; "true"; "false"
-    distribute: str = "none"        # data parallelism (distribute.py); batch_size is the global batch
-    # Bit-identical reruns: seeds plus the backends' deterministic kernels (train.py, docs/reliability.md).
-    deterministic: bool = field(default=False, metadata={"digest": "omit_default"})
-
-    def __post_init__(self) -> None:
-        s = "train"
-        _choice(s, "schedule", self.schedule, SCHEDULES)
-        _choice(s, "precision", self.precision, PRECISIONS)
-        _choice(s, "jit_compile", self.jit_compile, JIT)
-        _choice(s, "distribute", self.distribute, DISTRIBUTE)
-        for name, most in (("epochs", MAX_EPOCHS), ("batch_size", MAX_BATCH_SIZE), ("plateau_patience", MAX_EPOCHS)):
-            _integer(s, name, getattr(self, name), 1, most, what=f"a positive integer (at most {most})")
-        _integer(s, "seed", self.seed, 0, MAX_SEED)
-        _range(s, "learning_rate", self.learning_rate, 0.0, 10.0, lo_open=True)
-        _range(s, "momentum", self.momentum, 0.0, 1.0, hi_open=True)
+    epochs: int = Field(30, ge=1, le=MAX_EPOCHS, description="passes over the training set")
+    batch_size: int = Field(128, ge=1, le=2 ** 20, description="images per step (global when distributed)")
+    learning_rate: float = Field(0.01, gt=0.0, le=10.0, description="SGD's initial learning rate")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD's momentum")
+    schedule: Literal[SCHEDULES] = Field("plateau", description="lr/10 on a plateau (paper) or at 1/2, 3/4 (step)")
+    plateau_patience: int = Field(3, ge=1, le=MAX_EPOCHS, description="epochs without progress before lr/10")
+    seed: Seed = Field(0, description="the seed of weights, augmentation and shuffling")
+    precision: Literal[PRECISIONS] = Field("float32", description="Keras dtype policy")
+    jit_compile: Annotated[Literal[JIT], Choice] = Field("auto", description="XLA (auto: as Keras decides)")
+    distribute: Literal[DISTRIBUTE] = Field("none", description="data parallelism engine")
+    deterministic: bool = Field(False, description="bit-identical reruns: the backends' deterministic kernels")
 
 
-@dataclass(frozen=True)
+@section("")
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    experiment: str = "alexnet-keras"   # MLflow experiment name
-    run_name: str | None = None
-    # An interrupted run (killed, or RUNNING from a dead process) with the same config and data is
-    # continued from its last completed epoch, in the same MLflow run (train.py, "Resuming").
-    resume: bool = True
-    checkpoint_dir: str = "checkpoints"  # per-run training checkpoints, CHECKPOINT_DIR/<run id>/
-    # `train --register NAME`: the run's model becomes a new version of registered model NAME, alias
-    # `champion` (serving.register_model), once the run has FINISHED. Ignored by a study's children and
-    # a sweep's trials (`ablate` / `tune --register` register the best one).
-    register: str | None = None
-    # CPU, memory, disk, network (and GPU, with nvidia-ml-py) as `system/...` metrics of every training
-    # run, through MLflow's own monitor (tracking.py, "System metrics").
-    system_metrics: bool = True
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    experiment: str = Field("alexnet-keras", description="MLflow experiment name")
+    run_name: Annotated[str | None, Unset] = Field(None, description="MLflow run name")
+    resume: bool = Field(True, description="continue an interrupted run of the same config and data")
+    checkpoint_dir: str = Field("checkpoints", description="per-run checkpoints, CHECKPOINT_DIR/<run id>/")
+    register: Annotated[str | None, Unset] = Field(None, description="register the model as NAME@champion")
+    system_metrics: bool = Field(True, description="CPU, memory, disk, network (and GPU) as system/... metrics")
 
-    # --- flat view: one name per leaf -------------------------------------------------------
     def flat(self) -> dict[str, Any]:
         """Every leaf as {name: value}: the MLflow params and the CLI flags."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if dataclasses.is_dataclass(value):
-                out.update(dataclasses.asdict(value))
-            else:
-                out[f.name] = value
-        return out
+        return {**dataclasses.asdict(self.model), **dataclasses.asdict(self.data), **dataclasses.asdict(self.train),
+                **{name: getattr(self, name) for name in TOP_LEVEL}}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def outcome_values(self) -> dict[str, Any]:
-        """The leaves that change a run's outcome, as {name: value}: what digest() hashes.
-
-        Tracking fields are left out; so is a field marked "omit_default" while it holds its default:
-        such fields came after runs were logged, and at their default they change nothing, so adding
-        one keeps the digests (and the resumability) of older runs, studies and sweeps."""
-        leaves = leaf_fields()
-        return {k: v for k, v in self.flat().items()
-                if leaves[k][0] is not None   # TOP_LEVEL: naming, resuming, registering, monitoring
-                and not (leaves[k][1].metadata.get("digest") == "omit_default" and v == leaves[k][1].default)}
+        """The leaves that change a run's outcome (not naming, resuming, registering, monitoring)."""
+        return {k: v for k, v in self.flat().items() if k not in TOP_LEVEL}
 
     def digest(self) -> str:
-        """A stable hash of everything that changes a run's outcome (used to skip finished runs and to
-        find the run to resume)."""
+        """A stable hash of everything that changes a run's outcome: finished runs are skipped and
+        interrupted ones resumed by it."""
         return hashlib.sha256(json.dumps(self.outcome_values(), sort_keys=True).encode()).hexdigest()[:16]
 
     def override(self, values: Mapping[str, Any], *, source: str = "overrides") -> "Config":
@@ -380,67 +377,20 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 TOP_LEVEL = ("experiment", "run_name", "resume", "checkpoint_dir", "register", "system_metrics")
 
 
-def leaf_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
-    """{leaf name: (section or None, field)} for every leaf of `Config`."""
-    out: dict[str, tuple[str | None, dataclasses.Field]] = {}
-    for section, cls in SECTIONS.items():
-        for f in fields(cls):
-            assert f.name not in out, f"duplicate leaf name {f.name}"  # names must stay unique
-            out[f.name] = (section, f)
-    for f in fields(Config):
-        if f.name in TOP_LEVEL:
-            out[f.name] = (None, f)
-    return out
-
-
-_TRUE = {"true", "1", "yes", "on", "t", "y"}
-_FALSE = {"false", "0", "no", "off", "f", "n"}
-
-
-def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def leaf_fields() -> dict[str, tuple[str | None, Any]]:
+    """{leaf name: (section or None, its pydantic FieldInfo: annotation, default, description)}."""
+    out = {name: (section, info) for section, cls in SECTIONS.items()
+           for name, info in cls.__pydantic_fields__.items()}
+    return {**out, **{name: (None, Config.__pydantic_fields__[name]) for name in TOP_LEVEL}}
 
 
 def parse_value(name: str, raw: Any, annotation: Any) -> Any:
-    """Turn `raw` (a string from the CLI/MLproject, or a YAML value) into the field's type."""
-    optional = False
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(annotation))
-        annotation = args[0]
-    if raw is None or (optional and isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")):
-        if optional:
-            return None
-        raise ConfigError(f"{name} needs a value.")
+    """`raw` (a flag's or MLproject parameter's string, or a YAML value) as `annotation`, parsed as every
+    config value is (pydantic's lax mode; "", "none" and "null" are None)."""
     try:
-        if annotation is bool:
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in _TRUE:
-                return True
-            if text in _FALSE:
-                return False
-            raise ValueError
-        if annotation is int:
-            if isinstance(raw, bool):
-                raise ValueError
-            if isinstance(raw, float):
-                if not raw.is_integer():
-                    raise ValueError
-                return int(raw)
-            return int(str(raw).strip())
-        if annotation is float:
-            if isinstance(raw, bool):
-                raise ValueError
-            return float(raw)
-        if isinstance(raw, bool):  # YAML `jit_compile: true` for a string-valued choice
-            return "true" if raw else "false"
-        return str(raw)
-    except ValueError:
-        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(annotation, "a string")
-        raise ConfigError(f"{name} must be {kind}; got {raw!r}.") from None
+        return pydantic.TypeAdapter(Annotated[annotation, Unset]).validate_python(raw)
+    except pydantic.ValidationError as err:
+        raise ConfigError(f"{name} {_rule(err.errors()[0], None)}; got {raw!r}.") from None
 
 
 def from_dict(values: Mapping[str, Any], *, base: Config | None = None, source: str = "config") -> Config:
@@ -448,41 +398,30 @@ def from_dict(values: Mapping[str, Any], *, base: Config | None = None, source: 
     base = base or Config()
     leaves = leaf_fields()
     updates: dict[str | None, dict[str, Any]] = {None: {}, **{s: {} for s in SECTIONS}}
-
-    def put(key: str, raw: Any, expected_section: str | None = None) -> None:
-        if "." in key:
-            expected_section, key = key.split(".", 1)
-        if key not in leaves or (expected_section and leaves[key][0] != expected_section):
-            where = f"{expected_section}." if expected_section else ""
-            raise ConfigError(_unknown_key_message(f"{where}{key}", source))
-        section, f = leaves[key]
-        cls = SECTIONS[section] if section else Config
-        full = f"{section}.{key}" if section else key
-        updates[section][key] = parse_value(full, raw, _field_types(cls)[key])
-
+    flat = []
     for key, raw in values.items():
-        if key in SECTIONS and isinstance(raw, Mapping):
-            for sub_key, sub_raw in raw.items():
-                put(str(sub_key), sub_raw, key)
-        elif key in SECTIONS:
+        if key in SECTIONS and not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: '{key}' must be a mapping of {key} options; got {raw!r}.")
-        else:
-            put(str(key), raw)
-
-    sections = {s: replace(getattr(base, s), **updates[s]) for s in SECTIONS}
-    config = replace(base, **sections, **updates[None])
+        flat += [(f"{key}.{k}", v) for k, v in raw.items()] if key in SECTIONS else [(str(key), raw)]
+    for key, raw in flat:
+        section, _, name = key.rpartition(".")
+        if name not in leaves or (section and leaves[name][0] != section):
+            names = sorted(leaves)
+            raise ConfigError(f"{source}: unknown option {key!r}.{did_you_mean(name, names)} Known options: "
+                              f"{', '.join(names)}.")
+        updates[leaves[name][0]][name] = raw
+    try:
+        sections = {s: dataclasses.replace(getattr(base, s), **updates[s]) for s in SECTIONS}
+        config = dataclasses.replace(base, **sections, **updates[None])
+    except ConfigError as err:
+        raise ConfigError("\n".join(f"{source}: {line}" for line in str(err).splitlines())) from None
     check_memory(config)
     return config
 
 
-def _unknown_key_message(key: str, source: str) -> str:
-    names = sorted(leaf_fields())
-    return f"{source}: unknown option {key!r}.{did_you_mean(key.split('.')[-1], names)} Known options: {', '.join(names)}."
-
-
 # --- memory ------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes a training run of a config holds at least (see `memory_estimate`)."""
 
@@ -498,107 +437,83 @@ class MemoryEstimate:
 
 
 def memory_estimate(config: Config) -> MemoryEstimate:
-    """What a training run of `config` needs in memory, from the config alone (nothing is built).
-
-    weights: 3 float32 copies of every parameter (the weights, their gradients, SGD's momentum);
-    activations: every layer's output for one batch, twice (kept for the backward pass, and its
-    gradient), in float32; images: the synthetic dataset, which data/sources.py generates in memory at about 16
-    bytes per pixel value (float64 noise, float32 sums), or CIFAR-10 held at its native 32 px. Image
-    folders are left out: above `max_memory_mb` they are streamed from the files. An estimate, not a
-    measurement: the frameworks add their own memory, while fused kernels (XLA) and mixed precision keep
-    less per activation; it is checked against the whole machine's memory, so what it refuses is far
-    out of reach (an image side of 20,000 px, 10^8 synthetic images), not a run that nearly fits."""
+    """What a training run of `config` needs in memory, from the config alone: 3 float32 copies of every
+    parameter (weights, gradients, momentum), every layer's output for one batch twice (kept for the
+    backward pass, and its gradient), and the images held in memory (synthetic: generated at about 16
+    bytes per value; CIFAR-10 at 32 px; folders above max_memory_mb are streamed). An estimate checked
+    against the whole machine, so what it refuses is far out of reach, not a run that nearly fits."""
     model, data = config.model, config.data
     num_classes = {"synthetic": data.synthetic_classes, "cifar10": 10}.get(data.dataset, 1000)
-    parameters = model.parameter_count(num_classes)
-    batch = config.train.batch_size
-    activations = 2 * _FLOAT_BYTES * batch * model.activation_count(num_classes)
-    if data.dataset == "synthetic":
-        side = data.stored_size if data.recipe == "paper" else model.input_size
-        images = _SYNTHETIC_PEAK_BYTES * data.synthetic_samples * side * side * 3
-    elif data.dataset == "cifar10":
-        images = 60_000 * 32 * 32 * 3
-    else:
-        images = 0
-    return MemoryEstimate(parameters=parameters, weights=3 * _FLOAT_BYTES * parameters,
-                          activations=activations, images=images, batch_size=batch)
+    parameters, batch = model.parameter_count(num_classes), config.train.batch_size
+    side = data.stored_size if data.recipe == "paper" else model.input_size
+    images = {"synthetic": _SYNTHETIC_PEAK_BYTES * data.synthetic_samples * side * side * 3,
+              "cifar10": 60_000 * 32 * 32 * 3}.get(data.dataset, 0)
+    return MemoryEstimate(parameters=parameters, weights=3 * _FLOAT_BYTES * parameters, images=images,
+                          activations=2 * _FLOAT_BYTES * batch * model.activation_count(num_classes),
+                          batch_size=batch)
 
 
 def memory_bound() -> int | None:
-    """Bytes of memory this process can have: the machine's physical memory (os.sysconf), or its
-    cgroup's limit (containers) when that is lower; None where neither can be read."""
+    """Bytes of memory this process can have: physical memory, or its cgroup's limit when lower."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):   # not a POSIX system
         return None
     for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            limit = Path(limit_file).read_text().strip()
-        except OSError:
-            continue
-        if limit.isdigit():
-            total = min(total, int(limit))
+        limit = Path(limit_file).read_text().strip() if Path(limit_file).is_file() else ""
+        total = min(total, int(limit)) if limit.isdigit() else total
     return total
 
 
 def check_memory(config: Config, bound: int | None = None) -> None:
-    """Refuse `config` when `memory_estimate` exceeds `bound` (default: `memory_bound()`), with the
+    """Refuse `config` when `memory_estimate` exceeds `bound` (default: `memory_bound()`), naming the
     estimate, its largest part and the option that shrinks it."""
     bound = memory_bound() if bound is None else bound
-    estimate = memory_estimate(config)
-    if bound is None or estimate.total <= bound:
+    est = memory_estimate(config)
+    if bound is None or est.total <= bound:
         return
-    parts = {"weights": estimate.weights, "activations": estimate.activations, "images": estimate.images}
+    parts = {"weights": est.weights, "activations": est.activations, "images": est.images}
     largest = max(parts, key=parts.get)
-    room = bound - (estimate.total - parts[largest])   # what the largest part may take
+    room = max(0, bound - (est.total - parts[largest]))   # what the largest part may take
     if largest == "images":
-        per_image = estimate.images / config.data.synthetic_samples
-        fits = int(room // per_image) if room > 0 else 0
-        fix = (f"use --synthetic-samples {fits} or fewer" if fits >= 16 else "use fewer --synthetic-samples")
-        fix += ", or a smaller --stored-size" if config.data.recipe == "paper" else ", or a smaller --image-size"
+        fits = int(room // (est.images / config.data.synthetic_samples))
+        fix = (f"use --synthetic-samples {fits} or fewer" if fits >= 16 else "use fewer --synthetic-samples") + (
+            ", or a smaller --stored-size" if config.data.recipe == "paper" else ", or a smaller --image-size")
     elif largest == "activations":
-        per_image = estimate.activations / estimate.batch_size
-        fits = int(room // per_image) if room > 0 else 0
+        fits = int(room // (est.activations / est.batch_size))
         fix = (f"use --batch-size {fits} or less" if fits >= 1 else "use a smaller --batch-size") + \
             ", a smaller --image-size or a smaller --width"
     else:
-        native = NATIVE_IMAGE_SIZE[config.model.variant]
         fix = (f"use a smaller --image-size (fc6's weights grow with its square; the {config.model.variant} "
-               f"variant's own is {native}) or a smaller --width")
+               f"variant's own is {NATIVE_IMAGE_SIZE[config.model.variant]}) or a smaller --width")
     raise ConfigError(
-        f"this run would need about {_bytes_text(estimate.total)} of memory, more than the "
-        f"{_bytes_text(bound)} this machine has (physical memory, or the cgroup limit if lower): "
-        f"weights, gradients and momentum of {estimate.parameters:,} parameters {_bytes_text(estimate.weights)}, "
-        f"activations of a batch of {estimate.batch_size} {_bytes_text(estimate.activations)}, "
-        f"images {_bytes_text(estimate.images)}. Fix: {fix}.")
+        f"this run would need about {_bytes(est.total)} of memory, more than the {_bytes(bound)} this machine "
+        f"has (physical memory, or the cgroup limit if lower): weights, gradients and momentum of "
+        f"{est.parameters:,} parameters {_bytes(est.weights)}, activations of a batch of {est.batch_size} "
+        f"{_bytes(est.activations)}, images {_bytes(est.images)}. Fix: {fix}.")
 
 
-def _bytes_text(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if count < 1024 or unit == "PiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
+def _bytes(count: float) -> str:
+    unit = 0
+    while count >= 1024 and unit < 5:
+        count, unit = count / 1024, unit + 1
+    return f"{count:.0f} B" if unit == 0 else f"{count:.1f} {('KiB', 'MiB', 'GiB', 'TiB', 'PiB')[unit - 1]}"
 
 
 # --- YAML ----------------------------------------------------------------------------------------
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file (experiment, study or sweep) into a mapping, with one clear error for a path
-    that is not a regular file, a file over YAML_MAX_BYTES, text that is not UTF-8, malformed YAML,
-    aliases that expand beyond YAML_MAX_NODES values (or into themselves), and a non-mapping.
-    Only plain YAML is read (yaml.SafeLoader: no Python objects)."""
+    """A YAML file (experiment, study or sweep) as a mapping; one clear error for a path that is not a
+    regular file, a file over YAML_MAX_BYTES, text that is not UTF-8, malformed YAML, aliases that
+    expand beyond YAML_MAX_NODES values (or into themselves), and a non-mapping. Plain YAML only."""
     import yaml
 
     path = Path(path)
     where = f"config file {str(path)!r}"
-    if path.is_dir():
-        raise ConfigError(f"{where} is a folder, not a file. Pass the path of a YAML file in it, e.g. "
-                          f"experiments/cifar10.yaml.")
-    if not path.exists():
-        raise ConfigError(f"{where} does not exist. Pass the path of a YAML file, e.g. experiments/cifar10.yaml.")
-    if not path.is_file():   # a FIFO or device would block the read, or never end
-        raise ConfigError(f"{where} is not a regular file. Pass the path of a YAML file.")
+    if path.is_dir() or not path.is_file():   # a FIFO or device would block the read, or never end
+        raise ConfigError(f"{where} " + ("is a folder, not a file" if path.is_dir() else "does not exist"
+                                         if not path.exists() else "is not a regular file")
+                          + ". Pass the path of a YAML file, e.g. experiments/cifar10.yaml.")
     try:
         with path.open("rb") as file:
             raw = file.read(YAML_MAX_BYTES + 1)
@@ -617,14 +532,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         node = loader.get_single_node()
         if node is None:
             return {}
-        _check_yaml_size(node, where)
+        _yaml_values(node, {}, set(), where)
         data = loader.construct_document(node)
-    except yaml.YAMLError as err:
-        # One line (PyYAML's own text spans several, with a caret under the spot).
-        mark = getattr(err, "problem_mark", None)
+    except yaml.YAMLError as err:   # in one line (PyYAML's own text spans several)
+        mark, context = getattr(err, "problem_mark", None), getattr(err, "context", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = " ".join(str(getattr(err, "problem", None) or err).split())
-        context = getattr(err, "context", None)
         raise ConfigError(f"{where} is not valid YAML{at}: {problem}" + (f" ({context})" if context else "")
                           ) from None
     except RecursionError:
@@ -636,42 +549,24 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _check_yaml_size(root, where: str) -> None:
-    """Refuse a YAML node graph whose aliases expand beyond YAML_MAX_NODES values or into themselves.
-    Counting shared nodes once per use, with a memo per node, takes time linear in the file."""
-    import yaml
-
-    expanded: dict[int, int] = {}   # id(node) -> values under it, aliases expanded
-    stack: list[tuple[Any, bool]] = [(root, False)]
-    open_nodes: set[int] = set()
-    while stack:
-        node, children_done = stack.pop()
-        key = id(node)
-        if children_done:
-            open_nodes.discard(key)
-            children = _yaml_children(node, yaml)
-            expanded[key] = 1 + sum(expanded[id(child)] for child in children)
-            if expanded[key] > YAML_MAX_NODES:
-                raise ConfigError(f"{where} holds more than {YAML_MAX_NODES:,} values once its aliases (*name) "
-                                  f"are expanded; an options file needs a few hundred. Remove the aliases "
-                                  f"that repeat other aliases.")
-            continue
-        if key in expanded:
-            continue
-        if key in open_nodes:
-            raise ConfigError(f"{where} has an alias (*name) inside the value it names, which would "
-                              f"expand forever. Remove it.")
-        open_nodes.add(key)
-        stack.append((node, True))
-        stack.extend((child, False) for child in _yaml_children(node, yaml) if id(child) not in expanded)
-
-
-def _yaml_children(node, yaml) -> list:
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    if isinstance(node, yaml.MappingNode):
-        return [part for pair in node.value for part in pair]
-    return []
+def _yaml_values(node: Any, memo: dict[int, int], open_nodes: set[int], where: str) -> int:
+    """The values under `node` with its aliases expanded (once per node: linear in the file), refused
+    beyond YAML_MAX_NODES or when an alias sits inside the value it names."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in open_nodes:
+        raise ConfigError(f"{where} has an alias (*name) inside the value it names, which would expand "
+                          f"forever. Remove it.")
+    open_nodes.add(id(node))
+    children = node.value if isinstance(node.value, list) else []
+    children = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+    memo[id(node)] = 1 + sum(_yaml_values(child, memo, open_nodes, where) for child in children)
+    open_nodes.discard(id(node))
+    if memo[id(node)] > YAML_MAX_NODES:
+        raise ConfigError(f"{where} holds more than {YAML_MAX_NODES:,} values once its aliases (*name) are "
+                          f"expanded; an options file needs a few hundred. Remove the aliases that repeat "
+                          f"other aliases.")
+    return memo[id(node)]
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -679,10 +574,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     config = Config()
     if path:
         config = from_dict(load_yaml(path), base=config, source=str(path))
-    if overrides:
-        config = from_dict(overrides, base=config, source="command line")
-    check_memory(config)
-    return config
+    return from_dict(overrides or {}, base=config, source="command line")
 
 
 def did_you_mean(word: str, known: list[str] | tuple[str, ...], n: int = 3) -> str:
@@ -699,9 +591,9 @@ OptionsT = TypeVar("OptionsT", bound="Options")
 
 class Options(pydantic.BaseModel):
     """Base of every validated options model outside the Config tree (study and sweep files, the
-    benchmark's flags): unknown keys are refused, values are not coerced across types."""
+    benchmark's flags): unknown keys are refused, the model is frozen."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def validated(model: type[OptionsT], data: Mapping[str, Any], where: str) -> OptionsT:
@@ -711,13 +603,4 @@ def validated(model: type[OptionsT], data: Mapping[str, Any], where: str) -> Opt
     try:
         return model.model_validate(dict(data))
     except pydantic.ValidationError as err:
-        lines = []
-        for e in err.errors():
-            path = ".".join(str(part) for part in e["loc"])
-            if e["type"] == "extra_forbidden":
-                known = [name for name in model.model_fields]
-                lines.append(f"{where}: unknown key {path!r}.{did_you_mean(str(e['loc'][-1]), known)} "
-                             f"Known keys: {', '.join(known)}.")
-            else:
-                lines.append(f"{where}: {path}: {e['msg']}; got {e.get('input')!r}.")
-        raise ConfigError("\n".join(lines)) from None
+        raise explain(err, f"{where}: ", model) from None

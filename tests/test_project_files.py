@@ -34,7 +34,7 @@ def test_mlproject_main_params_are_config_leaves_with_the_main_job_defaults():
 
 def test_mlproject_booleans_are_strings():
     # MLflow Projects have no boolean type (mlflow#1945): they are strings parsed by the program.
-    bools = [name for name, (_, f) in leaf_fields().items() if f.type in (bool, "bool")]
+    bools = [name for name, (_, f) in leaf_fields().items() if f.annotation is bool]
     for name, spec in _mlproject()["entry_points"]["main"]["parameters"].items():
         if name in bools:
             assert spec["type"] == "string" and spec["default"] in ("true", "false"), name

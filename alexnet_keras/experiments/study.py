@@ -10,16 +10,16 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from ..config import SECTIONS, Config, ConfigError, did_you_mean, leaf_fields
+from pydantic import AfterValidator, BeforeValidator, Field
+
+from ..config import SECTIONS, Config, ConfigError, Seed, did_you_mean, leaf_fields
 from ..tables import value_text
-from .specfile import located, read_spec
+from .specfile import SpecKeys, read_spec
 
 DESIGNS = {"one_factor_at_a_time": "one_factor_at_a_time", "ofat": "one_factor_at_a_time",
            "grid": "grid", "factorial": "grid"}
-# The keys of a study file besides those every study and sweep file has (specfile.COMMON_KEYS).
-STUDY_KEYS = ("design", "axes", "baseline", "seeds", "nuisance", "fixed", "nuisance_grid")
 # Axes may not vary these: seeds have their own key, the split must be the same for every child,
 # and naming is the study's job.
 RESERVED_AXES = {"seed": "use `seeds:` to list the seeds", "split_seed": "every child must see the same split",
@@ -30,6 +30,12 @@ RESERVED_AXES = {"seed": "use `seeds:` to list the seeds", "split_seed": "every 
 
 class StudyError(ConfigError):
     """The study file is wrong; raised before any MLflow run exists."""
+
+
+def _unique(seeds: list[int]) -> list[int]:
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"lists a seed twice: {seeds}")
+    return seeds
 
 
 class StudyIncomplete(RuntimeError):
@@ -152,10 +158,9 @@ class Study:
         children = self.children()
         content: dict[str, Any] = {"name": self.name, "design": self.design, "seeds": list(self.seeds),
                                    "variants": [[v.name, [c.digest for c in children if c.variant is v]]
-                                                for v in self.variants]}
-        if self.grid:   # studies without a grid keep the digests they were logged under
-            content["nuisance_grid"] = [[p.label, {k: _jsonable(x) for k, x in p.options.items()}]
-                                        for p in self.grid]
+                                                for v in self.variants],
+                                   "nuisance_grid": [[p.label, {k: _jsonable(x) for k, x in p.options.items()}]
+                                                     for p in self.grid]}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     def grid_spec(self) -> dict[str, list[Any]]:
@@ -200,149 +205,109 @@ def _jsonable(value: Any) -> Any:
     return value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading and validation: everything here runs before any MLflow call.
-# ----------------------------------------------------------------------------------------------
+class StudyKeys(SpecKeys):
+    """A study file's keys besides those every study and sweep file has."""
+
+    design: Literal[tuple(DESIGNS)] = Field("one_factor_at_a_time", description="one factor at a time "
+                                            "(ofat) or grid (factorial)")
+    axes: dict[str, Any] = Field(min_length=1, description="each axis maps to its values, e.g. axes: "
+                                 "{lrn: [true, false]}, or value names to options (a composite axis)")
+    baseline: dict[str, Any] = Field({}, description="an axis' baseline value (default: the base config's)")
+    seeds: Annotated[list[Seed], BeforeValidator(lambda v: list(range(v)) if type(v) is int and v > 0 else v),
+                     AfterValidator(_unique)] = Field(min_length=1, description="list the training seeds, "
+                                                      "e.g. seeds: [0, 1, 2] (or a count, seeds: 3)")
+    nuisance: list[str] = Field([], description="options that are nuisance hyperparameters (always: seed)")
+    fixed: list[str] = Field([], description="options held fixed (default: the rest)")
+    nuisance_grid: dict[str, Annotated[list[Any], Field(min_length=1)]] | None = Field(
+        None, description="options mapped to the values tried per arm, e.g. {learning_rate: [0.01, 0.02]}")
+
 
 def _value_name(raw: Any) -> str:
     """How an axis value is named in variant names and tags: `true`, `0.5`, `none` for null."""
     return value_text(raw) or "none"
 
 
-def _leaf_names(options: Mapping[str, Any]) -> set[str]:
-    names = set()
-    for key, value in options.items():
-        key = str(key)
-        if key in SECTIONS and isinstance(value, Mapping):
-            names.update(str(k).split(".")[-1] for k in value)
-        else:
-            names.add(key.split(".")[-1])
-    return names
-
-
 def _flat_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """{leaf name: value} of options given nested (model: {lrn: false}), dotted or flat."""
     out = {}
     for key, value in options.items():
-        key = str(key)
-        if key in SECTIONS and isinstance(value, Mapping):
-            out.update({str(k).split(".")[-1]: v for k, v in value.items()})
-        else:
-            out[key.split(".")[-1]] = value
+        pairs = value.items() if str(key) in SECTIONS and isinstance(value, Mapping) else [(key, value)]
+        out.update({str(k).split(".")[-1]: v for k, v in pairs})
+    return out
+
+
+def _check_option(name: str, where: str, what: str = "varied") -> None:
+    if name in RESERVED_AXES:
+        raise StudyError(f"{where} cannot be {what}: {RESERVED_AXES[name]}.")
+
+
+def _values(name: str, raw: Any, base: Config, where: str) -> dict[str, Any]:
+    """{value name: value} of an option's listed values, each a valid config."""
+    out: dict[str, Any] = {}
+    for value in raw:
+        value_name = _value_name(value)
+        if isinstance(value, (Mapping, list)):
+            raise StudyError(f"{where}: value {value!r} must be a single value.")
+        if value_name in out:
+            raise StudyError(f"{where}: value {value_name!r} is listed twice.")
+        base.override({name: value}, source=f"{where}, value {value_name!r}")
+        out[value_name] = value
     return out
 
 
 def _parse_axis(name: str, raw: Any, base: Config, src: str) -> tuple[tuple[str, ...], dict, bool]:
-    leaves = leaf_fields()
     where = f"{src}: axis {name!r}"
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
         raise StudyError(f"{src}: axis name {name!r} must be letters, digits, '_', '.' or '-'.")
-    if name in RESERVED_AXES:
-        raise StudyError(f"{where} cannot be varied: {RESERVED_AXES[name]}.")
+    _check_option(name, where)
     if isinstance(raw, Mapping):   # composite: value name -> options
         if not raw:
             raise StudyError(f"{where} has no values.")
-        overrides, leaf_sets = {}, {}
+        overrides = {}
         for value, options in raw.items():
-            value_name = _value_name(value)
             if not isinstance(options, Mapping) or not options:
-                raise StudyError(f"{where}: value {value_name!r} must map to a non-empty set of options, "
+                raise StudyError(f"{where}: value {_value_name(value)!r} must map to a non-empty set of options, "
                                  f"e.g. {{lrn: false, batchnorm: true}}; got {options!r}.")
-            try:
-                base.override(options, source=f"{where}, value {value_name!r}")
-            except ConfigError as err:
-                raise StudyError(located(err, src, f"{where}, value {value_name!r}")) from None
-            for leaf in _leaf_names(options):
-                if leaf in RESERVED_AXES:
-                    raise StudyError(f"{where}: value {value_name!r} sets {leaf!r}, which cannot be varied: "
-                                     f"{RESERVED_AXES[leaf]}.")
-            overrides[value_name] = _flat_options(options)
-            leaf_sets[value_name] = _leaf_names(options)
-        first, *rest = leaf_sets.items()
-        for value_name, names in rest:
-            if names != first[1]:
+            base.override(options, source=f"{where}, value {_value_name(value)!r}")
+            overrides[_value_name(value)] = _flat_options(options)
+            for leaf in overrides[_value_name(value)]:
+                _check_option(leaf, f"{where}: value {_value_name(value)!r} sets {leaf!r}, which")
+        first, *rest = overrides.items()
+        for value_name, options in rest:
+            if options.keys() != first[1].keys():
                 raise StudyError(f"{where}: every value must set the same options; {first[0]!r} sets "
-                                 f"{sorted(first[1])}, {value_name!r} sets {sorted(names)}.")
+                                 f"{sorted(first[1])}, {value_name!r} sets {sorted(options)}.")
         return tuple(overrides), overrides, True
+    leaves = sorted(leaf_fields())
     if name not in leaves:
-        hint = did_you_mean(name, sorted(leaves))
-        raise StudyError(f"{where}: unknown option {name!r}.{hint} An axis with a list of values must be a "
-                         f"config option ({', '.join(sorted(leaves))}); a composite axis maps each value "
+        raise StudyError(f"{where}: unknown option {name!r}.{did_you_mean(name, leaves)} An axis with a list of "
+                         f"values must be a config option ({', '.join(leaves)}); a composite axis maps each value "
                          f"name to options, e.g. normalization: {{none: {{lrn: false, batchnorm: false}}}}.")
     if not isinstance(raw, list) or not raw:
         raise StudyError(f"{where} must list its values, e.g. {name}: [a, b]; got {raw!r}.")
-    overrides = {}
-    for value in raw:
-        if isinstance(value, (Mapping, list)):
-            raise StudyError(f"{where}: value {value!r} must be a single value.")
-        value_name = _value_name(value)
-        if value_name in overrides:
-            raise StudyError(f"{where}: value {value_name!r} is listed twice.")
-        try:
-            base.override({name: value}, source=f"{where}, value {value_name!r}")
-        except ConfigError as err:
-            raise StudyError(f"{where}: {err}") from None
-        overrides[value_name] = {name: value}
-    return tuple(overrides), overrides, False
+    values = _values(name, raw, base, where)
+    return tuple(values), {n: {name: v} for n, v in values.items()}, False
 
 
-def _parse_seeds(raw: Any, src: str) -> tuple[int, ...]:
-    if raw is None:
-        raise StudyError(f"{src}: `seeds` is missing; list the training seeds, e.g. seeds: [0, 1, 2] "
-                         f"(or a count, seeds: 3).")
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        if raw < 1:
-            raise StudyError(f"{src}: `seeds: {raw}` must be a positive count or a list of integers.")
-        return tuple(range(raw))
-    if (not isinstance(raw, list) or not raw
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in raw)):
-        raise StudyError(f"{src}: `seeds` must be a non-empty list of non-negative integers, e.g. "
-                         f"[0, 1, 2]; got {raw!r}.")
-    if len(set(raw)) != len(raw):
-        raise StudyError(f"{src}: `seeds` lists a seed twice: {raw!r}.")
-    return tuple(raw)
-
-
-def _parse_grid(raw: Any, base: Config, owner: Mapping[str, str], src: str) -> tuple[GridPoint, ...]:
+def _parse_grid(raw: Mapping[str, list] | None, base: Config, owner: Mapping[str, str],
+                src: str) -> tuple[GridPoint, ...]:
     """`nuisance_grid: {option: [values], ...}` -> its points (the cartesian product of the keys, in
     the file's order); () when absent."""
-    if raw is None:
-        return ()
-    example = "e.g. nuisance_grid: {learning_rate: [0.01, 0.02, 0.05]}"
-    if not isinstance(raw, Mapping) or not raw:
-        raise StudyError(f"{src}: `nuisance_grid` must map options to the values tried per arm, {example}; "
-                         f"got {raw!r}.")
-    leaves = leaf_fields()
-    values: dict[str, list[tuple[str, Any]]] = {}
-    for key, listed in raw.items():
+    values: dict[str, dict[str, Any]] = {}
+    for key, listed in (raw or {}).items():
         where = f"{src}: nuisance_grid {key!r}"
-        if not isinstance(key, str) or key not in leaves:
-            hint = did_you_mean(str(key), sorted(leaves))
-            raise StudyError(f"{where}: unknown option.{hint} Its keys are config options (flat names, "
-                             f"{example}).")
-        if key in RESERVED_AXES:
-            raise StudyError(f"{where} cannot be tuned: {RESERVED_AXES[key]}.")
+        if key not in leaf_fields():
+            raise StudyError(f"{where}: unknown option.{did_you_mean(key, sorted(leaf_fields()))} Its keys are "
+                             f"config options (flat names, e.g. nuisance_grid: {{learning_rate: [0.01, 0.02]}}).")
+        _check_option(key, where, "tuned")
         if key in owner:
             raise StudyError(f"{where} is set by the axis {owner[key]!r} (scientific), so it cannot also be "
                              f"tuned as a nuisance.")
-        if not isinstance(listed, list) or not listed:
-            raise StudyError(f"{where} must list the values to try, {example}; got {listed!r}.")
-        values[key] = []
-        for value in listed:
-            if isinstance(value, (Mapping, list)):
-                raise StudyError(f"{where}: value {value!r} must be a single value.")
-            name = _value_name(value)
-            if name in (n for n, _ in values[key]):
-                raise StudyError(f"{where}: value {name!r} is listed twice.")
-            try:
-                base.override({key: value}, source=f"{where}, value {name!r}")
-            except ConfigError as err:
-                raise StudyError(located(err, src, f"{where}, value {name!r}")) from None
-            values[key].append((name, value))
+        values[key] = _values(key, listed, base, where)
     points, seen = [], {}
-    for combo in itertools.product(*values.values()):
+    for combo in itertools.product(*(v.items() for v in values.values())) if values else ():
         options = {key: value for key, (_, value) in zip(values, combo)}
-        label = (combo[0][0] if len(values) == 1
-                 else ",".join(f"{key}={name}" for key, (name, _) in zip(values, combo)))
+        label = combo[0][0] if len(values) == 1 else ",".join(f"{k}={n}" for k, (n, _) in zip(values, combo))
         digest = base.override(options).digest()
         if digest in seen:
             raise StudyError(f"{src}: nuisance_grid values {seen[digest]!r} and {label!r} are the same "
@@ -352,93 +317,64 @@ def _parse_grid(raw: Any, base: Config, owner: Mapping[str, str], src: str) -> t
     return tuple(points)
 
 
-def _variant_name(factors: Mapping[str, str], baseline: Mapping[str, str]) -> str:
-    changed = [f"{axis}={value}" for axis, value in factors.items() if value != baseline[axis]]
-    return ",".join(changed) or "baseline"
-
-
 def load_study(path: str | Path) -> Study:
     """Read and validate a study file; build (and so check) every variant's full Config."""
-    spec = read_spec(path, kind="study", keys=STUDY_KEYS, error=StudyError)
-    src, data, base = spec.source, spec.data, spec.base
+    try:
+        return _load_study(path)
+    except StudyError:
+        raise
+    except ConfigError as err:
+        raise StudyError(str(err)) from None
 
-    design_raw = data.get("design", "one_factor_at_a_time")
-    if design_raw not in DESIGNS:
-        raise StudyError(f"{src}: `design` must be one of one_factor_at_a_time, grid; got {design_raw!r}.")
-    design = DESIGNS[design_raw]
-    seeds = _parse_seeds(data.get("seeds"), src)
 
-    raw_axes = data.get("axes")
-    if not isinstance(raw_axes, Mapping) or not raw_axes:
-        raise StudyError(f"{src}: `axes` must map at least one axis to its values, e.g. axes: {{lrn: [true, "
-                         f"false]}}; got {raw_axes!r}.")
-    raw_baseline = data.get("baseline") or {}
-    if not isinstance(raw_baseline, Mapping):
-        raise StudyError(f"{src}: `baseline` must map axes to one of their values; got {raw_baseline!r}.")
-    for axis in raw_baseline:
-        if axis not in raw_axes:
-            raise StudyError(f"{src}: `baseline` names {axis!r}, which is not an axis ({', '.join(raw_axes)}).")
-
+def _load_study(path: str | Path) -> Study:
+    spec, base = read_spec(path, StudyKeys, "study")
+    src, design = str(path), DESIGNS[spec.design]
+    for axis in spec.baseline:
+        if axis not in spec.axes:
+            raise StudyError(f"{src}: `baseline` names {axis!r}, which is not an axis ({', '.join(spec.axes)}).")
     axes, owner = [], {}
-    for axis_name, raw in raw_axes.items():
+    for axis_name, raw in spec.axes.items():
         values, overrides, composite = _parse_axis(axis_name, raw, base, src)
-        for leaf in set().union(*(_flat_options(o).keys() for o in overrides.values())):
+        for leaf in {leaf for o in overrides.values() for leaf in o}:
             if leaf in owner:
                 raise StudyError(f"{src}: axes {owner[leaf]!r} and {axis_name!r} both set {leaf!r}; make them "
                                  f"one composite axis.")
             owner[leaf] = axis_name
-        if axis_name in raw_baseline:
-            baseline = _value_name(raw_baseline[axis_name])
-            if baseline not in values:
-                raise StudyError(f"{src}: baseline {axis_name}={baseline!r} is not one of its values "
-                                 f"({', '.join(values)}).")
-        else:   # the value the base config already has, else the first listed
-            baseline = next((v for v in values if base.override(overrides[v]) == base), values[0])
+        # the baseline: the file's, else the value the base config already has, else the first listed
+        baseline = (_value_name(spec.baseline[axis_name]) if axis_name in spec.baseline
+                    else next((v for v in values if base.override(overrides[v]) == base), values[0]))
+        if baseline not in values:
+            raise StudyError(f"{src}: baseline {axis_name}={baseline!r} is not one of its values "
+                             f"({', '.join(values)}).")
         axes.append(Axis(axis_name, values, overrides, baseline, composite))
 
     base_choice = {a.name: a.baseline for a in axes}
     if design == "grid":
         points = [dict(zip(base_choice, combo)) for combo in itertools.product(*(a.values for a in axes))]
     else:
-        points = [dict(base_choice)]
-        for a in axes:
-            points += [{**base_choice, a.name: v} for v in a.values if v != a.baseline]
-
+        points = [dict(base_choice)] + [{**base_choice, a.name: v} for a in axes for v in a.values if v != a.baseline]
     by_axis = {a.name: a for a in axes}
     variants, seen = [], {}
     for factors in points:
-        name_ = _variant_name(factors, base_choice)
-        merged: dict[str, Any] = {}
-        for axis_name, value in factors.items():
-            merged.update(by_axis[axis_name].overrides[value])
-        try:
-            config = base.override(merged, source=f"{src}: variant {name_!r}")
-        except ConfigError as err:
-            raise StudyError(located(err, src, f"{src}: variant {name_!r}")) from None
-        digest = config.digest()
-        if digest in seen:
-            raise StudyError(f"{src}: variants {seen[digest]!r} and {name_!r} are the same configuration; "
+        name = ",".join(f"{axis}={value}" for axis, value in factors.items() if value != base_choice[axis]) \
+            or "baseline"
+        merged = {k: v for axis, value in factors.items() for k, v in by_axis[axis].overrides[value].items()}
+        config = base.override(merged, source=f"{src}: variant {name!r}")
+        if config.digest() in seen:
+            raise StudyError(f"{src}: variants {seen[config.digest()]!r} and {name!r} are the same configuration; "
                              f"drop one of the values (or merge the axes into one composite axis).")
-        seen[digest] = name_
-        variants.append(Variant(name_, dict(factors), merged, config, factors == base_choice))
+        seen[config.digest()] = name
+        variants.append(Variant(name, dict(factors), merged, config, factors == base_choice))
 
-    grid = _parse_grid(data.get("nuisance_grid"), base, owner, src)
+    grid = _parse_grid(spec.nuisance_grid, base, owner, src)
     for variant in variants:   # every arm at every grid value is a config that must hold
         for point in grid:
-            try:
-                variant.config.override(point.options, source=f"{src}: variant {variant.name!r} at "
-                                                              f"nuisance_grid {point.assignment}")
-            except ConfigError as err:
-                raise StudyError(located(err, src, f"{src}: variant {variant.name!r} at nuisance_grid "
-                                                   f"{point.assignment}")) from None
+            variant.config.override(point.options, source=f"{src}: variant {variant.name!r} at nuisance_grid "
+                                                          f"{point.assignment}")
     tuned = list(grid[0].options) if grid else []
-
-    nuisance = data.get("nuisance") or []
-    fixed = data.get("fixed") or []
     leaves = leaf_fields()
-    for key, names in (("nuisance", nuisance), ("fixed", fixed)):
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise StudyError(f"{src}: `{key}` must be a list of option names; got {names!r}.")
+    for key, names in (("nuisance", spec.nuisance), ("fixed", spec.fixed)):
         bad = [n for n in names if n not in leaves]
         if bad:
             raise StudyError(f"{src}: `{key}` names unknown option(s) {', '.join(map(repr, bad))}.")
@@ -446,15 +382,15 @@ def load_study(path: str | Path) -> Study:
         if clash:
             raise StudyError(f"{src}: {', '.join(map(repr, clash))} is an axis (scientific), so it cannot "
                              f"also be {key}.")
-    if set(tuned) & set(fixed):
-        raise StudyError(f"{src}: {', '.join(map(repr, sorted(set(tuned) & set(fixed))))} is tuned in "
+    if set(tuned) & set(spec.fixed):
+        raise StudyError(f"{src}: {', '.join(map(repr, sorted(set(tuned) & set(spec.fixed))))} is tuned in "
                          f"`nuisance_grid`, so it cannot also be fixed.")
-    nuisance = list(dict.fromkeys(["seed", *nuisance, *tuned]))   # the seeds are always a nuisance
-    if not fixed:   # everything that is neither scientific nor nuisance
-        fixed = [n for n in leaves if n not in owner and n not in nuisance and n not in ("experiment", "run_name")]
-    return Study(name=spec.name, description=spec.description, path=src, text=spec.text, design=design,
-                 seeds=seeds, axes=tuple(axes), variants=tuple(variants), base=base, experiment=spec.experiment,
-                 nuisance=tuple(nuisance), fixed=tuple(fixed), grid=grid)
+    nuisance = list(dict.fromkeys(["seed", *spec.nuisance, *tuned]))   # the seeds are always a nuisance
+    fixed = spec.fixed or [n for n in leaves if n not in owner and n not in nuisance
+                           and n not in ("experiment", "run_name")]   # neither scientific nor nuisance
+    return Study(name=spec.name, description=spec.description, path=src, text=Path(path).read_text(),
+                 design=design, seeds=tuple(spec.seeds), axes=tuple(axes), variants=tuple(variants), base=base,
+                 experiment=spec.experiment or base.experiment, nuisance=tuple(nuisance), fixed=tuple(fixed), grid=grid)
 
 
 def plan_text(study: Study) -> str:

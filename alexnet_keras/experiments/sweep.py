@@ -1,81 +1,136 @@
-"""Sweep files (experiments/sweep*.yaml): the tuner, its budget and the search space, checked
-against the config before any trial runs."""
+"""Sweep files (experiments/sweep*.yaml): the tuner, its budget and the search space (a discriminated
+union of float, int, choice and boolean dimensions), checked against the config before any trial runs."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping, Union
 
 import keras_tuner
+from pydantic import BeforeValidator, Field, PrivateAttr
 
-from ..config import SECTIONS, Config, ConfigError, leaf_fields, parse_value
-from .specfile import SpecFile, check_keys, read_spec, spec_from_dict
+from ..config import Config, ConfigError, Options, leaf_fields, parse_value, validated
+from .specfile import SpecKeys, read_spec
 
 TUNERS = ("random", "bayesian", "hyperband")
-PARAM_TYPES = ("float", "int", "choice", "boolean")
 FINAL_MODEL = ("auto", "retrain", "none")
 OBJECTIVES = tuple(p + m for p in ("val_", "") for m in ("accuracy", "loss", "top5_accuracy"))
-# The keys of a sweep file besides those every study and sweep file has (specfile.COMMON_KEYS).
-SWEEP_KEYS = ("tuner", "objective", "budget", "seed", "directory", "search_space", "final_model")
-BUDGET_KEYS = ("max_trials", "epochs", "factor", "hyperband_iterations", "max_failed_trials", "num_initial_points")
-PARAM_KEYS = ("type", "min", "max", "step", "sampling", "values")
 DEFAULT_DIRECTORY = "tuner"
 
 
+class _Dimension(Options):
+    _name: str = PrivateAttr("")   # the search_space key, set once read
 
-# ---------------------------------------------------------------------------------------------
-# The sweep file
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Param:
-    """One dimension of the search space: a config option and the values it may take."""
-
-    name: str
-    type: str                       # float | int | choice | boolean
-    min: float | int | None = None
-    max: float | int | None = None
-    step: float | int | None = None
-    sampling: str = "linear"
-    values: tuple = ()
-
-    def declare(self, hp: keras_tuner.HyperParameters) -> Any:
-        """Register the dimension on `hp` (first call) and return the trial's value."""
-        if self.type == "float":
-            return hp.Float(self.name, self.min, self.max, step=self.step, sampling=self.sampling)
-        if self.type == "int":
-            return hp.Int(self.name, self.min, self.max, step=self.step, sampling=self.sampling)
-        if self.type == "boolean":
-            return hp.Boolean(self.name)
-        return hp.Choice(self.name, list(self.values))
+    @property
+    def name(self) -> str:
+        return self._name
 
     @property
     def numeric(self) -> bool:
         return self.type in ("float", "int")
 
     def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": self.type}
-        if self.numeric:
-            out.update(min=self.min, max=self.max, sampling=self.sampling)
-            if self.step is not None:
-                out["step"] = self.step
-        elif self.type == "choice":
-            out["values"] = list(self.values)
-        return out
+        return self.model_dump(exclude_none=True)
 
     def short(self) -> str:
         """A one-line form for the parent run's params: `float[0.001, 0.1] log`."""
-        if self.numeric:
-            step = f" step {self.step}" if self.step is not None else ""
-            return f"{self.type}[{self.min}, {self.max}] {self.sampling}{step}"
-        if self.type == "boolean":
-            return "boolean"
+        return self.type
+
+
+class _Range(_Dimension):
+    sampling: str = Field("linear", description="linear, log or reverse_log (keras-tuner's)")
+
+    def declare(self, hp: keras_tuner.HyperParameters) -> Any:
+        """Register the dimension on `hp` (first call) and return the trial's value."""
+        kind = hp.Float if self.type == "float" else hp.Int
+        return kind(self.name, self.min, self.max, step=self.step, sampling=self.sampling)
+
+    def short(self) -> str:
+        step = f" step {self.step}" if self.step is not None else ""
+        return f"{self.type}[{self.min}, {self.max}] {self.sampling}{step}"
+
+
+class FloatParam(_Range):
+    type: Literal["float"]
+    min: float
+    max: float
+    step: float | None = Field(None, gt=0.0)
+
+
+class IntParam(_Range):
+    type: Literal["int"]
+    min: int
+    max: int
+    step: int | None = Field(None, gt=0)
+
+
+class ChoiceParam(_Dimension):
+    type: Literal["choice"]
+    values: tuple[Any, ...] = Field(description="the values to try")
+
+    def declare(self, hp: keras_tuner.HyperParameters) -> Any:
+        return hp.Choice(self.name, list(self.values))
+
+    def short(self) -> str:
         return "choice" + json.dumps(list(self.values))
+
+
+class BooleanParam(_Dimension):
+    type: Literal["boolean"]
+
+    def declare(self, hp: keras_tuner.HyperParameters) -> Any:
+        return hp.Boolean(self.name)
+
+
+Param = Annotated[Union[FloatParam, IntParam, ChoiceParam, BooleanParam], Field(discriminator="type")]
+
+
+class Budget(Options):
+    max_trials: int = Field(10, ge=1, description="trials in all; a bigger value continues a finished sweep")
+    epochs: int | None = Field(None, ge=1, description="epochs per trial (hyperband: the most a trial gets)")
+    factor: int = Field(3, ge=2, description="hyperband's reduction factor")
+    hyperband_iterations: int = Field(1, ge=1, description="hyperband's brackets")
+    max_failed_trials: int = Field(3, ge=1, description="consecutive failed trials that stop the sweep")
+    num_initial_points: int | None = Field(None, ge=1, description="bayesian only: random trials first")
+
+
+class Objective(Options):
+    name: Literal[OBJECTIVES] = "val_accuracy"
+    direction: Literal["min", "max"] | None = None
+
+
+def _kind(name: str) -> Any:
+    """bool, int, float or a Literal/str: the type of a config leaf, with `X | None` unwrapped."""
+    annotation = leaf_fields()[name][1].annotation
+    return next((a for a in getattr(annotation, "__args__", ()) if a is not type(None)), annotation) \
+        if type(annotation).__name__ == "UnionType" else annotation
+
+
+def _shorthand(space: Any) -> Any:
+    """`name: [a, b]` is a choice; a dimension without `type` takes its option's (or choice, with values)."""
+    if not isinstance(space, Mapping):
+        return space
+    default = {bool: "boolean", int: "int", float: "float"}
+    return {name: {"type": "choice", "values": spec} if isinstance(spec, list) else
+            {"type": "choice" if "values" in spec else default.get(_kind(name) if name in leaf_fields() else str,
+                                                                   "choice"), **spec}
+            if isinstance(spec, Mapping) and "type" not in spec else spec for name, spec in space.items()}
+
+
+class SweepKeys(SpecKeys):
+    tuner: Literal[TUNERS] = "random"
+    objective: Annotated[Objective, BeforeValidator(lambda v: {"name": v} if isinstance(v, str) else v)] = Objective()
+    budget: Budget = Budget()
+    seed: int = Field(0, ge=0, description="the tuner's seed")
+    directory: str = Field(DEFAULT_DIRECTORY, description="keras-tuner state folder")
+    search_space: Annotated[dict[str, Param], BeforeValidator(_shorthand)] = Field(min_length=1, description="config options mapped to ranges or "
+                                           "choices, e.g. {learning_rate: {type: float, min: 1e-3, max: 1e-1, "
+                                           "sampling: log}}")
+    final_model: Literal[FINAL_MODEL] = "auto"
 
 
 @dataclass(frozen=True)
@@ -86,7 +141,7 @@ class Sweep:
     direction: str                  # "max" or "min"
     max_trials: int
     base: Config
-    space: tuple[Param, ...]
+    space: tuple[Any, ...]
     seed: int = 0
     directory: str = DEFAULT_DIRECTORY
     factor: int = 3
@@ -105,7 +160,7 @@ class Sweep:
     def names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.space)
 
-    def param(self, name: str) -> Param:
+    def param(self, name: str) -> Any:
         return next(p for p in self.space if p.name == name)
 
     def trial_config(self, values: Mapping[str, Any], **extra: Any) -> Config:
@@ -118,7 +173,7 @@ class Sweep:
         out = {
             "name": self.name, "tuner": self.tuner,
             "objective": {"name": self.objective, "direction": self.direction}, "seed": self.seed,
-            "base": self.base.outcome_values(),   # new config fields at their default change nothing
+            "base": self.base.outcome_values(),
             "search_space": {p.name: p.describe() for p in self.space},
         }
         if self.tuner == "hyperband":
@@ -139,203 +194,83 @@ class Sweep:
                 "directory": self.directory, "digest": self.digest()}
 
 
-def _positive_int(where: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where} must be an integer >= {minimum}; got {value!r}.")
-    return value
-
-
-def _annotation(name: str) -> Any:
-    section, _ = leaf_fields()[name]
-    return typing.get_type_hints(SECTIONS[section] if section else Config)[name]
-
-
-def _kind(annotation: Any) -> type:
-    """bool, int, float or str: the type of a leaf, with `X | None` unwrapped."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args else annotation
-
-
-def _check_value(base: Config, name: str, value: Any, where: str) -> None:
-    try:
-        base.override({name: value})
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {value!r} is not a valid value: {err}") from None
-
-
-def _parse_param(name: str, spec: Any, base: Config, tuner: str, source: str) -> Param:
-    """One search-space entry: which option, of which type; keras-tuner checks the dimension itself
-    (its message gets the YAML path), and every value it can take must make a valid config."""
+def _check_param(name: str, param: Any, base: Config, tuner: str, source: str) -> Any:
+    """A dimension of the search space: the option exists, can be searched, fits the dimension's type,
+    keras-tuner takes the dimension (its message gets the YAML path), and every value it can take
+    makes a valid config."""
     where = f"{source}: search_space.{name}"
-    leaves = leaf_fields()
-    if name not in leaves:
+    if name not in leaf_fields():
         base.override({name: None}, source=f"{source}: search_space")   # raises "unknown option ..."
-    section, _ = leaves[name]
+    section = leaf_fields()[name][0]
     if section is None:
         raise ConfigError(f"{where}: {name!r} names the run, not the network or its training; it cannot "
                           f"be searched.")
     if tuner == "hyperband" and name == "epochs":
         raise ConfigError(f"{where}: hyperband chooses the epochs itself (budget.epochs is its maximum); "
                           f"remove epochs from the search space.")
-    annotation = _annotation(name)
-    kind = _kind(annotation)
-    full = f"{section}.{name}"
-    if isinstance(spec, list):
-        spec = {"type": "choice", "values": spec}
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"{where} must be a mapping such as {{type: choice, values: [a, b]}} or "
-                          f"{{type: float, min: 0.001, max: 0.1, sampling: log}}, or a list of values; "
-                          f"got {spec!r}.")
-    check_keys(spec, PARAM_KEYS, where)
-    allowed = {bool: ("boolean", "choice"), int: ("int", "choice"), float: ("float", "choice")}.get(
-        kind, ("choice",))
-    kind_name = {bool: "true/false", int: "an integer", float: "a number"}.get(kind, "a string")
-    ptype = spec.get("type")
-    if ptype is None:
-        ptype = "choice" if "values" in spec else allowed[0]
-    if ptype not in PARAM_TYPES:
-        raise ConfigError(f"{where}: type must be one of {', '.join(PARAM_TYPES)}; got {ptype!r}.")
-    if ptype not in allowed:
-        raise ConfigError(f"{where}: type {ptype!r} does not fit {full}, which is {kind_name}; use type "
+    kind, full = _kind(name), f"{section}.{name}"
+    allowed = {bool: ("boolean", "choice"), int: ("int", "choice"), float: ("float", "choice")}.get(kind, ("choice",))
+    if param.type not in allowed:
+        kind_name = {bool: "true/false", int: "an integer", float: "a number"}.get(kind, "a string")
+        raise ConfigError(f"{where}: type {param.type!r} does not fit {full}, which is {kind_name}; use type "
                           f"{' or '.join(allowed)}.")
-    extra = sorted(set(spec) - ({"type", "min", "max", "step", "sampling"} if ptype in ("float", "int")
-                                else {"type", "values"} if ptype == "choice" else {"type"}))
-    if extra:
-        raise ConfigError(f"{where}: {', '.join(extra)} cannot be used with type {ptype}.")
-
-    if ptype == "boolean":
-        param = Param(name, "boolean")
-        values: list[Any] = [True, False]
-    elif ptype == "choice":
-        raw = spec.get("values")
-        if not isinstance(raw, list):
-            raise ConfigError(f"{where}: values must be a list; got {raw!r}.")
-        values = []
-        for item in raw:
-            if item is None:
-                raise ConfigError(f"{where}: null is not a searchable value (keras-tuner choices are "
-                                  f"numbers, strings or booleans).")
-            try:
-                value = parse_value(full, item, annotation)
-            except ConfigError as err:
-                raise ConfigError(f"{where}: {item!r} is not a valid value: {err}") from None
-            if value in values:
-                raise ConfigError(f"{where}: {value!r} is listed twice.")
-            values.append(value)
-        param = Param(name, "choice", values=tuple(values))
-    else:
-        number = float if ptype == "float" else int
-        missing = [key for key in ("min", "max") if key not in spec]
-        if missing:
-            raise ConfigError(f"{where}: type {ptype} needs min and max.")
-        # YAML reads `1e-3` (no dot) as a string: parse_value turns it into a number.
-        low = parse_value(f"{where}.min", spec["min"], number)
-        high = parse_value(f"{where}.max", spec["max"], number)
-        step = None if spec.get("step") is None else parse_value(f"{where}.step", spec["step"], number)
-        if low == high:
-            raise ConfigError(f"{where}: min equals max ({low}); a fixed value belongs in `base`.")
-        if step is not None and step <= 0:   # keras-tuner would take it and never move
-            raise ConfigError(f"{where}: step must be > 0; got {step}.")
-        param = Param(name, ptype, min=low, max=high, step=step, sampling=spec.get("sampling", "linear"))
-        values = [low, high]
+    if param.type == "choice":
+        values = [parse_value(f"{where}: {item!r} is not a valid value: {full}", item, kind) for item in param.values]
+        repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if repeated is not None:
+            raise ConfigError(f"{where}: {repeated!r} is listed twice.")
+        param = param.model_copy(update={"values": tuple(values)})
+    elif param.numeric and param.min == param.max:
+        raise ConfigError(f"{where}: min equals max ({param.min}); a fixed value belongs in `base`.")
+    param = param.model_copy()
+    param._name = name
     try:   # keras-tuner's own checks: empty choices, min > max, log sampling from 0, steps ...
         param.declare(keras_tuner.HyperParameters())
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{where}: {err}") from None
-    for value in values:
-        _check_value(base, name, value, where)
+    for value in param.values if param.type == "choice" else (True, False) if param.type == "boolean" else (
+            param.min, param.max):
+        base.override({name: value}, source=f"{where}: {value!r} is not a valid value")
     return param
-
-
-def sweep_from_dict(data: Mapping[str, Any], *, source: str = "sweep", path: Path | None = None,
-                    max_trials: int | None = None, directory: str | None = None) -> Sweep:
-    """Validate a sweep mapping. Every choice value and range end is checked by building a Config."""
-    spec = spec_from_dict(data, kind="sweep", keys=SWEEP_KEYS, source=source, path=path)
-    return _sweep(spec, max_trials=max_trials, directory=directory)
 
 
 def load_sweep(path: str | Path, *, max_trials: int | None = None, directory: str | None = None) -> Sweep:
     """Read and validate a sweep file; nothing is built, read or logged."""
-    return _sweep(read_spec(path, kind="sweep", keys=SWEEP_KEYS), max_trials=max_trials, directory=directory)
-
-
-def _sweep(spec: SpecFile, *, max_trials: int | None, directory: str | None) -> Sweep:
-    data, source = spec.data, spec.source
-    name = spec.name
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+    spec, base = read_spec(path, SweepKeys, "sweep")
+    source = str(path)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec.name):
         raise ConfigError(f"{source}: name must be letters, digits, '.', '_' or '-' (it names a folder "
-                          f"and the parent run); got {name!r}.")
-    tuner = data.get("tuner", "random")
-    if tuner not in TUNERS:
-        raise ConfigError(f"{source}: tuner must be one of {', '.join(TUNERS)}; got {tuner!r}.")
-
-    objective = data.get("objective", "val_accuracy")
-    direction = None
-    if isinstance(objective, Mapping):
-        check_keys(objective, ("name", "direction"), f"{source}: objective")
-        direction = objective.get("direction")
-        objective = objective.get("name")
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"{source}: objective must be one of {', '.join(OBJECTIVES)} (a metric of "
-                          f"every epoch); got {objective!r}.")
-    direction = direction or ("min" if objective.endswith("loss") else "max")
-    if direction not in ("min", "max"):
-        raise ConfigError(f"{source}: objective direction must be min or max; got {direction!r}.")
-
-    budget = data.get("budget") or {}
-    if not isinstance(budget, Mapping):
-        raise ConfigError(f"{source}: budget must be a mapping such as {{max_trials: 8, epochs: 3}}; "
-                          f"got {budget!r}.")
-    check_keys(budget, BUDGET_KEYS, f"{source}: budget")
-    trials = _positive_int(f"{source}: budget.max_trials",
-                           max_trials if max_trials is not None else budget.get("max_trials", 10))
-    factor = _positive_int(f"{source}: budget.factor", budget.get("factor", 3), 2)
-    iterations = _positive_int(f"{source}: budget.hyperband_iterations",
-                               budget.get("hyperband_iterations", 1))
-    max_failed = _positive_int(f"{source}: budget.max_failed_trials", budget.get("max_failed_trials", 3))
-    seed = _positive_int(f"{source}: seed", data.get("seed", 0), 0)
-    final_model = data.get("final_model", "auto")
-    if final_model not in FINAL_MODEL:
-        raise ConfigError(f"{source}: final_model must be one of {', '.join(FINAL_MODEL)}; got "
-                          f"{final_model!r}.")
-    directory = directory or data.get("directory") or DEFAULT_DIRECTORY
-    if not isinstance(directory, str):
-        raise ConfigError(f"{source}: directory must be a folder path; got {directory!r}.")
-
-    base = spec.base.override({"experiment": spec.experiment})
-    searched = data.get("search_space") or {}
-    if base.train.distribute != "none" or "distribute" in searched:
+                          f"and the parent run); got {spec.name!r}.")
+    budget = spec.budget if max_trials is None else validated(   # --max-trials instead of the file's
+        Budget, {**spec.budget.model_dump(exclude_unset=True), "max_trials": max_trials}, f"{source} (--max-trials)")
+    if base.train.distribute != "none" or "distribute" in spec.search_space:
         raise ConfigError(f"{source}: sweeps train each trial on one device; leave `distribute` at none "
                           f"(run several workers instead, see docs/sweeps.md).")
-    if budget.get("epochs") is not None:
-        base = base.override({"epochs": _positive_int(f"{source}: budget.epochs", budget["epochs"])})
-
-    raw_space = data.get("search_space")
-    if not isinstance(raw_space, Mapping) or not raw_space:
-        raise ConfigError(f"{source}: search_space must map config options to ranges or choices, e.g. "
-                          f"{{learning_rate: {{type: float, min: 1e-3, max: 1e-1, sampling: log}}}}; "
-                          f"got {raw_space!r}.")
-    space = tuple(_parse_param(str(k), v, base, tuner, source) for k, v in raw_space.items())
-    initial = _initial_points(budget.get("num_initial_points"), tuner, trials, len(space), source)
-    return Sweep(name=name, tuner=tuner, objective=objective, direction=direction, max_trials=trials,
-                 base=base, space=space, seed=seed, directory=directory, factor=factor,
-                 hyperband_iterations=iterations, max_failed_trials=max_failed, num_initial_points=initial,
-                 final_model=final_model, description=spec.description, source=source)
+    base = base.override({"experiment": spec.experiment or base.experiment, "epochs": budget.epochs or
+                          base.train.epochs})
+    space = tuple(_check_param(name, p, base, spec.tuner, source) for name, p in spec.search_space.items())
+    objective = spec.objective
+    return Sweep(name=spec.name, tuner=spec.tuner, objective=objective.name, max_trials=budget.max_trials,
+                 direction=objective.direction or ("min" if objective.name.endswith("loss") else "max"),
+                 base=base, space=space, seed=spec.seed, directory=directory or spec.directory,
+                 factor=budget.factor, hyperband_iterations=budget.hyperband_iterations,
+                 max_failed_trials=budget.max_failed_trials, final_model=spec.final_model,
+                 num_initial_points=_initial_points(budget, spec.tuner, len(space), source),
+                 description=spec.description, source=source)
 
 
-def _initial_points(raw: Any, tuner: str, max_trials: int, dimensions: int, source: str) -> int | None:
+def _initial_points(budget: Budget, tuner: str, dimensions: int, source: str) -> int | None:
     """Bayesian optimisation's random start. keras-tuner's default (3 x dimensions) can exceed
     max_trials, and then no trial is ever chosen by the model: the default here stays below."""
-    where = f"{source}: budget.num_initial_points"
+    where, points = f"{source}: budget.num_initial_points", budget.num_initial_points
     if tuner != "bayesian":
-        if raw is not None:
+        if points is not None:
             raise ConfigError(f"{where} applies to tuner: bayesian only (this sweep's tuner is {tuner}).")
         return None
-    points = (_positive_int(where, raw) if raw is not None
-              else max(2, min(3 * dimensions, max_trials // 2)))
-    if points >= max_trials:
-        raise ConfigError(f"{where} is {points}, but budget.max_trials is {max_trials}: every trial would be "
-                          f"one of the random initial points, so the search would be random, not Bayesian. "
+    points = points if points is not None else max(2, min(3 * dimensions, budget.max_trials // 2))
+    if points >= budget.max_trials:
+        raise ConfigError(f"{where} is {points}, but budget.max_trials is {budget.max_trials}: every trial would "
+                          f"be one of the random initial points, so the search would be random, not Bayesian. "
                           f"Raise max_trials above num_initial_points (or lower it), or set `tuner: random` "
                           f"if a random search is what you want.")
     return points
