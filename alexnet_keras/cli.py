@@ -231,7 +231,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     options = options_from_args(args)   # validated before the store is opened
     tracking.configure(args.tracking_uri)
     run_id, files = benchmark_and_log(options, experiment=args.experiment, run_name=args.run_name,
-                                      output_dir=args.output_dir, log=tracking.stderr)
+                                      output_dir=args.output_dir)
     print(files["results.md"])
     print(f"MLflow run {run_id} (experiment {args.experiment!r}): metrics and benchmark/results.*")
     return 0

@@ -1,7 +1,6 @@
-"""`alexnet-keras benchmark`, a configuration of the training path logged to one MLflow run: the seeds'
-timing (forward = `predict_on_batch`, forward+backward = `train_on_batch`, of the conv stack and the full
-network, per precision × XLA = Keras' `jit_compile`) and the throughput of train.prepare + train.fit on
-synthetic images and of its tf.data pipeline alone. Method and results: benchmarks/README.md."""
+"""`alexnet-keras benchmark`, a configuration of the training path logged to one MLflow run: the seeds' timing
+(`predict_on_batch`, `train_on_batch` of the conv stack and the full network, per precision × XLA) and the
+throughput of train.fit on synthetic images and of its tf.data pipeline alone. See benchmarks/README.md."""
 
 from __future__ import annotations
 
@@ -14,18 +13,16 @@ import math
 import os
 import statistics
 import time
-import typing
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence, get_origin
 
 import pydantic
 from pydantic import Field, NonNegativeInt, PositiveInt
 
-from ..config import NATIVE_IMAGE_SIZE, PRECISIONS, VARIANTS, Config, DataConfig, ModelConfig, Options, TrainConfig, validated
+from ..config import PRECISIONS, VARIANTS, Config, DataConfig, ModelConfig, Options, TrainConfig, validated
 from ..tables import cell, csv_text, markdown_table, value_text
 
-PARTS = ("conv", "full")
 DEFAULT_EXPERIMENT = "alexnet-keras-benchmark"
 # CPU-sized settings (`--quick`): short runs that still exercise every section.
 QUICK = {"steps": 10, "burn_in": 2, "throughput_batch_sizes": (32,), "throughput_steps": 5, "throughput_burn_in": 2}
@@ -35,14 +32,14 @@ class BenchmarkOptions(Options):
     """What to measure (defaults: the full settings). The field names are the MLflow params and MLproject
     parameters; options given as flags are validated by flag, so that each error names its flag."""
 
-    model_config = pydantic.ConfigDict(alias_generator=lambda name: "--" + name.replace("_", "-"), validate_by_name=True)
+    model_config = pydantic.ConfigDict(alias_generator=lambda n: "--" + n.replace("_", "-"), validate_by_name=True)
 
     batch_size: PositiveInt = 32          # timing section (the seeds' file used 128)
     image_size: Annotated[int, pydantic.AfterValidator(  # timing section, `paper` variant at this side
         lambda side: ModelConfig(variant="paper", image_size=side).image_size)] = 224   # ConfigError if too small
     steps: PositiveInt = 100
     burn_in: NonNegativeInt = 10
-    parts: tuple[Literal[PARTS], ...] = PARTS     # conv: conv1..pool5; full: the whole network
+    parts: tuple[Literal["conv", "full"], ...] = ("conv", "full")   # conv: conv1..pool5; full: the whole network
     precisions: tuple[Literal[PRECISIONS], ...] = Field(("float32",), min_length=1)
     xla: tuple[bool, ...] = Field((True,), min_length=1)
     width: float = Field(1.0, gt=0, le=16)
@@ -53,8 +50,7 @@ class BenchmarkOptions(Options):
     throughput_burn_in: NonNegativeInt = 10
     seed: NonNegativeInt = 0
 
-    def params(self) -> dict[str, str]:
-        """Flat string params for MLflow: lists comma-separated, booleans true/false."""
+    def params(self) -> dict[str, str]:   # MLflow's: lists comma-separated, booleans true/false
         return {name: ",".join(map(value_text, v)) if isinstance(v, tuple) else value_text(v)
                 for name, v in self.model_dump().items()}
 
@@ -68,8 +64,7 @@ def images_per_second(batch_size: int, seconds_per_batch: float) -> float:
     return batch_size / seconds_per_batch if seconds_per_batch > 0 else float("inf")
 
 
-def time_steps(step: Callable[[], Any], steps: int, burn_in: int,
-               clock: Callable[[], float] = time.perf_counter) -> list[float]:
+def time_steps(step: Callable[[], Any], steps: int, burn_in: int, clock: Callable[[], float] = time.perf_counter):
     """Seconds of each of the last `steps` of burn_in + steps calls of `step` (which must block)."""
     durations = []
     for _ in range(burn_in + steps):
@@ -92,23 +87,16 @@ def dtype_policy(precision: str):
         keras.mixed_precision.set_global_policy(previous)
 
 
-def l2_loss(y_true, y_pred):
-    """The seeds' conv-stack objective, tf.nn.l2_loss(pool5) = sum(pool5 ** 2) / 2; labels unused."""
-    from keras import ops
-
-    return 0.5 * ops.sum(ops.square(ops.cast(y_pred, "float32")))
-
-
 def build_model(part: str, *, variant: str = "paper", image_size: int | None = 224, width: float = 1.0,
                 num_classes: int = 1000, precision: str = "float32", xla: bool = True):
     """The project's AlexNet compiled as train.py compiles it, or for part "conv" its conv stack alone
-    (input -> preprocess -> conv1 .. pool5) compiled with train.py's optimizer and `l2_loss`."""
+    (input -> preprocess -> conv1 .. pool5) compiled with train.py's optimizer and the seeds' objective."""
     import keras
 
     from ..model.alexnet import build_alexnet
     from .train import build_optimizer, compile_model
 
-    # No weight decay in the conv stack: the seeds' objective there is l2_loss(pool5) alone.
+    # No weight decay in the conv stack: the seeds' objective there is l2_loss(pool5) = sum(pool5 ** 2) / 2 alone.
     config = Config(model=ModelConfig(variant=variant, image_size=image_size, width=width,
                                       weight_decay=0.0 if part == "conv" else ModelConfig.weight_decay),
                     train=TrainConfig(precision=precision, schedule="constant", jit_compile=value_text(xla)))
@@ -117,17 +105,16 @@ def build_model(part: str, *, variant: str = "paper", image_size: int | None = 2
         if part == "full":
             return compile_model(model, config, steps_per_epoch=1)
         conv = keras.Model(model.inputs, model.get_layer("pool5").output, name="alexnet_conv")
+        l2_loss = lambda _, pool5: 0.5 * keras.ops.sum(keras.ops.square(keras.ops.cast(pool5, "float32")))  # noqa: E731
         conv.compile(optimizer=build_optimizer(config.train, steps_per_epoch=1), loss=l2_loss, jit_compile=xla)
         return conv
 
 
 def forward_flops(model) -> int:
-    """Multiply-add FLOPs (2 per MAC) of one image's forward pass through the conv and dense layers."""
-    import keras
-
-    # Each output value of a conv or dense layer takes one MAC per kernel weight that feeds it.
+    """Multiply-add FLOPs (2 per MAC) of one image's forward pass through the conv and dense layers (those with
+    a kernel): each of a layer's output values takes one MAC per kernel weight that feeds it."""
     return sum(2 * math.prod(layer.kernel.shape[:-1]) * math.prod(layer.output.shape[1:]) for layer in model.layers
-               if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)))
+               if hasattr(layer, "kernel"))
 
 
 def timing_row(part: str, precision: str, xla: bool, o: BenchmarkOptions) -> dict[str, Any]:
@@ -141,9 +128,8 @@ def timing_row(part: str, precision: str, xla: bool, o: BenchmarkOptions) -> dic
     x = keras.ops.convert_to_tensor(np.random.default_rng(o.seed).uniform(  # random 0..255 images, on the device
         0, 255, (o.batch_size, o.image_size, o.image_size, 3)).astype("float32"))
     y = keras.ops.convert_to_tensor(np.arange(o.batch_size) % o.num_classes)
-    # Both calls return NumPy, which waits for the device. Forward+backward is `train_on_batch`, a whole
-    # training step: forward, gradients, the SGD-momentum update (and the full network's metrics); the
-    # seeds timed the gradients alone, so the update's cost is in this number and was not in theirs.
+    # Both return NumPy (which waits for the device). Forward+backward is `train_on_batch`, a whole training step:
+    # forward, gradients, SGD-momentum update (and the full net's metrics); the seeds timed the gradients alone.
     fwd_mean, fwd_sd = mean_sd(time_steps(lambda: model.predict_on_batch(x), o.steps, o.burn_in))
     bwd_mean, bwd_sd = mean_sd(time_steps(lambda: model.train_on_batch(x, y), o.steps, o.burn_in))
     flops = forward_flops(model) * o.batch_size
@@ -157,20 +143,20 @@ def timing_row(part: str, precision: str, xla: bool, o: BenchmarkOptions) -> dic
 
 
 def throughput_row(variant: str, batch_size: int, precision: str, xla: bool, o: BenchmarkOptions) -> dict[str, Any]:
-    """Training images/s of train.fit on the project's tf.data pipeline (synthetic images), and of that
-    pipeline alone (fit well below it: the device is the limit)."""
+    """Training images/s of train.fit on the project's tf.data pipeline (synthetic images), and of it alone."""
     import keras
 
     from .train import fit, prepare
 
-    steps, burn_in, n_train = o.throughput_steps, o.throughput_burn_in, 2 * batch_size   # 2 batches, reshuffled
-    # Enough synthetic images for n_train after the validation split; train_limit keeps exactly n_train.
+    # Two batches of training images, reshuffled and augmented each pass (train_limit: after the validation split).
+    steps, burn_in, n_train = o.throughput_steps, o.throughput_burn_in, 2 * batch_size
     config = Config(model=ModelConfig(variant=variant, width=o.width),
                     data=DataConfig(dataset="synthetic", synthetic_samples=math.ceil(n_train / 0.85) + 16,
                                     synthetic_classes=10, train_limit=n_train, augment=True),
                     train=TrainConfig(epochs=1, batch_size=batch_size, precision=precision, schedule="constant",
                                       jit_compile=value_text(xla), seed=o.seed))
-    with warnings.catch_warnings(action="ignore", category=UserWarning):   # "not stratified": irrelevant here
+    # "not stratified": irrelevant here. prepare() sets the global dtype policy, restored once the model is built.
+    with warnings.catch_warnings(action="ignore", category=UserWarning), dtype_policy(precision):
         data, model = prepare(config)
     batches = iter(pipeline := data.train.repeat())
     pipeline_s = statistics.fmean(time_steps(lambda: next(batches), steps, max(1, burn_in)))
@@ -185,7 +171,7 @@ def throughput_row(variant: str, batch_size: int, precision: str, xla: bool, o: 
 
     fit(model, dataclasses.replace(data, train=pipeline, val=None), config, callbacks=[clock := FitClock()],
         steps_per_epoch=burn_in + steps, verbose=0, track=False)
-    return {"section": "throughput", "variant": variant, "image_size": NATIVE_IMAGE_SIZE[variant],
+    return {"section": "throughput", "variant": variant, "image_size": config.model.input_size,
             "batch_size": batch_size, "precision": precision, "xla": xla, "steps": steps,
             "pipeline_img_s": images_per_second(batch_size, pipeline_s),
             "fit_img_s": images_per_second(batch_size, clock.seconds / steps)}
@@ -195,15 +181,14 @@ TIMING_COLUMNS = ("part", "precision", "xla", "batch_size", "image_size", "forwa
                   "fwdbwd_ms", "fwdbwd_sd_ms", "fwdbwd_img_s", "forward_gflop_s", "fwdbwd_gflop_s")
 THROUGHPUT_COLUMNS = ("variant", "image_size", "batch_size", "precision", "xla", "pipeline_img_s", "fit_img_s")
 SECTIONS = {  # each section's table title, its columns, and the columns logged as metrics
-    "timing": ("Timing (ms per batch, mean ± sd; forward = predict_on_batch, fwdbwd = train_on_batch; random "
-               "images on the device):", TIMING_COLUMNS, TIMING_COLUMNS[5:10]),
+    "timing": ("Timing (ms per batch, mean ± sd after a burn-in; forward = predict_on_batch, fwdbwd = "
+               "train_on_batch; random images on the device):", TIMING_COLUMNS, TIMING_COLUMNS[5:10]),
     "throughput": ("Training throughput (images/s; fit = train.fit on the project's tf.data pipeline, pipeline = "
                    "that pipeline alone):", THROUGHPUT_COLUMNS, THROUGHPUT_COLUMNS[5:])}
 
 
 def benchmark_and_log(options: BenchmarkOptions, *, experiment: str = DEFAULT_EXPERIMENT,
-                      run_name: str | None = None, output_dir: str | None = None,
-                      log: Callable[[str], None] = print) -> tuple[str, dict[str, str]]:
+                      run_name: str | None = None, output_dir: str | None = None) -> tuple[str, dict[str, str]]:
     """Measure every section inside one MLflow run (params, environment tags, one metric per number,
     benchmark/results.{md,csv,json}, also written to `output_dir`); the run id and those files' texts."""
     from .. import tracking
@@ -215,22 +200,15 @@ def benchmark_and_log(options: BenchmarkOptions, *, experiment: str = DEFAULT_EX
     jobs = [(timing_row, (part, precision, xla)) for part in o.parts for precision in o.precisions for xla in o.xla]
     jobs += [(throughput_row, (variant, batch, precision, xla)) for variant in o.throughput_variants
              for batch in o.throughput_batch_sizes for precision in o.precisions for xla in o.xla]
-    tf_logger = logging.getLogger("tensorflow")   # every row builds a model: TF's retracing warnings are expected
-    level, rows = tf_logger.level, []
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)   # a model per row: TF's retracing warnings are expected
+    rows = []
     with tracking.run(experiment, run_name=run_name or "benchmark", params=o.params(), tags=tags) as active:
-        try:
-            tf_logger.setLevel(logging.ERROR)
-            with dtype_policy("float32"):   # prepare() sets the global policy: restored after the run
-                for measure, args in jobs:
-                    rows.append(row := measure(*args, o))
-                    log(f"{row['section']}: " + ", ".join(f"{c} {cell(row[c])}" for c in SECTIONS[row["section"]][1]))
-        finally:
-            tf_logger.setLevel(level)
+        for measure, args in jobs:
+            rows.append(row := measure(*args, o))
+            tracking.stderr(", ".join(f"{c} {cell(row[c])}" for c in ("section", *SECTIONS[row["section"]][1])))
         seconds, env["load_after"] = time.perf_counter() - start, load()
         text = [f"AlexNet benchmark: Keras {env['keras_version']} on {env['keras_backend']} ({env['device']}), "
-                f"{env['date']}, {seconds:.0f} s; load average before/after: {env['load_before']} / "
-                f"{env['load_after']}; {o.burn_in} + {o.steps} timing steps, {o.throughput_burn_in} + "
-                f"{o.throughput_steps} throughput steps"]
+                f"{env['date']}, {seconds:.0f} s; load average {env['load_before']} before, {env['load_after']} after"]
         for section, (title, columns, _) in SECTIONS.items():
             if any(r["section"] == section for r in rows):
                 text += ["", title, "", markdown_table([r for r in rows if r["section"] == section], columns)]
@@ -254,7 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """A flag per option (lists comma-separated, `none` for an empty one), validated by BenchmarkOptions."""
     parser.add_argument("--quick", action="store_true", help=f"CPU-sized settings: {QUICK} (flags given win)")
     for name, default in BenchmarkOptions().params().items():
-        parser.add_argument(BenchmarkOptions.model_fields[name].alias, dest=name, metavar="X", help=f"default {default}")
+        parser.add_argument(BenchmarkOptions.model_fields[name].alias, dest=name, help=f"default {default}")
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment")
     parser.add_argument("--run-name")
     parser.add_argument("--output-dir", help="also write results.md/.csv/.json here")
@@ -266,8 +244,7 @@ def options_from_args(args: argparse.Namespace) -> BenchmarkOptions:
     data = {}
     for name, field in BenchmarkOptions.model_fields.items():
         value = getattr(args, name) if getattr(args, name) is not None else (QUICK if args.quick else {}).get(name)
-        if isinstance(value, str) and typing.get_origin(field.annotation) is tuple:
+        if isinstance(value, str) and get_origin(field.annotation) is tuple:
             value = [] if value.strip().lower() in ("", "none") else [v.strip() for v in value.split(",")]
-        if value is not None:
-            data[field.alias] = value
+        data.update({field.alias: value} if value is not None else {})
     return validated(BenchmarkOptions, data, "alexnet-keras benchmark")
