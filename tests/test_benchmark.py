@@ -6,6 +6,7 @@ import csv
 import io
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,6 +58,47 @@ def test_time_steps_drops_the_burn_in():
     clock = FakeClock([5.0, 4.0, 0.1, 0.2, 0.3])   # two slow warm-up steps (compilation)
     durations = time_steps(clock.step, steps=3, burn_in=2, clock=clock)
     assert durations == pytest.approx([0.1, 0.2, 0.3]) and clock.calls == 5
+
+
+BENCHMARKS = str(Path(__file__).resolve().parent.parent / "benchmarks")
+
+
+def test_speedups_over_tf1(monkeypatch):
+    monkeypatch.syspath_prepend(BENCHMARKS)   # as `python benchmarks/tf1_comparison.py` runs it
+    from tf1_comparison import speedups
+
+    rows = [{"impl": "keras", "shapes": "project", "xla": False, "forward_median_ms": 10.0,
+             "fwdbwd_median_ms": 30.0, "gflop": 2.0},
+            {"impl": "keras", "shapes": "project", "xla": True, "forward_median_ms": 5.0,
+             "fwdbwd_median_ms": 15.0, "gflop": 2.0},
+            {"impl": "tf1", "shapes": "project", "xla": "", "forward_median_ms": 12.0,
+             "fwdbwd_median_ms": 33.0, "gflop": 2.0},
+            {"impl": "tf1", "shapes": "seeds", "xla": "", "forward_median_ms": 6.0,
+             "fwdbwd_median_ms": 15.0, "gflop": 1.0}]
+    ratios = {(r["shapes"], r["xla"]): r for r in speedups(rows)}
+    assert len(ratios) == 4
+    project = ratios["project", False]
+    assert project["forward_speedup"] == pytest.approx(1.2) and project["fwdbwd_speedup"] == pytest.approx(1.1)
+    assert project["fwdbwd_speedup_per_flop"] == pytest.approx(1.1)
+    assert ratios["project", True]["fwdbwd_speedup"] == pytest.approx(2.2)
+    seeds = ratios["seeds", False]
+    assert seeds["fwdbwd_speedup"] == pytest.approx(0.5)
+    assert seeds["fwdbwd_speedup_per_flop"] == pytest.approx(1.0)   # twice the work in twice the time
+
+
+def test_tf1_comparison_runs_keras_and_the_tf1_graph_with_the_same_arithmetic(monkeypatch):
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    from tf1_comparison import compare
+
+    ticks = iter(range(10_000))   # every clock read advances one "second": each step lasts 1 s
+    rows, _ = compare(batch_size=2, image_size=67, width=0.0625, steps=3, burn_in=1, xla_settings=(False,),
+                      shapes=("project",), clock=lambda: float(next(ticks)))
+    assert [(r["impl"], r["shapes"]) for r in rows] == [("keras", "project"), ("tf1", "project")]
+    keras_row, tf1_row = rows
+    assert keras_row["gflop"] == pytest.approx(tf1_row["gflop"])   # same layers, same FLOPs
+    for row in rows:
+        assert row["steps"] == 3 and row["fwdbwd_median_ms"] == row["forward_ms"] == 1000.0
+        assert row["fwdbwd_sd_ms"] == 0.0
 
 
 def test_tables():
