@@ -23,7 +23,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt
 from ..config import PRECISIONS, VARIANTS, Config, DataConfig, ModelConfig, Options, TrainConfig, validated
 from ..tables import cell, csv_text, markdown_table, value_text
 
-DEFAULT_EXPERIMENT = "alexnet-keras-benchmark"
+DEFAULT_EXPERIMENT, PARTS = "alexnet-keras-benchmark", ("conv", "full")
 # CPU-sized settings (`--quick`): short runs that still exercise every section.
 QUICK = {"steps": 10, "burn_in": 2, "throughput_batch_sizes": (32,), "throughput_steps": 5, "throughput_burn_in": 2}
 
@@ -39,12 +39,12 @@ class BenchmarkOptions(Options):
         lambda side: ModelConfig(variant="paper", image_size=side).image_size)] = 224   # ConfigError if too small
     steps: PositiveInt = 100
     burn_in: NonNegativeInt = 10
-    parts: tuple[Literal["conv", "full"], ...] = ("conv", "full")   # conv: conv1..pool5; full: the whole network
-    precisions: tuple[Literal[PRECISIONS], ...] = Field(("float32",), min_length=1)
-    xla: tuple[bool, ...] = Field((True,), min_length=1)
+    parts: tuple[Literal["conv", "full"], ...] = Field(PARTS, description="conv (conv1..pool5), full; none: skip")
+    precisions: tuple[Literal[PRECISIONS], ...] = Field(("float32",), min_length=1, description=", ".join(PRECISIONS))
+    xla: tuple[bool, ...] = Field((True,), min_length=1, description="true, false: Keras' jit_compile")
     width: float = Field(1.0, gt=0, le=16)
     num_classes: PositiveInt = 1000       # timing section (ImageNet); throughput uses 10 classes
-    throughput_variants: tuple[Literal[VARIANTS], ...] = VARIANTS
+    throughput_variants: tuple[Literal[VARIANTS], ...] = Field(VARIANTS, description="paper, cifar; none: skip")
     throughput_batch_sizes: tuple[PositiveInt, ...] = (32, 128, 256, 512)
     throughput_steps: PositiveInt = 100
     throughput_burn_in: NonNegativeInt = 10
@@ -149,10 +149,9 @@ def throughput_row(variant: str, batch_size: int, precision: str, xla: bool, o: 
     from .train import fit, prepare
 
     # Two batches of training images, reshuffled and augmented each pass (train_limit: after the validation split).
-    steps, burn_in, n_train = o.throughput_steps, o.throughput_burn_in, 2 * batch_size
+    steps, burn_in, n = o.throughput_steps, o.throughput_burn_in, 2 * batch_size
     config = Config(model=ModelConfig(variant=variant, width=o.width),
-                    data=DataConfig(dataset="synthetic", synthetic_samples=math.ceil(n_train / 0.85) + 16,
-                                    synthetic_classes=10, train_limit=n_train, augment=True),
+                    data=DataConfig(dataset="synthetic", synthetic_samples=math.ceil(n / 0.85) + 16, train_limit=n),
                     train=TrainConfig(epochs=1, batch_size=batch_size, precision=precision, schedule="constant",
                                       jit_compile=value_text(xla), seed=o.seed))
     # "not stratified": irrelevant here. prepare() sets the global dtype policy, restored once the model is built.
@@ -231,8 +230,9 @@ def benchmark_and_log(options: BenchmarkOptions, *, experiment: str = DEFAULT_EX
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """A flag per option (lists comma-separated, `none` for an empty one), validated by BenchmarkOptions."""
     parser.add_argument("--quick", action="store_true", help=f"CPU-sized settings: {QUICK} (flags given win)")
-    for name, default in BenchmarkOptions().params().items():
-        parser.add_argument(BenchmarkOptions.model_fields[name].alias, dest=name, help=f"default {default}")
+    for name, field in BenchmarkOptions.model_fields.items():
+        default = BenchmarkOptions().params()[name]
+        parser.add_argument(field.alias, dest=name, help=f"{field.description or ''} (default {default})".strip())
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment")
     parser.add_argument("--run-name")
     parser.add_argument("--output-dir", help="also write results.md/.csv/.json here")
@@ -241,7 +241,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> BenchmarkOptions:
     """The options the flags give (over `--quick`'s), keyed by flag so that every error names its flag."""
-    data = {}
+    data: dict[str, Any] = {}
     for name, field in BenchmarkOptions.model_fields.items():
         value = getattr(args, name) if getattr(args, name) is not None else (QUICK if args.quick else {}).get(name)
         if isinstance(value, str) and get_origin(field.annotation) is tuple:
