@@ -215,9 +215,16 @@ def _add_benchmark_parser(sub) -> None:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .training.benchmark import cmd_benchmark as benchmark
+    from . import tracking
+    from .training.benchmark import benchmark_and_log, options_from_args
 
-    return benchmark(args)
+    options = options_from_args(args)   # validated before the store is opened
+    tracking.configure(args.tracking_uri)
+    run_id, files = benchmark_and_log(options, experiment=args.experiment, run_name=args.run_name,
+                                      output_dir=args.output_dir)
+    print(files["results.md"])
+    print(f"MLflow run {run_id} (experiment {args.experiment!r}): metrics and benchmark/results.*")
+    return 0
 
 
 def _add_recipe_parsers(sub) -> None:

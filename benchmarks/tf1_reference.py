@@ -18,8 +18,8 @@ sqrt(E[t^2] - E[t]^2)), first of `pool5` (forward), then of `tf.gradients(l2_los
     python benchmarks/tf1_reference.py --batch_size 32 --num_batches 100            # the seeds
     python benchmarks/tf1_reference.py --shapes seeds,project --batch_size 32 --json  # + RESULT lines
 
-`alexnet-keras benchmark --tf1-reference` imports this file and times both shape sets step by step
-in turn with the Keras conv stack (`Reference` below), so that all of them see the same machine load.
+benchmarks/tf1_comparison.py imports this file and times both shape sets step by step in turn with
+the Keras conv stack (`Reference` below), so that all of them see the same machine load.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _scaled(units, width):
 
 
 def print_activations(t):
-    if FLAGS is not None and not FLAGS.json:   # silent when imported (alexnet_keras.training.benchmark)
+    if FLAGS is not None and not FLAGS.json:   # silent when imported (tf1_comparison.py)
         print(t.op.name, " ", t.get_shape().as_list())
 
 

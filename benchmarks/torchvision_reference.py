@@ -12,7 +12,7 @@ commands). It needs only PyTorch (torchvision is used when installed; otherwise 
                          n=5 after conv1/conv2 with PyTorch's alpha = 5 x 1e-4, overlapping 3x3/2
                          pools, dropout 0.5, 4096-4096 FC), 227 px: the same FLOPs as the Keras model.
 
-Measured, as in alexnet_keras/benchmark.py:
+Measured:
   train   images/s of full training steps (forward, cross-entropy, backward, SGD momentum 0.9 step)
           on one batch that stays on the device: `steps` steps back to back after `burn_in`, one
           torch.cuda.synchronize() at the end.

@@ -1,16 +1,19 @@
-"""The benchmark (alexnet_keras/benchmark.py): its arithmetic, every option at a tiny size, and the CLI
-end to end into a temporary MLflow store."""
+"""The benchmark (alexnet_keras/training/benchmark.py): its arithmetic, every option at a tiny size, and the
+CLI end to end into a temporary MLflow store, all in this process."""
 
+import contextlib
 import csv
 import io
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from alexnet_keras.training import benchmark
-from alexnet_keras.training.benchmark import BenchmarkOptions, images_per_second, mean_sd, time_loop, time_steps
-from alexnet_keras.config import PRECISIONS, ConfigError
+from alexnet_keras.training.benchmark import BenchmarkOptions, images_per_second, mean_sd, time_steps
+from alexnet_keras.config import PRECISIONS, ConfigError, validated
 
 from conftest import all_runs
 
@@ -57,15 +60,13 @@ def test_time_steps_drops_the_burn_in():
     assert durations == pytest.approx([0.1, 0.2, 0.3]) and clock.calls == 5
 
 
-def test_time_loop_blocks_once_and_divides_by_steps():
-    clock = FakeClock([9.0, 0.5, 0.5, 0.5, 0.5])
-    blocked = []
-    seconds = time_loop(clock.step, blocked.append, steps=4, burn_in=1, clock=clock)
-    assert seconds == pytest.approx(0.5)
-    assert blocked == [1, 5]   # after the burn-in, and on the last result only
+BENCHMARKS = str(Path(__file__).resolve().parent.parent / "benchmarks")
 
 
-def test_speedups_over_tf1():
+def test_speedups_over_tf1(monkeypatch):
+    monkeypatch.syspath_prepend(BENCHMARKS)   # as `python benchmarks/tf1_comparison.py` runs it
+    from tf1_comparison import speedups
+
     rows = [{"impl": "keras", "shapes": "project", "xla": False, "forward_median_ms": 10.0,
              "fwdbwd_median_ms": 30.0, "gflop": 2.0},
             {"impl": "keras", "shapes": "project", "xla": True, "forward_median_ms": 5.0,
@@ -74,22 +75,24 @@ def test_speedups_over_tf1():
              "fwdbwd_median_ms": 33.0, "gflop": 2.0},
             {"impl": "tf1", "shapes": "seeds", "xla": "", "forward_median_ms": 6.0,
              "fwdbwd_median_ms": 15.0, "gflop": 1.0}]
-    speedups = {(r["shapes"], r["xla"]): r for r in benchmark.tf1_speedups(rows)}
-    assert len(speedups) == 4
-    project = speedups["project", False]
+    ratios = {(r["shapes"], r["xla"]): r for r in speedups(rows)}
+    assert len(ratios) == 4
+    project = ratios["project", False]
     assert project["forward_speedup"] == pytest.approx(1.2) and project["fwdbwd_speedup"] == pytest.approx(1.1)
     assert project["fwdbwd_speedup_per_flop"] == pytest.approx(1.1)
-    assert speedups["project", True]["fwdbwd_speedup"] == pytest.approx(2.2)
-    seeds = speedups["seeds", False]
+    assert ratios["project", True]["fwdbwd_speedup"] == pytest.approx(2.2)
+    seeds = ratios["seeds", False]
     assert seeds["fwdbwd_speedup"] == pytest.approx(0.5)
     assert seeds["fwdbwd_speedup_per_flop"] == pytest.approx(1.0)   # twice the work in twice the time
 
 
-def test_tf1_comparison_runs_keras_and_the_tf1_graph_with_the_same_arithmetic():
-    options = BenchmarkOptions(batch_size=2, image_size=67, width=0.0625, steps=3, burn_in=1, num_classes=4,
-                               xla=(False,))
+def test_tf1_comparison_runs_keras_and_the_tf1_graph_with_the_same_arithmetic(monkeypatch):
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    from tf1_comparison import compare
+
     ticks = iter(range(10_000))   # every clock read advances one "second": each step lasts 1 s
-    rows = benchmark.tf1_comparison(options, shapes=("project",), clock=lambda: float(next(ticks)))
+    rows, _ = compare(batch_size=2, image_size=67, width=0.0625, steps=3, burn_in=1, xla_settings=(False,),
+                      shapes=("project",), clock=lambda: float(next(ticks)))
     assert [(r["impl"], r["shapes"]) for r in rows] == [("keras", "project"), ("tf1", "project")]
     keras_row, tf1_row = rows
     assert keras_row["gflop"] == pytest.approx(tf1_row["gflop"])   # same layers, same FLOPs
@@ -122,63 +125,51 @@ def test_forward_flops_of_the_conv_stack():
 # --- options ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, fragment", [
-    ({"channels": "first"}, "channels_first is not supported"),
-    ({"precisions": ("float64",)}, "precisions must be a comma-separated list"),
-    ({"parts": ("convs",)}, "parts must be"),
-    ({"steps": 0}, "steps must be a positive integer"),
-    ({"burn_in": -1}, "burn_in must be an integer >= 0"),
+    ({"precisions": ("float64",)}, "precisions.0: Input should be 'float32', 'mixed_float16' or 'mixed_bfloat16'"),
+    ({"parts": ("convs",)}, "parts.0: Input should be 'conv' or 'full'"),
+    ({"steps": 0}, "steps: Input should be greater than 0"),
+    ({"burn_in": -1}, "burn_in: Input should be greater than or equal to 0"),
     ({"image_size": 40}, "image_size must be an integer >= 67"),
-    ({"throughput_batch_sizes": (0,)}, "throughput_batch_sizes"),
+    ({"throughput_batch_sizes": (0,)}, "throughput_batch_sizes.0: Input should be greater than 0"),
 ])
 def test_bad_options_are_clear_errors(overrides, fragment):
-    with pytest.raises(ConfigError, match=fragment):
-        BenchmarkOptions(**overrides)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        validated(BenchmarkOptions, overrides, "benchmark")
 
 
 def test_quick_is_cpu_sized_and_flags_win():
-    quick = BenchmarkOptions.quick(steps=3)
+    from alexnet_keras import cli
+
+    quick = benchmark.options_from_args(cli.build_parser().parse_args(["benchmark", "--quick", "--steps", "3"]))
     assert quick.steps == 3 and quick.burn_in == benchmark.QUICK["burn_in"]
     assert quick.throughput_batch_sizes == (32,)
     assert BenchmarkOptions().throughput_batch_sizes == (32, 128, 256, 512)
     assert BenchmarkOptions().params()["xla"] == "true"
 
 
-# --- every option builds and runs one step ---------------------------------------------------
+# --- every option builds and runs one step through Keras' compiled functions -----------------
 
-@pytest.mark.parametrize("part", benchmark.PARTS)
-@pytest.mark.parametrize("xla", [False, True])
-@pytest.mark.parametrize("precision", PRECISIONS)
+# XLA compiles (seconds each on a CPU) once per part; `jit_compile` reaches every model (asserted below).
+@pytest.mark.parametrize("part", ["conv", "full"])
+@pytest.mark.parametrize("xla, precision", [(False, p) for p in PRECISIONS] + [(True, "float32")])
 def test_every_option_runs_one_step(part, xla, precision):
     import keras
 
     model = benchmark.build_model(part, variant="cifar", image_size=16, width=1 / 16, num_classes=4,
-                                  precision=precision)
+                                  precision=precision, xla=xla)
     assert keras.mixed_precision.global_policy().name == "float32"   # restored after the build
     assert model.layers[-1].dtype_policy.name == ("float32" if part == "full" else precision)
-    x, y = benchmark.random_batch(4, 16, 4)
-    outputs = benchmark.make_forward(model, xla)(x)
-    benchmark.block(outputs)
-    assert tuple(outputs.shape) == ((4, 4) if part == "full" else (4, 2, 2, 16))
-    grads = benchmark.make_gradients(model, part, xla)(x, y)
-    benchmark.block(grads)
-    assert len(grads) == len(model.trainable_variables)
-    assert all(np.isfinite(keras.ops.convert_to_numpy(g)).all() for g in grads)
-
-
-@pytest.mark.parametrize("precision, xla", [("float32", False), ("float32", True), ("mixed_float16", False),
-                                            ("mixed_bfloat16", False)])
-def test_train_step_updates_the_weights(precision, xla):
-    import keras
-
-    model = benchmark.build_model("full", variant="cifar", image_size=16, width=1 / 16, num_classes=4,
-                                  precision=precision)
-    x, y = benchmark.random_batch(4, 16, 4)
-    before = keras.ops.convert_to_numpy(model.get_layer("fc8").kernel)
-    step = benchmark.make_train_step(model, xla, precision)
-    losses = [float(keras.ops.convert_to_numpy(step(x, y))) for _ in range(2)]
+    assert model.jit_compile == xla
+    x, y = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype("float32"), np.arange(4)
+    outputs = model.predict_on_batch(x)
+    assert outputs.shape == ((4, 4) if part == "full" else (4, 2, 2, 16))
+    before = keras.ops.convert_to_numpy(model.get_layer("fc8").kernel) if part == "full" else None
+    losses = [float(np.ravel(model.train_on_batch(x, y))[0]) for _ in range(2)]
     assert all(np.isfinite(losses))
-    if keras.backend.backend() == "tensorflow":   # JAX keeps the updated state in the step's closure
+    if part == "full":   # train_on_batch is a whole training step: the weights moved
         assert not np.allclose(before, keras.ops.convert_to_numpy(model.get_layer("fc8").kernel))
+    else:   # the seeds' objective, l2_loss(pool5)
+        assert losses[0] == pytest.approx(0.5 * np.sum(np.square(outputs.astype("float64"))), rel=1e-2)
 
 
 # --- the command, end to end ------------------------------------------------------------------
@@ -194,10 +185,9 @@ def test_benchmark_cli_logs_one_run_with_its_table(mlflow_store, tmp_path, capsy
     from alexnet_keras import cli
 
     out_dir = tmp_path / "results"
-    assert cli.main(TINY_CLI + ["--tf1-reference", "--profile", "--output-dir", str(out_dir)]) == 0
+    assert cli.main(TINY_CLI + ["--output-dir", str(out_dir)]) == 0
     printed = capsys.readouterr().out
     assert "| part | precision | xla |" in printed and "| variant | image_size |" in printed
-    assert "seeds' TF1 graph" in printed and "| op_type |" in printed
 
     runs = all_runs(mlflow_store)
     assert len(runs) == 1
@@ -207,27 +197,28 @@ def test_benchmark_cli_logs_one_run_with_its_table(mlflow_store, tmp_path, capsy
     assert run.data.tags["alexnet_keras.job"] == "benchmark"
     metrics = run.data.metrics
     for key in ("timing.conv.float32.noxla.fwdbwd_ms", "timing.full.float32.noxla.forward_ms",
-                "throughput.cifar.b8.float32.noxla.fit_img_s", "throughput.cifar.b8.float32.noxla.step_img_s",
-                "tf1.project.fwdbwd_median_ms", "tf1.keras.noxla.fwdbwd_median_ms",
-                "tf1.project.noxla.fwdbwd_speedup"):
+                "throughput.cifar.b8.float32.noxla.fit_img_s", "throughput.cifar.b8.float32.noxla.pipeline_img_s"):
         assert key in metrics and metrics[key] > 0, key
     client = MlflowClient(mlflow_store)
     names = {a.path for a in client.list_artifacts(run.info.run_id, "benchmark")}
     assert names == {"benchmark/results.md", "benchmark/results.csv", "benchmark/results.json"}
     table = (out_dir / "results.csv").read_text()
-    assert table.startswith("section,") and "throughput" in table and "tf1_speedup" in table
+    assert table.startswith("section,") and "timing" in table and "throughput" in table
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--channels-first"], "channels_first is not supported"),
-    (["--xla", "true,maybe"], "benchmark xla must be true or false; got 'maybe'"),
-    (["--throughput-batch-sizes", "32,lots"], "benchmark throughput_batch_sizes must be an integer; got 'lots'"),
-    (["--profile", "sometimes"], "benchmark profile must be true or false; got 'sometimes'"),
+    (["--xla", "true,maybe"], "--xla.1: Input should be a valid boolean"),
+    (["--throughput-batch-sizes", "32,lots"], "--throughput-batch-sizes.1: Input should be a valid integer"),
+    (["--steps", "0"], "--steps: Input should be greater than 0; got '0'"),
+    (["--precisions", "float64"], "--precisions.0: Input should be 'float32'"),
+    (["--image-size", "40"], "--image-size: Value error, model.image_size must be an integer >= 67"),
+    (["--stepz", "3"], "unrecognized arguments: --stepz"),
 ])
 def test_bad_flags_are_refused_before_the_store_is_opened(untouched_store, capsys, flags, fragment):
     from alexnet_keras import cli
 
-    assert cli.main(["benchmark", "--quick", *flags]) == 2
+    with pytest.raises(SystemExit) if flags[0] == "--stepz" else contextlib.nullcontext():   # argparse's own error
+        assert cli.main(["benchmark", "--quick", *flags]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
     assert not untouched_store.exists()
