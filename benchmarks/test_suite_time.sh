@@ -59,7 +59,11 @@ if [ "$before" != - ]; then
     for file in tests/test_*.py; do
         if [ -f "$tree/$file" ]; then same_modules+=("$file"); fi
     done
-    run_suite "$(git rev-parse --short HEAD) working tree (after), the ${#same_modules[@]} test modules $(git rev-parse --short "$before") had" \
-        "$PWD" "$PWD" "${same_modules[@]}"
+    all_modules=(tests/test_*.py)
+    # Like for like only when this tree has modules the before tree lacked; else it is the whole suite.
+    if [ "${#same_modules[@]}" -lt "${#all_modules[@]}" ]; then
+        run_suite "$(git rev-parse --short HEAD) working tree (after), the ${#same_modules[@]} test modules $(git rev-parse --short "$before") had" \
+            "$PWD" "$PWD" "${same_modules[@]}"
+    fi
 fi
 run_suite "$(git rev-parse --short HEAD) working tree (after)" "$PWD" "$PWD"
