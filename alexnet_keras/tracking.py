@@ -9,13 +9,9 @@ A run ends FINISHED, FAILED (error message kept in the `error` tag) or KILLED (C
 never stuck RUNNING: every run records the host and process that owns it, so a run left RUNNING by a
 process that died (SIGKILL, power loss) is found later and marked KILLED (`mark_dead_runs`).
 
-Parents, children and resuming: one protocol for `train`, `ablate` and `tune`. Runs are found by
-their tags (`find_runs`, `latest_run`); a parent's children by `child_runs` / `children_by`; a
-re-run parent takes over the children of earlier parents of the same study or sweep
-(`adopt_children`) and ends the children a killed process left RUNNING (`end_stale_children`); an
-interrupted training run is found again (`find_resumable_run`) and continued in place, or, under
-`mlflow run`, in the run the launcher made (`adopt_run`). The functions that log accept
-`run_id=` to write to a run other than the active one (the study report does).
+Runs are found by their tags (`find_runs`); a study's or sweep's parent run is `parent_run` (the one
+place that takes `mlflow run`'s run for a parent), an interrupted training run is found again by
+`find_resumable_run`. The functions that log accept `run_id=` to write to another than the active run.
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
@@ -80,7 +77,6 @@ SWEEP_TAG = TAG_PREFIX + "sweep"
 SWEEP_DIGEST_TAG = TAG_PREFIX + "sweep_digest"
 SWEEP_UID_TAG = TAG_PREFIX + "sweep_uid"
 SWEEP_ROLE_TAG = TAG_PREFIX + "sweep_role"       # "parent", "trial" or "superseded"
-SWEEP_SESSION_TAG = TAG_PREFIX + "sweep_session"  # when a chief / standalone run last took the parent
 SWEEP_SUMMARY_TAG = TAG_PREFIX + "sweep_summary"  # what the parent's summary was computed from
 TRIAL_TAG = TAG_PREFIX + "trial_id"
 TUNER_ID_TAG = TAG_PREFIX + "tuner_id"
@@ -585,26 +581,44 @@ def adopt_children(parent_run_id: str, earlier_parents: Iterable[Any], *, key_ta
     return total
 
 
-def wait_for_run(tags: Mapping[str, str], *, timeout: float, newest_by: str | None = None,
-                 poll: float = 1.0) -> Any | None:
-    """The RUNNING run with `tags` (the one with the highest numeric `newest_by` tag, else the newest),
-    waiting up to `timeout` seconds for one to appear; None if none did. Store errors are retried until
-    then: the process that makes the run may still be creating the store."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            runs = find_runs(tags, status="RUNNING")
-        except Exception as err:
-            if time.monotonic() >= deadline:
-                raise TrackingError(f"MLflow store {mlflow.get_tracking_uri()!r}: {err}") from err
-            runs = []
-        if runs:
-            if newest_by is not None:
-                runs.sort(key=lambda r: float(r.data.tags.get(newest_by, "0")), reverse=True)
-            return runs[0]
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(poll)
+@dataclass(frozen=True)
+class Parent:
+    """A study's or sweep's parent run, as parent_run hands it over."""
+    run_id: str
+    experiment: str      # its experiment's name: the children's
+
+
+@contextlib.contextmanager
+def parent_run(experiment: str, name: str, match: Mapping[str, str], *, tags: Mapping[str, str] | None = None,
+               params: Mapping[str, Any] | None = None, description: str = "", adopt_key: str | None = None,
+               wanted: Collection[str] | None = None, retire: Mapping[str, str] | None = None) -> Iterator[Parent]:
+    """The parent run of a study or sweep (identified by the tags `match`), ended FINISHED, FAILED or
+    KILLED like any run.
+
+    Under `mlflow run` it is the run MLflow made ($MLFLOW_RUN_ID, taken out of the environment here so
+    that no child resumes it); else the newest earlier parent with the tags `match` (in any experiment)
+    goes on, or a new one starts in `experiment`. As it starts: children left RUNNING by a process that is
+    gone end KILLED, and the children of earlier parents with the same tags move under it (see
+    `adopt_children` for `adopt_key`, `wanted` and `retire`). It carries `match`, `tags`, the environment
+    tags, `params` and `description` (the run page's)."""
+    launched = os.environ.pop("MLFLOW_RUN_ID", None)
+    found = None if launched else latest_run(match)
+    resume = launched or (found.info.run_id if found is not None else None)
+    if resume:
+        actual = experiment_name(get_run(resume).info.experiment_id)
+        if launched and actual != experiment:
+            print(f"note: `mlflow run` chose experiment {actual!r}; {experiment!r} is used only outside "
+                  f"`mlflow run` (pass --experiment-name to pick it)", flush=True)
+    else:
+        actual = experiment
+    all_tags = {**environment_tags(), **dict(tags or {}), **match, RUN_NAME_TAG: name, NOTE_TAG: description}
+    with run(actual, run_name=name, params=params, tags=all_tags, run_id=resume) as active:
+        parent_id = active.info.run_id
+        how = "made by `mlflow run`" if launched else "resumed" if resume else "new"
+        print(f"parent run {parent_id} ({how}) in experiment {actual!r} at {tracking_uri()}", flush=True)
+        end_stale_children(parent_id, "stale: its study or sweep was restarted")
+        adopt_children(parent_id, find_runs(match), key_tag=adopt_key, wanted=wanted, retire=retire)
+        yield Parent(parent_id, actual)
 
 
 def find_resumable_run(experiment: str, match_tags: Mapping[str, str], run_name: str | None = None) -> Any | None:

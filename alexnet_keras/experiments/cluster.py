@@ -1,4 +1,4 @@
-"""Ray clusters and device placement: where the children of a study and the trials of a sweep run.
+"""Ray clusters: where the children of a study and the trials of a sweep run.
 
     connect(address)      None: start a local Ray cluster on 127.0.0.1 only; "auto": join the cluster this
                           machine belongs to; "host:port": join that one. No dashboard, no usage stats.
@@ -12,11 +12,8 @@
                           where the node has it, with the caller's training-related environment
                           (`forwarded_env`).
     current_task()        inside a job: its Ray task id (the same for every retry of it) and node id.
-    process_pool(n)       a local `--parallel N` pool in which each worker process sees one GPU of its own
-                          (CUDA_VISIBLE_DEVICES, set before the worker imports TensorFlow).
 
-Ray is an optional extra (`pip install -e '.[ray]'`) and is imported only by the functions that need it,
-so the package (and `process_pool`) works without it.
+Ray is an optional extra (`pip install -e '.[ray]'`), imported only by the functions that need it.
 
 Loopback: Ray 2.60 on Linux rewrites 127.0.0.1 / localhost, both as a node address and as a cluster
 address, to the machine's outward address (which every interface then listens on), unless its
@@ -32,9 +29,7 @@ import ipaddress
 import logging
 import os
 import re
-import shutil
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +38,6 @@ from urllib.parse import urlparse
 
 from ..config import ConfigError
 
-GPUS_ENV = "ALEXNET_KERAS_GPUS"          # "0,1": the GPUs to hand out (overrides detection); "": none
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 RAY_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")   # the names Ray rewrites to the outward address
 INSTALL_HINT = "pip install -e '.[ray]' (or pip install 'ray>=2.60')"
@@ -131,7 +125,7 @@ def _import_ray(keep_loopback: bool):
     try:
         import ray
     except ImportError:
-        raise ClusterError(f"--ray needs Ray, which is not installed: {INSTALL_HINT}.") from None
+        raise ClusterError(f"--ray and --parallel N need Ray, which is not installed: {INSTALL_HINT}.") from None
     finally:
         if switched:
             del os.environ[LOOPBACK_SWITCH]
@@ -191,9 +185,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     local = address in (None, "local")
     try:
-        if local:
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                     logging_level=logging.WARNING, log_to_driver=log_to_driver)
+        if local:   # its processes inherit this environment: not the run and experiment of `mlflow run`
+            with _without(NOT_FORWARDED):
+                ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                         logging_level=logging.WARNING, log_to_driver=log_to_driver)
         else:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
     except (ConnectionError, RuntimeError, ray.exceptions.RayError) as err:
@@ -213,6 +208,16 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
                                f"instead of 127.0.0.1; start its nodes with {LOOPBACK_SWITCH}=0 (see "
                                f"docs/cluster.md).")
     return info
+
+
+@contextlib.contextmanager
+def _without(names: Sequence[str]) -> Iterator[None]:
+    """Within: `names` are not in this process's environment."""
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def disconnect() -> None:
@@ -495,7 +500,7 @@ def free_port(host: str) -> int:
 # and not `mlflow run`'s run and experiment, which belong to the parent.
 FORWARDED_PREFIXES = ("MLFLOW_", "ALEXNET_KERAS_")
 FORWARDED_NAMES = ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL")
-NOT_FORWARDED = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_URI", GPUS_ENV)
+NOT_FORWARDED = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_URI")
 
 
 def forwarded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -510,77 +515,3 @@ def _progress_line(outcome: JobOutcome, finished: int, total: int) -> str:
         return (f"[{finished}/{total}] {outcome.name} finished in {outcome.seconds:.1f}s on "
                 f"{outcome.node_address} (node {outcome.node_id[:8]}, pid {outcome.pid})")
     return f"[{finished}/{total}] {outcome.name} FAILED: {outcome.error_text}"
-
-
-# ----------------------------------------------------------------------------------------------
-# One GPU per worker of a local process pool
-# ----------------------------------------------------------------------------------------------
-
-def _split_devices(text: str) -> list[str]:
-    items = [d.strip() for d in text.split(",") if d.strip()]
-    return [] if items in ([], ["-1"], ["NoDevFiles"]) else items
-
-
-def list_gpus() -> list[str]:
-    """This machine's GPUs as CUDA_VISIBLE_DEVICES entries, without importing TensorFlow.
-
-    $ALEXNET_KERAS_GPUS ("0,1"; "" for none) wins; else $CUDA_VISIBLE_DEVICES when set (the user's
-    choice of devices); else `nvidia-smi -L` (MIG instances by their UUID); else none.
-    """
-    if GPUS_ENV in os.environ:
-        return _split_devices(os.environ[GPUS_ENV])
-    if "CUDA_VISIBLE_DEVICES" in os.environ:
-        return _split_devices(os.environ["CUDA_VISIBLE_DEVICES"])
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    devices: list[str] = []
-    for line in listing.splitlines():
-        gpu = re.match(r"GPU (\d+):", line.strip())
-        mig = re.search(r"\(UUID: (MIG-[^)]+)\)", line)
-        if gpu:
-            devices.append(gpu.group(1))
-        elif mig:   # a MIG instance: address it, not its parent GPU
-            if devices and not devices[-1].startswith("MIG-"):
-                devices.pop()
-            devices.append(mig.group(1))
-    return devices
-
-
-def assign_devices(workers: int, devices: Sequence[str]) -> list[str]:
-    """The device of each of `workers` workers: one each, round-robin when there are more workers."""
-    if workers < 1:
-        raise ClusterError(f"the number of workers must be at least 1; got {workers}.")
-    return [devices[i % len(devices)] for i in range(workers)] if devices else []
-
-
-def _claim_device(queue, initializer: Callable[..., None] | None, initargs: tuple) -> None:
-    """Worker initializer: take one device before anything in the worker can initialise CUDA."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = queue.get(timeout=60)
-    if initializer is not None:
-        initializer(*initargs)
-
-
-def process_pool(workers: int, *, initializer: Callable[..., None] | None = None, initargs: tuple = (),
-                 devices: Sequence[str] | None = None):
-    """A spawn-context ProcessPoolExecutor of `workers` processes; on a machine with GPUs (`devices`,
-    default `list_gpus()`) each worker sees only its own one (round-robin when there are more workers
-    than GPUs), set before `initializer(*initargs)` runs. Without GPUs it is a plain pool."""
-    import concurrent.futures as cf
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    plan = assign_devices(workers, list_gpus() if devices is None else list(devices))
-    if not plan:
-        return cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=initializer,
-                                      initargs=initargs)
-    queue = context.Queue()
-    for device in plan:
-        queue.put(device)
-    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_claim_device,
-                                  initargs=(queue, initializer, tuple(initargs)))
-
