@@ -159,15 +159,7 @@ def preflight(experiment: str) -> None:
     """
     with quick_requests():
         try:
-            if "MLFLOW_RUN_ID" in os.environ:
-                try:
-                    run_info = MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info
-                except Exception as err:
-                    raise TrackingError(f"cannot read the run {os.environ['MLFLOW_RUN_ID']!r} that `mlflow run` "
-                                        f"started, at {mlflow.get_tracking_uri()!r}: {err}") from err
-                experiment_id = run_info.experiment_id
-            else:
-                experiment_id = open_experiment(experiment)
+            experiment_id = experiment_id_for(experiment)
             location = MlflowClient().get_experiment(experiment_id).artifact_location
         except Exception as err:
             uri = mlflow.get_tracking_uri()
@@ -255,32 +247,15 @@ def is_tracking_error(err: BaseException) -> bool:
 
 def environment_tags() -> dict[str, str]:
     """Backend, device and library versions: what is needed to reproduce a number."""
+    import importlib.metadata
+
     import keras
-    import numpy
 
-    tags = {
-        "keras_backend": keras.backend.backend(),
-        "keras_version": keras.__version__,
-        "mlflow_version": mlflow.__version__,
-        "numpy_version": numpy.__version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "device": describe_device(),
-    }
-    try:
-        import tensorflow as tf
-
-        tags["tensorflow_version"] = tf.__version__
-    except ImportError:
-        pass
-    if keras.backend.backend() == "jax":
-        import jax
-
-        tags["jax_version"] = jax.__version__
-    elif keras.backend.backend() == "torch":
-        import torch
-
-        tags["torch_version"] = torch.__version__
+    tags = {"keras_backend": keras.backend.backend(), "python_version": platform.python_version(),
+            "platform": platform.platform(), "device": describe_device()}
+    for package in ("keras", "mlflow", "numpy", "tensorflow", "jax", "torch"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            tags[f"{package}_version"] = importlib.metadata.version(package)
     return {TAG_PREFIX + k: v for k, v in tags.items()}
 
 
@@ -411,16 +386,11 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
 
 
 # --- system metrics ------------------------------------------------------------------------------------
-# MLflow's monitor (a thread per run) samples CPU, memory, disk, network and, where nvidia-ml-py finds an
-# NVIDIA GPU, its utilisation and memory, every SAMPLING_INTERVAL_S seconds, and logs the mean of every
-# SAMPLES_BEFORE_LOGGING samples as `system/...` metrics (step 0, 1, ...). A sample not yet logged when
-# the run ends is dropped (MLflow's loop), so a run shorter than interval x samples would log none: MLflow's
-# own 10 s would leave the short runs of tests and smoke checks empty. 2 s x 1 gives any run longer than
-# 2 s a point, at 1,800 points per metric per hour. MLflow's variables MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
-# and MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING, when set, win.
+# MLflow's monitor logs the mean of every SAMPLES samples taken INTERVAL_S apart as `system/...` metrics,
+# and drops a sample not yet logged when the run ends: its own 10 s would leave short runs empty. 2 s x 1
+# gives any run longer than 2 s a point. MLflow's own variables, when set, win.
 SYSTEM_METRICS_INTERVAL_S = 2.0
 SYSTEM_METRICS_SAMPLES = 1
-SYSTEM_METRICS_PREFIX = "system/"
 
 
 def system_metrics_setting(enabled: bool | None) -> bool | None:
@@ -715,57 +685,45 @@ def epoch_history(run_id: str, keys: Sequence[str] = EPOCH_KEYS) -> dict[str, li
 
 # --- logging (to the active run, or to `run_id`) -------------------------------------------------------
 
+def _run(run_id: str | None) -> str:
+    return run_id or mlflow.active_run().info.run_id
+
+
 def log_metrics(metrics: Mapping[str, float], step: int | None = None, *, run_id: str | None = None) -> None:
-    values = {k: float(v) for k, v in metrics.items()}
-    if run_id is None:
-        mlflow.log_metrics(values, step=step)
-        return
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, step or 0) for k, v in values.items()],
+    MlflowClient().log_batch(_run(run_id), metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()],
                              synchronous=True)
 
 
 def log_metrics_once(metrics: Mapping[str, float]) -> None:
     """Log the metrics the active run does not hold yet (a resumed run already has its run-level ones)."""
-    existing = MlflowClient().get_run(mlflow.active_run().info.run_id).data.metrics
+    existing = MlflowClient().get_run(_run(None)).data.metrics
     fresh = {k: v for k, v in metrics.items() if k not in existing}
     if fresh:
         log_metrics(fresh)
 
 
 def set_tags(tags: Mapping[str, str], *, run_id: str | None = None) -> None:
-    if run_id is None:
-        mlflow.set_tags(dict(tags))
-        return
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    from mlflow.entities import RunTag
+
+    MlflowClient().log_batch(_run(run_id), tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
 
 
 def log_text(text: str, artifact_file: str, *, run_id: str | None = None) -> None:
-    if run_id is None:
-        mlflow.log_text(text, artifact_file)
-    else:
-        MlflowClient().log_text(run_id, text, artifact_file)
+    MlflowClient().log_text(_run(run_id), text, artifact_file)
 
 
 def log_dict(data: Mapping[str, Any], artifact_file: str, *, run_id: str | None = None) -> None:
-    if run_id is None:
-        mlflow.log_dict(dict(data), artifact_file)
-    else:
-        MlflowClient().log_dict(run_id, dict(data), artifact_file)
+    MlflowClient().log_dict(_run(run_id), dict(data), artifact_file)
 
 
 def log_figure(figure, artifact_file: str, *, run_id: str | None = None) -> None:
     """Log a matplotlib figure as an image, then close it."""
     import matplotlib.pyplot as plt
 
-    if run_id is None:
-        mlflow.log_figure(figure, artifact_file)
-    else:
-        MlflowClient().log_figure(run_id, figure, artifact_file)
+    MlflowClient().log_figure(_run(run_id), figure, artifact_file)
     plt.close(figure)
 
 

@@ -1,25 +1,12 @@
-"""Ray clusters: where the children of a study and the trials of a sweep run.
+"""Ray clusters, where the children of a study and the trials of a sweep run (docs/cluster.md): `connect`
+starts a local cluster on 127.0.0.1 or joins one, `check_store` refuses before anything starts an MLflow
+store that some node cannot write to, `run_jobs` runs picklable callables as Ray tasks (one GPU each
+where the cluster has GPUs, else CPUs), retried when their process or node dies. Ray is an optional
+extra (`pip install -e '.[ray]'`), imported only by the functions that need it.
 
-    connect(address)      None: start a local Ray cluster on 127.0.0.1 only; "auto": join the cluster this
-                          machine belongs to; "host:port": join that one. No dashboard, no usage stats.
-    check_store(uri, c)   refuse, before anything starts, an MLflow store that the cluster's nodes cannot
-                          all write to (a sqlite:/// or local-file store while the cluster has several nodes).
-    run_jobs(jobs)        each job (a picklable callable and its arguments) is one Ray task asking for its
-                          resources (one GPU where the cluster has GPUs, else `cpus_per_job` CPUs; a job
-                          may ask for others, or be pinned to a node), retried when its worker process or
-                          node dies; one progress line per finished job; every job's result or error comes
-                          back, a failure loses none of the others. Jobs run in the caller's working folder
-                          where the node has it, with the caller's training-related environment
-                          (`forwarded_env`).
-    current_task()        inside a job: its Ray task id (the same for every retry of it) and node id.
-
-Ray is an optional extra (`pip install -e '.[ray]'`), imported only by the functions that need it.
-
-Loopback: Ray 2.60 on Linux rewrites 127.0.0.1 / localhost, both as a node address and as a cluster
-address, to the machine's outward address (which every interface then listens on), unless its
-single-machine switch RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set when Ray is imported. `connect` sets
-that switch for a local cluster and for a 127.0.0.1 / localhost address, and checks afterwards that
-every node is on loopback.
+Loopback: Ray 2.60 on Linux rewrites 127.0.0.1 / localhost to the machine's outward address unless
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set when Ray is imported: `connect` sets it for a local cluster
+and a loopback address, and checks afterwards that every node is on loopback.
 """
 
 from __future__ import annotations
@@ -142,14 +129,19 @@ def _ray_if_connected():
     return ray if ray is not None and ray.is_initialized() else None
 
 
+def _connected_ray():
+    ray = _ray_if_connected()
+    if ray is None:
+        raise ClusterError("not connected to a Ray cluster: call alexnet_keras.experiments.cluster.connect() first.")
+    return ray
+
+
 _STATE: dict[str, Any] = {}   # {"started_here": bool} while connected
 
 
 def cluster_info() -> ClusterInfo:
     """The cluster this process is connected to, as it is now."""
-    ray = _ray_if_connected()
-    if ray is None:
-        raise ClusterError("not connected to a Ray cluster: call alexnet_keras.experiments.cluster.connect() first.")
+    ray = _connected_ray()
     nodes = tuple(Node(n["NodeID"], n["NodeManagerAddress"], float(n["Resources"].get("CPU", 0)),
                        float(n["Resources"].get("GPU", 0)))
                   for n in ray.nodes() if n.get("Alive"))
@@ -257,14 +249,6 @@ def _local_store_path(uri: str) -> Path | None:
     return None
 
 
-def tracking_server_command(store_uri: str | None = None, port: int = 5000) -> str:
-    """`mlflow server` serving the runs of `store_uri` (a local store) to every node."""
-    path = _local_store_path(store_uri) if store_uri else None
-    backend = f"sqlite:///{path}" if path and path.suffix == ".db" else "sqlite:////SHARED/PATH/mlflow.db"
-    return (f"mlflow server --backend-store-uri {backend} --artifacts-destination /SHARED/PATH/mlartifacts "
-            f"--host 0.0.0.0 --port {port}")
-
-
 def check_store(tracking_uri: str, cluster: ClusterInfo, *, artifact_location: str | None = None) -> None:
     """Refuse, before anything starts, an MLflow store that some node of `cluster` cannot write to.
 
@@ -272,14 +256,16 @@ def check_store(tracking_uri: str, cluster: ClusterInfo, *, artifact_location: s
     node, children elsewhere would write to a store of their own, or to nothing. A tracking server on
     127.0.0.1 is only reachable from nodes on this machine.
     """
+    path = _local_store_path(tracking_uri)
+    backend = f"sqlite:///{path}" if path and path.suffix == ".db" else "sqlite:////SHARED/PATH/mlflow.db"
     how = (f"Serve the store from a machine every node reaches and point the runs at it:\n"
-           f"  {tracking_server_command(tracking_uri)}\n"
+           f"  mlflow server --backend-store-uri {backend} --artifacts-destination /SHARED/PATH/mlartifacts "
+           f"--host 0.0.0.0 --port 5000\n"
            f"  export MLFLOW_TRACKING_URI=http://SERVER_HOST:5000   (or pass --tracking-uri http://SERVER_HOST:5000)\n"
            f"(--artifacts-destination may be s3://BUCKET/PATH or any folder every node mounts; see docs/cluster.md)")
     several = cluster.num_nodes > 1
-    store = _local_store_path(tracking_uri)
-    if store is not None and several:
-        raise ClusterError(f"MLflow store {tracking_uri!r} is a file on this machine ({store}), but the Ray "
+    if path is not None and several:
+        raise ClusterError(f"MLflow store {tracking_uri!r} is a file on this machine ({path}), but the Ray "
                            f"cluster has {cluster.num_nodes} nodes: children on the other nodes cannot write "
                            f"to it.\n{how}")
     host = urlparse(tracking_uri).hostname
@@ -396,9 +382,7 @@ def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int =
     on this process as each job finishes; if it raises (or on Ctrl-C), the jobs not yet finished are
     cancelled and the error propagates.
     """
-    ray = _ray_if_connected()
-    if ray is None:
-        raise ClusterError("not connected to a Ray cluster: call alexnet_keras.experiments.cluster.connect() first.")
+    ray = _connected_ray()
     if max_retries < 0:
         raise ClusterError(f"max_retries must be 0 or more; got {max_retries}.")
     cluster = cluster_info()
@@ -478,14 +462,9 @@ def current_task() -> dict[str, str]:
 
 def driver_node() -> Node:
     """The node this process (the driver) is on: where a job that others must reach is pinned."""
-    ray = _ray_if_connected()
-    if ray is None:
-        raise ClusterError("not connected to a Ray cluster: call alexnet_keras.experiments.cluster.connect() first.")
+    ray = _connected_ray()
     node_id = ray.get_runtime_context().get_node_id()
-    for node in cluster_info().nodes:
-        if node.node_id == node_id:
-            return node
-    raise ClusterError(f"this machine's Ray node {node_id[:8]} is not among the cluster's live nodes.")
+    return next(node for node in cluster_info().nodes if node.node_id == node_id)
 
 
 def free_port(host: str) -> int:
