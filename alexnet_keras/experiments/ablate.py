@@ -33,15 +33,13 @@ def child_tags(study: Study, child: Child) -> dict[str, str]:
     }
 
 
-def end_earlier_attempts(parent_run_id: str, digest: str, reason: str) -> list[str]:
-    """End KILLED the runs of one child (its config digest) still RUNNING under the parent; their ids.
-    Within one `ablate` a child is trained by one process at a time, so such a run belongs to an
-    attempt whose process or node died."""
-    stale = [r.info.run_id for r in tracking.child_runs(parent_run_id)
-             if r.data.tags.get(CONFIG_DIGEST_TAG) == digest and r.info.status in ("RUNNING", "SCHEDULED")]
-    for run_id in stale:
-        tracking.end_run(run_id, "KILLED", reason)
-    return stale
+def end_earlier_attempts(parent_run_id: str, digest: str, reason: str) -> None:
+    """End KILLED the runs of one child (its config digest) still RUNNING under the parent. Within one
+    `ablate` a child is trained by one process at a time: such a run is of an attempt that died."""
+    for run in tracking.child_runs(parent_run_id):
+        if run.data.tags.get(CONFIG_DIGEST_TAG) == digest and run.info.status in ("RUNNING", "SCHEDULED"):
+            tracking.end_run(run.info.run_id, "KILLED", reason)
+            print(f"ended KILLED the run {run.info.run_id} of an earlier attempt: {reason}", flush=True)
 
 
 def _train_child_on_ray(config: Config, tags: dict[str, str], parent_run_id: str, uri: str) -> str:
@@ -56,11 +54,8 @@ def _train_child_on_ray(config: Config, tags: dict[str, str], parent_run_id: str
     tracking.configure(uri)
     keras.backend.clear_session()   # a reused worker process: drop the previous child's graphs
     task = cluster.current_task()
-    ended = end_earlier_attempts(parent_run_id, config.digest(),
-                                 f"the process or node training it died; Ray retried the child as task "
-                                 f"{task.get('task_id', '?')} on node {task.get('node_id', '?')[:8]}")
-    if ended:
-        print(f"ended KILLED the run(s) {', '.join(ended)} of an earlier attempt of {config.run_name}", flush=True)
+    end_earlier_attempts(parent_run_id, config.digest(), f"the process or node training it died; Ray retried "
+                         f"the child as task {task.get('task_id', '?')} on node {task.get('node_id', '?')[:8]}")
     tags = {**tags, tracking.RAY_TASK_TAG: task.get("task_id", ""), tracking.RAY_NODE_TAG: task.get("node_id", "")}
     if os.environ.get("CUDA_VISIBLE_DEVICES"):   # the GPU Ray gave this job
         tags[tracking.VISIBLE_DEVICES_TAG] = os.environ["CUDA_VISIBLE_DEVICES"]
@@ -91,10 +86,9 @@ SELECTION_METRIC = "val_accuracy"   # the study's champion is chosen on validati
 
 
 def champion(report) -> tuple[Any, str, float, float] | None:
-    """The study's best variant and run, chosen on validation accuracy (never test): the variant with
-    the highest mean final `val_accuracy` over its finished seeds (the first in the study's order on
-    ties), and its run with the highest final `val_accuracy`. Returns (variant summary, run id, the
-    variant's mean, the run's value), or None when no run has a validation accuracy."""
+    """(variant summary, run id, the variant's mean, the run's value) of the variant with the highest mean
+    final `val_accuracy` (never test; the first in the study's order on ties) and its best run; None
+    when no run has a validation accuracy."""
     best = None
     for variant in report.variants:
         finals = [(h[-1], run_id) for h, run_id in zip(variant.val_histories, variant.run_ids) if h]
@@ -108,9 +102,8 @@ def champion(report) -> tuple[Any, str, float, float] | None:
 
 
 def register_champion(study: Study, result: StudyResult, name: str) -> None:
-    """`ablate --register NAME`: the model of the study's champion run (`champion`) as a new version of
-    NAME with alias champion, tagged with the study, its parent run, the variant and seed, and the
-    mean validation accuracy it was chosen on."""
+    """`ablate --register NAME`: the model of the study's champion run as a new version of NAME (alias
+    champion), tagged with the study, its parent run, the variant, seed and the value it was chosen on."""
     from ..serving import DEFAULT_ALIAS, ModelError, register_model
 
     chosen = champion(result.report)
@@ -134,11 +127,9 @@ def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = Non
               ray_cpus: float = 1) -> StudyResult:
     """Create or resume the parent, train the missing children, write the report on the parent.
 
-    `parallel` > 1: the children run as jobs on a local Ray cluster, `parallel` at a time (one GPU each
-    where the machine has GPUs). `ray`: on a Ray cluster ("local", "auto" or "HOST:PORT"), each child
-    asking for one GPU where the cluster has GPUs, else `ray_cpus` CPUs. The cluster and the store it
-    must share are checked before any run is created.
-    """
+    The children run here one after another, or as Ray jobs: `parallel` at a time on a local cluster, or
+    on the cluster `ray` ("local", "auto", "HOST:PORT"), each asking for one GPU where there are GPUs,
+    else `ray_cpus` CPUs. The cluster and the store it must share are checked before any run exists."""
     if parallel < 1:
         raise StudyError(f"--parallel must be at least 1; got {parallel}.")
     if ray is not None and parallel != 1:
@@ -159,17 +150,12 @@ def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = Non
         location = tracking.artifact_location(tracking.experiment_id_for(study.experiment))
         cluster.check_store(uri, info, artifact_location=location)
         print(f"children run as Ray jobs on the {info.describe()}", flush=True)
-        return _run_study(study, uri, RayChildren(info, ray_cpus))
+        return _run_study(study, uri, ray_cpus)
 
 
-@dataclass(frozen=True)
-class RayChildren:
-    """A study's children run as Ray jobs on this cluster, each asking for `cpus` CPUs (no GPU there)."""
-    cluster: Any                          # cluster.ClusterInfo
-    cpus: float = 1
-
-
-def _run_study(study: Study, uri: str, on_ray: RayChildren | None = None) -> StudyResult:
+def _run_study(study: Study, uri: str, on_ray: float | None = None) -> StudyResult:
+    """`on_ray`: the children run as Ray jobs of the connected cluster, asking for that many CPUs where
+    it has no GPUs; None: one after another here."""
     from .report import build_report
 
     result = StudyResult(parent_run_id="", ran=[], skipped=[], failed={})
@@ -222,7 +208,7 @@ def _run_study(study: Study, uri: str, on_ray: RayChildren | None = None) -> Stu
 
 
 def _train_missing(study: Study, children: list[Child], parent_id: str, uri: str, result: StudyResult,
-                   diverged: Collection[str] = (), on_ray: RayChildren | None = None) -> None:
+                   diverged: Collection[str] = (), on_ray: float | None = None) -> None:
     """Train those of `children` that have no FINISHED run under the parent (nor, for tuning children,
     a run that diverged: `diverged` digests), here or as Ray jobs (`on_ray`)."""
     done = tracking.children_by(parent_id, CONFIG_DIGEST_TAG, status="FINISHED")
@@ -241,25 +227,16 @@ def _diverged(tuning: list[Child], parent_id: str) -> set[str]:
     """Digests of tuning children whose newest run ended FAILED because training diverged: that grid
     value is out for the arm, and running it again would diverge again."""
     newest = tracking.children_by(parent_id, CONFIG_DIGEST_TAG)
-    out = set()
-    for child in tuning:
-        run = newest.get(child.digest)
-        if (run is not None and run.info.status == "FAILED"
-                and run.data.tags.get(tracking.ERROR_TAG, "").startswith("FloatingPointError")):
-            out.add(child.digest)
-    return out
-
-
-def _fatal(err: BaseException) -> bool:
-    """Errors every child would hit again (bad data path, bad config): stop the study."""
-    from ..data import DataError
-
-    return isinstance(err, (ConfigError, DataError, tracking.TrackingError))
+    return {c.digest for c in tuning if c.digest in newest and newest[c.digest].info.status == "FAILED"
+            and newest[c.digest].data.tags.get(tracking.ERROR_TAG, "").startswith("FloatingPointError")}
 
 
 def _record_failure(result: StudyResult, child: Child, err: Exception) -> None:
-    """A child's own failure is recorded and the study goes on; a fatal one (bad input, store) stops it."""
-    if _fatal(err):
+    """A child's own failure is recorded and the study goes on; one every child would hit again (bad
+    data path, bad config, the store) stops it."""
+    from ..data import DataError
+
+    if isinstance(err, (ConfigError, DataError, tracking.TrackingError)):
         raise err
     result.failed[child.label] = f"{type(err).__name__}: {err}"
     print(f"child {child.label} failed: {err}", flush=True)
@@ -282,7 +259,7 @@ def _run_sequential(study: Study, todo: list[Child], parent_id: str, result: Stu
 
 
 def _run_on_ray(study: Study, todo: list[Child], parent_id: str, uri: str, result: StudyResult,
-                on_ray: RayChildren) -> None:
+                cpus: float) -> None:
     """Every child of `todo` as a Ray job (cluster.run_jobs); see _train_child_on_ray for its retries.
 
     A child whose retries are spent (its process or node died each time) is recorded failed and its
@@ -294,7 +271,7 @@ def _run_on_ray(study: Study, todo: list[Child], parent_id: str, uri: str, resul
     if not todo:
         return
     by_label = {c.label: c for c in todo}
-    threads = max(1, int(cluster.job_resources(on_ray.cluster, on_ray.cpus)["num_cpus"]))
+    threads = max(1, int(cluster.job_resources(cluster.cluster_info(), cpus)["num_cpus"]))
     jobs = [cluster.Job(c.label, _train_child_on_ray, (c.config, child_tags(study, c), parent_id, uri))
             for c in todo]
     print(f"training {len(todo)} children as Ray jobs", flush=True)
@@ -319,5 +296,5 @@ def _run_on_ray(study: Study, todo: list[Child], parent_id: str, uri: str, resul
         _record_failure(result, child, err)
 
     env = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_NUM_INTRAOP_THREADS": str(threads), **cluster.forwarded_env()}
-    cluster.run_jobs(jobs, cpus_per_job=on_ray.cpus, env=env, cwd=os.getcwd(), on_done=on_done)
+    cluster.run_jobs(jobs, cpus_per_job=cpus, env=env, cwd=os.getcwd(), on_done=on_done)
 

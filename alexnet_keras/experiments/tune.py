@@ -41,10 +41,6 @@ class SweepError(RuntimeError):
     """The sweep ran but cannot give a result (every trial failed, no chief, ...)."""
 
 
-# ---------------------------------------------------------------------------------------------
-# The HyperModel: the project's AlexNet, built from a Config, trained by train.fit
-# ---------------------------------------------------------------------------------------------
-
 class AlexNetHyperModel(keras_tuner.HyperModel):
     """`build(hp)` = `Config.override(hp values)` -> `build_alexnet` -> `compile_model`.
 
@@ -98,10 +94,6 @@ class AlexNetHyperModel(keras_tuner.HyperModel):
         return result
 
 
-# ---------------------------------------------------------------------------------------------
-# The tuner: one nested MLflow run per trial
-# ---------------------------------------------------------------------------------------------
-
 @dataclass
 class SweepContext:
     """What a tuner needs to log its trials: set once the parent run is known."""
@@ -112,7 +104,6 @@ class SweepContext:
     parent_run_id: str | None = None
     experiment: str = ""
     fatal: BaseException | None = None
-    trial_runs: dict[str, str] = field(default_factory=dict)   # trial id -> run id (this process)
 
     def runs(self) -> dict[str, Any]:
         """{trial id: its newest run} under the parent."""
@@ -150,7 +141,6 @@ class TrackedTrials:
             # Finished in MLflow, but the tuner state did not record it (stopped in between): reuse it.
             print(f"trial {trial.trial_id}: already finished as MLflow run {existing.info.run_id}; "
                   f"reusing its result", flush=True)
-            ctx.trial_runs[trial.trial_id] = existing.info.run_id
             return {sweep.objective: existing.data.metrics[best_key]}
         attempt = 1 if existing is None else int(existing.data.tags.get(tracking.ATTEMPT_TAG, "1")) + 1
         tags = {tracking.SWEEP_TAG: sweep.name, tracking.SWEEP_DIGEST_TAG: sweep.digest(),
@@ -160,8 +150,7 @@ class TrackedTrials:
         try:
             with tracking.run(ctx.experiment, run_name=run_name, params=config.flat(), tags=tags, nested=True,
                               parent_run_id=ctx.parent_run_id, system_metrics=config.system_metrics,
-                              run_id=existing.info.run_id if existing is not None else None) as active:
-                ctx.trial_runs[trial.trial_id] = active.info.run_id
+                              run_id=existing.info.run_id if existing is not None else None):
                 results = super().run_trial(trial, *args, **kwargs)
                 score, epoch = best_epoch(results, sweep.objective, sweep.direction)
                 tracking.log_metrics({best_key: score, "best_epoch": epoch})
@@ -179,9 +168,7 @@ TUNER_CLASSES = {"random": keras_tuner.RandomSearch, "bayesian": keras_tuner.Bay
 
 
 def oracle_seed(seed: int) -> int:
-    """The seed keras-tuner's oracle gets for the sweep file's `seed`: seed + 1, because keras-tuner
-    takes a seed of 0 for none (`Oracle`: `self.seed = seed or random.randint(1, 10000)`), which made
-    `seed: 0` sweeps draw their trials from a random seed."""
+    """The oracle's seed for the sweep file's `seed`: keras-tuner takes 0 for none (a random seed)."""
     return seed + 1
 
 
@@ -203,10 +190,6 @@ def make_tuner(sweep: Sweep, hypermodel: AlexNetHyperModel, ctx: SweepContext) -
     tuner.sweep_context = ctx
     return tuner
 
-
-# ---------------------------------------------------------------------------------------------
-# Running a sweep: standalone, chief or worker
-# ---------------------------------------------------------------------------------------------
 
 @dataclass
 class SweepResult:
@@ -348,10 +331,6 @@ def _run_sweep(sweep: Sweep, overwrite: bool, on_ray: tuple | None = None) -> Sw
     return SweepResult(parent_run_id=parent.run_id, rows=rows, best=best)
 
 
-# ---------------------------------------------------------------------------------------------
-# On a Ray cluster: keras-tuner's chief and workers as Ray jobs (cluster.py)
-# ---------------------------------------------------------------------------------------------
-
 def _search_job(sweep: Sweep, uri: str, uid: str, parent_run_id: str, experiment: str) -> None:
     """A Ray job, keras-tuner's chief or a worker by the KERASTUNER_* variables that come with it: the
     chief serves the oracle until the workers end, a worker takes trials from it, each in its own run
@@ -414,10 +393,6 @@ def _search_on_ray(ctx: SweepContext, info, count: int, cpus: float) -> None:
 
     cluster.run_jobs(jobs, cpus_per_job=cpus, env=cluster.forwarded_env(), cwd=os.getcwd(), on_done=on_done)
 
-
-# ---------------------------------------------------------------------------------------------
-# The parent's summary: table, figure, best values, best model
-# ---------------------------------------------------------------------------------------------
 
 def trial_rows(tuner: keras_tuner.Tuner, ctx: SweepContext) -> list[dict[str, Any]]:
     """One row per trial the oracle knows, best first (trials without a score last)."""
@@ -594,10 +569,6 @@ def summarize(tuner, ctx: SweepContext, parent_run_id: str) -> tuple[list[dict[s
     tracking.flush()
     return rows, best
 
-
-# ---------------------------------------------------------------------------------------------
-# Command line (`alexnet-keras tune`, wired in cli.py)
-# ---------------------------------------------------------------------------------------------
 
 def cmd_tune(args) -> int:
     sweep = load_sweep(args.sweep, max_trials=args.max_trials, directory=args.tuner_dir)
