@@ -145,9 +145,14 @@ def artifact_location(experiment_id: str) -> str:
 
 def experiment_id_for(experiment: str) -> str:
     """The experiment this process logs to: the run's under `mlflow run`, else `experiment`'s."""
-    if "MLFLOW_RUN_ID" in os.environ:
-        return MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
-    return open_experiment(experiment)
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if not launched:
+        return open_experiment(experiment)
+    try:
+        return MlflowClient().get_run(launched).info.experiment_id
+    except Exception as err:
+        raise TrackingError(f"cannot read the run {launched!r} that `mlflow run` started, at "
+                            f"{mlflow.get_tracking_uri()!r}: {err}") from err
 
 
 def preflight(experiment: str) -> None:
@@ -330,19 +335,16 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
     """Start (or, under `mlflow run`, resume) a run; end it FINISHED, FAILED or KILLED.
 
     `run_id` resumes that run (a study's or sweep's parent on re-run, an interrupted training run or
-    trial). A child (`parent_run_id` or `nested`) never resumes $MLFLOW_RUN_ID, and is nested when its
-    parent is the active run of this process. A top-level run turns SIGTERM into Ctrl-C.
+    trial); a top-level run without it takes $MLFLOW_RUN_ID when set (`parent_run` has taken it out of
+    the environment for the children of a study or sweep). A child is nested when its parent is the
+    active run of this process. A top-level run turns SIGTERM into Ctrl-C.
     `system_metrics`: log MLflow's system metrics for this run (True for training runs, see
     `system_metrics_setting`); None leaves it to MLflow's own switch (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING).
     """
     system_metrics = system_metrics_setting(system_metrics)
-    if parent_run_id is not None or nested:
-        # mlflow.start_run() without run_id resumes $MLFLOW_RUN_ID (the run `mlflow run` made, i.e.
-        # the parent): a child needs a run of its own.
-        os.environ.pop("MLFLOW_RUN_ID", None)
-        current = mlflow.active_run()
-        if parent_run_id is not None and current is not None and current.info.run_id == parent_run_id:
-            nested = True   # MLflow refuses a second active run unless it is nested
+    current = mlflow.active_run()
+    if parent_run_id is not None and current is not None and current.info.run_id == parent_run_id:
+        nested = True   # MLflow refuses a second active run unless it is nested
     if run_id is not None:
         # start_run(run_id=...) refuses a run of another experiment than the last set_experiment().
         mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
