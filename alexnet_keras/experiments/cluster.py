@@ -156,8 +156,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     size it; default: all of this machine's); "auto" joins the cluster of this machine ($RAY_ADDRESS, else
     the latest `ray start`); "HOST:PORT" joins that cluster's head. No dashboard, no usage statistics.
     """
-    if address is not None and not isinstance(address, str):
-        raise ClusterError(f"--ray: expected a cluster address or `auto`; got {address!r}.")
     address = (address or "").strip() or None
     if (num_cpus is not None or num_gpus is not None) and address not in (None, "local"):
         raise ClusterError("num_cpus / num_gpus size a local cluster; a cluster that is joined has its own.")
@@ -292,7 +290,6 @@ class Job:
     name: str                                     # shown in progress lines and outcomes
     fn: Callable[..., Any]                        # picklable: a module-level function
     args: tuple = ()
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
     resources: Mapping[str, float] | None = None  # {"num_cpus": .., "num_gpus": ..}; None: job_resources()
     env: Mapping[str, str] = field(default_factory=dict)   # on top of run_jobs(env=...), for this job only
     node_id: str | None = None                    # run on this node only (e.g. a server others must find)
@@ -324,7 +321,7 @@ def _task_body():
     """The function every job runs in: it calls the job and says where it ran. Built here as a closure so
     that Ray ships it by value: a worker does not import this package (and TensorFlow) for a no-op."""
 
-    def run_job(fn, args, kwargs, cwd=None):
+    def run_job(fn, args, cwd=None):
         import os as _os
         import signal as _signal
         import threading as _threading
@@ -341,7 +338,7 @@ def _task_body():
         if cwd and _os.path.isdir(cwd):   # relative paths (store, data, tuner state) as for the caller
             _os.chdir(cwd)
         start = _time.perf_counter()
-        value = fn(*args, **kwargs)
+        value = fn(*args)
         context = _ray.get_runtime_context()
         return {"value": value, "node_id": context.get_node_id(), "node_address": _ray.util.get_node_ip_address(),
                 "pid": _os.getpid(), "seconds": _time.perf_counter() - start}
@@ -370,31 +367,27 @@ def _check_feasible(cluster: ClusterInfo, request: Mapping[str, float], node_id:
 
 
 def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int = 3,
-             env: Mapping[str, str] | None = None, max_calls: int | None = None, cwd: str | None = None,
+             env: Mapping[str, str] | None = None, cwd: str | None = None,
              on_done: Callable[[JobOutcome], None] | None = None, verbose: bool = True) -> list[JobOutcome]:
     """Run `jobs` as Ray tasks on the connected cluster; their outcomes, in the order of `jobs`.
 
     A task whose worker process or node dies is re-run (up to `max_retries` times) by Ray, on any node
     with room; an exception raised by the job itself is not retried: it becomes that job's `error` and
     the others go on. `env`: variables set in the jobs' worker processes (plus each job's own `env`).
-    `cwd`: the folder jobs run in, on nodes that have it (default: where Ray starts them). `max_calls=1`:
-    a fresh worker process per job (Ray's default: reuse, except for GPU jobs). `on_done(outcome)` runs
-    on this process as each job finishes; if it raises (or on Ctrl-C), the jobs not yet finished are
-    cancelled and the error propagates.
+    `cwd`: the folder jobs run in, on nodes that have it (default: where Ray starts them).
+    `on_done(outcome)` runs on this process as each job finishes; if it raises (or on Ctrl-C), the jobs
+    not yet finished are cancelled and the error propagates.
     """
     ray = _connected_ray()
     if max_retries < 0:
         raise ClusterError(f"max_retries must be 0 or more; got {max_retries}.")
     cluster = cluster_info()
     default_request = job_resources(cluster, cpus_per_job)
-    base: dict[str, Any] = {"max_retries": max_retries, "retry_exceptions": False}
-    if max_calls is not None:
-        base["max_calls"] = max_calls
     per_job = []
     for job in jobs:   # every request checked before any job is submitted
         request = {**default_request, **dict(job.resources or {})}
         _check_feasible(cluster, request, job.node_id)
-        options = {**base, **request}
+        options = {"max_retries": max_retries, "retry_exceptions": False, **request}
         variables = {**dict(env or {}), **dict(job.env)}
         if variables:
             options["runtime_env"] = {"env_vars": {str(k): str(v) for k, v in variables.items()}}
@@ -405,7 +398,7 @@ def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int =
         per_job.append(options)
     task = ray.remote(_task_body())
     outcomes: list[JobOutcome | None] = [None] * len(jobs)
-    index = {task.options(name=job.name, **options).remote(job.fn, tuple(job.args), dict(job.kwargs), cwd): i
+    index = {task.options(name=job.name, **options).remote(job.fn, tuple(job.args), cwd): i
              for i, (job, options) in enumerate(zip(jobs, per_job))}
     pending = list(index)
     finished = 0
