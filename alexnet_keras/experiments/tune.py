@@ -38,7 +38,7 @@ STATE_FILE = "sweep.json"
 
 
 class SweepError(RuntimeError):
-    """The sweep ran but cannot give a result (every trial failed, no chief, ...)."""
+    """The sweep ran but cannot give a result (every trial failed, a Ray job failed, ...)."""
 
 
 class AlexNetHyperModel(keras_tuner.HyperModel):
