@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(variant, seed), and a report on the parent (see experiments/ablation.yaml)")
     ablate.add_argument("study", metavar="STUDY_YAML", help="study file: base config, axes, seeds")
     ablate.add_argument("--parallel", type=int, default=1, metavar="N", help="train N children at a "
-                        "time, each in its own process (default: 1, one after another); on a machine with "
-                        "GPUs each process gets its own")
+                        "time as jobs on a local Ray cluster, one GPU each where the machine has GPUs "
+                        "(default: 1, one after another in this process; needs pip install -e '.[ray]')")
     _add_ray_flags(ablate, "child")
     _add_register_flag(ablate, "the study's best variant (highest mean validation accuracy; its run with the "
                        "best validation accuracy)")
@@ -110,10 +110,6 @@ def _add_tune_parser(sub) -> None:
                       "`directory`, else ./tuner); the sweep lives in DIR/<name>")
     tune.add_argument("--overwrite", action="store_true", help="forget the tuner state and start again "
                       "(a new parent run; the old runs stay in MLflow)")
-    tune.add_argument("--parent-run-id", metavar="RUN_ID", help="the parent run (workers: default "
-                      "$ALEXNET_KERAS_PARENT_RUN_ID, else the running parent of this sweep, found by its tags)")
-    tune.add_argument("--worker-wait", type=float, default=600.0, metavar="SECONDS",
-                      help="how long a worker waits for the chief's parent run (default: 600)")
     tune.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
                       "sqlite:///mlflow.db)")
     _add_ray_flags(tune, "trial worker")

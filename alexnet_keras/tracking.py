@@ -9,13 +9,9 @@ A run ends FINISHED, FAILED (error message kept in the `error` tag) or KILLED (C
 never stuck RUNNING: every run records the host and process that owns it, so a run left RUNNING by a
 process that died (SIGKILL, power loss) is found later and marked KILLED (`mark_dead_runs`).
 
-Parents, children and resuming: one protocol for `train`, `ablate` and `tune`. Runs are found by
-their tags (`find_runs`, `latest_run`); a parent's children by `child_runs` / `children_by`; a
-re-run parent takes over the children of earlier parents of the same study or sweep
-(`adopt_children`) and ends the children a killed process left RUNNING (`end_stale_children`); an
-interrupted training run is found again (`find_resumable_run`) and continued in place, or, under
-`mlflow run`, in the run the launcher made (`adopt_run`). The functions that log accept
-`run_id=` to write to a run other than the active one (the study report does).
+Runs are found by their tags (`find_runs`); a study's or sweep's parent run is `parent_run` (the one
+place that takes `mlflow run`'s run for a parent), an interrupted training run is found again by
+`find_resumable_run`. The functions that log accept `run_id=` to write to another than the active run.
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
@@ -80,7 +77,6 @@ SWEEP_TAG = TAG_PREFIX + "sweep"
 SWEEP_DIGEST_TAG = TAG_PREFIX + "sweep_digest"
 SWEEP_UID_TAG = TAG_PREFIX + "sweep_uid"
 SWEEP_ROLE_TAG = TAG_PREFIX + "sweep_role"       # "parent", "trial" or "superseded"
-SWEEP_SESSION_TAG = TAG_PREFIX + "sweep_session"  # when a chief / standalone run last took the parent
 SWEEP_SUMMARY_TAG = TAG_PREFIX + "sweep_summary"  # what the parent's summary was computed from
 TRIAL_TAG = TAG_PREFIX + "trial_id"
 TUNER_ID_TAG = TAG_PREFIX + "tuner_id"
@@ -149,9 +145,14 @@ def artifact_location(experiment_id: str) -> str:
 
 def experiment_id_for(experiment: str) -> str:
     """The experiment this process logs to: the run's under `mlflow run`, else `experiment`'s."""
-    if "MLFLOW_RUN_ID" in os.environ:
-        return MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
-    return open_experiment(experiment)
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if not launched:
+        return open_experiment(experiment)
+    try:
+        return MlflowClient().get_run(launched).info.experiment_id
+    except Exception as err:
+        raise TrackingError(f"cannot read the run {launched!r} that `mlflow run` started, at "
+                            f"{mlflow.get_tracking_uri()!r}: {err}") from err
 
 
 def preflight(experiment: str) -> None:
@@ -163,15 +164,7 @@ def preflight(experiment: str) -> None:
     """
     with quick_requests():
         try:
-            if "MLFLOW_RUN_ID" in os.environ:
-                try:
-                    run_info = MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info
-                except Exception as err:
-                    raise TrackingError(f"cannot read the run {os.environ['MLFLOW_RUN_ID']!r} that `mlflow run` "
-                                        f"started, at {mlflow.get_tracking_uri()!r}: {err}") from err
-                experiment_id = run_info.experiment_id
-            else:
-                experiment_id = open_experiment(experiment)
+            experiment_id = experiment_id_for(experiment)
             location = MlflowClient().get_experiment(experiment_id).artifact_location
         except Exception as err:
             uri = mlflow.get_tracking_uri()
@@ -259,32 +252,15 @@ def is_tracking_error(err: BaseException) -> bool:
 
 def environment_tags() -> dict[str, str]:
     """Backend, device and library versions: what is needed to reproduce a number."""
+    import importlib.metadata
+
     import keras
-    import numpy
 
-    tags = {
-        "keras_backend": keras.backend.backend(),
-        "keras_version": keras.__version__,
-        "mlflow_version": mlflow.__version__,
-        "numpy_version": numpy.__version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "device": describe_device(),
-    }
-    try:
-        import tensorflow as tf
-
-        tags["tensorflow_version"] = tf.__version__
-    except ImportError:
-        pass
-    if keras.backend.backend() == "jax":
-        import jax
-
-        tags["jax_version"] = jax.__version__
-    elif keras.backend.backend() == "torch":
-        import torch
-
-        tags["torch_version"] = torch.__version__
+    tags = {"keras_backend": keras.backend.backend(), "python_version": platform.python_version(),
+            "platform": platform.platform(), "device": describe_device()}
+    for package in ("keras", "mlflow", "numpy", "tensorflow", "jax", "torch"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            tags[f"{package}_version"] = importlib.metadata.version(package)
     return {TAG_PREFIX + k: v for k, v in tags.items()}
 
 
@@ -359,19 +335,16 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
     """Start (or, under `mlflow run`, resume) a run; end it FINISHED, FAILED or KILLED.
 
     `run_id` resumes that run (a study's or sweep's parent on re-run, an interrupted training run or
-    trial). A child (`parent_run_id` or `nested`) never resumes $MLFLOW_RUN_ID, and is nested when its
-    parent is the active run of this process. A top-level run turns SIGTERM into Ctrl-C.
+    trial); a top-level run without it takes $MLFLOW_RUN_ID when set (`parent_run` has taken it out of
+    the environment for the children of a study or sweep). A child is nested when its parent is the
+    active run of this process. A top-level run turns SIGTERM into Ctrl-C.
     `system_metrics`: log MLflow's system metrics for this run (True for training runs, see
     `system_metrics_setting`); None leaves it to MLflow's own switch (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING).
     """
     system_metrics = system_metrics_setting(system_metrics)
-    if parent_run_id is not None or nested:
-        # mlflow.start_run() without run_id resumes $MLFLOW_RUN_ID (the run `mlflow run` made, i.e.
-        # the parent): a child needs a run of its own.
-        os.environ.pop("MLFLOW_RUN_ID", None)
-        current = mlflow.active_run()
-        if parent_run_id is not None and current is not None and current.info.run_id == parent_run_id:
-            nested = True   # MLflow refuses a second active run unless it is nested
+    current = mlflow.active_run()
+    if parent_run_id is not None and current is not None and current.info.run_id == parent_run_id:
+        nested = True   # MLflow refuses a second active run unless it is nested
     if run_id is not None:
         # start_run(run_id=...) refuses a run of another experiment than the last set_experiment().
         mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
@@ -415,16 +388,11 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
 
 
 # --- system metrics ------------------------------------------------------------------------------------
-# MLflow's monitor (a thread per run) samples CPU, memory, disk, network and, where nvidia-ml-py finds an
-# NVIDIA GPU, its utilisation and memory, every SAMPLING_INTERVAL_S seconds, and logs the mean of every
-# SAMPLES_BEFORE_LOGGING samples as `system/...` metrics (step 0, 1, ...). A sample not yet logged when
-# the run ends is dropped (MLflow's loop), so a run shorter than interval x samples would log none: MLflow's
-# own 10 s would leave the short runs of tests and smoke checks empty. 2 s x 1 gives any run longer than
-# 2 s a point, at 1,800 points per metric per hour. MLflow's variables MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
-# and MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING, when set, win.
+# MLflow's monitor logs the mean of every SAMPLES samples taken INTERVAL_S apart as `system/...` metrics,
+# and drops a sample not yet logged when the run ends: its own 10 s would leave short runs empty. 2 s x 1
+# gives any run longer than 2 s a point. MLflow's own variables, when set, win.
 SYSTEM_METRICS_INTERVAL_S = 2.0
 SYSTEM_METRICS_SAMPLES = 1
-SYSTEM_METRICS_PREFIX = "system/"
 
 
 def system_metrics_setting(enabled: bool | None) -> bool | None:
@@ -585,26 +553,44 @@ def adopt_children(parent_run_id: str, earlier_parents: Iterable[Any], *, key_ta
     return total
 
 
-def wait_for_run(tags: Mapping[str, str], *, timeout: float, newest_by: str | None = None,
-                 poll: float = 1.0) -> Any | None:
-    """The RUNNING run with `tags` (the one with the highest numeric `newest_by` tag, else the newest),
-    waiting up to `timeout` seconds for one to appear; None if none did. Store errors are retried until
-    then: the process that makes the run may still be creating the store."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            runs = find_runs(tags, status="RUNNING")
-        except Exception as err:
-            if time.monotonic() >= deadline:
-                raise TrackingError(f"MLflow store {mlflow.get_tracking_uri()!r}: {err}") from err
-            runs = []
-        if runs:
-            if newest_by is not None:
-                runs.sort(key=lambda r: float(r.data.tags.get(newest_by, "0")), reverse=True)
-            return runs[0]
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(poll)
+@dataclass(frozen=True)
+class Parent:
+    """A study's or sweep's parent run, as parent_run hands it over."""
+    run_id: str
+    experiment: str      # its experiment's name: the children's
+
+
+@contextlib.contextmanager
+def parent_run(experiment: str, name: str, match: Mapping[str, str], *, tags: Mapping[str, str] | None = None,
+               params: Mapping[str, Any] | None = None, description: str = "", adopt_key: str | None = None,
+               wanted: Collection[str] | None = None, retire: Mapping[str, str] | None = None) -> Iterator[Parent]:
+    """The parent run of a study or sweep (identified by the tags `match`), ended FINISHED, FAILED or
+    KILLED like any run.
+
+    Under `mlflow run` it is the run MLflow made ($MLFLOW_RUN_ID, taken out of the environment here so
+    that no child resumes it); else the newest earlier parent with the tags `match` (in any experiment)
+    goes on, or a new one starts in `experiment`. As it starts: children left RUNNING by a process that is
+    gone end KILLED, and the children of earlier parents with the same tags move under it (see
+    `adopt_children` for `adopt_key`, `wanted` and `retire`). It carries `match`, `tags`, the environment
+    tags, `params` and `description` (the run page's)."""
+    launched = os.environ.pop("MLFLOW_RUN_ID", None)
+    found = None if launched else latest_run(match)
+    resume = launched or (found.info.run_id if found is not None else None)
+    if resume:
+        actual = experiment_name(get_run(resume).info.experiment_id)
+        if launched and actual != experiment:
+            print(f"note: `mlflow run` chose experiment {actual!r}; {experiment!r} is used only outside "
+                  f"`mlflow run` (pass --experiment-name to pick it)", flush=True)
+    else:
+        actual = experiment
+    all_tags = {**environment_tags(), **dict(tags or {}), **match, RUN_NAME_TAG: name, NOTE_TAG: description}
+    with run(actual, run_name=name, params=params, tags=all_tags, run_id=resume) as active:
+        parent_id = active.info.run_id
+        how = "made by `mlflow run`" if launched else "resumed" if resume else "new"
+        print(f"parent run {parent_id} ({how}) in experiment {actual!r} at {tracking_uri()}", flush=True)
+        end_stale_children(parent_id, "stale: its study or sweep was restarted")
+        adopt_children(parent_id, find_runs(match), key_tag=adopt_key, wanted=wanted, retire=retire)
+        yield Parent(parent_id, actual)
 
 
 def find_resumable_run(experiment: str, match_tags: Mapping[str, str], run_name: str | None = None) -> Any | None:
@@ -701,57 +687,45 @@ def epoch_history(run_id: str, keys: Sequence[str] = EPOCH_KEYS) -> dict[str, li
 
 # --- logging (to the active run, or to `run_id`) -------------------------------------------------------
 
+def _run(run_id: str | None) -> str:
+    return run_id or mlflow.active_run().info.run_id
+
+
 def log_metrics(metrics: Mapping[str, float], step: int | None = None, *, run_id: str | None = None) -> None:
-    values = {k: float(v) for k, v in metrics.items()}
-    if run_id is None:
-        mlflow.log_metrics(values, step=step)
-        return
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, step or 0) for k, v in values.items()],
+    MlflowClient().log_batch(_run(run_id), metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()],
                              synchronous=True)
 
 
 def log_metrics_once(metrics: Mapping[str, float]) -> None:
     """Log the metrics the active run does not hold yet (a resumed run already has its run-level ones)."""
-    existing = MlflowClient().get_run(mlflow.active_run().info.run_id).data.metrics
+    existing = MlflowClient().get_run(_run(None)).data.metrics
     fresh = {k: v for k, v in metrics.items() if k not in existing}
     if fresh:
         log_metrics(fresh)
 
 
 def set_tags(tags: Mapping[str, str], *, run_id: str | None = None) -> None:
-    if run_id is None:
-        mlflow.set_tags(dict(tags))
-        return
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    from mlflow.entities import RunTag
+
+    MlflowClient().log_batch(_run(run_id), tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
 
 
 def log_text(text: str, artifact_file: str, *, run_id: str | None = None) -> None:
-    if run_id is None:
-        mlflow.log_text(text, artifact_file)
-    else:
-        MlflowClient().log_text(run_id, text, artifact_file)
+    MlflowClient().log_text(_run(run_id), text, artifact_file)
 
 
 def log_dict(data: Mapping[str, Any], artifact_file: str, *, run_id: str | None = None) -> None:
-    if run_id is None:
-        mlflow.log_dict(dict(data), artifact_file)
-    else:
-        MlflowClient().log_dict(run_id, dict(data), artifact_file)
+    MlflowClient().log_dict(_run(run_id), dict(data), artifact_file)
 
 
 def log_figure(figure, artifact_file: str, *, run_id: str | None = None) -> None:
     """Log a matplotlib figure as an image, then close it."""
     import matplotlib.pyplot as plt
 
-    if run_id is None:
-        mlflow.log_figure(figure, artifact_file)
-    else:
-        MlflowClient().log_figure(run_id, figure, artifact_file)
+    MlflowClient().log_figure(_run(run_id), figure, artifact_file)
     plt.close(figure)
 
 

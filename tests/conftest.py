@@ -212,3 +212,28 @@ def pytest_xdist_make_scheduler(config, log):
             return "ray" if Path(module).stem in RAY_MODULES else module
 
     return ByModule(config, log)
+
+
+# --- Ray (tests/ray_fixtures.py) ---------------------------------------------------------------------
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_token():
+    """Ray reads its token once per process: every cluster of the session (a local one of `ablate
+    --parallel`, the two-node one) uses ray_fixtures.TOKEN."""
+    from ray_fixtures import auth_env
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in auth_env().items():
+            patch.setenv(key, value)
+        yield
+
+
+@pytest.fixture(scope="session")
+def two_nodes():
+    """Two Ray nodes (1 CPU each) and an MLflow server on 127.0.0.1, shared by the Ray test modules (one
+    xdist worker runs them both); a test that kills a node starts another in its place."""
+    from ray_fixtures import RAY_MISSING, two_node_lab
+
+    if RAY_MISSING:
+        pytest.skip("ray or psutil is not installed (pip install -e '.[ray]')")
+    yield from two_node_lab()

@@ -18,6 +18,7 @@ too advertises and listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import secrets
@@ -34,8 +35,9 @@ from conftest import QUIET_SERVER, free_port
 
 try:
     import psutil
-except ImportError:   # tests/test_cluster.py skips its Ray tests without it (pip install -e '.[ray]')
+except ImportError:   # the Ray tests are skipped without it (pip install -e '.[ray]')
     psutil = None
+RAY_MISSING = importlib.util.find_spec("ray") is None or psutil is None
 
 BIN = Path(sys.executable).parent
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
@@ -149,6 +151,7 @@ class LoopbackCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.sessions: dict[str, int] = {}          # name -> session id (= pid of the command started)
+        self.second = "second"                      # the node besides the head (add_node's latest)
         self.mlflow_uri = ""                        # the server named "mlflow"
         self._servers: dict[str, tuple[subprocess.Popen, str]] = {}   # name -> (process, URI)
         self._ports: dict[str, int] = {}
@@ -193,6 +196,7 @@ class LoopbackCluster:
                         self._env(loopback_switch=True))
 
     def add_node(self, name: str = "second") -> None:
+        self.second = name
         self._ray_start(name, [sys.executable, "-c", JOIN_LAUNCHER, "start", f"--address={self.address}",
                                "--node-ip-address=127.0.0.1", *self._node_flags(name)],
                         self._env(loopback_switch=False))
@@ -268,8 +272,8 @@ class LoopbackCluster:
 
 
 def two_node_lab():
-    """The body of each Ray test module's `two_nodes` fixture: a two-node cluster (1 CPU a node) and an
-    MLflow server on 127.0.0.1, yielded once all are up; every process stopped afterwards, pass or fail."""
+    """The body of conftest's `two_nodes` fixture: a two-node cluster (1 CPU a node) and an MLflow server
+    on 127.0.0.1, yielded once all are up; every process stopped afterwards, pass or fail."""
     from alexnet_keras.experiments import cluster
 
     with LoopbackCluster() as lab:

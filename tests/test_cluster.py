@@ -1,113 +1,23 @@
-"""alexnet_keras.experiments.cluster: device lists, one GPU per pool worker, the store preflight, and Ray for real: a
-local cluster and a two-node cluster on 127.0.0.1 (tests/ray_fixtures.py) with an MLflow server, jobs,
-errors, and the faults (a worker SIGKILLed, a node's raylet killed) with their retries."""
+"""alexnet_keras.experiments.cluster: the store preflight, and Ray for real: a local cluster and the two-node
+cluster on 127.0.0.1 (tests/ray_fixtures.py, conftest's `two_nodes`) with an MLflow server, jobs, errors,
+and the faults (a worker SIGKILLed, a node's raylet killed) with their retries."""
 
 import concurrent.futures as cf
-import importlib.util
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from ray_fixtures import (two_node_lab, TOKEN, auth_env, free_port, loopback_violations, psutil,
-                          tcp_sockets, wait_until)
+from ray_fixtures import RAY_MISSING, free_port, loopback_violations, psutil, tcp_sockets, wait_until
 
 from alexnet_keras.experiments import cluster
 from alexnet_keras.experiments.cluster import ClusterError, ClusterInfo, Job, Node
 
-RAY_MISSING = importlib.util.find_spec("ray") is None or psutil is None
 needs_ray = pytest.mark.skipif(RAY_MISSING, reason="ray or psutil is not installed (pip install -e '.[ray]')")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_token():
-    """Ray reads its token once per process: every cluster of the test session (local or two-node) uses
-    ray_fixtures.TOKEN."""
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in auth_env(TOKEN).items():
-            patch.setenv(key, value)
-        yield
-
-
-# ----------------------------------------------------------------------------------------------
-# Devices
-# ----------------------------------------------------------------------------------------------
-
-def test_list_gpus_from_the_override_and_from_cuda_visible_devices(monkeypatch):
-    monkeypatch.setenv(cluster.GPUS_ENV, " 0, 1 ")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
-    assert cluster.list_gpus() == ["0", "1"]          # the override wins
-    monkeypatch.setenv(cluster.GPUS_ENV, "")
-    assert cluster.list_gpus() == []
-    monkeypatch.delenv(cluster.GPUS_ENV)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,GPU-8a1b")
-    assert cluster.list_gpus() == ["2", "GPU-8a1b"]   # the user's choice of devices is kept
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
-    assert cluster.list_gpus() == []
-
-
-def test_list_gpus_from_nvidia_smi(monkeypatch, tmp_path):
-    monkeypatch.delenv(cluster.GPUS_ENV, raising=False)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    fake = tmp_path / "nvidia-smi"
-    fake.write_text(textwrap.dedent("""\
-        #!/bin/sh
-        echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-11111111-2222-3333-4444-555555555555)"
-        echo "GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee)"
-        echo "  MIG 3g.20gb     Device  0: (UUID: MIG-0f0f0f0f-1111-2222-3333-444444444444)"
-        echo "  MIG 3g.20gb     Device  1: (UUID: MIG-5e5e5e5e-1111-2222-3333-444444444444)"
-        """))
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", str(tmp_path))
-    assert cluster.list_gpus() == ["0", "MIG-0f0f0f0f-1111-2222-3333-444444444444",
-                                   "MIG-5e5e5e5e-1111-2222-3333-444444444444"]
-    fake.unlink()
-    assert cluster.list_gpus() == []                  # no nvidia-smi: no GPU
-
-
-def test_assign_devices_round_robin():
-    assert cluster.assign_devices(2, ["0", "1"]) == ["0", "1"]
-    assert cluster.assign_devices(3, ["0", "1"]) == ["0", "1", "0"]
-    assert cluster.assign_devices(4, []) == []
-    with pytest.raises(ClusterError, match="at least 1"):
-        cluster.assign_devices(0, ["0"])
-
-
-def _note_device(folder: str) -> None:
-    """Pool initializer (runs in the worker after the device is claimed)."""
-    Path(folder, str(os.getpid())).write_text(os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
-
-
-def _pid_and_device(pause: float) -> tuple[int, str]:
-    time.sleep(pause)   # keep this worker busy so that the next task goes to the other one
-    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
-
-
-def test_process_pool_gives_each_worker_its_own_gpu(monkeypatch, tmp_path):
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setenv(cluster.GPUS_ENV, "0,1")       # a faked two-GPU machine
-    with cluster.process_pool(2, initializer=_note_device, initargs=(str(tmp_path),)) as pool:
-        seen = list(pool.map(_pid_and_device, [1.0] * 4))
-    by_pid = {}
-    for pid, device in seen:
-        by_pid.setdefault(pid, set()).add(device)
-    assert len(by_pid) == 2, seen
-    assert all(len(devices) == 1 for devices in by_pid.values()), seen      # a worker keeps its device
-    assert sorted(d for (d,) in by_pid.values()) == ["0", "1"]                 # and no two share one
-    # the device was set before the caller's initializer ran (i.e. before anything could import TF)
-    assert {int(f.name): f.read_text() for f in tmp_path.iterdir()} == {pid: d for pid, (d,) in by_pid.items()}
-
-
-def test_process_pool_without_gpus_leaves_devices_alone(monkeypatch):
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setenv(cluster.GPUS_ENV, "")
-    with cluster.process_pool(2) as pool:
-        assert list(pool.map(os.getenv, ["CUDA_VISIBLE_DEVICES"] * 2)) == [None, None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,12 +82,12 @@ def test_connect_without_ray_says_how_to_install(monkeypatch):
 
 def test_the_package_does_not_import_ray():
     code = ("import sys; sys.modules['ray'] = None\n"
-            "from alexnet_keras import cluster\n"
-            "print(cluster.assign_devices(2, ['0']))")
+            "from alexnet_keras.experiments import ablate, cluster\n"
+            "print(cluster.forwarded_env({'KERAS_BACKEND': 'jax'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().endswith("['0', '0']")
+    assert out.stdout.strip().endswith("{'KERAS_BACKEND': 'jax'}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,14 +173,6 @@ def test_local_cluster_is_on_loopback_only():
     assert not alive, [p.pid for p in alive]
 
 
-@pytest.fixture(scope="module")
-def two_nodes():
-    """The two-node cluster and the MLflow server, for the whole module; stopped even on failure."""
-    if RAY_MISSING:
-        pytest.skip("ray or psutil is not installed (pip install -e '.[ray]')")
-    yield from two_node_lab()
-
-
 @pytest.fixture
 def on_two_nodes(two_nodes) -> ClusterInfo:
     info = cluster.connect(two_nodes.address)        # returns the connection if there is one
@@ -307,7 +209,7 @@ def test_two_node_cluster_on_loopback_with_an_mlflow_server(two_nodes, on_two_no
     me = psutil.Process()
     sockets = tcp_sockets([*two_nodes.pids(), me.pid, *(p.pid for p in me.children(recursive=True))])
     listening = {pid for pid, status, *_ in sockets if status == psutil.CONN_LISTEN}
-    assert listening & set(two_nodes.pids("head")) and listening & set(two_nodes.pids("second"))
+    assert listening & set(two_nodes.pids("head")) and listening & set(two_nodes.pids(two_nodes.second))
     assert listening & set(two_nodes.pids("mlflow"))
     assert loopback_violations(sockets) == []
 
@@ -410,8 +312,8 @@ def test_a_sigkilled_worker_without_retries_is_reported_failed(on_two_nodes, tmp
 
 @needs_ray
 def test_a_dead_node_s_job_is_retried_on_the_surviving_node(two_nodes, on_two_nodes, tmp_path):
-    """Kills the second node for good: keep this the module's last test."""
-    head_raylet, second_raylet = two_nodes.raylet_pid("head"), two_nodes.raylet_pid("second")
+    """Kills the second node, and starts another in its place for the tests after it."""
+    head_raylet, second_raylet = two_nodes.raylet_pid("head"), two_nodes.raylet_pid(two_nodes.second)
     jobs = [Job("a", JOBS.gated, (str(tmp_path), "a")), Job("b", JOBS.gated, (str(tmp_path), "b"))]
     pool, future = _run_in_thread(jobs)
     pids = {name: _start_pid(tmp_path, name) for name in ("a", "b")}    # both run: one on each node
@@ -420,7 +322,7 @@ def test_a_dead_node_s_job_is_retried_on_the_surviving_node(two_nodes, on_two_no
     doomed = next(name for name, raylet in node_of.items() if raylet == second_raylet)
     survivor = next(name for name in node_of if name != doomed)
 
-    two_nodes.kill_raylet("second")
+    two_nodes.kill_raylet(two_nodes.second)
     (tmp_path / f"{survivor}.release").write_text("")                # frees the head's only CPU
     retry = _start_pid(tmp_path, doomed, after={pids[doomed]})
     assert int((tmp_path / f"{doomed}.start.{retry}").read_text()) == head_raylet
@@ -435,3 +337,5 @@ def test_a_dead_node_s_job_is_retried_on_the_surviving_node(two_nodes, on_two_no
     assert len(_files(tmp_path, f"{doomed}.done.*")) == 1             # ... finished once
     assert len(_files(tmp_path, f"{survivor}.done.*")) == 1
     wait_until(lambda: cluster.cluster_info().num_nodes == 1, 60, what="Ray to mark the node dead")
+    two_nodes.add_node("third")
+    wait_until(lambda: cluster.cluster_info().num_nodes == 2, 60, what="the new node")

@@ -1,16 +1,15 @@
-"""Studies and sweeps across devices and nodes, for real: `ablate --parallel` on a (faked) two-GPU machine,
-then `ablate --ray` and `tune --ray` on a two-node Ray cluster with an MLflow tracking server, all on
-127.0.0.1 (tests/ray_fixtures.py), and the faults: the tracking server gone mid-study, a node's raylet
-killed mid-child. (A worker process SIGKILLed is retried the same way: tests/test_cluster.py.)
+"""Studies and sweeps across devices and nodes, for real: `ablate --parallel` (a local Ray cluster) on a
+(faked) two-GPU machine, then `ablate --ray` and `tune --ray` on the two-node Ray cluster with an MLflow
+tracking server, all on 127.0.0.1 (conftest's `two_nodes`), and the faults: the tracking server gone
+mid-study, a node's raylet killed mid-child. (A worker process SIGKILLed: tests/test_cluster.py.)
 
-One cluster serves the module; the node-kill test, which leaves one node, comes last. The refused store
+The node-kill test, which leaves one node, comes last. The refused store
 is checked with the CLI in a subprocess, as a user runs it; the other commands run `cli.main` in a
 thread of this process, connected to the cluster once: one Ray job for them all, so the nodes' worker
 processes (and the TensorFlow they imported) serve every study, which keeps the module's time down.
 """
 
 import concurrent.futures as cf
-import importlib.util
 import os
 import signal
 import subprocess
@@ -21,8 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from ray_fixtures import (two_node_lab, TOKEN, auth_env, loopback_violations, psutil, tcp_sockets,
-                          wait_until)
+from ray_fixtures import RAY_MISSING, TOKEN, auth_env, loopback_violations, psutil, tcp_sockets, wait_until
 
 from alexnet_keras import cli, tracking
 from alexnet_keras.experiments import cluster
@@ -31,7 +29,6 @@ from alexnet_keras.experiments.study import load_study
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "smoke.yaml"
 SWEEP_SMOKE = ROOT / "experiments" / "sweep_smoke.yaml"
-RAY_MISSING = importlib.util.find_spec("ray") is None or psutil is None
 needs_ray = pytest.mark.skipif(RAY_MISSING, reason="ray or psutil is not installed (pip install -e '.[ray]')")
 PARENT = "mlflow.parentRunId"
 
@@ -50,15 +47,6 @@ def _study_file(folder: Path, name: str, *, axes=None, epochs: int = 3, samples:
 
 def _steps(client: MlflowClient, run_id: str, key: str = "loss") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_token():
-    """This process's Ray connection uses the tests' cluster token (read once per process)."""
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in auth_env().items():
-            patch.setenv(key, value)
-        yield
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +78,7 @@ def test_ray_misuse_is_refused_before_anything_starts(untouched_store, monkeypat
 def test_jobs_get_the_drivers_training_environment_only():
     env = {"KERAS_BACKEND": "jax", "ALEXNET_KERAS_DATA_DIR": "/data", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
            "MLFLOW_TRACKING_TOKEN": "t", "MLFLOW_RUN_ID": "r", "MLFLOW_EXPERIMENT_ID": "1",
-           "MLFLOW_TRACKING_URI": "http://x", cluster.GPUS_ENV: "0,1", "PATH": "/bin", "HOME": "/root"}
+           "MLFLOW_TRACKING_URI": "http://x", "PATH": "/bin", "HOME": "/root"}
     assert cluster.forwarded_env(env) == {"KERAS_BACKEND": "jax", "ALEXNET_KERAS_DATA_DIR": "/data",
                                           "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_TRACKING_TOKEN": "t"}
 
@@ -111,12 +99,15 @@ def test_sweep_workers_one_per_gpu_else_per_cpus_at_most_max_trials():
 
 
 # ----------------------------------------------------------------------------------------------
-# --parallel N: one GPU per worker process (no Ray)
+# --parallel N: a local Ray cluster, which gives each child a GPU of its own
 # ----------------------------------------------------------------------------------------------
 
+@needs_ray
 def test_parallel_gives_each_worker_process_its_own_gpu(mlflow_store, tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setenv(cluster.GPUS_ENV, "0,1")          # a faked two-GPU machine (TensorFlow sees none)
+    connect = cluster.connect   # a faked two-GPU machine (TensorFlow sees none): Ray hands them out
+    monkeypatch.setattr(cluster, "connect", lambda address=None, **sizes: connect(address, **sizes, num_gpus=2))
+    cluster.disconnect()
     study = _study_file(tmp_path, "two-gpus", epochs=1, samples=128)
     assert cli.main(["ablate", str(study), "--parallel", "2"]) == 0
     client = MlflowClient(mlflow_store)
@@ -131,14 +122,6 @@ def test_parallel_gives_each_worker_process_its_own_gpu(mlflow_store, tmp_path, 
 # ----------------------------------------------------------------------------------------------
 # The cluster: `ablate --ray` and `tune --ray`
 # ----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def two_nodes():
-    """Two Ray nodes (1 CPU each) and an MLflow server on 127.0.0.1, for the whole module."""
-    if RAY_MISSING:
-        pytest.skip("ray or psutil is not installed (pip install -e '.[ray]')")
-    yield from two_node_lab()
-
 
 @pytest.fixture
 def driver(two_nodes, tmp_path, monkeypatch):
@@ -400,14 +383,14 @@ def test_a_tracking_server_gone_mid_study_fails_clearly_and_loses_nothing(two_no
 
 @needs_ray
 def test_a_killed_node_s_child_is_retried_on_the_surviving_node(two_nodes, driver, tmp_path):
-    """Kills the second node for good: keep this the module's last test."""
+    """Kills the second node for good: keep this the session's last Ray test."""
     client = MlflowClient(two_nodes.mlflow_uri)
     path = _study_file(tmp_path, "ray-node-kill")
     study = driver(["ablate", path, "--ray", two_nodes.address, "--tracking-uri", two_nodes.mlflow_uri])
     experiment_id = _experiment_id(client, "ray-node-kill", study)
     victim = _child_in_training(client, experiment_id, study,   # the second node's processes, as they are now
-                                where=lambda run: int(run.data.tags[tracking.PID_TAG]) in two_nodes.pids("second"))
-    two_nodes.kill_raylet("second")
+                                where=lambda run: int(run.data.tags[tracking.PID_TAG]) in two_nodes.pids(two_nodes.second))
+    two_nodes.kill_raylet(two_nodes.second)
     assert study.wait() == 0
 
     _, children = _assert_every_child_finished_once(client, experiment_id, path)

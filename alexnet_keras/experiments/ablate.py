@@ -1,48 +1,11 @@
-"""Ablation studies: one MLflow parent run per study, one child run per (variant, seed).
+"""Ablation studies (study files: study.py): one MLflow parent run per study (tracking.parent_run), one
+child run per (variant, seed), a report on the parent (report.py).
 
-A study file (see experiments/ablation.yaml) names a base config, the axes to vary and the seeds:
-
-    name: alexnet-cifar10-ablation
-    description: ...
-    base_config: cifar10.yaml          # optional, relative to the study file; then `base` on top
-    base: {epochs: 30}                 # any training option, nested (model/data/train) or flat
-    design: one_factor_at_a_time       # or `grid` (the cartesian product of the axes)
-    seeds: [0, 1, 2]                   # or a count: 3 = [0, 1, 2]
-    axes:
-      pool: [overlapping, non_overlapping]           # a config option and its values
-      normalization:                                 # a composite axis: value name -> options
-        lrn: {lrn: true, batchnorm: false}
-        none: {lrn: false, batchnorm: false}
-    baseline: {pool: overlapping}      # optional; default: the value matching the base config,
-                                       # else the first value listed
-    nuisance: [seed]                   # optional, recorded in the report (tuning playbook roles)
-    nuisance_grid:                     # optional: tuned per arm (see below)
-      learning_rate: [0.005, 0.02, 0.08]
-
-The axes are the scientific hyperparameters, `seeds` (and `nuisance`) the nuisance ones, everything
-else is fixed at the base config's value. Every variant's full Config is built (and so validated)
-before any run is created; a mistake fails with a message that names the file, the axis and the value.
-
-`nuisance_grid` maps config options (flat names, not an axis's) to the values to try; several keys
-are tried as their cartesian product. Every arm (variant) first runs each grid value with the first
-seed (the tuning children); its value is the one whose run ends with the best val_accuracy (never
-test; report.choose_grid_value), and its other seeds then run at that value: the first seed's run
-there is the tuning child itself (same config digest). A grid value whose training diverges is out
-for that arm, not a failure of the study, and is not retried. The spec on the parent holds
-`nuisance_grid` and, per variant, `grid_digests: {label: {seed: digest}}` instead of `config_digests`
-(report.py's docstring); on resume the choice is recomputed from the store. Studies without a grid
-keep their digests and specs.
-
-Re-running a study resumes it: the parent run is found again by its study name and study digest, the
-children that FINISHED with the same config digest are kept, the others (failed, killed, never
-started) run. Under `mlflow run` the parent is the run MLflow made ($MLFLOW_RUN_ID); finished children
-of an earlier parent of the same study are moved under it. The keys every study and sweep file shares
-(name ... base) are read by specfile.py; finding, ending and adopting runs is tracking.py's protocol,
-the same for `train`, `ablate` and `tune`.
-
-Where children train: one after another in this process; `--parallel N` in N processes (one GPU each
-on a machine with GPUs); `--ray [ADDRESS]` each as a job on a Ray cluster (cluster.py, docs/cluster.md),
-where a retry after a dead process or node ends the dead attempt's run KILLED and trains anew.
+Re-running a study resumes it: the children that FINISHED with the same config digest are kept, the
+others run. With a `nuisance_grid`, every arm first trains each grid value with the first seed, then its
+other seeds at the value chosen on validation; a value that diverges is out for that arm. Children train
+one after another in this process, or as Ray jobs (`--parallel N` on a local cluster, `--ray ADDRESS` on
+a cluster: cluster.py), where a retry after a dead process or node ends the dead attempt's run KILLED.
 """
 
 from __future__ import annotations
@@ -58,11 +21,8 @@ from .. import tracking
 from ..config import Config, ConfigError
 from .study import Child, Study, StudyError, StudyIncomplete, plan_text
 from ..tracking import (BASELINE_TAG, CONFIG_DIGEST_TAG, FACTOR_TAG, ROLE_TAG, SEED_TAG, SPEC_ARTIFACT,
-                       STUDY_DIGEST_TAG, STUDY_TAG, VARIANT_TAG)   # tag names live in tracking.py
+                       STUDY_DIGEST_TAG, STUDY_TAG, VARIANT_TAG)
 
-# ----------------------------------------------------------------------------------------------
-# Running: the parent, the children, resumption.
-# ----------------------------------------------------------------------------------------------
 
 def child_tags(study: Study, child: Child) -> dict[str, str]:
     return {
@@ -73,60 +33,33 @@ def child_tags(study: Study, child: Child) -> dict[str, str]:
     }
 
 
-def _init_worker(tracking_uri: str, threads: int) -> None:
-    """Runs once in each spawned worker, before TensorFlow is imported by any task."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")   # workers share one GPU
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    tracking.configure(tracking_uri)
-    try:
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-    except Exception:   # another backend without TensorFlow, or already initialised
-        pass
+def end_earlier_attempts(parent_run_id: str, digest: str, reason: str) -> None:
+    """End KILLED the runs of one child (its config digest) still RUNNING under the parent. Within one
+    `ablate` a child is trained by one process at a time: such a run is of an attempt that died."""
+    for run in tracking.child_runs(parent_run_id):
+        if run.data.tags.get(CONFIG_DIGEST_TAG) == digest and run.info.status in ("RUNNING", "SCHEDULED"):
+            tracking.end_run(run.info.run_id, "KILLED", reason)
+            print(f"ended KILLED the run {run.info.run_id} of an earlier attempt: {reason}", flush=True)
 
 
-def _train_child(config: Config, tags: dict[str, str], parent_run_id: str) -> tuple[str, dict[str, float]]:
-    from ..training.train import train_and_evaluate
-
-    if os.environ.get("CUDA_VISIBLE_DEVICES"):   # the GPU this worker was given (cluster.py)
-        tags = {**tags, tracking.VISIBLE_DEVICES_TAG: os.environ["CUDA_VISIBLE_DEVICES"]}
-    result = train_and_evaluate(config, tags=tags, parent_run_id=parent_run_id)
-    return result.run_id, result.metrics
-
-
-def end_earlier_attempts(parent_run_id: str, digest: str, reason: str) -> list[str]:
-    """End KILLED the runs of one child (its config digest) that are still RUNNING under the parent; their
-    ids. Within one `ablate` a child is trained by one process at a time, so such a run belongs to an
-    attempt whose process or node died (a Ray retry, or a failure the driver reports)."""
-    stale = [r.info.run_id for r in tracking.child_runs(parent_run_id)
-             if r.data.tags.get(CONFIG_DIGEST_TAG) == digest and r.info.status in ("RUNNING", "SCHEDULED")]
-    for run_id in stale:
-        tracking.end_run(run_id, "KILLED", reason)
-    return stale
-
-
-def _train_child_on_ray(config: Config, tags: dict[str, str], parent_run_id: str, uri: str,
-                        threads: int) -> tuple[str, dict[str, float]]:
-    """One child as a Ray job (cluster.run_jobs): trained as in a --parallel worker, with its Ray task
-    and node in its tags. A retry (Ray re-runs the job when its worker process or node died) first ends
-    KILLED the run the dead attempt left RUNNING, then trains in a new run: the dead attempt's
-    per-epoch metrics stay in its own run, never mixed with the retry's."""
+def _train_child_on_ray(config: Config, tags: dict[str, str], parent_run_id: str, uri: str) -> str:
+    """One child as a Ray job, with its Ray task, node and GPU in its tags. A retry (Ray re-runs the job
+    when its worker process or node died) first ends KILLED the run the dead attempt left RUNNING, then
+    trains in a new run: the dead attempt's metrics stay in its own run."""
     import keras
 
+    from ..training.train import train_and_evaluate
     from . import cluster
 
-    _init_worker(uri, threads)
+    tracking.configure(uri)
     keras.backend.clear_session()   # a reused worker process: drop the previous child's graphs
     task = cluster.current_task()
-    ended = end_earlier_attempts(parent_run_id, config.digest(),
-                                 f"the process or node training it died; Ray retried the child as task "
-                                 f"{task.get('task_id', '?')} on node {task.get('node_id', '?')[:8]}")
-    if ended:
-        print(f"ended KILLED the run(s) {', '.join(ended)} of an earlier attempt of {config.run_name}", flush=True)
+    end_earlier_attempts(parent_run_id, config.digest(), f"the process or node training it died; Ray retried "
+                         f"the child as task {task.get('task_id', '?')} on node {task.get('node_id', '?')[:8]}")
     tags = {**tags, tracking.RAY_TASK_TAG: task.get("task_id", ""), tracking.RAY_NODE_TAG: task.get("node_id", "")}
-    return _train_child(config, tags, parent_run_id)
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):   # the GPU Ray gave this job
+        tags[tracking.VISIBLE_DEVICES_TAG] = os.environ["CUDA_VISIBLE_DEVICES"]
+    return train_and_evaluate(config, tags=tags, parent_run_id=parent_run_id).run_id
 
 
 @dataclass
@@ -153,10 +86,9 @@ SELECTION_METRIC = "val_accuracy"   # the study's champion is chosen on validati
 
 
 def champion(report) -> tuple[Any, str, float, float] | None:
-    """The study's best variant and run, chosen on validation accuracy (never test): the variant with
-    the highest mean final `val_accuracy` over its finished seeds (the first in the study's order on
-    ties), and its run with the highest final `val_accuracy`. Returns (variant summary, run id, the
-    variant's mean, the run's value), or None when no run has a validation accuracy."""
+    """(variant summary, run id, the variant's mean, the run's value) of the variant with the highest mean
+    final `val_accuracy` (never test; the first in the study's order on ties) and its best run; None
+    when no run has a validation accuracy."""
     best = None
     for variant in report.variants:
         finals = [(h[-1], run_id) for h, run_id in zip(variant.val_histories, variant.run_ids) if h]
@@ -170,9 +102,8 @@ def champion(report) -> tuple[Any, str, float, float] | None:
 
 
 def register_champion(study: Study, result: StudyResult, name: str) -> None:
-    """`ablate --register NAME`: the model of the study's champion run (`champion`) as a new version of
-    NAME with alias champion, tagged with the study, its parent run, the variant and seed, and the
-    mean validation accuracy it was chosen on."""
+    """`ablate --register NAME`: the model of the study's champion run as a new version of NAME (alias
+    champion), tagged with the study, its parent run, the variant, seed and the value it was chosen on."""
     from ..serving import DEFAULT_ALIAS, ModelError, register_model
 
     chosen = champion(result.report)
@@ -196,55 +127,36 @@ def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = Non
               ray_cpus: float = 1) -> StudyResult:
     """Create or resume the parent, train the missing children, write the report on the parent.
 
-    `ray`: train every child as a job on a Ray cluster (cluster.py): "local" starts one on this machine,
-    "auto" or "HOST:PORT" joins one; each child asks for one GPU where the cluster has GPUs, else
-    `ray_cpus` CPUs. The cluster and the store it must share are checked before any run is created.
-    """
-    if ray is None:
-        return _run_study(study, parallel=parallel, tracking_uri=tracking_uri)
-    from . import cluster
-
-    if parallel != 1:
+    The children run here one after another, or as Ray jobs: `parallel` at a time on a local cluster, or
+    on the cluster `ray` ("local", "auto", "HOST:PORT"), each asking for one GPU where there are GPUs,
+    else `ray_cpus` CPUs. The cluster and the store it must share are checked before any run exists."""
+    if parallel < 1:
+        raise StudyError(f"--parallel must be at least 1; got {parallel}.")
+    if ray is not None and parallel != 1:
         raise StudyError(f"--parallel {parallel} with --ray: Ray runs as many children at once as the cluster "
                          f"has room for (one GPU each, else --ray-cpus CPUs each); drop --parallel.")
     uri = tracking.configure(tracking_uri)
-    with cluster.connected(None if ray == "local" else ray) as info:
-        cluster.check_store(uri, info)          # before any run: a store some node cannot write to
-        print(f"children run as Ray jobs on the {info.describe()}", flush=True)
-        return _run_study(study, tracking_uri=uri, on_ray=RayChildren(info, ray_cpus))
+    if ray is None and parallel == 1:
+        return _run_study(study, uri)
+    from . import cluster
 
-
-@dataclass(frozen=True)
-class RayChildren:
-    """A study's children run as Ray jobs on this cluster, each asking for `cpus` CPUs (no GPU there)."""
-    cluster: Any                          # cluster.ClusterInfo
-    cpus: float = 1
-
-
-def _run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = None,
-               on_ray: RayChildren | None = None) -> StudyResult:
-    from .report import build_report
-
-    if parallel < 1:
-        raise StudyError(f"--parallel must be at least 1; got {parallel}.")
-    uri = tracking.configure(tracking_uri)
-    env_run_id = os.environ.get("MLFLOW_RUN_ID")
-    parent_tags = {STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "parent"}
-    if env_run_id:   # under `mlflow run`: the parent is the run MLflow created for us
-        experiment_id = tracking.get_run(env_run_id).info.experiment_id
-        experiment_name = tracking.experiment_name(experiment_id)
-        if experiment_name != study.experiment:
-            print(f"note: `mlflow run` chose experiment {experiment_name!r}; the study's {study.experiment!r} "
-                  f"is used only outside `mlflow run` (pass --experiment-name to pick it)")
-        resume = None
+    if ray is None:   # --parallel N: a local cluster of this machine's CPUs, N children at a time
+        cpus = os.cpu_count() or 1
+        where, sizes, ray_cpus = None, {"num_cpus": cpus}, cpus / parallel
     else:
-        experiment_id = tracking.open_experiment(study.experiment)   # create it before any fan-out
-        experiment_name = study.experiment
-        resume = tracking.latest_run(parent_tags, experiment_ids=[experiment_id])
-    if on_ray is not None:   # its artifacts too must go where every node can write, before any run
-        from . import cluster
+        where, sizes = (None if ray == "local" else ray), {}
+    with cluster.connected(where, **sizes) as info:
+        cluster.check_store(uri, info)          # before any run: a store some node cannot write to
+        location = tracking.artifact_location(tracking.experiment_id_for(study.experiment))
+        cluster.check_store(uri, info, artifact_location=location)
+        print(f"children run as Ray jobs on the {info.describe()}", flush=True)
+        return _run_study(study, uri, ray_cpus)
 
-        cluster.check_store(uri, on_ray.cluster, artifact_location=tracking.artifact_location(experiment_id))
+
+def _run_study(study: Study, uri: str, on_ray: float | None = None) -> StudyResult:
+    """`on_ray`: the children run as Ray jobs of the connected cluster, asking for that many CPUs where
+    it has no GPUs; None: one after another here."""
+    from .report import build_report
 
     result = StudyResult(parent_run_id="", ran=[], skipped=[], failed={})
     params = {"study": study.name, "study_file": study.path, "design": study.design,
@@ -253,33 +165,22 @@ def _run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = No
     if study.grid:   # tuning runs (every arm at every value, first seed), then the other seeds
         params.update(num_children=len(study.variants) * (len(study.grid) + len(study.seeds) - 1),
                       nuisance_grid=json.dumps(study.grid_spec()))
-    with tracking.run(experiment_name, run_name=study.name, params=params,
-                      tags={**parent_tags, tracking.RUN_NAME_TAG: study.name,
-                            tracking.NOTE_TAG: parent_description(study)},
-                      run_id=resume.info.run_id if resume is not None else None) as active:
-        parent_id = active.info.run_id
-        result.parent_run_id = parent_id
-        os.environ.pop("MLFLOW_RUN_ID", None)   # children (and workers) must not resume the parent
+    match = {STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "parent"}
+    with tracking.parent_run(study.experiment, study.name, match, params=params,
+                             description=parent_description(study), adopt_key=CONFIG_DIGEST_TAG,
+                             wanted={c.digest for c in study.children()}) as parent:
+        parent_id = result.parent_run_id = parent.run_id
         tracking.log_dict(study.spec(), SPEC_ARTIFACT)
         tracking.log_text(study.text, "study/" + Path(study.path).name)
         print(plan_text(study))
-        how = "made by `mlflow run`" if env_run_id else "resumed" if resume is not None else "new"
-        print(f"parent run {parent_id} ({how}) in experiment {experiment_name!r} at {uri}")
-
-        # Resuming: children a killed study left RUNNING end KILLED (and run again); finished children
-        # of earlier parents of this study (an earlier `mlflow run`) move here; finished ones are kept.
-        children = study.children(experiment_name)
-        wanted = {c.digest for c in children}
-        tracking.end_stale_children(parent_id, "stale: the study was restarted")
-        tracking.adopt_children(parent_id, tracking.find_runs(parent_tags, experiment_ids=[experiment_id]),
-                                key_tag=CONFIG_DIGEST_TAG, wanted=wanted)
         start = time.perf_counter()
         if not study.grid:
+            children = study.children(parent.experiment)
             planned = len(children)
-            _train_missing(study, children, parent_id, parallel, uri, result, on_ray=on_ray)
+            _train_missing(study, children, parent_id, uri, result, on_ray=on_ray)
         else:   # 1. every arm at every grid value with the first seed; 2. its other seeds at its best value
-            tuning = study.tuning_children(experiment_name)
-            _train_missing(study, tuning, parent_id, parallel, uri, result, diverged=_diverged(tuning, parent_id),
+            tuning = study.tuning_children(parent.experiment)
+            _train_missing(study, tuning, parent_id, uri, result, diverged=_diverged(tuning, parent_id),
                            on_ray=on_ray)
             for child in tuning:   # a value that diverges is a tuning result, not a failure of the study
                 if child.label in result.failed and result.failed[child.label].startswith("FloatingPointError"):
@@ -291,9 +192,9 @@ def _run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = No
             for name, label in choice.items():
                 if label is None:
                     result.failed[name] = "no tuning run finished, so its other seeds were not run"
-            final = study.final_children(choice, experiment_name)
+            final = study.final_children(choice, parent.experiment)
             planned = len(tuning) + len(study.variants) * (len(study.seeds) - 1)
-            _train_missing(study, final, parent_id, parallel, uri, result, on_ray=on_ray)
+            _train_missing(study, final, parent_id, uri, result, on_ray=on_ray)
         print(f"trained {len(result.ran)} children in {time.perf_counter() - start:.1f}s; "
               f"{len(result.failed)} failed" + (f", {len(result.diverged)} tuning runs diverged"
                                                  if result.diverged else ""))
@@ -306,10 +207,10 @@ def _run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = No
     return result
 
 
-def _train_missing(study: Study, children: list[Child], parent_id: str, parallel: int, uri: str,
-                   result: StudyResult, diverged: Collection[str] = (), on_ray: RayChildren | None = None) -> None:
+def _train_missing(study: Study, children: list[Child], parent_id: str, uri: str, result: StudyResult,
+                   diverged: Collection[str] = (), on_ray: float | None = None) -> None:
     """Train those of `children` that have no FINISHED run under the parent (nor, for tuning children,
-    a run that diverged: `diverged` digests), in `parallel` processes, or as Ray jobs (`on_ray`)."""
+    a run that diverged: `diverged` digests), here or as Ray jobs (`on_ray`)."""
     done = tracking.children_by(parent_id, CONFIG_DIGEST_TAG, status="FINISHED")
     todo = [c for c in children if c.digest not in done and c.digest not in diverged]
     skipped = [c.label for c in children if c.digest in done or c.digest in diverged]
@@ -318,8 +219,6 @@ def _train_missing(study: Study, children: list[Child], parent_id: str, parallel
         print(f"{len(skipped)} of {len(children)} children already finished: skipped")
     if on_ray is not None:
         _run_on_ray(study, todo, parent_id, uri, result, on_ray)
-    elif parallel > 1 and len(todo) > 1:
-        _run_parallel(study, todo, parent_id, min(parallel, len(todo)), uri, result)
     else:
         _run_sequential(study, todo, parent_id, result)
 
@@ -328,25 +227,16 @@ def _diverged(tuning: list[Child], parent_id: str) -> set[str]:
     """Digests of tuning children whose newest run ended FAILED because training diverged: that grid
     value is out for the arm, and running it again would diverge again."""
     newest = tracking.children_by(parent_id, CONFIG_DIGEST_TAG)
-    out = set()
-    for child in tuning:
-        run = newest.get(child.digest)
-        if (run is not None and run.info.status == "FAILED"
-                and run.data.tags.get(tracking.ERROR_TAG, "").startswith("FloatingPointError")):
-            out.add(child.digest)
-    return out
-
-
-def _fatal(err: BaseException) -> bool:
-    """Errors every child would hit again (bad data path, bad config): stop the study."""
-    from ..data import DataError
-
-    return isinstance(err, (ConfigError, DataError, tracking.TrackingError))
+    return {c.digest for c in tuning if c.digest in newest and newest[c.digest].info.status == "FAILED"
+            and newest[c.digest].data.tags.get(tracking.ERROR_TAG, "").startswith("FloatingPointError")}
 
 
 def _record_failure(result: StudyResult, child: Child, err: Exception) -> None:
-    """A child's own failure is recorded and the study goes on; a fatal one (bad input, store) stops it."""
-    if _fatal(err):
+    """A child's own failure is recorded and the study goes on; one every child would hit again (bad
+    data path, bad config, the store) stops it."""
+    from ..data import DataError
+
+    if isinstance(err, (ConfigError, DataError, tracking.TrackingError)):
         raise err
     result.failed[child.label] = f"{type(err).__name__}: {err}"
     print(f"child {child.label} failed: {err}", flush=True)
@@ -368,36 +258,8 @@ def _run_sequential(study: Study, todo: list[Child], parent_id: str, result: Stu
             result.ran.append(child.label)
 
 
-def _run_parallel(study: Study, todo: list[Child], parent_id: str, workers: int, uri: str,
-                  result: StudyResult) -> None:
-    import concurrent.futures as cf
-
-    from . import cluster
-
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    gpus = cluster.list_gpus()
-    on = f", one GPU each of {', '.join(gpus)}" if gpus else ""
-    print(f"training {len(todo)} children in {workers} processes{on}", flush=True)
-    # On a machine with GPUs each worker process sees only its own (CUDA_VISIBLE_DEVICES, round-robin).
-    with cluster.process_pool(workers, initializer=_init_worker, initargs=(uri, threads), devices=gpus) as pool:
-        futures = {pool.submit(_train_child, c.config, child_tags(study, c), parent_id): c for c in todo}
-        try:
-            for future in cf.as_completed(futures):
-                child = futures[future]
-                try:
-                    future.result()
-                except Exception as err:
-                    _record_failure(result, child, err)
-                else:
-                    result.ran.append(child.label)
-                    print(f"child {child.label} finished ({len(result.ran)}/{len(todo)})", flush=True)
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)   # in-flight children end on their own
-            raise
-
-
 def _run_on_ray(study: Study, todo: list[Child], parent_id: str, uri: str, result: StudyResult,
-                on_ray: RayChildren) -> None:
+                cpus: float) -> None:
     """Every child of `todo` as a Ray job (cluster.run_jobs); see _train_child_on_ray for its retries.
 
     A child whose retries are spent (its process or node died each time) is recorded failed and its
@@ -409,8 +271,8 @@ def _run_on_ray(study: Study, todo: list[Child], parent_id: str, uri: str, resul
     if not todo:
         return
     by_label = {c.label: c for c in todo}
-    threads = max(1, int(cluster.job_resources(on_ray.cluster, on_ray.cpus)["num_cpus"]))
-    jobs = [cluster.Job(c.label, _train_child_on_ray, (c.config, child_tags(study, c), parent_id, uri, threads))
+    threads = max(1, int(cluster.job_resources(cluster.cluster_info(), cpus)["num_cpus"]))
+    jobs = [cluster.Job(c.label, _train_child_on_ray, (c.config, child_tags(study, c), parent_id, uri))
             for c in todo]
     print(f"training {len(todo)} children as Ray jobs", flush=True)
 
@@ -433,6 +295,6 @@ def _run_on_ray(study: Study, todo: list[Child], parent_id: str, uri: str, resul
             err = RuntimeError(outcome.error_text)
         _record_failure(result, child, err)
 
-    env = {"TF_CPP_MIN_LOG_LEVEL": "2", **cluster.forwarded_env()}
-    cluster.run_jobs(jobs, cpus_per_job=on_ray.cpus, env=env, cwd=os.getcwd(), on_done=on_done)
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_NUM_INTRAOP_THREADS": str(threads), **cluster.forwarded_env()}
+    cluster.run_jobs(jobs, cpus_per_job=cpus, env=env, cwd=os.getcwd(), on_done=on_done)
 

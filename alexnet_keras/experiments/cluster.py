@@ -1,28 +1,12 @@
-"""Ray clusters and device placement: where the children of a study and the trials of a sweep run.
+"""Ray clusters, where the children of a study and the trials of a sweep run (docs/cluster.md): `connect`
+starts a local cluster on 127.0.0.1 or joins one, `check_store` refuses before anything starts an MLflow
+store that some node cannot write to, `run_jobs` runs picklable callables as Ray tasks (one GPU each
+where the cluster has GPUs, else CPUs), retried when their process or node dies. Ray is an optional
+extra (`pip install -e '.[ray]'`), imported only by the functions that need it.
 
-    connect(address)      None: start a local Ray cluster on 127.0.0.1 only; "auto": join the cluster this
-                          machine belongs to; "host:port": join that one. No dashboard, no usage stats.
-    check_store(uri, c)   refuse, before anything starts, an MLflow store that the cluster's nodes cannot
-                          all write to (a sqlite:/// or local-file store while the cluster has several nodes).
-    run_jobs(jobs)        each job (a picklable callable and its arguments) is one Ray task asking for its
-                          resources (one GPU where the cluster has GPUs, else `cpus_per_job` CPUs; a job
-                          may ask for others, or be pinned to a node), retried when its worker process or
-                          node dies; one progress line per finished job; every job's result or error comes
-                          back, a failure loses none of the others. Jobs run in the caller's working folder
-                          where the node has it, with the caller's training-related environment
-                          (`forwarded_env`).
-    current_task()        inside a job: its Ray task id (the same for every retry of it) and node id.
-    process_pool(n)       a local `--parallel N` pool in which each worker process sees one GPU of its own
-                          (CUDA_VISIBLE_DEVICES, set before the worker imports TensorFlow).
-
-Ray is an optional extra (`pip install -e '.[ray]'`) and is imported only by the functions that need it,
-so the package (and `process_pool`) works without it.
-
-Loopback: Ray 2.60 on Linux rewrites 127.0.0.1 / localhost, both as a node address and as a cluster
-address, to the machine's outward address (which every interface then listens on), unless its
-single-machine switch RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set when Ray is imported. `connect` sets
-that switch for a local cluster and for a 127.0.0.1 / localhost address, and checks afterwards that
-every node is on loopback.
+Loopback: Ray 2.60 on Linux rewrites 127.0.0.1 / localhost to the machine's outward address unless
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set when Ray is imported: `connect` sets it for a local cluster
+and a loopback address, and checks afterwards that every node is on loopback.
 """
 
 from __future__ import annotations
@@ -32,9 +16,7 @@ import ipaddress
 import logging
 import os
 import re
-import shutil
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +25,6 @@ from urllib.parse import urlparse
 
 from ..config import ConfigError
 
-GPUS_ENV = "ALEXNET_KERAS_GPUS"          # "0,1": the GPUs to hand out (overrides detection); "": none
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 RAY_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")   # the names Ray rewrites to the outward address
 INSTALL_HINT = "pip install -e '.[ray]' (or pip install 'ray>=2.60')"
@@ -131,7 +112,7 @@ def _import_ray(keep_loopback: bool):
     try:
         import ray
     except ImportError:
-        raise ClusterError(f"--ray needs Ray, which is not installed: {INSTALL_HINT}.") from None
+        raise ClusterError(f"--ray and --parallel N need Ray, which is not installed: {INSTALL_HINT}.") from None
     finally:
         if switched:
             del os.environ[LOOPBACK_SWITCH]
@@ -148,14 +129,19 @@ def _ray_if_connected():
     return ray if ray is not None and ray.is_initialized() else None
 
 
+def _connected_ray():
+    ray = _ray_if_connected()
+    if ray is None:
+        raise ClusterError("not connected to a Ray cluster: call alexnet_keras.experiments.cluster.connect() first.")
+    return ray
+
+
 _STATE: dict[str, Any] = {}   # {"started_here": bool} while connected
 
 
 def cluster_info() -> ClusterInfo:
     """The cluster this process is connected to, as it is now."""
-    ray = _ray_if_connected()
-    if ray is None:
-        raise ClusterError("not connected to a Ray cluster: call alexnet_keras.experiments.cluster.connect() first.")
+    ray = _connected_ray()
     nodes = tuple(Node(n["NodeID"], n["NodeManagerAddress"], float(n["Resources"].get("CPU", 0)),
                        float(n["Resources"].get("GPU", 0)))
                   for n in ray.nodes() if n.get("Alive"))
@@ -170,8 +156,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     size it; default: all of this machine's); "auto" joins the cluster of this machine ($RAY_ADDRESS, else
     the latest `ray start`); "HOST:PORT" joins that cluster's head. No dashboard, no usage statistics.
     """
-    if address is not None and not isinstance(address, str):
-        raise ClusterError(f"--ray: expected a cluster address or `auto`; got {address!r}.")
     address = (address or "").strip() or None
     if (num_cpus is not None or num_gpus is not None) and address not in (None, "local"):
         raise ClusterError("num_cpus / num_gpus size a local cluster; a cluster that is joined has its own.")
@@ -191,9 +175,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     local = address in (None, "local")
     try:
-        if local:
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                     logging_level=logging.WARNING, log_to_driver=log_to_driver)
+        if local:   # its processes inherit this environment: not the run and experiment of `mlflow run`
+            with _without(NOT_FORWARDED):
+                ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                         logging_level=logging.WARNING, log_to_driver=log_to_driver)
         else:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
     except (ConnectionError, RuntimeError, ray.exceptions.RayError) as err:
@@ -213,6 +198,16 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
                                f"instead of 127.0.0.1; start its nodes with {LOOPBACK_SWITCH}=0 (see "
                                f"docs/cluster.md).")
     return info
+
+
+@contextlib.contextmanager
+def _without(names: Sequence[str]) -> Iterator[None]:
+    """Within: `names` are not in this process's environment."""
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def disconnect() -> None:
@@ -252,14 +247,6 @@ def _local_store_path(uri: str) -> Path | None:
     return None
 
 
-def tracking_server_command(store_uri: str | None = None, port: int = 5000) -> str:
-    """`mlflow server` serving the runs of `store_uri` (a local store) to every node."""
-    path = _local_store_path(store_uri) if store_uri else None
-    backend = f"sqlite:///{path}" if path and path.suffix == ".db" else "sqlite:////SHARED/PATH/mlflow.db"
-    return (f"mlflow server --backend-store-uri {backend} --artifacts-destination /SHARED/PATH/mlartifacts "
-            f"--host 0.0.0.0 --port {port}")
-
-
 def check_store(tracking_uri: str, cluster: ClusterInfo, *, artifact_location: str | None = None) -> None:
     """Refuse, before anything starts, an MLflow store that some node of `cluster` cannot write to.
 
@@ -267,14 +254,16 @@ def check_store(tracking_uri: str, cluster: ClusterInfo, *, artifact_location: s
     node, children elsewhere would write to a store of their own, or to nothing. A tracking server on
     127.0.0.1 is only reachable from nodes on this machine.
     """
+    path = _local_store_path(tracking_uri)
+    backend = f"sqlite:///{path}" if path and path.suffix == ".db" else "sqlite:////SHARED/PATH/mlflow.db"
     how = (f"Serve the store from a machine every node reaches and point the runs at it:\n"
-           f"  {tracking_server_command(tracking_uri)}\n"
+           f"  mlflow server --backend-store-uri {backend} --artifacts-destination /SHARED/PATH/mlartifacts "
+           f"--host 0.0.0.0 --port 5000\n"
            f"  export MLFLOW_TRACKING_URI=http://SERVER_HOST:5000   (or pass --tracking-uri http://SERVER_HOST:5000)\n"
            f"(--artifacts-destination may be s3://BUCKET/PATH or any folder every node mounts; see docs/cluster.md)")
     several = cluster.num_nodes > 1
-    store = _local_store_path(tracking_uri)
-    if store is not None and several:
-        raise ClusterError(f"MLflow store {tracking_uri!r} is a file on this machine ({store}), but the Ray "
+    if path is not None and several:
+        raise ClusterError(f"MLflow store {tracking_uri!r} is a file on this machine ({path}), but the Ray "
                            f"cluster has {cluster.num_nodes} nodes: children on the other nodes cannot write "
                            f"to it.\n{how}")
     host = urlparse(tracking_uri).hostname
@@ -301,7 +290,6 @@ class Job:
     name: str                                     # shown in progress lines and outcomes
     fn: Callable[..., Any]                        # picklable: a module-level function
     args: tuple = ()
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
     resources: Mapping[str, float] | None = None  # {"num_cpus": .., "num_gpus": ..}; None: job_resources()
     env: Mapping[str, str] = field(default_factory=dict)   # on top of run_jobs(env=...), for this job only
     node_id: str | None = None                    # run on this node only (e.g. a server others must find)
@@ -333,7 +321,7 @@ def _task_body():
     """The function every job runs in: it calls the job and says where it ran. Built here as a closure so
     that Ray ships it by value: a worker does not import this package (and TensorFlow) for a no-op."""
 
-    def run_job(fn, args, kwargs, cwd=None):
+    def run_job(fn, args, cwd=None):
         import os as _os
         import signal as _signal
         import threading as _threading
@@ -350,7 +338,7 @@ def _task_body():
         if cwd and _os.path.isdir(cwd):   # relative paths (store, data, tuner state) as for the caller
             _os.chdir(cwd)
         start = _time.perf_counter()
-        value = fn(*args, **kwargs)
+        value = fn(*args)
         context = _ray.get_runtime_context()
         return {"value": value, "node_id": context.get_node_id(), "node_address": _ray.util.get_node_ip_address(),
                 "pid": _os.getpid(), "seconds": _time.perf_counter() - start}
@@ -379,33 +367,27 @@ def _check_feasible(cluster: ClusterInfo, request: Mapping[str, float], node_id:
 
 
 def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int = 3,
-             env: Mapping[str, str] | None = None, max_calls: int | None = None, cwd: str | None = None,
+             env: Mapping[str, str] | None = None, cwd: str | None = None,
              on_done: Callable[[JobOutcome], None] | None = None, verbose: bool = True) -> list[JobOutcome]:
     """Run `jobs` as Ray tasks on the connected cluster; their outcomes, in the order of `jobs`.
 
     A task whose worker process or node dies is re-run (up to `max_retries` times) by Ray, on any node
     with room; an exception raised by the job itself is not retried: it becomes that job's `error` and
     the others go on. `env`: variables set in the jobs' worker processes (plus each job's own `env`).
-    `cwd`: the folder jobs run in, on nodes that have it (default: where Ray starts them). `max_calls=1`:
-    a fresh worker process per job (Ray's default: reuse, except for GPU jobs). `on_done(outcome)` runs
-    on this process as each job finishes; if it raises (or on Ctrl-C), the jobs not yet finished are
-    cancelled and the error propagates.
+    `cwd`: the folder jobs run in, on nodes that have it (default: where Ray starts them).
+    `on_done(outcome)` runs on this process as each job finishes; if it raises (or on Ctrl-C), the jobs
+    not yet finished are cancelled and the error propagates.
     """
-    ray = _ray_if_connected()
-    if ray is None:
-        raise ClusterError("not connected to a Ray cluster: call alexnet_keras.experiments.cluster.connect() first.")
+    ray = _connected_ray()
     if max_retries < 0:
         raise ClusterError(f"max_retries must be 0 or more; got {max_retries}.")
     cluster = cluster_info()
     default_request = job_resources(cluster, cpus_per_job)
-    base: dict[str, Any] = {"max_retries": max_retries, "retry_exceptions": False}
-    if max_calls is not None:
-        base["max_calls"] = max_calls
     per_job = []
     for job in jobs:   # every request checked before any job is submitted
         request = {**default_request, **dict(job.resources or {})}
         _check_feasible(cluster, request, job.node_id)
-        options = {**base, **request}
+        options = {"max_retries": max_retries, "retry_exceptions": False, **request}
         variables = {**dict(env or {}), **dict(job.env)}
         if variables:
             options["runtime_env"] = {"env_vars": {str(k): str(v) for k, v in variables.items()}}
@@ -416,7 +398,7 @@ def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int =
         per_job.append(options)
     task = ray.remote(_task_body())
     outcomes: list[JobOutcome | None] = [None] * len(jobs)
-    index = {task.options(name=job.name, **options).remote(job.fn, tuple(job.args), dict(job.kwargs), cwd): i
+    index = {task.options(name=job.name, **options).remote(job.fn, tuple(job.args), cwd): i
              for i, (job, options) in enumerate(zip(jobs, per_job))}
     pending = list(index)
     finished = 0
@@ -473,14 +455,9 @@ def current_task() -> dict[str, str]:
 
 def driver_node() -> Node:
     """The node this process (the driver) is on: where a job that others must reach is pinned."""
-    ray = _ray_if_connected()
-    if ray is None:
-        raise ClusterError("not connected to a Ray cluster: call alexnet_keras.experiments.cluster.connect() first.")
+    ray = _connected_ray()
     node_id = ray.get_runtime_context().get_node_id()
-    for node in cluster_info().nodes:
-        if node.node_id == node_id:
-            return node
-    raise ClusterError(f"this machine's Ray node {node_id[:8]} is not among the cluster's live nodes.")
+    return next(node for node in cluster_info().nodes if node.node_id == node_id)
 
 
 def free_port(host: str) -> int:
@@ -495,7 +472,7 @@ def free_port(host: str) -> int:
 # and not `mlflow run`'s run and experiment, which belong to the parent.
 FORWARDED_PREFIXES = ("MLFLOW_", "ALEXNET_KERAS_")
 FORWARDED_NAMES = ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL")
-NOT_FORWARDED = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_URI", GPUS_ENV)
+NOT_FORWARDED = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_URI")
 
 
 def forwarded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -510,77 +487,3 @@ def _progress_line(outcome: JobOutcome, finished: int, total: int) -> str:
         return (f"[{finished}/{total}] {outcome.name} finished in {outcome.seconds:.1f}s on "
                 f"{outcome.node_address} (node {outcome.node_id[:8]}, pid {outcome.pid})")
     return f"[{finished}/{total}] {outcome.name} FAILED: {outcome.error_text}"
-
-
-# ----------------------------------------------------------------------------------------------
-# One GPU per worker of a local process pool
-# ----------------------------------------------------------------------------------------------
-
-def _split_devices(text: str) -> list[str]:
-    items = [d.strip() for d in text.split(",") if d.strip()]
-    return [] if items in ([], ["-1"], ["NoDevFiles"]) else items
-
-
-def list_gpus() -> list[str]:
-    """This machine's GPUs as CUDA_VISIBLE_DEVICES entries, without importing TensorFlow.
-
-    $ALEXNET_KERAS_GPUS ("0,1"; "" for none) wins; else $CUDA_VISIBLE_DEVICES when set (the user's
-    choice of devices); else `nvidia-smi -L` (MIG instances by their UUID); else none.
-    """
-    if GPUS_ENV in os.environ:
-        return _split_devices(os.environ[GPUS_ENV])
-    if "CUDA_VISIBLE_DEVICES" in os.environ:
-        return _split_devices(os.environ["CUDA_VISIBLE_DEVICES"])
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    devices: list[str] = []
-    for line in listing.splitlines():
-        gpu = re.match(r"GPU (\d+):", line.strip())
-        mig = re.search(r"\(UUID: (MIG-[^)]+)\)", line)
-        if gpu:
-            devices.append(gpu.group(1))
-        elif mig:   # a MIG instance: address it, not its parent GPU
-            if devices and not devices[-1].startswith("MIG-"):
-                devices.pop()
-            devices.append(mig.group(1))
-    return devices
-
-
-def assign_devices(workers: int, devices: Sequence[str]) -> list[str]:
-    """The device of each of `workers` workers: one each, round-robin when there are more workers."""
-    if workers < 1:
-        raise ClusterError(f"the number of workers must be at least 1; got {workers}.")
-    return [devices[i % len(devices)] for i in range(workers)] if devices else []
-
-
-def _claim_device(queue, initializer: Callable[..., None] | None, initargs: tuple) -> None:
-    """Worker initializer: take one device before anything in the worker can initialise CUDA."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = queue.get(timeout=60)
-    if initializer is not None:
-        initializer(*initargs)
-
-
-def process_pool(workers: int, *, initializer: Callable[..., None] | None = None, initargs: tuple = (),
-                 devices: Sequence[str] | None = None):
-    """A spawn-context ProcessPoolExecutor of `workers` processes; on a machine with GPUs (`devices`,
-    default `list_gpus()`) each worker sees only its own one (round-robin when there are more workers
-    than GPUs), set before `initializer(*initargs)` runs. Without GPUs it is a plain pool."""
-    import concurrent.futures as cf
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    plan = assign_devices(workers, list_gpus() if devices is None else list(devices))
-    if not plan:
-        return cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=initializer,
-                                      initargs=initargs)
-    queue = context.Queue()
-    for device in plan:
-        queue.put(device)
-    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_claim_device,
-                                  initargs=(queue, initializer, tuple(initargs)))
-

@@ -1,47 +1,13 @@
-"""Hyperparameter sweeps: keras-tuner over the project's own AlexNet, every trial a nested MLflow run.
+"""Hyperparameter sweeps (sweep files: sweep.py, docs/sweeps.md): keras-tuner over the project's own
+AlexNet (the HyperModel builds it from `Config.override(trial values)` and trains it with train.fit),
+every trial a nested MLflow run under one parent run (tracking.parent_run), and on the parent the best
+values, the trial table, importance, a figure and the best trial's model.
 
-`alexnet-keras tune SWEEP.yaml` (or `mlflow run . -e tune -P config=SWEEP.yaml`) reads a sweep file
-(name, description, experiment, base_config and base as in every study and sweep file: specfile.py):
-
-    name: cifar10-cpu            # the parent run's name and the tuner folder (<directory>/<name>)
-    tuner: random                # random | bayesian | hyperband
-    objective: {name: val_accuracy, direction: max}   # or just `val_accuracy`
-    budget: {max_trials: 8, epochs: 3}                # hyperband: epochs = max_epochs, plus factor;
-                                                      # bayesian: num_initial_points (random trials first)
-    base_config: cifar10.yaml    # optional experiment YAML (relative to this file), applied first
-    base: {model: {width: 0.25}, data: {train_limit: 10000}}   # experiment-YAML keys, nested or flat
-    search_space:                # any config option
-      learning_rate: {type: float, min: 1e-3, max: 1e-1, sampling: log}
-      batch_size: {type: choice, values: [64, 128]}
-      pool: [overlapping, non_overlapping]            # a list is a choice
-      lrn: {type: boolean}
-
-Each dimension is declared on a keras_tuner.HyperParameters as the file is read, so keras-tuner's own
-checks (ranges, sampling, steps) run before anything else, their messages prefixed with the YAML path;
-every value is also checked against the config. Bayesian optimisation starts with `num_initial_points`
-random trials (default max(2, min(3 x dimensions, max_trials // 2)); keras-tuner's own default,
-3 x dimensions, can exceed max_trials and make the whole search random, so that is refused).
-
-The `HyperModel` maps a trial's values onto `Config.override(...)` and builds the network with
-`build_alexnet` + `compile_model` (no second model definition); its `fit` is train.fit (the one
-training loop) on tf.data pipelines rebuilt at the trial's batch size. MLflow: one parent run per
-sweep, one nested run per trial (the full resolved config as params, what train logs before training,
-per-epoch metrics, status), and on the parent the best trial's values (`best.<name>` tags,
-`sweep/best_hyperparameters.json`), `best_<objective>`, the table of all trials (`sweep/trials.csv`,
-`sweep/trials.md`), their importance, a figure (`sweep/objective.png`) and the best model, logged by
-train.log_trained_model like any trained model (its best-epoch checkpoint through keras-tuner's
-`tuner.load_model`, else re-trained from its values).
-
-Resuming: the tuner state in `<directory>/<name>` (keras-tuner, `overwrite=False`) plus
-`sweep.json` there (the sweep file's digest and a sweep id). The parent run and the trial runs carry
-the sweep id as a tag, so a second invocation reuses the parent (or, under `mlflow run`, adopts the
-earlier parent's trials: tracking.adopt_children) and never logs a trial twice; an interrupted trial
-is retried in its own run.
-Distributed: keras-tuner's `KERASTUNER_TUNER_ID` / `KERASTUNER_ORACLE_IP` / `KERASTUNER_ORACLE_PORT`;
-the chief serves the oracle (keras-tuner's own `search()`) and owns the parent run, workers find it
-through `$ALEXNET_KERAS_PARENT_RUN_ID` (or `--parent-run-id`) or by the sweep's tags. See docs/sweeps.md.
-`--ray [ADDRESS]` starts the chief and the workers as jobs on a Ray cluster (run_sweep_on_ray,
-docs/cluster.md).
+Resuming: the tuner state in `<directory>/<name>` (keras-tuner, `overwrite=False`) plus `sweep.json`
+there (the file's digest and a sweep id that the parent and trial runs carry), so that running the same
+command again goes on under the same parent and never logs a trial twice. `--ray` runs the trials on a
+Ray cluster: keras-tuner's chief serves the oracle in a job on this machine's node, and each worker is a
+job asking for one GPU (else CPUs) that takes trials from it (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -69,14 +35,11 @@ from .sweep import Sweep, load_sweep
 from ..training.train import compile_model, fit, log_inputs, log_trained_model, run_tags, set_global_state, timing_metrics
 
 STATE_FILE = "sweep.json"
-PARENT_ENV = "ALEXNET_KERAS_PARENT_RUN_ID"
+
+
 class SweepError(RuntimeError):
-    """The sweep ran but cannot give a result (every trial failed, no chief, ...)."""
+    """The sweep ran but cannot give a result (every trial failed, a Ray job failed, ...)."""
 
-
-# ---------------------------------------------------------------------------------------------
-# The HyperModel: the project's AlexNet, built from a Config, trained by train.fit
-# ---------------------------------------------------------------------------------------------
 
 class AlexNetHyperModel(keras_tuner.HyperModel):
     """`build(hp)` = `Config.override(hp values)` -> `build_alexnet` -> `compile_model`.
@@ -131,10 +94,6 @@ class AlexNetHyperModel(keras_tuner.HyperModel):
         return result
 
 
-# ---------------------------------------------------------------------------------------------
-# The tuner: one nested MLflow run per trial
-# ---------------------------------------------------------------------------------------------
-
 @dataclass
 class SweepContext:
     """What a tuner needs to log its trials: set once the parent run is known."""
@@ -145,7 +104,6 @@ class SweepContext:
     parent_run_id: str | None = None
     experiment: str = ""
     fatal: BaseException | None = None
-    trial_runs: dict[str, str] = field(default_factory=dict)   # trial id -> run id (this process)
 
     def runs(self) -> dict[str, Any]:
         """{trial id: its newest run} under the parent."""
@@ -183,7 +141,6 @@ class TrackedTrials:
             # Finished in MLflow, but the tuner state did not record it (stopped in between): reuse it.
             print(f"trial {trial.trial_id}: already finished as MLflow run {existing.info.run_id}; "
                   f"reusing its result", flush=True)
-            ctx.trial_runs[trial.trial_id] = existing.info.run_id
             return {sweep.objective: existing.data.metrics[best_key]}
         attempt = 1 if existing is None else int(existing.data.tags.get(tracking.ATTEMPT_TAG, "1")) + 1
         tags = {tracking.SWEEP_TAG: sweep.name, tracking.SWEEP_DIGEST_TAG: sweep.digest(),
@@ -193,8 +150,7 @@ class TrackedTrials:
         try:
             with tracking.run(ctx.experiment, run_name=run_name, params=config.flat(), tags=tags, nested=True,
                               parent_run_id=ctx.parent_run_id, system_metrics=config.system_metrics,
-                              run_id=existing.info.run_id if existing is not None else None) as active:
-                ctx.trial_runs[trial.trial_id] = active.info.run_id
+                              run_id=existing.info.run_id if existing is not None else None):
                 results = super().run_trial(trial, *args, **kwargs)
                 score, epoch = best_epoch(results, sweep.objective, sweep.direction)
                 tracking.log_metrics({best_key: score, "best_epoch": epoch})
@@ -212,9 +168,7 @@ TUNER_CLASSES = {"random": keras_tuner.RandomSearch, "bayesian": keras_tuner.Bay
 
 
 def oracle_seed(seed: int) -> int:
-    """The seed keras-tuner's oracle gets for the sweep file's `seed`: seed + 1, because keras-tuner
-    takes a seed of 0 for none (`Oracle`: `self.seed = seed or random.randint(1, 10000)`), which made
-    `seed: 0` sweeps draw their trials from a random seed."""
+    """The oracle's seed for the sweep file's `seed`: keras-tuner takes 0 for none (a random seed)."""
     return seed + 1
 
 
@@ -237,29 +191,11 @@ def make_tuner(sweep: Sweep, hypermodel: AlexNetHyperModel, ctx: SweepContext) -
     return tuner
 
 
-# ---------------------------------------------------------------------------------------------
-# Running a sweep: standalone, chief or worker
-# ---------------------------------------------------------------------------------------------
-
 @dataclass
 class SweepResult:
-    role: str                                   # "single", "chief" or "worker"
-    parent_run_id: str | None
+    parent_run_id: str
     rows: list[dict[str, Any]] = field(default_factory=list)   # every trial, best first
     best: dict[str, Any] | None = None
-
-
-def role() -> str:
-    """keras-tuner's distribution mode, from its environment variables."""
-    if "KERASTUNER_ORACLE_IP" not in os.environ:
-        return "single"
-    missing = [v for v in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID") if not os.environ.get(v)]
-    if missing:
-        raise ConfigError(f"KERASTUNER_ORACLE_IP is set, so this is a distributed sweep, but "
-                          f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: set "
-                          f"KERASTUNER_TUNER_ID=chief on the chief and a unique id (tuner1, ...) on each "
-                          f"worker, and the same KERASTUNER_ORACLE_PORT everywhere.")
-    return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
 
 
 def open_state(sweep: Sweep, overwrite: bool) -> str:
@@ -288,7 +224,7 @@ def open_state(sweep: Sweep, overwrite: bool) -> str:
 
 
 def search(tuner: keras_tuner.Tuner, ctx: SweepContext) -> None:
-    """keras-tuner's own search: trials here, or, on the chief, serving the oracle to the workers."""
+    """keras-tuner's own search: trials here, or, in the chief's job, serving the oracle to the workers."""
     try:
         tuner.search()
     except keras_tuner.errors.FatalError:
@@ -299,9 +235,7 @@ def search(tuner: keras_tuner.Tuner, ctx: SweepContext) -> None:
             raise SweepError(f"sweep {ctx.sweep.name!r} stopped: {str(err).splitlines()[0]} (see the FAILED "
                              f"trial runs' `error` tag).") from err
         if "Failed to bind" in str(err):
-            raise SweepError(f"the chief cannot serve the oracle: {str(err).split(';')[0]} (port in use, or "
-                             f"not an address of this machine?); set KERASTUNER_ORACLE_PORT / "
-                             f"KERASTUNER_ORACLE_IP.") from None
+            raise SweepError(f"the chief cannot serve the oracle: {str(err).split(';')[0]}") from None
         raise
     if ctx.fatal is not None:   # keras-tuner would have marked the trial failed and gone on
         if isinstance(ctx.fatal, tracking.TrackingError):
@@ -336,9 +270,6 @@ def register_best_trial(sweep: Sweep, result: SweepResult, name: str) -> None:
     version of NAME with alias champion, tagged with the sweep, its parent run and the objective's value."""
     from ..serving import DEFAULT_ALIAS, register_model
 
-    if result.best is None or result.parent_run_id is None:   # a worker: the chief registers
-        print(f"worker: the chief registers the sweep's model as {name!r}", flush=True)
-        return
     best = result.best
     tags = {tracking.SWEEP_TAG: sweep.name, tracking.PARENT_RUN_TAG: result.parent_run_id,
             tracking.SELECTION_METRIC_TAG: sweep.objective,
@@ -351,82 +282,67 @@ def register_best_trial(sweep: Sweep, result: SweepResult, name: str) -> None:
           f"version {version.version}: models:/{name}@{DEFAULT_ALIAS}", flush=True)
 
 
-def run_sweep(sweep: Sweep, *, overwrite: bool = False, parent_run_id: str | None = None,
-              worker_wait: float = 600.0) -> SweepResult:
-    """Run (or continue) `sweep` into the configured MLflow store; see the module docstring."""
-    mode = role()
-    # Under `mlflow run`, MLFLOW_RUN_ID is the project's run: the parent. Take it out of the
-    # environment so that no trial's start_run() resumes it.
-    project_run = os.environ.pop("MLFLOW_RUN_ID", None)
-    explicit_parent = parent_run_id or os.environ.get(PARENT_ENV) or None
+def run_sweep(sweep: Sweep, *, overwrite: bool = False, ray: str | None = None, workers: int | None = None,
+              cpus: float = 1.0) -> SweepResult:
+    """Run (or continue) `sweep` into the configured MLflow store: its trials one after another here, or
+    (`ray`: "local", "auto" or "HOST:PORT") on a Ray cluster, checked before anything is created."""
+    distributed = sorted(k for k in os.environ if k.startswith("KERASTUNER_"))
+    if distributed:
+        raise ConfigError(f"alexnet-keras tune starts the chief and the workers itself (--ray): unset "
+                          f"{', '.join(distributed)}.")
+    if ray is None:
+        return _run_sweep(sweep, overwrite)
+    from . import cluster
+
+    if ray.startswith("ray://"):   # the chief serves the oracle on this machine's node
+        raise ConfigError(f"tune --ray {ray}: run the sweep on a node of the cluster (--ray auto or "
+                          f"HEAD:PORT there, or `ray job submit`), not through a ray:// client address.")
+    uri = tracking.tracking_uri()
+    with cluster.connected(None if ray == "local" else ray) as info:
+        cluster.check_store(uri, info)      # before anything is created
+        location = tracking.artifact_location(tracking.experiment_id_for(sweep.base.experiment))
+        cluster.check_store(uri, info, artifact_location=location)
+        return _run_sweep(sweep, overwrite, on_ray=(info, ray_workers(info, sweep, cpus, workers), cpus))
+
+
+def _run_sweep(sweep: Sweep, overwrite: bool, on_ray: tuple | None = None) -> SweepResult:
     hypermodel = AlexNetHyperModel(sweep)
     hypermodel.data_for(sweep.base)        # a missing dataset fails here, before any run or state
-    ctx = SweepContext(sweep=sweep, hypermodel=hypermodel)
-    parent_tags = {tracking.SWEEP_TAG: sweep.name, tracking.SWEEP_DIGEST_TAG: sweep.digest(),
-                   tracking.SWEEP_ROLE_TAG: "parent"}
-
-    if mode == "worker":
-        if explicit_parent:
-            run = tracking.get_run(explicit_parent)
-        else:   # the RUNNING parent of this sweep that a chief took last
-            run = tracking.wait_for_run(parent_tags, timeout=worker_wait, newest_by=tracking.SWEEP_SESSION_TAG)
-            if run is None:
-                raise SweepError(f"no running parent run of sweep {sweep.name!r} (digest {sweep.digest()}) in "
-                                 f"{tracking.tracking_uri()!r} after {worker_wait:.0f} s: start the chief first, "
-                                 f"or give the parent's id with --parent-run-id / ${PARENT_ENV}.")
-        parent = run.info.run_id
-        if run.data.tags.get(tracking.SWEEP_DIGEST_TAG) != sweep.digest():
-            raise ConfigError(f"parent run {parent} belongs to another sweep file (digest "
-                              f"{run.data.tags.get(tracking.SWEEP_DIGEST_TAG)}, this file gives "
-                              f"{sweep.digest()}): give every worker the chief's sweep file.")
-        ctx.uid, ctx.parent_run_id = run.data.tags[tracking.SWEEP_UID_TAG], parent
-        ctx.experiment = tracking.experiment_name(run.info.experiment_id)
-        tuner = make_tuner(sweep, hypermodel, ctx)
-        print(f"worker {os.environ['KERASTUNER_TUNER_ID']}: trials go under parent run {parent}", flush=True)
-        with tracking.sigterm_as_interrupt():
-            search(tuner, ctx)
-        return SweepResult(role=mode, parent_run_id=parent)
-
-    ctx.uid = open_state(sweep, overwrite)
+    ctx = SweepContext(sweep=sweep, hypermodel=hypermodel, uid=open_state(sweep, overwrite))
     tuner = make_tuner(sweep, hypermodel, ctx)
     tuner.save()   # keras-tuner reloads only if its tuner file exists: an interrupted first trial resumes too
-    uid_tags = {tracking.SWEEP_UID_TAG: ctx.uid, tracking.SWEEP_ROLE_TAG: "parent"}
-    found = None if explicit_parent or project_run else tracking.latest_run(uid_tags)
-    parent = explicit_parent or project_run or (found.info.run_id if found is not None else None)
-    tags = {**tracking.environment_tags(), **parent_tags, **uid_tags, tracking.RUN_NAME_TAG: sweep.name,
-            tracking.SWEEP_SESSION_TAG: f"{time.time():.3f}",
+    match = {tracking.SWEEP_UID_TAG: ctx.uid, tracking.SWEEP_ROLE_TAG: "parent"}
+    tags = {tracking.SWEEP_TAG: sweep.name, tracking.SWEEP_DIGEST_TAG: sweep.digest(),
             tracking.SWEEP_MAX_TRIALS_TAG: str(sweep.max_trials)}
-    params = parent_params(sweep)
-    tags[tracking.NOTE_TAG] = parent_description(sweep)
-    with tracking.run(sweep.base.experiment, run_name=sweep.name, params=params, tags=tags,
-                      run_id=parent) as active:
-        ctx.parent_run_id = active.info.run_id
-        ctx.experiment = tracking.experiment_name(active.info.experiment_id)
-        # One parent holds the whole sweep: a new parent (a second `mlflow run`) takes the trials of the
-        # earlier ones, which are retired.
-        tracking.adopt_children(ctx.parent_run_id, tracking.find_runs(uid_tags),
-                                retire={tracking.SWEEP_ROLE_TAG: "superseded"})
+    # One parent holds the whole sweep: a new one (a second `mlflow run`) takes the trials of the earlier.
+    with tracking.parent_run(sweep.base.experiment, sweep.name, match, tags=tags, params=parent_params(sweep),
+                             description=parent_description(sweep),
+                             retire={tracking.SWEEP_ROLE_TAG: "superseded"}) as parent:
+        ctx.parent_run_id, ctx.experiment = parent.run_id, parent.experiment
         tracking.log_dict(sweep.to_dict(), "sweep/sweep.yaml")
-        if mode == "chief":
-            address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
-            print(f"chief: parent run {ctx.parent_run_id}; serving the oracle on {address}; workers find the "
-                  f"parent by its tags or with {PARENT_ENV}={ctx.parent_run_id}", flush=True)
-        search(tuner, ctx)
-        rows, best = summarize(tuner, ctx, active.info.run_id)
-    print(f"sweep {sweep.name!r}: parent run {ctx.parent_run_id}; best trial {best['trial']} "
+        if on_ray is None:
+            search(tuner, ctx)
+        else:
+            _search_on_ray(ctx, *on_ray)
+            tuner.reload()   # the trials as the chief's oracle left them
+        rows, best = summarize(tuner, ctx, parent.run_id)
+    print(f"sweep {sweep.name!r}: parent run {parent.run_id}; best trial {best['trial']} "
           f"{sweep.objective}={best[sweep.objective]:.4g}", flush=True)
-    return SweepResult(role=mode, parent_run_id=ctx.parent_run_id, rows=rows, best=best)
+    return SweepResult(parent_run_id=parent.run_id, rows=rows, best=best)
 
 
-# ---------------------------------------------------------------------------------------------
-# The chief and its workers as Ray jobs (`tune --ray`, cluster.py)
-# ---------------------------------------------------------------------------------------------
-
-def _sweep_role_on_ray(sweep: Sweep, uri: str, parent_run_id: str | None, worker_wait: float) -> SweepResult:
-    """A Ray job: the chief or a worker (its KERASTUNER_* variables come with the job), as run_sweep."""
-    os.environ.pop("MLFLOW_RUN_ID", None)   # the parent, if any, comes as `parent_run_id`
+def _search_job(sweep: Sweep, uri: str, uid: str, parent_run_id: str, experiment: str) -> None:
+    """A Ray job, keras-tuner's chief or a worker by the KERASTUNER_* variables that come with it: the
+    chief serves the oracle until the workers end, a worker takes trials from it, each in its own run
+    under the parent."""
     tracking.configure(uri)
-    return run_sweep(sweep, overwrite=False, parent_run_id=parent_run_id, worker_wait=worker_wait)
+    hypermodel = AlexNetHyperModel(sweep)
+    ctx = SweepContext(sweep=sweep, hypermodel=hypermodel, uid=uid, parent_run_id=parent_run_id,
+                       experiment=experiment)
+    tuner = make_tuner(sweep, hypermodel, ctx)
+    tuner.save()   # the chief reloads the oracle on the next run only if its tuner file exists
+    with tracking.sigterm_as_interrupt():
+        search(tuner, ctx)
 
 
 def ray_workers(cluster_info, sweep: Sweep, cpus: float, workers: int | None) -> int:
@@ -442,68 +358,41 @@ def ray_workers(cluster_info, sweep: Sweep, cpus: float, workers: int | None) ->
     return max(1, fits)
 
 
-def run_sweep_on_ray(sweep: Sweep, address: str, *, overwrite: bool = False, parent_run_id: str | None = None,
-                     workers: int | None = None, cpus: float = 1, worker_wait: float = 600.0) -> SweepResult:
-    """Run (or continue) `sweep` on a Ray cluster: the chief on this machine's node (it serves the oracle
-    there and needs no CPU or GPU of its own), each worker a job asking for one GPU where the cluster
-    has GPUs, else `cpus` CPUs. Everything else is run_sweep's: one parent, a nested run per trial, the
-    tuner state in `<directory>/<name>`, resume by running the same command again.
-
-    A worker or chief that fails stops the sweep: the others are cancelled (the parent ends KILLED) and
-    the same command continues it. One whose process or node dies is re-run by Ray with the same tuner
-    id, which takes its trial up again (keras-tuner's protocol)."""
+def _search_on_ray(ctx: SweepContext, info, count: int, cpus: float) -> None:
+    """The chief on this machine's node (it needs no CPU or GPU of its own), `count` workers as jobs
+    asking for one GPU where the cluster has GPUs, else `cpus` CPUs. A job that fails stops the sweep
+    (the others are cancelled, the parent ends KILLED; the same command goes on); one whose process or
+    node dies is re-run by Ray with the same tuner id, which takes its trial up again."""
     from . import cluster
 
-    if role() != "single":
-        raise ConfigError("--ray starts the chief and the workers itself: unset KERASTUNER_TUNER_ID, "
-                          "KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT.")
-    if address.startswith("ray://"):   # the chief serves the oracle on this machine's node
-        raise ConfigError(f"tune --ray {address}: run the sweep on a node of the cluster (--ray auto or "
-                          f"HEAD:PORT there, or `ray job submit`), not through a ray:// client address.")
-    uri = tracking.tracking_uri()          # as configured by the caller (--tracking-uri, else the default)
-    project_run = os.environ.get("MLFLOW_RUN_ID")
-    parent = parent_run_id or project_run   # else the chief finds or makes it, and the workers find it by tags
-    with cluster.connected(None if address == "local" else address) as info:
-        cluster.check_store(uri, info)      # before anything is created
-        experiment_id = (tracking.get_run(project_run).info.experiment_id if project_run
-                         else tracking.open_experiment(sweep.base.experiment))   # before the fan-out
-        cluster.check_store(uri, info, artifact_location=tracking.artifact_location(experiment_id))
-        open_state(sweep, overwrite)        # a changed sweep file is refused here, not in the chief
-        count = ray_workers(info, sweep, cpus, workers)
-        node = cluster.driver_node()
-        oracle = {"KERASTUNER_ORACLE_IP": node.address, "KERASTUNER_ORACLE_PORT": str(cluster.free_port(node.address))}
-        threads = {"TF_NUM_INTRAOP_THREADS": str(max(1, int(cpus))), "TF_CPP_MIN_LOG_LEVEL": "2"}
-        directory = str(Path(sweep.directory).resolve())   # the chief's folder; workers' where they have it
-        sweep = replace(sweep, directory=directory)
-        args = (sweep, uri, parent, worker_wait)
-        jobs = [cluster.Job("chief", _sweep_role_on_ray, args, resources={"num_cpus": 0, "num_gpus": 0},
-                            env={**oracle, "KERASTUNER_TUNER_ID": "chief"}, node_id=node.node_id)]
-        jobs += [cluster.Job(f"tuner{i}", _sweep_role_on_ray, args,
-                             env={**oracle, **threads, "KERASTUNER_TUNER_ID": f"tuner{i}"}) for i in range(count)]
-        print(f"sweep {sweep.name!r} on the {info.describe()}: the chief on {node.address} (oracle port "
-              f"{oracle['KERASTUNER_ORACLE_PORT']}), {count} worker(s)", flush=True)
+    sweep = replace(ctx.sweep, directory=str(Path(ctx.sweep.directory).resolve()))
+    uri = tracking.tracking_uri()
+    node = cluster.driver_node()
+    oracle = {"KERASTUNER_ORACLE_IP": node.address, "KERASTUNER_ORACLE_PORT": str(cluster.free_port(node.address))}
+    threads = {"TF_NUM_INTRAOP_THREADS": str(max(1, int(cpus))), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    args = (sweep, uri, ctx.uid, ctx.parent_run_id, ctx.experiment)
+    jobs = [cluster.Job("chief", _search_job, args, resources={"num_cpus": 0, "num_gpus": 0},
+                        env={**oracle, "KERASTUNER_TUNER_ID": "chief"}, node_id=node.node_id)]
+    jobs += [cluster.Job(f"tuner{i}", _search_job, args, env={**oracle, **threads, "KERASTUNER_TUNER_ID": f"tuner{i}"})
+             for i in range(count)]
+    print(f"sweep {sweep.name!r} on the {info.describe()}: the chief on {node.address} (oracle port "
+          f"{oracle['KERASTUNER_ORACLE_PORT']}), {count} worker(s)", flush=True)
 
-        def on_done(outcome) -> None:
-            if outcome.ok:
-                return
-            err = outcome.error
-            if isinstance(err, (ConfigError, tracking.TrackingError)):
-                raise err
-            if tracking.is_tracking_error(err):
-                raise tracking.TrackingError(f"the MLflow store {uri} failed in the sweep's {outcome.name} "
-                                             f"({outcome.error_text}); what was logged is kept: run the same "
-                                             f"command again once the store answers.") from None
-            raise SweepError(f"the sweep's {outcome.name} failed ({outcome.error_text}); the others were "
-                             f"stopped. Run the same command again to continue the sweep.")
+    def on_done(outcome) -> None:
+        if outcome.ok:
+            return
+        err = outcome.error
+        if isinstance(err, (ConfigError, tracking.TrackingError)):
+            raise err
+        if tracking.is_tracking_error(err):
+            raise tracking.TrackingError(f"the MLflow store {uri} failed in the sweep's {outcome.name} "
+                                         f"({outcome.error_text}); what was logged is kept: run the same "
+                                         f"command again once the store answers.") from None
+        raise SweepError(f"the sweep's {outcome.name} failed ({outcome.error_text}); the others were "
+                         f"stopped. Run the same command again to continue the sweep.")
 
-        outcomes = cluster.run_jobs(jobs, cpus_per_job=cpus, env=cluster.forwarded_env(), cwd=os.getcwd(),
-                                    on_done=on_done)
-    return outcomes[0].value   # the chief's: the parent, every trial, the best
+    cluster.run_jobs(jobs, cpus_per_job=cpus, env=cluster.forwarded_env(), cwd=os.getcwd(), on_done=on_done)
 
-
-# ---------------------------------------------------------------------------------------------
-# The parent's summary: table, figure, best values, best model
-# ---------------------------------------------------------------------------------------------
 
 def trial_rows(tuner: keras_tuner.Tuner, ctx: SweepContext) -> list[dict[str, Any]]:
     """One row per trial the oracle knows, best first (trials without a score last)."""
@@ -628,10 +517,6 @@ def summarize(tuner, ctx: SweepContext, parent_run_id: str) -> tuple[list[dict[s
     return rows, best
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line (`alexnet-keras tune`, wired in cli.py)
-# ---------------------------------------------------------------------------------------------
-
 def cmd_tune(args) -> int:
     sweep = load_sweep(args.sweep, max_trials=args.max_trials, directory=args.tuner_dir)
     if args.dry_run:
@@ -649,12 +534,8 @@ def cmd_tune(args) -> int:
                               f"logs none; remove final_model (or set it to auto).")
     tracking.configure(args.tracking_uri)
     try:
-        if getattr(args, "ray", None) is not None:
-            result = run_sweep_on_ray(sweep, args.ray, overwrite=args.overwrite, parent_run_id=args.parent_run_id,
-                                      workers=args.ray_workers, cpus=args.ray_cpus, worker_wait=args.worker_wait)
-        else:
-            result = run_sweep(sweep, overwrite=args.overwrite, parent_run_id=args.parent_run_id,
-                               worker_wait=args.worker_wait)
+        result = run_sweep(sweep, overwrite=args.overwrite, ray=args.ray, workers=args.ray_workers,
+                           cpus=args.ray_cpus)
     except SweepError as err:
         print(f"alexnet-keras tune: error: {err}", file=sys.stderr)
         return 1
