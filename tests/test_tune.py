@@ -153,12 +153,12 @@ BAD_SPACES = [
     ({"batch_size": {"type": "choice", "values": [16, 0]}}, "train.batch_size must be a positive integer"),
     ({"run_name": ["a", "b"]}, "cannot be searched"),
     ({"dropout": {"type": "float", "min": 0.1, "max": 0.1}}, "search_space.dropout: min equals max (0.1)"),
-    ({"dropout": {"type": "float", "min": 0.0, "max": 0.5, "step": 0}}, "search_space.dropout: step must be > 0"),
+    ({"dropout": {"type": "float", "min": 0.0, "max": 0.5, "step": 0}}, "`search_space.dropout.step` must be > 0"),
     ({"dropout": {"type": "float", "min": 0.0, "max": 0.5, "smapling": "log"}},
      "search_space.dropout: unknown key 'smapling'. Did you mean sampling?"),
     ({"pool": {"type": "choice", "values": ["overlapping"], "sampling": "log"}},
-     "search_space.pool: sampling cannot be used with type choice"),
-    ({}, "search_space must map config options"),
+     "search_space.pool: unknown key 'sampling'. Known keys: type, values"),
+    ({}, "`search_space` must not be empty"),
 ]
 
 
@@ -173,9 +173,9 @@ def test_invalid_search_space_fails_before_anything_runs(untouched_store, tmp_pa
 
 
 @pytest.mark.parametrize("changes, fragment", [
-    ({"tuner": "grid"}, "tuner must be one of random, bayesian, hyperband; got 'grid'"),
-    ({"objective": "val_acc"}, "objective must be one of"),
-    ({"budget": {"max_trials": 0}}, "budget.max_trials must be an integer >= 1"),
+    ({"tuner": "grid"}, "`tuner` must be one of 'random', 'bayesian', 'hyperband'; got 'grid'"),
+    ({"objective": "val_acc"}, "`objective.name` must be one of"),
+    ({"budget": {"max_trials": 0}}, "`budget.max_trials` must be an integer >= 1"),
     ({"serach_space": {}}, "unknown key 'serach_space'. Did you mean search_space?"),
     ({"budget": {"max_trails": 3}}, "budget: unknown key 'max_trails'. Did you mean max_trials?"),
     ({"objective": {"name": "val_accuracy", "goal": "max"}}, "objective: unknown key 'goal'"),
