@@ -24,11 +24,7 @@ CLASSES = ["cat", "ant", "bee"]          # created unsorted on purpose
 SORTED = sorted(CLASSES)
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    # Caches go to this test's tmp_path, and a data dir set in the shell cannot leak in.
-    monkeypatch.setenv(data_module.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(data_module.DATA_DIR_ENV, raising=False)
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 def collect(ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:

@@ -15,13 +15,12 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 from conftest import all_runs
-from test_recipe import CLASSES, make_folder
+from conftest import CLASSES, make_folder
 
 from alexnet_keras import cli
-from alexnet_keras import data as data_module
 from alexnet_keras.config import ModelConfig
 from alexnet_keras.data import decode_image
-from alexnet_keras.model.inference import METADATA_KEY, save_model
+from alexnet_keras.model.inference import save_model
 from alexnet_keras.model.alexnet import build_alexnet
 from alexnet_keras.serving import load_predictor
 
@@ -30,9 +29,7 @@ SPEC = {"recipe": "paper", "resize": "shorter_side_crop", "stored_size": STORED,
         "pixel_mean": False}
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv(data_module.CACHE_ENV, str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 def untrained_model(seed: int = 0, mean=(120.0, 110.0, 100.0), std=(60.0, 60.0, 60.0)) -> keras.Model:
@@ -193,25 +190,6 @@ def test_pixel_arrays_and_encoded_bytes_give_what_the_files_give(images, tmp_pat
     bad = predictor.predict_images([b"", b"not an image", np.zeros((4, 4)), np.full((2, 2, 3), 256),
                                     np.full((2, 2, 3), 0.5), "aGVsbG8=", [[1, 2], [3]]])
     assert [r["error"].split(" ")[0] for r in bad] == ["empty", "not", "pixel", "pixel", "pixel", "a", "not"]
-
-
-def test_a_model_logged_before_models_carried_their_preprocessing_still_predicts(images, tmp_path, mlflow_store):
-    """Runs logged with mlflow.keras.log_model (class names and preprocessing in the MLmodel metadata,
-    the mean image a run artifact) load as before."""
-    mean_image = np.random.default_rng(1).uniform(50, 200, size=(STORED, STORED, 3)).astype(np.float32)
-    model = untrained_model(mean=(0.0, 0.0, 0.0), std=(50.0, 50.0, 50.0))
-    spec = {**SPEC, "pixel_mean": True}
-    mlflow.set_experiment("legacy")   # not the process's last active experiment, which is in another store
-    with mlflow.start_run() as run:
-        np.save(tmp_path / "mean_image.npy", mean_image)
-        mlflow.log_artifact(str(tmp_path / "mean_image.npy"), "preprocessing")
-        mlflow.keras.log_model(model, name="model", metadata={METADATA_KEY: {
-            "class_names": CLASSES, "preprocessing": {**spec, "mean_image": "preprocessing/mean_image.npy"}}})
-    readable = [f for f in images if not f.endswith("corrupt.jpg")][:3]
-    old = load_predictor(run.info.run_id)
-    np.testing.assert_array_equal(old.mean_image, mean_image)
-    new = load_predictor(str(save_model(model, tmp_path / "net.keras", CLASSES, spec, mean_image)))
-    assert old.predict_files(readable) == new.predict_files(readable)
 
 
 @pytest.mark.parametrize("flags, fragment", [

@@ -1,13 +1,5 @@
-"""Where the data is: `--data-dir` / $ALEXNET_KERAS_DATA_DIR resolved, archives extracted once into the cache.
-
-An archive (.tar.gz, .tgz, .tar, .zip) is identified by the sha256 of its content, not by its path or
-time stamps: an archive replaced by another at the same path, with the same size and mtime, is
-extracted again and gives another data digest. The hash is computed once per change of the file and
-remembered under a key made of its path, size, mtime, ctime, inode and device (ctime changes with
-every write and cannot be set back, unlike mtime). Extraction fills a temporary folder that is
-renamed when complete and removed on any failure or Ctrl-C (cache.build_folder_once). Tar members
-are extracted with tarfile's "data" filter (no paths outside the folder, no device files, no links
-leading out of it); zipfile drops absolute paths and "..". No TensorFlow here.
+"""Where the data is: `--data-dir` / $ALEXNET_KERAS_DATA_DIR resolved, archives extracted once into the
+cache, keyed by the sha256 of their bytes (not their path or time stamps). No TensorFlow here.
 """
 
 from __future__ import annotations

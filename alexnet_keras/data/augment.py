@@ -1,10 +1,6 @@
 """Augmentation and evaluation views as TF image ops on batches: crops, flips, the paper's ten views,
-"fancy PCA" colour shifts, and `model_views` (what the model sees at evaluation and in `predict`).
-
-Every random op is stateless in an explicit seed (two integers), so the same seed gives the same
-result eagerly or inside `tf.data.Dataset.map`, and a run with the same `seed` sees the same
-augmented batches. Each op draws independently per image of the batch with one gather for the
-whole batch, 4-5x faster than per-image crops, which made augmentation the bottleneck of the pipeline.
+"fancy PCA", and `model_views`. Every random op is stateless in an explicit seed and draws per image
+with one gather for the whole batch (4-5x faster than per-image crops).
 """
 
 from __future__ import annotations

@@ -1,16 +1,5 @@
-"""The data cache ($ALEXNET_KERAS_CACHE, else ~/.cache/alexnet-keras) and how things get into it.
-
-What lives in the cache, each entry keyed by a hash of everything it depends on:
-  datasets/<archive>-<sha256>/   archives extracted (archives.py)
-  archive-sha256/<key>           the sha256 of an archive, keyed by its path, size, mtime, ctime, inode
-  decoded/<key>.npz              image folders decoded to arrays (decode.py)
-  stats/<key>.npz                colour statistics of a training split (pixel_stats.py)
-  records/<key>/                 a small subset of TFRecord shards (a carved validation or test split)
-                                 copied once into shards of its own (tfrecord.py)
-Every entry appears whole or not at all: files are written to a temporary name and renamed, folders
-are filled under a temporary name and renamed, and the temporary is removed on any exception,
-Ctrl-C included. Two processes filling the same entry at once both succeed; one copy is kept.
-No TensorFlow here.
+"""The data cache ($ALEXNET_KERAS_CACHE, else ~/.cache/alexnet-keras) and atomic writes into it:
+every entry appears whole or not at all, whatever interrupts it (docs/data.md). No TensorFlow here.
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""Image files to pixels: `decode_image` (one file, used by training, `prepare` and `predict` alike) and
-the bulk decoding of a folder's files with tf.data, cached on disk as arrays.
-
-Resize policies (RESIZE_POLICIES): "squash" resizes a file to size x size whatever its aspect ratio
-(the simple recipe); "shorter_side_crop" rescales its shorter side to the size and keeps the central
-square (the paper's recipe). Files that do not decode (corrupt, truncated, not an image) are left out
-and counted by the caller.
+"""Image files to pixels: `decode_image` (one file, shared by training, `prepare` and `predict`) and the
+bulk decoding of a folder's files, cached on disk as arrays.
 """
 
 from __future__ import annotations

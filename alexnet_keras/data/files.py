@@ -1,12 +1,5 @@
-"""What a data folder holds on disk, read safely: `DataError`, `walk_files` and the folder layout.
-
-No TensorFlow here. `walk_files` is the one walk of user folders (data folders here, prediction
-folders in predict.py): it takes regular files only and never follows a symbolic link, so a link
-cannot lead out of the folder or back into it (no loops, no escapes), and FIFOs, sockets and devices
-are listed as skipped without ever being opened (opening a FIFO blocks forever).
-
-`folder_layout` reads the layouts `--dataset folder` accepts: train/ (+ test/ [+ val/]), train/ + val/
-(ImageNet's: val/ is then the test split), or class folders at the top.
+"""What a data folder holds on disk, read safely: `DataError`, `walk_files` (regular files only, no link
+followed, special files never opened: a FIFO blocks forever) and the folder layouts. No TensorFlow.
 """
 
 from __future__ import annotations

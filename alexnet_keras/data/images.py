@@ -1,10 +1,5 @@
-"""A split's images as one interface, wherever they are: in memory, in image files, or in TFRecord shards.
-
-`Images` (`len`, `labels`, `side`, `images[index]` for a subset, `batches(...)` for a tf.data pipeline
-of (uint8 (B, side, side, 3), int32 (B,)) batches) is what the pipeline builder (pipeline.py) and the
-colour statistics (pixel_stats.py) read; `ArrayImages` and `FileImages` live here, `RecordImages` in
-tfrecord.py. `SourceImages` is what every source (sources.py) returns: its splits before the
-validation split is carved.
+"""A split's images behind one interface (`Images`), in memory or in image files (`RecordImages`, the
+shards, lives in tfrecord.py); `SourceImages`: a source's splits before the validation split is carved.
 """
 
 from __future__ import annotations

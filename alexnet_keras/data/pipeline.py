@@ -1,20 +1,5 @@
 """`load_data`: a `DataConfig` in, a `Data` out (batched train/val/test tf.data pipelines and what a run
-logs about them). The one pipeline builder, for every source and both recipes.
-
-Every source is an `Images` per split (images.py: in memory, image files or TFRecord shards); the
-validation split is carved by index (split.py); the colour statistics are one pass over the training
-split (pixel_stats.py); then every pipeline is one parallel map over the source's batches of keys
-(`mapped`: fetch the images, as in-memory gathers or already decoded, and transform them):
-  * evaluation (val, test): `model_views`, the centre view (the simple recipe's is the whole image,
-    resized to the input size when stored at another: CIFAR's 32 px);
-  * training: reshuffled every epoch, then, with augmentation, a seed per batch from a seeded stream
-    (epochs differ from one another, yet a run with the same `seed` sees the same augmented batches):
-    simple recipe: `random_crop_flip` at the stored resolution (4 px of a 32-px CIFAR image), then
-    resized; paper recipe: `random_crops` of the input size from the stored images (less the mean
-    image with `pixel_mean`), and `pca_color_shift`.
-`deterministic=False` lets the training pipeline's parallel stages hand out batches in the order they
-are ready (the same batches, in another order); evaluation pipelines always keep their order, which
-`Data.test_labels` follows. TensorFlow's op determinism (`--deterministic`) forces order anyway.
+logs about them); every source and both recipes go through the one parallel map of `mapped`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""Colour statistics of a training split: per-channel mean and std (the model's input normalisation),
-the RGB covariance and its principal components (the paper's "fancy PCA"), and the per-pixel mean image.
-
-One implementation, `Moments`: running float64 sums over uint8 batches, so one pass over the images
-gives every statistic, whether they are in memory or streamed from files or shards. `statistics`
-caches the sums on disk (a streamed ImageNet pass takes minutes).
+"""Colour statistics of a training split in one pass of float64 sums (`Moments`): per-channel mean and
+std, the RGB covariance and its principal components ("fancy PCA"), the per-pixel mean image; cached.
 """
 
 from __future__ import annotations

@@ -1,17 +1,5 @@
-"""Where images come from: `read_source` turns a `DataConfig` into `SourceImages`.
-
-Sources:
-  * "synthetic": generated class templates plus noise, in memory;
-  * "cifar10": Keras' download, or `--data-dir` holding CIFAR-10's python pickles
-    (cifar-10-batches-py/), an image folder, or TFRecord shards;
-  * "folder": an image folder (files.folder_layout) or TFRecord shards written by `prepare`.
-A folder is decoded into memory once (cached on disk, decode.py) unless its decoded images would need
-more than `max_memory_mb`: then its files are decoded on the fly every epoch (`FileImages`), after one
-cached pass that finds the unreadable ones. CIFAR-10 stays at its native 32 px in memory.
-
-CIFAR-10's pickles are read by `SafeUnpickler`, which admits only what that format holds (dicts,
-lists, bytes, numbers and NumPy arrays): a pickle is a program, and a downloaded dataset folder must
-never run code.
+"""Where images come from: `read_source` turns a `DataConfig` into `SourceImages` (synthetic, CIFAR-10
+downloaded or from its pickles, image folders, TFRecord shards; docs/data.md).
 """
 
 from __future__ import annotations
@@ -61,9 +49,7 @@ def read_source(cfg, side: int, policy: str, verbose: bool) -> SourceImages:
                     max_bytes=max_bytes, content_id=located.archive_sha256)
 
 
-# ---------------------------------------------------------------------------------------------
-# Synthetic and downloaded
-# ---------------------------------------------------------------------------------------------
+# --- Synthetic and downloaded --------------------------------------------------------------------
 
 def array_identity(kind: str, *arrays: np.ndarray) -> str:
     """16 hex digits identifying the content of `arrays`."""
@@ -118,9 +104,7 @@ def cifar10_download() -> SourceImages:
     return in_memory(x_train, y_train, x_test, y_test, CIFAR10_CLASSES, "keras.datasets.cifar10", "cifar10")
 
 
-# ---------------------------------------------------------------------------------------------
-# Folders: TFRecord shards, CIFAR-10 pickles, image folders
-# ---------------------------------------------------------------------------------------------
+# --- Folders: TFRecord shards, CIFAR-10 pickles, image folders -----------------------------------
 
 def from_dir(root: Path, image_size: int, verbose: bool, split_seed: int, *, cifar: bool,
              policy: str = "squash", max_bytes: int | None = None, record_side: int | None = None,

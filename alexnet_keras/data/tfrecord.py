@@ -1,40 +1,5 @@
-"""TFRecord shards: `prepare` (`alexnet-keras prepare FOLDER OUT`) writes an image folder as shards with a
-manifest; `load_prepared` and `RecordImages` read them back for training.
-
-Why: ImageNet's training set is 1.28 million JPEGs averaging ~110 KB and ~400x350 px. Opening that
-many small files and decoding + rescaling full-size JPEGs every epoch is what limits a CPU input
-pipeline, and 256x256x3 uint8 = 196 KB per image (250 GB for ImageNet) rules out holding them in
-memory. `prepare` does the expensive part once: every file is decoded (unreadable ones are skipped and
-listed in the manifest), rescaled as in the paper (shorter side to `stored_size`, central square) and
-re-encoded, then written in order into shards of `shard_size` records. Training then reads a few large
-files sequentially, interleaving shards in parallel, and decodes small JPEGs in a parallel map.
-
-Encodings (`size_policy` in the manifest):
-  * "jpeg" (default, quality 95): ~20-30 KB per 256-px image; pixels differ from the folder's by JPEG
-    rounding (a few grey levels);
-  * "png": lossless, so loading OUT gives exactly the arrays loading FOLDER gives (bigger, slower);
-  * "original": the files' own bytes, rescaled when read (no re-encoding loss, no size saving).
-
-OUT holds:
-  manifest.json          format, version, classes, counts, shard list per split, size policy,
-                         skipped files, source identity
-  labels.npz             the labels of every split, in record order
-  <split>-NNNNN.tfrecord tf.train.Example records: image (bytes), label (int64), index (int64: the
-                         record's position in its split), file (bytes: path relative to FOLDER)
-
-Splits follow the folder's layout exactly as `--dataset folder` reads it: train/ (+ test/ [+ val/]), or
-train/ + val/ (val/ is then the test split, ImageNet's layout), or class folders at the top (the test
-split is then carved at load time, as for the folder). `--data-dir OUT` (datasets `folder` and
-`cifar10`) detects the manifest and streams the shards; the manifest is written last, so a folder
-without one is not a finished conversion.
-
-Reading: a split that is a small part of a shard set (a validation split carved from train/, or a test
-split carved from a folder without test/) would otherwise read every record of the shards and keep a
-few each epoch (~10x the records kept, for a 10 % validation split). Such a subset (at most half of
-its shards' records) is copied once, as raw records, into shards of its own in the cache
-(records/<key>/, keyed by the shards' names, sizes and mtimes and the subset), and read from there.
-Training reads the shards in a reshuffled order, interleaving up to 16 of them in parallel, then
-shuffles records in a buffer of SHUFFLE_BUFFER; evaluation reads them in order.
+"""TFRecord shards: `prepare` (`alexnet-keras prepare FOLDER OUT`) writes an image folder as shards with
+a manifest, decoded and rescaled once; `load_prepared` and `RecordImages` read them back (docs/data.md).
 """
 
 from __future__ import annotations
@@ -78,9 +43,7 @@ _FEATURES = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------------------------
+# --- Writing -------------------------------------------------------------------------------------
 
 def prepare(source: str | os.PathLike, out: str | os.PathLike, *, stored_size: int = 256,
             encoding: str = "jpeg", quality: int = 95, shard_size: int = 1024, overwrite: bool = False,
@@ -227,9 +190,7 @@ def _remove_previous(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------------------------
+# --- Reading -------------------------------------------------------------------------------------
 
 def is_prepared(root: str | os.PathLike) -> bool:
     """Whether `root` holds shards written by `prepare` (its manifest)."""

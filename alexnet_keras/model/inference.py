@@ -1,29 +1,8 @@
-"""A trained model with its preprocessing: raw images in, ranked classes out. No MLflow here.
-
-What lives here:
-  * `top_k`, `top_k_accuracy`, `ten_crop_metrics`: the ranking and the paper's 10-crop test, shared by
-    training (train.py reports them) and prediction;
-  * `ModelMetadata` / `model_metadata(data)`: what a model needs besides its weights to classify a raw
-    image (class names, the `preprocessing` block of data.Data, the per-pixel mean image if used);
-  * `Predictor`: encoded image bytes, HxWx3 pixel arrays or image files -> top-k classes, each prepared
-    exactly as the training run prepared its evaluation images;
-  * `save_model` / `load_keras_predictor`: a `.keras` file with its sidecars (`<name>.preprocessing.json`,
-    `<name>.mean_image.npy`), the form a model takes on disk, inside a logged MLflow model too.
-MLflow models (logging, loading run ids and URIs, the served pyfunc, the registry): serving.py.
-The `predict` command: predict.py.
-
-Preprocessing, never guessed: a file is decoded by the same function as in training
-(data.decode_image) to the stored size with the run's resize policy, the mean image is subtracted when
-the run used one, then "center" takes the centre crop and "ten" the paper's ten views, whose softmax
-outputs are averaged. A model trained on images held at a small native size (CIFAR-10's 32 px, resized
-to the stored size per batch; `native_size` in the preprocessing) gets each image squashed to that size
-first and resized by the same float resize as in training. Per-channel normalisation is inside the
-model (its first layer). A pixel array is treated as the decoded image of a file (it goes through the
-same decode, losslessly), so arrays and files of the same pixels give the same answer.
-
-Loading is safe: `.keras` files are loaded with `safe_mode=True` (no code from lambdas, no functions or
-classes outside Keras and this package), sidecars are JSON and NumPy files read without pickle, and
-every bad file ends in a DataError that says what is wrong.
+"""A trained model with its preprocessing: raw images in, ranked classes out (no MLflow here; the MLflow
+model is serving.py's). `Predictor` prepares a file, an encoded image or a pixel array exactly as the
+training run prepared its evaluation images (data.decode_image, the mean image, centre or ten crops);
+`save_model` / `load_keras_predictor` keep a `.keras` file with its preprocessing sidecars, loaded with
+`safe_mode=True`; every bad file ends in a DataError that says what is wrong.
 """
 
 from __future__ import annotations
@@ -47,9 +26,7 @@ NOT_AN_IMAGE = "not a readable image (JPEG, PNG, GIF or BMP)"
 MAX_ARRAY_SIDE = 16384
 
 
-# ---------------------------------------------------------------------------------------------
-# Ranking and the 10-crop test (train.py reports them; Predictor ranks with top_k)
-# ---------------------------------------------------------------------------------------------
+# --- Ranking and the 10-crop test (train.py reports them; Predictor ranks with top_k) ------------
 
 def top_k(scores, k: int) -> np.ndarray:
     """(N, min(k, classes)) class indices by decreasing score; ties go to the lower class index."""
@@ -83,9 +60,7 @@ def ten_crop_metrics(model, data) -> dict[str, float]:
             "test_10crop_top5_accuracy": top_k_accuracy(probs, labels, 5)}
 
 
-# ---------------------------------------------------------------------------------------------
-# What a model carries besides its weights
-# ---------------------------------------------------------------------------------------------
+# --- What a model carries besides its weights ----------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class ModelMetadata:
@@ -111,9 +86,7 @@ def model_metadata(data) -> ModelMetadata:
 
 
 def check_metadata(meta: Any, where: str) -> tuple[list[str], dict]:
-    """(class names, preprocessing) of the JSON metadata `meta` read from `where`, or a DataError saying
-    what is wrong. A data.json from before the recipes (no `preprocessing`) means the simple recipe:
-    files squashed to the model's input size."""
+    """(class names, preprocessing) of the JSON metadata `meta` read from `where`, or a DataError."""
     def bad(what: str) -> DataError:
         return DataError(f"{where}: {what}. It is not a preprocessing file written by alexnet-keras (or it "
                          "was edited or truncated); use the model's run id, or re-save the model.")
@@ -125,10 +98,6 @@ def check_metadata(meta: Any, where: str) -> tuple[list[str], dict]:
             or len(set(names)) != len(names)):
         raise bad("`class_names` must be a non-empty list of distinct strings")
     spec = meta.get("preprocessing")
-    if spec is None and "image_size" in meta:
-        size = meta["image_size"]
-        spec = {"recipe": "simple", "resize": "squash", "stored_size": size, "image_size": size,
-                "pixel_mean": False}
     if not isinstance(spec, dict):
         raise bad("`preprocessing` is missing or not an object")
     sizes = {k: spec.get(k) for k in ("stored_size", "image_size")}
@@ -169,9 +138,7 @@ def read_mean_image(path: Path, stored_size: int) -> np.ndarray:
     return mean.astype(np.float32)
 
 
-# ---------------------------------------------------------------------------------------------
-# Predictor
-# ---------------------------------------------------------------------------------------------
+# --- Predictor -----------------------------------------------------------------------------------
 
 def check_options(crops: str = "center", top: int = 5, batch_size: int = 32) -> None:
     """The prediction options, or a DataError saying which one is wrong."""
@@ -306,9 +273,7 @@ def _encoded(image) -> bytes:
     return tf.io.encode_png(pixels).numpy()
 
 
-# ---------------------------------------------------------------------------------------------
-# A .keras file with its sidecars
-# ---------------------------------------------------------------------------------------------
+# --- A .keras file with its sidecars -------------------------------------------------------------
 
 def sidecar(path: Path, suffix: str) -> Path:
     """`net.keras` -> `net.<suffix>`: the files save_model writes beside a model."""
@@ -332,16 +297,14 @@ def save_model(model, path: str | os.PathLike, class_names: Sequence[str], prepr
 
 
 def load_keras_predictor(path: Path, source: str | None = None) -> Predictor:
-    """A Predictor from a .keras file and its preprocessing: `<name>.preprocessing.json` beside it
-    (save_model), else a training run's `data.json` in the same folder."""
+    """A Predictor from a .keras file and the `<name>.preprocessing.json` save_model wrote beside it."""
     path = Path(path)
     source = source or str(path)
-    candidates = [sidecar(path, "preprocessing.json"), path.parent / "data.json"]
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None:
-        raise DataError(f"no preprocessing found for {str(path)!r}: expected {candidates[0].name} (written by "
-                        "alexnet_keras.model.inference.save_model) or data.json (the training run's artifact) beside "
-                        "it. Or pass the run id / runs:/ URI instead.")
+    found = sidecar(path, "preprocessing.json")
+    if not found.is_file():
+        raise DataError(f"no preprocessing found for {str(path)!r}: expected {found.name} (written by "
+                        "alexnet_keras.model.inference.save_model) beside it. Or pass the run id / runs:/ URI "
+                        "instead.")
     class_names, spec = check_metadata(read_json(found), str(found))
     mean_image = None
     if spec["pixel_mean"]:
