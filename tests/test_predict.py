@@ -247,13 +247,13 @@ def test_hostile_or_broken_model_files_are_refused_in_one_line(images, tmp_path,
 @pytest.mark.parametrize("sidecar, content, fragment", [
     ("preprocessing.json", b"{not json", "cannot read"),
     ("preprocessing.json", b"\xff\xfe\x00", "cannot read"),
-    ("preprocessing.json", json.dumps({"class_names": "bee", "preprocessing": SPEC}).encode(), "`class_names`"),
+    ("preprocessing.json", json.dumps({"class_names": "bee", "preprocessing": SPEC}).encode(), "class_names: Input should be a valid list"),
     ("preprocessing.json", json.dumps({"class_names": CLASSES, "preprocessing": {**SPEC, "stored_size": -1}}).encode(),
-     "`stored_size` must be an integer"),
+     "preprocessing.stored_size: Input should be greater than or equal to 1"),
     ("preprocessing.json", json.dumps({"class_names": CLASSES, "preprocessing": {**SPEC, "resize": "x"}}).encode(),
-     "`resize` must be one of"),
+     "preprocessing.resize: Input should be 'squash' or 'shorter_side_crop'"),
     ("preprocessing.json", json.dumps({"class_names": CLASSES, "preprocessing": {**SPEC, "image_size": 32}}).encode(),
-     "larger than `stored_size`"),
+     "image_size 32 is larger than stored_size 28"),
     ("mean_image.npy", b"garbage", "cannot read the mean image"),
     ("mean_image.npy", None, "cannot read the mean image"),          # an object array: would need pickle
 ])

@@ -10,15 +10,15 @@ import hashlib
 import json
 import os
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 
-from .cache import build_folder_once, cache_root, save_text, unwritable
+from .cache import build_folder_once, cache_root, save_atomically, unwritable
 from .files import CIFAR_PICKLE_DIR, DataError, visible
 
 DATA_DIR_ENV = "ALEXNET_KERAS_DATA_DIR"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
-_HASH_CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +30,8 @@ class DataDir:
 
 
 def locate_data_dir(data_dir: str | os.PathLike | None) -> DataDir | None:
-    """The folder `data_dir` names (else $ALEXNET_KERAS_DATA_DIR, else None: use the download).
-
-    An archive is extracted once into the cache and the folder inside it that holds the data returned.
-    """
+    """The folder `data_dir` names (else $ALEXNET_KERAS_DATA_DIR, else None: use the download); an
+    archive is extracted once into the cache, and the folder inside it that holds the data returned."""
     origin = ""
     if not data_dir:
         data_dir = os.environ.get(DATA_DIR_ENV) or None
@@ -55,16 +53,6 @@ def locate_data_dir(data_dir: str | os.PathLike | None) -> DataDir | None:
     return DataDir(layout_root(extract(path, sha256)), sha256)
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
-    """The folder to read: `data_dir`, else $ALEXNET_KERAS_DATA_DIR, else None (use the download).
-
-    An archive (.tar.gz, .tgz, .tar, .zip) is extracted once into the cache and the folder inside it
-    that holds the data is returned.
-    """
-    located = locate_data_dir(data_dir)
-    return None if located is None else located.path
-
-
 def archive_sha256(archive: Path) -> str:
     """The sha256 of `archive`'s bytes, read from the cache when the file has not changed since."""
     stat = archive.stat()
@@ -77,14 +65,13 @@ def archive_sha256(archive: Path) -> str:
             return known
     except OSError:
         pass
-    digest = hashlib.sha256()
     try:
         with open(archive, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
+            digest = hashlib.file_digest(f, "sha256")
     except OSError as err:
         raise DataError(f"cannot read the archive {str(archive)!r} ({err.strerror or err}).") from err
-    save_text(remembered, digest.hexdigest())
+    with warnings.catch_warnings(action="ignore"):   # a hash not remembered is only computed again
+        save_atomically(remembered, lambda f: f.write(digest.hexdigest()), binary=False)
     return digest.hexdigest()
 
 

@@ -40,9 +40,8 @@ def unwritable(path: Path, err: OSError) -> DataError:
 def build_folder_once(target: Path, fill: Callable[[Path], None]) -> Path:
     """`target`, filled by `fill(folder)` unless it exists already.
 
-    `fill` writes into a hidden temporary folder beside `target`, which is then renamed to `target`:
-    a killed or failed fill never leaves a half-filled `target` that a later run would trust, and any
-    exception (KeyboardInterrupt too) removes the temporary folder before it propagates.
+    `fill` writes into a hidden temporary folder beside `target`, renamed to `target` when complete:
+    no half-filled `target` a later run would trust; any exception (Ctrl-C too) removes the temporary.
     """
     if target.is_dir():
         return target
@@ -67,47 +66,35 @@ def build_folder_once(target: Path, fill: Callable[[Path], None]) -> Path:
     return target
 
 
-def save_npz(path: Path, arrays: dict) -> None:
-    """Write `arrays` to `path` atomically; a cache that cannot be written is only a warning."""
+def save_atomically(path: Path, write: Callable, binary: bool = True) -> bool:
+    """`write(file)` into a temporary file beside `path`, renamed to `path` when complete; False (and
+    nothing left behind) when the cache cannot be written, which only costs computing it again."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npz", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
         os.replace(tmp, path)
         tmp = None
+        return True
     except OSError as err:
         warnings.warn(f"could not write the cache file {str(path)!r} ({err.strerror or err}); it will be "
                       f"computed again next time. Set {CACHE_ENV} to a writable folder.", stacklevel=3)
+        return False
     finally:
         if tmp is not None:   # failed or interrupted between creating and renaming it
             Path(tmp).unlink(missing_ok=True)
 
 
-def save_text(path: Path, text: str) -> None:
-    """Write a small cache file atomically; one that cannot be written is simply not remembered."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError:
-        pass
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+def save_npz(path: Path, arrays: dict) -> None:
+    save_atomically(path, lambda f: np.savez(f, **arrays))
 
 
 def load_npz(path: Path) -> dict | None:
     """The arrays of a cache file, or None when it is missing or damaged (then it is computed again)."""
-    if not path.is_file():
-        return None
     try:
         with np.load(path, allow_pickle=False) as cached:
             return {name: cached[name] for name in cached.files}
-    except Exception:  # noqa: BLE001 - a damaged cache is only a reason to compute again
+    except Exception:  # noqa: BLE001 - missing or damaged: only a reason to compute again
         return None

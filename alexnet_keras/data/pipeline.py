@@ -37,8 +37,9 @@ class Data:
     std: list[float]          # per-channel (population) std of the train split's pixels
     source: str               # where the images came from, for logs and MLflow
     digest: str               # 16 hex digits identifying the images, labels and split
-    # What a prediction must do to a file to give the model what it was trained on (`preprocessing`);
-    # logged in data.json and with the model, read back by predict.py.
+    # What a prediction does to a file to give the model what it was trained on (inference.Predictor):
+    # recipe, resize policy, stored and input size, pixel_mean, and `native_size` when the images were
+    # held smaller (CIFAR's 32 px) and resized per batch: predict then squashes a file to it first.
     preprocessing: dict = dataclasses.field(default_factory=dict)
     recipe_stats: dict | None = None      # paper recipe: RGB mean/std/covariance, PCA, for logging
     mean_image: np.ndarray | None = None  # paper recipe with pixel_mean: (stored, stored, 3) float32
@@ -55,23 +56,8 @@ class Data:
 
 
 def enable_op_determinism() -> None:
-    """TensorFlow's deterministic mode (`--deterministic`): tf.data and TF ops give the same results
-    from the same seeds (TF ops without a deterministic kernel raise instead of running)."""
+    """TensorFlow's deterministic mode (`--deterministic`): the same results from the same seeds."""
     tf.config.experimental.enable_op_determinism()
-
-
-def preprocessing(recipe: str, stored_size: int, image_size: int, pixel_mean: bool,
-                  native_size: int | None = None) -> dict:
-    """`Data.preprocessing`: what predict.py applies to a file (logged in data.json and with the model).
-
-    `native_size`: the images were held at this side (CIFAR's 32 px) and resized to stored_size per
-    batch in float; predict then squashes a file to native_size first and resizes it the same way.
-    """
-    spec = {"recipe": recipe, "resize": "shorter_side_crop" if recipe == "paper" else "squash",
-            "stored_size": int(stored_size), "image_size": int(image_size), "pixel_mean": bool(pixel_mean)}
-    if native_size is not None and native_size != stored_size:
-        spec["native_size"] = int(native_size)
-    return spec
 
 
 def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: bool = True,
@@ -83,10 +69,6 @@ def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: 
     `deterministic=False` (TrainConfig.deterministic off) lets the training pipeline hand out its
     batches in the order they are ready.
     """
-    if not isinstance(image_size, int) or image_size < 1:
-        raise DataError(f"image_size must be a positive integer; got {image_size!r}.")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f"batch_size must be a positive integer; got {batch_size!r}.")
     paper = cfg.recipe == "paper"
     if paper and cfg.stored_size < image_size:
         raise DataError(f"the paper recipe crops {image_size}x{image_size} inputs from images stored at "
@@ -158,10 +140,8 @@ def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: 
         }
     digest = hash_json({
         "data": source.identity, "image_size": image_size, "val_fraction": cfg.val_fraction,
-        "split_seed": cfg.split_seed, "train_limit": cfg.train_limit,
-        **({"test_limit": cfg.test_limit} if cfg.test_limit is not None else {}),
-        **({"recipe": "paper", "stored_size": stored, "pixel_mean": pixel_mean} if paper else {}),
-    })
+        "split_seed": cfg.split_seed, "train_limit": cfg.train_limit, "test_limit": cfg.test_limit,
+        "recipe": cfg.recipe, "stored_size": stored, "pixel_mean": pixel_mean})
     return Data(
         train=train_ds,
         val=mapped(val, batch_size, evaluation),
@@ -175,7 +155,9 @@ def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: 
         std=[float(v) if v > 0 else 1.0 for v in std],
         source=source.source,
         digest=digest,
-        preprocessing=preprocessing(cfg.recipe, stored, image_size, pixel_mean, native_size=train.side),
+        preprocessing={"recipe": cfg.recipe, "resize": "shorter_side_crop" if paper else "squash",
+                       "stored_size": stored, "image_size": image_size, "pixel_mean": pixel_mean,
+                       **({"native_size": train.side} if train.side != stored else {})},
         recipe_stats=recipe_stats,
         mean_image=mean_image,
         test_ten_crop=test_ten_crop,

@@ -103,26 +103,17 @@ def lrn_diagnostics(model: keras.Model, images: Any, batch_size: int = 32) -> di
     layers = [layer for layer in model.layers if isinstance(layer, LocalResponseNormalization)]
     if not layers:
         return {}
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"lrn_diagnostics: batch_size must be a positive integer; got {batch_size!r}.")
-    images = keras.ops.convert_to_numpy(images)
-    if images.ndim < 1 or len(images) == 0:
-        raise ValueError("lrn_diagnostics: `images` must be a non-empty batch of model inputs.")
     probe = keras.Model(model.input, [layer.input for layer in layers])
-    ratios: dict[str, list[np.ndarray]] = {layer.name: [] for layer in layers}
-    scales: dict[str, list[np.ndarray]] = {layer.name: [] for layer in layers}
+    measured = {layer.name: ([], []) for layer in layers}   # ratios, scales
+    images = keras.ops.convert_to_numpy(images)
     for start in range(0, len(images), batch_size):
         activations = probe(images[start:start + batch_size], training=False)
-        if len(layers) == 1:
-            activations = [activations]
-        for layer, a in zip(layers, activations):
-            ratio = layer.alpha * layer.squared_sum(a) / layer.k
-            ratios[layer.name].append(keras.ops.convert_to_numpy(ratio).ravel())
-            scales[layer.name].append(keras.ops.convert_to_numpy(layer.scale(a)).ravel())
+        for layer, a in zip(layers, activations if len(layers) > 1 else [activations]):
+            measured[layer.name][0].append(keras.ops.convert_to_numpy(layer.alpha * layer.squared_sum(a) / layer.k))
+            measured[layer.name][1].append(keras.ops.convert_to_numpy(layer.scale(a)))
     out = {}
     for layer in layers:
-        ratio = np.concatenate(ratios[layer.name]).astype(np.float64)
-        scale = np.concatenate(scales[layer.name]).astype(np.float64)
+        ratio, scale = (np.concatenate([p.ravel() for p in parts]).astype(np.float64) for parts in measured[layer.name])
         constant = layer.k ** -layer.beta
         out[layer.name] = {
             "ratio_mean": float(ratio.mean()), "ratio_p95": float(np.percentile(ratio, 95)),

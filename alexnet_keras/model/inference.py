@@ -13,10 +13,13 @@ import os
 import stat
 import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
+import pydantic
+from pydantic import Field
 
+from ..config import Options, validated
 from ..data import RESIZE_POLICIES, DataError
 
 METADATA_KEY = "alexnet_keras"       # key of the MLmodel `metadata` block of a logged model
@@ -44,18 +47,13 @@ def top_k_accuracy(scores, labels, k: int) -> float:
 
 
 def ten_crop_metrics(model, data) -> dict[str, float]:
-    """The paper's 10-crop test: softmax averaged over 4 corners + centre and their reflections.
-
-    {} unless `data.test_ten_crop` exists (data.recipe "paper" with ten_crop); else
-    test_10crop_accuracy and test_10crop_top5_accuracy over `data.test_labels`.
-    """
-    if getattr(data, "test_ten_crop", None) is None:
+    """The paper's 10-crop test (softmax averaged over the ten views) when `data` has it ({} if not):
+    test_10crop_accuracy and test_10crop_top5_accuracy over `data.test_labels`."""
+    if data.test_ten_crop is None:
         return {}
     probs = np.asarray(model.predict(data.test_ten_crop, verbose=0), np.float64)
     probs = probs.reshape(-1, 10, probs.shape[-1]).mean(axis=1)
     labels = np.asarray(data.test_labels)
-    if len(probs) != len(labels):
-        raise RuntimeError(f"10-crop test gave {len(probs)} predictions for {len(labels)} test images")
     return {"test_10crop_accuracy": top_k_accuracy(probs, labels, 1),
             "test_10crop_top5_accuracy": top_k_accuracy(probs, labels, 5)}
 
@@ -64,20 +62,17 @@ def ten_crop_metrics(model, data) -> dict[str, float]:
 
 @dataclasses.dataclass(frozen=True)
 class ModelMetadata:
-    """Class names, the training run's `preprocessing` (data.Data.preprocessing: recipe, resize policy,
-    stored size, input size, pixel-mean flag, native size) and its mean image when pixel_mean is set."""
+    """Class names, the training run's `preprocessing` and its mean image when pixel_mean is set."""
 
     class_names: list[str]
     preprocessing: dict
     mean_image: np.ndarray | None = None   # (stored, stored, 3) float32
 
     def to_dict(self, mean_image_file: str | None = None) -> dict:
-        """The JSON form (a .keras file's preprocessing sidecar, a logged model's MLmodel metadata);
-        `mean_image_file` names where the mean image is stored."""
-        spec = dict(self.preprocessing)
-        if self.mean_image is not None and mean_image_file:
-            spec["mean_image"] = mean_image_file
-        return {"class_names": list(self.class_names), "preprocessing": spec}
+        """The JSON form (the sidecar, the MLmodel metadata); `mean_image_file`: where the mean image is."""
+        has_file = self.mean_image is not None and mean_image_file
+        return {"class_names": list(self.class_names),
+                "preprocessing": {**self.preprocessing, **({"mean_image": mean_image_file} if has_file else {})}}
 
 
 def model_metadata(data) -> ModelMetadata:
@@ -85,35 +80,34 @@ def model_metadata(data) -> ModelMetadata:
     return ModelMetadata(list(data.class_names), dict(data.preprocessing), data.mean_image)
 
 
-def check_metadata(meta: Any, where: str) -> tuple[list[str], dict]:
-    """(class names, preprocessing) of the JSON metadata `meta` read from `where`, or a DataError."""
-    def bad(what: str) -> DataError:
-        return DataError(f"{where}: {what}. It is not a preprocessing file written by alexnet-keras (or it "
-                         "was edited or truncated); use the model's run id, or re-save the model.")
+class Preprocessing(Options):
+    """`data.Data.preprocessing` as a model carries it (MLflow metadata, the .keras file's sidecar)."""
 
-    if not isinstance(meta, dict):
-        raise bad(f"expected a JSON object, got {type(meta).__name__}")
-    names = meta.get("class_names")
-    if (not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names)
-            or len(set(names)) != len(names)):
-        raise bad("`class_names` must be a non-empty list of distinct strings")
-    spec = meta.get("preprocessing")
-    if not isinstance(spec, dict):
-        raise bad("`preprocessing` is missing or not an object")
-    sizes = {k: spec.get(k) for k in ("stored_size", "image_size")}
-    if spec.get("native_size") is not None:
-        sizes["native_size"] = spec["native_size"]
-    for key, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ARRAY_SIDE:
-            raise bad(f"preprocessing `{key}` must be an integer in 1..{MAX_ARRAY_SIDE}; got {value!r}")
-    if sizes["image_size"] > sizes["stored_size"]:
-        raise bad(f"preprocessing `image_size` {sizes['image_size']} is larger than `stored_size` "
-                  f"{sizes['stored_size']}")
-    if spec.get("resize") not in RESIZE_POLICIES:
-        raise bad(f"preprocessing `resize` must be one of {', '.join(RESIZE_POLICIES)}; got {spec.get('resize')!r}")
-    if not isinstance(spec.get("pixel_mean"), bool):
-        raise bad(f"preprocessing `pixel_mean` must be true or false; got {spec.get('pixel_mean')!r}")
-    return list(names), dict(spec)
+    recipe: Literal["simple", "paper"]
+    resize: Literal[RESIZE_POLICIES]
+    stored_size: int = Field(ge=1, le=MAX_ARRAY_SIDE)
+    image_size: int = Field(ge=1, le=MAX_ARRAY_SIDE)
+    pixel_mean: bool
+    native_size: int | None = Field(None, ge=1, le=MAX_ARRAY_SIDE)
+    mean_image: str | None = None   # where the mean image is stored, beside the model
+
+    @pydantic.model_validator(mode="after")
+    def crop_fits(self):
+        if self.image_size > self.stored_size:
+            raise ValueError(f"image_size {self.image_size} is larger than stored_size {self.stored_size}")
+        return self
+
+
+class Sidecar(Options):
+    class_names: list[str] = Field(min_length=1)
+    preprocessing: Preprocessing
+
+    @pydantic.field_validator("class_names")
+    @classmethod
+    def distinct(cls, names):
+        if len(set(names)) != len(names):
+            raise ValueError("class names must be distinct")
+        return names
 
 
 def read_json(path: Path) -> Any:
@@ -305,15 +299,18 @@ def load_keras_predictor(path: Path, source: str | None = None) -> Predictor:
         raise DataError(f"no preprocessing found for {str(path)!r}: expected {found.name} (written by "
                         "alexnet_keras.model.inference.save_model) beside it. Or pass the run id / runs:/ URI "
                         "instead.")
-    class_names, spec = check_metadata(read_json(found), str(found))
+    meta = read_json(found)
+    if not isinstance(meta, dict):
+        raise DataError(f"{str(found)!r} holds a JSON {type(meta).__name__}, not the object save_model writes.")
+    meta = validated(Sidecar, meta, str(found))
+    spec = meta.preprocessing.model_dump(exclude_none=True)
     mean_image = None
     if spec["pixel_mean"]:
-        name = Path(str(spec.get("mean_image") or sidecar(path, "mean_image.npy").name)).name
-        mean_file = path.parent / name
+        mean_file = sidecar(path, "mean_image.npy")
         if not mean_file.is_file():
             raise DataError(f"{source!r} was trained with a per-pixel mean image; {str(mean_file)!r} is missing.")
         mean_image = read_mean_image(mean_file, spec["stored_size"])
-    return checked(Predictor(load_keras(path), class_names, spec, mean_image, source))
+    return checked(Predictor(load_keras(path), list(meta.class_names), spec, mean_image, source))
 
 
 def load_keras(path: Path):
