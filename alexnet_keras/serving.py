@@ -59,7 +59,7 @@ class AlexNetClassifier(mlflow.pyfunc.PythonModel):
     """Raw images in, top-k classes out (see the module doc for the request and response)."""
 
     def load_context(self, context) -> None:
-        keras_file = Path(context.artifacts["keras_model"])
+        keras_file = Path(context.artifacts[KERAS_FILE])
         self.predictor = load_keras_predictor(keras_file, source=str(keras_file.parent.parent))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -80,8 +80,7 @@ class AlexNetClassifier(mlflow.pyfunc.PythonModel):
 
 
 def request_images(model_input) -> list:
-    """The images of a request, one per row: bytes (`image`; a base64 string is decoded) or an array
-    (`pixels`). An MlflowException (HTTP 400) for an empty request or a row without exactly one."""
+    """The images of a request, one per row: bytes (`image`; base64 is decoded) or an array (`pixels`)."""
     if not isinstance(model_input, pd.DataFrame):
         raise MlflowException(f"expected a DataFrame with an `image` or `pixels` column; got "
                               f"{type(model_input).__name__}.", INVALID_PARAMETER_VALUE)
@@ -117,8 +116,7 @@ def _missing(value) -> bool:
 # --- Logging -------------------------------------------------------------------------------------
 
 def requirements() -> list[str]:
-    """REQUIREMENTS pinned to the running versions (all on the package index; never alexnet-keras,
-    whose code travels with the model)."""
+    """REQUIREMENTS pinned to the running versions (never alexnet-keras: its code travels with the model)."""
     return [f"{name}=={importlib.metadata.version(name)}" for name in REQUIREMENTS]
 
 
@@ -142,8 +140,7 @@ def example_image(metadata: ModelMetadata, example_batch=None) -> bytes:
 
 
 class _PyfuncWithKerasFlavor:
-    """The flavor `Model.log` saves with: MLflow's pyfunc, plus a `keras` flavor on the same .keras file,
-    so that `mlflow.keras.load_model` gives the network itself."""
+    """MLflow's pyfunc flavor plus a `keras` flavor on the same .keras file (mlflow.keras.load_model)."""
 
     __name__ = "mlflow.pyfunc"
 
@@ -160,16 +157,13 @@ class _PyfuncWithKerasFlavor:
 
 
 def log_model(model, metadata: ModelMetadata, example_batch=None):
-    """Log `model` to the active run as `runs:/<run id>/model`, self-contained (module doc). Returns
-    MLflow's ModelInfo."""
+    """Log `model` to the active run as `runs:/<run id>/model`, self-contained; MLflow's ModelInfo."""
     import keras
 
     with tempfile.TemporaryDirectory(prefix="alexnet-keras-log-") as folder:
         keras_file = save_model(model, Path(folder, KERAS_FILE), metadata.class_names, metadata.preprocessing,
                                 metadata.mean_image)
-        artifacts = {"keras_model": str(keras_file), "preprocessing": str(sidecar(keras_file, "preprocessing.json"))}
-        if metadata.mean_image is not None:
-            artifacts["mean_image"] = str(sidecar(keras_file, "mean_image.npy"))
+        artifacts = {p.name: str(p) for p in Path(folder).iterdir()}   # model.keras and its sidecars
         code = Path(folder, "alexnet_classifier.py")
         code.write_text(_MODEL_CODE)
         example = pd.DataFrame({"image": [example_image(metadata, example_batch)]})
@@ -178,9 +172,8 @@ def log_model(model, metadata: ModelMetadata, example_batch=None):
             code_paths=[str(Path(__file__).resolve().parent)], pip_requirements=requirements(),
             signature=ModelSignature(INPUT_SCHEMA, OUTPUT_SCHEMA, PARAMS_SCHEMA),
             input_example=(example, {"top_k": min(5, len(metadata.class_names))}),
-            # MLflow would load a second copy of the network to predict the example, and only log a warning
-            # if that failed: seconds and a model's memory at the end of every run, for nothing a user
-            # sees. tests/test_serving.py loads and serves logged models for real instead.
+            # MLflow would load a second copy of the network to predict the example (seconds and a model's
+            # memory per run); tests/test_serving.py loads and serves logged models for real instead.
             validate_serving_input=False,
             metadata={METADATA_KEY: {**metadata.to_dict(f"artifacts/{sidecar(Path(KERAS_FILE), 'mean_image.npy')}"),
                                      "keras_version": keras.__version__}})
@@ -199,8 +192,7 @@ def model_uri(ref: str) -> str | None:
 
 def load_predictor(ref: str) -> Predictor:
     """A Predictor from a run id, an MLflow model URI (runs:/, models:/NAME/VERSION, models:/NAME@ALIAS),
-    a model folder or a .keras file. Downloads go to a temporary folder that is removed before returning
-    (everything is in memory by then). The tracking store is the one MLflow is configured with."""
+    a model folder or a .keras file; downloads go to a temporary folder, removed before returning."""
     path = Path(ref).expanduser()
     if path.exists():
         if path.is_dir():
@@ -257,8 +249,7 @@ def _first_line(err: Exception) -> str:
 # --- Registry ------------------------------------------------------------------------------------
 
 def check_model_name(name: str, alias: str | None = DEFAULT_ALIAS) -> None:
-    """A ModelError unless `name` (and `alias`) can be used in `models:/NAME@ALIAS`; call it before
-    training, so that a bad name does not fail a finished run."""
+    """A ModelError unless `name` (and `alias`) can be used in `models:/NAME@ALIAS` (checked before training)."""
     if not isinstance(name, str) or not name.strip() or name != name.strip() or re.search(r"[/:@%]", name):
         raise ModelError(f"registered model name {name!r}: use letters, digits, spaces, '.', '_' or '-' "
                          "(not empty; no '/', ':', '@' or '%'), e.g. alexnet-cifar10.")

@@ -109,7 +109,7 @@ def test_channels_first_axis():
 def run_layer_test(cls, init_kwargs, input_data, expected_output_shape, expected_num_weights=0):
     """After keras-hub's `TestCase.run_layer_test`: a layer's get_config -> from_config round trip (also
     through its registered name), weight count, symbolic and eager output shapes, one `fit` step inside
-    a model, and its mixed-precision policies (output in the compute dtype, variables in float32)."""
+    a model, and its mixed-precision policies (outputs in the compute dtype, variables in the variable dtype)."""
     layer = cls(**init_kwargs)
     config = layer.get_config()
     assert config.items() >= init_kwargs.items()
@@ -121,7 +121,9 @@ def run_layer_test(cls, init_kwargs, input_data, expected_output_shape, expected
     symbolic = cls(**init_kwargs)(keras.Input(input_data.shape[1:]))
     assert isinstance(symbolic, keras.KerasTensor)
     assert tuple(symbolic.shape) == (None, *expected_output_shape[1:])
-    assert tuple(layer(input_data).shape) == expected_output_shape
+    output = layer(input_data)
+    assert tuple(output.shape) == expected_output_shape
+    assert keras.backend.standardize_dtype(output.dtype) == layer.dtype
     assert tuple(layer.compute_output_shape(input_data.shape)) == expected_output_shape
     assert len(layer.weights) == expected_num_weights
 
@@ -132,11 +134,12 @@ def run_layer_test(cls, init_kwargs, input_data, expected_output_shape, expected
     history = model.fit(input_data, np.arange(len(input_data)) % 2, batch_size=2, epochs=1, verbose=0)
     assert math.isfinite(history.history["loss"][-1])
 
-    for policy in ("mixed_float16", "mixed_bfloat16"):
+    for name in ("mixed_float16", "mixed_bfloat16", "bfloat16"):
+        policy = keras.mixed_precision.Policy(name)
         mixed = cls(**init_kwargs, dtype=policy)
-        output = mixed(input_data)
-        assert keras.backend.standardize_dtype(output.dtype) == mixed.compute_dtype
-        assert all(keras.backend.standardize_dtype(w.dtype) == "float32" for w in mixed.weights)
+        for output in (mixed(input_data), mixed.compute_output_spec(keras.KerasTensor(input_data.shape))):
+            assert keras.backend.standardize_dtype(output.dtype) == policy.compute_dtype
+        assert all(keras.backend.standardize_dtype(w.dtype) == policy.variable_dtype for w in mixed.weights)
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
