@@ -161,8 +161,7 @@ def log_model(model, metadata: ModelMetadata, example_batch=None):
     import keras
 
     with tempfile.TemporaryDirectory(prefix="alexnet-keras-log-") as folder:
-        keras_file = save_model(model, Path(folder, KERAS_FILE), metadata.class_names, metadata.preprocessing,
-                                metadata.mean_image)
+        save_model(model, Path(folder, KERAS_FILE), metadata.class_names, metadata.preprocessing, metadata.mean_image)
         artifacts = {p.name: str(p) for p in Path(folder).iterdir()}   # model.keras and its sidecars
         code = Path(folder, "alexnet_classifier.py")
         code.write_text(_MODEL_CODE)

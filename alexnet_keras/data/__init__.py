@@ -7,19 +7,16 @@ import importlib
 
 # Every name this package exports, and the module that defines it. They are imported on first use
 # (PEP 562), so that `from .data import DataError` (the CLI's error handling, `report`, the served
-# model) does not start TensorFlow: only augment, decode, images, sources, tfrecord and pipeline need it.
+# model) does not start TensorFlow. Other names are imported from their modules.
 _EXPORTS = {
-    "archives": ("ARCHIVE_SUFFIXES", "DATA_DIR_ENV", "DataDir", "locate_data_dir", "resolve_data_dir"),
+    "archives": ("DATA_DIR_ENV", "locate_data_dir"),
     "augment": ("TEN_CROP_VIEWS", "center_crop", "model_views", "pca_color_shift", "random_crop_flip",
-                "random_crops", "ten_crops", "to_stored"),
-    "cache": ("CACHE_ENV", "cache_root"),
+                "random_crops", "ten_crops"),
+    "cache": ("CACHE_ENV",),
     "decode": ("RESIZE_POLICIES", "decode_image"),
-    "files": ("DataError", "Walk", "walk_files"),
-    "images": ("ArrayImages", "FileImages", "Images", "SourceImages"),
+    "files": ("DataError", "walk_files"),
     "pipeline": ("Data", "enable_op_determinism", "load_data"),
-    "pixel_stats": ("RGBStats", "rgb_statistics"),
-    "sources": ("CIFAR10_CLASSES", "SafeUnpickler"),
-    "tfrecord": ("RecordImages", "is_prepared", "prepare", "read_manifest"),
+    "pixel_stats": ("rgb_statistics",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

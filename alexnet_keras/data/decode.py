@@ -102,19 +102,14 @@ def decode_files(files: list[str], size: int, verbose: bool, *, policy: str = "s
     images = np.empty((n, size, size, 3), dtype=np.uint8) if keep else None
     ok = np.zeros(n, dtype=bool)
     bar = progress_bar(n, f"Decoding at {size}x{size} (cached afterwards):", verbose)
-    done = 0
     for index, batch in ds.as_numpy_iterator():
         if keep:
             images[index] = batch
         ok[index] = True
-        done += len(index)
         if bar is not None:
-            bar.update(done)
-    if bar is not None and done < n:
-        bar.update(n, finalize=True)   # skipped files never arrive; close the bar anyway
+            bar.update(int(ok.sum()))
     good = np.flatnonzero(ok)
-    if bar is not None:
-        elapsed = time.perf_counter() - start
-        print(f"Decoded {len(good)} of {n} files in {elapsed:.1f} s ({len(good) / elapsed:.0f} images/s).",
-              flush=True)
+    if bar is not None:   # skipped files never arrive: close the bar anyway
+        bar.update(n, finalize=True)
+        print(f"Decoded {len(good)} of {n} files in {time.perf_counter() - start:.1f} s.", flush=True)
     return (images[good] if keep else None), good

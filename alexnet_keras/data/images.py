@@ -63,18 +63,14 @@ class ArrayImages(Images):
         return ArrayImages(self.x[index], self.labels[index])
 
     def batch_keys(self, batch_size, *, shuffle=False, seed=0, deterministic=True):
-        # Index batches, gathered from the arrays by `fetch`: as fast as from_tensor_slices -> cache ->
-        # shuffle -> batch on CIFAR, but the shuffle buffer holds integers, not images, so filling it
-        # costs nothing even for large images.
+        # Index batches, gathered by `fetch`: the shuffle buffer holds integers, not images.
         ds = tf.data.Dataset.range(len(self))
         if shuffle:
             ds = ds.shuffle(max(len(self), 1), seed=seed, reshuffle_each_iteration=True)
         return ds.batch(batch_size)
 
     def fetch(self, keys):
-        # The arrays sit in CPU variables (one copy per split, shared by all its pipelines), which the
-        # map function captures by handle; a captured constant would be copied into the function's
-        # graph, which takes seconds and doubles memory for large arrays.
+        # CPU variables, captured by handle: a captured constant would be copied into the map's graph.
         if self._variables is None:
             with tf.device("/CPU:0"):
                 self._variables = (tf.Variable(self.x, trainable=False),

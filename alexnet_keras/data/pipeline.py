@@ -24,10 +24,9 @@ from .split import limit_test, train_val_indices
 class Data:
     """Everything a training run needs to know about its data."""
 
-    train: tf.data.Dataset    # (float32 (B,S,S,3) in 0..255, int32 (B,)); reshuffled each epoch;
-                              # augmented if cfg.augment; the last partial batch is kept
-    val: tf.data.Dataset      # batched in a fixed order, never augmented
-    test: tf.data.Dataset     # batched in a fixed order, never augmented; for the final evaluation only
+    train: tf.data.Dataset    # (float32 (B,S,S,3) in 0..255, int32 (B,)), reshuffled each epoch, augmented
+    val: tf.data.Dataset      # in a fixed order, never augmented
+    test: tf.data.Dataset     # in a fixed order, never augmented; for the final evaluation only
     test_labels: np.ndarray   # int32 labels of `test` in dataset order
     class_names: list[str]
     image_size: int
@@ -43,8 +42,7 @@ class Data:
     preprocessing: dict = dataclasses.field(default_factory=dict)
     recipe_stats: dict | None = None      # paper recipe: RGB mean/std/covariance, PCA, for logging
     mean_image: np.ndarray | None = None  # paper recipe with pixel_mean: (stored, stored, 3) float32
-    test_ten_crop: tf.data.Dataset | None = None  # paper recipe with ten_crop: images only, 10 views
-                                          # per test image (batches of 10*B), in `test_labels` order
+    test_ten_crop: tf.data.Dataset | None = None  # ten_crop: 10 views per test image, images only
 
     @property
     def num_classes(self) -> int:
@@ -62,19 +60,14 @@ def enable_op_determinism() -> None:
 
 def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: bool = True,
               deterministic: bool = True) -> Data:
-    """Read the dataset `cfg` (a DataConfig) names and build its pipelines at `image_size` pixels.
-
-    `seed` drives only the per-epoch shuffling and augmentation; the split depends on
-    `cfg.split_seed` alone. `verbose=False` silences the decoding progress bar and timing line.
-    `deterministic=False` (TrainConfig.deterministic off) lets the training pipeline hand out its
-    batches in the order they are ready.
-    """
+    """The dataset `cfg` (a DataConfig) names, in pipelines at `image_size` pixels. `seed` drives only the
+    shuffling and augmentation (the split depends on `cfg.split_seed` alone); `deterministic=False` lets
+    the training pipeline hand out its batches in the order they are ready."""
     paper = cfg.recipe == "paper"
     if paper and cfg.stored_size < image_size:
         raise DataError(f"the paper recipe crops {image_size}x{image_size} inputs from images stored at "
                         f"{cfg.stored_size}x{cfg.stored_size}: pass --stored-size {max(256, image_size)} "
                         f"(or at least {image_size}), or a smaller --image-size.")
-    # Files are decoded to squares of `stored` px: the stored size of the paper recipe, else the input size.
     stored = cfg.stored_size if paper else image_size
     source = read_source(cfg, stored, "shorter_side_crop" if paper else "squash", verbose)
 

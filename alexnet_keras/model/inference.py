@@ -29,8 +29,6 @@ NOT_AN_IMAGE = "not a readable image (JPEG, PNG, GIF or BMP)"
 MAX_ARRAY_SIDE = 16384
 
 
-# --- Ranking and the 10-crop test (train.py reports them; Predictor ranks with top_k) ------------
-
 def top_k(scores, k: int) -> np.ndarray:
     """(N, min(k, classes)) class indices by decreasing score; ties go to the lower class index."""
     scores = np.asarray(scores)
@@ -57,8 +55,6 @@ def ten_crop_metrics(model, data) -> dict[str, float]:
     return {"test_10crop_accuracy": top_k_accuracy(probs, labels, 1),
             "test_10crop_top5_accuracy": top_k_accuracy(probs, labels, 5)}
 
-
-# --- What a model carries besides its weights ----------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class ModelMetadata:
@@ -132,8 +128,6 @@ def read_mean_image(path: Path, stored_size: int) -> np.ndarray:
     return mean.astype(np.float32)
 
 
-# --- Predictor -----------------------------------------------------------------------------------
-
 def check_options(crops: str = "center", top: int = 5, batch_size: int = 32) -> None:
     """The prediction options, or a DataError saying which one is wrong."""
     if crops not in CROPS:
@@ -151,26 +145,20 @@ class Predictor:
     mean_image: np.ndarray | None   # (stored, stored, 3) when the run subtracted a per-pixel mean
     source: str                     # where the model came from
 
-    def views(self, stored_images, crops: str = "center") -> np.ndarray:
-        """The model's input for a batch of decoded (stored-size, uint8) images; 10 rows per image for
-        "ten"."""
+    def probabilities(self, stored_images, crops: str = "center", batch_size: int = 32) -> np.ndarray:
+        """(B, classes) probabilities of a batch of decoded images, averaged over the views."""
         from ..data import model_views
 
         spec = self.preprocessing
-        return model_views(stored_images, image_size=spec["image_size"], stored_size=spec["stored_size"],
-                           mean_image=self.mean_image, crops=crops).numpy()
-
-    def probabilities(self, stored_images, crops: str = "center", batch_size: int = 32) -> np.ndarray:
-        """(B, classes) probabilities of a batch of decoded images, averaged over the views."""
-        x = self.views(stored_images, crops)
+        x = model_views(stored_images, image_size=spec["image_size"], stored_size=spec["stored_size"],
+                        mean_image=self.mean_image, crops=crops).numpy()
         probs = np.asarray(self.model.predict(x, batch_size=batch_size, verbose=0), np.float64)
         return probs.reshape(len(stored_images), -1, probs.shape[-1]).mean(axis=1)
 
     def predict_files(self, files: Sequence[str], *, crops: str = "center", top: int = 5,
                       batch_size: int = 32) -> list[dict]:
         """One entry per file: {"file", "predictions": [{"rank", "class", "index", "probability"}]} or
-        {"file", "error"} for a file that is not a readable image. Only regular files are opened (a FIFO
-        or device would block or never end)."""
+        {"file", "error"}. Only regular files are opened (a FIFO would block forever)."""
         import tensorflow as tf
 
         check_options(crops, top, batch_size)
@@ -199,8 +187,8 @@ class Predictor:
                 for i, r in enumerate(ranked)]
 
     def _rank(self, indexed_contents, count: int, crops: str, top: int, batch_size: int) -> list:
-        """Decode (index, encoded bytes) pairs as in training and rank the classes of each; None where
-        the bytes are not an image."""
+        """The ranked classes of each (index, encoded bytes) pair, decoded as in training; None where the
+        bytes are not an image."""
         import tensorflow as tf
 
         from ..data import decode_image
@@ -256,18 +244,15 @@ def _encoded(image) -> bytes:
         raise DataError(f"pixel array of {pixels.shape[0]}x{pixels.shape[1]} is larger than "
                         f"{MAX_ARRAY_SIDE} on a side")
     if pixels.dtype != np.uint8:
-        if not (np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating)):
-            raise DataError(f"pixel values must be integers in 0..255; got dtype {pixels.dtype}")
-        if not (np.all(np.isfinite(pixels)) and np.all(pixels == np.round(pixels))
+        numeric = np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating)
+        if not (numeric and np.all(np.isfinite(pixels)) and np.all(pixels == np.round(pixels))
                 and pixels.min() >= 0 and pixels.max() <= 255):
-            raise DataError("pixel values must be integers in 0..255")
+            raise DataError(f"pixel values must be integers in 0..255; got {pixels.dtype} values")
         pixels = pixels.astype(np.uint8)
     import tensorflow as tf
 
     return tf.io.encode_png(pixels).numpy()
 
-
-# --- A .keras file with its sidecars -------------------------------------------------------------
 
 def sidecar(path: Path, suffix: str) -> Path:
     """`net.keras` -> `net.<suffix>`: the files save_model writes beside a model."""
