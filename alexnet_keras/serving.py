@@ -50,13 +50,11 @@ PARAMS_SCHEMA = ParamSchema([ParamSpec("top_k", "long", 5), ParamSpec("crops", "
 
 
 class ModelError(DataError):
-    """A model cannot be loaded, logged or registered as asked. The message says why and what to do."""
+    """A model cannot be loaded, logged or registered as asked; the message says why and what to do."""
 
-
-# --- The served model ----------------------------------------------------------------------------
 
 class AlexNetClassifier(mlflow.pyfunc.PythonModel):
-    """Raw images in, top-k classes out (see the module doc for the request and response)."""
+    """Raw images in, top-k classes out (the request and response: docs/data.md)."""
 
     def load_context(self, context) -> None:
         keras_file = Path(context.artifacts[KERAS_FILE])
@@ -112,8 +110,6 @@ def request_images(model_input) -> list:
 def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
 
-
-# --- Logging -------------------------------------------------------------------------------------
 
 def requirements() -> list[str]:
     """REQUIREMENTS pinned to the running versions (never alexnet-keras: its code travels with the model)."""
@@ -177,8 +173,6 @@ def log_model(model, metadata: ModelMetadata, example_batch=None):
             metadata={METADATA_KEY: {**metadata.to_dict(f"artifacts/{sidecar(Path(KERAS_FILE), 'mean_image.npy')}"),
                                      "keras_version": keras.__version__}})
 
-
-# --- Loading any model reference -----------------------------------------------------------------
 
 def model_uri(ref: str) -> str | None:
     """The MLflow URI `ref` names (a run id -> runs:/<id>/model), or None if it is not one."""
@@ -244,8 +238,6 @@ def _first_line(err: Exception) -> str:
     text = getattr(err, "message", None) or str(err) or type(err).__name__
     return text.strip().splitlines()[0][:300]
 
-
-# --- Registry ------------------------------------------------------------------------------------
 
 def check_model_name(name: str, alias: str | None = DEFAULT_ALIAS) -> None:
     """A ModelError unless `name` (and `alias`) can be used in `models:/NAME@ALIAS` (checked before training)."""

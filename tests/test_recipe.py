@@ -1,4 +1,4 @@
-"""The paper's data recipe (alexnet_keras.data, "Recipes") and TFRecord shards (data/tfrecord.py), on tiny
+"""The paper's data recipe (docs/data.md, "Recipes") and TFRecord shards (data/tfrecord.py), on tiny
 generated folders."""
 
 from __future__ import annotations

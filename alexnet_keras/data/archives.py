@@ -76,11 +76,7 @@ def archive_sha256(archive: Path) -> str:
 
 
 def archive_stem(path: Path) -> str:
-    name = path.name
-    for suffix in ARCHIVE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return next((path.name[:-len(s)] for s in ARCHIVE_SUFFIXES if path.name.lower().endswith(s)), path.stem)
 
 
 def extract(archive: Path, sha256: str) -> Path:

@@ -106,8 +106,6 @@ def cifar10_download() -> SourceImages:
     return in_memory(x_train, y_train, x_test, y_test, CIFAR10_CLASSES, "keras.datasets.cifar10", "cifar10")
 
 
-# --- Folders: TFRecord shards, CIFAR-10 pickles, image folders -----------------------------------
-
 def layout_hint(cifar: bool) -> str:
     hint = ("Expected train/<class>/* (optionally with test/<class>/*) or <class>/* directly, "
             "one sub-folder per class")

@@ -21,7 +21,7 @@ from ..config import Options, validated
 from .archives import locate_data_dir
 from .cache import build_folder_once, cache_root, hash_json
 from .decode import decode_image, progress_bar
-from .files import DataError, folder_layout
+from .files import DataError, folder_layout, listed
 from .images import Images, SourceImages
 from .split import carve_test
 
@@ -40,8 +40,6 @@ _FEATURES = {
     "index": tf.io.FixedLenFeature([], tf.int64),
 }
 
-
-# --- Writing -------------------------------------------------------------------------------------
 
 class PrepareOptions(Options):
     stored_size: int = Field(256, ge=8)    # the paper's 256
@@ -107,9 +105,8 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
         "splits": manifest_splits,
         "labels_file": LABELS,
         "skipped": skipped,
-        "identity": hash_json({"classes": class_names, "policy": policy,
-                                     "labels": {s: v.tolist() for s, v in all_labels.items()},
-                                     "sizes": sizes}),
+        "identity": hash_json({"classes": class_names, "policy": policy, "sizes": sizes,
+                               "labels": {s: v.tolist() for s, v in all_labels.items()}}),
         "seconds": round(seconds, 1),
     }
     # Written last: a folder with a manifest is a finished conversion.
@@ -117,12 +114,8 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / MANIFEST)
     if verbose:
-        total = sum(v["count"] for v in manifest_splits.values())
-        per_split = ", ".join(f"{s}: {v['count']}" for s, v in manifest_splits.items())
-        print(f"Wrote {total} images ({per_split}) "
-              f"in {sum(len(v['shards']) for v in manifest_splits.values())} shards to {out} in {seconds:.1f} s "
-              f"({total / max(seconds, 1e-9):.0f} images/s); skipped {len(skipped)} unreadable file(s).",
-              flush=True)
+        print(f"Wrote {manifest['counts']} images in {sum(len(v['shards']) for v in manifest_splits.values())} "
+              f"shards to {out} in {seconds:.1f} s.", flush=True)
     return manifest
 
 
@@ -178,15 +171,9 @@ def _write_split(split: str, root: Path, files: list[str], labels: np.ndarray, o
 
 
 def _remove_previous(out: Path) -> None:
-    manifest = json.loads((out / MANIFEST).read_text())
-    for split in manifest.get("splits", {}).values():
-        for shard in split.get("shards", []):
-            (out / shard["file"]).unlink(missing_ok=True)
-    for name in (LABELS, MANIFEST):
-        (out / name).unlink(missing_ok=True)
+    for path in [*out.glob("*-[0-9][0-9][0-9][0-9][0-9].tfrecord"), out / LABELS, out / MANIFEST]:
+        path.unlink(missing_ok=True)
 
-
-# --- Reading -------------------------------------------------------------------------------------
 
 def is_prepared(root: str | os.PathLike) -> bool:
     """Whether `root` holds shards written by `prepare` (its manifest)."""
@@ -211,8 +198,8 @@ def read_manifest(root: str | os.PathLike) -> dict:
     missing = [s["file"] for split in splits.values() for s in split["shards"]
                if not (Path(root) / s["file"]).is_file()]
     if missing:
-        raise DataError(f"shards listed in {str(path)!r} are missing: {', '.join(missing[:5])}"
-                        f"{' ...' if len(missing) > 5 else ''}. Copy the whole folder, or prepare it again.")
+        raise DataError(f"shards listed in {str(path)!r} are missing: {listed(missing)}. Copy the whole folder, "
+                        "or prepare it again.")
     return manifest
 
 

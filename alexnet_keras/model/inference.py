@@ -106,14 +106,6 @@ class Sidecar(Options):
         return names
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file, or a DataError naming it (not UTF-8, not JSON, unreadable)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise DataError(f"cannot read {str(path)!r} as JSON ({err}); re-save the model or use its run id.") from None
-
-
 def read_mean_image(path: Path, stored_size: int) -> np.ndarray:
     """The (stored, stored, 3) mean image saved with np.save, read without pickle, or a DataError."""
     try:
@@ -284,7 +276,10 @@ def load_keras_predictor(path: Path, source: str | None = None) -> Predictor:
         raise DataError(f"no preprocessing found for {str(path)!r}: expected {found.name} (written by "
                         "alexnet_keras.model.inference.save_model) beside it. Or pass the run id / runs:/ URI "
                         "instead.")
-    meta = read_json(found)
+    try:
+        meta = json.loads(found.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"cannot read {str(found)!r} as JSON ({err}); re-save the model or use its run id.") from None
     if not isinstance(meta, dict):
         raise DataError(f"{str(found)!r} holds a JSON {type(meta).__name__}, not the object save_model writes.")
     meta = validated(Sidecar, meta, str(found))
@@ -295,7 +290,12 @@ def load_keras_predictor(path: Path, source: str | None = None) -> Predictor:
         if not mean_file.is_file():
             raise DataError(f"{source!r} was trained with a per-pixel mean image; {str(mean_file)!r} is missing.")
         mean_image = read_mean_image(mean_file, spec["stored_size"])
-    return checked(Predictor(load_keras(path), list(meta.class_names), spec, mean_image, source))
+    model, size, names = load_keras(path), spec["image_size"], list(meta.class_names)
+    if tuple(model.input_shape[1:3]) != (size, size) or model.output_shape[-1] != len(names):
+        raise DataError(f"{source!r}: the model takes {model.input_shape[1]}x{model.input_shape[2]} inputs and has "
+                        f"{model.output_shape[-1]} outputs, but its preprocessing says {size}x{size} and "
+                        f"{len(names)} class names.")
+    return Predictor(model, names, spec, mean_image, source)
 
 
 def load_keras(path: Path):
@@ -316,16 +316,3 @@ def load_keras(path: Path):
         raise DataError(f"refused to load {str(path)!r}: {reason}. Models are loaded with safe_mode=True: "
                         "no Lambda layers and nothing outside Keras and alexnet-keras. Use a model you "
                         "trained, or one from a source you trust re-saved without such code.") from None
-
-
-def checked(predictor: Predictor) -> Predictor:
-    """`predictor`, if its model's input size and outputs agree with its preprocessing and class names."""
-    shape = predictor.model.input_shape
-    size, classes = predictor.preprocessing["image_size"], predictor.model.output_shape[-1]
-    if tuple(shape[1:3]) != (size, size):
-        raise DataError(f"{predictor.source!r}: the model takes {shape[1]}x{shape[2]} inputs but its "
-                        f"preprocessing says {size}x{size}.")
-    if classes != len(predictor.class_names):
-        raise DataError(f"{predictor.source!r}: the model has {classes} outputs but "
-                        f"{len(predictor.class_names)} class names.")
-    return predictor
