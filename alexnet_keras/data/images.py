@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 
 import numpy as np
 import tensorflow as tf
@@ -55,7 +56,6 @@ class ArrayImages(Images):
 
     def __init__(self, x: np.ndarray, labels: np.ndarray):
         self.x, self.labels, self.side = x, np.asarray(labels, np.int32), x.shape[1]
-        self._variables = None
 
     streamed = False
 
@@ -69,13 +69,15 @@ class ArrayImages(Images):
             ds = ds.shuffle(max(len(self), 1), seed=seed, reshuffle_each_iteration=True)
         return ds.batch(batch_size)
 
+    @functools.cached_property
+    def variables(self):
+        """The arrays as CPU variables, one copy shared by every pipeline of the split: the map captures
+        them by handle (a captured constant would be copied into its graph: seconds, twice the memory)."""
+        with tf.device("/CPU:0"):
+            return tf.Variable(self.x, trainable=False), tf.Variable(self.labels, trainable=False)
+
     def fetch(self, keys):
-        # CPU variables, captured by handle: a captured constant would be copied into the map's graph.
-        if self._variables is None:
-            with tf.device("/CPU:0"):
-                self._variables = (tf.Variable(self.x, trainable=False),
-                                   tf.Variable(self.labels, trainable=False))
-        images, labels = self._variables
+        images, labels = self.variables
         return tf.gather(images, keys), tf.gather(labels, keys)
 
     def numpy_batches(self, batch_size=256):

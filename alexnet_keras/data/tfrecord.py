@@ -5,6 +5,7 @@ a manifest, decoded and rescaled once; `load_prepared` and `RecordImages` read t
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -214,33 +215,30 @@ class RecordImages(Images):
         self.index = np.arange(len(self.all_labels)) if index is None else np.sort(np.asarray(index, np.int64))
         self.labels = self.all_labels[self.index]
         self.side, self.policy = side, policy
-        self._plan: tuple[list[str], np.ndarray | None] | None = None
 
     def subset(self, index):
         return RecordImages(self.shards, self.all_labels, self.side, self.policy, self.index[index])
 
+    @functools.cached_property
     def read_plan(self) -> tuple[list[str], np.ndarray | None]:
         """(shards to read, mask of the records to keep by their `index` feature or None for all). A
         subset of at most half the records is copied once into shards of its own rather than filtered
         out of every shard each epoch (~10x the records kept, for a 10 % validation split)."""
-        if self._plan is None:
-            if len(self.index) == len(self.all_labels):
-                self._plan = (self.shards, None)
-            else:
-                mask = np.zeros(len(self.all_labels), dtype=bool)
-                mask[self.index] = True
-                self._plan = (self.shards, mask)
-                if 0 < len(self.index) <= len(self.all_labels) // 2:
-                    try:
-                        self._plan = (subset_shards(self.shards, mask), None)
-                    except DataError as err:   # a read-only cache: read through the filter instead
-                        warnings.warn(f"{err} Reading the subset through all {len(self.shards)} shards "
-                                      "meanwhile.", stacklevel=2)
-        return self._plan
+        if len(self.index) == len(self.all_labels):
+            return self.shards, None
+        mask = np.zeros(len(self.all_labels), dtype=bool)
+        mask[self.index] = True
+        if 0 < len(self.index) <= len(self.all_labels) // 2:
+            try:
+                return subset_shards(self.shards, mask), None
+            except DataError as err:   # a read-only cache: read through the filter instead
+                warnings.warn(f"{err} Reading the subset through all {len(self.shards)} shards meanwhile.",
+                              stacklevel=2)
+        return self.shards, mask
 
     def batch_keys(self, batch_size, *, shuffle=False, seed=0, deterministic=True):
         side, policy = self.side, self.policy
-        shards, mask = self.read_plan()
+        shards, mask = self.read_plan
         if shuffle and len(shards) > 1:
             files = tf.data.Dataset.from_tensor_slices(shards).shuffle(
                 len(shards), seed=seed, reshuffle_each_iteration=True)
