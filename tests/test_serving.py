@@ -30,6 +30,7 @@ from PIL import Image
 from alexnet_keras import cli
 from alexnet_keras import serving
 
+
 @pytest.fixture(scope="module")
 def learned(colour_model, tmp_path_factory):
     """conftest's colour model (a paper-recipe model with a per-pixel mean image, registered as
