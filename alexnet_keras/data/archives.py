@@ -91,12 +91,9 @@ def extract(archive: Path, sha256: str) -> Path:
             else:
                 with tarfile.open(archive) as tar:
                     tar.extractall(folder, filter="data")   # no paths outside, no device files
-        except OSError as err:
-            if err.errno in (errno.EACCES, errno.ENOSPC, errno.EROFS, errno.EDQUOT):   # the cache, not the archive
-                raise unwritable(folder.parent, err) from err
-            raise DataError(f"could not extract {str(archive)!r} ({err}). Check that the archive is "
-                            "complete, or extract it yourself and pass the folder with --data-dir.") from err
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as err:
+            if getattr(err, "errno", None) in (errno.EACCES, errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+                raise unwritable(folder.parent, err) from err   # the cache, not the archive
             raise DataError(f"could not extract {str(archive)!r} ({err}). Check that the archive is "
                             "complete, or extract it yourself and pass the folder with --data-dir.") from err
 

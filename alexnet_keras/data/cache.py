@@ -38,11 +38,8 @@ def unwritable(path: Path, err: OSError) -> DataError:
 
 
 def build_folder_once(target: Path, fill: Callable[[Path], None]) -> Path:
-    """`target`, filled by `fill(folder)` unless it exists already.
-
-    `fill` writes into a hidden temporary folder beside `target`, renamed to `target` when complete:
-    no half-filled `target` a later run would trust; any exception (Ctrl-C too) removes the temporary.
-    """
+    """`target`, filled by `fill(folder)` unless it exists: `fill` writes into a temporary folder beside
+    it, renamed when complete; any exception (Ctrl-C too) removes the temporary, never a half-filled target."""
     if target.is_dir():
         return target
     try:
@@ -50,19 +47,14 @@ def build_folder_once(target: Path, fill: Callable[[Path], None]) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     except OSError as err:
         raise unwritable(target.parent, err) from err
-    renamed = False
     try:
         fill(tmp)
-        try:
-            os.rename(tmp, target)
-            renamed = True
-        except OSError:
-            if not target.is_dir():
-                raise
-            # Another process finished the same entry first; its copy is as good as ours.
+        os.rename(tmp, target)
+    except OSError:
+        if not target.is_dir():   # else another process finished the same entry first: as good as ours
+            raise
     finally:
-        if not renamed:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)   # gone already when renamed
     return target
 
 
