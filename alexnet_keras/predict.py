@@ -1,17 +1,5 @@
-"""`alexnet-keras predict`: the top classes of image files under a trained model.
-
-The model is given as a run id, an MLflow model URI (`runs:/<run>/model`, `models:/NAME/VERSION`,
-`models:/NAME@champion`), a local MLflow model folder, or a `.keras` file with the
-`<name>.preprocessing.json` that inference.save_model writes beside it. Loading any of them:
-serving.load_predictor (MLflow downloads go to a temporary folder, removed afterwards). Preprocessing
-and ranking: inference.Predictor, the same code the served model runs, so `predict`, `mlflow models
-predict` and `mlflow models serve` give the same answer for the same file.
-
-This module is the command only: options checked first (one clear line and exit status 2 for a bad
-one, before any model is loaded), folders walked by data.walk_files (regular files only, no symbolic
-link followed, FIFOs, sockets and devices never opened; what was skipped is said on stderr), text or
-JSON out. Exit status 1 when some file was not a readable image (each such file says so in the output).
-"""
+"""`alexnet-keras predict`: the top classes of image files under a trained model (serving.load_predictor),
+options checked before any model is loaded; exit status 1 when some file is not a readable image."""
 
 from __future__ import annotations
 
@@ -25,8 +13,7 @@ from .model.inference import check_options
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Files as given; folders as every visible regular file under them (data.walk_files: no link
-    followed, special files never opened), in walk order. What a walk skipped is said on stderr."""
+    """Files as given; folders as every visible regular file under them; what a walk skipped on stderr."""
     files: list[str] = []
     for item in inputs:
         if os.path.isdir(item):

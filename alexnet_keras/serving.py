@@ -1,34 +1,7 @@
-"""A trained model as an MLflow model: logged self-contained, loaded from any reference, served, registered.
-
-Besides tracking.py, the one module that imports MLflow. What lives here:
-  * `log_model`: the model every run logs (tracking.log_keras_model delegates here; train, the study's
-    children and the sweep's best all go through it);
-  * `AlexNetClassifier`: the pyfunc that `mlflow.pyfunc.load_model`, `mlflow models serve` and
-    `mlflow models predict` run: raw images in, class names with probabilities out;
-  * `load_predictor`: an inference.Predictor from a run id, `runs:/` or `models:/` URI, a model folder
-    or a .keras file (what `alexnet-keras predict --model` takes);
-  * `register_model` / `check_model_name`: the model registry (a name, an alias such as `champion`,
-    tags saying where the version came from).
-
-A logged model (`runs:/<run id>/model`) is a folder that needs nothing but the packages of its
-requirements.txt (no `alexnet-keras` install, no import of the package by hand):
-    MLmodel                      flavors `python_function` (AlexNetClassifier) and `keras`
-    alexnet_classifier.py        the model's code ("models from code": no pickle)
-    code/alexnet_keras/          this package, put on sys.path by MLflow when the model loads
-    artifacts/model.keras        the network (loaded with safe_mode=True), and beside it
-    artifacts/model.preprocessing.json, model.mean_image.npy   its preprocessing (inference.save_model)
-    requirements.txt ...         tensorflow, keras, numpy, scikit-learn pinned to the training versions
-    input_example.json, serving_input_example.json             a real request
-`mlflow.keras.load_model` gives the Keras network itself (after `import alexnet_keras.model`, which
-registers its classes; a plain `import alexnet_keras` loads Keras only on first use of its names).
-
-Requests (signature): a DataFrame with a column `image` (the bytes of a JPEG/PNG/GIF/BMP file; base64
-strings in JSON) or `pixels` (an HxWx3 array of integers in 0..255, RGB; nested lists in JSON), one image
-per row; params `top_k` (default 5) and `crops` ("center" or "ten"). Each row is answered with `class`,
-`index`, `probability` (the top class) and `top_k` (a list of {rank, class, index, probability}),
-preprocessed exactly as the training run prepared its evaluation images (inference.Predictor).
-A bad request (no rows, not an image, wrong shape, bad params) raises an MlflowException with
-INVALID_PARAMETER_VALUE: the scoring server answers 400 with the message and keeps serving.
+"""A trained model as an MLflow model: logged self-contained (`log_model`: the pyfunc `AlexNetClassifier`
+plus a keras flavor, this package as its code), loaded from any reference (`load_predictor`), served by
+`mlflow models serve/predict`, registered (`register_model`). The folder and the requests: docs/data.md.
+A bad request raises an MlflowException with INVALID_PARAMETER_VALUE: the server answers 400 and keeps serving.
 """
 
 from __future__ import annotations
@@ -52,8 +25,8 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
 from .data import DataError
-from .model.inference import (METADATA_KEY, ModelMetadata, Predictor, check_metadata, check_options, checked,
-                        load_keras, load_keras_predictor, read_json, read_mean_image, save_model, sidecar)
+from .model.inference import (METADATA_KEY, ModelMetadata, Predictor, check_options, load_keras_predictor, save_model,
+                              sidecar)
 
 MODEL_NAME = "model"                  # the artifact name of the model in its run: runs:/<run id>/model
 KERAS_FILE = "model.keras"            # under artifacts/ in the model folder
@@ -77,18 +50,14 @@ PARAMS_SCHEMA = ParamSchema([ParamSpec("top_k", "long", 5), ParamSpec("crops", "
 
 
 class ModelError(DataError):
-    """A model cannot be loaded, logged or registered as asked. The message says why and what to do."""
+    """A model cannot be loaded, logged or registered as asked; the message says why and what to do."""
 
-
-# ---------------------------------------------------------------------------------------------
-# The served model
-# ---------------------------------------------------------------------------------------------
 
 class AlexNetClassifier(mlflow.pyfunc.PythonModel):
-    """Raw images in, top-k classes out (see the module doc for the request and response)."""
+    """Raw images in, top-k classes out (the request and response: docs/data.md)."""
 
     def load_context(self, context) -> None:
-        keras_file = Path(context.artifacts["keras_model"])
+        keras_file = Path(context.artifacts[KERAS_FILE])
         self.predictor = load_keras_predictor(keras_file, source=str(keras_file.parent.parent))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -109,8 +78,7 @@ class AlexNetClassifier(mlflow.pyfunc.PythonModel):
 
 
 def request_images(model_input) -> list:
-    """The images of a request, one per row: bytes (`image`; a base64 string is decoded) or an array
-    (`pixels`). An MlflowException (HTTP 400) for an empty request or a row without exactly one."""
+    """The images of a request, one per row: bytes (`image`; base64 is decoded) or an array (`pixels`)."""
     if not isinstance(model_input, pd.DataFrame):
         raise MlflowException(f"expected a DataFrame with an `image` or `pixels` column; got "
                               f"{type(model_input).__name__}.", INVALID_PARAMETER_VALUE)
@@ -143,13 +111,8 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
 
 
-# ---------------------------------------------------------------------------------------------
-# Logging
-# ---------------------------------------------------------------------------------------------
-
 def requirements() -> list[str]:
-    """REQUIREMENTS pinned to the running versions (all on the package index; never alexnet-keras,
-    whose code travels with the model)."""
+    """REQUIREMENTS pinned to the running versions (never alexnet-keras: its code travels with the model)."""
     return [f"{name}=={importlib.metadata.version(name)}" for name in REQUIREMENTS]
 
 
@@ -173,8 +136,7 @@ def example_image(metadata: ModelMetadata, example_batch=None) -> bytes:
 
 
 class _PyfuncWithKerasFlavor:
-    """The flavor `Model.log` saves with: MLflow's pyfunc, plus a `keras` flavor on the same .keras file,
-    so that `mlflow.keras.load_model` gives the network itself."""
+    """MLflow's pyfunc flavor plus a `keras` flavor on the same .keras file (mlflow.keras.load_model)."""
 
     __name__ = "mlflow.pyfunc"
 
@@ -191,16 +153,12 @@ class _PyfuncWithKerasFlavor:
 
 
 def log_model(model, metadata: ModelMetadata, example_batch=None):
-    """Log `model` to the active run as `runs:/<run id>/model`, self-contained (module doc). Returns
-    MLflow's ModelInfo."""
+    """Log `model` to the active run as `runs:/<run id>/model`, self-contained; MLflow's ModelInfo."""
     import keras
 
     with tempfile.TemporaryDirectory(prefix="alexnet-keras-log-") as folder:
-        keras_file = save_model(model, Path(folder, KERAS_FILE), metadata.class_names, metadata.preprocessing,
-                                metadata.mean_image)
-        artifacts = {"keras_model": str(keras_file), "preprocessing": str(sidecar(keras_file, "preprocessing.json"))}
-        if metadata.mean_image is not None:
-            artifacts["mean_image"] = str(sidecar(keras_file, "mean_image.npy"))
+        save_model(model, Path(folder, KERAS_FILE), metadata.class_names, metadata.preprocessing, metadata.mean_image)
+        artifacts = {p.name: str(p) for p in Path(folder).iterdir()}   # model.keras and its sidecars
         code = Path(folder, "alexnet_classifier.py")
         code.write_text(_MODEL_CODE)
         example = pd.DataFrame({"image": [example_image(metadata, example_batch)]})
@@ -209,17 +167,12 @@ def log_model(model, metadata: ModelMetadata, example_batch=None):
             code_paths=[str(Path(__file__).resolve().parent)], pip_requirements=requirements(),
             signature=ModelSignature(INPUT_SCHEMA, OUTPUT_SCHEMA, PARAMS_SCHEMA),
             input_example=(example, {"top_k": min(5, len(metadata.class_names))}),
-            # MLflow would load a second copy of the network to predict the example, and only log a warning
-            # if that failed: seconds and a model's memory at the end of every run, for nothing a user
-            # sees. tests/test_serving.py loads and serves logged models for real instead.
+            # MLflow would load a second copy of the network to predict the example (seconds and a model's
+            # memory per run); tests/test_serving.py loads and serves logged models for real instead.
             validate_serving_input=False,
             metadata={METADATA_KEY: {**metadata.to_dict(f"artifacts/{sidecar(Path(KERAS_FILE), 'mean_image.npy')}"),
                                      "keras_version": keras.__version__}})
 
-
-# ---------------------------------------------------------------------------------------------
-# Loading any model reference
-# ---------------------------------------------------------------------------------------------
 
 def model_uri(ref: str) -> str | None:
     """The MLflow URI `ref` names (a run id -> runs:/<id>/model), or None if it is not one."""
@@ -232,8 +185,7 @@ def model_uri(ref: str) -> str | None:
 
 def load_predictor(ref: str) -> Predictor:
     """A Predictor from a run id, an MLflow model URI (runs:/, models:/NAME/VERSION, models:/NAME@ALIAS),
-    a model folder or a .keras file. Downloads go to a temporary folder that is removed before returning
-    (everything is in memory by then). The tracking store is the one MLflow is configured with."""
+    a model folder or a .keras file; downloads go to a temporary folder, removed before returning."""
     path = Path(ref).expanduser()
     if path.exists():
         if path.is_dir():
@@ -244,9 +196,6 @@ def load_predictor(ref: str) -> Predictor:
         if path.suffix != ".keras":
             raise ModelError(f"{ref!r} is not a .keras file; pass a .keras file, an MLflow model folder, a run "
                              "id or a runs:/<run id>/model URI.")
-        has_sidecar = sidecar(path, "preprocessing.json").is_file() or (path.parent / "data.json").is_file()
-        if not has_sidecar and (path.parent.parent / "MLmodel").is_file():   # inside a model folder
-            return _from_model_folder(path.parent.parent, ref)
         return load_keras_predictor(path, source=ref)
     uri = model_uri(ref)
     if uri is None:
@@ -264,55 +213,14 @@ def load_predictor(ref: str) -> Predictor:
             raise ModelError(f"{uri!r} holds no logged model (no MLmodel file){_run_status(uri)}: a run logs its "
                              "model only when its training ends FINISHED. Pick a finished run "
                              "(`mlflow ui`, or `mlflow runs list`).")
-        return _from_model_folder(local, ref, scratch=Path(folder))
+        return _from_model_folder(local, ref)
 
 
-def _from_model_folder(folder: Path, ref: str, scratch: Path | None = None) -> Predictor:
+def _from_model_folder(folder: Path, ref: str) -> Predictor:
     keras_file = folder / "artifacts" / KERAS_FILE
-    if keras_file.is_file() and sidecar(keras_file, "preprocessing.json").is_file():
-        return load_keras_predictor(keras_file, source=ref)
-    return _from_legacy_model_folder(folder, ref, scratch)
-
-
-def _from_legacy_model_folder(folder: Path, ref: str, scratch: Path | None) -> Predictor:
-    """A model logged by mlflow.keras.log_model before models carried their preprocessing: the class
-    names and preprocessing from its MLmodel metadata (else the run's data.json), the mean image from the
-    run's `preprocessing/mean_image.npy`."""
-    from mlflow.models import Model
-
-    try:
-        mlmodel = Model.load(str(folder / "MLmodel"))
-    except Exception as err:  # noqa: BLE001 - a hand-edited or truncated MLmodel file
-        raise ModelError(f"cannot read {str(folder / 'MLmodel')!r}: {_first_line(err)}") from None
-    keras_files = sorted(folder.rglob("*.keras"))
-    if not keras_files:
-        raise ModelError(f"the MLflow model {ref!r} holds no .keras file (was it logged by alexnet-keras?).")
-    run_id = mlmodel.run_id
-    with tempfile.TemporaryDirectory(prefix="alexnet-keras-run-", dir=scratch) as downloads:
-        meta = (mlmodel.metadata or {}).get(METADATA_KEY)
-        if meta is None and run_id:
-            data_json = _run_artifact(run_id, "data.json", downloads)
-            meta = read_json(data_json) if data_json else None
-        if meta is None:
-            raise ModelError(f"the MLflow model {ref!r} carries no alexnet-keras preprocessing metadata and no "
-                             "training run with a data.json; predict cannot know how its inputs were prepared.")
-        class_names, spec = check_metadata(meta, f"the metadata of {ref!r}")
-        mean_image = None
-        if spec["pixel_mean"]:
-            mean_file = _run_artifact(run_id, spec.get("mean_image") or "preprocessing/mean_image.npy",
-                                      downloads) if run_id else None
-            if mean_file is None:
-                raise ModelError(f"the model {ref!r} was trained with a per-pixel mean image, which its run "
-                                 f"{run_id!r} no longer has.")
-            mean_image = read_mean_image(mean_file, spec["stored_size"])
-        return checked(Predictor(load_keras(keras_files[0]), class_names, spec, mean_image, ref))
-
-
-def _run_artifact(run_id: str, artifact: str, folder: str) -> Path | None:
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=folder))
-    except Exception:  # noqa: BLE001 - no such artifact (or run): the caller reports it
-        return None
+    if not keras_file.is_file():
+        raise ModelError(f"the MLflow model {ref!r} holds no {KERAS_FILE} (was it logged by alexnet-keras?).")
+    return load_keras_predictor(keras_file, source=ref)
 
 
 def _run_status(uri: str) -> str:
@@ -331,13 +239,8 @@ def _first_line(err: Exception) -> str:
     return text.strip().splitlines()[0][:300]
 
 
-# ---------------------------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------------------------
-
 def check_model_name(name: str, alias: str | None = DEFAULT_ALIAS) -> None:
-    """A ModelError unless `name` (and `alias`) can be used in `models:/NAME@ALIAS`; call it before
-    training, so that a bad name does not fail a finished run."""
+    """A ModelError unless `name` (and `alias`) can be used in `models:/NAME@ALIAS` (checked before training)."""
     if not isinstance(name, str) or not name.strip() or name != name.strip() or re.search(r"[/:@%]", name):
         raise ModelError(f"registered model name {name!r}: use letters, digits, spaces, '.', '_' or '-' "
                          "(not empty; no '/', ':', '@' or '%'), e.g. alexnet-cifar10.")

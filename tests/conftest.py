@@ -237,3 +237,116 @@ def two_nodes():
     if RAY_MISSING:
         pytest.skip("ray or psutil is not installed (pip install -e '.[ray]')")
     yield from two_node_lab()
+
+# --- image folders and a trained model shared by several modules ---------------------------------
+
+CLASSES = ["bee", "cat", "dog"]
+# Odd sizes (width, height), portrait and landscape, smaller and larger than the stored size.
+SIZES = [(37, 23), (23, 41), (50, 19), (16, 16), (64, 48), (21, 30)]
+
+
+def noisy(rng, size, colour, mode="RGB"):
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    pixels = np.clip(rng.normal(colour, 40, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def make_folder(root: Path, n_train: int = 6, n_test: int = 2, seed: int = 0) -> Path:
+    """train/ + test/, 3 classes; JPEG, PNG, grayscale, CMYK JPEG, RGBA; one corrupt file."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            colour = [60, 60, 60]
+            colour[c] = 200
+            for i in range(n):
+                size = SIZES[(i + c) % len(SIZES)]
+                kind = i % 5
+                if kind == 0:
+                    noisy(rng, size, colour).save(folder / f"{i}.jpg", quality=95)
+                elif kind == 1:
+                    noisy(rng, size, colour).save(folder / f"{i}.png")
+                elif kind == 2:
+                    noisy(rng, size, colour, "L").save(folder / f"{i}.png")            # grayscale
+                elif kind == 3:
+                    noisy(rng, size, colour, "CMYK").save(folder / f"{i}.jpg", quality=95)  # CMYK JPEG
+                else:
+                    noisy(rng, size, colour, "RGBA").save(folder / f"{i}.png")
+    (root / "train" / "cat" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated" + bytes(50))
+    return root
+
+
+COLOURS = {"blue": (40, 40, 210), "green": (40, 190, 40), "red": (210, 40, 40)}   # sorted: class order
+
+
+def colour_image(rng, colour, size=None):
+    import numpy as np
+
+    w, h = size if size is not None else rng.integers(24, 48, size=2)
+    return np.clip(rng.normal(colour, 35, size=(h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def colour_folder(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """train/ + test/ with three classes that differ by colour (noisy, odd sizes, JPEG and PNG)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for name, colour in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(colour_image(rng, colour)).save(folder / f"{i}.{'jpg' if i % 2 else 'png'}")
+    return root
+
+
+def jpeg_bytes(pixels) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def serving_env(uri):
+    """subprocess_env, with this virtual environment's bin first on PATH: `mlflow models serve` runs
+    `uvicorn` from PATH, as in an activated virtual environment."""
+    env = subprocess_env(uri)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+@pytest.fixture(scope="session")
+def colour_model(tmp_path_factory):
+    """`alexnet-keras train --register colours` of a paper-recipe model (per-pixel mean image) on a
+    colour_folder, trained until it tells the colours apart, logged to a SQLite store of its own:
+    (store URI, the run, its folder). --deterministic so that it learns the same every time (5 epochs on
+    24 images), in a process of its own: determinism is process-wide in TensorFlow. Shared by
+    test_serving and test_registry: one training serves both."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("colour-model")
+    uri = f"sqlite:///{root}/mlflow.db"
+    data = colour_folder(root / "data", n_train=8, n_test=4)
+    trained = subprocess.run(
+        [sys.executable, "-m", "alexnet_keras", "train", "--variant", "cifar", "--width", "0.125", "--init", "keras",
+         "--dropout", "0", "--dataset", "folder", "--data-dir", str(data), "--recipe", "paper", "--stored-size",
+         "36", "--pixel-mean", "true", "--epochs", "5", "--batch-size", "8", "--deterministic", "true",
+         "--experiment", "serving-test", "--register", "colours"],
+        cwd=root, env={**serving_env(uri), "ALEXNET_KERAS_CACHE": str(root / "cache")}, capture_output=True,
+        text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "registered the model of run" in trained.stdout
+    (run,) = all_runs(uri)
+    assert run.info.status == "FINISHED" and run.data.metrics["test_accuracy"] == 1.0   # it has learned
+    assert MlflowClient(uri).get_experiment(run.info.experiment_id).name == "serving-test"
+    return uri, run, root

@@ -17,18 +17,14 @@ from PIL import Image
 
 from alexnet_keras import data as data_module
 from alexnet_keras.config import DataConfig
-from alexnet_keras.data import Data, DataError, load_data, random_crop_flip, resolve_data_dir
+from alexnet_keras.data import Data, DataError, load_data, locate_data_dir, random_crop_flip
 from alexnet_keras.data import decode as decode_module
 
 CLASSES = ["cat", "ant", "bee"]          # created unsorted on purpose
 SORTED = sorted(CLASSES)
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    # Caches go to this test's tmp_path, and a data dir set in the shell cannot leak in.
-    monkeypatch.setenv(data_module.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(data_module.DATA_DIR_ENV, raising=False)
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 def collect(ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -301,7 +297,7 @@ def archive(tmp_path):
 
 def test_archive_is_extracted_once_into_cache_and_loaded(archive, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    root = resolve_data_dir(str(archive))
+    root = locate_data_dir(str(archive)).path
     assert root.parent.parent == cache / "datasets" and root.name == "mydata"
     assert root.parent.name.startswith("mydata-")
     assert (root / "train" / "ant").is_dir()
@@ -314,10 +310,10 @@ def test_archive_is_extracted_once_into_cache_and_loaded(archive, tmp_path, monk
         raise AssertionError("extracted again")
 
     monkeypatch.setattr(tarfile, "open", no_extraction)
-    assert resolve_data_dir(str(archive)) == root
+    assert locate_data_dir(str(archive)).path == root
     # The env var is the fallback for data_dir.
     monkeypatch.setenv(data_module.DATA_DIR_ENV, str(archive))
-    assert resolve_data_dir(None) == root
+    assert locate_data_dir(None).path == root
 
 
 def test_zip_archive_without_wrapper_folder(tmp_path):
@@ -326,7 +322,7 @@ def test_zip_archive_without_wrapper_folder(tmp_path):
     with zipfile.ZipFile(path, "w") as zf:
         for file in src.rglob("*"):
             zf.write(file, file.relative_to(src))
-    root = resolve_data_dir(str(path))
+    root = locate_data_dir(str(path)).path
     assert (root / "train").is_dir() and (root / "test").is_dir()
 
 
@@ -334,7 +330,7 @@ def test_broken_archive_leaves_nothing_behind(tmp_path):
     path = tmp_path / "broken.tar.gz"
     path.write_bytes(b"\x1f\x8b" + np.random.default_rng(0).bytes(200))
     with pytest.raises(DataError, match="broken.tar.gz"):
-        resolve_data_dir(str(path))
+        locate_data_dir(str(path)).path
     assert not any((tmp_path / "cache" / "datasets").iterdir())
 
 
@@ -659,7 +655,7 @@ def test_interrupted_or_failed_extraction_leaves_nothing_in_the_cache(tmp_path, 
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with pytest.raises(DataError, match="could not extract .*cut.tar.gz"):
-        resolve_data_dir(str(cut))
+        locate_data_dir(str(cut)).path
     assert list(datasets.iterdir()) == []
 
     # Ctrl-C while a member is being written: tarfile's copy writes the member's first MiB, then the
@@ -681,7 +677,7 @@ def test_interrupted_or_failed_extraction_leaves_nothing_in_the_cache(tmp_path, 
 
     monkeypatch.setattr(tarfile, "copyfileobj", copy_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
-        resolve_data_dir(str(big))
+        locate_data_dir(str(big)).path
     assert written and written[0].name == "zeros.bin"      # it was interrupted mid-member, in the cache
     assert list(datasets.iterdir()) == []
 
@@ -715,7 +711,7 @@ def test_read_only_cache_gives_one_clear_message(tmp_path, read_only_folder, mon
 
     monkeypatch.setenv(data_module.CACHE_ENV, str(read_only_folder / "cache"))
     with pytest.raises(DataError, match="not writable") as err:
-        resolve_data_dir(str(archive))
+        locate_data_dir(str(archive)).path
     assert data_module.CACHE_ENV in str(err.value) and str(read_only_folder) in str(err.value)
     assert cli.main(["train", "--dataset", "folder", "--data-dir", str(archive), "--epochs", "1"]) == 2
     message = capsys.readouterr().err

@@ -106,46 +106,60 @@ def test_channels_first_axis():
     np.testing.assert_allclose(np.asarray(out), np.moveaxis(expected, -1, 1), rtol=1e-5, atol=1e-6)
 
 
-def test_config_round_trip():
-    layer = LocalResponseNormalization(size=3, alpha=0.01, beta=0.5, k=1.0, axis=1, name="lrn_x")
+def run_layer_test(cls, init_kwargs, input_data, expected_output_shape, expected_num_weights=0):
+    """After keras-hub's `TestCase.run_layer_test`: a layer's get_config -> from_config round trip (also
+    through its registered name), weight count, symbolic and eager output shapes, one `fit` step inside
+    a model, and its mixed-precision policies (outputs in the compute dtype, variables in the variable dtype)."""
+    layer = cls(**init_kwargs)
     config = layer.get_config()
-    assert {k: config[k] for k in ("size", "alpha", "beta", "k", "axis", "name")} == dict(
-        size=3, alpha=0.01, beta=0.5, k=1.0, axis=1, name="lrn_x")
-    clone = LocalResponseNormalization.from_config(config)
-    assert clone.get_config() == config
-    # Registered under the package name, so Keras' generic deserialization finds it too.
+    assert config.items() >= init_kwargs.items()
+    assert cls.from_config(config).get_config() == config
     revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
-    assert isinstance(revived, LocalResponseNormalization) and revived.get_config() == config
-    assert keras.saving.get_registered_name(LocalResponseNormalization) == \
-        "alexnet_keras>LocalResponseNormalization"
+    assert type(revived) is cls and revived.get_config() == config
+    assert keras.saving.get_registered_name(cls) == f"alexnet_keras>{cls.__name__}"
 
-
-def test_shapes_eager_and_symbolic():
-    layer = LocalResponseNormalization()
-    assert tuple(layer(np.zeros((2, 5, 6, 7), "float32")).shape) == (2, 5, 6, 7)
-    symbolic = LocalResponseNormalization()(keras.Input((5, 6, 7)))
+    symbolic = cls(**init_kwargs)(keras.Input(input_data.shape[1:]))
     assert isinstance(symbolic, keras.KerasTensor)
-    assert tuple(symbolic.shape) == (None, 5, 6, 7)
+    assert tuple(symbolic.shape) == (None, *expected_output_shape[1:])
+    output = layer(input_data)
+    assert tuple(output.shape) == expected_output_shape
+    assert keras.backend.standardize_dtype(output.dtype) == layer.dtype
+    assert tuple(layer.compute_output_shape(input_data.shape)) == expected_output_shape
+    assert len(layer.weights) == expected_num_weights
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input(input_data.shape[1:]), cls(**init_kwargs), keras.layers.Flatten(),
+                              keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    history = model.fit(input_data, np.arange(len(input_data)) % 2, batch_size=2, epochs=1, verbose=0)
+    assert math.isfinite(history.history["loss"][-1])
+
+    for name in ("mixed_float16", "mixed_bfloat16", "bfloat16"):
+        policy = keras.mixed_precision.Policy(name)
+        mixed = cls(**init_kwargs, dtype=policy)
+        for output in (mixed(input_data), mixed.compute_output_spec(keras.KerasTensor(input_data.shape))):
+            assert keras.backend.standardize_dtype(output.dtype) == policy.compute_dtype
+        assert all(keras.backend.standardize_dtype(w.dtype) == policy.variable_dtype for w in mixed.weights)
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+@pytest.mark.parametrize("init_kwargs, shape", [
+    ({}, (4, 5, 6, 7)),
+    (dict(size=3, alpha=0.01, beta=0.5, k=1.0, axis=1, name="lrn_x"), (4, 7, 3, 4)),
+    (dict(size=1), (4, 2, 2, 96)),
+])
+def test_layer_harness(init_kwargs, shape):
+    x = np.random.default_rng(3).normal(0.0, 3.0, size=shape).astype("float32")
+    run_layer_test(LocalResponseNormalization, init_kwargs, x, shape)
     # Unknown spatial and channel sizes are fine: the window sum never needs N.
-    assert tuple(LocalResponseNormalization()(keras.Input((None, None, None))).shape) == (
-        None, None, None, None)
-    assert layer.compute_output_shape((None, 3, 3, 8)) == (None, 3, 3, 8)
-    assert layer.weights == []
+    unknown = LocalResponseNormalization(**init_kwargs)(keras.Input((None,) * (len(shape) - 1)))
+    assert tuple(unknown.shape) == (None,) * len(shape)
 
 
-@pytest.fixture
-def mixed_float16():
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-
-
-def test_mixed_precision(mixed_float16):
+def test_mixed_precision_keeps_the_formula():
+    """float16 under the policy, but computed in float32: no overflow, the formula's values."""
     x = np.random.default_rng(3).normal(0.0, 3.0, size=(2, 4, 4, 7)).astype("float32")
-    layer = LocalResponseNormalization(alpha=0.3)
+    layer = LocalResponseNormalization(alpha=0.3, dtype="mixed_float16")
     out = layer(x)
     assert keras.backend.standardize_dtype(out.dtype) == "float16"
     np.testing.assert_allclose(np.asarray(out, "float32"), reference_lrn(x, 5, 0.3, 0.75, 2.0),
@@ -155,26 +169,6 @@ def test_mixed_precision(mixed_float16):
     out_big = np.asarray(layer(big), "float32")
     assert np.all(np.isfinite(out_big))
     np.testing.assert_allclose(out_big, reference_lrn(big, 5, 0.3, 0.75, 2.0), rtol=2e-3)
-
-
-def test_mixed_precision_policy_restored():
-    assert keras.mixed_precision.global_policy().name == "float32"
-
-
-def test_trains_inside_a_model():
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((6, 6, 3)),
-        keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
-        LocalResponseNormalization(size=3, name="lrn"),
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(2, activation="softmax", name="out"),
-    ])
-    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
-    x = np.random.default_rng(4).normal(size=(8, 6, 6, 3)).astype("float32")
-    y = np.arange(8) % 2
-    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
-    assert math.isfinite(history.history["loss"][-1])
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -1,4 +1,4 @@
-"""The paper's data recipe (alexnet_keras.data, "Recipes") and TFRecord shards (data/tfrecord.py), on tiny
+"""The paper's data recipe (docs/data.md, "Recipes") and TFRecord shards (data/tfrecord.py), on tiny
 generated folders."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import CLASSES, make_folder
 from PIL import Image
 
 from alexnet_keras import cli
@@ -19,16 +20,10 @@ from alexnet_keras.data import (DataError, center_crop, decode_image, load_data,
                                 random_crops, rgb_statistics, ten_crops)
 from alexnet_keras.model.inference import ten_crop_metrics, top_k, top_k_accuracy
 
-CLASSES = ["bee", "cat", "dog"]
-# Odd sizes (width, height), portrait and landscape, smaller and larger than the stored size.
-SIZES = [(37, 23), (23, 41), (50, 19), (16, 16), (64, 48), (21, 30)]
 STORED, CROP = 20, 16
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv(data_module.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(data_module.DATA_DIR_ENV, raising=False)
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 def collect(ds):
@@ -37,38 +32,6 @@ def collect(ds):
         xs.append(x.numpy())
         ys.append(y.numpy())
     return np.concatenate(xs), np.concatenate(ys)
-
-
-def noisy(rng, size, colour, mode="RGB") -> Image.Image:
-    w, h = size
-    pixels = np.clip(rng.normal(colour, 40, size=(h, w, 3)), 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels).convert(mode)
-
-
-def make_folder(root: Path, n_train: int = 6, n_test: int = 2, seed: int = 0) -> Path:
-    """train/ + test/, 3 classes; JPEG, PNG, grayscale, CMYK JPEG, RGBA; one corrupt file."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("test", n_test)):
-        for c, name in enumerate(CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            colour = [60, 60, 60]
-            colour[c] = 200
-            for i in range(n):
-                size = SIZES[(i + c) % len(SIZES)]
-                kind = i % 5
-                if kind == 0:
-                    noisy(rng, size, colour).save(folder / f"{i}.jpg", quality=95)
-                elif kind == 1:
-                    noisy(rng, size, colour).save(folder / f"{i}.png")
-                elif kind == 2:
-                    noisy(rng, size, colour, "L").save(folder / f"{i}.png")            # grayscale
-                elif kind == 3:
-                    noisy(rng, size, colour, "CMYK").save(folder / f"{i}.jpg", quality=95)  # CMYK JPEG
-                else:
-                    noisy(rng, size, colour, "RGBA").save(folder / f"{i}.png")
-    (root / "train" / "cat" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated" + bytes(50))
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -1,43 +1,35 @@
 """The model registry wired into the commands, on a SQLite store: `train --register NAME` (then
-`predict --model models:/NAME@champion` and `mlflow models serve -m models:/NAME@champion` answering
-HTTP on loopback), `ablate --register` (the best variant, chosen on validation accuracy) and
+`predict --model models:/NAME@champion`), `ablate --register` (the best variant, chosen on validation accuracy) and
 `tune --register` (the sweep's best model); a bad name is refused before anything runs."""
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import TINY, all_runs, cli_flags
+from conftest import COLOURS, TINY, all_runs, cli_flags, colour_image, jpeg_bytes
 from mlflow.tracking import MlflowClient
-from test_serving import COLOURS, colour_folder, colour_image, jpeg_bytes, model_server, post, train_colours
 
 from alexnet_keras.experiments import ablate
 from alexnet_keras import cli, tracking
 from alexnet_keras import serving
-from alexnet_keras.data import CACHE_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_train_register_then_predict_and_serve_by_alias(mlflow_store, tmp_path, monkeypatch, capsys):
-    """`alexnet-keras train --register colours`: version 1 of `colours`, alias champion, tagged with the
-    run it came from; `predict` and `mlflow models serve` load it by models:/colours@champion and tell
-    the colours apart."""
+def test_train_register_then_predict_by_alias(colour_model, tmp_path, monkeypatch, capsys):
+    """`alexnet-keras train --register colours` (conftest's colour_model): version 1 of `colours`, alias
+    champion, tagged with the run it came from; `predict` loads it by models:/colours@champion and tells
+    the colours apart (test_serving serves the same registered model over HTTP)."""
+    import mlflow
     import numpy as np
 
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    data = colour_folder(tmp_path / "data", n_train=8, n_test=4)
-    trained = train_colours(data, tmp_path, mlflow_store, "--register", "colours")   # test_serving's model
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    assert "registered the model of run" in trained.stdout
-    (run,) = all_runs(mlflow_store)
-    assert run.info.status == "FINISHED" and run.data.metrics["test_accuracy"] == 1.0   # it has learned
-
+    uri, run, _ = colour_model
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
     version = serving.registered_version("colours")
     assert int(version.version) == 1 and version.run_id == run.info.run_id
     assert version.tags["alexnet_keras.origin"] == "train"
@@ -55,14 +47,6 @@ def test_train_register_then_predict_and_serve_by_alias(mlflow_store, tmp_path, 
                      "--json"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]
     assert [r["predictions"][0]["class"] for r in results] == names
-
-    with model_server("models:/colours@champion", tmp_path, mlflow_store) as (port, _):
-        encoded = [base64.b64encode(files[n].read_bytes()).decode() for n in names]
-        status, body = post(port, {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]},
-                                   "params": {"top_k": 2}})
-        assert status == 200, body
-        assert [row["class"] for row in body["predictions"]] == names
-        assert [row["top_k"][0] for row in body["predictions"]] == [r["predictions"][0] for r in results]
 
 
 def test_bad_registered_model_name_is_refused_before_anything_runs(untouched_store, tmp_path, capsys):

@@ -8,7 +8,6 @@ import ast
 import base64
 import contextlib
 import importlib.metadata
-import io
 import json
 import os
 import re
@@ -25,80 +24,26 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
-from conftest import free_port
+from conftest import COLOURS, colour_image, free_port, jpeg_bytes, serving_env
 from PIL import Image
 
 from alexnet_keras import cli
 from alexnet_keras import serving
-from alexnet_keras.data import CACHE_ENV
-
-COLOURS = {"blue": (40, 40, 210), "green": (40, 190, 40), "red": (210, 40, 40)}   # sorted: class order
-
-
-def colour_image(rng, colour, size=None) -> np.ndarray:
-    w, h = size if size is not None else rng.integers(24, 48, size=2)
-    return np.clip(rng.normal(colour, 35, size=(h, w, 3)), 0, 255).astype(np.uint8)
-
-
-def colour_folder(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
-    """train/ + test/ with three classes that differ by colour (noisy, odd sizes, JPEG and PNG)."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("test", n_test)):
-        for name, colour in COLOURS.items():
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(colour_image(rng, colour)).save(folder / f"{i}.{'jpg' if i % 2 else 'png'}")
-    return root
-
-
-def jpeg_bytes(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
-def learned(tmp_path_factory):
-    """A paper-recipe model (per-pixel mean image, 10-crop test) trained until it tells the colours
-    apart, logged by `alexnet-keras train` to a SQLite store; and one fresh JPEG per class."""
-    root = tmp_path_factory.mktemp("serving")
-    uri = f"sqlite:///{root}/mlflow.db"
-    data = colour_folder(root / "data", n_train=8, n_test=4)
-    trained = train_colours(data, root, uri, "--experiment", "serving-test")
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("serving-test").experiment_id])
-    assert run.data.metrics["test_accuracy"] == 1.0   # it has learned the colours
+def learned(colour_model, tmp_path_factory):
+    """conftest's colour model (a paper-recipe model with a per-pixel mean image, registered as
+    `colours`) and one fresh JPEG per class."""
+    uri, run, root = colour_model
     rng = np.random.default_rng(99)
-    requests = root / "requests"
-    requests.mkdir()
+    requests = tmp_path_factory.mktemp("requests")
     files = {}
     for name, colour in COLOURS.items():
         files[name] = requests / f"{name}.jpg"
         files[name].write_bytes(jpeg_bytes(colour_image(rng, colour, (45, 30))))
     mlflow.set_tracking_uri(uri)
     yield uri, run.info.run_id, root, files
-
-
-def train_colours(data: Path, cwd: Path, uri: str, *flags: str) -> subprocess.CompletedProcess:
-    """`alexnet-keras train` of the paper recipe on colour_folder `data` (it tells the colours apart in 5
-    epochs), logging to `uri`, plus `flags`. --deterministic so that it learns the same every time
-    (without it tf.data may reorder batches and, rarely, 5 epochs on 24 images fall short), in a process
-    of its own: determinism is process-wide in TensorFlow."""
-    return subprocess.run(
-        [sys.executable, "-m", "alexnet_keras", "train", "--variant", "cifar", "--width", "0.125", "--init", "keras",
-         "--dropout", "0", "--dataset", "folder", "--data-dir", str(data), "--recipe", "paper", "--stored-size",
-         "36", "--pixel-mean", "true", "--epochs", "5", "--batch-size", "8", "--deterministic", "true", *flags],
-        cwd=cwd, env={**subprocess_env(uri), CACHE_ENV: str(cwd / "cache")}, capture_output=True, text=True,
-        timeout=600)
-
-
-def subprocess_env(uri: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTHON"))}
-    # `mlflow models serve` runs `uvicorn` from PATH, as in an activated virtual environment.
-    env.update(MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2",
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
-    return env
 
 
 FRESH_PYTHON = r"""
@@ -147,7 +92,7 @@ def test_a_fresh_python_loads_the_logged_model_without_the_package(learned, tmp_
     (tmp_path / "elsewhere").mkdir()
     ordered = [str(files[name]) for name in sorted(COLOURS)]
     result = subprocess.run([sys.executable, "-I", "-c", FRESH_PYTHON, model_uri, json.dumps(ordered)],
-                            cwd=tmp_path / "elsewhere", env=subprocess_env(uri), capture_output=True, text=True,
+                            cwd=tmp_path / "elsewhere", env=serving_env(uri), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -199,7 +144,7 @@ def model_server(model_uri: str, cwd: Path, uri: str):
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
                                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=cwd, env=subprocess_env(uri), stdout=subprocess.PIPE,
+                              cwd=cwd, env=serving_env(uri), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
@@ -241,13 +186,14 @@ def post(port: int, body) -> tuple[int, dict]:
 
 
 def test_serve_predict_and_cli_agree_and_bad_requests_get_400(learned, tmp_path, capsys, monkeypatch):
-    """`mlflow models serve` on loopback, `mlflow models predict` and `alexnet-keras predict`: the same
-    class and probabilities for real JPEGs; bad requests are answered 400 and the server keeps serving."""
+    """`mlflow models serve` of the registered model (models:/colours@champion) on loopback, `mlflow models
+    predict` of the run's model and `alexnet-keras predict`: the same class and probabilities for real JPEGs;
+    bad requests are answered 400 and the server keeps serving."""
     uri, run_id, _, files = learned
     names = sorted(COLOURS)
     encoded = [base64.b64encode(files[name].read_bytes()).decode() for name in names]
     request = {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}, "params": {"top_k": 3}}
-    with model_server(f"runs:/{run_id}/model", tmp_path, uri) as (port, server):
+    with model_server("models:/colours@champion", tmp_path, uri) as (port, server):
         status, served = post(port, request)
         assert status == 200, served
         served = served["predictions"]
@@ -283,7 +229,7 @@ def test_serve_predict_and_cli_agree_and_bad_requests_get_400(learned, tmp_path,
     (tmp_path / "request.json").write_text(json.dumps(request))
     result = subprocess.run([sys.executable, "-m", "mlflow", "models", "predict", "-m", f"runs:/{run_id}/model",
                              "--env-manager", "local", "-i", str(tmp_path / "request.json"), "-t", "json",
-                             "-o", str(tmp_path / "out.json")], cwd=tmp_path, env=subprocess_env(uri),
+                             "-o", str(tmp_path / "out.json")], cwd=tmp_path, env=serving_env(uri),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     predicted = json.loads((tmp_path / "out.json").read_text())["predictions"]
@@ -307,11 +253,11 @@ def test_serve_predict_and_cli_agree_and_bad_requests_get_400(learned, tmp_path,
 def test_registry_alias_tags_and_predict_by_alias(learned, capsys, monkeypatch):
     uri, run_id, _, files = learned
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    first = serving.register_model(run_id, "colours", origin="train", tags={"note": "first"})
-    second = serving.register_model(run_id, "colours", origin="sweep", description="the sweep's best")
+    first = serving.register_model(run_id, "shelf", origin="train", tags={"note": "first"})
+    second = serving.register_model(run_id, "shelf", origin="sweep", description="the sweep's best")
     assert (int(first.version), int(second.version)) == (1, 2)
     client = MlflowClient(uri)
-    champion = serving.registered_version("colours")
+    champion = serving.registered_version("shelf")
     assert int(champion.version) == 2 and champion.description == "the sweep's best"
     assert champion.run_id == run_id
     tags = champion.tags
@@ -320,12 +266,12 @@ def test_registry_alias_tags_and_predict_by_alias(learned, capsys, monkeypatch):
     assert tags["alexnet_keras.run_name"] == run.info.run_name
     assert tags["alexnet_keras.config_digest"] == run.data.tags["alexnet_keras.config_digest"]
     assert float(tags["alexnet_keras.test_accuracy"]) == 1.0
-    assert client.get_model_version("colours", "1").tags["note"] == "first"
+    assert client.get_model_version("shelf", "1").tags["note"] == "first"
 
-    assert cli.main(["predict", "--model", "models:/colours@champion", str(files["green"]), "--json"]) == 0
+    assert cli.main(["predict", "--model", "models:/shelf@champion", str(files["green"]), "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)["results"]
     assert result["predictions"][0]["class"] == "green"
-    model = mlflow.pyfunc.load_model("models:/colours@champion")
+    model = mlflow.pyfunc.load_model("models:/shelf@champion")
     answer = model.predict(pd.DataFrame({"image": [files["blue"].read_bytes()]}))
     assert answer["class"].tolist() == ["blue"]
 
@@ -334,6 +280,6 @@ def test_registry_alias_tags_and_predict_by_alias(learned, capsys, monkeypatch):
         with pytest.raises(serving.ModelError, match=fragment):
             serving.check_model_name(name, alias)
     with pytest.raises(serving.ModelError, match="no MLflow run"):
-        serving.register_model("0" * 32, "colours")
-    assert cli.main(["predict", "--model", "models:/colours@nobody", str(files["green"])]) == 2
-    assert "could not fetch the model 'models:/colours@nobody'" in capsys.readouterr().err
+        serving.register_model("0" * 32, "shelf")
+    assert cli.main(["predict", "--model", "models:/shelf@nobody", str(files["green"])]) == 2
+    assert "could not fetch the model 'models:/shelf@nobody'" in capsys.readouterr().err

@@ -1,13 +1,5 @@
-"""Where the data is: `--data-dir` / $ALEXNET_KERAS_DATA_DIR resolved, archives extracted once into the cache.
-
-An archive (.tar.gz, .tgz, .tar, .zip) is identified by the sha256 of its content, not by its path or
-time stamps: an archive replaced by another at the same path, with the same size and mtime, is
-extracted again and gives another data digest. The hash is computed once per change of the file and
-remembered under a key made of its path, size, mtime, ctime, inode and device (ctime changes with
-every write and cannot be set back, unlike mtime). Extraction fills a temporary folder that is
-renamed when complete and removed on any failure or Ctrl-C (cache.build_folder_once). Tar members
-are extracted with tarfile's "data" filter (no paths outside the folder, no device files, no links
-leading out of it); zipfile drops absolute paths and "..". No TensorFlow here.
+"""Where the data is: `--data-dir` / $ALEXNET_KERAS_DATA_DIR resolved, archives extracted once into the
+cache, keyed by the sha256 of their bytes (not their path or time stamps). No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -18,15 +10,15 @@ import hashlib
 import json
 import os
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 
-from .cache import build_folder_once, cache_root, save_text, unwritable
+from .cache import build_folder_once, cache_root, save_atomically, unwritable
 from .files import CIFAR_PICKLE_DIR, DataError, visible
 
 DATA_DIR_ENV = "ALEXNET_KERAS_DATA_DIR"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
-_HASH_CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +30,8 @@ class DataDir:
 
 
 def locate_data_dir(data_dir: str | os.PathLike | None) -> DataDir | None:
-    """The folder `data_dir` names (else $ALEXNET_KERAS_DATA_DIR, else None: use the download).
-
-    An archive is extracted once into the cache and the folder inside it that holds the data returned.
-    """
+    """The folder `data_dir` names (else $ALEXNET_KERAS_DATA_DIR, else None: use the download); an
+    archive is extracted once into the cache, and the folder inside it that holds the data returned."""
     origin = ""
     if not data_dir:
         data_dir = os.environ.get(DATA_DIR_ENV) or None
@@ -63,16 +53,6 @@ def locate_data_dir(data_dir: str | os.PathLike | None) -> DataDir | None:
     return DataDir(layout_root(extract(path, sha256)), sha256)
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
-    """The folder to read: `data_dir`, else $ALEXNET_KERAS_DATA_DIR, else None (use the download).
-
-    An archive (.tar.gz, .tgz, .tar, .zip) is extracted once into the cache and the folder inside it
-    that holds the data is returned.
-    """
-    located = locate_data_dir(data_dir)
-    return None if located is None else located.path
-
-
 def archive_sha256(archive: Path) -> str:
     """The sha256 of `archive`'s bytes, read from the cache when the file has not changed since."""
     stat = archive.stat()
@@ -85,23 +65,18 @@ def archive_sha256(archive: Path) -> str:
             return known
     except OSError:
         pass
-    digest = hashlib.sha256()
     try:
         with open(archive, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
+            digest = hashlib.file_digest(f, "sha256")
     except OSError as err:
         raise DataError(f"cannot read the archive {str(archive)!r} ({err.strerror or err}).") from err
-    save_text(remembered, digest.hexdigest())
+    with warnings.catch_warnings(action="ignore"):   # a hash not remembered is only computed again
+        save_atomically(remembered, lambda f: f.write(digest.hexdigest()), binary=False)
     return digest.hexdigest()
 
 
 def archive_stem(path: Path) -> str:
-    name = path.name
-    for suffix in ARCHIVE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return next((path.name[:-len(s)] for s in ARCHIVE_SUFFIXES if path.name.lower().endswith(s)), path.stem)
 
 
 def extract(archive: Path, sha256: str) -> Path:
@@ -116,12 +91,9 @@ def extract(archive: Path, sha256: str) -> Path:
             else:
                 with tarfile.open(archive) as tar:
                     tar.extractall(folder, filter="data")   # no paths outside, no device files
-        except OSError as err:
-            if err.errno in (errno.EACCES, errno.ENOSPC, errno.EROFS, errno.EDQUOT):   # the cache, not the archive
-                raise unwritable(folder.parent, err) from err
-            raise DataError(f"could not extract {str(archive)!r} ({err}). Check that the archive is "
-                            "complete, or extract it yourself and pass the folder with --data-dir.") from err
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as err:
+            if getattr(err, "errno", None) in (errno.EACCES, errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+                raise unwritable(folder.parent, err) from err   # the cache, not the archive
             raise DataError(f"could not extract {str(archive)!r} ({err}). Check that the archive is "
                             "complete, or extract it yourself and pass the folder with --data-dir.") from err
 

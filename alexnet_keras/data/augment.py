@@ -1,10 +1,6 @@
 """Augmentation and evaluation views as TF image ops on batches: crops, flips, the paper's ten views,
-"fancy PCA" colour shifts, and `model_views` (what the model sees at evaluation and in `predict`).
-
-Every random op is stateless in an explicit seed (two integers), so the same seed gives the same
-result eagerly or inside `tf.data.Dataset.map`, and a run with the same `seed` sees the same
-augmented batches. Each op draws independently per image of the batch with one gather for the
-whole batch, 4-5x faster than per-image crops, which made augmentation the bottleneck of the pipeline.
+"fancy PCA", and `model_views`. Every random op is stateless in an explicit seed and draws per image
+with one gather for the whole batch (4-5x faster than per-image crops).
 """
 
 from __future__ import annotations
@@ -18,25 +14,26 @@ TEN_CROP_VIEWS = ("top_left", "top_right", "bottom_left", "bottom_right", "cente
                   "center_flipped")
 
 
+def gather_windows(images: tf.Tensor, rows: tf.Tensor, cols: tf.Tensor) -> tf.Tensor:
+    """Image b's pixel (rows[b, i], cols[b, j]) at (b, i, j), for a batch (B,H,W,C; H, W static): one
+    gather for the whole batch, 4-5x faster than per-image pads, crops and flips."""
+    height, width, channels = images.shape[1], images.shape[2], images.shape[3]
+    flat = tf.range(tf.shape(images)[0])[:, None, None] * (height * width) + rows[:, :, None] * width + cols[:, None, :]
+    return tf.gather(tf.reshape(images, [-1, channels]), flat)
+
+
 def random_crop_flip(images: tf.Tensor, seed: tf.Tensor, pad: int | None = None, *, crop: bool = True,
                      flip: bool = True) -> tf.Tensor:
-    """Random translation by up to `pad` pixels each way (as a random crop of the image padded by
-    reflection) and random horizontal flip, drawn independently for every image of `images`
-    (B,H,W,C, any dtype; H, W static). `crop=False` / `flip=False` leave that part out.
-
-    Stateless: the same `seed` (two integers) gives the same result, eagerly or inside
-    `tf.data.Dataset.map`. `pad` defaults to H // 8: 4 px for CIFAR's 32.
-    """
+    """Random translation by up to `pad` pixels each way (default H // 8: 4 px for CIFAR's 32), as a
+    random crop of the image padded by reflection, and random horizontal flip, per image of `images`
+    (B,H,W,C). `crop=False` / `flip=False` leave that part out. Stateless in `seed` (two integers)."""
     images = tf.convert_to_tensor(images)
     seed = tf.cast(seed, tf.int64)
     batch = tf.shape(images)[0]
-    height, width, channels = images.shape[1], images.shape[2], images.shape[3]
-    if pad is None:
-        pad = height // 8
-    pad = min(pad, height - 1, width - 1)   # reflection cannot reach further than the image
+    height, width = images.shape[1], images.shape[2]
+    pad = min(height // 8 if pad is None else pad, height - 1, width - 1)   # reflection reaches no further
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    offsets = tf.random.stateless_uniform([batch, 2], crop_seed, minval=-pad, maxval=pad + 1,
-                                          dtype=tf.int32)
+    offsets = tf.random.stateless_uniform([batch, 2], crop_seed, minval=-pad, maxval=pad + 1, dtype=tf.int32)
     if not crop:
         offsets = tf.zeros_like(offsets)
     flip = tf.logical_and(tf.random.stateless_uniform([batch], flip_seed) < 0.5, flip)
@@ -45,13 +42,9 @@ def random_crop_flip(images: tf.Tensor, seed: tf.Tensor, pad: int | None = None,
         i = tf.abs(i)
         return tf.where(i >= n, 2 * (n - 1) - i, i)
 
-    # The source pixel of every output pixel, then one gather for the whole batch: 4-5x faster than
-    # tf.pad + per-image crops + tf.reverse, which made augmentation the bottleneck of the pipeline.
     cols = tf.range(width)[None, :]
     cols = reflect(tf.where(flip[:, None], width - 1 - cols, cols) + offsets[:, 1:], width)
-    rows = reflect(tf.range(height)[None, :] + offsets[:, :1], height)
-    flat = tf.range(batch)[:, None, None] * (height * width) + rows[:, :, None] * width + cols[:, None, :]
-    return tf.gather(tf.reshape(images, [-1, channels]), flat)
+    return gather_windows(images, reflect(tf.range(height)[None, :] + offsets[:, :1], height), cols)
 
 
 def center_crop(images: tf.Tensor, size: int) -> tf.Tensor:
@@ -63,41 +56,29 @@ def center_crop(images: tf.Tensor, size: int) -> tf.Tensor:
 
 def random_crops(images: tf.Tensor, size: int, seed: tf.Tensor, *, crop: bool = True,
                  flip: bool = True) -> tf.Tensor:
-    """A size x size window of every image of a batch (B,H,W,C; H, W static), at a position drawn
-    uniformly over all (H-size+1)*(W-size+1) positions (`crop=False`: the centre), reflected
-    horizontally with probability 1/2 (`flip`), independently per image. Stateless in `seed`.
-
-    The paper's training crops: "extracting random 224x224 patches (and their horizontal
-    reflections) from the 256x256 images".
-    """
+    """The paper's training crops: a size x size window of every image of a batch (B,H,W,C) at a
+    position drawn uniformly (`crop=False`: the centre), reflected horizontally with probability 1/2
+    (`flip`), independently per image. Stateless in `seed`."""
     images = tf.convert_to_tensor(images)
     seed = tf.cast(seed, tf.int64)
     batch = tf.shape(images)[0]
-    height, width, channels = images.shape[1], images.shape[2], images.shape[3]
+    height, width = images.shape[1], images.shape[2]
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     if crop:
         u = tf.random.stateless_uniform([batch, 2], crop_seed)
         top = tf.minimum(tf.cast(u[:, 0] * (height - size + 1), tf.int32), height - size)
         left = tf.minimum(tf.cast(u[:, 1] * (width - size + 1), tf.int32), width - size)
     else:
-        top = tf.fill([batch], (height - size) // 2)
-        left = tf.fill([batch], (width - size) // 2)
+        top, left = tf.fill([batch], (height - size) // 2), tf.fill([batch], (width - size) // 2)
     mirrored = tf.logical_and(tf.random.stateless_uniform([batch], flip_seed) < 0.5, flip)
     steps = tf.range(size)
-    rows = top[:, None] + steps[None, :]
     cols = left[:, None] + tf.where(mirrored[:, None], size - 1 - steps[None, :], steps[None, :])
-    # One gather for the whole batch, as in random_crop_flip.
-    flat = tf.range(batch)[:, None, None] * (height * width) + rows[:, :, None] * width + cols[:, None, :]
-    return tf.gather(tf.reshape(images, [-1, channels]), flat)
+    return gather_windows(images, top[:, None] + steps[None, :], cols)
 
 
 def ten_crops(images: tf.Tensor, size: int) -> tf.Tensor:
-    """The paper's ten test views of every image of a batch: (B,H,W,C) -> (B,10,size,size,C).
-
-    "the four corner patches and the center patch as well as their horizontal reflections", in the
-    order of TEN_CROP_VIEWS: top-left, top-right, bottom-left, bottom-right, centre, then the same five
-    mirrored (each patch reflected left-right).
-    """
+    """The paper's ten test views of every image of a batch, in the order of TEN_CROP_VIEWS: (B,H,W,C)
+    -> (B,10,size,size,C)."""
     images = tf.convert_to_tensor(images)
     height, width = images.shape[1], images.shape[2]
     corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size),
@@ -109,13 +90,9 @@ def ten_crops(images: tf.Tensor, size: int) -> tf.Tensor:
 
 def pca_color_shift(images: tf.Tensor, seed: tf.Tensor, eigenvalues, eigenvectors,
                     std: float = 0.1) -> tf.Tensor:
-    """The paper's "fancy PCA" colour augmentation on a batch of float images in 0..255 units.
-
-    Every pixel of image b gets the same offset 255 * sum_i alpha_bi * lambda_i * p_i, with
-    alpha_bi ~ N(0, std) drawn once per image and (p_i, lambda_i) the eigenvectors (columns of
-    `eigenvectors`) and eigenvalues of the 3x3 covariance of the training set's RGB values in [0, 1]
-    units (RGBStats.eigenvalues). Stateless in `seed`.
-    """
+    """The paper's "fancy PCA" on a batch of float images in 0..255: every pixel of image b gets the
+    offset 255 * sum_i alpha_bi * lambda_i * p_i, alpha_bi ~ N(0, std) per image, (p_i, lambda_i) the
+    eigenvectors (columns) and eigenvalues of the training RGB covariance in [0, 1] units. Stateless."""
     images = tf.convert_to_tensor(images)
     alpha = tf.random.stateless_normal([tf.shape(images)[0], 3], tf.cast(seed, tf.int64), stddev=std)
     weights = alpha * tf.constant(np.asarray(eigenvalues, np.float32))[None, :]
@@ -125,12 +102,8 @@ def pca_color_shift(images: tf.Tensor, seed: tf.Tensor, eigenvalues, eigenvector
 
 def model_views(images: tf.Tensor, *, image_size: int, stored_size: int, mean_image=None,
                 crops: str = "center") -> tf.Tensor:
-    """What the model sees at evaluation, from a batch of stored images (B,H,W,3), any dtype.
-
-    The images are resized to stored_size if they have another size (CIFAR's 32 px), the mean image is
-    subtracted (paper recipe with pixel_mean), then `crops` "center" gives (B,S,S,3) and "ten" gives
-    (B*10,S,S,3): the ten views of image 0, then those of image 1, ... (S = image_size). float32.
-    """
+    """What the model sees at evaluation, from a batch of stored images (B,H,W,3), any dtype: `to_stored`,
+    then "center" gives (B,S,S,3) and "ten" (B*10,S,S,3), image 0's ten views first. float32."""
     x = to_stored(images, stored_size, mean_image)
     if crops == "center":
         return center_crop(x, image_size)
@@ -140,8 +113,8 @@ def model_views(images: tf.Tensor, *, image_size: int, stored_size: int, mean_im
 
 
 def to_stored(images: tf.Tensor, stored_size: int, mean_image=None) -> tf.Tensor:
-    """A batch of images (B,H,W,3), any dtype, as float32 at stored_size x stored_size (resized when
-    H differs: CIFAR's 32 px), less the per-pixel mean image when one is given."""
+    """A batch of images (B,H,W,3) as float32 at stored_size (resized when H differs: CIFAR's 32 px),
+    less the per-pixel mean image when one is given."""
     x = tf.cast(images, tf.float32)
     side = x.shape[1]
     if side != stored_size:

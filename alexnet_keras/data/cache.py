@@ -1,16 +1,5 @@
-"""The data cache ($ALEXNET_KERAS_CACHE, else ~/.cache/alexnet-keras) and how things get into it.
-
-What lives in the cache, each entry keyed by a hash of everything it depends on:
-  datasets/<archive>-<sha256>/   archives extracted (archives.py)
-  archive-sha256/<key>           the sha256 of an archive, keyed by its path, size, mtime, ctime, inode
-  decoded/<key>.npz              image folders decoded to arrays (decode.py)
-  stats/<key>.npz                colour statistics of a training split (pixel_stats.py)
-  records/<key>/                 a small subset of TFRecord shards (a carved validation or test split)
-                                 copied once into shards of its own (tfrecord.py)
-Every entry appears whole or not at all: files are written to a temporary name and renamed, folders
-are filled under a temporary name and renamed, and the temporary is removed on any exception,
-Ctrl-C included. Two processes filling the same entry at once both succeed; one copy is kept.
-No TensorFlow here.
+"""The data cache ($ALEXNET_KERAS_CACHE, else ~/.cache/alexnet-keras) and atomic writes into it:
+every entry appears whole or not at all, whatever interrupts it (docs/data.md). No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -49,12 +38,8 @@ def unwritable(path: Path, err: OSError) -> DataError:
 
 
 def build_folder_once(target: Path, fill: Callable[[Path], None]) -> Path:
-    """`target`, filled by `fill(folder)` unless it exists already.
-
-    `fill` writes into a hidden temporary folder beside `target`, which is then renamed to `target`:
-    a killed or failed fill never leaves a half-filled `target` that a later run would trust, and any
-    exception (KeyboardInterrupt too) removes the temporary folder before it propagates.
-    """
+    """`target`, filled by `fill(folder)` unless it exists: `fill` writes into a temporary folder beside
+    it, renamed when complete; any exception (Ctrl-C too) removes the temporary, never a half-filled target."""
     if target.is_dir():
         return target
     try:
@@ -62,63 +47,46 @@ def build_folder_once(target: Path, fill: Callable[[Path], None]) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     except OSError as err:
         raise unwritable(target.parent, err) from err
-    renamed = False
     try:
         fill(tmp)
-        try:
-            os.rename(tmp, target)
-            renamed = True
-        except OSError:
-            if not target.is_dir():
-                raise
-            # Another process finished the same entry first; its copy is as good as ours.
+        os.rename(tmp, target)
+    except OSError:
+        if not target.is_dir():   # else another process finished the same entry first: as good as ours
+            raise
     finally:
-        if not renamed:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)   # gone already when renamed
     return target
 
 
-def save_npz(path: Path, arrays: dict) -> None:
-    """Write `arrays` to `path` atomically; a cache that cannot be written is only a warning."""
+def save_atomically(path: Path, write: Callable, binary: bool = True) -> bool:
+    """`write(file)` into a temporary file beside `path`, renamed to `path` when complete; False (and
+    nothing left behind) when the cache cannot be written, which only costs computing it again."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npz", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
         os.replace(tmp, path)
         tmp = None
+        return True
     except OSError as err:
         warnings.warn(f"could not write the cache file {str(path)!r} ({err.strerror or err}); it will be "
                       f"computed again next time. Set {CACHE_ENV} to a writable folder.", stacklevel=3)
+        return False
     finally:
         if tmp is not None:   # failed or interrupted between creating and renaming it
             Path(tmp).unlink(missing_ok=True)
 
 
-def save_text(path: Path, text: str) -> None:
-    """Write a small cache file atomically; one that cannot be written is simply not remembered."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError:
-        pass
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+def save_npz(path: Path, arrays: dict) -> None:
+    save_atomically(path, lambda f: np.savez(f, **arrays))
 
 
 def load_npz(path: Path) -> dict | None:
     """The arrays of a cache file, or None when it is missing or damaged (then it is computed again)."""
-    if not path.is_file():
-        return None
     try:
         with np.load(path, allow_pickle=False) as cached:
             return {name: cached[name] for name in cached.files}
-    except Exception:  # noqa: BLE001 - a damaged cache is only a reason to compute again
+    except Exception:  # noqa: BLE001 - missing or damaged: only a reason to compute again
         return None

@@ -1,10 +1,5 @@
-"""Image files to pixels: `decode_image` (one file, used by training, `prepare` and `predict` alike) and
-the bulk decoding of a folder's files with tf.data, cached on disk as arrays.
-
-Resize policies (RESIZE_POLICIES): "squash" resizes a file to size x size whatever its aspect ratio
-(the simple recipe); "shorter_side_crop" rescales its shorter side to the size and keeps the central
-square (the paper's recipe). Files that do not decode (corrupt, truncated, not an image) are left out
-and counted by the caller.
+"""Image files to pixels: `decode_image` (one file, shared by training, `prepare` and `predict`) and the
+bulk decoding of a folder's files, cached on disk as arrays.
 """
 
 from __future__ import annotations
@@ -25,14 +20,18 @@ RESIZE_POLICIES = ("squash", "shorter_side_crop")
 PROGRESS_MIN_FILES = 2000
 
 
-def decode_image(contents: tf.Tensor, size: int, policy: str = "squash") -> tf.Tensor:
-    """JPEG/PNG/GIF/BMP bytes -> uint8 RGB (size, size, 3). Grayscale, alpha and CMYK JPEGs come out RGB.
+def progress_bar(n: int, what: str, verbose: bool):
+    """A keras Progbar over `n` files (None when quiet or quick), after a line saying `what` runs."""
+    if not verbose or n < PROGRESS_MIN_FILES:
+        return None
+    print(f"{what} {n} files...", flush=True)
+    return keras.utils.Progbar(n, unit_name="file", verbose=1 if sys.stdout.isatty() else 2)
 
-    `policy` (RESIZE_POLICIES): "squash" resizes to size x size whatever the aspect ratio;
-    "shorter_side_crop" is the paper's "rescaled the image such that the shorter side was of length
-    256, and then cropped out the central 256x256 patch". Bilinear, antialiased when shrinking,
-    rounded to uint8. Bytes that are not an image raise (in tf.data: `ignore_errors` drops them).
-    """
+
+def decode_image(contents: tf.Tensor, size: int, policy: str = "squash") -> tf.Tensor:
+    """JPEG/PNG/GIF/BMP bytes -> uint8 RGB (size, size, 3), bilinear and antialiased. `policy`: "squash"
+    resizes whatever the aspect ratio (the simple recipe); "shorter_side_crop" rescales the shorter side
+    to `size` and keeps the central square (the paper's). Bytes that are not an image raise."""
     if policy not in RESIZE_POLICIES:
         raise ValueError(f"policy must be one of {RESIZE_POLICIES}; got {policy!r}")
     image = tf.io.decode_image(contents, channels=3, expand_animations=False)
@@ -65,39 +64,25 @@ def decode_image(contents: tf.Tensor, size: int, policy: str = "squash") -> tf.T
 
 def decode_cached(root: Path, files: list[str], size: int, verbose: bool, *, policy: str = "squash",
                   keep: bool = True, content_id: str | None = None):
-    """(uint8 images (n_good, size, size, 3), indices into `files` (relative to `root`) of those
-    that decoded, file sizes), from the disk cache when the same files were decoded at this size.
-
-    The cache key holds the files' names, sizes and mtimes, and `content_id` (the sha256 of the
-    archive they were extracted from, whose members may keep their sizes and mtimes across versions).
-    `keep=False` (streamed folders) only finds the readable files: images is None.
-    """
+    """(uint8 images (n_good, size, size, 3), indices into `files` (relative to `root`) of those that
+    decoded, file sizes), cached under the files' names, sizes and mtimes and `content_id` (the sha256 of
+    the archive they came from). `keep=False` (streamed folders) only finds the readable files."""
     paths = [os.path.join(root, f) for f in files]
     stats = [os.stat(p) for p in paths]
     sizes = [s.st_size for s in stats]
-    key = hash_json({"files": files,
-                     "sizes": sizes,
-                     "mtimes": [s.st_mtime_ns for s in stats], "size": size,
-                     **({"policy": policy} if policy != "squash" else {}),
-                     **({"scan": True} if not keep else {}),
-                     **({"archive_sha256": content_id} if content_id else {})})
+    key = hash_json({"files": files, "sizes": sizes, "mtimes": [s.st_mtime_ns for s in stats], "size": size,
+                     "policy": policy, "keep": keep, "archive_sha256": content_id})
     cache_file = cache_root() / "decoded" / f"{key}.npz"
-    cached = load_npz(cache_file)
-    if cached is not None and "good" in cached:
-        good = cached["good"]
-        if not keep:
-            return None, good, sizes
-        images = cached.get("images")
-        if images is not None and images.shape[1:] == (size, size, 3) and len(images) == len(good):
-            return images, good, sizes
+    cached = load_npz(cache_file) or {}
+    if "good" in cached and (not keep or "images" in cached):
+        return cached.get("images"), cached["good"], sizes
     images, good = decode_files(paths, size, verbose, policy=policy, keep=keep)
     save_npz(cache_file, {"images": images, "good": good} if keep else {"good": good})
     return images, good, sizes
 
 
 def decode_files(files: list[str], size: int, verbose: bool, *, policy: str = "squash", keep: bool = True):
-    """Decode and resize every file with tf.data; files that fail to decode are left out.
-    `keep=False`: only find which files decode (images is None)."""
+    """(images, indices of the files that decoded), decoded in parallel; `keep=False`: images is None."""
     start = time.perf_counter()
     n = len(files)
 
@@ -116,23 +101,15 @@ def decode_files(files: list[str], size: int, verbose: bool, *, policy: str = "s
           .prefetch(2))
     images = np.empty((n, size, size, 3), dtype=np.uint8) if keep else None
     ok = np.zeros(n, dtype=bool)
-    bar = None
-    if verbose and n >= PROGRESS_MIN_FILES:
-        print(f"Decoding {n} files at {size}x{size} (cached afterwards)...", flush=True)
-        bar = keras.utils.Progbar(n, unit_name="file", verbose=1 if sys.stdout.isatty() else 2)
-    done = 0
+    bar = progress_bar(n, f"Decoding at {size}x{size} (cached afterwards):", verbose)
     for index, batch in ds.as_numpy_iterator():
         if keep:
             images[index] = batch
         ok[index] = True
-        done += len(index)
         if bar is not None:
-            bar.update(done)
-    if bar is not None and done < n:
-        bar.update(n, finalize=True)   # skipped files never arrive; close the bar anyway
+            bar.update(int(ok.sum()))
     good = np.flatnonzero(ok)
-    if verbose and n >= PROGRESS_MIN_FILES:
-        elapsed = time.perf_counter() - start
-        print(f"Decoded {len(good)} of {n} files in {elapsed:.1f} s ({len(good) / elapsed:.0f} images/s).",
-              flush=True)
+    if bar is not None:   # skipped files never arrive: close the bar anyway
+        bar.update(n, finalize=True)
+        print(f"Decoded {len(good)} of {n} files in {time.perf_counter() - start:.1f} s.", flush=True)
     return (images[good] if keep else None), good

@@ -1,12 +1,5 @@
-"""What a data folder holds on disk, read safely: `DataError`, `walk_files` and the folder layout.
-
-No TensorFlow here. `walk_files` is the one walk of user folders (data folders here, prediction
-folders in predict.py): it takes regular files only and never follows a symbolic link, so a link
-cannot lead out of the folder or back into it (no loops, no escapes), and FIFOs, sockets and devices
-are listed as skipped without ever being opened (opening a FIFO blocks forever).
-
-`folder_layout` reads the layouts `--dataset folder` accepts: train/ (+ test/ [+ val/]), train/ + val/
-(ImageNet's: val/ is then the test split), or class folders at the top.
+"""What a data folder holds on disk, read safely: `DataError`, `walk_files` (regular files only, no link
+followed, special files never opened: a FIFO blocks forever) and the folder layouts. No TensorFlow.
 """
 
 from __future__ import annotations
@@ -15,9 +8,6 @@ import dataclasses
 import os
 from pathlib import Path
 
-# Class folders and files that are never data: hidden entries and macOS archive droppings.
-HIDDEN_PREFIX = "."
-IGNORED_NAMES = ("__MACOSX",)
 SPLITS = ("train", "val", "test")
 # The folder of CIFAR-10's official python release (data_batch_1..5, test_batch, batches.meta).
 CIFAR_PICKLE_DIR = "cifar-10-batches-py"
@@ -27,9 +17,14 @@ class DataError(ValueError):
     """The data cannot be read as asked. The message says what is wrong, where, and how to fix it."""
 
 
+def listed(names: list[str]) -> str:
+    """The first five of `names` and how many more, for a message."""
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 def visible(name: str) -> bool:
-    """Whether an entry named `name` can hold data (not hidden, not __MACOSX)."""
-    return not name.startswith(HIDDEN_PREFIX) and name not in IGNORED_NAMES
+    """Whether an entry named `name` can hold data: not hidden, not a macOS archive's __MACOSX."""
+    return not name.startswith(".") and name != "__MACOSX"
 
 
 @dataclasses.dataclass
@@ -43,23 +38,16 @@ class Walk:
         """One line saying what was skipped under `where` and why ("" when nothing was)."""
         if not self.skipped:
             return ""
-        shown = ", ".join(self.skipped[:5])
-        more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
         return (f"skipped {len(self.skipped)} entr{'y' if len(self.skipped) == 1 else 'ies'} under "
                 f"{str(where)!r} that {'is' if len(self.skipped) == 1 else 'are'} not regular files "
                 f"(symbolic links are not followed; FIFOs, sockets and devices are not opened): "
-                f"{shown}{more}.")
+                f"{listed(self.skipped)}.")
 
 
 def walk_files(folder: str | os.PathLike) -> Walk:
-    """Every visible regular file under `folder`, without following any symbolic link.
-
-    Entries are classified by `lstat` (through `os.scandir`), so nothing is opened: links (to files
-    or folders, dangling or looping) and special files (FIFOs, sockets, devices) go to `skipped`.
-    Hidden entries (".*") and __MACOSX are ignored. Folders are walked depth first, each folder's
-    files in name order before its sub-folders in name order. Plain strings throughout: pathlib costs
-    seconds on CIFAR's 60,000 files. `folder` itself may be a link (the user named it).
-    """
+    """Every visible regular file under `folder`, depth first, each folder's files in name order before
+    its sub-folders. Entries are classified by `lstat` (os.scandir), so nothing is opened: links and
+    special files go to `skipped`. Plain strings: pathlib costs seconds on CIFAR's 60,000 files."""
     files: list[str] = []
     skipped: list[str] = []
     pending = [""]
@@ -75,34 +63,25 @@ def walk_files(folder: str | os.PathLike) -> Walk:
         subfolders = []
         for entry in entries:
             name = os.path.join(relative, entry.name) if relative else entry.name
-            if entry.is_symlink():
-                skipped.append(name)
-            elif entry.is_dir(follow_symlinks=False):
+            if entry.is_dir(follow_symlinks=False):
                 subfolders.append(name)
-            elif entry.is_file(follow_symlinks=False):
-                files.append(name)
-            else:
-                skipped.append(name)
+            else:   # is_file is False for a link, whatever it points to
+                (files if entry.is_file(follow_symlinks=False) else skipped).append(name)
         pending.extend(reversed(subfolders))
     return Walk(files, skipped)
 
 
 def subfolders(folder: Path) -> list[Path]:
     """The visible sub-folders of `folder`, sorted by name; a link among them is refused."""
-    out = []
     with os.scandir(folder) as scan:
         entries = sorted((e for e in scan if visible(e.name)), key=lambda e: e.name)
     for entry in entries:
-        if entry.is_symlink():
-            if os.path.isdir(entry.path):
-                raise _linked_folder(entry.path)
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            out.append(Path(entry.path))
-    return out
+        if entry.is_symlink() and os.path.isdir(entry.path):
+            raise linked_folder(entry.path)
+    return [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
 
 
-def _linked_folder(path) -> DataError:
+def linked_folder(path) -> DataError:
     return DataError(f"{str(path)!r} is a symbolic link to a folder; links inside the data folder are not "
                      "followed (they could lead out of it or back into it). Replace the link with the "
                      "folder itself.")
@@ -121,25 +100,20 @@ class FolderListing:
 
 
 def folder_layout(root: Path, fix_hint: str) -> FolderListing:
-    """The split folders, class names and files of the image folder `root`.
-
-    Refused with a DataError: no train/ beside test/ or val/, fewer than two class folders, class
-    folders of test/ or val/ other than train/'s, a class folder of train/ without files (it would
-    silently become an output class that never sees an image), a linked split or class folder.
-    """
+    """The split folders, class names and files of the image folder `root`, or a DataError: no train/
+    beside test/ or val/, fewer than two classes, test/ or val/ classes other than train/'s, an empty
+    class folder of train/ (an output class that never sees an image), a linked split or class folder."""
     if not root.is_dir():
         raise DataError(f"data dir {str(root)!r} is not a folder. {fix_hint}")
     split_dirs = {}
     for name in SPLITS:
         folder = root / name
         if folder.is_symlink() and folder.is_dir():
-            raise _linked_folder(folder)
+            raise linked_folder(folder)
         if folder.is_dir():
             split_dirs[name] = folder
     if "train" in split_dirs:
-        # train/ + test/ (+ val/): test/ is the held-out test set; val/ is the validation set when
-        # test/ exists too, and otherwise the test set (ImageNet's layout, where val/ is what is
-        # reported).
+        # val/ is the validation set beside test/, else the test set (ImageNet's layout).
         layout = {"train": split_dirs["train"]}
         if "test" in split_dirs:
             layout["test"] = split_dirs["test"]

@@ -1,16 +1,12 @@
-"""A split's images as one interface, wherever they are: in memory, in image files, or in TFRecord shards.
-
-`Images` (`len`, `labels`, `side`, `images[index]` for a subset, `batches(...)` for a tf.data pipeline
-of (uint8 (B, side, side, 3), int32 (B,)) batches) is what the pipeline builder (pipeline.py) and the
-colour statistics (pixel_stats.py) read; `ArrayImages` and `FileImages` live here, `RecordImages` in
-tfrecord.py. `SourceImages` is what every source (sources.py) returns: its splits before the
-validation split is carved.
+"""A split's images behind one interface (`Images`), in memory or in image files (`RecordImages`, the
+shards, lives in tfrecord.py); `SourceImages`: a source's splits before the validation split is carved.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 
 import numpy as np
 import tensorflow as tf
@@ -18,22 +14,18 @@ import tensorflow as tf
 from .decode import decode_image
 from .files import DataError
 
-# Images per step of a pass over a split (colour statistics).
-PASS_BATCH = 256
-
-
 class Images(abc.ABC):
-    """A split's images, decoded on demand. `images[index]` (index array or boolean mask) is a subset,
-    in the order given.
+    """A split's images. `images[index]` (index array or boolean mask) is a subset, in the order given.
 
-    Pipelines come in two steps, so that what the images become (crops, augmentation) runs in the same
-    tf.data map that fetches them: `batch_keys` gives batches of keys (in memory: index batches; from
-    files or shards: batches already decoded) and `fetch(keys)` turns one into (uint8 (B, side, side,
-    3), int32 (B,)). `batches` is the two together.
+    A pipeline comes in two steps, so that what the images become (crops, augmentation) runs in the
+    same tf.data map that fetches them: `batch_keys` gives batches of keys (index batches in memory;
+    batches already decoded from files or shards) and `fetch(keys)` turns one into (uint8 (B, side,
+    side, 3), int32 (B,)).
     """
 
     labels: np.ndarray
     side: int
+    streamed = True   # decoded from disk every time they are read
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -48,27 +40,15 @@ class Images(abc.ABC):
     @abc.abstractmethod
     def batch_keys(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                    deterministic: bool = True) -> tf.data.Dataset:
-        """Batches of keys in index order, or reshuffled every epoch (`shuffle`). `deterministic=False`
+        """Batches of keys in index order, or reshuffled every epoch (`shuffle`); `deterministic=False`
         lets parallel stages hand out elements in the order they are ready."""
 
     def fetch(self, keys):
-        """(uint8 images, int32 labels) of a batch of keys; by default the keys are {"x", "y"} already."""
         return keys["x"], keys["y"]
 
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                deterministic: bool = True) -> tf.data.Dataset:
-        """(uint8 images, int32 labels) batches in index order, or reshuffled every epoch."""
-        return self.batch_keys(batch_size, shuffle=shuffle, seed=seed, deterministic=deterministic).map(
-            self.fetch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-
-    @property
-    def streamed(self) -> bool:
-        """Whether the images are decoded from disk every time they are read (not held in memory)."""
-        return True
-
-    def numpy_batches(self, batch_size: int = PASS_BATCH):
-        for images, _ in self.batches(batch_size).as_numpy_iterator():
-            yield images
+    def numpy_batches(self, batch_size: int = 256):
+        """The uint8 images in index order, as NumPy batches (one pass for the colour statistics)."""
+        yield from (x for x, _ in self.batch_keys(batch_size).map(self.fetch).as_numpy_iterator())
 
 
 class ArrayImages(Images):
@@ -76,36 +56,31 @@ class ArrayImages(Images):
 
     def __init__(self, x: np.ndarray, labels: np.ndarray):
         self.x, self.labels, self.side = x, np.asarray(labels, np.int32), x.shape[1]
-        self._variables = None
 
-    @property
-    def streamed(self) -> bool:
-        return False
+    streamed = False
 
     def subset(self, index):
         return ArrayImages(self.x[index], self.labels[index])
 
     def batch_keys(self, batch_size, *, shuffle=False, seed=0, deterministic=True):
-        # Index batches, gathered from the arrays by `fetch`: as fast as from_tensor_slices -> cache ->
-        # shuffle -> batch on CIFAR, but the shuffle buffer holds integers, not images, so filling it
-        # costs nothing even for large images.
+        # Index batches, gathered by `fetch`: the shuffle buffer holds integers, not images.
         ds = tf.data.Dataset.range(len(self))
         if shuffle:
             ds = ds.shuffle(max(len(self), 1), seed=seed, reshuffle_each_iteration=True)
         return ds.batch(batch_size)
 
+    @functools.cached_property
+    def variables(self):
+        """The arrays as CPU variables, one copy shared by every pipeline of the split: the map captures
+        them by handle (a captured constant would be copied into its graph: seconds, twice the memory)."""
+        with tf.device("/CPU:0"):
+            return tf.Variable(self.x, trainable=False), tf.Variable(self.labels, trainable=False)
+
     def fetch(self, keys):
-        # The arrays sit in CPU variables (one copy per split, shared by all its pipelines), which the
-        # map function captures by handle; a captured constant would be copied into the function's
-        # graph, which takes seconds and doubles memory for large arrays.
-        if self._variables is None:
-            with tf.device("/CPU:0"):
-                self._variables = (tf.Variable(self.x, trainable=False),
-                                   tf.Variable(self.labels, trainable=False))
-        images, labels = self._variables
+        images, labels = self.variables
         return tf.gather(images, keys), tf.gather(labels, keys)
 
-    def numpy_batches(self, batch_size=PASS_BATCH):
+    def numpy_batches(self, batch_size=256):
         for start in range(0, len(self), batch_size):
             yield self.x[start:start + batch_size]
 

@@ -1,20 +1,5 @@
 """`load_data`: a `DataConfig` in, a `Data` out (batched train/val/test tf.data pipelines and what a run
-logs about them). The one pipeline builder, for every source and both recipes.
-
-Every source is an `Images` per split (images.py: in memory, image files or TFRecord shards); the
-validation split is carved by index (split.py); the colour statistics are one pass over the training
-split (pixel_stats.py); then every pipeline is one parallel map over the source's batches of keys
-(`mapped`: fetch the images, as in-memory gathers or already decoded, and transform them):
-  * evaluation (val, test): `model_views`, the centre view (the simple recipe's is the whole image,
-    resized to the input size when stored at another: CIFAR's 32 px);
-  * training: reshuffled every epoch, then, with augmentation, a seed per batch from a seeded stream
-    (epochs differ from one another, yet a run with the same `seed` sees the same augmented batches):
-    simple recipe: `random_crop_flip` at the stored resolution (4 px of a 32-px CIFAR image), then
-    resized; paper recipe: `random_crops` of the input size from the stored images (less the mean
-    image with `pixel_mean`), and `pca_color_shift`.
-`deterministic=False` lets the training pipeline's parallel stages hand out batches in the order they
-are ready (the same batches, in another order); evaluation pipelines always keep their order, which
-`Data.test_labels` follows. TensorFlow's op determinism (`--deterministic`) forces order anyway.
+logs about them); every source and both recipes go through the one parallel map of `mapped`.
 """
 
 from __future__ import annotations
@@ -39,10 +24,9 @@ from .split import limit_test, train_val_indices
 class Data:
     """Everything a training run needs to know about its data."""
 
-    train: tf.data.Dataset    # (float32 (B,S,S,3) in 0..255, int32 (B,)); reshuffled each epoch;
-                              # augmented if cfg.augment; the last partial batch is kept
-    val: tf.data.Dataset      # batched in a fixed order, never augmented
-    test: tf.data.Dataset     # batched in a fixed order, never augmented; for the final evaluation only
+    train: tf.data.Dataset    # (float32 (B,S,S,3) in 0..255, int32 (B,)), reshuffled each epoch, augmented
+    val: tf.data.Dataset      # in a fixed order, never augmented
+    test: tf.data.Dataset     # in a fixed order, never augmented; for the final evaluation only
     test_labels: np.ndarray   # int32 labels of `test` in dataset order
     class_names: list[str]
     image_size: int
@@ -52,13 +36,13 @@ class Data:
     std: list[float]          # per-channel (population) std of the train split's pixels
     source: str               # where the images came from, for logs and MLflow
     digest: str               # 16 hex digits identifying the images, labels and split
-    # What a prediction must do to a file to give the model what it was trained on (`preprocessing`);
-    # logged in data.json and with the model, read back by predict.py.
+    # What a prediction does to a file to give the model what it was trained on (inference.Predictor):
+    # recipe, resize policy, stored and input size, pixel_mean, and `native_size` when the images were
+    # held smaller (CIFAR's 32 px) and resized per batch: predict then squashes a file to it first.
     preprocessing: dict = dataclasses.field(default_factory=dict)
     recipe_stats: dict | None = None      # paper recipe: RGB mean/std/covariance, PCA, for logging
     mean_image: np.ndarray | None = None  # paper recipe with pixel_mean: (stored, stored, 3) float32
-    test_ten_crop: tf.data.Dataset | None = None  # paper recipe with ten_crop: images only, 10 views
-                                          # per test image (batches of 10*B), in `test_labels` order
+    test_ten_crop: tf.data.Dataset | None = None  # ten_crop: 10 views per test image, images only
 
     @property
     def num_classes(self) -> int:
@@ -70,44 +54,20 @@ class Data:
 
 
 def enable_op_determinism() -> None:
-    """TensorFlow's deterministic mode (`--deterministic`): tf.data and TF ops give the same results
-    from the same seeds (TF ops without a deterministic kernel raise instead of running)."""
+    """TensorFlow's deterministic mode (`--deterministic`): the same results from the same seeds."""
     tf.config.experimental.enable_op_determinism()
-
-
-def preprocessing(recipe: str, stored_size: int, image_size: int, pixel_mean: bool,
-                  native_size: int | None = None) -> dict:
-    """`Data.preprocessing`: what predict.py applies to a file (logged in data.json and with the model).
-
-    `native_size`: the images were held at this side (CIFAR's 32 px) and resized to stored_size per
-    batch in float; predict then squashes a file to native_size first and resizes it the same way.
-    """
-    spec = {"recipe": recipe, "resize": "shorter_side_crop" if recipe == "paper" else "squash",
-            "stored_size": int(stored_size), "image_size": int(image_size), "pixel_mean": bool(pixel_mean)}
-    if native_size is not None and native_size != stored_size:
-        spec["native_size"] = int(native_size)
-    return spec
 
 
 def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: bool = True,
               deterministic: bool = True) -> Data:
-    """Read the dataset `cfg` (a DataConfig) names and build its pipelines at `image_size` pixels.
-
-    `seed` drives only the per-epoch shuffling and augmentation; the split depends on
-    `cfg.split_seed` alone. `verbose=False` silences the decoding progress bar and timing line.
-    `deterministic=False` (TrainConfig.deterministic off) lets the training pipeline hand out its
-    batches in the order they are ready.
-    """
-    if not isinstance(image_size, int) or image_size < 1:
-        raise DataError(f"image_size must be a positive integer; got {image_size!r}.")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f"batch_size must be a positive integer; got {batch_size!r}.")
+    """The dataset `cfg` (a DataConfig) names, in pipelines at `image_size` pixels. `seed` drives only the
+    shuffling and augmentation (the split depends on `cfg.split_seed` alone); `deterministic=False` lets
+    the training pipeline hand out its batches in the order they are ready."""
     paper = cfg.recipe == "paper"
     if paper and cfg.stored_size < image_size:
         raise DataError(f"the paper recipe crops {image_size}x{image_size} inputs from images stored at "
                         f"{cfg.stored_size}x{cfg.stored_size}: pass --stored-size {max(256, image_size)} "
                         f"(or at least {image_size}), or a smaller --image-size.")
-    # Files are decoded to squares of `stored` px: the stored size of the paper recipe, else the input size.
     stored = cfg.stored_size if paper else image_size
     source = read_source(cfg, stored, "shorter_side_crop" if paper else "squash", verbose)
 
@@ -173,10 +133,8 @@ def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: 
         }
     digest = hash_json({
         "data": source.identity, "image_size": image_size, "val_fraction": cfg.val_fraction,
-        "split_seed": cfg.split_seed, "train_limit": cfg.train_limit,
-        **({"test_limit": cfg.test_limit} if cfg.test_limit is not None else {}),
-        **({"recipe": "paper", "stored_size": stored, "pixel_mean": pixel_mean} if paper else {}),
-    })
+        "split_seed": cfg.split_seed, "train_limit": cfg.train_limit, "test_limit": cfg.test_limit,
+        "recipe": cfg.recipe, "stored_size": stored, "pixel_mean": pixel_mean})
     return Data(
         train=train_ds,
         val=mapped(val, batch_size, evaluation),
@@ -190,7 +148,9 @@ def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: 
         std=[float(v) if v > 0 else 1.0 for v in std],
         source=source.source,
         digest=digest,
-        preprocessing=preprocessing(cfg.recipe, stored, image_size, pixel_mean, native_size=train.side),
+        preprocessing={"recipe": cfg.recipe, "resize": "shorter_side_crop" if paper else "squash",
+                       "stored_size": stored, "image_size": image_size, "pixel_mean": pixel_mean,
+                       **({"native_size": train.side} if train.side != stored else {})},
         recipe_stats=recipe_stats,
         mean_image=mean_image,
         test_ten_crop=test_ten_crop,

@@ -1,9 +1,5 @@
-"""Colour statistics of a training split: per-channel mean and std (the model's input normalisation),
-the RGB covariance and its principal components (the paper's "fancy PCA"), and the per-pixel mean image.
-
-One implementation, `Moments`: running float64 sums over uint8 batches, so one pass over the images
-gives every statistic, whether they are in memory or streamed from files or shards. `statistics`
-caches the sums on disk (a streamed ImageNet pass takes minutes).
+"""Colour statistics of a training split in one pass of float64 sums (`Moments`): per-channel mean and
+std, the RGB covariance and its principal components ("fancy PCA"), the per-pixel mean image; cached.
 """
 
 from __future__ import annotations
@@ -46,16 +42,21 @@ class RGBStats:
 class Moments:
     """Running float64 sums over batches of uint8 RGB images: one pass gives every statistic."""
 
-    def __init__(self, pixel_mean: bool = False):
-        self.images = 0
-        self.pixels = 0
-        self.total = np.zeros(3)
-        self.products = np.zeros((3, 3))
-        self.pixel_mean = pixel_mean
-        self.pixel_total: np.ndarray | None = None
+    def __init__(self, pixel_mean: bool = False, counts=(0, 0), total=None, products=None, pixel_total=None):
+        self.images, self.pixels = (int(c) for c in counts)
+        self.total = np.zeros(3) if total is None else total
+        self.products = np.zeros((3, 3)) if products is None else products
+        self.pixel_mean = pixel_mean or pixel_total is not None
+        self.pixel_total = pixel_total
+
+    @classmethod
+    def of(cls, batches, pixel_mean: bool) -> "Moments":
+        moments = cls(pixel_mean)
+        for batch in batches:
+            moments.add(np.asarray(batch))
+        return moments
 
     def add(self, batch: np.ndarray) -> None:
-        batch = np.asarray(batch)
         flat = batch.reshape(-1, 3)
         for start in range(0, len(flat), 1 << 20):   # 24 MB of float64 at a time
             chunk = flat[start:start + (1 << 20)].astype(np.float64)
@@ -68,19 +69,10 @@ class Moments:
             self.pixel_total = summed if self.pixel_total is None else self.pixel_total + summed
 
     def arrays(self) -> dict:
+        """The sums as the cache keeps them; `Moments(**arrays)` reads them back."""
         out = {"counts": np.array([self.images, self.pixels], np.int64), "total": self.total,
                "products": self.products}
-        if self.pixel_total is not None:
-            out["pixel_total"] = self.pixel_total
-        return out
-
-    @classmethod
-    def from_arrays(cls, arrays) -> "Moments":
-        moments = cls("pixel_total" in arrays)
-        moments.images, moments.pixels = (int(v) for v in arrays["counts"])
-        moments.total, moments.products = arrays["total"], arrays["products"]
-        moments.pixel_total = arrays["pixel_total"] if "pixel_total" in arrays else None
-        return moments
+        return out if self.pixel_total is None else {**out, "pixel_total": self.pixel_total}
 
     def stats(self) -> RGBStats:
         if not self.pixels:
@@ -103,25 +95,21 @@ class Moments:
 
 def rgb_statistics(batches, *, pixel_mean: bool = False) -> RGBStats:
     """RGBStats of an iterable of uint8 (B,H,W,3) batches (float64 sums, one pass)."""
-    moments = Moments(pixel_mean)
-    for batch in batches:
-        moments.add(batch)
-    return moments.stats()
+    return Moments.of(batches, pixel_mean).stats()
 
 
 def statistics(images: Images, key: str, pixel_mean: bool, verbose: bool) -> RGBStats:
-    """RGBStats of `images`, computed once and kept in the cache under `key`."""
+    """RGBStats of `images`, computed once and kept in the cache under `key` (a streamed ImageNet pass
+    takes minutes)."""
     cache_file = cache_root() / "stats" / f"{key}.npz"
     cached = load_npz(cache_file)
     if cached is not None:
         try:
-            return Moments.from_arrays(cached).stats()
-        except (KeyError, ValueError):   # a damaged cache is only a reason to compute again
+            return Moments(**cached).stats()
+        except (TypeError, ValueError):   # a damaged cache is only a reason to compute again
             pass
     start = time.perf_counter()
-    moments = Moments(pixel_mean)
-    for batch in images.numpy_batches():
-        moments.add(batch)
+    moments = Moments.of(images.numpy_batches(), pixel_mean)
     if verbose and len(images) >= PROGRESS_MIN_FILES:
         print(f"Colour statistics of {len(images)} training images in {time.perf_counter() - start:.1f} s "
               "(cached afterwards).", flush=True)

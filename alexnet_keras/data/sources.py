@@ -1,17 +1,5 @@
-"""Where images come from: `read_source` turns a `DataConfig` into `SourceImages`.
-
-Sources:
-  * "synthetic": generated class templates plus noise, in memory;
-  * "cifar10": Keras' download, or `--data-dir` holding CIFAR-10's python pickles
-    (cifar-10-batches-py/), an image folder, or TFRecord shards;
-  * "folder": an image folder (files.folder_layout) or TFRecord shards written by `prepare`.
-A folder is decoded into memory once (cached on disk, decode.py) unless its decoded images would need
-more than `max_memory_mb`: then its files are decoded on the fly every epoch (`FileImages`), after one
-cached pass that finds the unreadable ones. CIFAR-10 stays at its native 32 px in memory.
-
-CIFAR-10's pickles are read by `SafeUnpickler`, which admits only what that format holds (dicts,
-lists, bytes, numbers and NumPy arrays): a pickle is a program, and a downloaded dataset folder must
-never run code.
+"""Where images come from: `read_source` turns a `DataConfig` into `SourceImages` (synthetic, CIFAR-10
+downloaded or from its pickles, image folders, TFRecord shards; docs/data.md).
 """
 
 from __future__ import annotations
@@ -30,7 +18,7 @@ from . import tfrecord
 from .archives import DATA_DIR_ENV, locate_data_dir
 from .cache import hash_json
 from .decode import decode_cached
-from .files import CIFAR_PICKLE_DIR, DataError, Walk, folder_layout
+from .files import CIFAR_PICKLE_DIR, DataError, Walk, folder_layout, listed
 from .images import ArrayImages, FileImages, SourceImages, check_labels
 from .split import carve_test
 
@@ -40,30 +28,30 @@ CIFAR_SIZE = 32
 
 
 def read_source(cfg, side: int, policy: str, verbose: bool) -> SourceImages:
-    """The images `cfg` (a DataConfig) names. Files are decoded to squares of `side` px with `policy`
-    (decode.RESIZE_POLICIES); CIFAR-10 stays at 32 px, except in TFRecord shards."""
-    max_bytes = cfg.max_memory_mb * 2 ** 20
+    """The images `cfg` (a DataConfig) names, files decoded to squares of `side` px with `policy`;
+    CIFAR-10 stays at its 32 px in memory (resized per batch), except in TFRecord shards."""
     if cfg.dataset == "synthetic":
         return synthetic(cfg.synthetic_samples, cfg.synthetic_classes, side, cfg.split_seed)
     located = locate_data_dir(cfg.data_dir)
-    if cfg.dataset == "cifar10":
-        if located is None:
-            return cifar10_download()
-        # Image folders stay at CIFAR's native 32 px in memory (resized per batch); TFRecord shards
-        # are decoded straight to `side` with `policy`.
-        return from_dir(located.path, CIFAR_SIZE, verbose, cfg.split_seed, cifar=True, max_bytes=max_bytes,
-                        record_side=side, record_policy=policy, content_id=located.archive_sha256)
+    cifar = cfg.dataset == "cifar10"
+    if located is None and cifar:
+        return cifar10_download()
     if located is None:
         raise DataError("dataset 'folder' needs a folder: pass --data-dir PATH (class sub-folders, "
-                        "or train/ and test/ each with class sub-folders) or set "
-                        f"${DATA_DIR_ENV}.")
-    return from_dir(located.path, side, verbose, cfg.split_seed, cifar=False, policy=policy,
-                    max_bytes=max_bytes, content_id=located.archive_sha256)
+                        f"or train/ and test/ each with class sub-folders) or set ${DATA_DIR_ENV}.")
+    root, content_id = located.path, located.archive_sha256
+    if tfrecord.is_prepared(root):
+        source = tfrecord.load_prepared(root, side, policy, cfg.split_seed)
+    elif (pickles := find_cifar_pickles(root)) is not None:
+        return cifar_pickles(pickles)     # identified by content already
+    else:
+        source = image_folder(root, CIFAR_SIZE if cifar else side, verbose, layout_hint(cifar), cfg.split_seed,
+                              policy="squash" if cifar else policy, max_bytes=cfg.max_memory_mb * 2 ** 20,
+                              content_id=content_id)
+    if content_id:   # an archive's members may keep their names, sizes and mtimes across its versions
+        source.identity = hash_json({"identity": source.identity, "archive_sha256": content_id})
+    return source
 
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic and downloaded
-# ---------------------------------------------------------------------------------------------
 
 def array_identity(kind: str, *arrays: np.ndarray) -> str:
     """16 hex digits identifying the content of `arrays`."""
@@ -75,14 +63,14 @@ def array_identity(kind: str, *arrays: np.ndarray) -> str:
 
 
 def in_memory(x_train, y_train, x_test, y_test, class_names, source: str, kind: str) -> SourceImages:
+    """Splits held as arrays, identified by their content."""
     return SourceImages(ArrayImages(x_train, y_train), ArrayImages(x_test, y_test), list(class_names), source,
                         array_identity(kind, x_train, y_train, x_test, y_test))
 
 
 def synthetic(samples: int, classes: int, image_size: int, seed: int) -> SourceImages:
-    # Each class: its own mean colour and stripe pattern (orientation, frequency), plus per-pixel
-    # noise. Easy enough that a small CNN separates the classes within a couple of epochs, while the
-    # noise keeps every image distinct.
+    # A colour and a stripe pattern per class plus per-pixel noise: a small CNN separates the classes
+    # within a couple of epochs, and the noise keeps every image distinct.
     rng = np.random.default_rng(seed)
     k, s = classes, image_size
     n_train, n_test = samples, max(samples // 4, k)
@@ -116,28 +104,6 @@ def cifar10_download() -> SourceImages:
         ) from err
     y_train, y_test = y_train.reshape(-1).astype(np.int32), y_test.reshape(-1).astype(np.int32)
     return in_memory(x_train, y_train, x_test, y_test, CIFAR10_CLASSES, "keras.datasets.cifar10", "cifar10")
-
-
-# ---------------------------------------------------------------------------------------------
-# Folders: TFRecord shards, CIFAR-10 pickles, image folders
-# ---------------------------------------------------------------------------------------------
-
-def from_dir(root: Path, image_size: int, verbose: bool, split_seed: int, *, cifar: bool,
-             policy: str = "squash", max_bytes: int | None = None, record_side: int | None = None,
-             record_policy: str | None = None, content_id: str | None = None) -> SourceImages:
-    if tfrecord.is_prepared(root):
-        source = tfrecord.load_prepared(root, record_side or image_size, record_policy or policy, split_seed)
-    else:
-        pickles = find_cifar_pickles(root)
-        if pickles is not None:
-            return cifar_pickles(pickles)     # identified by content already
-        source = image_folder(root, image_size, verbose, layout_hint(cifar), split_seed, policy=policy,
-                              max_bytes=max_bytes, content_id=content_id)
-    if content_id:
-        # Extracted from an archive: its members may keep their names, sizes and mtimes across
-        # versions of the archive, so the archive's own hash goes into the identity.
-        source.identity = hash_json({"identity": source.identity, "archive_sha256": content_id})
-    return source
 
 
 def layout_hint(cifar: bool) -> str:
@@ -255,25 +221,17 @@ def image_folder(root: Path, image_size: int, verbose: bool, fix_hint: str, spli
     # files are streamed, decoded every epoch, after a cached pass that finds the unreadable ones.
     stream = max_bytes is not None and len(files) * image_size * image_size * 3 > max_bytes
     labels = np.asarray(listing.labels, dtype=np.int32)
-    if stream:
-        _, good, sizes = decode_cached(root, files, image_size, verbose, policy=policy, keep=False,
-                                       content_id=content_id)
-        images = FileImages([os.path.join(root, files[i]) for i in good], labels[good], image_size, policy)
-    else:
-        decoded, good, sizes = decode_cached(root, files, image_size, verbose, policy=policy,
-                                             content_id=content_id)
-        images = ArrayImages(decoded, labels[good])
-    bad = np.ones(len(files), dtype=bool)
-    bad[good] = False
-    unreadable = [files[i] for i in np.flatnonzero(bad)]
+    decoded, good, sizes = decode_cached(root, files, image_size, verbose, policy=policy, keep=not stream,
+                                         content_id=content_id)
+    images = (FileImages([os.path.join(root, files[i]) for i in good], labels[good], image_size, policy)
+              if stream else ArrayImages(decoded, labels[good]))
+    unreadable = [files[i] for i in np.setdiff1d(np.arange(len(files)), good)]
     if not len(good):
         raise DataError(f"no readable images in {str(root)!r}: all {len(files)} files failed to decode "
                         f"as JPEG, PNG, GIF or BMP (e.g. {files[0]!r}). {fix_hint}")
     if unreadable:
-        names = ", ".join(unreadable[:5])
-        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
         warnings.warn(f"skipped {len(unreadable)} file(s) under {str(root)!r} that are not readable "
-                      f"images: {names}{more}.", stacklevel=3)
+                      f"images: {listed(unreadable)}.", stacklevel=3)
 
     splits = np.asarray(listing.splits)[good]
     by_split = {s: images[splits == s] for s in layout}
@@ -301,10 +259,8 @@ def image_folder(root: Path, image_size: int, verbose: bool, fix_hint: str, spli
         raise DataError(f"no readable images in {str(layout['val'])!r}. Add images to it or "
                         "remove it to carve the validation split from train/.")
 
-    identity = hash_json({"kind": "folder", "files": [files[i] for i in good],
-                          "sizes": [sizes[i] for i in good],
-                          "labels": labels[good].tolist(), "stored": image_size,
-                          "carved_test": "test" not in by_split,
-                          **({"policy": policy} if policy != "squash" else {})})
+    identity = hash_json({"kind": "folder", "files": [files[i] for i in good], "sizes": [sizes[i] for i in good],
+                          "labels": labels[good].tolist(), "stored": image_size, "policy": policy,
+                          "carved_test": "test" not in by_split})
     return SourceImages(train, test, class_names, str(root), identity, len(unreadable) + len(listing.skipped),
                         val)

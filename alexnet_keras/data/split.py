@@ -1,8 +1,5 @@
-"""Stratified, seeded splits by index: the validation split, `train_limit`, `test_limit`, and the test
-split of a folder that has no test/ of its own.
-
-Every split depends on `split_seed` alone (never on the training `seed`), so every run of a study
-sees the same split. scikit-learn's `train_test_split` does the stratification.
+"""Stratified splits by index, seeded by `split_seed` alone (so every run of a study sees the same split):
+validation, `train_limit`, `test_limit`, and the test split of a folder without test/.
 """
 
 from __future__ import annotations

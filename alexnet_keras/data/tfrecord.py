@@ -1,61 +1,28 @@
-"""TFRecord shards: `prepare` (`alexnet-keras prepare FOLDER OUT`) writes an image folder as shards with a
-manifest; `load_prepared` and `RecordImages` read them back for training.
-
-Why: ImageNet's training set is 1.28 million JPEGs averaging ~110 KB and ~400x350 px. Opening that
-many small files and decoding + rescaling full-size JPEGs every epoch is what limits a CPU input
-pipeline, and 256x256x3 uint8 = 196 KB per image (250 GB for ImageNet) rules out holding them in
-memory. `prepare` does the expensive part once: every file is decoded (unreadable ones are skipped and
-listed in the manifest), rescaled as in the paper (shorter side to `stored_size`, central square) and
-re-encoded, then written in order into shards of `shard_size` records. Training then reads a few large
-files sequentially, interleaving shards in parallel, and decodes small JPEGs in a parallel map.
-
-Encodings (`size_policy` in the manifest):
-  * "jpeg" (default, quality 95): ~20-30 KB per 256-px image; pixels differ from the folder's by JPEG
-    rounding (a few grey levels);
-  * "png": lossless, so loading OUT gives exactly the arrays loading FOLDER gives (bigger, slower);
-  * "original": the files' own bytes, rescaled when read (no re-encoding loss, no size saving).
-
-OUT holds:
-  manifest.json          format, version, classes, counts, shard list per split, size policy,
-                         skipped files, source identity
-  labels.npz             the labels of every split, in record order
-  <split>-NNNNN.tfrecord tf.train.Example records: image (bytes), label (int64), index (int64: the
-                         record's position in its split), file (bytes: path relative to FOLDER)
-
-Splits follow the folder's layout exactly as `--dataset folder` reads it: train/ (+ test/ [+ val/]), or
-train/ + val/ (val/ is then the test split, ImageNet's layout), or class folders at the top (the test
-split is then carved at load time, as for the folder). `--data-dir OUT` (datasets `folder` and
-`cifar10`) detects the manifest and streams the shards; the manifest is written last, so a folder
-without one is not a finished conversion.
-
-Reading: a split that is a small part of a shard set (a validation split carved from train/, or a test
-split carved from a folder without test/) would otherwise read every record of the shards and keep a
-few each epoch (~10x the records kept, for a 10 % validation split). Such a subset (at most half of
-its shards' records) is copied once, as raw records, into shards of its own in the cache
-(records/<key>/, keyed by the shards' names, sizes and mtimes and the subset), and read from there.
-Training reads the shards in a reshuffled order, interleaving up to 16 of them in parallel, then
-shuffles records in a buffer of SHUFFLE_BUFFER; evaluation reads them in order.
+"""TFRecord shards: `prepare` (`alexnet-keras prepare FOLDER OUT`) writes an image folder as shards with
+a manifest, decoded and rescaled once; `load_prepared` and `RecordImages` read them back (docs/data.md).
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Literal
 
-import keras
 import numpy as np
 import tensorflow as tf
+from pydantic import Field
 
-from .archives import resolve_data_dir
+from ..config import Options, validated
+from .archives import locate_data_dir
 from .cache import build_folder_once, cache_root, hash_json
-from .decode import PROGRESS_MIN_FILES, decode_image
-from .files import DataError, folder_layout
+from .decode import decode_image, progress_bar
+from .files import DataError, folder_layout, listed
 from .images import Images, SourceImages
 from .split import carve_test
 
@@ -64,11 +31,8 @@ LABELS = "labels.npz"
 FORMAT = "alexnet-keras-tfrecord"
 VERSION = 1
 ENCODINGS = ("jpeg", "png", "original")
-# Encoded records held for shuffling during training, on top of shuffling the order of the shards
-# (~25 KB each as 256-px JPEGs: ~100 MB).
+# Encoded records held for shuffling, on top of shuffling the shards (~25 KB each at 256 px: ~100 MB).
 SHUFFLE_BUFFER = 4096
-
-# Records per shard of a cached subset (subset_shards).
 SUBSET_SHARD_SIZE = 1024
 _INDEX = {"index": tf.io.FixedLenFeature([], tf.int64)}
 _FEATURES = {
@@ -78,25 +42,23 @@ _FEATURES = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------------------------
+class PrepareOptions(Options):
+    stored_size: int = Field(256, ge=8)    # the paper's 256
+    encoding: Literal[ENCODINGS] = "jpeg"
+    quality: int = Field(95, ge=1, le=100)
+    shard_size: int = Field(1024, ge=1)
 
-def prepare(source: str | os.PathLike, out: str | os.PathLike, *, stored_size: int = 256,
-            encoding: str = "jpeg", quality: int = 95, shard_size: int = 1024, overwrite: bool = False,
-            verbose: bool = True) -> dict:
-    """Convert the image folder (or archive) `source` into TFRecord shards in `out`; return the manifest."""
-    if encoding not in ENCODINGS:
-        raise DataError(f"encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}.")
-    if encoding != "original" and (not isinstance(stored_size, int) or stored_size < 8):
-        raise DataError(f"stored size must be an integer >= 8 (the paper uses 256); got {stored_size!r}.")
-    if not 1 <= quality <= 100:
-        raise DataError(f"JPEG quality must be in [1, 100]; got {quality!r}.")
-    if shard_size < 1:
-        raise DataError(f"shard size must be a positive number of images; got {shard_size!r}.")
-    root = resolve_data_dir(source)
-    if root is None:
+
+def prepare(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, verbose: bool = True,
+            **options) -> dict:
+    """Convert the image folder (or archive) `source` into TFRecord shards in `out` (`options`: those of
+    PrepareOptions); return the manifest."""
+    opts = validated(PrepareOptions, options, "prepare")
+    stored_size, encoding, quality, shard_size = opts.stored_size, opts.encoding, opts.quality, opts.shard_size
+    located = locate_data_dir(source)
+    if located is None:
         raise DataError("prepare needs the image folder to convert.")
+    root = located.path
     if is_prepared(root):
         raise DataError(f"{str(root)!r} already holds TFRecord shards ({MANIFEST}); pass it to --data-dir.")
     out = Path(out).expanduser().absolute()
@@ -144,9 +106,8 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, stored_size: i
         "splits": manifest_splits,
         "labels_file": LABELS,
         "skipped": skipped,
-        "identity": hash_json({"classes": class_names, "policy": policy,
-                                     "labels": {s: v.tolist() for s, v in all_labels.items()},
-                                     "sizes": sizes}),
+        "identity": hash_json({"classes": class_names, "policy": policy, "sizes": sizes,
+                               "labels": {s: v.tolist() for s, v in all_labels.items()}}),
         "seconds": round(seconds, 1),
     }
     # Written last: a folder with a manifest is a finished conversion.
@@ -154,12 +115,8 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, stored_size: i
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / MANIFEST)
     if verbose:
-        total = sum(v["count"] for v in manifest_splits.values())
-        per_split = ", ".join(f"{s}: {v['count']}" for s, v in manifest_splits.items())
-        print(f"Wrote {total} images ({per_split}) "
-              f"in {sum(len(v['shards']) for v in manifest_splits.values())} shards to {out} in {seconds:.1f} s "
-              f"({total / max(seconds, 1e-9):.0f} images/s); skipped {len(skipped)} unreadable file(s).",
-              flush=True)
+        print(f"Wrote {manifest['counts']} images in {sum(len(v['shards']) for v in manifest_splits.values())} "
+              f"shards to {out} in {seconds:.1f} s.", flush=True)
     return manifest
 
 
@@ -178,16 +135,12 @@ def _write_split(split: str, root: Path, files: list[str], labels: np.ndarray, o
                    else tf.io.encode_jpeg(image, quality=quality))
         return position, encoded, tf.shape(image)[0]
 
-    # Decoding and encoding in parallel; deterministic, so records come out in file order; a file
-    # that fails to decode is dropped (ignore_errors) and found missing from the positions.
+    # In parallel, in file order; a file that fails to decode is dropped and missing from the positions.
     ds = (tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), np.asarray(paths, str)))
           .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
           .ignore_errors()
           .prefetch(64))
-    bar = None
-    if verbose and len(paths) >= PROGRESS_MIN_FILES:
-        print(f"Converting {len(paths)} {split} files...", flush=True)
-        bar = keras.utils.Progbar(len(paths), unit_name="file", verbose=1 if sys.stdout.isatty() else 2)
+    bar = progress_bar(len(paths), f"Converting {split}:", verbose)
     shards: list[dict] = []
     kept: list[int] = []
     writer = None
@@ -219,17 +172,9 @@ def _write_split(split: str, root: Path, files: list[str], labels: np.ndarray, o
 
 
 def _remove_previous(out: Path) -> None:
-    manifest = json.loads((out / MANIFEST).read_text())
-    for split in manifest.get("splits", {}).values():
-        for shard in split.get("shards", []):
-            (out / shard["file"]).unlink(missing_ok=True)
-    for name in (LABELS, MANIFEST):
-        (out / name).unlink(missing_ok=True)
+    for path in [*out.glob("*-[0-9][0-9][0-9][0-9][0-9].tfrecord"), out / LABELS, out / MANIFEST]:
+        path.unlink(missing_ok=True)
 
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------------------------
 
 def is_prepared(root: str | os.PathLike) -> bool:
     """Whether `root` holds shards written by `prepare` (its manifest)."""
@@ -254,17 +199,14 @@ def read_manifest(root: str | os.PathLike) -> dict:
     missing = [s["file"] for split in splits.values() for s in split["shards"]
                if not (Path(root) / s["file"]).is_file()]
     if missing:
-        raise DataError(f"shards listed in {str(path)!r} are missing: {', '.join(missing[:5])}"
-                        f"{' ...' if len(missing) > 5 else ''}. Copy the whole folder, or prepare it again.")
+        raise DataError(f"shards listed in {str(path)!r} are missing: {listed(missing)}. Copy the whole folder, "
+                        "or prepare it again.")
     return manifest
 
 
 class RecordImages(Images):
     """One split of a prepared folder: records decoded to `side` px with `policy` as they are read.
-
-    `index` (sorted positions into the split's records) makes a subset; see the module docstring for
-    how a subset is read.
-    """
+    `index` (sorted positions into the split's records) makes a subset."""
 
     def __init__(self, shards: list[str], all_labels: np.ndarray, side: int, policy: str,
                  index: np.ndarray | None = None):
@@ -273,35 +215,30 @@ class RecordImages(Images):
         self.index = np.arange(len(self.all_labels)) if index is None else np.sort(np.asarray(index, np.int64))
         self.labels = self.all_labels[self.index]
         self.side, self.policy = side, policy
-        self._plan: tuple[list[str], np.ndarray | None] | None = None
 
     def subset(self, index):
         return RecordImages(self.shards, self.all_labels, self.side, self.policy, self.index[index])
 
+    @functools.cached_property
     def read_plan(self) -> tuple[list[str], np.ndarray | None]:
-        """(shards to read, boolean mask of the records to keep by their `index` feature, or None to
-        keep every record read)."""
-        if self._plan is None:
-            if len(self.index) == len(self.all_labels):
-                self._plan = (self.shards, None)
-            else:
-                mask = np.zeros(len(self.all_labels), dtype=bool)
-                mask[self.index] = True
-                self._plan = (self.shards, mask)
-                if 0 < len(self.index) <= len(self.all_labels) // 2:
-                    try:
-                        self._plan = (subset_shards(self.shards, mask), None)
-                    except DataError as err:   # a read-only cache: read through the filter instead
-                        warnings.warn(f"{err} Reading the subset through all {len(self.shards)} shards "
-                                      "meanwhile.", stacklevel=2)
-        return self._plan
+        """(shards to read, mask of the records to keep by their `index` feature or None for all). A
+        subset of at most half the records is copied once into shards of its own rather than filtered
+        out of every shard each epoch (~10x the records kept, for a 10 % validation split)."""
+        if len(self.index) == len(self.all_labels):
+            return self.shards, None
+        mask = np.zeros(len(self.all_labels), dtype=bool)
+        mask[self.index] = True
+        if 0 < len(self.index) <= len(self.all_labels) // 2:
+            try:
+                return subset_shards(self.shards, mask), None
+            except DataError as err:   # a read-only cache: read through the filter instead
+                warnings.warn(f"{err} Reading the subset through all {len(self.shards)} shards meanwhile.",
+                              stacklevel=2)
+        return self.shards, mask
 
     def batch_keys(self, batch_size, *, shuffle=False, seed=0, deterministic=True):
         side, policy = self.side, self.policy
-        shards, mask = self.read_plan()
-        if not shards:
-            spec = {"x": tf.TensorSpec([None, side, side, 3], tf.uint8), "y": tf.TensorSpec([None], tf.int32)}
-            return tf.data.Dataset.from_generator(lambda: iter(()), output_signature=spec)
+        shards, mask = self.read_plan
         if shuffle and len(shards) > 1:
             files = tf.data.Dataset.from_tensor_slices(shards).shuffle(
                 len(shards), seed=seed, reshuffle_each_iteration=True)
@@ -360,7 +297,7 @@ def subset_shards(shards: list[str], mask: np.ndarray) -> list[str]:
 def load_prepared(root: Path, side: int, policy: str, split_seed: int) -> SourceImages:
     """A prepared folder as SourceImages, its splits streamed as RecordImages."""
     manifest = read_manifest(root)
-    with np.load(root / manifest.get("labels_file", LABELS), allow_pickle=False) as stored:
+    with np.load(root / LABELS, allow_pickle=False) as stored:
         labels = {name: stored[name].astype(np.int32) for name in stored.files}
     splits = manifest["splits"]
 

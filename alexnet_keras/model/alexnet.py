@@ -1,9 +1,6 @@
-"""AlexNet (Krizhevsky, Sutskever & Hinton, 2012) as a serializable Keras 3 functional model.
-
-Only `keras`, `keras.layers`, `keras.ops` and numpy are used (never TensorFlow directly), so the
-model builds and trains on the TensorFlow, JAX and PyTorch backends. Every default lives in
-`alexnet_keras.config.ModelConfig`; this module only turns a config into layers.
-"""
+"""AlexNet (Krizhevsky, Sutskever & Hinton, 2012) as a serializable Keras 3 functional model, in `keras`
+and `keras.ops` only (any backend). Every default lives in `config.ModelConfig`; this module only
+turns a config into layers."""
 
 from __future__ import annotations
 
@@ -31,53 +28,19 @@ _BIAS_ONE = {"conv2", "conv4", "conv5", "fc6", "fc7"}
 
 @keras.saving.register_keras_serializable(package="alexnet_keras")
 class AlexNet(keras.Model):
-    """AlexNet: 5 convolutional + 3 fully-connected layers, every design choice a toggle.
+    """AlexNet: 5 convolutional + 3 fully-connected layers, every design choice a toggle (the fields of
+    ModelConfig, passed as keyword `options`; config.py documents each and holds the geometry).
 
-    Takes float images of shape (S, S, 3) with raw pixel values in 0..255 (S =
-    `ModelConfig.input_size`) and returns float32 class probabilities of shape (num_classes,).
-    The first layer, "preprocess", scales the pixels (so a saved model is self-contained), as
-    `input_norm` says: "standardize" gives `(x - input_mean) / input_std` per channel when both are
-    given (in 0..255 units), else `x / 255`; "center" gives `x - input_mean` (still 0..255 units, the
-    paper's regime), else `x - 127.5`.
+    Float images (S, S, 3) with raw pixels in 0..255 in, float32 class probabilities out (the softmax
+    stays float32 under mixed precision). The first layer, "preprocess", scales the pixels so that a
+    saved model is self-contained: "standardize" gives (x - input_mean) / input_std (else x / 255),
+    "center" gives x - input_mean in 0..255 units, the paper's regime (else x - 127.5).
 
-    Layer order of each conv block (names in brackets; optional layers marked *):
-
-        conv{i} -> *bn{i} -> act{i} -> *lrn{i} (i = 1, 2) -> pool{i} (i = 1, 2, 5)
-
-    then flatten -> *dropout6 -> fc6 -> act6 -> *dropout7 -> fc7 -> act7 -> fc8 -> predictions
-    (softmax, always float32 so that mixed precision still yields float32 probabilities).
-
-    Variants (channels_last):
-      * "paper": the 2012 ImageNet net. conv1 96@11x11 stride 4 'valid' (227 -> 55), conv2 256@5x5,
-        conv3 384@3x3, conv4 384@3x3, conv5 256@3x3 (stride 1, 'same'); max-pool with 'valid'
-        padding after conv1, conv2, conv5 (55 -> 27 -> 13 -> 6 for both pool kinds); FC 4096, 4096.
-      * "cifar": the same 5-conv/3-FC topology adapted to 32x32 images. conv1 is 96@3x3 stride 1
-        'same', because an 11x11 stride-4 filter would shrink 32 px to 6 before any pooling;
-        conv2 is 256@3x3 instead of 5x5, which keeps its cost down at 16 px where 3x3 already
-        covers a large part of the map; conv3-5 as in the paper, all 'same'. Pools use 'same'
-        padding, so both pool kinds give 32 -> 16 -> 8 -> 4 and FC6's input size stays the same
-        in the pool ablation. FC6 and FC7 keep 4096 units.
-    Any `image_size` works for either variant as long as no map becomes empty (ConfigError if so).
-
-    Toggles (the fields of ModelConfig, passed as keyword `options`):
-      * width: multiplies every conv's filter count and the hidden FC units (rounded; with
-        groups=2 conv filters are rounded to a multiple of 2 so each group gets whole channels).
-      * groups=2: grouped convolution (Conv2D `groups=2`) in conv2, conv4, conv5 only.
-      * lrn: LocalResponseNormalization(lrn_size, lrn_alpha, lrn_beta, lrn_k) after the activation
-        of conv1 and conv2 (before their pooling), as in the paper.
-      * batchnorm: BatchNormalization between each conv and its activation; the conv then has no
-        bias (BN's beta replaces it). May be combined with lrn (order above).
-      * dropout: rate of Dropout before FC6 and FC7; 0 adds no Dropout layers.
-      * pool: "overlapping" = 3x3 stride 2 (paper), "non_overlapping" = 2x2 stride 2.
-      * activation: relu, tanh or sigmoid after every conv and after FC6, FC7.
-      * init: "paper" = kernels N(0, 0.01), biases 1 in conv2, conv4, conv5, fc6, fc7 and 0
-        elsewhere; "keras" = Keras defaults (glorot_uniform kernels, zero biases). Randomness comes
-        from `keras.utils.set_random_seed`, set by the caller.
-      * weight_decay: L2 penalty on every conv/dense kernel (see `_regularizer`).
-      * input_norm: "standardize" or "center" (the "preprocess" layer, above).
-
-    `get_config()` returns every constructor argument, so `AlexNet.from_config` and
-    `keras.saving.load_model` rebuild the same network. `self.config` is the ModelConfig.
+    Layers: conv{i} -> *bn{i} -> act{i} -> *lrn{i} (i = 1, 2) -> pool{i} (i = 1, 2, 5), then flatten ->
+    *dropout6 -> fc6 -> act6 -> *dropout7 -> fc7 -> act7 -> fc8 -> predictions (* optional). The
+    "cifar" variant is the same topology for 32-px images: conv1 3x3 stride 1, conv2 3x3, 'same'
+    padding throughout, so both pool kinds give 32 -> 16 -> 8 -> 4 and FC6's input stays the same.
+    `get_config()` returns every constructor argument, so saved models rebuild the same network.
     """
 
     def __init__(self, num_classes: int = 1000, input_mean: Sequence[float] | None = None,
@@ -122,10 +85,7 @@ def build_alexnet(config: ModelConfig, num_classes: int, input_mean: Sequence[fl
 
 
 def summary_text(model: keras.Model, **summary_kwargs: Any) -> str:
-    """`model.summary()` (each layer's output shape and parameter count) as a string.
-
-    Ends with a line `Total params: N` so logs can be grepped for the size of the model.
-    """
+    """`model.summary()` as a string, ending with `Total params: N` for logs to be grepped."""
     chunks: list[str] = []
     model.summary(print_fn=lambda text, *args, **kwargs: chunks.append(text), **summary_kwargs)
     text = "\n".join(chunk.rstrip("\n") for chunk in chunks)
@@ -133,44 +93,27 @@ def summary_text(model: keras.Model, **summary_kwargs: Any) -> str:
 
 
 def lrn_diagnostics(model: keras.Model, images: Any, batch_size: int = 32) -> dict[str, dict[str, float]]:
-    """How much each LocalResponseNormalization layer of `model` normalises on `images`.
+    """How much each LocalResponseNormalization layer of `model` normalises on `images` (model inputs).
 
-    `images`: a batch of model inputs (N, S, S, 3), 0..255 pixels for an AlexNet. Each LRN layer's
-    input activations a are computed (inference mode, `batch_size` images at a time) and measured
-    with the layer's own `squared_sum` and `scale`, over every position and channel:
-
-      ratio_mean, ratio_p95   mean and 95th percentile of alpha * sum(a^2) / k: the normalising
-                              term against the constant; ~0 means the layer normalises nothing
-      scale_mean, scale_min, scale_max   of the factor (k + alpha * sum(a^2)) ** -beta
-      constant_scale          k ** -beta, what the factor reduces to when the ratio is ~0
-      relative_scale_mean, relative_scale_min   scale_mean and scale_min / constant_scale
-                              (1 = a constant factor; lower = the layer damps large responses)
-
-    Returns {layer name: {statistic: float}} ({} for a model without LRN). Backend-free.
+    Each LRN layer's input activations are measured (inference mode) with the layer's own
+    `squared_sum` and `scale`: {layer name: {ratio_mean, ratio_p95 (of alpha * sum(a^2) / k: ~0 means
+    the layer normalises nothing), scale_mean/min/max (of the factor), constant_scale (k ** -beta),
+    relative_scale_mean/min (scale / constant_scale: 1 = a constant factor)}}; {} without LRN.
     """
     layers = [layer for layer in model.layers if isinstance(layer, LocalResponseNormalization)]
     if not layers:
         return {}
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"lrn_diagnostics: batch_size must be a positive integer; got {batch_size!r}.")
-    images = keras.ops.convert_to_numpy(images)
-    if images.ndim < 1 or len(images) == 0:
-        raise ValueError("lrn_diagnostics: `images` must be a non-empty batch of model inputs.")
     probe = keras.Model(model.input, [layer.input for layer in layers])
-    ratios: dict[str, list[np.ndarray]] = {layer.name: [] for layer in layers}
-    scales: dict[str, list[np.ndarray]] = {layer.name: [] for layer in layers}
+    measured = {layer.name: ([], []) for layer in layers}   # ratios, scales
+    images = keras.ops.convert_to_numpy(images)
     for start in range(0, len(images), batch_size):
         activations = probe(images[start:start + batch_size], training=False)
-        if len(layers) == 1:
-            activations = [activations]
-        for layer, a in zip(layers, activations):
-            ratio = layer.alpha * layer.squared_sum(a) / layer.k
-            ratios[layer.name].append(keras.ops.convert_to_numpy(ratio).ravel())
-            scales[layer.name].append(keras.ops.convert_to_numpy(layer.scale(a)).ravel())
+        for layer, a in zip(layers, activations if len(layers) > 1 else [activations]):
+            measured[layer.name][0].append(keras.ops.convert_to_numpy(layer.alpha * layer.squared_sum(a) / layer.k))
+            measured[layer.name][1].append(keras.ops.convert_to_numpy(layer.scale(a)))
     out = {}
     for layer in layers:
-        ratio = np.concatenate(ratios[layer.name]).astype(np.float64)
-        scale = np.concatenate(scales[layer.name]).astype(np.float64)
+        ratio, scale = (np.concatenate([p.ravel() for p in parts]).astype(np.float64) for parts in measured[layer.name])
         constant = layer.k ** -layer.beta
         out[layer.name] = {
             "ratio_mean": float(ratio.mean()), "ratio_p95": float(np.percentile(ratio, 95)),

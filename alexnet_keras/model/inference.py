@@ -1,29 +1,8 @@
-"""A trained model with its preprocessing: raw images in, ranked classes out. No MLflow here.
-
-What lives here:
-  * `top_k`, `top_k_accuracy`, `ten_crop_metrics`: the ranking and the paper's 10-crop test, shared by
-    training (train.py reports them) and prediction;
-  * `ModelMetadata` / `model_metadata(data)`: what a model needs besides its weights to classify a raw
-    image (class names, the `preprocessing` block of data.Data, the per-pixel mean image if used);
-  * `Predictor`: encoded image bytes, HxWx3 pixel arrays or image files -> top-k classes, each prepared
-    exactly as the training run prepared its evaluation images;
-  * `save_model` / `load_keras_predictor`: a `.keras` file with its sidecars (`<name>.preprocessing.json`,
-    `<name>.mean_image.npy`), the form a model takes on disk, inside a logged MLflow model too.
-MLflow models (logging, loading run ids and URIs, the served pyfunc, the registry): serving.py.
-The `predict` command: predict.py.
-
-Preprocessing, never guessed: a file is decoded by the same function as in training
-(data.decode_image) to the stored size with the run's resize policy, the mean image is subtracted when
-the run used one, then "center" takes the centre crop and "ten" the paper's ten views, whose softmax
-outputs are averaged. A model trained on images held at a small native size (CIFAR-10's 32 px, resized
-to the stored size per batch; `native_size` in the preprocessing) gets each image squashed to that size
-first and resized by the same float resize as in training. Per-channel normalisation is inside the
-model (its first layer). A pixel array is treated as the decoded image of a file (it goes through the
-same decode, losslessly), so arrays and files of the same pixels give the same answer.
-
-Loading is safe: `.keras` files are loaded with `safe_mode=True` (no code from lambdas, no functions or
-classes outside Keras and this package), sidecars are JSON and NumPy files read without pickle, and
-every bad file ends in a DataError that says what is wrong.
+"""A trained model with its preprocessing: raw images in, ranked classes out (no MLflow here; the MLflow
+model is serving.py's). `Predictor` prepares a file, an encoded image or a pixel array exactly as the
+training run prepared its evaluation images (data.decode_image, the mean image, centre or ten crops);
+`save_model` / `load_keras_predictor` keep a `.keras` file with its preprocessing sidecars, loaded with
+`safe_mode=True`; every bad file ends in a DataError that says what is wrong.
 """
 
 from __future__ import annotations
@@ -34,10 +13,13 @@ import os
 import stat
 import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
+import pydantic
+from pydantic import Field
 
+from ..config import Options, validated
 from ..data import RESIZE_POLICIES, DataError
 
 METADATA_KEY = "alexnet_keras"       # key of the MLmodel `metadata` block of a logged model
@@ -46,10 +28,6 @@ NOT_AN_IMAGE = "not a readable image (JPEG, PNG, GIF or BMP)"
 # Largest side of a pixel array accepted by predict_images (a 16k x 16k RGB image is 768 MB).
 MAX_ARRAY_SIDE = 16384
 
-
-# ---------------------------------------------------------------------------------------------
-# Ranking and the 10-crop test (train.py reports them; Predictor ranks with top_k)
-# ---------------------------------------------------------------------------------------------
 
 def top_k(scores, k: int) -> np.ndarray:
     """(N, min(k, classes)) class indices by decreasing score; ties go to the lower class index."""
@@ -67,42 +45,30 @@ def top_k_accuracy(scores, labels, k: int) -> float:
 
 
 def ten_crop_metrics(model, data) -> dict[str, float]:
-    """The paper's 10-crop test: softmax averaged over 4 corners + centre and their reflections.
-
-    {} unless `data.test_ten_crop` exists (data.recipe "paper" with ten_crop); else
-    test_10crop_accuracy and test_10crop_top5_accuracy over `data.test_labels`.
-    """
-    if getattr(data, "test_ten_crop", None) is None:
+    """The paper's 10-crop test (softmax averaged over the ten views) when `data` has it ({} if not):
+    test_10crop_accuracy and test_10crop_top5_accuracy over `data.test_labels`."""
+    if data.test_ten_crop is None:
         return {}
     probs = np.asarray(model.predict(data.test_ten_crop, verbose=0), np.float64)
     probs = probs.reshape(-1, 10, probs.shape[-1]).mean(axis=1)
     labels = np.asarray(data.test_labels)
-    if len(probs) != len(labels):
-        raise RuntimeError(f"10-crop test gave {len(probs)} predictions for {len(labels)} test images")
     return {"test_10crop_accuracy": top_k_accuracy(probs, labels, 1),
             "test_10crop_top5_accuracy": top_k_accuracy(probs, labels, 5)}
 
 
-# ---------------------------------------------------------------------------------------------
-# What a model carries besides its weights
-# ---------------------------------------------------------------------------------------------
-
 @dataclasses.dataclass(frozen=True)
 class ModelMetadata:
-    """Class names, the training run's `preprocessing` (data.Data.preprocessing: recipe, resize policy,
-    stored size, input size, pixel-mean flag, native size) and its mean image when pixel_mean is set."""
+    """Class names, the training run's `preprocessing` and its mean image when pixel_mean is set."""
 
     class_names: list[str]
     preprocessing: dict
     mean_image: np.ndarray | None = None   # (stored, stored, 3) float32
 
     def to_dict(self, mean_image_file: str | None = None) -> dict:
-        """The JSON form (a .keras file's preprocessing sidecar, a logged model's MLmodel metadata);
-        `mean_image_file` names where the mean image is stored."""
-        spec = dict(self.preprocessing)
-        if self.mean_image is not None and mean_image_file:
-            spec["mean_image"] = mean_image_file
-        return {"class_names": list(self.class_names), "preprocessing": spec}
+        """The JSON form (the sidecar, the MLmodel metadata); `mean_image_file`: where the mean image is."""
+        has_file = self.mean_image is not None and mean_image_file
+        return {"class_names": list(self.class_names),
+                "preprocessing": {**self.preprocessing, **({"mean_image": mean_image_file} if has_file else {})}}
 
 
 def model_metadata(data) -> ModelMetadata:
@@ -110,49 +76,34 @@ def model_metadata(data) -> ModelMetadata:
     return ModelMetadata(list(data.class_names), dict(data.preprocessing), data.mean_image)
 
 
-def check_metadata(meta: Any, where: str) -> tuple[list[str], dict]:
-    """(class names, preprocessing) of the JSON metadata `meta` read from `where`, or a DataError saying
-    what is wrong. A data.json from before the recipes (no `preprocessing`) means the simple recipe:
-    files squashed to the model's input size."""
-    def bad(what: str) -> DataError:
-        return DataError(f"{where}: {what}. It is not a preprocessing file written by alexnet-keras (or it "
-                         "was edited or truncated); use the model's run id, or re-save the model.")
+class Preprocessing(Options):
+    """`data.Data.preprocessing` as a model carries it (MLflow metadata, the .keras file's sidecar)."""
 
-    if not isinstance(meta, dict):
-        raise bad(f"expected a JSON object, got {type(meta).__name__}")
-    names = meta.get("class_names")
-    if (not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names)
-            or len(set(names)) != len(names)):
-        raise bad("`class_names` must be a non-empty list of distinct strings")
-    spec = meta.get("preprocessing")
-    if spec is None and "image_size" in meta:
-        size = meta["image_size"]
-        spec = {"recipe": "simple", "resize": "squash", "stored_size": size, "image_size": size,
-                "pixel_mean": False}
-    if not isinstance(spec, dict):
-        raise bad("`preprocessing` is missing or not an object")
-    sizes = {k: spec.get(k) for k in ("stored_size", "image_size")}
-    if spec.get("native_size") is not None:
-        sizes["native_size"] = spec["native_size"]
-    for key, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ARRAY_SIDE:
-            raise bad(f"preprocessing `{key}` must be an integer in 1..{MAX_ARRAY_SIDE}; got {value!r}")
-    if sizes["image_size"] > sizes["stored_size"]:
-        raise bad(f"preprocessing `image_size` {sizes['image_size']} is larger than `stored_size` "
-                  f"{sizes['stored_size']}")
-    if spec.get("resize") not in RESIZE_POLICIES:
-        raise bad(f"preprocessing `resize` must be one of {', '.join(RESIZE_POLICIES)}; got {spec.get('resize')!r}")
-    if not isinstance(spec.get("pixel_mean"), bool):
-        raise bad(f"preprocessing `pixel_mean` must be true or false; got {spec.get('pixel_mean')!r}")
-    return list(names), dict(spec)
+    recipe: Literal["simple", "paper"]
+    resize: Literal[RESIZE_POLICIES]
+    stored_size: int = Field(ge=1, le=MAX_ARRAY_SIDE)
+    image_size: int = Field(ge=1, le=MAX_ARRAY_SIDE)
+    pixel_mean: bool
+    native_size: int | None = Field(None, ge=1, le=MAX_ARRAY_SIDE)
+    mean_image: str | None = None   # where the mean image is stored, beside the model
+
+    @pydantic.model_validator(mode="after")
+    def crop_fits(self):
+        if self.image_size > self.stored_size:
+            raise ValueError(f"image_size {self.image_size} is larger than stored_size {self.stored_size}")
+        return self
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file, or a DataError naming it (not UTF-8, not JSON, unreadable)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise DataError(f"cannot read {str(path)!r} as JSON ({err}); re-save the model or use its run id.") from None
+class Sidecar(Options):
+    class_names: list[str] = Field(min_length=1)
+    preprocessing: Preprocessing
+
+    @pydantic.field_validator("class_names")
+    @classmethod
+    def distinct(cls, names):
+        if len(set(names)) != len(names):
+            raise ValueError("class names must be distinct")
+        return names
 
 
 def read_mean_image(path: Path, stored_size: int) -> np.ndarray:
@@ -168,10 +119,6 @@ def read_mean_image(path: Path, stored_size: int) -> np.ndarray:
                         f"preprocessing needs finite numbers of shape ({stored_size}, {stored_size}, 3).")
     return mean.astype(np.float32)
 
-
-# ---------------------------------------------------------------------------------------------
-# Predictor
-# ---------------------------------------------------------------------------------------------
 
 def check_options(crops: str = "center", top: int = 5, batch_size: int = 32) -> None:
     """The prediction options, or a DataError saying which one is wrong."""
@@ -190,26 +137,20 @@ class Predictor:
     mean_image: np.ndarray | None   # (stored, stored, 3) when the run subtracted a per-pixel mean
     source: str                     # where the model came from
 
-    def views(self, stored_images, crops: str = "center") -> np.ndarray:
-        """The model's input for a batch of decoded (stored-size, uint8) images; 10 rows per image for
-        "ten"."""
+    def probabilities(self, stored_images, crops: str = "center", batch_size: int = 32) -> np.ndarray:
+        """(B, classes) probabilities of a batch of decoded images, averaged over the views."""
         from ..data import model_views
 
         spec = self.preprocessing
-        return model_views(stored_images, image_size=spec["image_size"], stored_size=spec["stored_size"],
-                           mean_image=self.mean_image, crops=crops).numpy()
-
-    def probabilities(self, stored_images, crops: str = "center", batch_size: int = 32) -> np.ndarray:
-        """(B, classes) probabilities of a batch of decoded images, averaged over the views."""
-        x = self.views(stored_images, crops)
+        x = model_views(stored_images, image_size=spec["image_size"], stored_size=spec["stored_size"],
+                        mean_image=self.mean_image, crops=crops).numpy()
         probs = np.asarray(self.model.predict(x, batch_size=batch_size, verbose=0), np.float64)
         return probs.reshape(len(stored_images), -1, probs.shape[-1]).mean(axis=1)
 
     def predict_files(self, files: Sequence[str], *, crops: str = "center", top: int = 5,
                       batch_size: int = 32) -> list[dict]:
         """One entry per file: {"file", "predictions": [{"rank", "class", "index", "probability"}]} or
-        {"file", "error"} for a file that is not a readable image. Only regular files are opened (a FIFO
-        or device would block or never end)."""
+        {"file", "error"}. Only regular files are opened (a FIFO would block forever)."""
         import tensorflow as tf
 
         check_options(crops, top, batch_size)
@@ -238,8 +179,8 @@ class Predictor:
                 for i, r in enumerate(ranked)]
 
     def _rank(self, indexed_contents, count: int, crops: str, top: int, batch_size: int) -> list:
-        """Decode (index, encoded bytes) pairs as in training and rank the classes of each; None where
-        the bytes are not an image."""
+        """The ranked classes of each (index, encoded bytes) pair, decoded as in training; None where the
+        bytes are not an image."""
         import tensorflow as tf
 
         from ..data import decode_image
@@ -295,20 +236,15 @@ def _encoded(image) -> bytes:
         raise DataError(f"pixel array of {pixels.shape[0]}x{pixels.shape[1]} is larger than "
                         f"{MAX_ARRAY_SIDE} on a side")
     if pixels.dtype != np.uint8:
-        if not (np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating)):
-            raise DataError(f"pixel values must be integers in 0..255; got dtype {pixels.dtype}")
-        if not (np.all(np.isfinite(pixels)) and np.all(pixels == np.round(pixels))
+        numeric = np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating)
+        if not (numeric and np.all(np.isfinite(pixels)) and np.all(pixels == np.round(pixels))
                 and pixels.min() >= 0 and pixels.max() <= 255):
-            raise DataError("pixel values must be integers in 0..255")
+            raise DataError(f"pixel values must be integers in 0..255; got {pixels.dtype} values")
         pixels = pixels.astype(np.uint8)
     import tensorflow as tf
 
     return tf.io.encode_png(pixels).numpy()
 
-
-# ---------------------------------------------------------------------------------------------
-# A .keras file with its sidecars
-# ---------------------------------------------------------------------------------------------
 
 def sidecar(path: Path, suffix: str) -> Path:
     """`net.keras` -> `net.<suffix>`: the files save_model writes beside a model."""
@@ -332,25 +268,34 @@ def save_model(model, path: str | os.PathLike, class_names: Sequence[str], prepr
 
 
 def load_keras_predictor(path: Path, source: str | None = None) -> Predictor:
-    """A Predictor from a .keras file and its preprocessing: `<name>.preprocessing.json` beside it
-    (save_model), else a training run's `data.json` in the same folder."""
+    """A Predictor from a .keras file and the `<name>.preprocessing.json` save_model wrote beside it."""
     path = Path(path)
     source = source or str(path)
-    candidates = [sidecar(path, "preprocessing.json"), path.parent / "data.json"]
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None:
-        raise DataError(f"no preprocessing found for {str(path)!r}: expected {candidates[0].name} (written by "
-                        "alexnet_keras.model.inference.save_model) or data.json (the training run's artifact) beside "
-                        "it. Or pass the run id / runs:/ URI instead.")
-    class_names, spec = check_metadata(read_json(found), str(found))
+    found = sidecar(path, "preprocessing.json")
+    if not found.is_file():
+        raise DataError(f"no preprocessing found for {str(path)!r}: expected {found.name} (written by "
+                        "alexnet_keras.model.inference.save_model) beside it. Or pass the run id / runs:/ URI "
+                        "instead.")
+    try:
+        meta = json.loads(found.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"cannot read {str(found)!r} as JSON ({err}); re-save the model or use its run id.") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{str(found)!r} holds a JSON {type(meta).__name__}, not the object save_model writes.")
+    meta = validated(Sidecar, meta, str(found))
+    spec = meta.preprocessing.model_dump(exclude_none=True)
     mean_image = None
     if spec["pixel_mean"]:
-        name = Path(str(spec.get("mean_image") or sidecar(path, "mean_image.npy").name)).name
-        mean_file = path.parent / name
+        mean_file = sidecar(path, "mean_image.npy")
         if not mean_file.is_file():
             raise DataError(f"{source!r} was trained with a per-pixel mean image; {str(mean_file)!r} is missing.")
         mean_image = read_mean_image(mean_file, spec["stored_size"])
-    return checked(Predictor(load_keras(path), class_names, spec, mean_image, source))
+    model, size, names = load_keras(path), spec["image_size"], list(meta.class_names)
+    if tuple(model.input_shape[1:3]) != (size, size) or model.output_shape[-1] != len(names):
+        raise DataError(f"{source!r}: the model takes {model.input_shape[1]}x{model.input_shape[2]} inputs and has "
+                        f"{model.output_shape[-1]} outputs, but its preprocessing says {size}x{size} and "
+                        f"{len(names)} class names.")
+    return Predictor(model, names, spec, mean_image, source)
 
 
 def load_keras(path: Path):
@@ -371,16 +316,3 @@ def load_keras(path: Path):
         raise DataError(f"refused to load {str(path)!r}: {reason}. Models are loaded with safe_mode=True: "
                         "no Lambda layers and nothing outside Keras and alexnet-keras. Use a model you "
                         "trained, or one from a source you trust re-saved without such code.") from None
-
-
-def checked(predictor: Predictor) -> Predictor:
-    """`predictor`, if its model's input size and outputs agree with its preprocessing and class names."""
-    shape = predictor.model.input_shape
-    size, classes = predictor.preprocessing["image_size"], predictor.model.output_shape[-1]
-    if tuple(shape[1:3]) != (size, size):
-        raise DataError(f"{predictor.source!r}: the model takes {shape[1]}x{shape[2]} inputs but its "
-                        f"preprocessing says {size}x{size}.")
-    if classes != len(predictor.class_names):
-        raise DataError(f"{predictor.source!r}: the model has {classes} outputs but "
-                        f"{len(predictor.class_names)} class names.")
-    return predictor

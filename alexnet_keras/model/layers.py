@@ -1,8 +1,4 @@
-"""Custom layers of the AlexNet reproduction.
-
-Only `keras`, `keras.ops` and numpy are used here (never TensorFlow directly), so the layers run
-unchanged on the TensorFlow, JAX and PyTorch backends.
-"""
+"""The LocalResponseNormalization layer, in `keras.ops` only (any backend)."""
 
 from __future__ import annotations
 
@@ -21,38 +17,17 @@ def _is_number(value) -> bool:
 
 @keras.saving.register_keras_serializable(package="alexnet_keras")
 class LocalResponseNormalization(keras.layers.Layer):
-    """Local response normalization across channels (Krizhevsky et al. 2012, section 3.3).
-
-    For the activity a_i of channel i (of N) at one position, the output is
+    """Local response normalization across channels (Krizhevsky et al. 2012, section 3.3):
 
         b_i = a_i / (k + alpha * sum_{j=max(0, i-n/2)}^{min(N-1, i+n/2)} a_j^2) ** beta
 
-    where n = `size` is the (odd) number of adjacent channels in the window; the window is clipped
-    at the first and last channel (equivalently, the squares are zero-padded). The paper uses
-    n=5, k=2, alpha=1e-4, beta=0.75, the defaults here.
+    n = `size` (odd), the window clipped at the first and last channel; the paper's n=5, k=2,
+    alpha=1e-4, beta=0.75 are the defaults. `alpha` multiplies the plain sum, as in the paper and
+    `tf.nn.local_response_normalization`; PyTorch and Caffe divide it by n (their alpha = n * ours).
 
-    Convention for `alpha`: it multiplies the plain sum of squares, exactly as in the paper and in
-    `tf.nn.local_response_normalization` (with `depth_radius = n // 2`, `bias = k`). It is NOT
-    divided by n as in PyTorch's `torch.nn.LocalResponseNorm` and Caffe's LRN layer, which compute
-    `k + alpha / n * sum`; so to match one of those, pass PyTorch/Caffe alpha = n * our alpha.
-
-    The normalization is computed in float32 even when the layer runs under a mixed-precision
-    policy (the result is cast back to the input dtype): a sum of n squared activations overflows
-    float16 (max 65504) once activations reach about 115, and raising a number near k to the power
-    -beta in float16 keeps only ~3 significant digits, so the float16 result would be inf/0 or
-    visibly off.
-
-    Args:
-        size: n, the number of channels in the window; a positive odd integer.
-        alpha: scale of the sum of squares, >= 0.
-        beta: exponent, >= 0.
-        k: additive constant ("bias" in TensorFlow), >= 0.
-        axis: the channel axis (-1 for channels_last).
-        **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
-
-    The layer has no weights; the output shape equals the input shape. Its parts are public, so that
-    what the layer does can be measured with the layer's own code: `squared_sum(inputs)` (the window
-    sum) and `scale(inputs)` (the factor (k + alpha * sum) ** -beta); `call` is inputs * scale(inputs).
+    Computed in float32 under any policy (cast back to the input dtype): the sum of squares overflows
+    float16 once activations reach ~115, and float16's power keeps ~3 digits. No weights; `axis` is the
+    channel axis. `squared_sum` and `scale` are public so that diagnostics measure with the layer's code.
     """
 
     def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
@@ -87,11 +62,7 @@ class LocalResponseNormalization(keras.layers.Layer):
         return self.axis % rank
 
     def squared_sum(self, inputs):
-        """sum_j a_j^2 over each channel's window (n channels, clipped at the first and last), in
-        float32, shaped as `inputs`: the sum in the formula above. `scale` and `call` use it, and so
-        does the diagnostic of how much the layer normalises (model.lrn_diagnostics)."""
-        # float32 whatever the compute dtype: see the class docstring (overflow of the squared
-        # sum and precision of the power in float16).
+        """sum_j a_j^2 over each channel's window, in float32, shaped as `inputs`."""
         x = ops.cast(inputs, "float32")
         rank = len(x.shape)
         axis = self._channel_axis(rank)
@@ -123,8 +94,7 @@ class LocalResponseNormalization(keras.layers.Layer):
         return window_sum
 
     def scale(self, inputs):
-        """(k + alpha * squared_sum(inputs)) ** -beta in float32: the factor each activation is
-        multiplied by. It is the constant k ** -beta wherever alpha * sum is small against k."""
+        """(k + alpha * squared_sum(inputs)) ** -beta in float32: the factor each activation is multiplied by."""
         # exp(-beta * log(.)) rather than power(., -beta): the same value (the base is > 0 for k > 0),
         # but 2.7x faster on TensorFlow's CPU kernels, where power made LRN a quarter of the step
         # (benchmarks/README.md).
