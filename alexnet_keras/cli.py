@@ -81,7 +81,7 @@ def _ray_address(text: str) -> str | None:
 
 
 def _add_ray_flags(parser: argparse.ArgumentParser, unit: str) -> None:
-    """`--ray [ADDRESS]` and `--ray-cpus N` (alexnet_keras/cluster.py, docs/cluster.md)."""
+    """`--ray [ADDRESS]` and `--ray-cpus N` (experiments/cluster.py, docs/cluster.md)."""
     parser.add_argument("--ray", nargs="?", const="local", default=None, type=_ray_address, metavar="ADDRESS",
                         help=f"run every {unit} as a job on a Ray cluster: alone, a local cluster on this "
                         f"machine (127.0.0.1 only); `auto`, the cluster this machine belongs to; HOST:PORT, "
