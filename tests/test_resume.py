@@ -19,7 +19,7 @@ from conftest import TINY, all_runs, cli_flags, copy_store, run_script, subproce
 from mlflow.tracking import MlflowClient
 
 from alexnet_keras import cli, tracking
-from alexnet_keras.training import train
+from alexnet_keras.training import checkpoints, train
 from alexnet_keras.config import load_config
 
 TAG = tracking.TAG_PREFIX
@@ -117,7 +117,7 @@ def test_a_resumed_fit_restores_weights_optimizer_state_and_epoch(mlflow_store, 
     data, model = train.prepare(config)
     with mlflow.start_run(experiment_id=mlflow.set_experiment("resume").experiment_id) as run:
         train.fit(model, data, config, backup)
-    assert train.checkpoint_epoch(backup) == 1
+    assert checkpoints.saved_epoch(backup) == 1
     weights = [np.array(v) for v in model.weights]
     # Keyed by the path below the optimizer's own name (sgd, then sgd_1 in this one process).
     optimizer_state = {v.path.split("/", 1)[-1]: np.array(v) for v in model.optimizer.variables}
