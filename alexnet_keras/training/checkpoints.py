@@ -1,6 +1,5 @@
 """Per-epoch training checkpoints: Keras' BackupAndRestore (its layout and hooks) with writes that no kill
-or full disk can tear and a restore that checks what it loads (docs/reliability.md); `keep_model` for a
-trained model that has no checkpoint to stay in."""
+or full disk can tear and a restore that checks what it loads (docs/reliability.md, section 9)."""
 
 from __future__ import annotations
 
@@ -75,40 +74,40 @@ def save(model: keras.Model, folder: Path, epoch: int) -> None:
 
         for file_id in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
             if os.path.abspath(os.fsdecode(file_id.name)) == os.path.abspath(partial):
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(OSError):
                     os.truncate(partial, 0)   # its space back first: closing flushes, on a full disk too
+                with contextlib.suppress(Exception):
                     h5py.File(file_id).close()
         for path in (partial, partial_metadata):
             path.unlink(missing_ok=True)
         if not isinstance(err, OSError):
             raise
-        kept = saved_epoch(folder)
-        then = (f"The checkpoint of epoch {kept} is kept there: free space there (or add --checkpoint-dir "
-                f"ELSEWHERE, where it moves) and run the same command again to continue from it." if kept else
-                "Free space there (or pass another --checkpoint-dir) and run the command again.")
-        raise CheckpointError(f"could not write the checkpoint of epoch {epoch} to {str(folder)!r} "
-                              f"({one_line(err)}). {then}") from err
+        kept = f"The checkpoint of epoch {k} is kept there. " if (k := saved_epoch(folder)) else ""
+        raise CheckpointError(f"could not write the checkpoint of epoch {epoch} to {str(folder)!r} ({one_line(err)}). "
+                              f"{kept}Free space there (or pass another --checkpoint-dir, where a kept checkpoint "
+                              f"moves) and run the same command again.") from err
 
 
 def restore(model: keras.Model, folder: Path | None) -> int:
     """Load the newest checkpoint in `folder` that loads into `model` (weights and optimizer state) and
     return its epoch; 0, leaving `model` as it is, when there is none. Metadata without a sha256 (Keras'
     own BackupAndRestore wrote it) goes with the weights beside it."""
-    for leftover in folder.glob(PARTIAL + "*") if folder else ():
-        leftover.unlink(missing_ok=True)
-    slots = [(folder / (WEIGHTS + end), folder / (METADATA + end)) for end in ("", BACKUP)] if folder else []
-    if not any(path.exists() for slot in slots for path in slot):
+    if folder is None or not folder.is_dir():
         return 0
+    for leftover in folder.glob(PARTIAL + "*"):
+        leftover.unlink()
+    slots = [(folder / (WEIGHTS + end), folder / (METADATA + end)) for end in ("", BACKUP)]
     digests = {weights: _sha256(weights) for weights, _ in slots if weights.is_file()}
-    problems = [f"{path.name} unreadable" for _, path in slots if path.exists() and not _metadata(path)]
     found = sorted(((m, weights) for weights, path in slots if (m := _metadata(path))), key=lambda f: -f[0]["epoch"])
+    if not digests and not found:
+        return 0
     if model.optimizer is not None and not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)   # its state is in the file too
+    problems = []
     for meta, beside in found:
         sha = meta.get("weights_sha256")
         for weights in [w for w, digest in digests.items() if digest == sha] if sha else [beside] * beside.is_file():
-            # Keras loads only *.weights.h5: the .bkp copy is read through a link of that name.
-            link = folder / f"{PARTIAL}{os.getpid()}.weights.h5"
+            link = folder / f"{PARTIAL}{os.getpid()}.weights.h5"   # Keras loads only *.weights.h5, not .bkp
             try:
                 os.link(weights, link)
                 model.load_weights(str(link))

@@ -33,8 +33,8 @@ from ..model.inference import model_metadata, ten_crop_metrics
 @dataclasses.dataclass
 class TrainResult:
     run_id: str
-    metrics: dict[str, float]          # final test metrics and timings
-    history: dict[str, list[float]]    # per-epoch Keras history
+    metrics: dict[str, float]          # test metrics and timings
+    history: dict[str, list[float]]    # per-epoch metrics, across every process that trained the run
 
 
 def set_global_state(train: TrainConfig) -> None:
@@ -219,16 +219,12 @@ def log_evaluation(data: Data, predictions: np.ndarray, history: dict[str, list[
 
 def run_tags(config: Config, data: Data, model: keras.Model,
              context: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The tags of a training run: environment, digests, and its description (`run_description`, for
-    which `context` holds the run's study or sweep tags, if any)."""
-    return {
-        **tracking.environment_tags(),
-        tracking.CONFIG_DIGEST_TAG: config.digest(),
-        tracking.DATA_DIGEST_TAG: data.digest,
-        tracking.VARIANT_NAME_TAG: config.model.variant,
-        tracking.NUM_PARAMS_TAG: str(model.count_params()),
-        tracking.NOTE_TAG: run_description(config, data, context),
-    }
+    """The tags of a training run: environment, digests, and its description (`context`: the run's study
+    or sweep tags, if any)."""
+    return {**tracking.environment_tags(), tracking.CONFIG_DIGEST_TAG: config.digest(),
+            tracking.DATA_DIGEST_TAG: data.digest, tracking.VARIANT_NAME_TAG: config.model.variant,
+            tracking.NUM_PARAMS_TAG: str(model.count_params()),
+            tracking.NOTE_TAG: run_description(config, data, context)}
 
 
 def default_run_name(config: Config) -> str:
@@ -367,15 +363,13 @@ def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
 
 
 def log_inputs(config: Config, data: Data, model: keras.Model, summary: str | None = None) -> None:
-    """What a run trains on, logged on the active run before it trains: the model summary, the resolved
-    config, the data description (class names and the preprocessing `predict` applies to a file), the
-    paper recipe's statistics, the datasets, the parameter count and the unreadable files skipped."""
+    """What a run trains on, logged before it trains: model summary, resolved config, the data (class
+    names, preprocessing, the paper recipe's statistics, datasets), parameter count, files skipped."""
     tracking.log_text(summary if summary is not None else summary_text(model), "model/summary.txt")
     tracking.log_dict(config.to_dict(), "config.yaml")
     tracking.log_dict({"class_names": list(data.class_names), "mean": data.mean, "std": data.std,
                        "counts": data.counts, "image_size": data.image_size, "source": data.source,
-                       "preprocessing": data.preprocessing},
-                      "data.json")
+                       "preprocessing": data.preprocessing}, "data.json")
     tracking.log_preprocessing(data)   # paper recipe: colour PCA / mean statistics, mean image
     for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
         tracking.log_dataset(f"{config.data.dataset}-{split}", data.source, data.digest, context,
