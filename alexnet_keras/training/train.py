@@ -84,15 +84,12 @@ def build_optimizer(train: TrainConfig, steps_per_epoch: int) -> keras.optimizer
 
 
 def compile_model(model: keras.Model, config: Config, steps_per_epoch: int) -> keras.Model:
-    top_k = min(5, model.output_shape[-1])
-    jit = {"auto": "auto", "true": True, "false": False}[config.train.jit_compile]
-    model.compile(
-        optimizer=build_optimizer(config.train, steps_per_epoch),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-                 keras.metrics.SparseTopKCategoricalAccuracy(k=top_k, name="top5_accuracy")],
-        jit_compile=jit,
-    )
+    model.compile(optimizer=build_optimizer(config.train, steps_per_epoch),
+                  loss=keras.losses.SparseCategoricalCrossentropy(),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                           keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, model.output_shape[-1]),
+                                                                       name="top5_accuracy")],
+                  jit_compile={"auto": "auto", "true": True, "false": False}[config.train.jit_compile])
     return model
 
 
@@ -134,12 +131,10 @@ def fit(model: keras.Model, data: Data, config: Config, backup_dir: Path | None 
         callbacks: Sequence[keras.callbacks.Callback] = (), epochs: int | None = None, initial_epoch: int = 0,
         steps_per_epoch: int | None = None, verbose: int | None = None,
         track: bool = True) -> tuple[dict[str, list[float]], float, int]:
-    """Train to `epochs` (default: the config's) from `initial_epoch`, or from the checkpoint in
-    `backup_dir`. Callers add keras-tuner's `callbacks` (a sweep's trials) or `steps_per_epoch` of a
-    repeated pipeline with `data.val` None (the benchmark). A loss that turns NaN or infinite raises
-    FloatingPointError. With `track` (and an active run) it logs per-epoch metrics and, for a model with
-    LRN, how much LRN normalises before the first step and after the last. Returns this call's history,
-    its seconds, and the epoch it started from."""
+    """Train to `epochs` (default: the config's) from `initial_epoch`, or from the checkpoint in `backup_dir`
+    (sweeps add keras-tuner's `callbacks`; the benchmark, `steps_per_epoch` with no `data.val`). A loss
+    that turns NaN raises FloatingPointError. With `track` (and an active run) it logs per-epoch metrics
+    and, with LRN, the LRN diagnostic at start and end. Returns the history, seconds, and start epoch."""
     epochs = epochs or config.train.epochs
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2   # a progress bar on a terminal, a line per epoch in logs
@@ -164,15 +159,11 @@ def fit(model: keras.Model, data: Data, config: Config, backup_dir: Path | None 
 
 
 LRN_PROBE_IMAGES = 64   # the fixed batch of the LRN diagnostic
-# What model.lrn_diagnostics computes, less constant_scale (k ** -beta), a config value.
-LRN_STATISTICS = ("ratio_mean", "ratio_p95", "scale_mean", "scale_min", "scale_max", "relative_scale_mean",
-                  "relative_scale_min")
 
 
 def lrn_probe_images(data: Data, count: int = LRN_PROBE_IMAGES) -> np.ndarray | None:
-    """The first `count` images of the validation split (in its fixed order, never augmented): the
-    batch the LRN diagnostic reads at the start and at the end of training. None without a validation
-    split."""
+    """The first `count` images of the validation split (fixed order, never augmented), which the LRN
+    diagnostic reads at the start and at the end of training; None without a validation split."""
     if data.val is None:
         return None
     batches = [np.asarray(images) for images, *_ in data.val.take(-(-count // data.batch_size))]
@@ -181,11 +172,12 @@ def lrn_probe_images(data: Data, count: int = LRN_PROBE_IMAGES) -> np.ndarray | 
 
 def log_lrn_diagnostics(model: keras.Model, images: np.ndarray | None, when: str) -> dict[str, float]:
     """model.lrn_diagnostics on `images`, logged once on the active run as `<layer>_<statistic>_<when>`
-    (when: "start" or "end"; a resumed run keeps those of its first process). Returns the values."""
+    (when: "start" or "end"; a resumed run keeps those of its first process), less constant_scale, a
+    config value. Returns the values."""
     if images is None:
         return {}
     metrics = {f"{layer}_{name}_{when}": value for layer, values in lrn_diagnostics(model, images).items()
-               for name, value in values.items() if name in LRN_STATISTICS}
+               for name, value in values.items() if name != "constant_scale"}
     if metrics:
         tracking.log_metrics_once(metrics)
     return metrics
