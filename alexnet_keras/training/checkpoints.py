@@ -106,7 +106,7 @@ def restore(model: keras.Model, folder: Path | None) -> int:
     problems = []
     for meta, beside in found:
         sha = meta.get("weights_sha256")
-        for weights in [w for w, digest in digests.items() if digest == sha] if sha else [beside] * beside.is_file():
+        for weights in [w for w, digest in digests.items() if (digest == sha if sha else w == beside)]:
             link = folder / f"{PARTIAL}{os.getpid()}.weights.h5"   # Keras loads only *.weights.h5, not .bkp
             try:
                 os.link(weights, link)

@@ -257,32 +257,29 @@ def run_description(config: Config, data: Data, context: Mapping[str, str] | Non
     return text
 
 
-def resumable_run(config: Config, tags: Mapping[str, str], model: keras.Model):
-    """The interrupted top-level run this command continues (same config and data digests, and name if
-    given; tracking.find_resumable_run), its checkpoint restored into `model` now, so that a damaged one
-    fails before any run reopens; None when there is none or with --resume false. Runs whose process
-    is gone are marked KILLED first, which makes them resumable."""
-    for run_id in tracking.mark_dead_runs(config.experiment):
-        print(f"marked run {run_id} KILLED: the process training it is gone", flush=True)
-    match = {k: tags[k] for k in (tracking.CONFIG_DIGEST_TAG, tracking.DATA_DIGEST_TAG)}
-    found = config.resume and tracking.find_resumable_run(config.experiment, match, run_name=config.run_name)
-    if not found:
-        return None
-    epoch = checkpoints.restore(model, Path(found.data.tags[tracking.CHECKPOINT_DIR_TAG]))
-    print(f"continuing run {found.info.run_id} ({found.info.status} after {epoch} of {config.train.epochs} "
-          f"epochs); pass --resume false to start a new run instead", flush=True)
-    return found
-
-
 @contextlib.contextmanager
 def training_run(config: Config, model: keras.Model, name: str | None, tags: Mapping[str, str],
                  parent_run_id: str | None = None) -> Iterator[tuple[str, Path | None]]:
     """The one resume path: yields the run id and checkpoint folder of a training (no folder for a study's
-    child or a sweep's trial, which ablate / tune restart). A top-level run continues `resumable_run`'s
-    run, reopened or, under `mlflow run` (a new run every time), adopted (tracking.adopt_run), and its
-    checkpoint moves into this run's folder. The checkpoint goes as the run ends unless the same command
-    continues from it: after Ctrl-C / SIGTERM, a checkpoint write that failed, results not logged."""
-    previous = resumable_run(config, tags, model) if parent_run_id is None else None
+    child or a sweep's trial, which ablate / tune restart). A top-level run continues the latest run of
+    the experiment with the same config and data digests (and name, if given) that is KILLED (runs whose
+    process is gone are marked so first) or FAILED with its checkpoint still there. That checkpoint is
+    restored into `model` before any run opens, so a damaged one fails there; the run is reopened or,
+    under `mlflow run` (a new run every time), adopted (tracking.adopt_run), and the checkpoint moves
+    into this run's folder. It goes as the run ends unless the same command continues from it: after
+    Ctrl-C / SIGTERM, a checkpoint write that failed, or results not logged."""
+    previous = old = None
+    if parent_run_id is None:
+        for run_id in tracking.mark_dead_runs(config.experiment):
+            print(f"marked run {run_id} KILLED: the process training it is gone", flush=True)
+        match = {k: tags[k] for k in (tracking.CONFIG_DIGEST_TAG, tracking.DATA_DIGEST_TAG)}
+        if config.resume:
+            previous = tracking.find_resumable_run(config.experiment, match, run_name=config.run_name)
+    if previous is not None:
+        old = Path(previous.data.tags[tracking.CHECKPOINT_DIR_TAG])
+        epoch = checkpoints.restore(model, old)
+        print(f"continuing run {previous.info.run_id} ({previous.info.status} after {epoch} of "
+              f"{config.train.epochs} epochs); pass --resume false to start a new run instead", flush=True)
     reopen = previous.info.run_id if previous is not None and "MLFLOW_RUN_ID" not in os.environ else None
     folder, keep = None, False
     try:
@@ -293,7 +290,6 @@ def training_run(config: Config, model: keras.Model, name: str | None, tags: Map
                 folder = Path(config.checkpoint_dir, run_id).resolve()
                 if previous is not None and previous.info.run_id != run_id:
                     tracking.adopt_run(previous.info.run_id)
-                old = Path(previous.data.tags[tracking.CHECKPOINT_DIR_TAG]) if previous is not None else None
                 if old is not None and old.is_dir() and old.resolve() != folder:   # or another --checkpoint-dir
                     folder.parent.mkdir(parents=True, exist_ok=True)
                     shutil.move(old, folder)
