@@ -215,8 +215,8 @@ def _metric_histories(uri, run_id):
 
 
 # Process A: a training without --deterministic leaves TensorFlow's op determinism off, then trains "first"
-# with --deterministic (which switches it on) and "other_seed"; process B trains "second" alone. So "first"
-# and "second" come from two processes, and "first" even had other work before it in its own.
+# with --deterministic (which switches it on); process B, at the same time, trains "second", then
+# "other_seed". So "first" and "second" come from two processes, and "first" had other work before it.
 DETERMINISTIC_SCRIPT = """
 import json, sys
 from tensorflow.python.framework import config as tf_config
@@ -256,7 +256,7 @@ def deterministic_runs(store_template, tmp_path_factory):
     with ThreadPoolExecutor(2) as pool:
         results = pool.map(lambda names: run_script(DETERMINISTIC_SCRIPT, json.dumps(TINY), flags, json.dumps(names),
                                                     env=env, cwd=folder, timeout=600),
-                           (["first", "other_seed"], ["second"]))
+                           (["first"], ["second", "other_seed"]))
         seen = {key: value for result in results for key, value in result.items()}
     return uri, seen
 
