@@ -594,20 +594,14 @@ def parent_run(experiment: str, name: str, match: Mapping[str, str], *, tags: Ma
 
 
 def find_resumable_run(experiment: str, match_tags: Mapping[str, str], run_name: str | None = None) -> Any | None:
-    """The latest interrupted top-level training run of `experiment` whose tags equal `match_tags` (the
-    config and data digests) and, if given, named `run_name`, or None. Interrupted: KILLED (Ctrl-C,
-    SIGTERM, or found dead), or FAILED with its checkpoint folder still there. train.py deletes the
-    checkpoint of a run that fails, except when the failure keeps what was trained (a checkpoint
-    that could not be written, results that could not be logged); otherwise such a run died without
-    cleaning up: the `mlflow run` launcher marks a killed child FAILED."""
+    """The latest interrupted training run of `experiment` with `match_tags` (and named `run_name`, if
+    given), or None. Interrupted: KILLED, or FAILED with its checkpoint still there (train.py keeps a
+    failed run's checkpoint only when it holds what was trained; the `mlflow run` launcher marks a
+    killed child FAILED). Only training runs have a checkpoint folder: a study's children do not."""
     for found in find_runs(match_tags, experiment_ids=[experiment_id_for(experiment)]):
-        tags = found.data.tags
-        checkpoint = tags.get(CHECKPOINT_DIR_TAG)
-        if found.info.run_id == os.environ.get("MLFLOW_RUN_ID") or PARENT_TAG in tags or not checkpoint:
-            continue
-        if run_name is not None and found.info.run_name != run_name:
-            continue
-        if found.info.status == "KILLED" or (found.info.status == "FAILED" and Path(checkpoint).is_dir()):
+        checkpoint = found.data.tags.get(CHECKPOINT_DIR_TAG)
+        if checkpoint and run_name in (None, found.info.run_name) and (
+                found.info.status == "KILLED" or found.info.status == "FAILED" and Path(checkpoint).is_dir()):
             return found
     return None
 

@@ -123,7 +123,7 @@ def test_results_that_cannot_be_logged_keep_the_weights_and_the_same_command_log
         assert "logging its results failed" in text and "Read-only file system" in text, text
         assert f"kept in {backup}" in text and "run the same command again" in text, text
     assert "The command: alexnet-keras train --variant cifar" in line
-    assert train.checkpoint_epoch(backup) == TINY["epochs"]   # every epoch, kept
+    assert checkpoints.saved_epoch(backup) == TINY["epochs"]   # every epoch, kept
     assert [s for s, _ in _history(mlflow_store, run.info.run_id, "train_time_s")] == [0]
 
     thaw()
@@ -165,9 +165,7 @@ def test_a_child_run_without_checkpoint_keeps_its_model_as_a_keras_file(mlflow_s
 
 def test_a_model_is_kept_in_a_temporary_folder_when_the_checkpoint_folder_fails(tiny_model):
     model, data = tiny_model
-    from alexnet_keras.model.inference import model_metadata
-
-    path = checkpoints.keep_model(model, model_metadata(data), [Path("/dev/null/checkpoints")])
+    path = train.keep_model(model, data, Path("/dev/null/checkpoints"))
     try:
         assert path is not None and path.is_file() and path.name == "model.keras"
         assert path.with_name("model.preprocessing.json").is_file()
@@ -201,7 +199,7 @@ def test_full_disk_at_a_later_checkpoint_keeps_the_previous_one_to_continue_from
     assert "could not write the checkpoint of epoch 2" in line and "The checkpoint of epoch 1 is kept" in line
     (run,) = all_runs(mlflow_store)
     assert run.info.status == "FAILED"
-    assert train.checkpoint_epoch(Path(run.data.tags[TAG + "checkpoint_dir"])) == 1
+    assert checkpoints.saved_epoch(Path(run.data.tags[TAG + "checkpoint_dir"])) == 1
 
     old = Path(run.data.tags[TAG + "checkpoint_dir"])
 
@@ -418,7 +416,7 @@ def test_stopped_after_training_the_same_command_logs_each_metric_once(mlflow_st
     assert cli.main(flags) == 130
     (killed,) = all_runs(mlflow_store)
     assert killed.info.status == "KILLED"
-    assert train.checkpoint_epoch(Path(killed.data.tags[TAG + "checkpoint_dir"])) == TINY["epochs"]
+    assert checkpoints.saved_epoch(Path(killed.data.tags[TAG + "checkpoint_dir"])) == TINY["epochs"]
     assert ("test_accuracy" in killed.data.metrics) == (stop_in == "log_keras_model")
     first_time = _history(mlflow_store, killed.info.run_id, "train_time_s")
 

@@ -1,24 +1,10 @@
-"""Multi-device data parallelism through the frameworks' own engines, chosen by `train.distribute`.
+"""Multi-device data parallelism through the frameworks' own engines (`train.distribute`): `mirrored`
+(tf.distribute.MirroredStrategy over the local GPUs, else the logical CPUs) and `multi_worker`
+(MultiWorkerMirroredStrategy, cluster from $TF_CONFIG) on TensorFlow, `data_parallel`
+(keras.distribution.DataParallel, multi-process with $KERAS_DISTRIBUTION_*) on JAX.
 
-    none           one device (whatever Keras' backend picks).
-    mirrored       TensorFlow backend: `tf.distribute.MirroredStrategy` over every local GPU (else
-                   every logical CPU device): one machine, several devices, all-reduce of gradients.
-    multi_worker   TensorFlow backend: `tf.distribute.MultiWorkerMirroredStrategy`; the cluster comes
-                   from $TF_CONFIG (one process per machine; without TF_CONFIG it is one local worker).
-    data_parallel  JAX backend: `keras.distribution.DataParallel` over `keras.distribution.list_devices()`;
-                   with $KERAS_DISTRIBUTION_JOB_ADDRESSES / _NUM_PROCESSES / _PROCESS_ID set, it first
-                   calls `keras.distribution.initialize()` (multi-process, one process per host).
-
-Batch and learning rate: `train.batch_size` is the GLOBAL batch. Each of N replicas sees
-batch_size / N images per step (the engines split every batch of the tf.data pipeline), the gradients
-are averaged across replicas, so one step is the same update as on one device with the same batch:
-the learning rate is therefore kept as given, not scaled. To use more devices at a constant
-per-device batch, raise --batch-size N-fold and scale --learning-rate linearly yourself
-(Goyal et al. 2017, "Accurate, Large Minibatch SGD"), ideally with a warm-up.
-
-Limits: BatchNormalization statistics are per replica (not synchronized) under `mirrored` /
-`multi_worker`, and per global batch under `data_parallel` (JAX computes them on the sharded global
-array). See benchmarks/README.md for multi-node launch commands.
+`batch_size` is the global batch, split over the replicas, and the learning rate is not scaled
+(benchmarks/README.md: multi-node launches, and how to scale batch and rate yourself).
 """
 
 from __future__ import annotations
@@ -30,9 +16,7 @@ from typing import Any, Callable, ContextManager
 
 from ..config import ConfigError, TrainConfig
 
-# Which Keras backend each engine runs on.
 ENGINE_BACKEND = {"mirrored": "tensorflow", "multi_worker": "tensorflow", "data_parallel": "jax"}
-_JAX_ENV = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES")
 
 
 @dataclasses.dataclass
@@ -67,47 +51,32 @@ def setup(train: TrainConfig) -> Distribution:
         if kind == "multi_worker":
             strategy = tf.distribute.MultiWorkerMirroredStrategy()
         else:
-            # MirroredStrategy() alone takes every GPU, or a single CPU; on a CPU-only machine use
-            # every logical CPU device (tf.config.set_logical_device_configuration makes several).
+            # MirroredStrategy() alone takes every GPU, or a single CPU: name every logical device instead.
             devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
             strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
         replicas = strategy.num_replicas_in_sync
-        _check_batch(train.batch_size, replicas, kind)
+        if train.batch_size < replicas:
+            raise ConfigError(f"train.batch_size {train.batch_size} is smaller than the {replicas} replicas of "
+                              f"--distribute {kind}: every replica needs at least one image per step.")
         return Distribution(kind, replicas, strategy.scope, strategy)
 
-    # data_parallel (JAX)
-    if any(os.environ.get(name) for name in _JAX_ENV):
-        keras.distribution.initialize()   # reads the KERAS_DISTRIBUTION_* variables
+    if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES") or os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES"):
+        keras.distribution.initialize()   # multi-process: reads the KERAS_DISTRIBUTION_* variables
     devices = keras.distribution.list_devices()
     replicas = len(devices)
-    # Every global batch is split evenly over the devices (a jax.Array sharded on the batch axis).
-    if train.batch_size % replicas:
+    if train.batch_size % replicas:   # JAX shards every global batch evenly over the devices
         raise ConfigError(f"train.batch_size {train.batch_size} must be a multiple of the {replicas} devices "
                           f"for --distribute data_parallel (each device gets batch_size / {replicas}).")
     distribution = keras.distribution.DataParallel(devices=devices)
-    # Global: Keras shards every input batch of fit/evaluate/predict by the current distribution.
-    keras.distribution.set_distribution(distribution)
+    keras.distribution.set_distribution(distribution)   # global: fit/evaluate/predict shard their inputs
     return Distribution(kind, replicas, distribution.scope, distribution)
 
 
-def _check_batch(batch_size: int, replicas: int, kind: str) -> None:
-    if batch_size < replicas:
-        raise ConfigError(f"train.batch_size {batch_size} is smaller than the {replicas} replicas of "
-                          f"--distribute {kind}: every replica needs at least one image per step.")
-
-
 def adapt_data(data, dist: Distribution):
-    """Check (and for JAX adjust) `data` (a data.Data) for `dist`, before any run exists.
-
-    * `mirrored` / `multi_worker`: TensorFlow splits uneven batches itself, but Keras 3 traces each
-      split's functions on its FIRST batch reduced across replicas, which fails with "Inputs to
-      operation AddN ... must have the same size" when that batch does not split evenly
-      (keras-team/keras#19246): only possible when a split is smaller than one batch.
-    * `data_parallel`: JAX splits each batch into equal shards, so every batch must hold a multiple of
-      the device count. Training and validation drop the one final batch that does not (at most
-      replicas - 1 images per epoch; training reshuffles, so a different few each epoch); the test
-      split must divide evenly, because every test image counts.
-    """
+    """Check (and for JAX adjust) `data` (a data.Data) for `dist`, before any run exists. JAX needs
+    batches that split evenly: training and validation drop an uneven last batch (a few images of an
+    epoch), the test split, where every image counts, must divide. TensorFlow splits uneven batches,
+    but Keras 3 traces on the first batch, which must split evenly (keras-team/keras#19246)."""
     if dist.replicas <= 1:
         return data
     if dist.kind == "data_parallel":
