@@ -135,8 +135,11 @@ def _walk(model: Any, loc: list[str]) -> tuple[list[str], Any]:
 def explain(err: pydantic.ValidationError, prefix: str, model: Any) -> ConfigError:
     """One ConfigError line per pydantic error: `prefix` (a section, or a file), the value's path,
     what is allowed and what came; unknown keys with "did you mean" and the known ones."""
-    lines = []
-    for e in err.errors():
+    lines, errors = [], err.errors()
+    nested = {tuple(map(str, e["loc"][:-1])) for e in errors}
+    for e in errors:
+        if e["type"] == "too_short" and tuple(map(str, e["loc"])) in nested:
+            continue   # pydantic also calls a list short once its one item failed: that item's line says it
         loc, owner = _walk(model, [str(part) for part in e["loc"]])
         fields, path = _fields(owner), ".".join(loc)
         if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
@@ -149,6 +152,8 @@ def explain(err: pydantic.ValidationError, prefix: str, model: Any) -> ConfigErr
             lines.append(f"{prefix}`{path}` is missing{hint}.")
         elif not loc:   # a validator of the whole: its message names the values
             lines.append(f"{prefix}{_rule(e, info)}.")
+        elif e["type"] in ("value_error", "assertion_error") and "got " in _rule(e, info):
+            lines.append(f"{prefix}`{path}`: {_rule(e, info).rstrip('.')}.")   # the validator named the value
         else:
             fix = (f" Fix it with --{path.replace('_', '-')} {typing.get_args(info.annotation)[0]}."
                    if e["type"] == "literal_error" and prefix.endswith(".") else "")

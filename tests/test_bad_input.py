@@ -195,7 +195,8 @@ def test_model_with_a_lambda_layer_is_refused_by_predict(tmp_path, capsys):
     outputs = keras.layers.Lambda(lambda x: x * 2.0, name="payload")(inputs)
     path = tmp_path / "untrusted.keras"
     keras.Model(inputs, outputs).save(path)
-    (tmp_path / "untrusted.preprocessing.json").write_text(json.dumps({"class_names": ["a", "b"], "image_size": 8}))
+    (tmp_path / "untrusted.preprocessing.json").write_text(json.dumps({"class_names": ["a", "b"], "preprocessing": {
+        "recipe": "simple", "resize": "squash", "stored_size": 8, "image_size": 8, "pixel_mean": False}}))
     Image.fromarray(np.zeros((8, 8, 3), "uint8")).save(tmp_path / "x.png")
     code = cli.main(["predict", "--model", str(path), str(tmp_path / "x.png")])
     err = capsys.readouterr().err

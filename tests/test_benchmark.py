@@ -125,12 +125,12 @@ def test_forward_flops_of_the_conv_stack():
 # --- options ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, fragment", [
-    ({"precisions": ("float64",)}, "precisions.0: Input should be 'float32', 'mixed_float16' or 'mixed_bfloat16'"),
-    ({"parts": ("convs",)}, "parts.0: Input should be 'conv' or 'full'"),
-    ({"steps": 0}, "steps: Input should be greater than 0"),
-    ({"burn_in": -1}, "burn_in: Input should be greater than or equal to 0"),
+    ({"precisions": ("float64",)}, "`precisions.0` must be one of 'float32', 'mixed_float16', 'mixed_bfloat16'; got 'float64'"),
+    ({"parts": ("convs",)}, "`parts.0` must be one of 'conv', 'full'; got 'convs'"),
+    ({"steps": 0}, "`steps` must be > 0; got 0"),
+    ({"burn_in": -1}, "`burn_in` must be >= 0; got -1"),
     ({"image_size": 40}, "image_size must be an integer >= 67"),
-    ({"throughput_batch_sizes": (0,)}, "throughput_batch_sizes.0: Input should be greater than 0"),
+    ({"throughput_batch_sizes": (0,)}, "`throughput_batch_sizes.0` must be > 0; got 0"),
 ])
 def test_bad_options_are_clear_errors(overrides, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
@@ -207,11 +207,11 @@ def test_benchmark_cli_logs_one_run_with_its_table(mlflow_store, tmp_path, capsy
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--xla", "true,maybe"], "--xla.1: Input should be a valid boolean"),
-    (["--throughput-batch-sizes", "32,lots"], "--throughput-batch-sizes.1: Input should be a valid integer"),
-    (["--steps", "0"], "--steps: Input should be greater than 0; got '0'"),
-    (["--precisions", "float64"], "--precisions.0: Input should be 'float32'"),
-    (["--image-size", "40"], "--image-size: Value error, model.image_size must be an integer >= 67"),
+    (["--xla", "true,maybe"], "`--xla.1` must be true or false; got 'maybe'"),
+    (["--throughput-batch-sizes", "32,lots"], "`--throughput-batch-sizes.1` must be an integer; got 'lots'"),
+    (["--steps", "0"], "`--steps` must be > 0; got 0"),
+    (["--precisions", "float64"], "`--precisions.0` must be one of 'float32'"),
+    (["--image-size", "40"], "`--image-size`: model.image_size must be an integer >= 67"),
     (["--stepz", "3"], "unrecognized arguments: --stepz"),
 ])
 def test_bad_flags_are_refused_before_the_store_is_opened(untouched_store, capsys, flags, fragment):

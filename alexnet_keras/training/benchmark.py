@@ -247,4 +247,4 @@ def options_from_args(args: argparse.Namespace) -> BenchmarkOptions:
         if isinstance(value, str) and get_origin(field.annotation) is tuple:
             value = [] if value.strip().lower() in ("", "none") else [v.strip() for v in value.split(",")]
         data.update({field.alias: value} if value is not None else {})
-    return validated(BenchmarkOptions, data, "alexnet-keras benchmark")
+    return validated(BenchmarkOptions, data, "command line")
