@@ -12,6 +12,7 @@ job asking for one GPU (else CPUs) that takes trials from it (docs/cluster.md).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -52,20 +53,15 @@ class AlexNetHyperModel(keras_tuner.HyperModel):
     def __init__(self, sweep: Sweep):
         super().__init__(name="alexnet", tunable=True)
         self.sweep = sweep
-        self._pipelines: dict[tuple, Data] = {}
+        # A batch size in the search space rebuilds the pipelines; the four used last stay built.
+        self.pipelines = functools.lru_cache(maxsize=4)(load_data)
 
     def values(self, hp: keras_tuner.HyperParameters) -> dict[str, Any]:
         return {p.name: p.declare(hp) for p in self.sweep.space}
 
     def data_for(self, config: Config) -> Data:
-        key = (config.data, config.model.input_size, config.train.batch_size, config.train.seed)
-        if key not in self._pipelines:
-            if len(self._pipelines) >= 4:
-                self._pipelines.pop(next(iter(self._pipelines)))
-            self._pipelines[key] = load_data(config.data, image_size=config.model.input_size,
-                                            batch_size=config.train.batch_size, seed=config.train.seed,
-                                            deterministic=config.train.deterministic)
-        return self._pipelines[key]
+        return self.pipelines(config.data, image_size=config.model.input_size, batch_size=config.train.batch_size,
+                              seed=config.train.seed, deterministic=config.train.deterministic)
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
         config = self.sweep.trial_config(self.values(hp))
