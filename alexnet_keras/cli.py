@@ -110,8 +110,7 @@ def _add_tune_parser(sub) -> None:
                       "`directory`, else ./tuner); the sweep lives in DIR/<name>")
     tune.add_argument("--overwrite", action="store_true", help="forget the tuner state and start again "
                       "(a new parent run; the old runs stay in MLflow)")
-    tune.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
-                      "sqlite:///mlflow.db)")
+    _add_tracking_flag(tune)
     _add_ray_flags(tune, "trial worker")
     _add_register_flag(tune, "the sweep's model (its best trial's, logged on the parent run)")
     tune.add_argument("--ray-workers", type=int, default=None, metavar="N", help="with --ray: how many workers "
@@ -208,6 +207,7 @@ def _add_benchmark_parser(sub) -> None:
     bench = sub.add_parser("benchmark", help="time forward / forward+backward (the seeds' benchmark) and "
                            "training throughput, log them to one MLflow run (see benchmarks/README.md)")
     add_arguments(bench)
+    _add_tracking_flag(bench)
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:

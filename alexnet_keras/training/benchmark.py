@@ -20,7 +20,7 @@ from typing import Annotated, Any, Callable, Literal, Sequence, get_origin
 import pydantic
 from pydantic import Field, NonNegativeInt, PositiveInt
 
-from ..config import PRECISIONS, VARIANTS, Config, DataConfig, ModelConfig, Options, TrainConfig, validated
+from ..config import PRECISIONS, VARIANTS, Config, DataConfig, ModelConfig, Options, TrainConfig, none_text, validated
 from ..tables import cell, csv_text, markdown_table, value_text
 
 DEFAULT_EXPERIMENT, PARTS = "alexnet-keras-benchmark", ("conv", "full")
@@ -236,7 +236,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment")
     parser.add_argument("--run-name")
     parser.add_argument("--output-dir", help="also write results.md/.csv/.json here")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
 
 def options_from_args(args: argparse.Namespace) -> BenchmarkOptions:
@@ -245,6 +244,6 @@ def options_from_args(args: argparse.Namespace) -> BenchmarkOptions:
     for name, field in BenchmarkOptions.model_fields.items():
         value = getattr(args, name) if getattr(args, name) is not None else (QUICK if args.quick else {}).get(name)
         if isinstance(value, str) and get_origin(field.annotation) is tuple:
-            value = [] if value.strip().lower() in ("", "none") else [v.strip() for v in value.split(",")]
+            value = [] if none_text(value) is None else [v.strip() for v in value.split(",")]
         data.update({field.alias: value} if value is not None else {})
     return validated(BenchmarkOptions, data, "command line")
