@@ -23,7 +23,6 @@ On a CPU, at toy sizes (what tests/test_device_check.py runs; numbers meaningles
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import csv
 import dataclasses
 import datetime
@@ -37,6 +36,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from jpeg_folder import make_jpeg_folder  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,31 +60,6 @@ TINY = Sizes(batch_size=8, precision="float32", xla=False, width=0.0625, image_s
              burn_in=1, classes=3, per_class=6, jpeg_sides=(80, 96),
              cifar_overrides={"dataset": "synthetic", "synthetic_samples": 64, "epochs": 1, "batch_size": 16,
                               "width": 0.125, "precision": "float32", "jit_compile": "false"})
-
-
-def make_jpeg_folder(folder: Path, classes: int, per_class: int, sides: tuple[int, int], seed: int = 0) -> int:
-    """`classes` folders of `per_class` smooth random JPEGs (photo-like file sizes, unlike pure noise)."""
-    jobs = [(folder / f"n{c:05d}", per_class, sides, seed * 1_000_003 + c) for c in range(classes)]
-    with concurrent.futures.ProcessPoolExecutor() as pool:
-        return sum(pool.map(_write_class, jobs, chunksize=max(1, classes // 64)))
-
-
-def _write_class(job) -> int:
-    import numpy as np
-    from PIL import Image
-
-    path, count, (short, long), seed = job
-    path.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    total = 0
-    for i in range(count):
-        w, h = (long, short) if i % 2 else (short, long)
-        coarse = rng.uniform(0, 255, (h // 16 + 1, w // 16 + 1, 3)).astype("uint8")
-        image = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype="float32")
-        image += rng.normal(0, 12, image.shape)
-        Image.fromarray(image.clip(0, 255).astype("uint8")).save(path / f"{i:04d}.jpg", quality=90)
-        total += 1
-    return total
 
 
 def fit_rate(config, steps: int, burn_in: int) -> dict[str, float]:
