@@ -47,7 +47,7 @@ def run_cli(model: str, inputs: Sequence[str], *, crops: str = "center", top: in
         raise DataError("no image files given (pass files or folders after --model).")
     from . import serving, tracking
 
-    if serving.model_uri(model) is not None and not os.path.exists(model):
+    if serving.mlflow_reference(model) and not os.path.exists(model):
         tracking.configure(tracking_uri)
     predictor = serving.load_predictor(model)
     results = predictor.predict_files(files, crops=crops, top=top, batch_size=batch_size)

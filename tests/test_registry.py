@@ -34,7 +34,9 @@ def test_train_register_then_predict_by_alias(colour_model, tmp_path, monkeypatc
     assert int(version.version) == 1 and version.run_id == run.info.run_id
     assert version.tags["alexnet_keras.origin"] == "train"
     assert version.tags["alexnet_keras.run_name"] == run.info.run_name == "cifar-lrn-bn0-pool3s2-do0-s0"
-    assert version.description == run.data.tags["mlflow.note.content"]   # the run's description
+    # The run's description, its test accuracy and the run.
+    assert version.description == (f"{run.data.tags['mlflow.note.content']}\n\ntest accuracy 1; run "
+                                   f"{run.info.run_id} ({run.info.run_name}) in experiment {run.info.experiment_id}.")
     assert MlflowClient().get_registered_model("colours").aliases == {"champion": 1}
 
     rng = np.random.default_rng(7)

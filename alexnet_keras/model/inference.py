@@ -120,11 +120,11 @@ def read_mean_image(path: Path, stored_size: int) -> np.ndarray:
     return mean.astype(np.float32)
 
 
-def check_options(crops: str = "center", top: int = 5, batch_size: int = 32) -> None:
-    """The prediction options, or a DataError saying which one is wrong."""
+def check_options(crops: str = "center", top: int = 5, batch_size: int = 32, top_name: str = "top") -> None:
+    """The prediction options, or a DataError saying which one is wrong (`top_name`: the caller's name for `top`)."""
     if crops not in CROPS:
         raise DataError(f"crops must be one of {', '.join(CROPS)}; got {crops!r}.")
-    for name, value in (("top", top), ("batch size", batch_size)):
+    for name, value in ((top_name, top), ("batch size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise DataError(f"{name} must be a whole number of at least 1; got {value!r}.")
 
