@@ -1,8 +1,6 @@
-"""A trained model as an MLflow model: logged self-contained (`log_model`: the pyfunc `AlexNetClassifier`
-plus a keras flavor, this package as its code), loaded from any reference (`load_predictor`), served by
-`mlflow models serve/predict`, registered (`register_model`). The folder and the requests: docs/data.md.
-A bad request raises an MlflowException with INVALID_PARAMETER_VALUE: the server answers 400 and keeps serving.
-"""
+"""A trained model as an MLflow model: logged self-contained (`log_model`: the pyfunc `AlexNetClassifier` plus a keras
+flavor, this package as its code), loaded from any reference (`load_predictor`), served by `mlflow models serve`,
+registered (`register_model`). The folder and the requests: docs/data.md."""
 
 from __future__ import annotations
 
@@ -69,9 +67,8 @@ class AlexNetClassifier(mlflow.pyfunc.PythonModel):
         except DataError as err:
             raise MlflowException(str(err), INVALID_PARAMETER_VALUE) from None
         errors = [f"row {i}: {r['error']}" for i, r in enumerate(results) if "error" in r]
-        if errors:
-            more = f" (and {len(errors) - 5} more rows)" if len(errors) > 5 else ""
-            raise MlflowException("; ".join(errors[:5]) + more, INVALID_PARAMETER_VALUE)
+        if errors:   # INVALID_PARAMETER_VALUE: the server answers 400 and keeps serving
+            raise MlflowException("; ".join(errors)[:2000], INVALID_PARAMETER_VALUE)
         return pd.DataFrame([{"class": r["predictions"][0]["class"], "index": r["predictions"][0]["index"],
                               "probability": r["predictions"][0]["probability"], "top_k": r["predictions"]}
                              for r in results], columns=list(OUTPUT_SCHEMA.input_names()))
@@ -86,7 +83,7 @@ def request_images(model_input: pd.DataFrame) -> list:
                         "base64 in JSON) or a `pixels` column (HxWx3 integers in 0..255).")
     images = []
     for i, row in enumerate(model_input.reindex(columns=["image", "pixels"]).itertuples(index=False)):
-        given = {k: v for k, v in zip(("image", "pixels"), row) if not _missing(v)}
+        given = {k: v for k, v in zip(("image", "pixels"), row) if v is not None and not isinstance(v, float)}
         if len(given) != 1:
             raise DataError(f"row {i}: give exactly one of `image` and `pixels`; got {sorted(given) or 'neither'}.")
         (key, value), = given.items()
@@ -101,29 +98,19 @@ def request_images(model_input: pd.DataFrame) -> list:
     return images
 
 
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value))
-
-
 def requirements() -> list[str]:
     """REQUIREMENTS pinned to the running versions (never alexnet-keras: its code travels with the model)."""
     return [f"{name}=={importlib.metadata.version(name)}" for name in REQUIREMENTS]
 
 
-def example_image(metadata: ModelMetadata, example_batch=None) -> bytes:
-    """A PNG for the model's input example: the first image of `example_batch` (model views, with the
-    mean image's centre added back when the run subtracted one), else a grey square."""
+def example_image(metadata: ModelMetadata, example_batch) -> bytes:
+    """A PNG for the model's input example: the first image of `example_batch` (model views)."""
     from PIL import Image
 
-    spec = metadata.preprocessing
-    if example_batch is None or not len(example_batch):
-        pixels = np.full((spec["stored_size"], spec["stored_size"], 3), 128.0)
-    else:
-        pixels = np.asarray(example_batch[0], np.float64)
-        if metadata.mean_image is not None:
-            size, stored = pixels.shape[0], metadata.mean_image.shape[0]
-            o = (stored - size) // 2
-            pixels = pixels + metadata.mean_image[o:o + size, o:o + size]
+    pixels = np.asarray(example_batch[0], np.float64)
+    if metadata.mean_image is not None:   # the views are centre crops with the mean image subtracted
+        o, size = (metadata.mean_image.shape[0] - pixels.shape[0]) // 2, pixels.shape[0]
+        pixels = pixels + metadata.mean_image[o:o + size, o:o + size]
     buffer = io.BytesIO()
     Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()
@@ -146,7 +133,7 @@ class _PyfuncWithKerasFlavor:
         mlflow_model.save(os.path.join(path, "MLmodel"))
 
 
-def log_model(model, metadata: ModelMetadata, example_batch=None, name: str = MODEL_NAME, **options):
+def log_model(model, metadata: ModelMetadata, example_batch, name: str = MODEL_NAME, **options):
     """Log `model` to the active run as a self-contained MLflow model called `name` (`options`: more of
     mlflow.models.Model.log's arguments: tags, params, ...); MLflow's ModelInfo, whose model_uri is
     `models:/m-…`."""
@@ -184,9 +171,6 @@ def load_predictor(ref: str) -> Predictor:
                          "run id (32 hex digits) or an MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, "
                          "runs:/<run id>/NAME).")
     if path.is_file():
-        if path.suffix != ".keras":
-            raise ModelError(f"{ref!r} is not a .keras file; pass a .keras file, an MLflow model folder, a run "
-                             "id or a models:/ URI.")
         return load_keras_predictor(path, source=ref)
     with tempfile.TemporaryDirectory(prefix="alexnet-keras-model-") as folder:
         if not path.exists():
@@ -252,33 +236,25 @@ def register_model(run_id: str, name: str, *, alias: str | None = DEFAULT_ALIAS,
               "experiment_id": run.info.experiment_id}
     source.update({key: run.data.tags[f"{METADATA_KEY}.{key}"] for key in ("config_digest", "data_digest", "variant")
                    if f"{METADATA_KEY}.{key}" in run.data.tags})
-    if "test_accuracy" in run.data.metrics:
-        source["test_accuracy"] = f"{run.data.metrics['test_accuracy']:.6g}"
-    accuracy = f"test accuracy {source['test_accuracy']}" if "test_accuracy" in source else "no test accuracy"
+    accuracy = run.data.metrics.get("test_accuracy")
+    if accuracy is not None:
+        source["test_accuracy"] = f"{accuracy:.6g}"
+    scored = f"test accuracy {source['test_accuracy']}" if accuracy is not None else "no test accuracy"
     description = (f"{description or run.data.tags.get('mlflow.note.content') or 'A model trained by alexnet-keras.'}"
-                   f"\n\n{accuracy}; run {run_id} ({source['run_name']}) in experiment {run.info.experiment_id}.")
+                   f"\n\n{scored}; run {run_id} ({source['run_name']}) in experiment {run.info.experiment_id}.")
+    version_tags = {**{f"{METADATA_KEY}.{k}": str(v) for k, v in source.items()}, **(tags or {})}
     client = mlflow.MlflowClient()
     try:
-        version = mlflow.register_model(logged_model_uri(run), name, tags={
-            **{f"{METADATA_KEY}.{k}": str(v) for k, v in source.items()}, **{k: str(v) for k, v in (tags or {}).items()}})
+        version = mlflow.register_model(logged_model_uri(run), name, tags={k: str(v) for k, v in version_tags.items()})
         client.update_model_version(name, version.version, description)
         holder = client.get_registered_model(name).aliases.get(alias) if alias else None
         best = holder and client.get_model_version(name, holder).tags.get(f"{METADATA_KEY}.test_accuracy")
-        if best is not None and float(source.get("test_accuracy", "-1")) < float(best):
+        if best is not None and (accuracy is None or float(source["test_accuracy"]) < float(best)):
             print(f"{name}@{alias} stays on version {holder} (test accuracy {best}; version {version.version} has "
-                  f"{accuracy}). To move it anyway: MlflowClient().set_registered_model_alias({name!r}, {alias!r}, "
+                  f"{scored}). To move it anyway: MlflowClient().set_registered_model_alias({name!r}, {alias!r}, "
                   f"{version.version})", flush=True)
         elif alias:
             client.set_registered_model_alias(name, alias, version.version)
     except MlflowException as err:
         raise ModelError(f"could not register the model of run {run_id} as {name!r}: {_first_line(err)}") from None
     return version
-
-
-def registered_version(name: str, alias: str = DEFAULT_ALIAS):
-    """The ModelVersion that `models:/NAME@ALIAS` loads."""
-    try:
-        return mlflow.MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException as err:
-        raise ModelError(f"no model version {name!r}@{alias!r} in {mlflow.get_tracking_uri()!r}: "
-                         f"{_first_line(err)}") from None

@@ -225,7 +225,8 @@ def test_serve_predict_and_cli_agree_and_bad_requests_get_400(learned, tmp_path,
         fragments = {"not an image": "row 0: not a readable image", "wrong shape": "shape (height, width, 3)",
                      "out of range": "integers in 0..255", "empty": "", "no image column": "no images",
                      "bad top_k": "top_k must be a whole number of at least 1; got 0",
-                     "negative top_k": "top_k must be a whole number of at least 1; got -2", "bad crops": "crops must be one of"}
+                     "negative top_k": "top_k must be a whole number of at least 1; got -2",
+                     "bad crops": "crops must be one of"}
         for case, body in bad.items():
             status, answer = post(port, body)
             assert 400 <= status < 500, (case, status, answer)
@@ -277,7 +278,7 @@ def test_registry_alias_tags_and_predict_by_alias(learned, capsys, caplog, monke
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert (int(first.version), int(second.version)) == (1, 2)
     client = MlflowClient(uri)
-    champion = serving.registered_version("shelf")
+    champion = client.get_model_version_by_alias("shelf", "champion")
     assert int(champion.version) == 2 and champion.source.startswith("models:/m-")
     run = client.get_run(run_id)
     assert champion.description == (f"the sweep's best\n\ntest accuracy 1; run {run_id} ({run.info.run_name}) in "
@@ -314,7 +315,7 @@ def test_registry_alias_tags_and_predict_by_alias(learned, capsys, caplog, monke
         mlflow.pyfunc.log_model(name="constant", python_model=Constant(), pip_requirements=[])
     capsys.readouterr()
     third = serving.register_model(worse.info.run_id, "shelf")
-    assert int(third.version) == 3 and int(serving.registered_version("shelf").version) == 2
+    assert int(third.version) == 3 and int(client.get_model_version_by_alias("shelf", "champion").version) == 2
     assert "test accuracy 0.5; run" in client.get_model_version("shelf", "3").description
     assert capsys.readouterr().out.strip() == (
         "shelf@champion stays on version 2 (test accuracy 1; version 3 has test accuracy 0.5). To move it anyway: "
