@@ -262,7 +262,7 @@ def test_serve_predict_and_cli_agree_and_bad_requests_get_400(learned, tmp_path,
 
 
 class Constant(mlflow.pyfunc.PythonModel):
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: list[str], params=None) -> list[str]:
         return model_input
 
 
