@@ -10,6 +10,7 @@ import re
 import shlex
 import sys
 import typing
+from importlib import import_module
 from typing import Sequence
 
 from .config import MAIN_JOB, SECTIONS, ConfigError, did_you_mean, leaf_fields, load_config, none_text, parse_value
@@ -26,7 +27,7 @@ class Parser(argparse.ArgumentParser):
         namespace, unknown = super().parse_known_args(args, namespace)
         if unknown:
             flags = re.findall(r"--[\w-]+", self.format_usage())
-            hints = "".join(did_you_mean(word.partition("=")[0], flags, n=1) for word in unknown if word.startswith("--"))
+            hints = "".join(did_you_mean(word.partition("=")[0], flags, n=1) for word in unknown if word[:2] == "--")
             self.error(f"unrecognized arguments: {' '.join(unknown)}.{hints}")
         return namespace, unknown
 
@@ -34,14 +35,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _shown(value: typing.Any) -> str:
-    return str(value).lower() if value is None or isinstance(value, bool) else str(value)
-
-
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """A flag per config option, grouped by section: its description, its choices and the main job's value."""
-    parser.add_argument("--config", metavar="YAML", help="experiment file the flags apply to, instead of the "
-                        "main job (see experiments/)")
+    parser.add_argument("--config", metavar="YAML", help="experiment file to start from instead of the main job")
     groups = {section: parser.add_argument_group(f"{section} options") for section in SECTIONS}
     groups[None] = parser.add_argument_group("tracking options")
     defaults = MAIN_JOB.flat()
@@ -50,20 +46,21 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Literal else ()
         metavar = "{true,false}" if bool in kinds else "{" + ",".join(choices) + "}" if choices else (
             "N" if int in kinds else "X" if float in kinds else None)
-        groups[section].add_argument(
-            f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, metavar=metavar,
-            nargs="?" if bool in kinds else None, const="true" if bool in kinds else None,
-            help=f"{info.description} (default: {_shown(defaults[name])})".replace("%", "%%"))
+        default = defaults[name] if not isinstance(defaults[name], bool | None) else str(defaults[name]).lower()
+        groups[section].add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
+                                     metavar=metavar, nargs="?" if bool in kinds else None,
+                                     const="true" if bool in kinds else None,
+                                     help=f"{info.description} (default: {default})".replace("%", "%%"))
 
 
-def _add_shared_flags(parser: argparse.ArgumentParser, dry_run: str, register: str | None = None) -> None:
+def _add_shared_flags(parser: argparse.ArgumentParser, dry_run: str | None = None, register: str | None = None):
     parser.add_argument("--tracking-uri", metavar="URI", help="MLflow store (default: $MLFLOW_TRACKING_URI, "
                         "else sqlite:///mlflow.db with artifacts in ./mlruns)")
     if register:
         parser.add_argument("--register", type=none_text, default=None, metavar="NAME", help=f"register "
-                            f"{register} as a new version of NAME, alias champion (then `predict --model "
-                            f"models:/NAME@champion`)")
-    parser.add_argument("--dry-run", action="store_true", help=f"{dry_run}; no run is created")
+                            f"{register} as a new version of NAME, alias champion")
+    if dry_run:
+        parser.add_argument("--dry-run", action="store_true", help=f"{dry_run}; no run is created")
 
 
 def _add_ray_flags(parser: argparse.ArgumentParser, unit: str) -> None:
@@ -76,7 +73,7 @@ def _add_ray_flags(parser: argparse.ArgumentParser, unit: str) -> None:
 
 
 def _optional_int(text: str) -> int | None:
-    """`--max-trials ""` (an empty MLproject parameter) or `none`: as in the file."""
+    """`--max-trials none` (an MLproject default): as in the file."""
     try:
         return parse_value("value", text, int | None)
     except ConfigError as err:   # argparse names the flag
@@ -85,6 +82,7 @@ def _optional_int(text: str) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .training.benchmark import add_arguments
 
     parser = Parser(prog="alexnet-keras", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -92,38 +90,34 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one AlexNet (by default the main job) and log it to MLflow")
     _add_config_flags(train)
     _add_shared_flags(train, "print the config and the model summary; no data is read")
+    train.set_defaults(run=cmd_train)
     ablate = sub.add_parser("ablate", help="ablation study: a parent run, a child per (variant, seed), a report")
     ablate.add_argument("study", metavar="STUDY_YAML", help="study file: base config, axes, seeds")
     ablate.add_argument("--parallel", type=int, default=1, metavar="N", help="train N children at a time "
                         "on a local Ray cluster (default: 1, one after another in this process)")
     _add_ray_flags(ablate, "child")
     _add_shared_flags(ablate, "validate the study and list its variants", "the best variant's best run")
+    ablate.set_defaults(run=cmd_ablate)
     report = sub.add_parser("report", help="rebuild an ablation study's report from the MLflow store")
     report.add_argument("run_id", metavar="PARENT_RUN_ID", help="the study's parent run")
-    report.add_argument("--tracking-uri", metavar="URI", help="MLflow store")
+    _add_shared_flags(report)
+    report.set_defaults(run=cmd_report)
     tune = sub.add_parser("tune", help="keras-tuner sweep: a parent run, a nested run per trial (docs/sweeps.md)")
     tune.add_argument("sweep", metavar="SWEEP_YAML", help="sweep file: tuner, objective, budget, base, space")
     tune.add_argument("--max-trials", type=_optional_int, default=None, metavar="N",
                       help="override budget.max_trials; a bigger value continues a finished sweep")
-    tune.add_argument("--tuner-dir", metavar="DIR", help="keras-tuner state folder (default: the file's "
-                      "`directory`, else ./tuner)")
+    tune.add_argument("--tuner-dir", metavar="DIR", help="keras-tuner state (default: the file's `directory`)")
     tune.add_argument("--overwrite", action="store_true", help="forget the tuner state and start again")
     _add_ray_flags(tune, "trial worker")
     tune.add_argument("--ray-workers", type=int, default=None, metavar="N", help="with --ray: how many workers "
                       "(default: one per GPU, else one per --ray-cpus CPUs, at most max_trials)")
     _add_shared_flags(tune, "validate the sweep file and print it", "the best trial's model")
-    from .training.benchmark import add_arguments
-
+    tune.set_defaults(run=lambda args: import_module(f"{__package__}.experiments.tune").cmd_tune(args))
     bench = sub.add_parser("benchmark", help="time forward, forward+backward and training throughput, logged "
                            "to one MLflow run (benchmarks/README.md)")
     add_arguments(bench)
-    bench.add_argument("--tracking-uri", metavar="URI", help="MLflow store")
-    _add_recipe_parsers(sub)
-    return parser
-
-
-def _add_recipe_parsers(sub) -> None:
-    """`predict` (predict.py) and `prepare` (data/tfrecord.py)."""
+    _add_shared_flags(bench)
+    bench.set_defaults(run=cmd_benchmark)
     predict = sub.add_parser("predict", help="top-5 classes of images under a trained model, preprocessed as "
                              "in its training run")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders")
@@ -134,7 +128,10 @@ def _add_recipe_parsers(sub) -> None:
     predict.add_argument("--top", type=int, default=5, metavar="K", help="classes per image (default: 5)")
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per model call")
-    predict.add_argument("--tracking-uri", metavar="URI", help="MLflow store")
+    _add_shared_flags(predict)
+    predict.set_defaults(run=lambda a: import_module(f"{__package__}.predict").run_cli(
+        a.model, a.inputs, crops=a.crops, top=a.top, as_json=a.json, batch_size=a.batch_size,
+        tracking_uri=a.tracking_uri))
     prepare = sub.add_parser("prepare", help="an image folder as sharded TFRecords, for --data-dir")
     prepare.add_argument("source", metavar="FOLDER", help="train/<class>/* (+ val/, test/), <class>/*, or an "
                          "archive of one")
@@ -146,11 +143,12 @@ def _add_recipe_parsers(sub) -> None:
     prepare.add_argument("--quality", type=int, default=95, metavar="Q", help="JPEG quality (default: 95)")
     prepare.add_argument("--shard-size", type=int, default=1024, metavar="N", help="images per shard")
     prepare.add_argument("--overwrite", action="store_true", help="replace an earlier `prepare` in OUT")
+    prepare.set_defaults(run=cmd_prepare)
+    return parser
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    names = leaf_fields()
-    overrides = {k: v for k, v in vars(args).items() if k in names}
+    overrides = {k: v for k, v in vars(args).items() if k in leaf_fields()}
     config = (load_config(args.config) if args.config else MAIN_JOB).override(overrides, source="command line")
     if args.dry_run:
         from .model.alexnet import build_alexnet, summary_text
@@ -219,12 +217,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tune(args: argparse.Namespace) -> int:
-    from .experiments.tune import cmd_tune as tune
-
-    return tune(args)
-
-
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from . import tracking
     from .training.benchmark import benchmark_and_log, options_from_args
@@ -238,23 +230,12 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import run_cli
-
-    return run_cli(args.model, args.inputs, crops=args.crops, top=args.top, as_json=args.json,
-                   batch_size=args.batch_size, tracking_uri=args.tracking_uri)
-
-
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.tfrecord import prepare
 
     prepare(args.source, args.out, stored_size=args.stored_size, encoding=args.encoding, quality=args.quality,
             shard_size=args.shard_size, overwrite=args.overwrite)
     return 0
-
-
-COMMANDS = {"train": cmd_train, "ablate": cmd_ablate, "report": cmd_report, "tune": cmd_tune,
-            "benchmark": cmd_benchmark, "predict": cmd_predict, "prepare": cmd_prepare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .tracking import TrackingError
 
     try:
-        return COMMANDS[args.command](args)
+        return args.run(args)
     except (ConfigError, DataError, TrackingError) as err:
         print(f"alexnet-keras {args.command}: error: {err}", file=sys.stderr)
         return 2
