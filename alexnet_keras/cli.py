@@ -13,7 +13,7 @@ import typing
 from importlib import import_module
 from typing import Sequence
 
-from .config import MAIN_JOB, SECTIONS, ConfigError, did_you_mean, leaf_fields, load_config, none_text, parse_value
+from .config import MAIN_JOB, SECTIONS, ConfigError, did_you_mean, leaf_fields, load_config, none_text
 
 
 class Parser(argparse.ArgumentParser):
@@ -72,14 +72,6 @@ def _add_ray_flags(parser: argparse.ArgumentParser, unit: str) -> None:
                         f"for on a cluster without GPUs (default: 1; with GPUs: one GPU each)")
 
 
-def _optional_int(text: str) -> int | None:
-    """`--max-trials none` (an MLproject default): as in the file."""
-    try:
-        return parse_value("value", text, int | None)
-    except ConfigError as err:   # argparse names the flag
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .training.benchmark import add_arguments
@@ -104,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(run=cmd_report)
     tune = sub.add_parser("tune", help="keras-tuner sweep: a parent run, a nested run per trial (docs/sweeps.md)")
     tune.add_argument("sweep", metavar="SWEEP_YAML", help="sweep file: tuner, objective, budget, base, space")
-    tune.add_argument("--max-trials", type=_optional_int, default=None, metavar="N",
-                      help="override budget.max_trials; a bigger value continues a finished sweep")
+    tune.add_argument("--max-trials", type=none_text, default=None, metavar="N", help="override "
+                      "budget.max_trials (validated with it); a bigger value continues a finished sweep")
     tune.add_argument("--tuner-dir", metavar="DIR", help="keras-tuner state (default: the file's `directory`)")
     tune.add_argument("--overwrite", action="store_true", help="forget the tuner state and start again")
     _add_ray_flags(tune, "trial worker")

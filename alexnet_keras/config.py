@@ -29,14 +29,11 @@ DISTRIBUTE = ("none", "mirrored", "multi_worker", "data_parallel")   # training/
 INPUT_NORMS = ("standardize", "center")
 NATIVE_IMAGE_SIZE = {"paper": 227, "cifar": 32}   # each variant's input side when `image_size` is unset
 
-# --- The network's geometry: model/alexnet.py builds its layers from these, and the config uses them to
-# refuse a network that cannot be built or would not fit in memory, before anything is built.
+# The network's geometry: model/alexnet.py builds its layers from it, the memory check counts with it.
 CONV_FILTERS = (96, 256, 384, 384, 256)                           # conv1..conv5, before `width`
 CONV_KERNELS = {"paper": (11, 5, 3, 3, 3), "cifar": (3, 3, 3, 3, 3)}
 HIDDEN_UNITS = 4096                                               # fc6 and fc7, before `width`
-# The paper's two-GPU split: only these convs see just the half of the previous layer's maps that
-# lives on their own GPU (conv3 and the FC layers connect across GPUs).
-GROUPED_CONVS = (2, 4, 5)
+GROUPED_CONVS = (2, 4, 5)                                         # the paper's two-GPU split: half the maps
 LRN_CONVS = (1, 2)                                                # LRN after these convs' activation
 POOLED_CONVS = (1, 2, 5)                                          # max-pooling after these convs
 POOL_SIZES = {"overlapping": 3, "non_overlapping": 2}
@@ -147,7 +144,7 @@ def explain(err: pydantic.ValidationError, prefix: str, model: Any) -> ConfigErr
         else:
             fix = (f" Fix it with --{path.replace('_', '-')} {typing.get_args(info.annotation)[0]}."
                    if e["type"] == "literal_error" and prefix.endswith(".") else "")
-            hint = f" ({info.description})" if e["type"] == "too_short" and info is not None and info.description else ""
+            hint = f" ({info.description})" if e["type"] == "too_short" and getattr(info, "description", None) else ""
             path = f"`{path}`" if prefix.endswith(": ") else path   # a key in a file, or a config leaf
             lines.append(f"{prefix}{path} {_rule(e, info)}{hint}; got {shown(e.get('input'))}.{fix}")
     return ConfigError("\n".join(lines))
@@ -209,8 +206,7 @@ class ModelConfig:
 
     @pydantic.model_validator(mode="after")
     def _buildable(self) -> "ModelConfig":
-        # The smallest side whose every feature map (up to pool5) is not empty; the cifar variant's
-        # 'same' layers never empty a map, but fewer than 8 px leave nothing to learn from.
+        # The smallest side that leaves every map up to pool5 non-empty, and at least 8 px to learn from.
         if self.image_size is not None:
             minimum = max(8, next(side for side in range(1, MAX_SIDE) if min(self.feature_sides(side).values())))
             if not minimum <= self.image_size <= MAX_SIDE:
@@ -358,9 +354,8 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
-# The main job, which `alexnet-keras train` without --config and `mlflow run .` train: the paper's toggles on
-# CIFAR-10 at 32 px but for two choices few-epoch runs need (docs/results.md): Glorot init (the paper's
-# N(0, 0.01) stays at chance for the first epochs here) and a cosine schedule. experiments/cifar10.yaml is it.
+# The main job (`alexnet-keras train` without --config, `mlflow run .`, experiments/cifar10.yaml): the paper's
+# toggles at 32 px on CIFAR-10 but Glorot init and a cosine schedule, which few-epoch runs need (docs/results.md).
 MAIN_JOB = Config(model=ModelConfig(variant="cifar", init="keras"), train=TrainConfig(schedule="cosine",
                                                                                       learning_rate=0.02))
 TOP_LEVEL = ("experiment", "run_name", "resume", "checkpoint_dir", "register", "system_metrics")
@@ -406,8 +401,6 @@ def from_dict(values: Mapping[str, Any], *, base: Config | None = None, source: 
     check_memory(config)
     return config
 
-
-# --- memory ------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
@@ -483,14 +476,12 @@ def _bytes(count: float) -> str:
     return f"{count:.0f} B" if unit == 0 else f"{count:.1f} {('KiB', 'MiB', 'GiB', 'TiB', 'PiB')[unit - 1]}"
 
 
-# --- YAML ----------------------------------------------------------------------------------------
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """An experiment, study or sweep file as a mapping, bounded in size, nesting and alias expansion."""
+def load_yaml(path: str | Path, kind: str = "config") -> dict[str, Any]:
+    """An experiment (config), study or sweep file as a mapping, bounded in size, nesting and alias expansion."""
     import yaml
 
     path = Path(path)
-    where = f"config file {str(path)!r}"
+    where = f"{kind} file {str(path)!r}"
     if path.is_dir() or not path.is_file():   # a FIFO or device would block the read, or never end
         raise ConfigError(f"{where} " + ("is a folder, not a file" if path.is_dir() else "does not exist"
                                          if not path.exists() else "is not a regular file")

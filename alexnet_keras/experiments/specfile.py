@@ -28,11 +28,7 @@ def read_spec(path: str | Path, model: type[SpecT], kind: str) -> tuple[SpecT, C
     base_config, then base)."""
     path = Path(path)
     source = str(path)
-    try:
-        data = load_yaml(path)
-    except ConfigError as err:
-        raise ConfigError(str(err).replace("config file", f"{kind} file", 1)) from None
-    spec = validated(model, data, source)
+    spec = validated(model, load_yaml(path, kind), source)
     spec = spec.model_copy(update={"name": spec.name or path.stem, "description": spec.description.strip()})
     base = Config()
     if spec.base_config is not None:
