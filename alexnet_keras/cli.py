@@ -143,12 +143,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in leaf_fields()}
     config = (load_config(args.config) if args.config else MAIN_JOB).override(overrides, source="command line")
     if args.dry_run:
-        from .model.alexnet import build_alexnet, summary_text
+        from .model.alexnet import build_alexnet
         from .tracking import dumps
 
         print(dumps(config.to_dict()))
         num_classes = config.data.synthetic_classes if config.data.dataset == "synthetic" else 10
-        print(summary_text(build_alexnet(config.model, num_classes=num_classes)))
+        build_alexnet(config.model, num_classes=num_classes).summary()
         return 0
     from . import tracking
     from .training.checkpoints import CheckpointError

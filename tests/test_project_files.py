@@ -96,6 +96,7 @@ def test_train_without_config_is_the_main_job(capsys):
     printed = json.loads(text[: text.index("\n}\n") + 2])
     assert printed == MAIN_JOB.override({"width": 0.125}).to_dict()
     assert printed["model"]["variant"] == "cifar" and printed["train"]["schedule"] == "cosine"
+    assert text.count("Total params") == 1   # Keras' summary, once
 
 
 def test_a_typod_mlflow_run_parameter_is_refused_in_one_line(mlflow_store, monkeypatch, capfd):
