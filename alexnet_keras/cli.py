@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in leaf_fields()}
-    config = (load_config(args.config) if args.config else MAIN_JOB).override(overrides, source="command line")
+    config = load_config(args.config, overrides)
     if args.dry_run:
         from .model.alexnet import build_alexnet
         from .tracking import dumps

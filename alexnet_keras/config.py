@@ -547,10 +547,9 @@ def _yaml_values(node: Any, memo: dict[int, int], open_nodes: set[int], where: s
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file at `path` (if any), then `overrides` (CLI flags)."""
-    config = Config()
-    if path:
-        config = from_dict(load_yaml(path), base=config, source=str(path))
+    """What `alexnet-keras train [--config path]` trains: the main job, or the paper's defaults then the YAML
+    file at `path`; then `overrides` (the flags)."""
+    config = from_dict(load_yaml(path), source=str(path)) if path else MAIN_JOB
     return from_dict(overrides or {}, base=config, source="command line")
 
 
