@@ -19,14 +19,11 @@ from pydantic import BeforeValidator, Field
 VARIANTS = ("paper", "cifar")
 POOLS = ("overlapping", "non_overlapping")
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
-INITS = ("paper", "keras")
 DATASETS = ("cifar10", "folder", "synthetic")
-RECIPES = ("simple", "paper")   # data/pipeline.py: squash to the input size, or Krizhevsky et al.'s
 SCHEDULES = ("plateau", "cosine", "step", "constant")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 JIT = ("auto", "true", "false")
 DISTRIBUTE = ("none", "mirrored", "multi_worker", "data_parallel")   # training/distribute.py
-INPUT_NORMS = ("standardize", "center")
 NATIVE_IMAGE_SIZE = {"paper": 227, "cifar": 32}   # each variant's input side when `image_size` is unset
 
 # The network's geometry: model/alexnet.py builds its layers from it, the memory check counts with it.
@@ -193,9 +190,9 @@ class ModelConfig:
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout before fc6 and fc7 (0: no dropout layers)")
     pool: Literal[POOLS] = Field("overlapping", description="overlapping 3x3/2 (paper) or non_overlapping 2x2/2")
     activation: Literal[ACTIVATIONS] = Field("relu", description="every hidden layer's activation")
-    init: Literal[INITS] = Field("paper", description="paper: N(0, 0.01), bias 1 in conv2/4/5, fc6/7; keras")
+    init: Literal["paper", "keras"] = Field("paper", description="paper: N(0, 0.01), bias 1 in conv2/4/5, fc6/7; keras")
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="L2 on kernels, as the paper's update rule")
-    input_norm: Literal[INPUT_NORMS] = Field("standardize", description="(x - mean) / std, or x - mean (paper)")
+    input_norm: Literal["standardize", "center"] = Field("standardize", description="(x-mean)/std, or x-mean (paper)")
 
     @pydantic.field_validator("lrn_size")
     @classmethod
@@ -285,7 +282,7 @@ class DataConfig:
     train_limit: Annotated[int | None, Unset] = Field(None, ge=2, le=MAX_COUNT, description="training images kept")
     synthetic_samples: int = Field(512, ge=16, le=MAX_COUNT, description="synthetic train + val images")
     synthetic_classes: int = Field(10, ge=2, le=1000, description="classes of the synthetic dataset")
-    recipe: Literal[RECIPES] = Field("simple", description="squash to the input size, or the paper's crops")
+    recipe: Literal["simple", "paper"] = Field("simple", description="squash to the input size, or the paper's crops")
     stored_size: int = Field(256, ge=8, le=MAX_SIDE, description="paper recipe: side crops are cut from")
     random_crop: bool = Field(True, description="simple: shift by up to 1/8 of the side; paper: random crop")
     random_flip: bool = Field(True, description="random horizontal reflection")
