@@ -59,8 +59,8 @@ def declare(hp: keras_tuner.HyperParameters, name: str, param: Any) -> Any:
         return hp.Choice(name, list(param.values))
     if param.type == "boolean":
         return hp.Boolean(name)
-    kind = hp.Float if param.type == "float" else hp.Int
-    return kind(name, param.min, param.max, step=param.step, sampling=param.sampling)
+    return (hp.Float if param.type == "float" else hp.Int)(name, param.min, param.max, step=param.step,
+                                                           sampling=param.sampling)
 
 
 class Budget(Options):
@@ -109,8 +109,7 @@ class SweepKeys(SpecKeys):
 
 @dataclass(frozen=True)
 class Sweep:
-    """A sweep file as validated (`spec`, with --max-trials, --tuner-dir and the defaults that depend on
-    other keys applied) and the config every trial overrides (`base`)."""
+    """A sweep file as validated (`spec`, with the flags and derived defaults applied) and its base config."""
 
     spec: SweepKeys
     base: Config
@@ -146,8 +145,7 @@ class Sweep:
 
 
 def _check_param(name: str, param: Any, base: Config, tuner: str, source: str) -> Any:
-    """A dimension checked: the option exists, can be searched and fits its type, keras-tuner takes it,
-    and every value it can take makes a valid config."""
+    """A dimension checked: its option exists, can be searched, fits; keras-tuner takes it; its values are valid."""
     where = f"{source}: search_space.{name}"
     if name not in leaf_fields():
         base.override({name: None}, source=f"{source}: search_space")   # raises "unknown option ..."
@@ -164,11 +162,9 @@ def _check_param(name: str, param: Any, base: Config, tuner: str, source: str) -
         kind_name = {bool: "true/false", int: "an integer", float: "a number"}.get(kind, "a string")
         raise ConfigError(f"{where}: type {param.type!r} does not fit {section}.{name}, which is {kind_name}; use "
                           f"type {' or '.join(allowed)}.")
-    def valid(value: Any) -> Any:   # the value as the option parses it, if it makes a valid config
-        return base.override({name: value}, source=f"{where}: {value!r} is not a valid value").flat()[name]
-
-    if param.type == "choice":
-        values = [valid(v) for v in param.values]
+    if param.type == "choice":   # each value parsed as the option parses it; every one makes a valid config
+        values = [base.override({name: v}, source=f"{where}: {v!r} is not a valid value").flat()[name]
+                  for v in param.values]
         repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
         if repeated is not None:
             raise ConfigError(f"{where}: {repeated!r} is listed twice.")
@@ -180,7 +176,7 @@ def _check_param(name: str, param: Any, base: Config, tuner: str, source: str) -
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{where}: {err}") from None
     for value in (param.min, param.max) if param.numeric else ():
-        valid(value)
+        base.override({name: value}, source=f"{where}: {value!r} is not a valid value")
     return param
 
 
@@ -202,11 +198,10 @@ def load_sweep(path: str | Path, *, max_trials: int | None = None, directory: st
     # The points of a finite space, counted (float and log-stepped dimensions count as unbounded).
     sizes = [len(p.values) if p.type == "choice" else 2 if p.type == "boolean" else (p.max - p.min) // (
         p.step or 1) + 1 if p.type == "int" and p.sampling == "linear" else math.inf for p in space.values()]
-    if spec.tuner != "hyperband" and math.prod(sizes) < budget.max_trials:
-        raise ConfigError(f"{source}: the search space has {math.prod(sizes)} distinct points ("
-                          f"{' x '.join(map(str, sizes))}) but budget.max_trials is {budget.max_trials}: keras-tuner "
-                          f"would stop after {math.prod(sizes)} trials. Set max_trials (or --max-trials) to at most "
-                          f"{math.prod(sizes)}, or widen the search space.")
+    if spec.tuner != "hyperband" and (points := math.prod(sizes)) < budget.max_trials:
+        raise ConfigError(f"{source}: the search space has {points} distinct points ({' x '.join(map(str, sizes))}) "
+                          f"but budget.max_trials is {budget.max_trials}: keras-tuner would stop after {points} "
+                          f"trials. Set max_trials (or --max-trials) to at most {points}, or widen the search space.")
     # Bayesian optimisation's random start: keras-tuner's default (3 x dimensions) can reach max_trials,
     # and then the model never chooses a trial; the default here stays below.
     where, initial = f"{source}: budget.num_initial_points", budget.num_initial_points

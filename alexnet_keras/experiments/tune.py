@@ -1,6 +1,5 @@
-"""Hyperparameter sweeps (docs/sweeps.md): keras-tuner over the project's AlexNet, each trial a nested
-MLflow run under one parent run that gets the sweep's results and model; the tuner state plus `sweep.json`
-make the same command resume, `--ray` runs keras-tuner's chief and workers as Ray jobs."""
+"""Hyperparameter sweeps (docs/sweeps.md): keras-tuner over the project's AlexNet, each trial an MLflow run
+nested under one parent that gets the results and the model; the same command resumes; `--ray` scales out."""
 
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ from typing import Any
 
 import keras
 import keras_tuner
-import keras_tuner.src.config
 import numpy as np
 
 from .. import figures, tracking
@@ -72,8 +70,8 @@ class AlexNetHyperModel(keras_tuner.HyperModel):
         tracked = tracking.active_run_id() is not None   # the trial's run (see TrackedTrials.run_trial)
         if tracked:   # the trial's tags (sweep, trial) say in its description which trial it is
             tags = tracking.get_run(tracking.active_run_id()).data.tags
-            context = {**tags, tracking.TRIAL_TAG: str(number(tags[tracking.TRIAL_TAG]))}
-            tracking.set_tags(run_tags(config, data, model, context=context))
+            tracking.set_tags(run_tags(config, data, model, context={
+                **tags, tracking.TRIAL_TAG: str(number(tags[tracking.TRIAL_TAG]))}))
             log_inputs(config, data, model)
         history, seconds, start = fit(model, data, config, callbacks=callbacks or (), epochs=epochs,
                                       initial_epoch=initial_epoch, track=tracked)
@@ -87,12 +85,7 @@ class AlexNetHyperModel(keras_tuner.HyperModel):
 
 
 class TrackedTrials:
-    """Mixed into a keras-tuner Tuner: each trial runs in its own MLflow run nested under the sweep's parent."""
-
-    sweep: Sweep
-    uid = ""
-    parent_run_id: str | None = None
-    experiment = ""
+    """Mixed into a Tuner: each trial in its own run nested under the parent (sweep, uid, parent_run_id, experiment)."""
 
     def runs(self) -> dict[str, Any]:   # {trial id: its newest run}
         return tracking.children_by(self.parent_run_id, tracking.TRIAL_TAG)
@@ -125,13 +118,11 @@ class TrackedTrials:
         except Exception as err:
             if tracking.is_tracking_error(err):   # keras-tuner would only mark the trial failed and go on
                 raise keras_tuner.errors.FatalError(f"MLflow: {err}") from err
-            # One line per failed trial: keras-tuner's own report of it is turned off in make_tuner.
             tracking.stderr(f"trial {n} failed: {type(err).__name__}: {err}")
             raise keras_tuner.errors.FailedTrialError(f"{type(err).__name__}: {err}") from err
 
 
 def make_tuner(sweep: Sweep, hypermodel: AlexNetHyperModel | None = None, **context: str) -> keras_tuner.Tuner:
-    """The file's tuner, tracking its trials; `context`: the parent run's (TrackedTrials' attributes)."""
     spec, budget = sweep.spec, sweep.spec.budget
     base_cls = {"random": keras_tuner.RandomSearch, "bayesian": keras_tuner.BayesianOptimization,
                 "hyperband": keras_tuner.Hyperband}[spec.tuner]
@@ -139,8 +130,7 @@ def make_tuner(sweep: Sweep, hypermodel: AlexNetHyperModel | None = None, **cont
                   hyperband_iterations=budget.hyperband_iterations) if spec.tuner == "hyperband" else
              dict(max_trials=budget.max_trials, **({"num_initial_points": budget.num_initial_points}
                                                   if spec.tuner == "bayesian" else {})))
-    # keras-tuner prints a failed trial's chained tracebacks unless its DEBUG is off: run_trial says it in a line.
-    # The oracle's seed is the file's + 1: keras-tuner takes 0 for none (a random seed).
+    # keras-tuner's DEBUG prints each failed trial's tracebacks (run_trial prints one line); its seed 0 is none.
     keras_tuner.src.config.DEBUG = False
     tuner = type(f"Tracked{base_cls.__name__}", (TrackedTrials, base_cls), {})(
         hypermodel=hypermodel or AlexNetHyperModel(sweep), objective=keras_tuner.Objective(sweep.objective,
@@ -180,29 +170,26 @@ def search(tuner: keras_tuner.Tuner) -> None:
     try:
         tuner.search()
     except keras_tuner.errors.FatalError as err:   # an MLflow error in a trial (run_trial)
-        cause = err.__cause__
-        if cause is None or not tracking.is_tracking_error(cause):
+        if not tracking.is_tracking_error(err):
             raise
+        cause = err.__cause__
         raise tracking.TrackingError(f"MLflow failed during a trial of sweep {tuner.sweep.name!r} "
-                                     f"({tracking.tracking_uri()!r}): {type(cause).__name__}: {cause}") from cause
+                                     f"({tracking.tracking_uri()!r}): {type(cause).__name__}: {cause}") from err
     except RuntimeError as err:
         if "consecutive failures" in str(err):
             raise SweepError(f"sweep {tuner.sweep.name!r} stopped: {str(err).splitlines()[0]} (see the FAILED "
                              f"trial runs' `error` tag).") from err
-        if "Failed to bind" in str(err):
-            raise SweepError(f"the chief cannot serve the oracle: {str(err).split(';')[0]}") from None
         raise
 
 
 def parent_params(sweep: Sweep) -> dict[str, Any]:
     """The sweep's parent run's params: what is searched, how, and (bayesian) how many random trials first."""
     spec = sweep.spec
-    searched = {f"space.{name}": " ".join(f"{k}={v}" for k, v in p.model_dump(exclude_none=True).items())
-                for name, p in spec.search_space.items()}
     return {"sweep_name": sweep.name, "sweep_tuner": spec.tuner, "sweep_objective": sweep.objective,
             "sweep_direction": sweep.direction, "sweep_seed": spec.seed,
             **({"sweep_num_initial_points": spec.budget.num_initial_points} if spec.tuner == "bayesian" else {}),
-            **searched}
+            **{f"space.{name}": " ".join(f"{k}={v}" for k, v in p.model_dump(exclude_none=True).items())
+               for name, p in spec.search_space.items()}}
 
 
 def run_sweep(sweep: Sweep, *, overwrite: bool = False, ray: str | None = None, workers: int | None = None,
@@ -218,12 +205,11 @@ def run_sweep(sweep: Sweep, *, overwrite: bool = False, ray: str | None = None, 
                           f"HEAD:PORT there, or `ray job submit`), not through a ray:// client address.")
     from . import cluster
 
-    uri = tracking.tracking_uri()
     with cluster.connected(None if ray == "local" else ray) if ray else contextlib.nullcontext() as info:
         if info is not None:   # before anything is created
-            cluster.check_store(uri, info)
+            cluster.check_store(tracking.tracking_uri(), info)
             location = tracking.artifact_location(tracking.experiment_id_for(sweep.base.experiment))
-            cluster.check_store(uri, info, artifact_location=location)
+            cluster.check_store(tracking.tracking_uri(), info, artifact_location=location)
             workers = ray_workers(info, sweep, cpus, workers)
         hypermodel = AlexNetHyperModel(sweep)
         hypermodel.data_for(sweep.base)        # a missing dataset fails here, before any run or state
@@ -275,12 +261,11 @@ def _search_on_ray(tuner, info, count: int, cpus: float) -> None:
     the cluster has GPUs, else `cpus` CPUs. A failed job stops the sweep; a lost one Ray re-runs."""
     from . import cluster
 
-    sweep = tuner.sweep
-    spec = sweep.spec.model_copy(update={"directory": str(Path(sweep.spec.directory).resolve())})
-    uri = tracking.tracking_uri()
+    sweep, uri = tuner.sweep, tracking.tracking_uri()
     node = cluster.driver_node()
     oracle = {"KERASTUNER_ORACLE_IP": node.address, "KERASTUNER_ORACLE_PORT": str(cluster.free_port(node.address))}
     threads = {"TF_NUM_INTRAOP_THREADS": str(max(1, int(cpus))), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    spec = sweep.spec.model_copy(update={"directory": str(Path(sweep.spec.directory).resolve())})
     args = (replace(sweep, spec=spec), uri, tuner.uid, tuner.parent_run_id, tuner.experiment)
     jobs = [cluster.Job("chief", _search_job, args, resources={"num_cpus": 0, "num_gpus": 0},
                         env={**oracle, "KERASTUNER_TUNER_ID": "chief"}, node_id=node.node_id)]
@@ -292,10 +277,9 @@ def _search_on_ray(tuner, info, count: int, cpus: float) -> None:
     def on_done(outcome) -> None:
         if outcome.ok:
             return
-        err = outcome.error
-        if isinstance(err, (ConfigError, tracking.TrackingError)):
-            raise err
-        if tracking.is_tracking_error(err):
+        if isinstance(outcome.error, (ConfigError, tracking.TrackingError)):
+            raise outcome.error
+        if tracking.is_tracking_error(outcome.error):
             raise tracking.TrackingError(f"the MLflow store {uri} failed in the sweep's {outcome.name} "
                                          f"({outcome.error_text}); what was logged is kept: run the same "
                                          f"command again once the store answers.") from None
@@ -306,23 +290,22 @@ def _search_on_ray(tuner, info, count: int, cpus: float) -> None:
 
 
 def trial_rows(tuner) -> list[dict[str, Any]]:
-    """One row per trial the oracle knows, best first (keras-tuner's order: trials without a score last)."""
-    sweep, runs, oracle = tuner.sweep, tuner.runs(), tuner.oracle
-    rows = []
-    for rank, trial in enumerate(oracle.get_best_trials(len(oracle.trials)), 1):
-        score = trial.score if trial.status == keras_tuner.engine.trial.TrialStatus.COMPLETED else None
-        rows.append({"rank": rank if score is not None else None, "order": number(trial.trial_id),
-                     "trial": number(trial.trial_id), "trial_id": trial.trial_id, "status": str(trial.status),
-                     sweep.objective: score, "best_epoch": trial.best_step if score is not None else None,
-                     **{name: trial.hyperparameters.values.get(name) for name in sweep.names},
-                     "run_id": runs[trial.trial_id].info.run_id if trial.trial_id in runs else ""})
-    return rows
+    """One row per trial the oracle knows, best first (trials without a score last; ties by number)."""
+    sweep, runs, done = tuner.sweep, tuner.runs(), keras_tuner.engine.trial.TrialStatus.COMPLETED
+    sign = -1 if sweep.direction == "max" else 1
+    trials = sorted(tuner.oracle.trials.values(), key=lambda t: (t.status != done, sign * t.score if t.status == done
+                                                                 else 0, int(t.trial_id)))
+    return [{"rank": rank if t.status == done else None, "order": number(t.trial_id), "trial": number(t.trial_id),
+             "trial_id": t.trial_id, "status": str(t.status), sweep.objective: t.score if t.status == done else None,
+             "best_epoch": t.best_step if t.status == done else None,
+             **{name: t.hyperparameters.values.get(name) for name in sweep.names},
+             "run_id": runs[t.trial_id].info.run_id if t.trial_id in runs else ""}
+            for rank, t in enumerate(trials, 1)]
 
 
 def importance(rows: list[dict[str, Any]], sweep: Sweep) -> dict[str, float]:
-    """A rough 0..1 importance per dimension over the completed trials: |Spearman| with the objective
-    for numbers, the share of variance between the groups (eta squared) for choices and booleans; zero
-    with fewer than three completed trials, or where a dimension or the objective does not vary."""
+    """A rough 0..1 importance per dimension over the completed trials (0 with fewer than three, or no variation):
+    |Spearman| with the objective for numbers, the share of variance between groups (eta squared) otherwise."""
     from scipy import stats
 
     done = [r for r in rows if r[sweep.objective] is not None]
@@ -356,12 +339,11 @@ def summarize(tuner) -> dict[str, Any]:
     if tracking.get_run(tuner.parent_run_id).data.tags.get(tracking.SWEEP_SUMMARY_TAG) == key:
         print(f"sweep {sweep.name!r}: no new trials since the last summary", flush=True)
         return best
-    step = len(done)
     best_values = {name: best[name] for name in sweep.names}
     tracking.set_tags({**{tracking.BEST_TAG + k: value_text(v) for k, v in best_values.items()},
                        tracking.BEST_TRIAL_TAG: str(best["trial"]), tracking.BEST_RUN_ID_TAG: best["run_id"]})
     tracking.log_metrics({f"best_{sweep.objective}": best[sweep.objective], "completed_trials": len(done),
-                          "failed_trials": len(rows) - len(done)}, step=step)
+                          "failed_trials": len(rows) - len(done)}, step=len(done))
     tracking.log_dict({"trial": best["trial"], "run_id": best["run_id"],
                        sweep.objective: best[sweep.objective], "hyperparameters": best_values},
                       "sweep/best_hyperparameters.json")
@@ -386,15 +368,15 @@ def summarize(tuner) -> dict[str, Any]:
             except (OSError, ValueError) as err:   # the trial ran on another machine
                 print(f"no checkpoint of trial {best['trial']} here ({err})", flush=True)
     if model is None and source != "none":
-        print(f"re-training the best trial {best['trial']} ({config.train.epochs} epochs) for the sweep's model",
-              flush=True)
+        print(f"re-training the best trial {best['trial']} for the sweep's model", flush=True)
         model, source = tuner.hypermodel.build(trial.hyperparameters), "retrained"
         fit(model, data, config, track=False)   # the parent's metrics are the sweep's, not this training's
     if model is not None:
         # What train logs for a trained model, so that the sweep's model predicts and serves the same way.
         log_inputs(config, data, model)
         history = tracking.epoch_history(best["run_id"]) if best["run_id"] else {}
-        log_trained_model(model, data, history, title=f"{sweep.name}: best trial {best['trial']}", step=step)
+        log_trained_model(model, data, history, title=f"{sweep.name}: best trial {best['trial']}",
+                          step=len(done))
     tracking.set_tags({tracking.MODEL_SOURCE_TAG: source, tracking.SWEEP_SUMMARY_TAG: key})
     tracking.flush()
     return best
@@ -407,11 +389,10 @@ def cmd_tune(args) -> int:
         resumes = (sweep.project_dir / STATE_FILE).is_file()
         print(f"tuner state: {sweep.project_dir} ({'resumes' if resumes else 'new sweep'})")
         return 0
-    register = getattr(args, "register", None)
-    if register:   # before any run: a bad name, or a sweep that logs no model, fails now
+    if args.register:   # before any run: a bad name, or a sweep that logs no model, fails now
         from ..serving import check_model_name
 
-        check_model_name(register)
+        check_model_name(args.register)
         if sweep.spec.final_model == "none":
             raise ConfigError(f"{sweep.source}: --register needs the sweep's model, but `final_model: none` "
                               f"logs none; remove final_model (or set it to auto).")
@@ -422,16 +403,16 @@ def cmd_tune(args) -> int:
     except SweepError as err:
         print(f"alexnet-keras tune: error: {err}", file=sys.stderr)
         return 1
-    if register:   # the sweep's model (on the parent run) as the champion, tagged with the sweep and its score
+    if args.register:   # the sweep's model (on the parent run) as the champion, tagged with the sweep and its score
         from ..serving import DEFAULT_ALIAS, register_model
 
         tags = {tracking.SWEEP_TAG: sweep.name, tracking.PARENT_RUN_TAG: parent_run_id,
                 tracking.SELECTION_METRIC_TAG: sweep.objective,
                 tracking.SELECTION_VALUE_TAG: f"{best[sweep.objective]:.6g}",
                 tracking.BEST_TRIAL_TAG: str(best["trial"]), tracking.BEST_RUN_ID_TAG: best["run_id"]}
-        version = register_model(parent_run_id, register, origin="sweep", tags=tags,
+        version = register_model(parent_run_id, args.register, origin="sweep", tags=tags,
                                  description=f"The best trial ({best['trial']}) of sweep {sweep.name!r}: "
                                              f"{sweep.objective} {best[sweep.objective]:.4g}.")
-        print(f"registered the model of sweep {sweep.name!r} (parent run {parent_run_id}) as {register!r} "
-              f"version {version.version}: models:/{register}@{DEFAULT_ALIAS}", flush=True)
+        print(f"registered the model of sweep {sweep.name!r} (parent run {parent_run_id}) as {args.register!r} "
+              f"version {version.version}: models:/{args.register}@{DEFAULT_ALIAS}", flush=True)
     return 0
