@@ -415,8 +415,8 @@ def test_tracking_errors_inside_a_trial_stop_the_sweep(mlflow_store, capsys, mon
 
 
 def test_trials_are_numbered_from_1_everywhere_as_keras_tuners_console_does(swept):
-    """keras-tuner prints "Running Trial #1" for trial id "0": run names, the trial table, the best-trial
-    tag and the figure's axis count the same way."""
+    """keras-tuner prints "Running Trial #1" for trial id "0": run names, descriptions, the trial table,
+    the best-trial tag and the messages count the same way."""
     uri, (_, parent_id), snapshots, outputs = swept
     trials = _role(snapshots[-1], "trial")
     assert sorted(t.info.run_name for t in trials) == [f"sweep-smoke-trial-{n}" for n in (1, 2, 3)]
@@ -430,4 +430,4 @@ def test_trials_are_numbered_from_1_everywhere_as_keras_tuners_console_does(swep
     folder = Path(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="sweep", tracking_uri=uri))
     rows = (folder / "trials.csv").read_text().splitlines()[1:]
     assert sorted(int(line.split(",")[1]) for line in rows) == [1, 2, 3]
-    assert "trial 2: already finished as MLflow run" in outputs[0]   # trial id "1", re-queued
+    assert "Running Trial #2" in outputs[0] and "trial 2: already finished as MLflow run" in outputs[0]   # id "1"

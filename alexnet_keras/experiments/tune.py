@@ -130,12 +130,12 @@ def make_tuner(sweep: Sweep, hypermodel: AlexNetHyperModel | None = None, **cont
                   hyperband_iterations=budget.hyperband_iterations) if spec.tuner == "hyperband" else
              dict(max_trials=budget.max_trials, **({"num_initial_points": budget.num_initial_points}
                                                   if spec.tuner == "bayesian" else {})))
-    # keras-tuner's DEBUG prints each failed trial's tracebacks (run_trial prints one line); its seed 0 is none.
+    # keras-tuner's DEBUG prints each failed trial's chained tracebacks; run_trial prints one line instead.
     keras_tuner.src.config.DEBUG = False
     tuner = type(f"Tracked{base_cls.__name__}", (TrackedTrials, base_cls), {})(
         hypermodel=hypermodel or AlexNetHyperModel(sweep), objective=keras_tuner.Objective(sweep.objective,
                                                                                          sweep.direction),
-        seed=spec.seed + 1, max_consecutive_failed_trials=budget.max_failed_trials,
+        seed=spec.seed + 1, max_consecutive_failed_trials=budget.max_failed_trials,   # seed 0: a random one
         directory=spec.directory, project_name=sweep.name, overwrite=False, **shape)
     tuner.sweep = sweep
     vars(tuner).update(context)
