@@ -12,13 +12,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
-from .tables import cell
+from .tables import cell, confusion_rows
 
 matplotlib.use("Agg")   # no display needed: every figure is saved, never shown
 
 # (title, train key, validation key) of each learning-curve panel.
 CURVE_PANELS = (("loss", "loss", "val_loss"), ("top-1 accuracy", "accuracy", "val_accuracy"),
                 ("top-5 accuracy", "top5_accuracy", "val_top5_accuracy"))
+FULL_MATRIX_CLASSES = 30   # up to this many classes the confusion figure is the whole matrix, still readable
 
 
 def _finish(fig, title: str = ""):
@@ -48,22 +49,39 @@ def learning_curves(history: Mapping[str, Sequence[float]], title: str = ""):
         ax.set_title("learning rate")
     for ax in axes[0]:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     return _finish(fig, title)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str], title: str = ""):
-    """Row-normalised confusion matrix (recall on the diagonal) from scikit-learn."""
-    from sklearn.metrics import ConfusionMatrixDisplay
+    """Row-normalised confusion matrix (recall on the diagonal) up to FULL_MATRIX_CLASSES classes. Above,
+    on a canvas of fixed size whatever the class count: the most-confused pairs and the spread of the
+    per-class recall (the whole matrix is tables.confusion_rows, a file)."""
+    n = len(class_names)
+    if n <= FULL_MATRIX_CLASSES:
+        from sklearn.metrics import ConfusionMatrixDisplay
 
-    size = max(5.0, 0.45 * len(class_names) + 2.5)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay.from_predictions(
-        labels, predictions, labels=np.arange(len(class_names)), display_labels=list(class_names),
-        normalize="true", values_format=".2f", xticks_rotation=45, colorbar=False, ax=ax,
-        include_values=len(class_names) <= 20)
-    ax.set_title(title or "confusion matrix (rows: true class, normalised)")
-    return _finish(fig)
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * n + 2.5),) * 2)
+        ConfusionMatrixDisplay.from_predictions(
+            labels, predictions, labels=np.arange(n), display_labels=list(class_names), normalize="true",
+            values_format=".2f", xticks_rotation=45, colorbar=False, ax=ax, include_values=n <= 20)
+        ax.set_title("confusion matrix (rows: true class, normalised)")
+        return _finish(fig, title)
+    pairs = sorted((r for r in confusion_rows(labels, predictions, class_names) if r["true"] != r["predicted"]),
+                   key=lambda r: (-r["fraction_of_true"], -r["count"]))[:20]
+    support = np.bincount(labels, minlength=n)
+    recall = np.bincount(labels[labels == predictions], minlength=n)[support > 0] / support[support > 0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 6))
+    left.barh(np.arange(len(pairs))[::-1], [r["fraction_of_true"] for r in pairs])
+    left.set_yticks(np.arange(len(pairs))[::-1], [f"{r['true'][:24]} → {r['predicted'][:24]}" for r in pairs])
+    left.set_xlabel("share of the true class's test images")
+    left.set_title(f"the {len(pairs)} most-confused pairs (true → predicted)" if pairs else "no confusions")
+    right.hist(recall, bins=np.linspace(0.0, 1.0, 21))
+    right.set_xlabel("recall (top-1)")
+    right.set_ylabel("classes")
+    right.set_title(f"per-class recall of the {len(recall)} (of {n}) classes\nwith test images: mean {recall.mean():.3f}")
+    return _finish(fig, title)
 
 
 def study_bars(variants: Sequence[Any], metric: str, confidence: float, title: str = ""):

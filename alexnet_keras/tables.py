@@ -9,6 +9,8 @@ import io
 import math
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 
 def value_text(value: Any) -> str:
     """A value as MLflow params and CSV files show it: `true`/`false`, "" for None, else `str`
@@ -68,3 +70,14 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *,
         lines.append("| " + " | ".join(v if isinstance(v, str) else cell(v, digits.get(c))
                                        for c, v in zip(columns, values)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def confusion_rows(labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """The confusion matrix as its non-zero cells, the most frequent first: true and predicted class, count
+    and share of the true class's examples. A sparse matrix: at most one row per example at any class count."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    cells, counts = np.unique(np.stack([labels, predictions], axis=1), axis=0, return_counts=True)
+    support = np.bincount(labels, minlength=len(class_names)).tolist()
+    order = np.argsort(-counts, kind="stable")
+    return [{"true": class_names[t], "predicted": class_names[p], "count": int(c), "fraction_of_true": c / support[t]}
+            for (t, p), c in zip(cells[order].tolist(), counts[order].tolist())]
