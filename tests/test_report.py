@@ -582,3 +582,30 @@ def test_a_store_that_stops_answering_is_named_not_taken_for_a_missing_spec(mlfl
         mlflow.set_tracking_uri(mlflow_store)
     assert f"the MLflow store {gone} does not answer" in str(raised.value)
     assert "has no" not in str(raised.value)
+
+
+def test_report_leaves_no_temporary_folder_behind(mlflow_store, claims_spec, tmp_path, monkeypatch):
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from alexnet_keras import tracking
+
+    client = MlflowClient()
+    parent = client.create_run(client.create_experiment("temp"), tags={tracking.ROLE_TAG: "parent"}).info.run_id
+    client.log_dict(parent, claims_spec, tracking.SPEC_ARTIFACT)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    assert report.load_spec(parent) == claims_spec
+    assert list((tmp_path / "temp").iterdir()) == []
+
+
+def test_report_on_a_missing_store_says_so_and_creates_none(tmp_path, monkeypatch, capsys):
+    from alexnet_keras import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for uri in (f"sqlite:///{tmp_path}/typo.db", None):   # a path given, and the default ./mlflow.db
+        assert cli.main(["report", "0123abcd", *(["--tracking-uri", uri] if uri else [])]) == 2
+        assert "no MLflow store at sqlite:///" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -6,10 +6,12 @@ What the numbers mean and how they are read: docs/methodology.md."""
 from __future__ import annotations
 
 import functools
-import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
+import mlflow
 
 from . import stats
 from .. import figures, tracking
@@ -518,12 +520,16 @@ def make_report(parent_run_id: str, spec: dict[str, Any], children: Sequence[Any
 
 
 def load_spec(parent_run_id: str) -> dict[str, Any]:
-    ROLE_TAG, SPEC_ARTIFACT = tracking.ROLE_TAG, tracking.SPEC_ARTIFACT
+    ROLE_TAG, SPEC_ARTIFACT, uri = tracking.ROLE_TAG, tracking.SPEC_ARTIFACT, tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).expanduser().is_file():
+        # MLflow would create an empty store there and then not find the run in it.
+        raise tracking.TrackingError(f"no MLflow store at {uri}: pass --tracking-uri (or set MLFLOW_TRACKING_URI) to "
+                                     f"the store that holds the study, e.g. sqlite:///PATH/mlflow.db.")
     if tracking.get_run(parent_run_id).data.tags.get(ROLE_TAG) != "parent":
         raise tracking.TrackingError(f"run {parent_run_id} is not the parent run of an ablation study (no "
                                      f"{ROLE_TAG}=parent tag); pass the id of the study's parent run.")
     try:
-        return json.loads(tracking.download_artifact(parent_run_id, SPEC_ARTIFACT).read_text())
+        return mlflow.artifacts.load_dict(f"runs:/{parent_run_id}/{SPEC_ARTIFACT}")   # via a temporary folder it removes
     except Exception as err:
         if not tracking.store_answers():   # a store gone away (e.g. mid-study) is not a missing artifact
             raise tracking.TrackingError(
