@@ -80,7 +80,7 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, class_names: S
     right.hist(recall, bins=np.linspace(0.0, 1.0, 21))
     right.set_xlabel("recall (top-1)")
     right.set_ylabel("classes")
-    right.set_title(f"per-class recall of the {len(recall)} (of {n}) classes\nwith test images: mean {recall.mean():.3f}")
+    right.set_title(f"recall of the {len(recall)} (of {n}) classes\nwith test images: mean {recall.mean():.3f}")
     return _finish(fig, title)
 
 

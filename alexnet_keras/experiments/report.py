@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -374,6 +375,11 @@ def _summary_text(variants: Sequence[VariantSummary]) -> str:
                 f"n = {len(baseline.seeds)} baseline vs {counts} variant seeds).")
     else:
         text = "Minimum detectable effect: n/a (it needs >= 2 seeds per group and a baseline whose seeds spread)."
+    return text + " " + _readings(variants)
+
+
+def _readings(variants: Sequence[VariantSummary]) -> str:
+    """Which variants read how (stats.reading), in words."""
     groups: dict[str, list[str]] = {}
     for s in variants:
         if not s.is_baseline:
@@ -386,7 +392,7 @@ def _summary_text(variants: Sequence[VariantSummary]) -> str:
                  "Below resolution (the interval still reaches ±MDE: too small to see with these seeds)",
              stats.NOT_AVAILABLE: "Not testable (< 2 seeds in a group, or no spread)"}
     parts = [f"{title}: {', '.join(groups[key])}." for key, title in words.items() if key in groups]
-    return text + " " + (" ".join(parts) or "No variant to compare with the baseline.")
+    return " ".join(parts) or "No variant to compare with the baseline."
 
 
 def study_table(spec: dict[str, Any], variants: Sequence[VariantSummary]) -> str:
@@ -466,17 +472,20 @@ def claim_rows(results: Sequence[ClaimResult]) -> list[dict[str, Any]]:
              "note": r.note} for r in results]
 
 
-def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims: Sequence[ClaimResult] = ()) -> str:
+def _runs_finished(variants: Sequence[VariantSummary]) -> str:
     n_done, n_failed = sum(len(s.seeds) for s in variants), sum(s.failed for s in variants)
     n_expected = n_done + n_failed + sum(s.missing for s in variants)
+    return f"{n_done}/{n_expected} runs finished" + (f", {n_failed} failed" if n_failed else "")
+
+
+def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims: Sequence[ClaimResult] = ()) -> str:
     axes = ", ".join(f"{a} (baseline {d['baseline']})" for a, d in spec["axes"].items())
     grid = spec.get("nuisance_grid", {})
     nuisance = ", ".join(spec["hyperparameters"]["nuisance"]) + ("; tuned per arm on validation: " + ", ".join(
         f"{k} in {{{', '.join(map(str, v))}}}" for k, v in grid.items()) if grid else "")
     tuned = any(s.tuning for s in variants)
     lines = [f"## Ablation study `{spec['name']}`", "", *([spec["description"], ""] if spec["description"] else []),
-             f"**{n_done}/{n_expected} runs finished**" + (f", {n_failed} failed" if n_failed else "")
-             + f" · design: {spec['design']} · seeds: {', '.join(map(str, spec['seeds']))} "
+             f"**{_runs_finished(variants)}** · design: {spec['design']} · seeds: {', '.join(map(str, spec['seeds']))} "
              f"· study digest `{spec['digest']}`",
              "", f"Scientific (the axes): {axes}. Nuisance: {nuisance}. "
              f"Fixed: every other option, at the base config's value (study/study.json).", "",
@@ -494,6 +503,16 @@ def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims
     return "\n".join(lines + ["", "Figures: figures/ablation_test_accuracy.png, figures/ablation_val_accuracy.png; "
                               "raw numbers: reports/ablation.csv, reports/claims.csv, reports/ablation_runs.csv"
                               + (", reports/tuning.csv" if tuned else "") + "."]) + "\n"
+
+
+def description(report: Report) -> str:
+    """The parent run's description, which MLflow shows in a narrow column: the outcome in a few lines and
+    where the rest is (the report's Markdown file, which MLflow's artifact view renders full width)."""
+    verdicts = Counter(r.verdict for r in report.claims if r.verdict != stats.NOT_IN_STUDY)
+    claims = ", ".join(f"{verdict} {n}" for verdict, n in verdicts.items()) or "none measured by this study"
+    return (f"Ablation study `{report.spec['name']}`: {_runs_finished(report.variants)}. "
+            f"{_readings(report.variants)} Paper's claims: {claims}.\n\nFull report: Artifacts → reports/ablation.md; "
+            f"figures: Artifacts → figures/.")
 
 
 def table_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
@@ -529,7 +548,7 @@ def load_spec(parent_run_id: str) -> dict[str, Any]:
         raise tracking.TrackingError(f"run {parent_run_id} is not the parent run of an ablation study (no "
                                      f"{ROLE_TAG}=parent tag); pass the id of the study's parent run.")
     try:
-        return mlflow.artifacts.load_dict(f"runs:/{parent_run_id}/{SPEC_ARTIFACT}")   # via a temporary folder it removes
+        return mlflow.artifacts.load_dict(f"runs:/{parent_run_id}/{SPEC_ARTIFACT}")   # its temporary folder removed
     except Exception as err:
         if not tracking.store_answers():   # a store gone away (e.g. mid-study) is not a missing artifact
             raise tracking.TrackingError(
@@ -565,5 +584,5 @@ def build_report(parent_run_id: str) -> Report:
     curves = figures.study_curves({s.name: s.val_histories for s in report.variants}, spec["baseline"],
                                   title=f"{spec['name']}: validation accuracy")
     tracking.log_figure(curves, "figures/ablation_val_accuracy.png", **on_parent)
-    tracking.set_tags({tracking.NOTE_TAG: report.markdown}, **on_parent)   # the run page's description
+    tracking.set_tags({tracking.NOTE_TAG: description(report)}, **on_parent)
     return report
