@@ -1,7 +1,5 @@
-"""The report of an ablation study, rebuilt from the MLflow store alone: per variant its metrics over
-seeds and its difference to the baseline (stats.py), the verdict on each claim of Krizhevsky et al.
-(2012), the nuisance value each arm was tuned to, and the figures, logged on the study's parent run.
-What the numbers mean and how they are read: docs/methodology.md."""
+"""An ablation study's report, rebuilt from the MLflow store alone and logged on its parent run: variants
+against the baseline, the paper's claims, per-arm tuning, figures. How to read it: docs/methodology.md."""
 
 from __future__ import annotations
 
@@ -32,14 +30,10 @@ CI = f"{int(CONFIDENCE * 100)}% CI"
 History = Callable[[str, str], Sequence[tuple[int, float]]]
 
 
-# --- the paper's claims, as data ------------------------------------------------------------------
-
 @dataclass(frozen=True)
 class Claim:
-    """One claim of the paper: arm `a` minus arm `b` (the options of each; all else equal between them)
-    in `metric` (`CLAIM_METRICS`). `paper`: the paper's figure as that signed difference (a ratio a/b
-    for ratio metrics), None when it gives only a direction; `direction`: its sign of a - b (of
-    log(a/b) for ratios). `requires`: options both arms need for the comparison to mean the paper's."""
+    """Arm `a` minus arm `b` (options; all else equal) in `metric`: the paper's figure (a ratio a/b for ratio
+    metrics; None: a direction only) and sign; `requires`: options both arms need (docs/methodology.md)."""
 
     claim: str
     a: Mapping[str, Any]
@@ -76,8 +70,6 @@ CLAIM_METRICS = {"top1_error": ("points", False), "top5_error": ("points", False
 CONVERGED_WITHIN = 0.01          # "converged": validation accuracy within 1 point of the run's best
 TRAIN_ERROR_TARGET = 0.25        # the paper's Figure 1: epochs to 25 % training error
 
-
-# --- summaries -------------------------------------------------------------------------------------
 
 @dataclass
 class VariantSummary:
@@ -147,9 +139,9 @@ class Report:
     variants: list[VariantSummary]
     claims: list[ClaimResult]
     markdown: str                     # reports/ablation.md (claims.md is its claims section)
-    csv: str                          # reports/ablation.csv
-    claims_csv: str                   # reports/claims.csv
-    tuning_csv: str                   # reports/tuning.csv; "" without a nuisance grid
+    csv: str                          # reports/ablation.csv, claims.csv, tuning.csv ("" without a nuisance grid)
+    claims_csv: str
+    tuning_csv: str
 
 
 def _series(history: History | None, run_id: str, key: str) -> list[float]:
@@ -160,8 +152,7 @@ def _series(history: History | None, run_id: str, key: str) -> list[float]:
 
 def _index(children: Sequence[Any]) -> tuple[dict[str, Any], set[str]]:
     """{config digest: the latest FINISHED child}, and the digests with only FAILED / KILLED children."""
-    finished: dict[str, Any] = {}
-    broken: set[str] = set()
+    finished, broken = {}, set()
     for run in sorted(children, key=lambda r: r.info.end_time or 0, reverse=True):   # the latest first
         digest = run.data.tags.get(tracking.CONFIG_DIGEST_TAG)
         if digest is not None and run.info.status == "FINISHED":
@@ -173,8 +164,7 @@ def _index(children: Sequence[Any]) -> tuple[dict[str, Any], set[str]]:
 
 def _plan(spec: Mapping[str, Any], variant: Mapping[str, Any], summary: VariantSummary,
           finished: Mapping[str, Any], broken: set[str]) -> dict[int, str | None]:
-    """The (seed -> digest) plan of a variant: its `config_digests`, or, with a nuisance grid, the
-    digests of the grid label chosen on its first-seed (tuning) runs (`choose_grid_value`)."""
+    """{seed: config digest} of a variant: with a nuisance grid, of the label its tuning runs chose."""
     grid = variant.get("grid_digests")
     if not grid:
         return {int(seed): digest for seed, digest in variant["config_digests"].items()}
@@ -189,10 +179,8 @@ def _plan(spec: Mapping[str, Any], variant: Mapping[str, Any], summary: VariantS
 
 
 def choose_grid_value(tuning_runs: Mapping[str, Any]) -> tuple[str | None, dict[str, float]]:
-    """An arm's nuisance value, chosen on validation: `tuning_runs` maps each grid label (in the grid's
-    order) to its FINISHED tuning run or None. Returns the label whose run has the highest final
-    `val_accuracy` (the first listed on ties; None when no run has one) and each label's value (NaN
-    without one). Test metrics play no part. `ablate` runs the arm's other seeds at the label this gives."""
+    """An arm's nuisance value, chosen on validation ({grid label: its FINISHED tuning run or None}): the
+    label with the highest final `val_accuracy` (first on ties, None without any), and each label's value."""
     scores = {label: float(run.data.metrics.get(VAL_ACCURACY, NAN)) if run is not None else NAN
               for label, run in tuning_runs.items()}
     scored = {label: value for label, value in scores.items() if math.isfinite(value)}
@@ -201,8 +189,7 @@ def choose_grid_value(tuning_runs: Mapping[str, Any]) -> tuple[str | None, dict[
 
 
 def summarize(spec: dict[str, Any], children: Sequence[Any], history: History | None = None) -> list[VariantSummary]:
-    """Per variant: its children (through their config digest; the latest FINISHED wins), metrics and
-    statistics against the baseline. `history` reads per-epoch metrics (None: no curves or plateau)."""
+    """Per variant: its children (by config digest; the latest FINISHED wins), metrics and statistics."""
     finished, broken = _index(children)
     base: dict[str, Any] = {}   # the base config's leaves, flattened: what each variant's overrides change
     for key, value in spec["base_config"].items():
@@ -244,8 +231,6 @@ def _compare(variants: Sequence[VariantSummary]) -> None:
         s.reading = stats.reading(s.vs_baseline, s.p_holm, s.mde)
 
 
-# --- claims ----------------------------------------------------------------------------------------
-
 def _same(x: Any, y: Any) -> bool:
     """Equal option values, where true is not 1 (but 1 is 1.0)."""
     return x == y and isinstance(x, bool) == isinstance(y, bool)
@@ -256,8 +241,7 @@ def _has(options: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
 
 
 def _arms(claim: Claim, variants: Sequence[VariantSummary]) -> tuple[VariantSummary, VariantSummary] | None:
-    """The two variants that differ only in the claim's options, preferring a pair with the baseline,
-    then the pair closest to it (fewest factors away); None if the study has no such pair."""
+    """The two variants that differ only in the claim's options, the pair with or nearest the baseline."""
     keys = set(claim.a) | set(claim.b)
     pairs = [(a, b) for a in variants if _has(a.options, {**claim.a, **claim.requires})
              for b in variants if b is not a and _has(b.options, {**claim.b, **claim.requires})
@@ -272,9 +256,8 @@ def _arms(claim: Claim, variants: Sequence[VariantSummary]) -> tuple[VariantSumm
 
 
 def _claim_values(claim: Claim, arm: VariantSummary, history: History | None) -> tuple[list[float], list[float]]:
-    """The claim's metric for each run of an arm; for the epochs metrics (inf where the threshold is never
-    met) also the epochs each run is known to need at least: the epochs trained, or for convergence the
-    epochs before the last fifth."""
+    """The claim's metric for each run of an arm, and for the epochs metrics (inf: never met) the epochs each
+    run is known to need at least: the epochs trained, or for convergence those before the last fifth."""
     test, train = arm.values["test_accuracy"], arm.values["final_train_accuracy"]
     if claim.metric == "top1_error":
         return [100.0 * (1.0 - x) for x in test], []
@@ -290,9 +273,7 @@ def _claim_values(claim: Claim, arm: VariantSummary, history: History | None) ->
 
 
 def judge_claims(variants: Sequence[VariantSummary], history: History | None = None) -> list[ClaimResult]:
-    """A verdict per claim (stats.verdict): arms found by their options, Welch on the claim's metric
-    (log values for ratios), the MDE from the spread of the arm that is the study's baseline (else the
-    pooled spread of the two), Holm over the claims this study measures."""
+    """A verdict per claim (stats.verdict; how: docs/methodology.md)."""
     results = [ClaimResult(claim) for claim in CLAIMS]
     for result in results:
         claim, pair = result.claim, _arms(result.claim, variants)
@@ -305,8 +286,7 @@ def judge_claims(variants: Sequence[VariantSummary], history: History | None = N
         if result.ratio:   # epochs to a threshold: Welch on log epochs, the ratio of geometric means
             slower, cut, faster = (values_a, cut_a, values_b) if claim.direction > 0 else (values_b, cut_b, values_a)
             if any(math.isinf(x) for x in faster):
-                result.verdict = stats.NOT_MEASURABLE
-                result.note = "a run of the faster arm never reached the threshold"
+                result.verdict, result.note = stats.NOT_MEASURABLE, "a faster arm's run never reached the threshold"
                 continue
             if any(math.isinf(x) for x in slower):
                 result.lower_bound = True
@@ -328,8 +308,6 @@ def judge_claims(variants: Sequence[VariantSummary], history: History | None = N
                                        lower_bound=result.lower_bound)
     return results
 
-
-# --- tables ----------------------------------------------------------------------------------------
 
 def _pm(stat: tuple[float, float], digits: int) -> str:
     mean, std = stat
@@ -506,8 +484,7 @@ def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims
 
 
 def description(report: Report) -> str:
-    """The parent run's description, which MLflow shows in a narrow column: the outcome in a few lines and
-    where the rest is (the report's Markdown file, which MLflow's artifact view renders full width)."""
+    """The parent run's description (a narrow column in MLflow): the outcome, and where the full report is."""
     verdicts = Counter(r.verdict for r in report.claims if r.verdict != stats.NOT_IN_STUDY)
     claims = ", ".join(f"{verdict} {n}" for verdict, n in verdicts.items()) or "none measured by this study"
     return (f"Ablation study `{report.spec['name']}`: {_runs_finished(report.variants)}. "
@@ -517,17 +494,13 @@ def description(report: Report) -> str:
 
 def table_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
     """Rows as the column dict `mlflow.log_table` takes (NaN and missing cells as None)."""
-    values = {name: [row.get(name) for row in rows] for name in columns_of(rows)}
-    return {name: [None if isinstance(v, float) and not math.isfinite(v) else v for v in column]
-            for name, column in values.items()}
+    return {name: [None if isinstance(v := row.get(name), float) and not math.isfinite(v) else v for row in rows]
+            for name in columns_of(rows)}
 
-
-# --- from the store to the parent run ---------------------------------------------------------------
 
 def make_report(parent_run_id: str, spec: dict[str, Any], children: Sequence[Any],
                 history: History | None = None) -> Report:
-    """Every table of the report from a spec and the children (run-like objects: .info.run_id, .status,
-    .end_time; .data.tags, .data.metrics); `history` reads per-epoch metrics. Logs nothing."""
+    """Every table of the report from a spec and the children (run-like objects); logs nothing."""
     if history is not None:
         history = functools.lru_cache(maxsize=None)(history)   # a claim may read a series twice
     variants = summarize(spec, children, history)
