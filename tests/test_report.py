@@ -210,7 +210,7 @@ class FakeStore:
             self.series[(run_id, key)] = list(values)
 
     def history(self, run_id, key):
-        return list(enumerate(self.series.get((run_id, key), [])))
+        return self.series.get((run_id, key), [])
 
 
 def _histories(d, seed, changes=None):

@@ -26,8 +26,8 @@ VAL_ACCURACY = "val_accuracy"     # per epoch: curves, plateau, convergence; fin
 TRAIN_ACCURACY = "accuracy"       # per epoch: epochs to 25 % training error
 CI = f"{int(CONFIDENCE * 100)}% CI"
 
-# history(run_id, metric key) -> [(step, value)], step = epoch index (build_report: tracking.epoch_history).
-History = Callable[[str, str], Sequence[tuple[int, float]]]
+# history(run_id, metric key) -> its value per epoch, in epoch order (build_report: tracking.epoch_history).
+History = Callable[[str, str], list[float]]
 
 
 @dataclass(frozen=True)
@@ -144,12 +144,6 @@ class Report:
     tuning_csv: str
 
 
-def _series(history: History | None, run_id: str, key: str) -> list[float]:
-    """A run's per-epoch values in step order (the last value logged for a step wins)."""
-    by_step = dict(history(run_id, key)) if history is not None else {}
-    return [by_step[step] for step in sorted(by_step)]
-
-
 def _index(children: Sequence[Any]) -> tuple[dict[str, Any], set[str]]:
     """{config digest: the latest FINISHED child}, and the digests with only FAILED / KILLED children."""
     finished, broken = {}, set()
@@ -209,7 +203,7 @@ def summarize(spec: dict[str, Any], children: Sequence[Any], history: History | 
             for metric, _, _ in METRICS:
                 summary.values[metric].append(float(run.data.metrics.get(metric, NAN)))
             summary.num_params = float(run.data.metrics.get("num_params", summary.num_params))
-            summary.val_histories.append(_series(history, run.info.run_id, VAL_ACCURACY))
+            summary.val_histories.append(history(run.info.run_id, VAL_ACCURACY) if history else [])
         summary.stats = {m: stats.mean_std(summary.values[m]) for m, _, _ in METRICS}
         summary.plateau = stats.mean_std([stats.plateau(h) for h in summary.val_histories if len(h) > 1])
         out.append(summary)
@@ -268,7 +262,7 @@ def _claim_values(claim: Claim, arm: VariantSummary, history: History | None) ->
     if claim.metric == "epochs_to_converge":
         return ([stats.epochs_to_converge(h, CONVERGED_WITHIN) for h in arm.val_histories],
                 [float(len(h) - stats.tail_length(len(h))) if len(h) > 1 else NAN for h in arm.val_histories])
-    series = [_series(history, run_id, TRAIN_ACCURACY) for run_id in arm.run_ids]
+    series = [history(run_id, TRAIN_ACCURACY) if history else [] for run_id in arm.run_ids]
     return [stats.epochs_to(h, 1.0 - TRAIN_ERROR_TARGET) if h else NAN for h in series], [float(len(h)) for h in series]
 
 
@@ -535,8 +529,8 @@ def build_report(parent_run_id: str) -> Report:
     """Rebuild the study's tables and figures from the store and log them on the parent run."""
     spec = load_spec(parent_run_id)
 
-    def history(run_id: str, key: str) -> list[tuple[int, float]]:
-        return list(enumerate(tracking.epoch_history(run_id, [key]).get(key, [])))
+    def history(run_id: str, key: str) -> list[float]:
+        return tracking.epoch_history(run_id, [key]).get(key, [])
 
     report = make_report(parent_run_id, spec, tracking.child_runs(parent_run_id), history)
     on_parent = {"run_id": parent_run_id}
