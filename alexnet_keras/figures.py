@@ -1,6 +1,5 @@
 """Every figure the package logs: a training run's learning curves and confusion matrix, an ablation
-study's accuracy bars and validation curves, a sweep's objective per trial. Headless (Agg), so they
-draw on servers, in CI and under `mlflow run`."""
+study's accuracy bars and validation curves, a sweep's objective per trial (headless: Agg)."""
 
 from __future__ import annotations
 
@@ -12,13 +11,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
-from .tables import cell
+from .tables import cell, confusion_rows
 
 matplotlib.use("Agg")   # no display needed: every figure is saved, never shown
 
 # (title, train key, validation key) of each learning-curve panel.
 CURVE_PANELS = (("loss", "loss", "val_loss"), ("top-1 accuracy", "accuracy", "val_accuracy"),
-                ("top-5 accuracy", "top5_accuracy", "val_top5_accuracy"))
+                ("top-5 accuracy", "top5_accuracy", "val_top5_accuracy"), ("learning rate", "learning_rate", None))
+FULL_MATRIX_CLASSES = 30   # up to this many classes the confusion figure is the whole matrix, still readable
 
 
 def _finish(fig, title: str = ""):
@@ -31,45 +31,51 @@ def _finish(fig, title: str = ""):
 def learning_curves(history: Mapping[str, Sequence[float]], title: str = ""):
     """Train vs validation loss, top-1 and top-5 per epoch (plus the learning rate if it was logged)."""
     panels = [p for p in CURVE_PANELS if p[1] in history]
-    with_lr = "learning_rate" in history
-    n = len(panels) + with_lr
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (name, train_key, val_key) in zip(axes[0], panels):
         epochs = np.arange(1, len(history[train_key]) + 1)
         ax.plot(epochs, history[train_key], marker="o", label="train")
         if val_key in history:
             ax.plot(epochs, history[val_key], marker="o", label="validation")
-        ax.set_title(name)
-        ax.legend()
-    if with_lr:
-        ax = axes[0][-1]
-        ax.plot(np.arange(1, len(history["learning_rate"]) + 1), history["learning_rate"], marker="o")
-        ax.set_yscale("log")
-        ax.set_title("learning rate")
-    for ax in axes[0]:
-        ax.set_xlabel("epoch")
+            ax.legend()
+        ax.set(title=name, xlabel="epoch", yscale="log" if name == "learning rate" else "linear")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     return _finish(fig, title)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str], title: str = ""):
-    """Row-normalised confusion matrix (recall on the diagonal) from scikit-learn."""
-    from sklearn.metrics import ConfusionMatrixDisplay
+    """Row-normalised confusion matrix (recall on the diagonal) up to FULL_MATRIX_CLASSES classes. Above,
+    on a canvas of fixed size whatever the class count: the most-confused pairs and the spread of the
+    per-class recall (the whole matrix is tables.confusion_rows, a file)."""
+    n = len(class_names)
+    if n <= FULL_MATRIX_CLASSES:
+        from sklearn.metrics import ConfusionMatrixDisplay
 
-    size = max(5.0, 0.45 * len(class_names) + 2.5)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay.from_predictions(
-        labels, predictions, labels=np.arange(len(class_names)), display_labels=list(class_names),
-        normalize="true", values_format=".2f", xticks_rotation=45, colorbar=False, ax=ax,
-        include_values=len(class_names) <= 20)
-    ax.set_title(title or "confusion matrix (rows: true class, normalised)")
-    return _finish(fig)
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * n + 2.5),) * 2)
+        ConfusionMatrixDisplay.from_predictions(
+            labels, predictions, labels=np.arange(n), display_labels=list(class_names), normalize="true",
+            values_format=".2f", xticks_rotation=45, colorbar=False, ax=ax, include_values=n <= 20)
+        ax.set_title("confusion matrix (rows: true class, normalised)")
+        return _finish(fig, title)
+    pairs = sorted((r for r in confusion_rows(labels, predictions, class_names) if r["true"] != r["predicted"]),
+                   key=lambda r: (-r["fraction_of_true"], -r["count"]))[:20]
+    support = np.bincount(labels, minlength=n)
+    recall = np.bincount(labels[labels == predictions], minlength=n)[support > 0] / support[support > 0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 6))
+    left.barh(np.arange(len(pairs))[::-1], [r["fraction_of_true"] for r in pairs])
+    left.set_yticks(np.arange(len(pairs))[::-1], [f"{r['true'][:24]} → {r['predicted'][:24]}" for r in pairs])
+    left.set(xlabel="share of the true class's test images",
+             title=f"the {len(pairs)} most-confused pairs (true → predicted)" if pairs else "no confusions")
+    right.hist(recall, bins=np.linspace(0.0, 1.0, 21))
+    right.set(xlabel="recall (top-1)", ylabel="classes",
+              title=f"recall of the {len(recall)} (of {n}) classes\nwith test images: mean {recall.mean():.3f}")
+    return _finish(fig, title)
 
 
 def study_bars(variants: Sequence[Any], metric: str, confidence: float, title: str = ""):
     """An ablation study's `metric` per variant (report.VariantSummary: mean ± std, a dot per seed), and
-    each variant's difference to the baseline with its interval (filled: significant after Holm) and
-    ±MDE band."""
+    each variant's difference to the baseline with its interval and ±MDE band."""
     n = len(variants)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.5 * n + 1.8), sharey=True)
     y = np.arange(n)[::-1]
@@ -113,14 +119,12 @@ def study_curves(histories: Mapping[str, Sequence[Sequence[float]]], baseline: s
             line, = ax.plot(epochs, mean, marker="o", markersize=3, label=name, **style)
             ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.12)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy (mean over seeds, band ± std)")
+    ax.set(xlabel="epoch", ylabel="validation accuracy (mean over seeds, band ± std)", title=title)
     ax.grid(alpha=0.3)
     if any(h for runs in histories.values() for h in runs):
         ax.legend(fontsize=8, loc="best")
     else:
         ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(title)
     return _finish(fig)
 
 
@@ -135,17 +139,14 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], sweep: Any, weights: Mapping
     ax = axes[0][0]
     if done:
         ax.plot([r["order"] for r in done], [r[objective] for r in done], "o", label="trial")
-        pick = max if sweep.direction == "max" else min
-        best_so_far = [pick(r[objective] for r in done[:i + 1]) for i in range(len(done))]
+        best_so_far = (np.maximum if sweep.direction == "max" else np.minimum).accumulate([r[objective] for r in done])
         ax.step([r["order"] for r in done], best_so_far, where="post", color="C1", label="best so far")
     failed = [r["order"] for r in ordered if r[objective] is None]
     if failed:
         ax.plot(failed, [min((r[objective] for r in done), default=0.0)] * len(failed), "x", color="C3",
                 label="failed")
-    ax.set_xlabel("trial")
+    ax.set(xlabel="trial", ylabel=objective, title=f"{objective} per trial")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(objective)
-    ax.set_title(f"{objective} per trial")
     ax.legend()
     rng = np.random.default_rng(0)   # the jitter of categorical values, the same on every redraw
     for ax, name in zip(axes[0][1:], names):
@@ -162,8 +163,7 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], sweep: Any, weights: Mapping
             ax.plot([position[cell(v)] + rng.uniform(-0.08, 0.08) for v in values], scores, "o")
             ax.set_xticks(range(len(labels)), labels)
             ax.set_xlim(-0.5, len(labels) - 0.5)
-        ax.set_xlabel(name)
-        ax.set_title(f"{name} (importance {weights.get(name, 0.0):.2f})")
+        ax.set(xlabel=name, title=f"{name} (importance {weights.get(name, 0.0):.2f})")
     for ax in axes[0]:
         ax.grid(alpha=0.3)
     return _finish(fig, f"sweep {sweep.name}: {objective} ({sweep.direction})")

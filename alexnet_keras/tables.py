@@ -1,6 +1,5 @@
-"""Rows of results (a list of dicts, one per row) as text: the one CSV writer (exact values, for
-machines), the one Markdown table writer (rounded, for people) and the one value formatter, so that a
-boolean reads `true`/`false` everywhere, as MLproject and MLflow params write it."""
+"""Rows of results (dicts) as text: the one CSV writer (exact), the one Markdown table writer (rounded) and
+the one value formatter (booleans `true`/`false`, as MLproject and MLflow params write them)."""
 
 from __future__ import annotations
 
@@ -9,10 +8,11 @@ import io
 import math
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 
 def value_text(value: Any) -> str:
-    """A value as MLflow params and CSV files show it: `true`/`false`, "" for None, else `str`
-    (full precision for floats)."""
+    """A value as MLflow params and CSV files show it: `true`/`false`, "" for None, else `str`."""
     if isinstance(value, bool):
         return "true" if value else "false"
     return "" if value is None else str(value)
@@ -23,17 +23,13 @@ def cell(value: Any, digits: int | None = None) -> str:
     digits below 100 and thousands separators above), NaN and None as "n/a"/""."""
     if isinstance(value, bool) or value is None:
         return value_text(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "n/a"
-        if math.isinf(value):
-            return str(value)
-        if digits is not None:
-            return f"{value:.{digits}f}"
-        if abs(value) >= 100:
-            return f"{value:,.0f}"
-        return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
-    return str(value)
+    if not isinstance(value, float) or math.isinf(value):
+        return str(value)
+    if math.isnan(value):
+        return "n/a"
+    if digits is not None:
+        return f"{value:.{digits}f}"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
 
 
 def columns_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -42,8 +38,7 @@ def columns_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """CSV with a header; `columns` default to every key seen. Floats keep full precision (repr),
-    booleans are true/false, None and missing keys are empty."""
+    """CSV with a header (`columns`: default every key seen); floats in full precision, None empty."""
     names = list(columns) if columns is not None else columns_of(rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=names, extrasaction="ignore", lineterminator="\n")
@@ -57,14 +52,23 @@ def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *,
                    headers: Mapping[str, str] | None = None, digits: Mapping[str, int] | None = None,
                    right: Sequence[str] = ()) -> str:
-    """A Markdown table of `columns` (titles from `headers`, default the column names). Values that are
-    already strings are kept as they are; others go through `cell` with the column's `digits`. Columns
-    in `right` are right-aligned (numbers)."""
+    """A Markdown table of `columns` (titled by `headers`); strings kept, other values through `cell` with the
+    column's `digits`; columns in `right` right-aligned."""
     headers, digits = dict(headers or {}), dict(digits or {})
     lines = ["| " + " | ".join(headers.get(c, c) for c in columns) + " |",
              "|" + "|".join("---:" if c in right else "---" for c in columns) + "|"]
     for row in rows:
-        values = [row.get(c) for c in columns]
-        lines.append("| " + " | ".join(v if isinstance(v, str) else cell(v, digits.get(c))
-                                       for c, v in zip(columns, values)) + " |")
+        lines.append("| " + " | ".join(v if isinstance(v := row.get(c), str) else cell(v, digits.get(c))
+                                       for c in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def confusion_rows(labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """The confusion matrix as its non-zero cells, the most frequent first: true and predicted class, count
+    and share of the true class's examples. A sparse matrix: at most one row per example at any class count."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    cells, counts = np.unique(np.stack([labels, predictions], axis=1), axis=0, return_counts=True)
+    support = np.bincount(labels, minlength=len(class_names)).tolist()
+    order = np.argsort(-counts, kind="stable")
+    return [{"true": class_names[t], "predicted": class_names[p], "count": int(c), "fraction_of_true": c / support[t]}
+            for (t, p), c in zip(cells[order].tolist(), counts[order].tolist())]

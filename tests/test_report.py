@@ -210,7 +210,7 @@ class FakeStore:
             self.series[(run_id, key)] = list(values)
 
     def history(self, run_id, key):
-        return list(enumerate(self.series.get((run_id, key), [])))
+        return self.series.get((run_id, key), [])
 
 
 def _histories(d, seed, changes=None):
@@ -536,7 +536,10 @@ def test_build_report_logs_tables_and_figures_on_the_parent(mlflow_store, claims
     built = report.build_report(parent)
     folder = Path(local_file_uri_to_path(client.get_run(parent).info.artifact_uri))
     assert (folder / "reports" / "ablation.md").read_text() == built.markdown
-    assert client.get_run(parent).data.tags[tracking.NOTE_TAG] == built.markdown
+    # The run page's description is short (MLflow shows it in a narrow column) and says where the report is.
+    note = client.get_run(parent).data.tags[tracking.NOTE_TAG]
+    assert note == report.description(built) and len(note.splitlines()) <= 3 and "|" not in note
+    assert "runs finished" in note and "Full report: Artifacts → reports/ablation.md" in note
     rows = {r["variant"]: r for r in csv.DictReader(io.StringIO((folder / "reports" / "ablation.csv").read_text()))}
     assert set(rows) == set(DESIGN) and rows["baseline"]["n_seeds"] == "3"
     claims = list(csv.DictReader(io.StringIO((folder / "reports" / "claims.csv").read_text())))
@@ -582,3 +585,30 @@ def test_a_store_that_stops_answering_is_named_not_taken_for_a_missing_spec(mlfl
         mlflow.set_tracking_uri(mlflow_store)
     assert f"the MLflow store {gone} does not answer" in str(raised.value)
     assert "has no" not in str(raised.value)
+
+
+def test_report_leaves_no_temporary_folder_behind(mlflow_store, claims_spec, tmp_path, monkeypatch):
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from alexnet_keras import tracking
+
+    client = MlflowClient()
+    parent = client.create_run(client.create_experiment("temp"), tags={tracking.ROLE_TAG: "parent"}).info.run_id
+    client.log_dict(parent, claims_spec, tracking.SPEC_ARTIFACT)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    assert report.load_spec(parent) == claims_spec
+    assert list((tmp_path / "temp").iterdir()) == []
+
+
+def test_report_on_a_missing_store_says_so_and_creates_none(tmp_path, monkeypatch, capsys):
+    from alexnet_keras import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for uri in (f"sqlite:///{tmp_path}/typo.db", None):   # a path given, and the default ./mlflow.db
+        assert cli.main(["report", "0123abcd", *(["--tracking-uri", uri] if uri else [])]) == 2
+        assert "no MLflow store at sqlite:///" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

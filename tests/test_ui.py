@@ -2,7 +2,8 @@
 
 One store holds a `train --register` run (no --run-name: named for what it is) and a tiny ablation study.
 The run page shows the run's name, its params, its description and its registered model; the study's
-parent shows the study table (reports/ablation_table.json, an MLflow table) as a table. Skipped where
+parent shows the study table (reports/ablation_table.json, an MLflow table) as a table, and its report
+(reports/ablation.md) rendered, with the figures. Skipped where
 Chromium is absent (.ci/run installs Debian's `chromium`). A screenshot of the run page is kept under
 test-artifacts/ for a person to look at.
 """
@@ -126,3 +127,18 @@ def test_ui_shows_the_study_parent_with_its_table(ui, tmp_path):
         assert re.search(rf'table-header-text[^>]*title="{column}"', dom), column
     text = re.sub(r"<[^>]+>", " ", dom)
     assert re.search(r"\bbaseline\b", text) and "dropout=0.0" in text
+
+
+def test_ui_renders_the_study_report_and_its_figures(ui, tmp_path):
+    """reports/ablation.md, where the parent's short description points, renders in the artifact view as
+    Markdown (a heading, and the study table as a table, not source text); its figures show as images."""
+    base, _, parent, _ = ui
+    run_page = f"{base}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    dom = _chromium(f"{run_page}/artifacts/reports/ablation.md", "--dump-dom", profile=tmp_path / "profile-md").stdout
+    assert re.search(r"<h2[^>]*>Ablation study (<[^>]+>)*<code>ui-study</code>", dom)   # rendered, not "## ..."
+    assert "## Ablation study" not in dom
+    for column in ("variant", "test acc", "p (Holm)", "reading"):
+        assert re.search(rf'table-header[^>]*>(<[^>]+>)*{re.escape(column)}<', dom), column
+    figure = _chromium(f"{run_page}/artifacts/figures/ablation_test_accuracy.png", "--dump-dom",
+                       profile=tmp_path / "profile-figure").stdout
+    assert re.search(r'<img alt="figures/ablation_test_accuracy\.png" src="blob:', figure)

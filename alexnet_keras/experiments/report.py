@@ -1,15 +1,16 @@
-"""The report of an ablation study, rebuilt from the MLflow store alone: per variant its metrics over
-seeds and its difference to the baseline (stats.py), the verdict on each claim of Krizhevsky et al.
-(2012), the nuisance value each arm was tuned to, and the figures, logged on the study's parent run.
-What the numbers mean and how they are read: docs/methodology.md."""
+"""An ablation study's report, rebuilt from the MLflow store alone and logged on its parent run: variants
+against the baseline, the paper's claims, per-arm tuning, figures. How to read it: docs/methodology.md."""
 
 from __future__ import annotations
 
 import functools
-import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
+import mlflow
 
 from . import stats
 from .. import figures, tracking
@@ -25,18 +26,14 @@ VAL_ACCURACY = "val_accuracy"     # per epoch: curves, plateau, convergence; fin
 TRAIN_ACCURACY = "accuracy"       # per epoch: epochs to 25 % training error
 CI = f"{int(CONFIDENCE * 100)}% CI"
 
-# history(run_id, metric key) -> [(step, value)], step = epoch index (build_report: tracking.epoch_history).
-History = Callable[[str, str], Sequence[tuple[int, float]]]
+# history(run_id, metric key) -> its value per epoch, in epoch order (build_report: tracking.epoch_history).
+History = Callable[[str, str], list[float]]
 
-
-# --- the paper's claims, as data ------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Claim:
-    """One claim of the paper: arm `a` minus arm `b` (the options of each; all else equal between them)
-    in `metric` (`CLAIM_METRICS`). `paper`: the paper's figure as that signed difference (a ratio a/b
-    for ratio metrics), None when it gives only a direction; `direction`: its sign of a - b (of
-    log(a/b) for ratios). `requires`: options both arms need for the comparison to mean the paper's."""
+    """Arm `a` minus arm `b` (options; all else equal) in `metric`: the paper's figure (a ratio a/b for ratio
+    metrics; None: a direction only) and sign; `requires`: options both arms need (docs/methodology.md)."""
 
     claim: str
     a: Mapping[str, Any]
@@ -73,8 +70,6 @@ CLAIM_METRICS = {"top1_error": ("points", False), "top5_error": ("points", False
 CONVERGED_WITHIN = 0.01          # "converged": validation accuracy within 1 point of the run's best
 TRAIN_ERROR_TARGET = 0.25        # the paper's Figure 1: epochs to 25 % training error
 
-
-# --- summaries -------------------------------------------------------------------------------------
 
 @dataclass
 class VariantSummary:
@@ -144,21 +139,14 @@ class Report:
     variants: list[VariantSummary]
     claims: list[ClaimResult]
     markdown: str                     # reports/ablation.md (claims.md is its claims section)
-    csv: str                          # reports/ablation.csv
-    claims_csv: str                   # reports/claims.csv
-    tuning_csv: str                   # reports/tuning.csv; "" without a nuisance grid
-
-
-def _series(history: History | None, run_id: str, key: str) -> list[float]:
-    """A run's per-epoch values in step order (the last value logged for a step wins)."""
-    by_step = dict(history(run_id, key)) if history is not None else {}
-    return [by_step[step] for step in sorted(by_step)]
+    csv: str                          # reports/ablation.csv, claims.csv, tuning.csv ("" without a nuisance grid)
+    claims_csv: str
+    tuning_csv: str
 
 
 def _index(children: Sequence[Any]) -> tuple[dict[str, Any], set[str]]:
     """{config digest: the latest FINISHED child}, and the digests with only FAILED / KILLED children."""
-    finished: dict[str, Any] = {}
-    broken: set[str] = set()
+    finished, broken = {}, set()
     for run in sorted(children, key=lambda r: r.info.end_time or 0, reverse=True):   # the latest first
         digest = run.data.tags.get(tracking.CONFIG_DIGEST_TAG)
         if digest is not None and run.info.status == "FINISHED":
@@ -170,8 +158,7 @@ def _index(children: Sequence[Any]) -> tuple[dict[str, Any], set[str]]:
 
 def _plan(spec: Mapping[str, Any], variant: Mapping[str, Any], summary: VariantSummary,
           finished: Mapping[str, Any], broken: set[str]) -> dict[int, str | None]:
-    """The (seed -> digest) plan of a variant: its `config_digests`, or, with a nuisance grid, the
-    digests of the grid label chosen on its first-seed (tuning) runs (`choose_grid_value`)."""
+    """{seed: config digest} of a variant: with a nuisance grid, of the label its tuning runs chose."""
     grid = variant.get("grid_digests")
     if not grid:
         return {int(seed): digest for seed, digest in variant["config_digests"].items()}
@@ -186,10 +173,8 @@ def _plan(spec: Mapping[str, Any], variant: Mapping[str, Any], summary: VariantS
 
 
 def choose_grid_value(tuning_runs: Mapping[str, Any]) -> tuple[str | None, dict[str, float]]:
-    """An arm's nuisance value, chosen on validation: `tuning_runs` maps each grid label (in the grid's
-    order) to its FINISHED tuning run or None. Returns the label whose run has the highest final
-    `val_accuracy` (the first listed on ties; None when no run has one) and each label's value (NaN
-    without one). Test metrics play no part. `ablate` runs the arm's other seeds at the label this gives."""
+    """An arm's nuisance value, chosen on validation ({grid label: its FINISHED tuning run or None}): the
+    label with the highest final `val_accuracy` (first on ties, None without any), and each label's value."""
     scores = {label: float(run.data.metrics.get(VAL_ACCURACY, NAN)) if run is not None else NAN
               for label, run in tuning_runs.items()}
     scored = {label: value for label, value in scores.items() if math.isfinite(value)}
@@ -198,8 +183,7 @@ def choose_grid_value(tuning_runs: Mapping[str, Any]) -> tuple[str | None, dict[
 
 
 def summarize(spec: dict[str, Any], children: Sequence[Any], history: History | None = None) -> list[VariantSummary]:
-    """Per variant: its children (through their config digest; the latest FINISHED wins), metrics and
-    statistics against the baseline. `history` reads per-epoch metrics (None: no curves or plateau)."""
+    """Per variant: its children (by config digest; the latest FINISHED wins), metrics and statistics."""
     finished, broken = _index(children)
     base: dict[str, Any] = {}   # the base config's leaves, flattened: what each variant's overrides change
     for key, value in spec["base_config"].items():
@@ -219,7 +203,7 @@ def summarize(spec: dict[str, Any], children: Sequence[Any], history: History | 
             for metric, _, _ in METRICS:
                 summary.values[metric].append(float(run.data.metrics.get(metric, NAN)))
             summary.num_params = float(run.data.metrics.get("num_params", summary.num_params))
-            summary.val_histories.append(_series(history, run.info.run_id, VAL_ACCURACY))
+            summary.val_histories.append(history(run.info.run_id, VAL_ACCURACY) if history else [])
         summary.stats = {m: stats.mean_std(summary.values[m]) for m, _, _ in METRICS}
         summary.plateau = stats.mean_std([stats.plateau(h) for h in summary.val_histories if len(h) > 1])
         out.append(summary)
@@ -241,8 +225,6 @@ def _compare(variants: Sequence[VariantSummary]) -> None:
         s.reading = stats.reading(s.vs_baseline, s.p_holm, s.mde)
 
 
-# --- claims ----------------------------------------------------------------------------------------
-
 def _same(x: Any, y: Any) -> bool:
     """Equal option values, where true is not 1 (but 1 is 1.0)."""
     return x == y and isinstance(x, bool) == isinstance(y, bool)
@@ -253,8 +235,7 @@ def _has(options: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
 
 
 def _arms(claim: Claim, variants: Sequence[VariantSummary]) -> tuple[VariantSummary, VariantSummary] | None:
-    """The two variants that differ only in the claim's options, preferring a pair with the baseline,
-    then the pair closest to it (fewest factors away); None if the study has no such pair."""
+    """The two variants that differ only in the claim's options, the pair with or nearest the baseline."""
     keys = set(claim.a) | set(claim.b)
     pairs = [(a, b) for a in variants if _has(a.options, {**claim.a, **claim.requires})
              for b in variants if b is not a and _has(b.options, {**claim.b, **claim.requires})
@@ -269,9 +250,8 @@ def _arms(claim: Claim, variants: Sequence[VariantSummary]) -> tuple[VariantSumm
 
 
 def _claim_values(claim: Claim, arm: VariantSummary, history: History | None) -> tuple[list[float], list[float]]:
-    """The claim's metric for each run of an arm; for the epochs metrics (inf where the threshold is never
-    met) also the epochs each run is known to need at least: the epochs trained, or for convergence the
-    epochs before the last fifth."""
+    """The claim's metric for each run of an arm, and for the epochs metrics (inf: never met) the epochs each
+    run is known to need at least: the epochs trained, or for convergence those before the last fifth."""
     test, train = arm.values["test_accuracy"], arm.values["final_train_accuracy"]
     if claim.metric == "top1_error":
         return [100.0 * (1.0 - x) for x in test], []
@@ -282,14 +262,12 @@ def _claim_values(claim: Claim, arm: VariantSummary, history: History | None) ->
     if claim.metric == "epochs_to_converge":
         return ([stats.epochs_to_converge(h, CONVERGED_WITHIN) for h in arm.val_histories],
                 [float(len(h) - stats.tail_length(len(h))) if len(h) > 1 else NAN for h in arm.val_histories])
-    series = [_series(history, run_id, TRAIN_ACCURACY) for run_id in arm.run_ids]
+    series = [history(run_id, TRAIN_ACCURACY) if history else [] for run_id in arm.run_ids]
     return [stats.epochs_to(h, 1.0 - TRAIN_ERROR_TARGET) if h else NAN for h in series], [float(len(h)) for h in series]
 
 
 def judge_claims(variants: Sequence[VariantSummary], history: History | None = None) -> list[ClaimResult]:
-    """A verdict per claim (stats.verdict): arms found by their options, Welch on the claim's metric
-    (log values for ratios), the MDE from the spread of the arm that is the study's baseline (else the
-    pooled spread of the two), Holm over the claims this study measures."""
+    """A verdict per claim (stats.verdict; how: docs/methodology.md)."""
     results = [ClaimResult(claim) for claim in CLAIMS]
     for result in results:
         claim, pair = result.claim, _arms(result.claim, variants)
@@ -302,8 +280,7 @@ def judge_claims(variants: Sequence[VariantSummary], history: History | None = N
         if result.ratio:   # epochs to a threshold: Welch on log epochs, the ratio of geometric means
             slower, cut, faster = (values_a, cut_a, values_b) if claim.direction > 0 else (values_b, cut_b, values_a)
             if any(math.isinf(x) for x in faster):
-                result.verdict = stats.NOT_MEASURABLE
-                result.note = "a run of the faster arm never reached the threshold"
+                result.verdict, result.note = stats.NOT_MEASURABLE, "a faster arm's run never reached the threshold"
                 continue
             if any(math.isinf(x) for x in slower):
                 result.lower_bound = True
@@ -325,8 +302,6 @@ def judge_claims(variants: Sequence[VariantSummary], history: History | None = N
                                        lower_bound=result.lower_bound)
     return results
 
-
-# --- tables ----------------------------------------------------------------------------------------
 
 def _pm(stat: tuple[float, float], digits: int) -> str:
     mean, std = stat
@@ -372,6 +347,11 @@ def _summary_text(variants: Sequence[VariantSummary]) -> str:
                 f"n = {len(baseline.seeds)} baseline vs {counts} variant seeds).")
     else:
         text = "Minimum detectable effect: n/a (it needs >= 2 seeds per group and a baseline whose seeds spread)."
+    return text + " " + _readings(variants)
+
+
+def _readings(variants: Sequence[VariantSummary]) -> str:
+    """Which variants read how (stats.reading), in words."""
     groups: dict[str, list[str]] = {}
     for s in variants:
         if not s.is_baseline:
@@ -384,7 +364,7 @@ def _summary_text(variants: Sequence[VariantSummary]) -> str:
                  "Below resolution (the interval still reaches ±MDE: too small to see with these seeds)",
              stats.NOT_AVAILABLE: "Not testable (< 2 seeds in a group, or no spread)"}
     parts = [f"{title}: {', '.join(groups[key])}." for key, title in words.items() if key in groups]
-    return text + " " + (" ".join(parts) or "No variant to compare with the baseline.")
+    return " ".join(parts) or "No variant to compare with the baseline."
 
 
 def study_table(spec: dict[str, Any], variants: Sequence[VariantSummary]) -> str:
@@ -464,17 +444,20 @@ def claim_rows(results: Sequence[ClaimResult]) -> list[dict[str, Any]]:
              "note": r.note} for r in results]
 
 
-def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims: Sequence[ClaimResult] = ()) -> str:
+def _runs_finished(variants: Sequence[VariantSummary]) -> str:
     n_done, n_failed = sum(len(s.seeds) for s in variants), sum(s.failed for s in variants)
     n_expected = n_done + n_failed + sum(s.missing for s in variants)
+    return f"{n_done}/{n_expected} runs finished" + (f", {n_failed} failed" if n_failed else "")
+
+
+def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims: Sequence[ClaimResult] = ()) -> str:
     axes = ", ".join(f"{a} (baseline {d['baseline']})" for a, d in spec["axes"].items())
     grid = spec.get("nuisance_grid", {})
     nuisance = ", ".join(spec["hyperparameters"]["nuisance"]) + ("; tuned per arm on validation: " + ", ".join(
         f"{k} in {{{', '.join(map(str, v))}}}" for k, v in grid.items()) if grid else "")
     tuned = any(s.tuning for s in variants)
     lines = [f"## Ablation study `{spec['name']}`", "", *([spec["description"], ""] if spec["description"] else []),
-             f"**{n_done}/{n_expected} runs finished**" + (f", {n_failed} failed" if n_failed else "")
-             + f" · design: {spec['design']} · seeds: {', '.join(map(str, spec['seeds']))} "
+             f"**{_runs_finished(variants)}** · design: {spec['design']} · seeds: {', '.join(map(str, spec['seeds']))} "
              f"· study digest `{spec['digest']}`",
              "", f"Scientific (the axes): {axes}. Nuisance: {nuisance}. "
              f"Fixed: every other option, at the base config's value (study/study.json).", "",
@@ -494,19 +477,24 @@ def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims
                               + (", reports/tuning.csv" if tuned else "") + "."]) + "\n"
 
 
+def description(report: Report) -> str:
+    """The parent run's description (a narrow column in MLflow): the outcome, and where the full report is."""
+    verdicts = Counter(r.verdict for r in report.claims if r.verdict != stats.NOT_IN_STUDY)
+    claims = ", ".join(f"{verdict} {n}" for verdict, n in verdicts.items()) or "none measured by this study"
+    return (f"Ablation study `{report.spec['name']}`: {_runs_finished(report.variants)}. "
+            f"{_readings(report.variants)} Paper's claims: {claims}.\n\nFull report: Artifacts → reports/ablation.md; "
+            f"figures: Artifacts → figures/.")
+
+
 def table_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
     """Rows as the column dict `mlflow.log_table` takes (NaN and missing cells as None)."""
-    values = {name: [row.get(name) for row in rows] for name in columns_of(rows)}
-    return {name: [None if isinstance(v, float) and not math.isfinite(v) else v for v in column]
-            for name, column in values.items()}
+    return {name: [None if isinstance(v := row.get(name), float) and not math.isfinite(v) else v for row in rows]
+            for name in columns_of(rows)}
 
-
-# --- from the store to the parent run ---------------------------------------------------------------
 
 def make_report(parent_run_id: str, spec: dict[str, Any], children: Sequence[Any],
                 history: History | None = None) -> Report:
-    """Every table of the report from a spec and the children (run-like objects: .info.run_id, .status,
-    .end_time; .data.tags, .data.metrics); `history` reads per-epoch metrics. Logs nothing."""
+    """Every table of the report from a spec and the children (run-like objects); logs nothing."""
     if history is not None:
         history = functools.lru_cache(maxsize=None)(history)   # a claim may read a series twice
     variants = summarize(spec, children, history)
@@ -518,12 +506,16 @@ def make_report(parent_run_id: str, spec: dict[str, Any], children: Sequence[Any
 
 
 def load_spec(parent_run_id: str) -> dict[str, Any]:
-    ROLE_TAG, SPEC_ARTIFACT = tracking.ROLE_TAG, tracking.SPEC_ARTIFACT
+    ROLE_TAG, SPEC_ARTIFACT, uri = tracking.ROLE_TAG, tracking.SPEC_ARTIFACT, tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).expanduser().is_file():
+        # MLflow would create an empty store there and then not find the run in it.
+        raise tracking.TrackingError(f"no MLflow store at {uri}: pass --tracking-uri (or set MLFLOW_TRACKING_URI) to "
+                                     f"the store that holds the study, e.g. sqlite:///PATH/mlflow.db.")
     if tracking.get_run(parent_run_id).data.tags.get(ROLE_TAG) != "parent":
         raise tracking.TrackingError(f"run {parent_run_id} is not the parent run of an ablation study (no "
                                      f"{ROLE_TAG}=parent tag); pass the id of the study's parent run.")
     try:
-        return json.loads(tracking.download_artifact(parent_run_id, SPEC_ARTIFACT).read_text())
+        return mlflow.artifacts.load_dict(f"runs:/{parent_run_id}/{SPEC_ARTIFACT}")   # its temporary folder removed
     except Exception as err:
         if not tracking.store_answers():   # a store gone away (e.g. mid-study) is not a missing artifact
             raise tracking.TrackingError(
@@ -537,8 +529,8 @@ def build_report(parent_run_id: str) -> Report:
     """Rebuild the study's tables and figures from the store and log them on the parent run."""
     spec = load_spec(parent_run_id)
 
-    def history(run_id: str, key: str) -> list[tuple[int, float]]:
-        return list(enumerate(tracking.epoch_history(run_id, [key]).get(key, [])))
+    def history(run_id: str, key: str) -> list[float]:
+        return tracking.epoch_history(run_id, [key]).get(key, [])
 
     report = make_report(parent_run_id, spec, tracking.child_runs(parent_run_id), history)
     on_parent = {"run_id": parent_run_id}
@@ -559,5 +551,5 @@ def build_report(parent_run_id: str) -> Report:
     curves = figures.study_curves({s.name: s.val_histories for s in report.variants}, spec["baseline"],
                                   title=f"{spec['name']}: validation accuracy")
     tracking.log_figure(curves, "figures/ablation_val_accuracy.png", **on_parent)
-    tracking.set_tags({tracking.NOTE_TAG: report.markdown}, **on_parent)   # the run page's description
+    tracking.set_tags({tracking.NOTE_TAG: description(report)}, **on_parent)
     return report

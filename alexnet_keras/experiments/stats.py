@@ -1,8 +1,5 @@
-"""The statistics of ablation reports, on plain numbers (numpy/scipy; no Keras, no MLflow): Welch's
-difference and interval, Holm's and Dunnett's adjustments, power and the minimum detectable effect
-(MDE), the reading of a difference and the verdict on a claim of the paper, and the per-epoch measures
-(plateau, epochs to a threshold or to convergence). The rules, and why they are these: docs/methodology.md.
-"""
+"""The statistics of ablation reports on plain numbers (numpy/scipy): Welch, Holm, Dunnett, power and MDE,
+readings and verdicts, per-epoch measures. The rules, and why they are these: docs/methodology.md."""
 
 from __future__ import annotations
 
@@ -64,8 +61,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values, in the order given (as R's `p.adjust(p, "holm")`). NaN
-    entries (comparisons that could not be tested) stay NaN and do not count in the family size."""
+    """Holm's adjusted p-values in the order given (R's `p.adjust(p, "holm")`); NaN stays NaN, uncounted."""
     p = np.asarray(p_values, dtype=float)
     out = np.full(p.shape, NAN)
     tested = np.flatnonzero(np.isfinite(p))
@@ -76,8 +72,7 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 
 def dunnett(groups: Mapping[str, Sequence[float]], control: Sequence[float], seed: int = 0) -> dict[str, float]:
-    """Many-to-one two-sided p-values of each group against `control` (scipy.stats.dunnett, repeatable
-    through `seed`). All NaN unless the control and every group have >= 2 values and some spread."""
+    """scipy.stats.dunnett's p-value of each group against `control`; NaN without 2 values each and spread."""
     names = list(groups)
     samples = [np.asarray(x, dtype=float) for x in (control, *groups.values())]
     if (not names or any(len(x) < 2 or not np.isfinite(x).all() for x in samples)
@@ -88,14 +83,10 @@ def dunnett(groups: Mapping[str, Sequence[float]], control: Sequence[float], see
 
 
 def power(effect: float, sd: float, n_a: float, n_b: float, alpha: float = ALPHA) -> float:
-    """Probability that a two-sided two-sample t-test at `alpha` rejects when the true difference is
-    `effect` and both groups have standard deviation `sd` (noncentral t, df = n_a + n_b - 2)."""
+    """The power of a two-sided two-sample t-test at `alpha` for a true difference `effect` (noncentral t)."""
     if not (_finite(sd) and sd > 0 and n_a >= 2 and n_b >= 2 and _finite(effect)):
         return NAN
-    return _power_nc(abs(effect) / (sd * math.sqrt(1.0 / n_a + 1.0 / n_b)), n_a + n_b - 2, alpha)
-
-
-def _power_nc(nc: float, df: float, alpha: float) -> float:
+    nc, df = abs(effect) / (sd * math.sqrt(1.0 / n_a + 1.0 / n_b)), n_a + n_b - 2
     t_crit = scipy_stats.t.ppf(1.0 - alpha / 2.0, df)
     lower = scipy_stats.nct.cdf(-t_crit, df, nc)   # the wrong-sign tail; NaN far out where it is 0
     return float(scipy_stats.nct.sf(t_crit, df, nc) + (lower if math.isfinite(lower) else 0.0))
@@ -103,20 +94,17 @@ def _power_nc(nc: float, df: float, alpha: float) -> float:
 
 def minimum_detectable_effect(sd: float, n_a: float, n_b: float, alpha: float = ALPHA,
                               target_power: float = POWER) -> float:
-    """The MDE (docs/methodology.md): the true difference detected with probability
-    `target_power` by a two-sided t-test at `alpha` with `n_a` and `n_b` values of spread `sd`."""
+    """The true difference a two-sided t-test at `alpha` detects with `target_power` (docs/methodology.md)."""
     if not (_finite(sd) and sd > 0 and n_a >= 2 and n_b >= 2):
         return NAN
-    df = n_a + n_b - 2
 
-    def short(nc: float) -> float:
-        return _power_nc(nc, df, alpha) - target_power
+    def short(effect: float) -> float:   # effect in units of sd
+        return power(effect, 1.0, n_a, n_b, alpha) - target_power
 
     high = 1.0
     while short(high) < 0:
         high *= 2.0
-    nc = optimize.brentq(short, 0.0, high, xtol=1e-12)
-    return float(nc * sd * math.sqrt(1.0 / n_a + 1.0 / n_b))
+    return float(sd * optimize.brentq(short, 0.0, high, xtol=1e-12))
 
 
 def reading(w: Welch | None, p_adjusted: float, mde: float, alpha: float = ALPHA) -> str:
@@ -132,8 +120,7 @@ def reading(w: Welch | None, p_adjusted: float, mde: float, alpha: float = ALPHA
 
 def verdict(w: Welch | None, p_adjusted: float, mde: float, paper: float | None, direction: int,
             *, lower_bound: bool = False, alpha: float = ALPHA) -> str:
-    """The verdict on one claim of the paper. `paper` and the Welch difference are in the same units
-    (a - b); `direction` is the paper's sign of a - b."""
+    """The verdict on a claim: `paper` in the units of the Welch difference a - b, `direction` its sign."""
     if w is None or not (_finite(w.diff) and _finite(w.ci_low) and _finite(p_adjusted)):
         return NOT_MEASURABLE
     sign = 1 if w.diff > 0 else -1 if w.diff < 0 else 0
@@ -154,8 +141,7 @@ def tail_length(epochs: int, fraction: float = 0.2) -> int:
 
 
 def plateau(values: Sequence[float], fraction: float = 0.2) -> float:
-    """Change of a per-epoch series over the last `fraction` of training: values[-1] minus the value
-    ceil(fraction * E) epochs earlier. NaN with fewer than 2 epochs."""
+    """The change of a per-epoch series over its last `fraction` of epochs (tail_length); NaN below 2 epochs."""
     x = [float(v) for v in values]
     return x[-1] - x[-1 - tail_length(len(x), fraction)] if len(x) > 1 else NAN
 
@@ -173,8 +159,7 @@ def epochs_to_converge(values: Sequence[float], within: float, fraction: float =
 
 
 def epochs_to(values: Sequence[float], threshold: float) -> float:
-    """Epochs until the per-epoch series `values` (value at the end of epoch 1, 2, ...) first reaches
-    `threshold`, interpolated linearly between epoch ends with 0 before epoch 1; inf if never."""
+    """Epochs until a per-epoch series first reaches `threshold` (linear between epoch ends, from 0); inf if never."""
     previous = 0.0
     for epoch, value in enumerate(values, 1):
         value = float(value)
