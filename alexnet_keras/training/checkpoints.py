@@ -26,7 +26,8 @@ def one_line(err: BaseException) -> str:
 
 
 def probe(folder: Path) -> None:
-    """Fail now, before a run opens, if checkpoints cannot be written in `folder` (created if needed)."""
+    """Fail now, before a run opens, if checkpoints cannot be written in `folder` (left as it was)."""
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
@@ -34,6 +35,8 @@ def probe(folder: Path) -> None:
         raise CheckpointError(f"the checkpoint folder {str(folder)!r} cannot be written ({err.strerror or err}). "
                               f"Pass --checkpoint-dir with a writable folder, or free space or fix permissions "
                               f"there.") from None
+    if created:
+        folder.rmdir()
 
 
 def _metadata(path: Path) -> dict | None:

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import keras
+import mlflow
 import numpy as np
 
 from . import checkpoints, distribute
 from .. import figures, tracking
-from ..config import POOL_SIZES, Config, TrainConfig
+from ..config import Config, TrainConfig
 from ..data import Data, enable_op_determinism, load_data
 from ..model.alexnet import build_alexnet, lrn_diagnostics, summary_text
 from ..model.inference import model_metadata, ten_crop_metrics
@@ -140,7 +141,7 @@ def fit(model: keras.Model, data: Data, config: Config, backup_dir: Path | None 
         verbose = 1 if sys.stdout.isatty() else 2   # a progress bar on a terminal, a line per epoch in logs
     callbacks = [*build_callbacks(config, backup_dir, track=track), *callbacks]
     probe = lrn_probe_images(data) if track and tracking.active_run_id() else None
-    log_lrn_diagnostics(model, probe, "start")   # once: a resumed run keeps those of its first process
+    log_lrn_diagnostics(model, probe, 0)   # once: a resumed run keeps those of its first process
     start = time.perf_counter()
     # shuffle=False: the tf.data pipeline already reshuffles every epoch (Keras would only warn).
     history = model.fit(data.train, validation_data=data.val, epochs=epochs, initial_epoch=initial_epoch,
@@ -154,7 +155,7 @@ def fit(model: keras.Model, data: Data, config: Config, backup_dir: Path | None 
                                  f"try a smaller --learning-rate than {config.train.learning_rate}.")
     if not trained:   # trained to the end before: the caller only evaluates and logs
         print(f"the checkpoint in {backup_dir} holds all {epochs} epochs: nothing left to train", flush=True)
-    log_lrn_diagnostics(model, probe, "end")
+    log_lrn_diagnostics(model, probe, epochs)
     return {k: [float(v) for v in values] for k, values in history.history.items()}, seconds, start_epoch
 
 
@@ -162,23 +163,23 @@ LRN_PROBE_IMAGES = 64   # the fixed batch of the LRN diagnostic
 
 
 def lrn_probe_images(data: Data, count: int = LRN_PROBE_IMAGES) -> np.ndarray | None:
-    """The first `count` images of the validation split (fixed order, never augmented), which the LRN
-    diagnostic reads at the start and at the end of training; None without a validation split."""
+    """The first `count` validation images (fixed order, never augmented), which the LRN diagnostic reads."""
     if data.val is None:
         return None
     batches = [np.asarray(images) for images, *_ in data.val.take(-(-count // data.batch_size))]
     return np.concatenate(batches)[:count] if batches else None
 
 
-def log_lrn_diagnostics(model: keras.Model, images: np.ndarray | None, when: str) -> dict[str, float]:
-    """model.lrn_diagnostics on `images`, logged once on the active run as `<layer>_<statistic>_<when>`
-    (when: "start" or "end"; a resumed run keeps those of its first process), less constant_scale, a
-    config value. Returns the values."""
-    if images is None:
-        return {}
-    metrics = {f"{layer}_{name}_{when}": value for layer, values in lrn_diagnostics(model, images).items()
-               for name, value in values.items() if name != "constant_scale"}
-    if metrics:
+def log_lrn_diagnostics(model: keras.Model, images: np.ndarray | None, step: int) -> dict[str, float]:
+    """model.lrn_diagnostics on `images` as `lrn/<layer>_<statistic>` at `step` (0 before training, the
+    epoch count after it): under "lrn/" MLflow charts them in a section of their own, after the training
+    metrics, each as a line over the training. Step 0 is logged once (a resumed run keeps its first)."""
+    metrics = {f"lrn/{layer}_{name}": value for layer, values in
+               (lrn_diagnostics(model, images) if images is not None else {}).items()
+               for name, value in values.items() if name != "constant_scale"}   # a config value
+    if metrics and step:
+        tracking.log_metrics(metrics, step=step)
+    elif metrics:
         tracking.log_metrics_once(metrics)
     return metrics
 
@@ -219,15 +220,24 @@ def run_tags(config: Config, data: Data, model: keras.Model,
             tracking.NOTE_TAG: run_description(config, data, context)}
 
 
+# The main job (experiments/cifar10.yaml; test_train keeps them in step): run names say what differs from it.
+MAIN_JOB = {"variant": "cifar", "init": "keras", "schedule": "cosine", "learning_rate": 0.02}
+
+
 def default_run_name(config: Config) -> str:
-    """The name of a `train` run given no --run-name, what it is at a glance: variant, toggles (0: off),
-    pool window and stride, dropout, activation unless relu, seed: `paper-lrn0-bn-pool2s2-do0-tanh-s1`."""
-    m = config.model
-    parts = [m.variant, "lrn" if m.lrn else "lrn0", "bn" if m.batchnorm else "bn0",
-             f"pool{POOL_SIZES[m.pool]}s2", f"do{m.dropout:g}"]
-    if m.activation != "relu":
-        parts.append(m.activation)
-    return "-".join([*parts, f"s{config.train.seed}"])
+    """The name of a `train` run given no --run-name: the first four options that differ from the main
+    job's (`lrn0`, `batchnorm`, `width0.25`, `epochs2`, `tanh`; not the data folder), then the config
+    digest's first 6 digits, so that runs of different configs never share a name: `width0.25-epochs2-3f09a1`."""
+    main = Config().override(MAIN_JOB).outcome_values()
+    parts = []
+    for key, value in config.outcome_values().items():
+        if value == main[key] or key == "data_dir":
+            continue
+        if isinstance(value, bool):
+            parts.append(key if value else f"{key}0")
+        else:
+            parts.append(str(value) if isinstance(value, str) else f"{key}{'none' if value is None else f'{value:g}'}")
+    return "-".join([*(parts[:4] or ["main"]), config.digest()[:6]])
 
 
 def run_description(config: Config, data: Data, context: Mapping[str, str] | None = None) -> str:
@@ -260,14 +270,11 @@ def run_description(config: Config, data: Data, context: Mapping[str, str] | Non
 @contextlib.contextmanager
 def training_run(config: Config, model: keras.Model, name: str | None, tags: Mapping[str, str],
                  parent_run_id: str | None = None) -> Iterator[tuple[str, Path | None]]:
-    """The one resume path: yields the run id and checkpoint folder of a training (no folder for a study's
-    child or a sweep's trial, which ablate / tune restart). A top-level run continues the latest run of
-    the experiment with the same config and data digests (and name, if given) that is KILLED (runs whose
-    process is gone are marked so first) or FAILED with its checkpoint still there. That checkpoint is
-    restored into `model` before any run opens, so a damaged one fails there; the run is reopened or,
-    under `mlflow run` (a new run every time), adopted (tracking.adopt_run), and the checkpoint moves
-    into this run's folder. It goes as the run ends unless the same command continues from it: after
-    Ctrl-C / SIGTERM, a checkpoint write that failed, or results not logged."""
+    """The one resume path: yields the run id and checkpoint folder of a training (none for a study's
+    child or a sweep's trial, which ablate / tune restart). A top-level run continues the latest KILLED
+    run of the experiment with the same config and data digests (and name, if given), or a FAILED one
+    whose checkpoint is still there: its checkpoint is restored into `model` before any run opens (a
+    damaged one fails there), then moved into this run's folder (docs/reliability.md)."""
     previous = old = None
     if parent_run_id is None:
         for run_id in tracking.mark_dead_runs(config.experiment):
@@ -281,29 +288,49 @@ def training_run(config: Config, model: keras.Model, name: str | None, tags: Map
         print(f"continuing run {previous.info.run_id} ({previous.info.status} after {epoch} of "
               f"{config.train.epochs} epochs); pass --resume false to start a new run instead", flush=True)
     reopen = previous.info.run_id if previous is not None and "MLFLOW_RUN_ID" not in os.environ else None
-    folder, keep = None, False
+    folder, keep, lost = None, False, None
     try:
         with tracking.run(config.experiment, run_name=name, params=config.flat(), tags=tags, run_id=reopen,
                           parent_run_id=parent_run_id, system_metrics=config.system_metrics) as active:
             run_id = active.info.run_id
-            if parent_run_id is None:
-                folder = Path(config.checkpoint_dir, run_id).resolve()
-                if previous is not None and previous.info.run_id != run_id:
-                    tracking.adopt_run(previous.info.run_id)
-                if old is not None and old.is_dir() and old.resolve() != folder:   # or another --checkpoint-dir
-                    folder.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.move(old, folder)
-                tracking.set_tags({tracking.CHECKPOINT_DIR_TAG: str(folder)})
-            yield run_id, folder
+            try:
+                if parent_run_id is None:
+                    folder = Path(config.checkpoint_dir, run_id).resolve()
+                    if previous is not None and previous.info.run_id != run_id:
+                        tracking.adopt_run(previous.info.run_id)
+                    if old is not None and old.is_dir() and old.resolve() != folder:   # or another --checkpoint-dir
+                        folder.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.move(old, folder)
+                    tracking.set_tags({tracking.CHECKPOINT_DIR_TAG: str(folder)})
+                yield run_id, folder
+            except Exception as err:
+                if folder is None or not tracking.is_tracking_error(err):
+                    raise
+                # The store failed, not the training: the run ends KILLED with its checkpoint, which the
+                # same command continues from once the store answers.
+                keep, reason = True, f"the tracking store failed ({type(err).__name__}: {checkpoints.one_line(err)})"
+                with contextlib.suppress(Exception):
+                    tracking.end_run(run_id, "KILLED", reason)
+                with contextlib.suppress(Exception):
+                    mlflow.end_run("KILLED")   # ends it as this process's active run too: `tracking.run` adds nothing
+                lost = tracking.TrackingError(f"{reason}; run {run_id} ends KILLED with its checkpoint in {folder}: "
+                                              "run the same command again once the store answers.")
+                lost.__cause__ = err
+        if lost is not None:
+            raise lost
     except KeyboardInterrupt:
         keep = True
         raise
     except (ResultsNotLogged, checkpoints.CheckpointError):
-        keep = checkpoints.saved_epoch(folder) > 0
+        keep = keep or checkpoints.saved_epoch(folder) > 0
         raise
     finally:
         if folder is not None and not keep:
             shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(Exception):   # the tag says where a checkpoint is, only while there is one
+                mlflow.MlflowClient().delete_tag(run_id, tracking.CHECKPOINT_DIR_TAG)
+            with contextlib.suppress(OSError):   # no empty checkpoint folder left behind
+                folder.parent.rmdir()
 
 
 def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
