@@ -1,6 +1,4 @@
-"""Where images come from: `read_source` turns a `DataConfig` into `SourceImages` (synthetic, CIFAR-10
-downloaded or from its pickles, image folders, TFRecord shards; docs/data.md).
-"""
+"""Where images come from: `read_source` turns a `DataConfig` into `SourceImages` (docs/data.md)."""
 
 from __future__ import annotations
 
@@ -45,7 +43,10 @@ def read_source(cfg, side: int, policy: str, verbose: bool) -> SourceImages:
     elif (pickles := find_cifar_pickles(root)) is not None:
         return cifar_pickles(pickles)     # identified by content already
     else:
-        source = image_folder(root, CIFAR_SIZE if cifar else side, verbose, layout_hint(cifar), cfg.split_seed,
+        hint = ("Expected train/<class>/* (optionally with test/<class>/*) or <class>/* directly, one sub-folder "
+                "per class" + (f", or CIFAR-10's {CIFAR_PICKLE_DIR}/ (data_batch_1..5, test_batch, batches.meta)."
+                               if cifar else "."))
+        source = image_folder(root, CIFAR_SIZE if cifar else side, verbose, hint, cfg.split_seed,
                               policy="squash" if cifar else policy, max_bytes=cfg.max_memory_mb * 2 ** 20,
                               content_id=content_id)
     if content_id:   # an archive's members may keep their names, sizes and mtimes across its versions
@@ -106,14 +107,6 @@ def cifar10_download() -> SourceImages:
     return in_memory(x_train, y_train, x_test, y_test, CIFAR10_CLASSES, "keras.datasets.cifar10", "cifar10")
 
 
-def layout_hint(cifar: bool) -> str:
-    hint = ("Expected train/<class>/* (optionally with test/<class>/*) or <class>/* directly, "
-            "one sub-folder per class")
-    if cifar:
-        hint += f", or CIFAR-10's {CIFAR_PICKLE_DIR}/ (data_batch_1..5, test_batch, batches.meta)"
-    return hint + "."
-
-
 def find_cifar_pickles(root: Path) -> Path | None:
     for candidate in (root, root / CIFAR_PICKLE_DIR):
         if (candidate / "data_batch_1").is_file() and (candidate / "test_batch").is_file():
@@ -121,23 +114,14 @@ def find_cifar_pickles(root: Path) -> Path | None:
     return None
 
 
-def _numpy_pickling_callables() -> dict[str, object]:
-    """The functions NumPy's own pickling of arrays and scalars reduces to, by name (taken from what
-    NumPy returns, so no private module is imported)."""
-    found = {}
-    for obj in (np.zeros(1, np.uint8).__reduce__()[0],             # ndarray (protocols 2-4)
-                np.zeros(1, np.uint8).__reduce_ex__(5)[0],         # ndarray (protocol 5)
-                np.float64(0).__reduce__()[0]):                     # NumPy scalars
-        found[obj.__name__] = obj
-    return found
-
-
-# What a CIFAR-10 pickle may name. Module names differ between NumPy 1 and 2 (numpy.core ->
-# numpy._core) and between the pickles each writes; the objects admitted are the same.
+# The functions NumPy's own pickling of arrays (protocols 2-4, 5) and scalars reduces to, taken from what
+# NumPy returns (no private module imported), under the module names of NumPy 1 and 2.
+NUMPY_REDUCERS = [np.zeros(1).__reduce__()[0], np.zeros(1).__reduce_ex__(5)[0], np.float64(0).__reduce__()[0]]
+# What a CIFAR-10 pickle may name.
 PICKLE_GLOBALS = {
-    **{(module, name): obj for module in ("numpy.core.multiarray", "numpy._core.multiarray",
-                                          "numpy.core.numeric", "numpy._core.numeric")
-       for name, obj in _numpy_pickling_callables().items()},
+    **{(module, obj.__name__): obj for module in ("numpy.core.multiarray", "numpy._core.multiarray",
+                                                  "numpy.core.numeric", "numpy._core.numeric")
+       for obj in NUMPY_REDUCERS},
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): codecs.encode,   # bytes, as Python 3 pickles them at protocol 2
@@ -146,9 +130,8 @@ PICKLE_GLOBALS = {
 
 
 class SafeUnpickler(pickle.Unpickler):
-    """Unpickles only what CIFAR-10's python release holds: dicts, lists, bytes, strings, numbers and
-    NumPy arrays. Any other global a pickle names (os.system, builtins.eval, a class with side effects
-    in its constructor ...) raises pickle.UnpicklingError instead of being called."""
+    """Unpickles only what CIFAR-10's python release holds (dicts, lists, bytes, numbers, NumPy arrays):
+    any other global a pickle names (os.system, builtins.eval ...) raises instead of being called."""
 
     def find_class(self, module: str, name: str):
         try:
@@ -158,12 +141,6 @@ class SafeUnpickler(pickle.Unpickler):
                                          "dicts, lists, bytes, numbers and NumPy arrays") from None
 
 
-def load_safe_pickle(path: Path):
-    """The object pickled in `path`, read by SafeUnpickler (Python 2 strings as bytes)."""
-    with open(path, "rb") as f:
-        return SafeUnpickler(f, encoding="bytes").load()
-
-
 def cifar_pickles(folder: Path) -> SourceImages:
     def read(name: str) -> dict:
         path = folder / name
@@ -171,7 +148,8 @@ def cifar_pickles(folder: Path) -> SourceImages:
             raise DataError(f"{str(path)!r} is missing or not a regular file: {CIFAR_PICKLE_DIR}/ needs "
                             "data_batch_1..5 and test_batch. Re-extract the archive.")
         try:
-            batch = load_safe_pickle(path)
+            with open(path, "rb") as f:
+                batch = SafeUnpickler(f, encoding="bytes").load()   # Python 2 strings as bytes
         except pickle.UnpicklingError as err:
             raise DataError(f"{str(path)!r} is not a CIFAR-10 batch and was not loaded ({err}). Use the "
                             "official cifar-10-python release, or an image folder.") from err
