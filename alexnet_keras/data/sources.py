@@ -150,15 +150,11 @@ def cifar_pickles(folder: Path) -> SourceImages:
         try:
             with open(path, "rb") as f:
                 batch = SafeUnpickler(f, encoding="bytes").load()   # Python 2 strings as bytes
-        except pickle.UnpicklingError as err:
-            raise DataError(f"{str(path)!r} is not a CIFAR-10 batch and was not loaded ({err}). Use the "
-                            "official cifar-10-python release, or an image folder.") from err
+            if not isinstance(batch, dict):
+                raise pickle.UnpicklingError(f"it holds a {type(batch).__name__}, not a dict")
         except Exception as err:  # noqa: BLE001 - unpickling fails in many ways on a broken file
-            raise DataError(f"{str(path)!r} is not a readable CIFAR-10 batch ({type(err).__name__}: {err}). "
-                            "Re-extract the archive.") from err
-        if not isinstance(batch, dict):
-            raise DataError(f"{str(path)!r} is not a CIFAR-10 batch (it holds a {type(batch).__name__}, "
-                            "not a dict). Re-extract the archive.")
+            raise DataError(f"{str(path)!r} is not a readable CIFAR-10 batch and was not loaded ({err}). Use "
+                            "the official cifar-10-python release (re-extract it), or an image folder.") from err
         return batch
 
     def arrays(batch: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -214,31 +210,27 @@ def image_folder(root: Path, image_size: int, verbose: bool, fix_hint: str, spli
     splits = np.asarray(listing.splits)[good]
     by_split = {s: images[splits == s] for s in layout}
     train = by_split["train"]
-    present = np.unique(train.labels)
-    if len(present) < 2:
+    missing = [name for c, name in enumerate(class_names) if c not in set(train.labels.tolist())]
+    if len(class_names) - len(missing) < 2:
         raise DataError(f"only one class of {str(layout['train'])!r} has readable images; "
                         f"classification needs at least 2. {fix_hint}")
-    if len(present) < len(class_names):
-        missing = [class_names[c] for c in sorted(set(range(len(class_names))) - set(present.tolist()))]
+    if missing:
         raise DataError(f"class folder(s) {', '.join(repr(n) for n in missing)} of {str(layout['train'])!r} "
                         "hold no readable image, so the model would get output classes it never sees an "
                         "image of. Add images to them or remove them.")
 
+    for split, what in (("test", "a test"), ("val", "the validation")):
+        if split in by_split and not len(by_split[split]):
+            raise DataError(f"no readable images in {str(layout[split])!r}. Add images to it or remove it to "
+                            f"carve {what} split from train/.")
     if "test" in by_split:
         test = by_split["test"]
-        if not len(test):
-            raise DataError(f"no readable images in {str(layout['test'])!r}. Add images to it or "
-                            "remove it to carve a test split from train/.")
     else:
         keep, out = carve_test(train.labels, split_seed)
         train, test = train[keep], train[out]
-    val = by_split.get("val")
-    if val is not None and not len(val):
-        raise DataError(f"no readable images in {str(layout['val'])!r}. Add images to it or "
-                        "remove it to carve the validation split from train/.")
 
     identity = hash_json({"kind": "folder", "files": [files[i] for i in good], "sizes": [sizes[i] for i in good],
                           "labels": labels[good].tolist(), "stored": image_size, "policy": policy,
                           "carved_test": "test" not in by_split})
     return SourceImages(train, test, class_names, str(root), identity, len(unreadable) + len(listing.skipped),
-                        val)
+                        by_split.get("val"))

@@ -183,15 +183,11 @@ def read_manifest(root: str | os.PathLike) -> dict:
     except (OSError, ValueError) as err:
         raise DataError(f"{str(path)!r} is not a readable manifest ({err}). Run `alexnet-keras prepare` "
                         "again.") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"{str(path)!r} is not an alexnet-keras TFRecord manifest (no format {FORMAT!r}).")
-    if manifest.get("version") != VERSION:
-        raise DataError(f"{str(path)!r} has version {manifest.get('version')!r}; this alexnet-keras reads "
-                        f"version {VERSION}. Run `alexnet-keras prepare` again.")
-    splits = manifest.get("splits") or {}
-    if "train" not in splits:
-        raise DataError(f"{str(path)!r} lists no train split.")
-    missing = [s["file"] for split in splits.values() for s in split["shards"]
+    ours = isinstance(manifest, dict) and (manifest.get("format"), manifest.get("version")) == (FORMAT, VERSION)
+    if not ours or "train" not in manifest.get("splits", {}):
+        raise DataError(f"{str(path)!r} is not a version {VERSION} {FORMAT!r} manifest with a train split. Run "
+                        "`alexnet-keras prepare` again.")
+    missing = [s["file"] for split in manifest["splits"].values() for s in split["shards"]
                if not (Path(root) / s["file"]).is_file()]
     if missing:
         raise DataError(f"shards listed in {str(path)!r} are missing: {listed(missing)}. Copy the whole folder, "

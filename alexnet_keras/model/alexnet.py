@@ -64,7 +64,6 @@ class AlexNet(keras.Model):
 
 def build_alexnet(config: ModelConfig, num_classes: int, input_mean: Sequence[float] | None = None,
                   input_std: Sequence[float] | None = None) -> AlexNet:
-    """The AlexNet described by `config` with `num_classes` outputs (see `AlexNet`)."""
     return AlexNet(num_classes=num_classes, input_mean=input_mean, input_std=input_std,
                    **dataclasses.asdict(config))
 
@@ -78,13 +77,9 @@ def summary_text(model: keras.Model, **summary_kwargs: Any) -> str:
 
 
 def lrn_diagnostics(model: keras.Model, images: Any, batch_size: int = 32) -> dict[str, dict[str, float]]:
-    """How much each LocalResponseNormalization layer of `model` normalises on `images` (model inputs).
-
-    Each LRN layer's input activations are measured (inference mode) with the layer's own
-    `squared_sum` and `scale`: {layer name: {ratio_mean, ratio_p95 (of alpha * sum(a^2) / k: ~0 means
-    the layer normalises nothing), scale_mean/min/max (of the factor), constant_scale (k ** -beta),
-    relative_scale_mean/min (scale / constant_scale: 1 = a constant factor)}}; {} without LRN.
-    """
+    """How much each LRN layer of `model` normalises on `images`, measured with the layer's own code: {layer:
+    {ratio_mean, ratio_p95 (of alpha * sum(a^2) / k; ~0: nothing), scale_mean/min/max (of the factor),
+    constant_scale (k ** -beta), relative_scale_mean/min (scale / constant_scale)}}; {} without LRN."""
     layers = [layer for layer in model.layers if isinstance(layer, LocalResponseNormalization)]
     if not layers:
         return {}

@@ -9,10 +9,8 @@ import numpy as np
 from keras import ops
 
 
-def _is_number(value) -> bool:
-    # bool is an int subclass; `alpha=True` is a mistake, not 1.0.
-    return (not isinstance(value, bool) and isinstance(value, (int, float))
-            and not math.isnan(value))
+def _is_number(value) -> bool:   # bool is an int subclass; `alpha=True` is a mistake, not 1.0
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
 
 
 @keras.saving.register_keras_serializable(package="alexnet_keras")
@@ -21,13 +19,9 @@ class LocalResponseNormalization(keras.layers.Layer):
 
         b_i = a_i / (k + alpha * sum_{j=max(0, i-n/2)}^{min(N-1, i+n/2)} a_j^2) ** beta
 
-    n = `size` (odd), the window clipped at the first and last channel; the paper's n=5, k=2,
-    alpha=1e-4, beta=0.75 are the defaults. `alpha` multiplies the plain sum, as in the paper and
-    `tf.nn.local_response_normalization`; PyTorch and Caffe divide it by n (their alpha = n * ours).
-
-    Computed in float32 under any policy (cast back to the input dtype): the sum of squares overflows
-    float16 once activations reach ~115, and float16's power keeps ~3 digits. No weights; `axis` is the
-    channel axis. `squared_sum` and `scale` are public so that diagnostics measure with the layer's code.
+    n = `size` (odd), the window clipped at the edge channels; the paper's n=5, k=2, alpha=1e-4, beta=0.75
+    are the defaults. `alpha` multiplies the plain sum (PyTorch and Caffe divide it by n). Computed in
+    float32 under any policy: the sum of squares overflows float16 once activations reach ~115.
     """
 
     def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,

@@ -1,11 +1,6 @@
-"""Training as small functions, ending in `train_and_evaluate(config)`, the one training path: `prepare`
-(seeds, data, model, compile), `fit` (the loop of `train`, a study's children, a sweep's trials and the
-benchmark), `log_inputs` and `log_trained_model` (what a run logs before and after training).
-
-Everything that can fail on bad input (config, store, checkpoint folder, data, model, a damaged
-checkpoint to resume) fails before an MLflow run opens. How interrupted runs are continued, and what
-survives which failure, is in docs/reliability.md.
-"""
+"""Training as small functions, ending in `train_and_evaluate(config)`, the one training path; `fit` is
+the loop of `train`, a study's children, a sweep's trials and the benchmark. Bad input fails before an
+MLflow run opens; docs/reliability.md says what survives which failure."""
 
 from __future__ import annotations
 
@@ -47,8 +42,7 @@ def set_global_state(train: TrainConfig) -> None:
 
 
 def enable_determinism() -> None:
-    """`--deterministic`: deterministic kernels in every framework involved, chiefly for GPUs, whose
-    atomics make reductions order-dependent (cost: docs/reliability.md). Seeds are always set."""
+    """`--deterministic`: deterministic kernels in every framework involved (docs/reliability.md)."""
     enable_op_determinism()   # TensorFlow: tf.data on every backend, and the model's ops on TensorFlow
     backend = keras.backend.backend()
     if backend == "jax":
@@ -65,8 +59,7 @@ def enable_determinism() -> None:
 
 
 def learning_rate_schedule(train: TrainConfig, steps_per_epoch: int) -> Any:
-    """The optimizer's learning rate: a float, or a Keras schedule of the optimizer step. The plateau
-    schedule is a callback instead (build_callbacks): it reacts to the validation loss."""
+    """The optimizer's learning rate: a float, or a Keras schedule (plateau: a callback, build_callbacks)."""
     total = max(1, train.epochs * steps_per_epoch)
     if train.schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=total)
@@ -96,8 +89,7 @@ def compile_model(model: keras.Model, config: Config, steps_per_epoch: int) -> k
 
 def build_callbacks(config: Config, backup_dir: Path | None = None, *,
                     track: bool = True) -> list[keras.callbacks.Callback]:
-    """NaN stop, per-epoch metrics to the active run (unless not `track`), the checkpoint in `backup_dir`
-    (restored as training begins, saved as each epoch ends), and the plateau schedule."""
+    """NaN stop, per-epoch metrics (with `track`), the checkpoint in `backup_dir`, the plateau schedule."""
     callbacks: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
     if track:
         callbacks.append(tracking.epoch_metrics_callback(skip_logged_steps=backup_dir is not None))
@@ -132,10 +124,9 @@ def fit(model: keras.Model, data: Data, config: Config, backup_dir: Path | None 
         callbacks: Sequence[keras.callbacks.Callback] = (), epochs: int | None = None, initial_epoch: int = 0,
         steps_per_epoch: int | None = None, verbose: int | None = None,
         track: bool = True) -> tuple[dict[str, list[float]], float, int]:
-    """Train to `epochs` (default: the config's) from `initial_epoch`, or from the checkpoint in `backup_dir`
-    (sweeps add keras-tuner's `callbacks`; the benchmark, `steps_per_epoch` with no `data.val`). A loss
-    that turns NaN raises FloatingPointError. With `track` (and an active run) it logs per-epoch metrics
-    and, with LRN, the LRN diagnostic at start and end. Returns the history, seconds, and start epoch."""
+    """Train to `epochs` (default: the config's) from `initial_epoch` or the checkpoint in `backup_dir`; a
+    NaN loss raises FloatingPointError. With `track` (and an active run) it logs per-epoch metrics and the
+    LRN diagnostics. Returns the history, seconds, and start epoch."""
     epochs = epochs or config.train.epochs
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2   # a progress bar on a terminal, a line per epoch in logs
@@ -185,12 +176,11 @@ def log_lrn_diagnostics(model: keras.Model, images: np.ndarray | None, step: int
 
 
 def timing_metrics(history: dict[str, list[float]], seconds: float) -> dict[str, float]:
-    """This process's training time, in all and per epoch trained."""
     return {"train_time_s": seconds, "epoch_time_s": seconds / max(1, len(history.get("loss", [])))}
 
 
 def evaluate(model: keras.Model, data: Data) -> tuple[dict[str, float], np.ndarray]:
-    """Test-set metrics (the only use of the test split) and the predicted class of each test image."""
+    """Test-set metrics (the only use of the test split) and the predicted classes."""
     results = model.evaluate(data.test, return_dict=True, verbose=0)
     probabilities = model.predict(data.test, verbose=0)
     metrics = {f"test_{k}": float(v) for k, v in results.items()}
@@ -212,8 +202,7 @@ def log_evaluation(data: Data, predictions: np.ndarray, history: dict[str, list[
 
 def run_tags(config: Config, data: Data, model: keras.Model,
              context: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The tags of a training run: environment, digests, and its description (`context`: the run's study
-    or sweep tags, if any)."""
+    """Environment, digests, and the description (`context`: the run's study or sweep tags, if any)."""
     return {**tracking.environment_tags(), tracking.CONFIG_DIGEST_TAG: config.digest(),
             tracking.DATA_DIGEST_TAG: data.digest, tracking.VARIANT_NAME_TAG: config.model.variant,
             tracking.NUM_PARAMS_TAG: str(model.count_params()),
@@ -235,15 +224,15 @@ def default_run_name(config: Config) -> str:
             continue
         if isinstance(value, bool):
             parts.append(key if value else f"{key}0")
+        elif isinstance(value, str):
+            parts.append(value)
         else:
-            parts.append(str(value) if isinstance(value, str) else f"{key}{'none' if value is None else f'{value:g}'}")
+            parts.append(f"{key}{'none' if value is None else f'{value:g}'}")
     return "-".join([*(parts[:4] or ["main"]), config.digest()[:6]])
 
 
 def run_description(config: Config, data: Data, context: Mapping[str, str] | None = None) -> str:
-    """One paragraph for the run page's description (mlflow.note.content): the network and its
-    toggles, the data, the training, and, for a study's child or a sweep's trial (`context`: its tags),
-    which study, variant and seed or which sweep and trial."""
+    """The run page's description: network, data, training, and which study or sweep it belongs to."""
     m, d, t = config.model, config.data, config.train
     context = context or {}
     size = f"{m.input_size} px input" + (f", width {m.width:g}" if m.width != 1 else "") + (
@@ -335,7 +324,7 @@ def training_run(config: Config, model: keras.Model, name: str | None, tags: Map
 
 def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
                        parent_run_id: str | None = None) -> TrainResult:
-    """Train one AlexNet as described by `config`, log everything to MLflow, return the test metrics."""
+    """Train one AlexNet as `config` says, log everything to MLflow, return the test metrics."""
     register = config.register if parent_run_id is None else None   # children: ablate registers the best
     if register:
         from ..serving import check_model_name
@@ -413,14 +402,13 @@ def log_trained_model(model: keras.Model, data: Data, history: dict[str, list[fl
 
 
 class ResultsNotLogged(RuntimeError):
-    """Training finished, but what follows it (evaluation, reports, figures, the model) failed. The
-    trained weights are kept; the message says where, and how to log them."""
+    """Training finished, but evaluating or logging it failed; the message says where the weights are."""
 
 
 def results_not_logged(err: Exception, model: keras.Model, data: Data, config: Config, run_id: str,
                        backup_dir: Path | None) -> ResultsNotLogged:
-    """The error for `err`, raised once the trained weights are safe: in the run's checkpoint, which the
-    same command continues from, or (a study's child, a sweep's trial) as a .keras file."""
+    """The error for `err`, once the trained weights are safe: in the run's checkpoint, or (a study's child,
+    a sweep's trial) as a .keras file."""
     cause = f"{type(err).__name__}: {checkpoints.one_line(err)}"
     if backup_dir is not None:
         kept = (f"The trained weights are kept in {backup_dir}: once that is fixed, run the same command again; "
@@ -433,8 +421,7 @@ def results_not_logged(err: Exception, model: keras.Model, data: Data, config: C
 
 
 def keep_model(model: keras.Model, data: Data, folder: Path) -> Path | None:
-    """Save `model` as model.keras with the preprocessing `predict` needs in `folder`, else in a new
-    temporary folder; None when nothing could be written anywhere."""
+    """`model` as model.keras for `predict` in `folder`, else a new temporary folder (None: nowhere)."""
     from ..model.inference import save_model
 
     meta = model_metadata(data)
