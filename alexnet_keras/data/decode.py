@@ -80,19 +80,15 @@ def decode_files(files: list[str], size: int, verbose: bool, *, policy: str = "s
     """(images, indices of the files that decoded), decoded in parallel; `keep=False`: images is None."""
     start, n = time.perf_counter(), len(files)
 
-    def decode(index, path):
+    def decode(index, path):   # without `keep`, a statistic keeps the decoding from being optimised away
         image = decode_image(tf.io.read_file(path), size, policy)
-        if not keep:   # a statistic of the image keeps the decoding from being optimised away
-            return index, tf.reduce_max(image)
-        return index, image
+        return index, image if keep else tf.reduce_max(image)
 
     # An error inside `decode` drops that element (ignore_errors), so the indices that come out are
     # exactly the readable files; order is free, which lets the parallel map run unordered.
     ds = (tf.data.Dataset.from_tensor_slices((np.arange(n, dtype=np.int64), np.asarray(files, str)))
           .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-          .ignore_errors()
-          .batch(1024)
-          .prefetch(2))
+          .ignore_errors().batch(1024).prefetch(2))
     images = np.empty((n, size, size, 3), dtype=np.uint8) if keep else None
     ok = np.zeros(n, dtype=bool)
     bar = progress_bar(n, f"Decoding at {size}x{size} (cached afterwards):", verbose)

@@ -10,6 +10,8 @@ from pathlib import Path
 SPLITS = ("train", "val", "test")
 # The folder of CIFAR-10's official python release (data_batch_1..5, test_batch, batches.meta).
 CIFAR_PICKLE_DIR = "cifar-10-batches-py"
+LAYOUT_HINT = ("Expected train/<class>/* (optionally with test/<class>/* and val/<class>/*) or <class>/* "
+               "directly, one sub-folder per class")
 
 
 class DataError(ValueError):

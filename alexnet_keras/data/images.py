@@ -66,10 +66,6 @@ class ArrayImages(Images):
         images, labels = self.variables
         return tf.gather(images, keys), tf.gather(labels, keys)
 
-    def numpy_batches(self, batch_size=256):
-        for start in range(0, len(self), batch_size):
-            yield self.x[start:start + batch_size]
-
 
 class FileImages(Images):
     """Image files decoded in parallel every time they are read (files known to decode: sources.py)."""

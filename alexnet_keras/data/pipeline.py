@@ -69,10 +69,8 @@ def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: 
                                            cfg.split_seed, own_val=source.val is not None)
     train = source.train[train_idx]
     val = source.val if val_idx is None else source.train[val_idx]
-    test = source.test
-    kept = limit_test(test.labels, cfg.test_limit, cfg.split_seed)
-    if kept is not None:
-        test = test[kept]
+    kept = limit_test(source.test.labels, cfg.test_limit, cfg.split_seed)
+    test = source.test if kept is None else source.test[kept]
 
     pixel_mean = paper and cfg.pixel_mean
     stats = statistics(train, hash_json({
@@ -119,30 +117,19 @@ def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: 
             "pca_shift": "255 * sum_i alpha_i * pca_eigenvalues[i] * pca_eigenvectors_columns[:, i], "
                          "alpha_i ~ N(0, pca_std) per image; eigen-decomposition of covariance_rgb / 255^2",
             "ten_crop": cfg.ten_crop}
-    digest = hash_json({
-        "data": source.identity, "image_size": image_size, "val_fraction": cfg.val_fraction,
-        "split_seed": cfg.split_seed, "train_limit": cfg.train_limit, "test_limit": cfg.test_limit,
-        "recipe": cfg.recipe, "stored_size": stored, "pixel_mean": pixel_mean})
+    split = {k: getattr(cfg, k) for k in ("val_fraction", "split_seed", "train_limit", "test_limit", "recipe")}
+    digest = hash_json({"data": source.identity, "image_size": image_size, "stored_size": stored,
+                        "pixel_mean": pixel_mean, **split})
     return Data(
-        train=train_ds,
-        val=mapped(val, batch_size, evaluation),
-        test=mapped(test, batch_size, evaluation),
-        test_labels=test.labels.astype(np.int32),
-        class_names=list(source.class_names),
-        image_size=image_size,
+        train=train_ds, val=mapped(val, batch_size, evaluation), test=mapped(test, batch_size, evaluation),
+        test_labels=test.labels.astype(np.int32), class_names=list(source.class_names), image_size=image_size,
         batch_size=batch_size,
         counts={"train": len(train), "val": len(val), "test": len(test), "skipped": source.skipped},
-        mean=[float(v) for v in mean],
-        std=[float(v) if v > 0 else 1.0 for v in std],
-        source=source.source,
-        digest=digest,
+        mean=[float(v) for v in mean], std=[float(v) if v > 0 else 1.0 for v in std], source=source.source,
+        digest=digest, recipe_stats=recipe_stats, mean_image=mean_image, test_ten_crop=test_ten_crop,
         preprocessing={"recipe": cfg.recipe, "resize": "shorter_side_crop" if paper else "squash",
                        "stored_size": stored, "image_size": image_size, "pixel_mean": pixel_mean,
-                       **({"native_size": train.side} if train.side != stored else {})},
-        recipe_stats=recipe_stats,
-        mean_image=mean_image,
-        test_ten_crop=test_ten_crop,
-    )
+                       **({"native_size": train.side} if train.side != stored else {})})
 
 
 def mapped(images: Images, batch_size: int, transform, *, shuffle: bool = False, seed: int = 0,

@@ -16,12 +16,11 @@ from . import tfrecord
 from .archives import DATA_DIR_ENV, locate_data_dir
 from .cache import hash_json
 from .decode import decode_cached
-from .files import CIFAR_PICKLE_DIR, DataError, Walk, folder_layout, listed
+from .files import CIFAR_PICKLE_DIR, LAYOUT_HINT, DataError, Walk, folder_layout, listed
 from .images import ArrayImages, FileImages, SourceImages, check_labels
 from .split import carve_test
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                   "truck"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR_SIZE = 32
 
 
@@ -43,9 +42,8 @@ def read_source(cfg, side: int, policy: str, verbose: bool) -> SourceImages:
     elif (pickles := find_cifar_pickles(root)) is not None:
         return cifar_pickles(pickles)     # identified by content already
     else:
-        hint = ("Expected train/<class>/* (optionally with test/<class>/*) or <class>/* directly, one sub-folder "
-                "per class" + (f", or CIFAR-10's {CIFAR_PICKLE_DIR}/ (data_batch_1..5, test_batch, batches.meta)."
-                               if cifar else "."))
+        hint = LAYOUT_HINT + (f", or CIFAR-10's {CIFAR_PICKLE_DIR}/ (data_batch_1..5, test_batch, batches.meta)."
+                              if cifar else ".")
         source = image_folder(root, CIFAR_SIZE if cifar else side, verbose, hint, cfg.split_seed,
                               policy="squash" if cifar else policy, max_bytes=cfg.max_memory_mb * 2 ** 20,
                               content_id=content_id)
@@ -54,19 +52,14 @@ def read_source(cfg, side: int, policy: str, verbose: bool) -> SourceImages:
     return source
 
 
-def array_identity(kind: str, *arrays: np.ndarray) -> str:
-    """16 hex digits identifying the content of `arrays`."""
-    h = hashlib.sha256(kind.encode())
-    for array in arrays:
-        h.update(str(array.shape).encode())
-        h.update(np.ascontiguousarray(array).data)
-    return h.hexdigest()[:16]
-
-
 def in_memory(x_train, y_train, x_test, y_test, class_names, source: str, kind: str) -> SourceImages:
     """Splits held as arrays, identified by their content."""
+    h = hashlib.sha256(kind.encode())
+    for array in (x_train, y_train, x_test, y_test):
+        h.update(str(array.shape).encode())
+        h.update(np.ascontiguousarray(array).data)
     return SourceImages(ArrayImages(x_train, y_train), ArrayImages(x_test, y_test), list(class_names), source,
-                        array_identity(kind, x_train, y_train, x_test, y_test))
+                        h.hexdigest()[:16])
 
 
 def synthetic(samples: int, classes: int, image_size: int, seed: int) -> SourceImages:
@@ -167,13 +160,9 @@ def cifar_pickles(folder: Path) -> SourceImages:
             raise DataError(f"{str(folder / name)!r} has {len(x)} images but {y.size} labels.")
         return x.transpose(0, 2, 3, 1), y
 
-    names = sorted((p.name for p in folder.glob("data_batch_*")), key=lambda n: int(n.rsplit("_", 1)[1])
-                   if n.rsplit("_", 1)[1].isdigit() else 0)
-    class_names = list(CIFAR10_CLASSES)
-    if (folder / "batches.meta").is_file():
-        meta = read("batches.meta")
-        if b"label_names" in meta:
-            class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
+    names = sorted(p.name for p in folder.glob("data_batch_*"))   # 1..5
+    meta = read("batches.meta") if (folder / "batches.meta").is_file() else {}
+    class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(b"label_names", CIFAR10_CLASSES)]
     parts = {name: arrays(read(name), name) for name in [*names, "test_batch"]}
     for name, (_, y) in parts.items():
         check_labels(y, len(class_names), repr(str(folder / name)))

@@ -21,7 +21,7 @@ from ..config import MAX_SIDE, Options, validated
 from .archives import locate_data_dir
 from .cache import build_folder_once, cache_root, hash_json
 from .decode import decode_image, progress_bar
-from .files import DataError, folder_layout, listed
+from .files import LAYOUT_HINT, DataError, folder_layout, listed
 from .images import Images, SourceImages
 from .split import carve_test
 
@@ -70,9 +70,7 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
             path.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
-    hint = ("Expected train/<class>/* (optionally with test/<class>/* and val/<class>/*) or <class>/* "
-            "directly, one sub-folder per class.")
-    listing = folder_layout(root, hint)
+    listing = folder_layout(root, LAYOUT_HINT + ".")
     layout, class_names, files = listing.layout, listing.class_names, listing.files
     labels_arr, splits_arr = np.asarray(listing.labels, np.int64), np.asarray(listing.splits)
     policy = ({"resize": "none", "encoding": "original"} if encoding == "original" else
@@ -212,9 +210,8 @@ class RecordImages(Images):
 
     @functools.cached_property
     def read_plan(self) -> tuple[list[str], np.ndarray | None]:
-        """(shards to read, mask of the records to keep by their `index` feature or None for all). A
-        subset of at most half the records is copied once into shards of its own rather than filtered
-        out of every shard each epoch (~10x the records kept, for a 10 % validation split)."""
+        """(shards to read, mask of the records to keep or None): a subset of at most half the records is
+        copied once into shards of its own rather than filtered out of every shard each epoch."""
         if len(self.index) == len(self.all_labels):
             return self.shards, None
         mask = np.zeros(len(self.all_labels), dtype=bool)

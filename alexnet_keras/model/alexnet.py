@@ -41,21 +41,14 @@ class AlexNet(keras.Model):
         super().__init__(inputs=inputs, outputs=outputs, name=name, trainable=trainable)
 
         # Set after super().__init__(), as Keras requires for attributes of a Model.
-        self.config = config
-        self.num_classes = num_classes
-        self.input_mean = mean
-        self.input_std = std
+        self.config, self.num_classes, self.input_mean, self.input_std = config, num_classes, mean, std
 
     def get_config(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "num_classes": self.num_classes,
-            # Plain lists of floats, so the config is JSON (the .keras file's config.json).
-            "input_mean": None if self.input_mean is None else [float(v) for v in self.input_mean],
-            "input_std": None if self.input_std is None else [float(v) for v in self.input_std],
-            **dataclasses.asdict(self.config),
-        }
+        # Plain lists of floats, so the config is JSON (the .keras file's config.json).
+        stats = {k: None if v is None else [float(x) for x in v] for k, v in
+                 (("input_mean", self.input_mean), ("input_std", self.input_std))}
+        return {"name": self.name, "trainable": self.trainable, "num_classes": self.num_classes, **stats,
+                **dataclasses.asdict(self.config)}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects=None) -> "AlexNet":

@@ -37,17 +37,8 @@ class LocalResponseNormalization(keras.layers.Layer):
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise ValueError("LocalResponseNormalization: `axis` must be an integer (the channel "
                              f"axis, e.g. -1); received axis={axis!r}.")
-        self.size = size
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.k = float(k)
-        self.axis = axis
-        # Element-wise along every axis but the channel one, so a mask passes through unchanged.
-        self.supports_masking = True
-
-    def build(self, input_shape):
-        self._channel_axis(len(input_shape))
-        self.built = True
+        self.size, self.alpha, self.beta, self.k, self.axis = size, float(alpha), float(beta), float(k), axis
+        self.supports_masking = True   # element-wise along every axis but the channel one
 
     def _channel_axis(self, rank: int) -> int:
         if not -rank <= self.axis < rank:
@@ -102,7 +93,5 @@ class LocalResponseNormalization(keras.layers.Layer):
         return tuple(input_shape)
 
     def get_config(self):
-        config = super().get_config()
-        config.update({"size": self.size, "alpha": self.alpha, "beta": self.beta, "k": self.k,
-                       "axis": self.axis})
-        return config
+        return {**super().get_config(), "size": self.size, "alpha": self.alpha, "beta": self.beta, "k": self.k,
+                "axis": self.axis}

@@ -98,9 +98,9 @@ def restore(model: keras.Model, folder: Path | None) -> int:
         return 0
     for leftover in folder.glob(PARTIAL + "*"):
         leftover.unlink()
-    slots = [(folder / (WEIGHTS + end), folder / (METADATA + end)) for end in ("", BACKUP)]
-    digests = {weights: _sha256(weights) for weights, _ in slots if weights.is_file()}
-    found = sorted((m for _, path in slots if (m := _metadata(path))), key=lambda m: -m["epoch"])
+    digests = {w: _sha256(w) for end in ("", BACKUP) if (w := folder / (WEIGHTS + end)).is_file()}
+    found = sorted(filter(None, (_metadata(folder / (METADATA + end)) for end in ("", BACKUP))),
+                   key=lambda m: -m["epoch"])
     if not digests and not found:
         return 0
     if model.optimizer is not None and not model.optimizer.built:

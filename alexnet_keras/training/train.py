@@ -239,11 +239,11 @@ def run_description(config: Config, data: Data, context: Mapping[str, str] | Non
         ", two-GPU groups" if m.groups == 2 else "")
     pool = "overlapping 3x3/2" if m.pool == "overlapping" else "non-overlapping 2x2/2"
     on = {True: "on", False: "off"}
-    augment = "augmented" if d.augment else "no augmentation"
     source = f"{data.source}; " if data.source != d.dataset else ""
     text = (f"AlexNet ({m.variant} variant, {size}) trained on {d.dataset} ({source}"
             f"{data.counts['train']} training, {data.counts['val']} validation, {data.counts['test']} test "
-            f"images; {d.recipe} recipe, {augment}) for {t.epochs} epochs: SGD, learning rate "
+            f"images; {d.recipe} recipe, {'augmented' if d.augment else 'no augmentation'}) for {t.epochs} epochs: "
+            f"SGD, learning rate "
             f"{t.learning_rate:g} ({t.schedule}), momentum {t.momentum:g}, batch {t.batch_size}, seed {t.seed}. "
             f"Toggles: LRN {on[m.lrn]}, batch norm {on[m.batchnorm]}, {pool} max-pooling, dropout "
             f"{m.dropout:g}, {m.activation}, {m.init} init, weight decay {m.weight_decay:g}.")
