@@ -313,25 +313,24 @@ def test_a_finished_run_leaves_no_checkpoint_tag_and_no_empty_checkpoint_folder(
 
 
 def test_a_tracking_failure_keeps_the_checkpoint_and_the_same_command_resumes(mlflow_store, monkeypatch, capsys):
+    """The store fails after epoch 1 was checkpointed: the run ends KILLED (not FAILED, its checkpoint not
+    deleted), the error says so, and the same command continues the same run from epoch 1."""
     from mlflow.exceptions import MlflowException
 
-    from alexnet_keras import tracking
+    from alexnet_keras.training import checkpoints, train
 
-    real_log_metrics = tracking.log_metrics
+    def store_gone_after_epoch_1(model, data, config, backup_dir, **kwargs):
+        checkpoints.save(model, backup_dir, 1)
+        raise MlflowException("the tracking server went away")
 
-    def store_gone_at_epoch_2(metrics, step=None, **kwargs):
-        if step == 1:
-            raise MlflowException("the tracking server went away")
-        real_log_metrics(metrics, step=step, **kwargs)
-
-    monkeypatch.setattr(tracking, "log_metrics", store_gone_at_epoch_2)
-    assert cli.main(["train", *cli_flags(TINY)]) == 2
+    with monkeypatch.context() as patched:
+        patched.setattr(train, "fit", store_gone_after_epoch_1)
+        assert cli.main(["train", *cli_flags(TINY)]) == 2
     assert "the tracking server went away" in capsys.readouterr().err
     (run,) = all_runs(mlflow_store)
     assert run.info.status == "KILLED"
     checkpoint = Path(run.data.tags["alexnet_keras.checkpoint_dir"])
-    assert json.loads((checkpoint / "training_metadata.json").read_text())["epoch"] == 1
-    monkeypatch.setattr(tracking, "log_metrics", real_log_metrics)
+    assert checkpoints.saved_epoch(checkpoint) == 1
     assert cli.main(["train", *cli_flags(TINY)]) == 0
     assert "resuming from the checkpoint of epoch 1 of 2" in capsys.readouterr().out
     (resumed,) = all_runs(mlflow_store)
