@@ -1,12 +1,6 @@
-"""The one home of every default and of validation: `Config` (`ModelConfig` + `DataConfig` +
-`TrainConfig` + tracking fields) as frozen pydantic dataclasses, and `Options`, the base of every other
-validated file or flag set. Every leaf name is unique across the tree, so it is at once a CLI flag
-(`--batch-size 128`), an MLproject and MLflow param and a YAML key (nested `model: {lrn: false}` or flat).
-Every error names the value's path (and file or flag), what is allowed and what came.
-
-Also here: the network's geometry as arithmetic on a ModelConfig (model/alexnet.py builds its layers from
-it), the memory check of a whole config, and `load_yaml`, the one bounded reader of every YAML file.
-"""
+"""Every default and all validation: `Config` (model, data, train sections + tracking fields), `MAIN_JOB`,
+`Options` (the base of every other validated file or flag set), the network's geometry, the memory check
+and `load_yaml`. A leaf name is at once a CLI flag, an MLflow param and a YAML key (nested or flat)."""
 
 from __future__ import annotations
 
@@ -25,24 +19,18 @@ from pydantic import BeforeValidator, Field
 VARIANTS = ("paper", "cifar")
 POOLS = ("overlapping", "non_overlapping")
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
-INITS = ("paper", "keras")
 DATASETS = ("cifar10", "folder", "synthetic")
-RECIPES = ("simple", "paper")   # data/pipeline.py: squash to the input size, or Krizhevsky et al.'s
 SCHEDULES = ("plateau", "cosine", "step", "constant")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 JIT = ("auto", "true", "false")
 DISTRIBUTE = ("none", "mirrored", "multi_worker", "data_parallel")   # training/distribute.py
-INPUT_NORMS = ("standardize", "center")
 NATIVE_IMAGE_SIZE = {"paper": 227, "cifar": 32}   # each variant's input side when `image_size` is unset
 
-# --- The network's geometry: model/alexnet.py builds its layers from these, and the config uses them to
-# refuse a network that cannot be built or would not fit in memory, before anything is built.
+# The network's geometry: model/alexnet.py builds its layers from it, the memory check counts with it.
 CONV_FILTERS = (96, 256, 384, 384, 256)                           # conv1..conv5, before `width`
 CONV_KERNELS = {"paper": (11, 5, 3, 3, 3), "cifar": (3, 3, 3, 3, 3)}
 HIDDEN_UNITS = 4096                                               # fc6 and fc7, before `width`
-# The paper's two-GPU split: only these convs see just the half of the previous layer's maps that
-# lives on their own GPU (conv3 and the FC layers connect across GPUs).
-GROUPED_CONVS = (2, 4, 5)
+GROUPED_CONVS = (2, 4, 5)                                         # the paper's two-GPU split: half the maps
 LRN_CONVS = (1, 2)                                                # LRN after these convs' activation
 POOLED_CONVS = (1, 2, 5)                                          # max-pooling after these convs
 POOL_SIZES = {"overlapping": 3, "non_overlapping": 2}
@@ -53,8 +41,7 @@ MAX_COUNT = 2 ** 31 - 1          # image counts (train_limit, test_limit, synthe
 MAX_EPOCHS = 100_000             # epochs, plateau_patience
 MAX_SEED = 2 ** 32 - 1           # NumPy's and Keras' seeds are unsigned 32-bit integers
 _FLOAT_BYTES = 4                 # per float32 weight, gradient or activation (see memory_estimate)
-_SYNTHETIC_PEAK_BYTES = 16       # per pixel value while data/sources.py generates synthetic images
-                                 # (float64 noise, float32 sums; measured with tracemalloc: 16.04)
+_SYNTHETIC_PEAK_BYTES = 16       # per pixel value generating synthetic images (tracemalloc: 16.04)
 YAML_MAX_BYTES = 2 ** 20         # an experiment, study or sweep file is a page of options
 YAML_MAX_NODES = 100_000         # values after alias expansion ("billion laughs" files expand to 10^9)
 
@@ -83,7 +70,6 @@ _RULES = {"bool_parsing": "must be true or false", "bool_type": "must be true or
 
 
 def _rule(error: Mapping[str, Any], info: Any) -> str:
-    """What a value must be, from a pydantic error and the field's bounds (both ends where it has two)."""
     kind, ctx = error["type"], error.get("ctx") or {}
     if kind in ("literal_error", "union_tag_invalid"):
         return f"must be one of {ctx.get('expected', ctx.get('expected_tags', '')).replace(' or ', ', ')}"
@@ -115,7 +101,6 @@ def _fields(owner: Any) -> dict[str, Any]:
 
 
 def _walk(model: Any, loc: list[str]) -> tuple[list[str], Any]:
-    """The path a user wrote (a discriminated union's tag left out) and the model holding its last key."""
     path, owner = [], model
     for part in loc[:-1]:
         if part in _fields(owner):
@@ -133,8 +118,7 @@ def _walk(model: Any, loc: list[str]) -> tuple[list[str], Any]:
 
 
 def explain(err: pydantic.ValidationError, prefix: str, model: Any) -> ConfigError:
-    """One ConfigError line per pydantic error: `prefix` (a section, or a file), the value's path,
-    what is allowed and what came; unknown keys with "did you mean" and the known ones."""
+    """One line per pydantic error: `prefix` (a section or file), the value's path, what is allowed, what came."""
     lines, errors = [], err.errors()
     nested = {tuple(map(str, e["loc"][:-1])) for e in errors}
     for e in errors:
@@ -157,7 +141,7 @@ def explain(err: pydantic.ValidationError, prefix: str, model: Any) -> ConfigErr
         else:
             fix = (f" Fix it with --{path.replace('_', '-')} {typing.get_args(info.annotation)[0]}."
                    if e["type"] == "literal_error" and prefix.endswith(".") else "")
-            hint = f" ({info.description})" if e["type"] == "too_short" and info is not None and info.description else ""
+            hint = f" ({info.description})" if e["type"] == "too_short" and getattr(info, "description", None) else ""
             path = f"`{path}`" if prefix.endswith(": ") else path   # a key in a file, or a config leaf
             lines.append(f"{prefix}{path} {_rule(e, info)}{hint}; got {shown(e.get('input'))}.{fix}")
     return ConfigError("\n".join(lines))
@@ -169,7 +153,6 @@ def _number_kind(annotation: Any) -> str | None:
 
 
 def section(name: str):
-    """A frozen pydantic dataclass whose errors are ConfigErrors naming `name.field`."""
     def wrap(cls):
         cls = pydantic.dataclasses.dataclass(frozen=True, config=pydantic.ConfigDict(
             extra="forbid", allow_inf_nan=False))(cls)
@@ -207,9 +190,9 @@ class ModelConfig:
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout before fc6 and fc7 (0: no dropout layers)")
     pool: Literal[POOLS] = Field("overlapping", description="overlapping 3x3/2 (paper) or non_overlapping 2x2/2")
     activation: Literal[ACTIVATIONS] = Field("relu", description="every hidden layer's activation")
-    init: Literal[INITS] = Field("paper", description="paper: N(0, 0.01), bias 1 in conv2/4/5, fc6/7; keras")
+    init: Literal["paper", "keras"] = Field("paper", description="paper: N(0, 0.01), bias 1 in conv2/4/5, fc6/7; keras")
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="L2 on kernels, as the paper's update rule")
-    input_norm: Literal[INPUT_NORMS] = Field("standardize", description="(x - mean) / std, or x - mean (paper)")
+    input_norm: Literal["standardize", "center"] = Field("standardize", description="(x-mean)/std, or x-mean (paper)")
 
     @pydantic.field_validator("lrn_size")
     @classmethod
@@ -220,8 +203,7 @@ class ModelConfig:
 
     @pydantic.model_validator(mode="after")
     def _buildable(self) -> "ModelConfig":
-        # The smallest side whose every feature map (up to pool5) is not empty; the cifar variant's
-        # 'same' layers never empty a map, but fewer than 8 px leave nothing to learn from.
+        # The smallest side that leaves every map up to pool5 non-empty, and at least 8 px to learn from.
         if self.image_size is not None:
             minimum = max(8, next(side for side in range(1, MAX_SIDE) if min(self.feature_sides(side).values())))
             if not minimum <= self.image_size <= MAX_SIDE:
@@ -233,23 +215,18 @@ class ModelConfig:
     def input_size(self) -> int:
         return self.image_size or NATIVE_IMAGE_SIZE[self.variant]
 
-    # --- geometry (model.py builds the layers from these; tests/test_model.py checks them against it)
     @property
-    def conv_filters(self) -> tuple[int, ...]:
-        """Filters of conv1..conv5 after `width` (a multiple of 2 with groups=2, so each group gets
-        whole channels)."""
+    def conv_filters(self) -> tuple[int, ...]:   # a multiple of 2 with groups=2: whole channels per group
         multiple = 2 if self.groups == 2 else 1
         return tuple(scaled_units(f, self.width, multiple) for f in CONV_FILTERS)
 
     @property
     def hidden_units(self) -> int:
-        """Units of fc6 and fc7 after `width`."""
         return scaled_units(HIDDEN_UNITS, self.width)
 
     def feature_sides(self, size: int | None = None) -> dict[str, int]:
-        """The side of the feature map after conv1 and each pool for inputs of `size` px (default: the
-        input size); 0 where a map would be empty. paper: conv1 'valid' 11x11 stride 4, 'valid' stride-2
-        pools, the other convs keep the size; cifar: all 'same', only the pools halve it (rounding up)."""
+        """The side after conv1 and each pool for `size`-px inputs (0: empty). paper: 'valid' conv1 11x11/4
+        and pools; cifar: all 'same', the pools halve it."""
         pool, paper = POOL_SIZES[self.pool], self.variant == "paper"
         side = self.input_size if size is None else size
         side = ((side - 11) // 4 + 1 if side >= 11 else 0) if paper else side
@@ -259,8 +236,7 @@ class ModelConfig:
         return sides
 
     def parameter_count(self, num_classes: int) -> int:
-        """The number of weights of the AlexNet this config builds (what `model.count_params()` says,
-        BatchNormalization's moving statistics included)."""
+        """`model.count_params()` of the AlexNet this config builds."""
         sides = self.feature_sides()
         channels, total = 3, 0
         for i, (filters, kernel) in enumerate(zip(self.conv_filters, CONV_KERNELS[self.variant]), start=1):
@@ -272,7 +248,6 @@ class ModelConfig:
         return total + (flat + 1) * hidden + (hidden + 1) * hidden + (hidden + 1) * num_classes
 
     def activation_count(self, num_classes: int) -> int:
-        """Values the layers output for one image: the sum of every layer's output size."""
         sides = self.feature_sides()
         map_side = {1: sides["conv1"], 2: sides["pool1"], 3: sides["pool2"], 4: sides["pool2"], 5: sides["pool2"]}
         pooled = {1: sides["pool1"], 2: sides["pool2"], 5: sides["pool5"]}
@@ -290,8 +265,7 @@ class ModelConfig:
 
 
 def scaled_units(units: int, width: float, multiple: int = 1) -> int:
-    """`units * width`, rounded half up (not Python's banker's rounding) to a multiple of `multiple`,
-    at least one multiple."""
+    """`units * width` rounded half up (not banker's rounding) to a multiple of `multiple`, at least one."""
     return max(multiple, multiple * int(math.floor(units * width / multiple + 0.5)))
 
 
@@ -308,7 +282,7 @@ class DataConfig:
     train_limit: Annotated[int | None, Unset] = Field(None, ge=2, le=MAX_COUNT, description="training images kept")
     synthetic_samples: int = Field(512, ge=16, le=MAX_COUNT, description="synthetic train + val images")
     synthetic_classes: int = Field(10, ge=2, le=1000, description="classes of the synthetic dataset")
-    recipe: Literal[RECIPES] = Field("simple", description="squash to the input size, or the paper's crops")
+    recipe: Literal["simple", "paper"] = Field("simple", description="squash to the input size, or the paper's crops")
     stored_size: int = Field(256, ge=8, le=MAX_SIDE, description="paper recipe: side crops are cut from")
     random_crop: bool = Field(True, description="simple: shift by up to 1/8 of the side; paper: random crop")
     random_flip: bool = Field(True, description="random horizontal reflection")
@@ -364,13 +338,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def outcome_values(self) -> dict[str, Any]:
-        """The leaves that change a run's outcome (not naming, resuming, registering, monitoring)."""
+    def outcome_values(self) -> dict[str, Any]:   # not naming, resuming, registering, monitoring
         return {k: v for k, v in self.flat().items() if k not in TOP_LEVEL}
 
     def digest(self) -> str:
-        """A stable hash of everything that changes a run's outcome: finished runs are skipped and
-        interrupted ones resumed by it."""
+        """A hash of what changes a run's outcome: finished runs are skipped and interrupted ones resumed by it."""
         return hashlib.sha256(json.dumps(self.outcome_values(), sort_keys=True).encode()).hexdigest()[:16]
 
     def override(self, values: Mapping[str, Any], *, source: str = "overrides") -> "Config":
@@ -379,6 +351,10 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+# The main job (`alexnet-keras train` without --config, `mlflow run .`, experiments/cifar10.yaml): the paper's
+# toggles at 32 px on CIFAR-10 but Glorot init and a cosine schedule, which few-epoch runs need (docs/results.md).
+MAIN_JOB = Config(model=ModelConfig(variant="cifar", init="keras"), train=TrainConfig(schedule="cosine",
+                                                                                      learning_rate=0.02))
 TOP_LEVEL = ("experiment", "run_name", "resume", "checkpoint_dir", "register", "system_metrics")
 
 
@@ -390,8 +366,7 @@ def leaf_fields() -> dict[str, tuple[str | None, Any]]:
 
 
 def parse_value(name: str, raw: Any, annotation: Any) -> Any:
-    """`raw` (a flag's or MLproject parameter's string, or a YAML value) as `annotation`, parsed as every
-    config value is (pydantic's lax mode; "", "none" and "null" are None)."""
+    """`raw` (a flag, MLproject parameter or YAML value) as `annotation`, parsed as config values are."""
     try:
         return pydantic.TypeAdapter(Annotated[annotation, Unset]).validate_python(raw)
     except pydantic.ValidationError as err:
@@ -424,12 +399,8 @@ def from_dict(values: Mapping[str, Any], *, base: Config | None = None, source: 
     return config
 
 
-# --- memory ------------------------------------------------------------------------------------
-
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes a training run of a config holds at least (see `memory_estimate`)."""
-
     parameters: int     # weights of the model
     weights: int        # bytes of the weights, their gradients and SGD's momentum
     activations: int    # bytes of one batch's layer outputs and their gradients
@@ -442,11 +413,9 @@ class MemoryEstimate:
 
 
 def memory_estimate(config: Config) -> MemoryEstimate:
-    """What a training run of `config` needs in memory, from the config alone: 3 float32 copies of every
-    parameter (weights, gradients, momentum), every layer's output for one batch twice (kept for the
-    backward pass, and its gradient), and the images held in memory (synthetic: generated at about 16
-    bytes per value; CIFAR-10 at 32 px; folders above max_memory_mb are streamed). An estimate checked
-    against the whole machine, so what it refuses is far out of reach, not a run that nearly fits."""
+    """The memory a training run needs at least: 3 float32 copies of the weights (gradients, momentum), one
+    batch's layer outputs twice (and their gradients), the images held in memory (folders are streamed).
+    Checked against the whole machine, so what it refuses is far out of reach."""
     model, data = config.model, config.data
     num_classes = {"synthetic": data.synthetic_classes, "cifar10": 10}.get(data.dataset, 1000)
     parameters, batch = model.parameter_count(num_classes), config.train.batch_size
@@ -471,8 +440,7 @@ def memory_bound() -> int | None:
 
 
 def check_memory(config: Config, bound: int | None = None) -> None:
-    """Refuse `config` when `memory_estimate` exceeds `bound` (default: `memory_bound()`), naming the
-    estimate, its largest part and the option that shrinks it."""
+    """Refuse `config` beyond `bound` (default: `memory_bound()`), naming its largest part and the fix."""
     bound = memory_bound() if bound is None else bound
     est = memory_estimate(config)
     if bound is None or est.total <= bound:
@@ -505,16 +473,12 @@ def _bytes(count: float) -> str:
     return f"{count:.0f} B" if unit == 0 else f"{count:.1f} {('KiB', 'MiB', 'GiB', 'TiB', 'PiB')[unit - 1]}"
 
 
-# --- YAML ----------------------------------------------------------------------------------------
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML file (experiment, study or sweep) as a mapping; one clear error for a path that is not a
-    regular file, a file over YAML_MAX_BYTES, text that is not UTF-8, malformed YAML, aliases that
-    expand beyond YAML_MAX_NODES values (or into themselves), and a non-mapping. Plain YAML only."""
+def load_yaml(path: str | Path, kind: str = "config") -> dict[str, Any]:
+    """An experiment (config), study or sweep file as a mapping, bounded in size, nesting and alias expansion."""
     import yaml
 
     path = Path(path)
-    where = f"config file {str(path)!r}"
+    where = f"{kind} file {str(path)!r}"
     if path.is_dir() or not path.is_file():   # a FIFO or device would block the read, or never end
         raise ConfigError(f"{where} " + ("is a folder, not a file" if path.is_dir() else "does not exist"
                                          if not path.exists() else "is not a regular file")
@@ -555,8 +519,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def _yaml_values(node: Any, memo: dict[int, int], open_nodes: set[int], where: str) -> int:
-    """The values under `node` with its aliases expanded (once per node: linear in the file), refused
-    beyond YAML_MAX_NODES or when an alias sits inside the value it names."""
+    """The values under `node` with its aliases expanded, counted once per node; repeated keys refused."""
     if id(node) in memo:
         return memo[id(node)]
     if id(node) in open_nodes:
@@ -564,6 +527,12 @@ def _yaml_values(node: Any, memo: dict[int, int], open_nodes: set[int], where: s
                           f"forever. Remove it.")
     open_nodes.add(id(node))
     children = node.value if isinstance(node.value, list) else []
+    seen: set[tuple[str, str]] = set()
+    for key in [key for key, _ in children if key.id == "scalar"] if node.id == "mapping" else []:
+        if (key.tag, key.value) in seen:   # PyYAML would keep the last one without a word
+            raise ConfigError(f"{where} has the key {key.value!r} twice in one mapping (again at line "
+                              f"{key.start_mark.line + 1}). Keep one.")
+        seen.add((key.tag, key.value))
     children = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
     memo[id(node)] = 1 + sum(_yaml_values(child, memo, open_nodes, where) for child in children)
     open_nodes.discard(id(node))
@@ -575,16 +544,14 @@ def _yaml_values(node: Any, memo: dict[int, int], open_nodes: set[int], where: s
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file at `path` (if any), then `overrides` (CLI flags)."""
-    config = Config()
-    if path:
-        config = from_dict(load_yaml(path), base=config, source=str(path))
+    """What `alexnet-keras train [--config path]` trains: the main job, or the paper's defaults then the YAML
+    file at `path`; then `overrides` (the flags)."""
+    config = from_dict(load_yaml(path), source=str(path)) if path else MAIN_JOB
     return from_dict(overrides or {}, base=config, source="command line")
 
 
 def did_you_mean(word: str, known: list[str] | tuple[str, ...], n: int = 3) -> str:
-    """" Did you mean a, b?" with the names of `known` closest to `word`, or "" when none is close: the
-    one hint every unknown option, key or axis gets (configs, study and sweep files)."""
+    """" Did you mean a, b?" with the names of `known` closest to `word`, or "": every unknown name's hint."""
     import difflib
 
     close = difflib.get_close_matches(word, list(known), n=n)
@@ -595,16 +562,13 @@ OptionsT = TypeVar("OptionsT", bound="Options")
 
 
 class Options(pydantic.BaseModel):
-    """Base of every validated options model outside the Config tree (study and sweep files, the
-    benchmark's flags): unknown keys are refused, the model is frozen."""
+    """Base of every validated model outside the Config tree: unknown keys refused, frozen."""
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def validated(model: type[OptionsT], data: Mapping[str, Any], where: str) -> OptionsT:
-    """`model` built from `data`; pydantic's errors become one ConfigError whose lines each name the
-    value's path under `where` (a YAML file and key path, or a command's flags), what is allowed and
-    what came (unknown keys with "did you mean")."""
+    """`model` built from `data`; errors as one ConfigError naming each value's path under `where`."""
     try:
         return model.model_validate(dict(data))
     except pydantic.ValidationError as err:

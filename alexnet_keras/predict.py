@@ -47,13 +47,10 @@ def run_cli(model: str, inputs: Sequence[str], *, crops: str = "center", top: in
         raise DataError("no image files given (pass files or folders after --model).")
     from . import serving, tracking
 
-    if serving.model_uri(model) is not None and not os.path.exists(model):
+    if serving.mlflow_reference(model) and not os.path.exists(model):
         tracking.configure(tracking_uri)
     predictor = serving.load_predictor(model)
     results = predictor.predict_files(files, crops=crops, top=top, batch_size=batch_size)
-    if as_json:
-        print(json.dumps({"model": model, "crops": crops, "preprocessing": predictor.preprocessing,
-                          "results": results}, indent=2))
-    else:
-        print(format_text(results, crops))
+    print(json.dumps({"model": model, "crops": crops, "preprocessing": predictor.preprocessing, "results": results},
+                     indent=2) if as_json else format_text(results, crops))
     return 1 if any("error" in r for r in results) else 0

@@ -1,8 +1,6 @@
-"""A trained model as an MLflow model: logged self-contained (`log_model`: the pyfunc `AlexNetClassifier`
-plus a keras flavor, this package as its code), loaded from any reference (`load_predictor`), served by
-`mlflow models serve/predict`, registered (`register_model`). The folder and the requests: docs/data.md.
-A bad request raises an MlflowException with INVALID_PARAMETER_VALUE: the server answers 400 and keeps serving.
-"""
+"""A trained model as an MLflow model: logged self-contained (`log_model`: the pyfunc `AlexNetClassifier` plus a keras
+flavor, this package as its code), loaded from any reference (`load_predictor`), served by `mlflow models serve`,
+registered (`register_model`). The folder and the requests: docs/data.md."""
 
 from __future__ import annotations
 
@@ -28,7 +26,7 @@ from .data import DataError
 from .model.inference import (METADATA_KEY, ModelMetadata, Predictor, check_options, load_keras_predictor, save_model,
                               sidecar)
 
-MODEL_NAME = "model"                  # the artifact name of the model in its run: runs:/<run id>/model
+MODEL_NAME = "model"                  # the logged model's name, unless the caller gives one
 KERAS_FILE = "model.keras"            # under artifacts/ in the model folder
 # What the served model imports beyond MLflow's own requirements, pinned to the versions that trained
 # it (tests/test_serving.py checks this against a fresh process that loads the model).
@@ -62,53 +60,42 @@ class AlexNetClassifier(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         params = {"top_k": 5, "crops": "center", **(params or {})}
-        images = request_images(model_input)
         try:
-            check_options(params["crops"], params["top_k"])
-            results = self.predictor.predict_images(images, crops=params["crops"], top=int(params["top_k"]))
+            check_options(params["crops"], params["top_k"], top_name="top_k")
+            results = self.predictor.predict_images(request_images(model_input), crops=params["crops"],
+                                                    top=int(params["top_k"]))
         except DataError as err:
             raise MlflowException(str(err), INVALID_PARAMETER_VALUE) from None
         errors = [f"row {i}: {r['error']}" for i, r in enumerate(results) if "error" in r]
-        if errors:
-            more = f" (and {len(errors) - 5} more rows)" if len(errors) > 5 else ""
-            raise MlflowException("; ".join(errors[:5]) + more, INVALID_PARAMETER_VALUE)
+        if errors:   # INVALID_PARAMETER_VALUE: the server answers 400 and keeps serving
+            raise MlflowException("; ".join(errors)[:2000], INVALID_PARAMETER_VALUE)
         return pd.DataFrame([{"class": r["predictions"][0]["class"], "index": r["predictions"][0]["index"],
                               "probability": r["predictions"][0]["probability"], "top_k": r["predictions"]}
                              for r in results], columns=list(OUTPUT_SCHEMA.input_names()))
 
 
-def request_images(model_input) -> list:
-    """The images of a request, one per row: bytes (`image`; base64 is decoded) or an array (`pixels`)."""
-    if not isinstance(model_input, pd.DataFrame):
-        raise MlflowException(f"expected a DataFrame with an `image` or `pixels` column; got "
-                              f"{type(model_input).__name__}.", INVALID_PARAMETER_VALUE)
+def request_images(model_input: pd.DataFrame) -> list:
+    """The images of a request, one per row: bytes (`image`) or an array (`pixels`). `image` may be base64:
+    MLflow decodes it in the dataframe formats, but hands on the base64 text of `inputs` and `instances`
+    (as bytes), and an image file's bytes are never valid base64."""
     if not len(model_input) or not {"image", "pixels"} & set(model_input.columns):
-        raise MlflowException("no images in the request: send rows with an `image` column (the bytes of an "
-                              "image file; base64 in JSON) or a `pixels` column (HxWx3 integers in 0..255).",
-                              INVALID_PARAMETER_VALUE)
+        raise DataError("no images in the request: send rows with an `image` column (the bytes of an image file; "
+                        "base64 in JSON) or a `pixels` column (HxWx3 integers in 0..255).")
     images = []
-    for i, row in enumerate(model_input.itertuples(index=False)):
-        given = {k: getattr(row, k, None) for k in ("image", "pixels")}
-        given = {k: v for k, v in given.items() if not _missing(v)}
+    for i, row in enumerate(model_input.reindex(columns=["image", "pixels"]).itertuples(index=False)):
+        given = {k: v for k, v in zip(("image", "pixels"), row) if v is not None and not isinstance(v, float)}
         if len(given) != 1:
-            raise MlflowException(f"row {i}: give exactly one of `image` and `pixels`; got "
-                                  f"{sorted(given) or 'neither'}.", INVALID_PARAMETER_VALUE)
+            raise DataError(f"row {i}: give exactly one of `image` and `pixels`; got {sorted(given) or 'neither'}.")
         (key, value), = given.items()
-        if key == "image" and isinstance(value, str):
+        if key == "image" and isinstance(value, (str, bytes)):
             try:
                 value = base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError):
-                raise MlflowException(f"row {i}: `image` is a string but not base64 (send the file's bytes, "
-                                      "base64-encoded in JSON).", INVALID_PARAMETER_VALUE) from None
-        elif key == "image" and not isinstance(value, (bytes, bytearray, memoryview)):
-            raise MlflowException(f"row {i}: `image` must be the bytes of an image file; got "
-                                  f"{type(value).__name__} (arrays go in `pixels`).", INVALID_PARAMETER_VALUE)
+                if isinstance(value, str):
+                    raise DataError(f"row {i}: `image` is a string but not base64 (send the file's bytes, "
+                                    "base64-encoded in JSON).") from None
         images.append(value)
     return images
-
-
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value))
 
 
 def requirements() -> list[str]:
@@ -116,20 +103,14 @@ def requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name)}" for name in REQUIREMENTS]
 
 
-def example_image(metadata: ModelMetadata, example_batch=None) -> bytes:
-    """A PNG for the model's input example: the first image of `example_batch` (model views, with the
-    mean image's centre added back when the run subtracted one), else a grey square."""
+def example_image(metadata: ModelMetadata, example_batch) -> bytes:
+    """A PNG for the model's input example: the first image of `example_batch` (model views)."""
     from PIL import Image
 
-    spec = metadata.preprocessing
-    if example_batch is None or not len(example_batch):
-        pixels = np.full((spec["stored_size"], spec["stored_size"], 3), 128.0)
-    else:
-        pixels = np.asarray(example_batch[0], np.float64)
-        if metadata.mean_image is not None:
-            size, stored = pixels.shape[0], metadata.mean_image.shape[0]
-            o = (stored - size) // 2
-            pixels = pixels + metadata.mean_image[o:o + size, o:o + size]
+    pixels = np.asarray(example_batch[0], np.float64)
+    if metadata.mean_image is not None:   # the views are centre crops with the mean image subtracted
+        o, size = (metadata.mean_image.shape[0] - pixels.shape[0]) // 2, pixels.shape[0]
+        pixels = pixels + metadata.mean_image[o:o + size, o:o + size]
     buffer = io.BytesIO()
     Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()
@@ -152,8 +133,10 @@ class _PyfuncWithKerasFlavor:
         mlflow_model.save(os.path.join(path, "MLmodel"))
 
 
-def log_model(model, metadata: ModelMetadata, example_batch=None):
-    """Log `model` to the active run as `runs:/<run id>/model`, self-contained; MLflow's ModelInfo."""
+def log_model(model, metadata: ModelMetadata, example_batch, name: str = MODEL_NAME, **options):
+    """Log `model` to the active run as a self-contained MLflow model called `name` (`options`: more of
+    mlflow.models.Model.log's arguments: tags, params, ...); MLflow's ModelInfo, whose model_uri is
+    `models:/m-…`."""
     import keras
 
     with tempfile.TemporaryDirectory(prefix="alexnet-keras-log-") as folder:
@@ -163,7 +146,7 @@ def log_model(model, metadata: ModelMetadata, example_batch=None):
         code.write_text(_MODEL_CODE)
         example = pd.DataFrame({"image": [example_image(metadata, example_batch)]})
         return mlflow.models.Model.log(
-            artifact_path=None, name=MODEL_NAME, flavor=_PyfuncWithKerasFlavor, python_model=str(code), artifacts=artifacts,
+            artifact_path=None, name=name, flavor=_PyfuncWithKerasFlavor, python_model=str(code), artifacts=artifacts,
             code_paths=[str(Path(__file__).resolve().parent)], pip_requirements=requirements(),
             signature=ModelSignature(INPUT_SCHEMA, OUTPUT_SCHEMA, PARAMS_SCHEMA),
             input_example=(example, {"top_k": min(5, len(metadata.class_names))}),
@@ -171,67 +154,58 @@ def log_model(model, metadata: ModelMetadata, example_batch=None):
             # memory per run); tests/test_serving.py loads and serves logged models for real instead.
             validate_serving_input=False,
             metadata={METADATA_KEY: {**metadata.to_dict(f"artifacts/{sidecar(Path(KERAS_FILE), 'mean_image.npy')}"),
-                                     "keras_version": keras.__version__}})
+                                     "keras_version": keras.__version__}}, **options)
 
 
-def model_uri(ref: str) -> str | None:
-    """The MLflow URI `ref` names (a run id -> runs:/<id>/model), or None if it is not one."""
-    if _RUN_ID.fullmatch(ref):
-        return f"runs:/{ref}/{MODEL_NAME}"
-    if "://" in ref or ref.startswith(("runs:/", "models:/")):
-        return ref
-    return None
+def mlflow_reference(ref: str) -> bool:
+    """Whether `ref` names a model in an MLflow store: a run id, or a runs:/, models:/ (or other scheme) URI."""
+    return bool(_RUN_ID.fullmatch(ref)) or "://" in ref or ref.startswith(("runs:/", "models:/"))
 
 
 def load_predictor(ref: str) -> Predictor:
     """A Predictor from a run id, an MLflow model URI (runs:/, models:/NAME/VERSION, models:/NAME@ALIAS),
     a model folder or a .keras file; downloads go to a temporary folder, removed before returning."""
     path = Path(ref).expanduser()
-    if path.exists():
-        if path.is_dir():
-            if (path / "MLmodel").is_file():
-                return _from_model_folder(path, ref)
-            raise ModelError(f"{ref!r} is a folder without an MLmodel file; pass a .keras file, an MLflow "
-                             "model folder, a run id or a runs:/ URI.")
-        if path.suffix != ".keras":
-            raise ModelError(f"{ref!r} is not a .keras file; pass a .keras file, an MLflow model folder, a run "
-                             "id or a runs:/<run id>/model URI.")
-        return load_keras_predictor(path, source=ref)
-    uri = model_uri(ref)
-    if uri is None:
+    if not path.exists() and not mlflow_reference(ref):
         raise ModelError(f"--model {ref!r} is neither an existing .keras file or MLflow model folder nor a "
-                         "run id (32 hex digits) or an MLflow model URI (runs:/<run id>/model, "
-                         "models:/NAME/VERSION, models:/NAME@ALIAS).")
+                         "run id (32 hex digits) or an MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, "
+                         "runs:/<run id>/NAME).")
+    if path.is_file():
+        return load_keras_predictor(path, source=ref)
     with tempfile.TemporaryDirectory(prefix="alexnet-keras-model-") as folder:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
-        except Exception as err:  # noqa: BLE001 - unknown run or model, no such artifact, store unreachable
-            raise ModelError(f"could not fetch the model {uri!r} from {mlflow.get_tracking_uri()!r}: "
-                             f"{_first_line(err)}. Check the run id or model name (and --tracking-uri), or "
-                             "pass a .keras file.") from None
-        if not (local / "MLmodel").is_file():
-            raise ModelError(f"{uri!r} holds no logged model (no MLmodel file){_run_status(uri)}: a run logs its "
-                             "model only when its training ends FINISHED. Pick a finished run "
-                             "(`mlflow ui`, or `mlflow runs list`).")
-        return _from_model_folder(local, ref)
+        if not path.exists():
+            uri = logged_model_uri(get_run(ref)) if _RUN_ID.fullmatch(ref) else ref
+            try:
+                path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
+            except Exception as err:  # noqa: BLE001 - unknown run or model, no such artifact, store unreachable
+                raise ModelError(f"could not fetch the model {uri!r} from {mlflow.get_tracking_uri()!r}: "
+                                 f"{_first_line(err)}. Check the run id or model name (and --tracking-uri), or "
+                                 "pass a .keras file.") from None
+        if not (path / "MLmodel").is_file() or not (path / "artifacts" / KERAS_FILE).is_file():
+            raise ModelError(f"{ref!r} is no MLflow model logged by alexnet-keras (an MLmodel file and "
+                             f"artifacts/{KERAS_FILE}); pass a .keras file, an MLflow model folder, a run id or a "
+                             "models:/ URI.")
+        return load_keras_predictor(path / "artifacts" / KERAS_FILE, source=ref)
 
 
-def _from_model_folder(folder: Path, ref: str) -> Predictor:
-    keras_file = folder / "artifacts" / KERAS_FILE
-    if not keras_file.is_file():
-        raise ModelError(f"the MLflow model {ref!r} holds no {KERAS_FILE} (was it logged by alexnet-keras?).")
-    return load_keras_predictor(keras_file, source=ref)
-
-
-def _run_status(uri: str) -> str:
-    match = re.fullmatch(r"runs:/([0-9a-f]{32})/.*", uri)
-    if not match:
-        return ""
+def get_run(run_id: str):
     try:
-        status = mlflow.MlflowClient().get_run(match.group(1)).info.status
-    except Exception:  # noqa: BLE001 - the message is about the model; the status is a hint
-        return ""
-    return f"; the run's status is {status}"
+        return mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        raise ModelError(f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()!r}: {_first_line(err)}") from None
+
+
+def logged_model_uri(run) -> str:
+    """The `models:/m-…` URI of the model `run` logged last (an MLflow 3 logged model lives outside the run's
+    artifacts, under whatever name it was logged with)."""
+    found = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}], max_results=1, output_format="list")
+    if not found:
+        raise ModelError(f"run {run.info.run_id} holds no logged model (its status is {run.info.status}): a run "
+                         "logs its model only when its training ends FINISHED. Pick a finished run (`mlflow ui`, "
+                         "or `mlflow runs list`).")
+    return found[0].model_uri
 
 
 def _first_line(err: Exception) -> str:
@@ -252,42 +226,35 @@ def check_model_name(name: str, alias: str | None = DEFAULT_ALIAS) -> None:
 
 def register_model(run_id: str, name: str, *, alias: str | None = DEFAULT_ALIAS, origin: str = "train",
                    tags: Mapping[str, str] | None = None, description: str | None = None):
-    """Register the model of run `run_id` as a new version of `name` and point `alias` at it.
-
-    The version is tagged with where it came from: `origin` (train, study, sweep ...), the run's id,
-    name and experiment, its config and data digests and test accuracy where the run has them, plus
-    `tags`. Returns MLflow's ModelVersion; `models:/NAME@ALIAS` then loads it."""
+    """Register the model run `run_id` logged as a new version of `name`, described (`description`, else the
+    run's own, with its test accuracy and the run) and tagged with where it came from: `origin` (train, study,
+    sweep ...), the run's id, name and experiment, its config and data digests and test accuracy, plus `tags`.
+    `alias` moves to it unless the version it names has a higher test accuracy. Returns MLflow's ModelVersion."""
     check_model_name(name, alias)
-    client = mlflow.MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as err:
-        raise ModelError(f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()!r}: {_first_line(err)}") from None
-    run_tags = run.data.tags
+    run = get_run(run_id)
     source = {"origin": origin, "run_id": run_id, "run_name": run.info.run_name or "",
               "experiment_id": run.info.experiment_id}
-    for key in ("config_digest", "data_digest", "variant"):
-        if f"{METADATA_KEY}.{key}" in run_tags:
-            source[key] = run_tags[f"{METADATA_KEY}.{key}"]
-    if "test_accuracy" in run.data.metrics:
-        source["test_accuracy"] = f"{run.data.metrics['test_accuracy']:.6g}"
-    version_tags = {f"{METADATA_KEY}.{k}": str(v) for k, v in source.items()}
-    version_tags.update({k: str(v) for k, v in (tags or {}).items()})
+    source.update({key: run.data.tags[f"{METADATA_KEY}.{key}"] for key in ("config_digest", "data_digest", "variant")
+                   if f"{METADATA_KEY}.{key}" in run.data.tags})
+    accuracy = run.data.metrics.get("test_accuracy")
+    if accuracy is not None:
+        source["test_accuracy"] = f"{accuracy:.6g}"
+    scored = f"test accuracy {source['test_accuracy']}" if accuracy is not None else "no test accuracy"
+    description = (f"{description or run.data.tags.get('mlflow.note.content') or 'A model trained by alexnet-keras.'}"
+                   f"\n\n{scored}; run {run_id} ({source['run_name']}) in experiment {run.info.experiment_id}.")
+    version_tags = {**{f"{METADATA_KEY}.{k}": str(v) for k, v in source.items()}, **(tags or {})}
+    client = mlflow.MlflowClient()
     try:
-        version = mlflow.register_model(f"runs:/{run_id}/{MODEL_NAME}", name, tags=version_tags)
-        if description:
-            client.update_model_version(name, version.version, description)
-        if alias:
+        version = mlflow.register_model(logged_model_uri(run), name, tags={k: str(v) for k, v in version_tags.items()})
+        client.update_model_version(name, version.version, description)
+        holder = client.get_registered_model(name).aliases.get(alias) if alias else None
+        best = holder and client.get_model_version(name, holder).tags.get(f"{METADATA_KEY}.test_accuracy")
+        if best is not None and (accuracy is None or float(source["test_accuracy"]) < float(best)):
+            print(f"{name}@{alias} stays on version {holder} (test accuracy {best}; version {version.version} has "
+                  f"{scored}). To move it anyway: MlflowClient().set_registered_model_alias({name!r}, {alias!r}, "
+                  f"{version.version})", flush=True)
+        elif alias:
             client.set_registered_model_alias(name, alias, version.version)
     except MlflowException as err:
         raise ModelError(f"could not register the model of run {run_id} as {name!r}: {_first_line(err)}") from None
     return version
-
-
-def registered_version(name: str, alias: str = DEFAULT_ALIAS):
-    """The ModelVersion that `models:/NAME@ALIAS` loads."""
-    try:
-        return mlflow.MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException as err:
-        raise ModelError(f"no model version {name!r}@{alias!r} in {mlflow.get_tracking_uri()!r}: "
-                         f"{_first_line(err)}") from None

@@ -79,12 +79,29 @@ def test_unknown_option_is_refused_by_the_parser(untouched_store, capsys):
     assert not untouched_store.exists()
 
 
+@pytest.mark.parametrize("argv, typo, hint", [
+    (["train", "--lrm", "false"], "--lrm false", "Did you mean --lrn?"),
+    (["train", "--epoch", "2"], "--epoch 2", "Did you mean --epochs?"),            # no abbreviations
+    (["ablate", "s.yaml", "--paralel", "2"], "--paralel", "Did you mean --parallel?"),
+    (["tune", "s.yaml", "--max-trial", "2"], "--max-trial", "Did you mean --max-trials?"),
+])
+def test_a_typod_flag_gets_did_you_mean_in_one_line(untouched_store, capsys, argv, typo, hint):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"unrecognized arguments: {typo}" in err and hint in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not untouched_store.exists()
+
+
 # --- experiment files ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, fragment", [
     ("model: {lrn: false\n", "is not valid YAML"),
     ("- lrn\n- false\n", "must hold a mapping"),
     ("model:\n  lrm: false\n", "unknown option 'model.lrm'. Did you mean lrn"),
+    ("model:\n  lrn: false\n  lrn: true\n", "has the key 'lrn' twice in one mapping (again at line 3)"),
+    ("model: {lrn: false}\ntrain: {epochs: 2}\nmodel: {dropout: 0}\n", "key 'model' twice"),
 ])
 def test_malformed_experiment_file(untouched_store, capsys, tmp_path, text, fragment):
     path = tmp_path / "experiment.yaml"

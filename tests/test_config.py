@@ -351,7 +351,10 @@ def test_study_and_sweep_files_are_read_through_the_same_bounds(tmp_path):
     latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))
     laughs = tmp_path / "laughs.yaml"
     laughs.write_text(_laughs(7))
-    for path, fragment in ((latin1, "is not UTF-8 text"), (laughs, "once its aliases"), (tmp_path, "is a folder")):
+    repeated = tmp_path / "repeated.yaml"
+    repeated.write_text("name: a\nseeds: [0]\nname: b\n")
+    for path, fragment in ((latin1, "is not UTF-8 text"), (laughs, "once its aliases"), (tmp_path, "is a folder"),
+                           (repeated, "key 'name' twice in one mapping .again at line 3")):
         with pytest.raises(StudyError, match=fragment) as err:
             load_study(path)
         assert str(err.value).startswith("study file")

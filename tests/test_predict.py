@@ -22,7 +22,7 @@ from alexnet_keras.config import ModelConfig
 from alexnet_keras.data import decode_image
 from alexnet_keras.model.inference import save_model
 from alexnet_keras.model.alexnet import build_alexnet
-from alexnet_keras.serving import load_predictor
+from alexnet_keras.serving import load_predictor, logged_model_uri
 
 STORED, SIZE = 28, 24
 SPEC = {"recipe": "paper", "resize": "shorter_side_crop", "stored_size": STORED, "image_size": SIZE,
@@ -158,19 +158,20 @@ def test_trained_run_predicts_logs_recipe_and_serves_pyfunc(mlflow_store, tmp_pa
     stats = json.loads(Path(mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path="preprocessing/statistics.json", tracking_uri=mlflow_store)).read_text())
     assert len(stats["pca_eigenvalues"]) == 3 and stats["augmentation"]["pca_color"] is True
-    info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
+    model_uri = logged_model_uri(run)
+    info = mlflow.models.get_model_info(model_uri)
     assert info.metadata["alexnet_keras"]["class_names"] == CLASSES
 
     files = sorted(str(p) for p in (root / "test").rglob("*.png"))[:4]
     capsys.readouterr()
     assert cli.main(["predict", "--model", run_id, *files, "--json"]) == 0
     by_run = json.loads(capsys.readouterr().out)["results"]
-    predictor = load_predictor(f"runs:/{run_id}/model")
+    predictor = load_predictor(model_uri)
     assert predictor.mean_image.shape == (36, 36, 3)
     assert predictor.predict_files(files) == by_run
 
     # mlflow.pyfunc on the files' bytes: the same classes and probabilities as predict.
-    served = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(
+    served = mlflow.pyfunc.load_model(model_uri).predict(
         pd.DataFrame({"image": [Path(f).read_bytes() for f in files]}), params={"top_k": 3})
     assert served["top_k"].tolist() == [r["predictions"] for r in by_run]
     np.testing.assert_allclose([r["predictions"][0]["probability"] for r in by_run], served["probability"], atol=1e-6)

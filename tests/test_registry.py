@@ -15,7 +15,6 @@ from mlflow.tracking import MlflowClient
 
 from alexnet_keras.experiments import ablate
 from alexnet_keras import cli, tracking
-from alexnet_keras import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,11 +29,13 @@ def test_train_register_then_predict_by_alias(colour_model, tmp_path, monkeypatc
     uri, run, _ = colour_model
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
-    version = serving.registered_version("colours")
+    version = MlflowClient().get_model_version_by_alias("colours", "champion")
     assert int(version.version) == 1 and version.run_id == run.info.run_id
     assert version.tags["alexnet_keras.origin"] == "train"
     assert version.tags["alexnet_keras.run_name"] == run.info.run_name == "cifar-lrn-bn0-pool3s2-do0-s0"
-    assert version.description == run.data.tags["mlflow.note.content"]   # the run's description
+    # The run's description, its test accuracy and the run.
+    assert version.description == (f"{run.data.tags['mlflow.note.content']}\n\ntest accuracy 1; run "
+                                   f"{run.info.run_id} ({run.info.run_name}) in experiment {run.info.experiment_id}.")
     assert MlflowClient().get_registered_model("colours").aliases == {"champion": 1}
 
     rng = np.random.default_rng(7)
@@ -103,7 +104,7 @@ def test_ablate_register_registers_the_best_variant_on_validation(mlflow_store, 
     best = max(["baseline", "dropout=0.0"], key=lambda name: means[name])   # the study's order on ties
     best_run = max(by_variant[best], key=lambda c: c.data.metrics["val_accuracy"])
 
-    version = serving.registered_version("study-best")
+    version = MlflowClient().get_model_version_by_alias("study-best", "champion")
     assert version.run_id in {c.info.run_id for c in by_variant[best]}
     assert MlflowClient().get_run(version.run_id).data.metrics["val_accuracy"] == \
         best_run.data.metrics["val_accuracy"]
@@ -126,7 +127,7 @@ def test_tune_register_registers_the_sweeps_model(mlflow_store, tmp_path):
     assert cli.main(["tune", str(path), "--tuner-dir", str(tmp_path / "tuner"), "--register", "sweep-best"]) == 0
     runs = all_runs(mlflow_store)
     (parent,) = [r for r in runs if r.data.tags.get(tracking.SWEEP_ROLE_TAG) == "parent"]
-    version = serving.registered_version("sweep-best")
+    version = MlflowClient().get_model_version_by_alias("sweep-best", "champion")
     assert version.run_id == parent.info.run_id          # the model the parent logged: the best trial's
     tags = version.tags
     assert tags["alexnet_keras.origin"] == "sweep" and tags[tracking.SWEEP_TAG] == "registry-sweep"

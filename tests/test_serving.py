@@ -9,6 +9,7 @@ import base64
 import contextlib
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import signal
@@ -68,7 +69,8 @@ print(json.dumps({"classes": out["class"].tolist(), "probability": out["probabil
 
 def test_a_fresh_python_loads_the_logged_model_without_the_package(learned, tmp_path):
     uri, run_id, _, files = learned
-    model_uri = f"runs:/{run_id}/model"
+    model_uri = serving.logged_model_uri(MlflowClient(uri).get_run(run_id))
+    assert model_uri.startswith("models:/m-")
     info = mlflow.models.get_model_info(model_uri)
     assert set(info.flavors) == {"python_function", "keras"}
     assert info.flavors["python_function"]["code"] == "code"
@@ -203,6 +205,11 @@ def test_serve_predict_and_cli_agree_and_bad_requests_get_400(learned, tmp_path,
         pixels = np.asarray(Image.open(files["red"]).convert("RGB")).tolist()
         status, body = post(port, {"inputs": {"pixels": [pixels]}})
         assert status == 200 and body["predictions"][0]["class"] == "red", body
+        # The tensor formats: MLflow hands the model the base64 text of `image` there, not the bytes.
+        for body in ({"inputs": {"image": encoded}, "params": {"top_k": 3}},
+                     {"instances": [{"image": e} for e in encoded], "params": {"top_k": 3}}):
+            status, answer = post(port, body)
+            assert status == 200 and answer["predictions"] == served, (body.keys(), answer)
 
         bad = {
             "not an image": {"dataframe_split": {"columns": ["image"],
@@ -212,11 +219,14 @@ def test_serve_predict_and_cli_agree_and_bad_requests_get_400(learned, tmp_path,
             "empty": {"dataframe_split": {"columns": ["image"], "data": []}},
             "no image column": {"dataframe_split": {"columns": ["photo"], "data": [["x"]]}},
             "bad top_k": {**request, "params": {"top_k": 0}},
+            "negative top_k": {"instances": [{"image": encoded[0]}], "params": {"top_k": -2}},
             "bad crops": {**request, "params": {"crops": "seven"}},
         }
         fragments = {"not an image": "row 0: not a readable image", "wrong shape": "shape (height, width, 3)",
                      "out of range": "integers in 0..255", "empty": "", "no image column": "no images",
-                     "bad top_k": "top must be", "bad crops": "crops must be one of"}
+                     "bad top_k": "top_k must be a whole number of at least 1; got 0",
+                     "negative top_k": "top_k must be a whole number of at least 1; got -2",
+                     "bad crops": "crops must be one of"}
         for case, body in bad.items():
             status, answer = post(port, body)
             assert 400 <= status < 500, (case, status, answer)
@@ -225,9 +235,10 @@ def test_serve_predict_and_cli_agree_and_bad_requests_get_400(learned, tmp_path,
         assert status == 200 and again["predictions"] == served   # still serving, same answer
         assert server.poll() is None
 
-    # `mlflow models predict` on the same request: the same answer.
+    # `mlflow models predict` of the run's logged model on the same request: the same answer.
+    logged = serving.logged_model_uri(MlflowClient(uri).get_run(run_id))
     (tmp_path / "request.json").write_text(json.dumps(request))
-    result = subprocess.run([sys.executable, "-m", "mlflow", "models", "predict", "-m", f"runs:/{run_id}/model",
+    result = subprocess.run([sys.executable, "-m", "mlflow", "models", "predict", "-m", logged,
                              "--env-manager", "local", "-i", str(tmp_path / "request.json"), "-t", "json",
                              "-o", str(tmp_path / "out.json")], cwd=tmp_path, env=serving_env(uri),
                             capture_output=True, text=True, timeout=300)
@@ -250,18 +261,32 @@ def test_serve_predict_and_cli_agree_and_bad_requests_get_400(learned, tmp_path,
     assert left == []   # (TensorFlow's autograph leaves its own generated code there until exit)
 
 
-def test_registry_alias_tags_and_predict_by_alias(learned, capsys, monkeypatch):
+class Constant(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input: list[str], params=None) -> list[str]:
+        return model_input
+
+
+def test_registry_alias_tags_and_predict_by_alias(learned, capsys, caplog, monkeypatch):
     uri, run_id, _, files = learned
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    first = serving.register_model(run_id, "shelf", origin="train", tags={"note": "first"})
-    second = serving.register_model(run_id, "shelf", origin="sweep", description="the sweep's best")
+    logging.getLogger("mlflow").addHandler(caplog.handler)   # MLflow's loggers do not propagate to the root
+    try:
+        first = serving.register_model(run_id, "shelf", origin="train", tags={"note": "first"})
+        second = serving.register_model(run_id, "shelf", origin="sweep", description="the sweep's best")
+    finally:
+        logging.getLogger("mlflow").removeHandler(caplog.handler)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert (int(first.version), int(second.version)) == (1, 2)
     client = MlflowClient(uri)
-    champion = serving.registered_version("shelf")
-    assert int(champion.version) == 2 and champion.description == "the sweep's best"
+    champion = client.get_model_version_by_alias("shelf", "champion")
+    assert int(champion.version) == 2 and champion.source.startswith("models:/m-")
+    run = client.get_run(run_id)
+    assert champion.description == (f"the sweep's best\n\ntest accuracy 1; run {run_id} ({run.info.run_name}) in "
+                                     f"experiment {run.info.experiment_id}.")
+    # Registered with no description: the run's own.
+    assert client.get_model_version("shelf", "1").description.startswith(run.data.tags["mlflow.note.content"])
     assert champion.run_id == run_id
     tags = champion.tags
-    run = client.get_run(run_id)
     assert tags["alexnet_keras.origin"] == "sweep" and tags["alexnet_keras.run_id"] == run_id
     assert tags["alexnet_keras.run_name"] == run.info.run_name
     assert tags["alexnet_keras.config_digest"] == run.data.tags["alexnet_keras.config_digest"]
@@ -283,3 +308,15 @@ def test_registry_alias_tags_and_predict_by_alias(learned, capsys, monkeypatch):
         serving.register_model("0" * 32, "shelf")
     assert cli.main(["predict", "--model", "models:/shelf@nobody", str(files["green"])]) == 2
     assert "could not fetch the model 'models:/shelf@nobody'" in capsys.readouterr().err
+
+    # A worse model (whatever its logged name) becomes a version, but champion stays on the better one.
+    with mlflow.start_run(experiment_id=run.info.experiment_id) as worse:
+        mlflow.log_metric("test_accuracy", 0.5)
+        mlflow.pyfunc.log_model(name="constant", python_model=Constant(), pip_requirements=[])
+    capsys.readouterr()
+    third = serving.register_model(worse.info.run_id, "shelf")
+    assert int(third.version) == 3 and int(client.get_model_version_by_alias("shelf", "champion").version) == 2
+    assert "test accuracy 0.5; run" in client.get_model_version("shelf", "3").description
+    assert capsys.readouterr().out.strip() == (
+        "shelf@champion stays on version 2 (test accuracy 1; version 3 has test accuracy 0.5). To move it anyway: "
+        "MlflowClient().set_registered_model_alias('shelf', 'champion', 3)")

@@ -59,7 +59,7 @@ def test_shipped_sweep_files_validate():
 
     real = load_sweep(ROOT / "experiments" / "sweep.yaml")
     main_job = load_config(ROOT / "experiments" / "cifar10.yaml")
-    assert real.tuner in ("random", "bayesian")
+    assert real.spec.tuner in ("random", "bayesian")
     assert (real.objective, real.direction) == ("val_accuracy", "max")
     assert (real.base.model.variant, real.base.model.init, real.base.train.schedule) == (
         "cifar", "keras", "cosine")
@@ -70,7 +70,7 @@ def test_shipped_sweep_files_validate():
     assert real.param("learning_rate").sampling == "log" and real.param("weight_decay").sampling == "log"
     assert "CPU-sized" in (ROOT / "experiments" / "sweep.yaml").read_text()
     # Bayesian with 8 trials: 4 random ones first, then the model chooses (keras-tuner's 18 would not).
-    assert real.tuner != "bayesian" or real.num_initial_points == 4
+    assert real.spec.tuner != "bayesian" or real.spec.budget.num_initial_points == 4
 
 
 def test_digest_ignores_the_budget_but_not_the_space(tmp_path):
@@ -90,18 +90,18 @@ def test_bayesian_sweep_starts_with_fewer_random_trials_than_its_budget(tmp_path
                                directory=str(tmp_path / "tuner"))
 
     sweep = bayesian(max_trials=8)
-    assert sweep.num_initial_points == 4                       # max(2, min(3 * 4, 8 // 2))
+    assert sweep.spec.budget.num_initial_points == 4                       # max(2, min(3 * 4, 8 // 2))
     assert sweep.to_dict()["budget"]["num_initial_points"] == 4                 # logged as sweep/sweep.yaml
     assert tune.parent_params(sweep)["sweep_num_initial_points"] == 4          # and as the parent's param
-    assert bayesian(max_trials=40).num_initial_points == 12    # 3 x dimensions when the budget allows
-    assert bayesian(max_trials=8, num_initial_points=6).num_initial_points == 6
+    assert bayesian(max_trials=40).spec.budget.num_initial_points == 12    # 3 x dimensions when the budget allows
+    assert bayesian(max_trials=8, num_initial_points=6).spec.budget.num_initial_points == 6
     assert bayesian(max_trials=8).digest() == bayesian(max_trials=9).digest()   # budget, not the search
-    tuner = tune.make_tuner(sweep, tune.AlexNetHyperModel(sweep), tune.SweepContext(sweep, None))
+    tuner = tune.make_tuner(sweep)
     assert tuner.oracle.num_initial_points == 4                # what keras-tuner runs with
     # The file's seed (0 here) makes the search repeatable: keras-tuner would take a seed of 0 for none
     # and draw a random one, so two tuners would propose different first trials.
-    again = tune.make_tuner(sweep, tune.AlexNetHyperModel(sweep), tune.SweepContext(sweep, None))
-    assert sweep.seed == 0 and tuner.oracle.seed == again.oracle.seed == tune.oracle_seed(0) != 0
+    again = tune.make_tuner(sweep)
+    assert sweep.spec.seed == 0 and tuner.oracle.seed == again.oracle.seed == 1
     first = [t.oracle.create_trial("probe").hyperparameters.values for t in (tuner, again)]
     assert first[0] == first[1]
     for budget, fragment in (({"max_trials": 8, "num_initial_points": 8}, "num_initial_points is 8, but "
@@ -110,7 +110,8 @@ def test_bayesian_sweep_starts_with_fewer_random_trials_than_its_budget(tmp_path
         with pytest.raises(ConfigError) as err:
             bayesian(**budget)
         assert fragment in str(err.value) and "tuner: random" in str(err.value)
-    assert load_sweep(_sweep_file(tmp_path, tuner="random", budget={"max_trials": 2})).num_initial_points is None
+    random = load_sweep(_sweep_file(tmp_path, tuner="random", budget={"max_trials": 2}))
+    assert random.spec.budget.num_initial_points is None
 
 
 def test_importance_is_scipys_spearman_with_tied_values_ranked_alike():
@@ -184,6 +185,11 @@ def test_invalid_search_space_fails_before_anything_runs(untouched_store, tmp_pa
     ({"base": {"dropout": 1.5}}, "base: model.dropout must be in [0.0, 1.0)"),
     ({"budget": {"max_trials": 2, "num_initial_points": 1}},
      "budget.num_initial_points applies to tuner: bayesian only"),
+    # A finite space is counted (not enumerated): keras-tuner would stop once every point was tried.
+    ({"budget": {"max_trials": 13}, "search_space": {"lrn": {"type": "boolean"}, "pool": ["overlapping",
+     "non_overlapping"], "batch_size": {"type": "int", "min": 16, "max": 48, "step": 16}}},
+     "the search space has 12 distinct points (3 x 2 x 2) but budget.max_trials is 13: keras-tuner would stop "
+     "after 12 trials. Set max_trials (or --max-trials) to at most 12"),
 ])
 def test_invalid_sweep_settings_are_clear_errors(tmp_path, changes, fragment):
     with pytest.raises(ConfigError) as err:
@@ -387,9 +393,13 @@ def test_diverged_trials_end_failed_and_the_sweep_says_so(mlflow_store, tmp_path
                        base={**yaml.safe_load(SMOKE.read_text())["base"], "weight_decay": 0.0},
                        search_space={"learning_rate": [10.0]})
     assert cli.main(["tune", str(path)]) == 1
-    assert "no trial of sweep 'sweep-smoke' completed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no trial of sweep 'sweep-smoke' completed" in err
     (trial,) = _role(all_runs(mlflow_store), "trial")
     assert trial.info.status == "FAILED" and "diverged" in trial.data.tags["error"]
+    # One line for the diverged trial, numbered as keras-tuner's console numbers it; no tracebacks.
+    (line,) = [line for line in err.splitlines() if "diverged" in line]
+    assert line.startswith("trial 1 failed: FloatingPointError: training diverged") and "Traceback" not in err, err
 
 
 def test_tracking_errors_inside_a_trial_stop_the_sweep(mlflow_store, capsys, monkeypatch):
@@ -402,3 +412,22 @@ def test_tracking_errors_inside_a_trial_stop_the_sweep(mlflow_store, capsys, mon
     runs = all_runs(mlflow_store)
     (trial,) = _role(runs, "trial")                  # the second trial never started
     assert trial.info.status == "FAILED" and _role(runs, "parent")[0].info.status == "FAILED"
+
+
+def test_trials_are_numbered_from_1_everywhere_as_keras_tuners_console_does(swept):
+    """keras-tuner prints "Running Trial #1" for trial id "0": run names, descriptions, the trial table,
+    the best-trial tag and the messages count the same way."""
+    uri, (_, parent_id), snapshots, outputs = swept
+    trials = _role(snapshots[-1], "trial")
+    assert sorted(t.info.run_name for t in trials) == [f"sweep-smoke-trial-{n}" for n in (1, 2, 3)]
+    for trial in trials:
+        assert trial.info.run_name.endswith(f"-{int(trial.data.tags[tracking.TRIAL_TAG]) + 1}")
+        assert f"Trial {int(trial.data.tags[tracking.TRIAL_TAG]) + 1} of hyperparameter sweep" in \
+            trial.data.tags["mlflow.note.content"]
+    parent = MlflowClient(uri).get_run(parent_id)
+    best_name = MlflowClient(uri).get_run(parent.data.tags["alexnet_keras.best_run_id"]).info.run_name
+    assert best_name == f"sweep-smoke-trial-{parent.data.tags[tracking.BEST_TRIAL_TAG]}"
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="sweep", tracking_uri=uri))
+    rows = (folder / "trials.csv").read_text().splitlines()[1:]
+    assert sorted(int(line.split(",")[1]) for line in rows) == [1, 2, 3]
+    assert "Running Trial #2" in outputs[0] and "trial 2: already finished as MLflow run" in outputs[0]   # id "1"

@@ -1,6 +1,4 @@
-"""The keys every study and sweep file shares (`SpecKeys`, which study.py and sweep.py extend with
-their own), and `read_spec`: the file read, validated, and its base Config built (defaults ->
-base_config -> base). Nothing here touches MLflow, data or a model."""
+"""The keys every study and sweep file shares (`SpecKeys`, extended by study.py and sweep.py), and `read_spec`."""
 
 from __future__ import annotations
 
@@ -26,15 +24,11 @@ SpecT = TypeVar("SpecT", bound=SpecKeys)
 
 
 def read_spec(path: str | Path, model: type[SpecT], kind: str) -> tuple[SpecT, Config]:
-    """The study or sweep file at `path` as `model` (its name defaults to the file's stem), and the
-    base Config its runs start from."""
+    """The study or sweep file at `path` as `model`, and the Config its runs start from (defaults, then
+    base_config, then base)."""
     path = Path(path)
     source = str(path)
-    try:
-        data = load_yaml(path)
-    except ConfigError as err:
-        raise ConfigError(str(err).replace("config file", f"{kind} file", 1)) from None
-    spec = validated(model, data, source)
+    spec = validated(model, load_yaml(path, kind), source)
     spec = spec.model_copy(update={"name": spec.name or path.stem, "description": spec.description.strip()})
     base = Config()
     if spec.base_config is not None:

@@ -5,53 +5,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Union
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Union
 
 import keras_tuner
-from pydantic import BeforeValidator, Field, PrivateAttr
+from pydantic import BeforeValidator, Field
 
-from ..config import Config, ConfigError, Options, leaf_fields, parse_value, validated
+from ..config import Config, ConfigError, Options, leaf_fields, validated
 from .specfile import SpecKeys, read_spec
 
-TUNERS = ("random", "bayesian", "hyperband")
-FINAL_MODEL = ("auto", "retrain", "none")
 OBJECTIVES = tuple(p + m for p in ("val_", "") for m in ("accuracy", "loss", "top5_accuracy"))
-DEFAULT_DIRECTORY = "tuner"
 
 
-class _Dimension(Options):
-    _name: str = PrivateAttr("")   # the search_space key, set once read
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def numeric(self) -> bool:
-        return self.type in ("float", "int")
-
-    def describe(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
-
-    def short(self) -> str:
-        """A one-line form for the parent run's params: `float[0.001, 0.1] log`."""
-        return self.type
-
-
-class _Range(_Dimension):
+class _Range(Options):
     sampling: str = Field("linear", description="linear, log or reverse_log (keras-tuner's)")
-
-    def declare(self, hp: keras_tuner.HyperParameters) -> Any:
-        """Register the dimension on `hp` (first call) and return the trial's value."""
-        kind = hp.Float if self.type == "float" else hp.Int
-        return kind(self.name, self.min, self.max, step=self.step, sampling=self.sampling)
-
-    def short(self) -> str:
-        step = f" step {self.step}" if self.step is not None else ""
-        return f"{self.type}[{self.min}, {self.max}] {self.sampling}{step}"
+    numeric: ClassVar[bool] = True
 
 
 class FloatParam(_Range):
@@ -68,25 +39,28 @@ class IntParam(_Range):
     step: int | None = Field(None, gt=0)
 
 
-class ChoiceParam(_Dimension):
+class ChoiceParam(Options):
     type: Literal["choice"]
     values: tuple[Any, ...] = Field(description="the values to try")
-
-    def declare(self, hp: keras_tuner.HyperParameters) -> Any:
-        return hp.Choice(self.name, list(self.values))
-
-    def short(self) -> str:
-        return "choice" + json.dumps(list(self.values))
+    numeric: ClassVar[bool] = False
 
 
-class BooleanParam(_Dimension):
+class BooleanParam(Options):
     type: Literal["boolean"]
-
-    def declare(self, hp: keras_tuner.HyperParameters) -> Any:
-        return hp.Boolean(self.name)
+    numeric: ClassVar[bool] = False
 
 
 Param = Annotated[Union[FloatParam, IntParam, ChoiceParam, BooleanParam], Field(discriminator="type")]
+
+
+def declare(hp: keras_tuner.HyperParameters, name: str, param: Any) -> Any:
+    """Register the dimension on `hp` (first call) and return the trial's value."""
+    if param.type == "choice":
+        return hp.Choice(name, list(param.values))
+    if param.type == "boolean":
+        return hp.Boolean(name)
+    return (hp.Float if param.type == "float" else hp.Int)(name, param.min, param.max, step=param.step,
+                                                           sampling=param.sampling)
 
 
 class Budget(Options):
@@ -122,82 +96,56 @@ def _shorthand(space: Any) -> Any:
 
 
 class SweepKeys(SpecKeys):
-    tuner: Literal[TUNERS] = "random"
+    tuner: Literal["random", "bayesian", "hyperband"] = "random"
     objective: Annotated[Objective, BeforeValidator(lambda v: {"name": v} if isinstance(v, str) else v)] = Objective()
     budget: Budget = Budget()
     seed: int = Field(0, ge=0, description="the tuner's seed")
-    directory: str = Field(DEFAULT_DIRECTORY, description="keras-tuner state folder")
-    search_space: Annotated[dict[str, Param], BeforeValidator(_shorthand)] = Field(min_length=1, description="config options mapped to ranges or "
-                                           "choices, e.g. {learning_rate: {type: float, min: 1e-3, max: 1e-1, "
-                                           "sampling: log}}")
-    final_model: Literal[FINAL_MODEL] = "auto"
+    directory: str = Field("tuner", description="keras-tuner state folder")
+    search_space: Annotated[dict[str, Param], BeforeValidator(_shorthand)] = Field(
+        min_length=1, description="config options mapped to ranges or choices, e.g. {learning_rate: {type: "
+        "float, min: 1e-3, max: 1e-1, sampling: log}}")
+    final_model: Literal["auto", "retrain", "none"] = "auto"
 
 
 @dataclass(frozen=True)
 class Sweep:
-    name: str
-    tuner: str
-    objective: str
-    direction: str                  # "max" or "min"
-    max_trials: int
+    """A sweep file as validated (`spec`, with the flags and derived defaults applied) and its base config."""
+
+    spec: SweepKeys
     base: Config
-    space: tuple[Any, ...]
-    seed: int = 0
-    directory: str = DEFAULT_DIRECTORY
-    factor: int = 3
-    hyperband_iterations: int = 1
-    max_failed_trials: int = 3
-    num_initial_points: int | None = None   # bayesian only: random trials before the model guides
-    final_model: str = "auto"
-    description: str = ""
     source: str = "sweep"
 
-    @property
-    def project_dir(self) -> Path:
-        return Path(self.directory) / self.name
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(p.name for p in self.space)
+    name = property(lambda self: self.spec.name)
+    objective = property(lambda self: self.spec.objective.name)
+    direction = property(lambda self: self.spec.objective.direction)
+    max_trials = property(lambda self: self.spec.budget.max_trials)
+    names = property(lambda self: tuple(self.spec.search_space))
+    project_dir = property(lambda self: Path(self.spec.directory) / self.spec.name)
 
     def param(self, name: str) -> Any:
-        return next(p for p in self.space if p.name == name)
+        return self.spec.search_space[name]
 
     def trial_config(self, values: Mapping[str, Any], **extra: Any) -> Config:
         """The base config with a trial's values (hyperband's `tuner/...` entries are ignored)."""
         chosen = {k: v for k, v in values.items() if k in self.names}
         return self.base.override({**chosen, **extra}, source=f"sweep {self.name!r}")
 
-    def describe(self) -> dict[str, Any]:
-        """Everything that defines the search (not the budget): what the digest is computed from."""
-        out = {
-            "name": self.name, "tuner": self.tuner,
-            "objective": {"name": self.objective, "direction": self.direction}, "seed": self.seed,
-            "base": self.base.outcome_values(),
-            "search_space": {p.name: p.describe() for p in self.space},
-        }
-        if self.tuner == "hyperband":
-            out.update(factor=self.factor, hyperband_iterations=self.hyperband_iterations)
-        return out
-
     def digest(self) -> str:
-        """Identifies the search; the budget (`max_trials`, `num_initial_points`: keras-tuner keeps the
-        latter in its state) is left out so a bigger budget continues the sweep."""
-        text = json.dumps(self.describe(), sort_keys=True, default=str)
+        """Identifies the search: not the budget (hyperband's shape aside), so a bigger one continues it."""
+        search = self.spec.model_dump(include={"name", "tuner", "objective", "seed", "search_space"},
+                                      exclude_none=True)
+        if self.spec.tuner == "hyperband":
+            search.update(self.spec.budget.model_dump(include={"factor", "hyperband_iterations"}))
+        text = json.dumps({**search, "base": self.base.outcome_values()}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.describe(), "experiment": self.base.experiment, "final_model": self.final_model,
-                "budget": {"max_trials": self.max_trials, "epochs": self.base.train.epochs,
-                           "max_failed_trials": self.max_failed_trials,
-                           **({"num_initial_points": self.num_initial_points} if self.tuner == "bayesian" else {})},
-                "directory": self.directory, "digest": self.digest()}
+    def to_dict(self) -> dict[str, Any]:   # what `--dry-run` prints and the parent logs as sweep/sweep.yaml
+        return {**self.spec.model_dump(exclude={"base", "base_config"}), "base": self.base.outcome_values(),
+                "digest": self.digest()}
 
 
 def _check_param(name: str, param: Any, base: Config, tuner: str, source: str) -> Any:
-    """A dimension of the search space: the option exists, can be searched, fits the dimension's type,
-    keras-tuner takes the dimension (its message gets the YAML path), and every value it can take
-    makes a valid config."""
+    """A dimension checked: its option exists, can be searched, fits; keras-tuner takes it; its values are valid."""
     where = f"{source}: search_space.{name}"
     if name not in leaf_fields():
         base.override({name: None}, source=f"{source}: search_space")   # raises "unknown option ..."
@@ -208,28 +156,26 @@ def _check_param(name: str, param: Any, base: Config, tuner: str, source: str) -
     if tuner == "hyperband" and name == "epochs":
         raise ConfigError(f"{where}: hyperband chooses the epochs itself (budget.epochs is its maximum); "
                           f"remove epochs from the search space.")
-    kind, full = _kind(name), f"{section}.{name}"
+    kind = _kind(name)
     allowed = {bool: ("boolean", "choice"), int: ("int", "choice"), float: ("float", "choice")}.get(kind, ("choice",))
     if param.type not in allowed:
         kind_name = {bool: "true/false", int: "an integer", float: "a number"}.get(kind, "a string")
-        raise ConfigError(f"{where}: type {param.type!r} does not fit {full}, which is {kind_name}; use type "
-                          f"{' or '.join(allowed)}.")
-    if param.type == "choice":
-        values = [parse_value(f"{where}: {item!r} is not a valid value: {full}", item, kind) for item in param.values]
+        raise ConfigError(f"{where}: type {param.type!r} does not fit {section}.{name}, which is {kind_name}; use "
+                          f"type {' or '.join(allowed)}.")
+    if param.type == "choice":   # each value parsed as the option parses it; every one makes a valid config
+        values = [base.override({name: v}, source=f"{where}: {v!r} is not a valid value").flat()[name]
+                  for v in param.values]
         repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
         if repeated is not None:
             raise ConfigError(f"{where}: {repeated!r} is listed twice.")
         param = param.model_copy(update={"values": tuple(values)})
     elif param.numeric and param.min == param.max:
         raise ConfigError(f"{where}: min equals max ({param.min}); a fixed value belongs in `base`.")
-    param = param.model_copy()
-    param._name = name
     try:   # keras-tuner's own checks: empty choices, min > max, log sampling from 0, steps ...
-        param.declare(keras_tuner.HyperParameters())
+        declare(keras_tuner.HyperParameters(), name, param)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{where}: {err}") from None
-    for value in param.values if param.type == "choice" else (True, False) if param.type == "boolean" else (
-            param.min, param.max):
+    for value in (param.min, param.max) if param.numeric else ():
         base.override({name: value}, source=f"{where}: {value!r} is not a valid value")
     return param
 
@@ -248,29 +194,29 @@ def load_sweep(path: str | Path, *, max_trials: int | None = None, directory: st
                           f"(run several workers instead, see docs/sweeps.md).")
     base = base.override({"experiment": spec.experiment or base.experiment, "epochs": budget.epochs or
                           base.train.epochs})
-    space = tuple(_check_param(name, p, base, spec.tuner, source) for name, p in spec.search_space.items())
-    objective = spec.objective
-    return Sweep(name=spec.name, tuner=spec.tuner, objective=objective.name, max_trials=budget.max_trials,
-                 direction=objective.direction or ("min" if objective.name.endswith("loss") else "max"),
-                 base=base, space=space, seed=spec.seed, directory=directory or spec.directory,
-                 factor=budget.factor, hyperband_iterations=budget.hyperband_iterations,
-                 max_failed_trials=budget.max_failed_trials, final_model=spec.final_model,
-                 num_initial_points=_initial_points(budget, spec.tuner, len(space), source),
-                 description=spec.description, source=source)
-
-
-def _initial_points(budget: Budget, tuner: str, dimensions: int, source: str) -> int | None:
-    """Bayesian optimisation's random start. keras-tuner's default (3 x dimensions) can exceed
-    max_trials, and then no trial is ever chosen by the model: the default here stays below."""
-    where, points = f"{source}: budget.num_initial_points", budget.num_initial_points
-    if tuner != "bayesian":
-        if points is not None:
-            raise ConfigError(f"{where} applies to tuner: bayesian only (this sweep's tuner is {tuner}).")
-        return None
-    points = points if points is not None else max(2, min(3 * dimensions, budget.max_trials // 2))
-    if points >= budget.max_trials:
-        raise ConfigError(f"{where} is {points}, but budget.max_trials is {budget.max_trials}: every trial would "
-                          f"be one of the random initial points, so the search would be random, not Bayesian. "
-                          f"Raise max_trials above num_initial_points (or lower it), or set `tuner: random` "
-                          f"if a random search is what you want.")
-    return points
+    space = {name: _check_param(name, p, base, spec.tuner, source) for name, p in spec.search_space.items()}
+    # The points of a finite space, counted (float and log-stepped dimensions count as unbounded).
+    sizes = [len(p.values) if p.type == "choice" else 2 if p.type == "boolean" else (p.max - p.min) // (
+        p.step or 1) + 1 if p.type == "int" and p.sampling == "linear" else math.inf for p in space.values()]
+    if spec.tuner != "hyperband" and (points := math.prod(sizes)) < budget.max_trials:
+        raise ConfigError(f"{source}: the search space has {points} distinct points ({' x '.join(map(str, sizes))}) "
+                          f"but budget.max_trials is {budget.max_trials}: keras-tuner would stop after {points} "
+                          f"trials. Set max_trials (or --max-trials) to at most {points}, or widen the search space.")
+    # Bayesian optimisation's random start: keras-tuner's default (3 x dimensions) can reach max_trials,
+    # and then the model never chooses a trial; the default here stays below.
+    where, initial = f"{source}: budget.num_initial_points", budget.num_initial_points
+    if spec.tuner != "bayesian" and initial is not None:
+        raise ConfigError(f"{where} applies to tuner: bayesian only (this sweep's tuner is {spec.tuner}).")
+    if spec.tuner == "bayesian":
+        initial = initial if initial is not None else max(2, min(3 * len(space), budget.max_trials // 2))
+        if initial >= budget.max_trials:
+            raise ConfigError(f"{where} is {initial}, but budget.max_trials is {budget.max_trials}: every trial "
+                              f"would be one of the random initial points, so the search would be random, not "
+                              f"Bayesian. Raise max_trials above num_initial_points (or lower it), or set `tuner: "
+                              f"random` if a random search is what you want.")
+    objective = spec.objective.model_copy(update={"direction": spec.objective.direction or (
+        "min" if spec.objective.name.endswith("loss") else "max")})
+    spec = spec.model_copy(update={
+        "experiment": base.experiment, "search_space": space, "objective": objective, "directory": directory
+        or spec.directory, "budget": budget.model_copy(update={"num_initial_points": initial})})
+    return Sweep(spec, base, source)

@@ -1,9 +1,6 @@
-"""A trained model with its preprocessing: raw images in, ranked classes out (no MLflow here; the MLflow
-model is serving.py's). `Predictor` prepares a file, an encoded image or a pixel array exactly as the
-training run prepared its evaluation images (data.decode_image, the mean image, centre or ten crops);
-`save_model` / `load_keras_predictor` keep a `.keras` file with its preprocessing sidecars, loaded with
-`safe_mode=True`; every bad file ends in a DataError that says what is wrong.
-"""
+"""A trained model with its preprocessing: raw images in, ranked classes out, as the training run prepared its
+evaluation images (`Predictor`); a `.keras` file with its preprocessing sidecars (`save_model`,
+`load_keras_predictor`, with safe_mode). The MLflow model is serving.py's."""
 
 from __future__ import annotations
 
@@ -106,25 +103,11 @@ class Sidecar(Options):
         return names
 
 
-def read_mean_image(path: Path, stored_size: int) -> np.ndarray:
-    """The (stored, stored, 3) mean image saved with np.save, read without pickle, or a DataError."""
-    try:
-        mean = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise DataError(f"cannot read the mean image {str(path)!r} ({err}); re-save the model or use its "
-                        "run id.") from None
-    if mean.shape != (stored_size, stored_size, 3) or not np.issubdtype(mean.dtype, np.number) \
-            or not np.all(np.isfinite(mean)):
-        raise DataError(f"the mean image {str(path)!r} has shape {mean.shape} and dtype {mean.dtype}; the "
-                        f"preprocessing needs finite numbers of shape ({stored_size}, {stored_size}, 3).")
-    return mean.astype(np.float32)
-
-
-def check_options(crops: str = "center", top: int = 5, batch_size: int = 32) -> None:
-    """The prediction options, or a DataError saying which one is wrong."""
+def check_options(crops: str = "center", top: int = 5, batch_size: int = 32, top_name: str = "top") -> None:
+    """The prediction options, or a DataError saying which one is wrong (`top_name`: the caller's name for `top`)."""
     if crops not in CROPS:
         raise DataError(f"crops must be one of {', '.join(CROPS)}; got {crops!r}.")
-    for name, value in (("top", top), ("batch size", batch_size)):
+    for name, value in ((top_name, top), ("batch size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise DataError(f"{name} must be a whole number of at least 1; got {value!r}.")
 
@@ -135,17 +118,6 @@ class Predictor:
     class_names: list[str]
     preprocessing: dict             # data.Data.preprocessing of the training run
     mean_image: np.ndarray | None   # (stored, stored, 3) when the run subtracted a per-pixel mean
-    source: str                     # where the model came from
-
-    def probabilities(self, stored_images, crops: str = "center", batch_size: int = 32) -> np.ndarray:
-        """(B, classes) probabilities of a batch of decoded images, averaged over the views."""
-        from ..data import model_views
-
-        spec = self.preprocessing
-        x = model_views(stored_images, image_size=spec["image_size"], stored_size=spec["stored_size"],
-                        mean_image=self.mean_image, crops=crops).numpy()
-        probs = np.asarray(self.model.predict(x, batch_size=batch_size, verbose=0), np.float64)
-        return probs.reshape(len(stored_images), -1, probs.shape[-1]).mean(axis=1)
 
     def predict_files(self, files: Sequence[str], *, crops: str = "center", top: int = 5,
                       batch_size: int = 32) -> list[dict]:
@@ -153,7 +125,6 @@ class Predictor:
         {"file", "error"}. Only regular files are opened (a FIFO would block forever)."""
         import tensorflow as tf
 
-        check_options(crops, top, batch_size)
         regular = [i for i, f in enumerate(files) if _is_regular_file(f)]
         ranked = self._rank(_indexed(regular, [str(files[i]) for i in regular])
                             .map(lambda i, path: (i, tf.io.read_file(path))), len(files), crops, top, batch_size)
@@ -166,7 +137,6 @@ class Predictor:
                        batch_size: int = 32) -> list[dict]:
         """One entry per image, {"predictions": [...]} or {"error": ...}. An image is the encoded bytes
         of an image file, or an HxWx3 array of integers in 0..255 (the decoded pixels, RGB)."""
-        check_options(crops, top, batch_size)
         contents, errors = [], {}
         for i, image in enumerate(images):
             try:
@@ -183,7 +153,7 @@ class Predictor:
         bytes are not an image."""
         import tensorflow as tf
 
-        from ..data import decode_image
+        from ..data import decode_image, model_views
 
         spec = self.preprocessing
         side, policy = spec["stored_size"], spec["resize"]
@@ -195,8 +165,11 @@ class Predictor:
                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
               .ignore_errors()
               .batch(max(1, batch_size // (10 if crops == "ten" else 1))))
-        for index, images in ds.as_numpy_iterator():
-            probs = self.probabilities(images, crops, batch_size)
+        for index, images in ds.as_numpy_iterator():   # softmax averaged over the views of each image
+            views = model_views(images, image_size=spec["image_size"], stored_size=spec["stored_size"],
+                                mean_image=self.mean_image, crops=crops).numpy()
+            probs = np.asarray(self.model.predict(views, batch_size=batch_size, verbose=0), np.float64)
+            probs = probs.reshape(len(images), -1, probs.shape[-1]).mean(axis=1)
             for i, row in zip(index, probs):
                 ranked[i] = [{"rank": r + 1, "class": self.class_names[c], "index": int(c),
                               "probability": float(row[c])} for r, c in enumerate(top_k(row[None], top)[0])]
@@ -233,8 +206,7 @@ def _encoded(image) -> bytes:
     if pixels.ndim != 3 or pixels.shape[-1] != 3 or 0 in pixels.shape:
         raise DataError(f"pixel arrays must have shape (height, width, 3), RGB; got {pixels.shape}")
     if max(pixels.shape[:2]) > MAX_ARRAY_SIDE:
-        raise DataError(f"pixel array of {pixels.shape[0]}x{pixels.shape[1]} is larger than "
-                        f"{MAX_ARRAY_SIDE} on a side")
+        raise DataError(f"pixel array of {pixels.shape[0]}x{pixels.shape[1]} is larger than {MAX_ARRAY_SIDE} on a side")
     if pixels.dtype != np.uint8:
         numeric = np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating)
         if not (numeric and np.all(np.isfinite(pixels)) and np.all(pixels == np.round(pixels))
@@ -287,32 +259,34 @@ def load_keras_predictor(path: Path, source: str | None = None) -> Predictor:
     mean_image = None
     if spec["pixel_mean"]:
         mean_file = sidecar(path, "mean_image.npy")
-        if not mean_file.is_file():
-            raise DataError(f"{source!r} was trained with a per-pixel mean image; {str(mean_file)!r} is missing.")
-        mean_image = read_mean_image(mean_file, spec["stored_size"])
-    model, size, names = load_keras(path), spec["image_size"], list(meta.class_names)
-    if tuple(model.input_shape[1:3]) != (size, size) or model.output_shape[-1] != len(names):
-        raise DataError(f"{source!r}: the model takes {model.input_shape[1]}x{model.input_shape[2]} inputs and has "
-                        f"{model.output_shape[-1]} outputs, but its preprocessing says {size}x{size} and "
-                        f"{len(names)} class names.")
-    return Predictor(model, names, spec, mean_image, source)
-
-
-def load_keras(path: Path):
-    """A .keras file loaded with safe_mode=True, or a DataError: not a .keras archive, or a config that
-    names code outside Keras and this package (a Lambda layer, `os.system`, ...)."""
+        try:
+            mean_image = np.load(mean_file, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(f"cannot read the mean image {str(mean_file)!r} ({err}); re-save the model or use its "
+                            "run id.") from None
+        side = spec["stored_size"]
+        if mean_image.shape != (side, side, 3) or not np.issubdtype(mean_image.dtype, np.number) \
+                or not np.all(np.isfinite(mean_image)):
+            raise DataError(f"the mean image {str(mean_file)!r} has shape {mean_image.shape} and dtype "
+                            f"{mean_image.dtype}; the preprocessing needs finite numbers of shape ({side}, {side}, 3).")
+        mean_image = mean_image.astype(np.float32)
     import keras
 
     from .alexnet import AlexNet  # noqa: F401 - registers AlexNet and its layers for deserialization
 
-    path = Path(path)
     if not _is_regular_file(path) or not zipfile.is_zipfile(path):
         raise DataError(f"{str(path)!r} is not a .keras model file (a .keras file is a zip archive written by "
                         "model.save); was it truncated or renamed? Pass a model trained with alexnet-keras.")
     try:
-        return keras.saving.load_model(path, safe_mode=True)
+        model = keras.saving.load_model(path, safe_mode=True)
     except Exception as err:  # noqa: BLE001 - Keras raises TypeError/ValueError/KeyError/OSError here
         reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-        raise DataError(f"refused to load {str(path)!r}: {reason}. Models are loaded with safe_mode=True: "
-                        "no Lambda layers and nothing outside Keras and alexnet-keras. Use a model you "
-                        "trained, or one from a source you trust re-saved without such code.") from None
+        raise DataError(f"refused to load {str(path)!r}: {reason}. Models are loaded with safe_mode=True: no Lambda "
+                        "layers and nothing outside Keras and alexnet-keras. Use a model you trained, or one from a "
+                        "source you trust re-saved without such code.") from None
+    size, names = spec["image_size"], list(meta.class_names)
+    if tuple(model.input_shape[1:3]) != (size, size) or model.output_shape[-1] != len(names):
+        raise DataError(f"{source!r}: the model takes {model.input_shape[1]}x{model.input_shape[2]} inputs and has "
+                        f"{model.output_shape[-1]} outputs, but its preprocessing says {size}x{size} and "
+                        f"{len(names)} class names.")
+    return Predictor(model, names, spec, mean_image)
