@@ -20,7 +20,7 @@ import numpy as np
 
 from . import checkpoints, distribute
 from .. import figures, tracking
-from ..config import Config, TrainConfig
+from ..config import MAIN_JOB, Config, TrainConfig
 from ..data import Data, enable_op_determinism, load_data
 from ..model.alexnet import build_alexnet, lrn_diagnostics, summary_text
 from ..model.inference import model_metadata, ten_crop_metrics
@@ -209,15 +209,11 @@ def run_tags(config: Config, data: Data, model: keras.Model,
             tracking.NOTE_TAG: run_description(config, data, context)}
 
 
-# The main job (experiments/cifar10.yaml; test_train keeps them in step): run names say what differs from it.
-MAIN_JOB = {"variant": "cifar", "init": "keras", "schedule": "cosine", "learning_rate": 0.02}
-
-
 def default_run_name(config: Config) -> str:
     """The name of a `train` run given no --run-name: the first four options that differ from the main
     job's (`lrn0`, `batchnorm`, `width0.25`, `epochs2`, `tanh`; not the data folder), then the config
     digest's first 6 digits, so that runs of different configs never share a name: `width0.25-epochs2-3f09a1`."""
-    main = Config().override(MAIN_JOB).outcome_values()
+    main = MAIN_JOB.outcome_values()
     parts = []
     for key, value in config.outcome_values().items():
         if value == main[key] or key == "data_dir":
