@@ -741,3 +741,28 @@ def test_non_deterministic_training_pipeline_still_gives_every_image_once_per_ep
         unordered = epoch(False)
         assert unordered == epoch(True)
         assert len(set(unordered)) == len(unordered) == 43   # 60 less 12 test and 5 validation images
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_with_a_warning_naming_it(tmp_path):
+    root = make_flat(tmp_path / "data", per_class=4)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(os.fsencode(root / "ant") + b"/bad\xff.png", format="PNG")
+    with pytest.warns(UserWarning, match=r"skipped 1 entry .*ant/bad\\xff.png"):
+        data = load_data(DataConfig(dataset="folder", data_dir=str(root), augment=False), 8, 4, verbose=False)
+    assert data.counts["skipped"] == 1
+    assert data.counts["train"] + data.counts["val"] + data.counts["test"] == 12
+
+
+def test_an_encrypted_zip_member_gives_one_clear_message(tmp_path):
+    archive = tmp_path / "locked.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in ("a/0.png", "b/0.png"):
+            zf.writestr(name, b"not really encrypted")
+    raw = bytearray(archive.read_bytes())   # the "encrypted" bit of every member's local and central header
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        start = raw.find(signature)
+        while start >= 0:
+            raw[start + offset] |= 0x1
+            start = raw.find(signature, start + 4)
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="could not extract .*locked.zip.*encrypted"):
+        locate_data_dir(str(archive))

@@ -340,3 +340,9 @@ def test_carved_splits_of_shards_are_read_from_shards_of_their_own(folder, tmp_p
     # A second load (another process, another run of a study) reuses the copy.
     assert load_data(cfg, CROP, 8, verbose=False).digest == data.digest
     assert list((tmp_path / "cache" / "records").iterdir()) == [subset]
+
+
+def test_prepare_refuses_a_stored_size_beyond_the_bound_of_training(folder, tmp_path):
+    with pytest.raises(ConfigError, match="stored_size.*32768"):
+        tfrecord.prepare(folder, tmp_path / "records", stored_size=40000)
+    assert not (tmp_path / "records").exists()

@@ -89,7 +89,8 @@ def test_system_metrics_switch_off_and_the_default_run_name(mlflow_store):
     assert run.info.status == "FINISHED"
     assert not [key for key in run.data.metrics if key.startswith("system/")]
     assert run.data.params["system_metrics"] == "false"
-    assert run.info.run_name == "cifar-lrn-bn-pool3s2-do0.25-tanh-s3"
+    digest = run.data.tags["alexnet_keras.config_digest"]
+    assert run.info.run_name == f"width0.125-batchnorm-dropout0.25-tanh-{digest[:6]}"
 
 
 def test_run_logs_reports_figures_model_and_dataset(trained_run):
@@ -219,7 +220,7 @@ def test_sigterm_ends_the_run_killed(store_uri, tmp_path):
 
 # --- how much LRN normalises, logged in every run with LRN layers ------------------------------------------
 
-LRN_METRICS = {f"lrn{i}_{name}_{when}" for i in (1, 2) for when in ("start", "end")
+LRN_METRICS = {f"lrn/lrn{i}_{name}" for i in (1, 2)
                for name in ("ratio_mean", "ratio_p95", "scale_mean", "scale_min", "scale_max",
                             "relative_scale_mean", "relative_scale_min")}
 
@@ -230,19 +231,26 @@ def test_a_run_without_lrn_logs_no_lrn_diagnostics(trained_run):
 
 
 def test_lrn_diagnostics_are_logged_at_start_and_end_and_differ_between_input_regimes(mlflow_store):
+    """Under lrn/ (a chart section of their own, after the training metrics), at step 0 before training and
+    at step `epochs` after it: a line per statistic over the training."""
     from alexnet_keras.model.alexnet import lrn_diagnostics
     from alexnet_keras.training.train import lrn_probe_images, prepare
 
     regimes = {"standardized": {"input_norm": "standardize", "init": "keras"},
                "paper": {"input_norm": "center", "init": "paper"}}
     metrics = {}
+    client = MlflowClient(mlflow_store)
     for name, options in regimes.items():
         assert cli.main(["train", *cli_flags({**TINY, **options}), "--run-name", name]) == 0
         (run,) = [r for r in all_runs(mlflow_store) if r.info.run_name == name]
-        metrics[name] = run.data.metrics
-        assert LRN_METRICS <= set(metrics[name])
-        assert not [key for key in metrics[name] if key.startswith("lrn") and key not in LRN_METRICS]
-        assert all(np.isfinite(metrics[name][key]) for key in LRN_METRICS)
+        assert LRN_METRICS <= set(run.data.metrics)
+        assert not [key for key in run.data.metrics if key.startswith("lrn") and key not in LRN_METRICS]
+        history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+                   for key in LRN_METRICS}
+        assert all(sorted(steps) == [0, TINY["epochs"]] for steps in history.values())
+        metrics[name] = {f"{key}_{when}": steps[step] for key, steps in history.items()
+                         for when, step in (("start", 0), ("end", TINY["epochs"]))}
+        assert all(np.isfinite(value) for value in metrics[name].values())
     # The start values are the diagnostic of the freshly built model on the first 64 validation images
     # (all 13 here).
     data, model = prepare(load_config(overrides={**TINY, **regimes["paper"]}))
@@ -252,14 +260,14 @@ def test_lrn_diagnostics_are_logged_at_start_and_end_and_differ_between_input_re
     expected = lrn_diagnostics(model, images)
     for layer in ("lrn1", "lrn2"):
         for stat in ("ratio_mean", "ratio_p95", "relative_scale_min"):
-            assert metrics["paper"][f"{layer}_{stat}_start"] == pytest.approx(expected[layer][stat], rel=1e-4)
+            assert metrics["paper"][f"lrn/{layer}_{stat}_start"] == pytest.approx(expected[layer][stat], rel=1e-4)
     # Pixels on the 0..255 scale with N(0, 0.01) weights feed LRN larger activations than standardised
     # pixels with Glorot weights: its normalising term is larger, its scale further below k^-beta.
     standardized, paper = metrics["standardized"], metrics["paper"]
-    assert paper["lrn1_ratio_mean_start"] > 5 * standardized["lrn1_ratio_mean_start"]
-    assert paper["lrn1_relative_scale_min_start"] < standardized["lrn1_relative_scale_min_start"] <= 1.0
+    assert paper["lrn/lrn1_ratio_mean_start"] > 5 * standardized["lrn/lrn1_ratio_mean_start"]
+    assert paper["lrn/lrn1_relative_scale_min_start"] < standardized["lrn/lrn1_relative_scale_min_start"] <= 1.0
     # Training moved the weights, and the diagnostic with them.
-    assert paper["lrn1_ratio_mean_end"] != paper["lrn1_ratio_mean_start"]
+    assert paper["lrn/lrn1_ratio_mean_end"] != paper["lrn/lrn1_ratio_mean_start"]
 
 
 @pytest.mark.parametrize("epochs, steps", [(10, 352), (3, 7)])
@@ -275,3 +283,57 @@ def test_step_schedule_divides_the_rate_by_ten_at_half_and_three_quarters(epochs
           (0, half, half + 1, three_quarters, three_quarters + 1, total - 1)}
     assert at == pytest.approx({0: 0.02, half: 0.02, half + 1: 0.002, three_quarters: 0.002,
                                 three_quarters + 1: 0.0002, total - 1: 0.0002})
+
+
+# --- issue 26: names, checkpoints and tracking failures ----------------------------------------------------
+
+def test_default_run_names_differ_with_every_option_and_say_what_differs_from_the_main_job_first():
+    from alexnet_keras.training.train import default_run_name
+
+    main = load_config(ROOT / "experiments" / "cifar10.yaml")
+    assert default_run_name(main) == f"main-{main.digest()[:6]}"
+    assert default_run_name(main.override({"lrn": "false"})).startswith("lrn0-")
+    readme = main.override({"width": 0.25, "epochs": 2, "data_dir": "/data/cifar10.tar.gz"})
+    assert default_run_name(readme).startswith("width0.25-epochs2-")
+    variants = [{}, {"width": 0.25}, {"width": 0.5}, {"epochs": 3}, {"train_limit": 500}, {"train_limit": 600},
+                {"seed": 1}, {"activation": "tanh"}, {"data_dir": "/data/other"}]
+    configs = [load_config(overrides={**TINY, **v}) for v in variants]
+    names = [default_run_name(c) for c in configs]
+    assert len(set(names)) == len(names), names
+    # What tells two runs apart shows in the UI's run-name column (about 18 characters) when a few
+    # options differ from the main job.
+    shown = [default_run_name(main.override(v))[:18] for v in variants[1:8]]
+    assert len(set(shown)) == len(shown), shown
+
+
+def test_a_finished_run_leaves_no_checkpoint_tag_and_no_empty_checkpoint_folder(trained_run):
+    uri, run = trained_run
+    assert "alexnet_keras.checkpoint_dir" not in run.data.tags
+    assert not (Path(uri.removeprefix("sqlite:///")).parent / "checkpoints").exists()
+
+
+def test_a_tracking_failure_keeps_the_checkpoint_and_the_same_command_resumes(mlflow_store, monkeypatch, capsys):
+    """The store fails after epoch 1 was checkpointed: the run ends KILLED (not FAILED, its checkpoint not
+    deleted), the error says so, and the same command continues the same run from epoch 1."""
+    from mlflow.exceptions import MlflowException
+
+    from alexnet_keras.training import checkpoints, train
+
+    def store_gone_after_epoch_1(model, data, config, backup_dir, **kwargs):
+        model.optimizer.build(model.trainable_variables)   # a checkpoint holds the optimizer state too
+        checkpoints.save(model, backup_dir, 1)
+        raise MlflowException("the tracking server went away")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(train, "fit", store_gone_after_epoch_1)
+        assert cli.main(["train", *cli_flags(TINY)]) == 2
+    assert "the tracking server went away" in capsys.readouterr().err
+    (run,) = all_runs(mlflow_store)
+    assert run.info.status == "KILLED"
+    checkpoint = Path(run.data.tags["alexnet_keras.checkpoint_dir"])
+    assert checkpoints.saved_epoch(checkpoint) == 1
+    assert cli.main(["train", *cli_flags(TINY)]) == 0
+    assert "resuming from the checkpoint of epoch 1 of 2" in capsys.readouterr().out
+    (resumed,) = all_runs(mlflow_store)
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    assert not checkpoint.exists()

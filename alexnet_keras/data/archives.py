@@ -1,6 +1,5 @@
-"""Where the data is: `--data-dir` / $ALEXNET_KERAS_DATA_DIR resolved, archives extracted once into the
-cache, keyed by the sha256 of their bytes (not their path or time stamps). No TensorFlow here.
-"""
+"""Where the data is: `--data-dir` / $ALEXNET_KERAS_DATA_DIR, archives extracted once into the cache, keyed
+by the sha256 of their bytes. No TensorFlow here."""
 
 from __future__ import annotations
 
@@ -23,15 +22,13 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 @dataclasses.dataclass(frozen=True)
 class DataDir:
-    """The folder to read, and the sha256 of the archive it was extracted from (None for a folder)."""
-
     path: Path
-    archive_sha256: str | None = None
+    archive_sha256: str | None = None   # of the archive it was extracted from
 
 
 def locate_data_dir(data_dir: str | os.PathLike | None) -> DataDir | None:
-    """The folder `data_dir` names (else $ALEXNET_KERAS_DATA_DIR, else None: use the download); an
-    archive is extracted once into the cache, and the folder inside it that holds the data returned."""
+    """The folder `data_dir` names (else $ALEXNET_KERAS_DATA_DIR, else None: download), an archive's once
+    extracted into the cache."""
     origin = ""
     if not data_dir:
         data_dir = os.environ.get(DATA_DIR_ENV) or None
@@ -75,13 +72,10 @@ def archive_sha256(archive: Path) -> str:
     return digest.hexdigest()
 
 
-def archive_stem(path: Path) -> str:
-    return next((path.name[:-len(s)] for s in ARCHIVE_SUFFIXES if path.name.lower().endswith(s)), path.stem)
-
-
 def extract(archive: Path, sha256: str) -> Path:
     """The cache folder holding `archive`'s content (whose hash is `sha256`), extracted if no run did."""
-    target = cache_root() / "datasets" / f"{archive_stem(archive)}-{sha256[:16]}"
+    stem = next(archive.name[:-len(s)] for s in ARCHIVE_SUFFIXES if archive.name.lower().endswith(s))
+    target = cache_root() / "datasets" / f"{stem}-{sha256[:16]}"
 
     def fill(folder: Path) -> None:
         try:
@@ -91,7 +85,9 @@ def extract(archive: Path, sha256: str) -> Path:
             else:
                 with tarfile.open(archive) as tar:
                     tar.extractall(folder, filter="data")   # no paths outside, no device files
-        except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        # An encrypted zip member raises RuntimeError, an unsupported compression (Deflate64) NotImplementedError.
+        except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError,
+                NotImplementedError) as err:
             if getattr(err, "errno", None) in (errno.EACCES, errno.ENOSPC, errno.EROFS, errno.EDQUOT):
                 raise unwritable(folder.parent, err) from err   # the cache, not the archive
             raise DataError(f"could not extract {str(archive)!r} ({err}). Check that the archive is "
@@ -101,8 +97,7 @@ def extract(archive: Path, sha256: str) -> Path:
 
 
 def layout_root(folder: Path) -> Path:
-    """Descend through lone wrapper folders (data.tar.gz -> data/) to the one holding the layout.
-    Links are not descended into (a link to "." would loop)."""
+    """Descend through lone wrapper folders (data.tar.gz -> data/), not links, to the one holding the layout."""
     while True:
         with os.scandir(folder) as scan:
             entries = [e for e in scan if visible(e.name)]

@@ -1,7 +1,5 @@
-"""Augmentation and evaluation views as TF image ops on batches: crops, flips, the paper's ten views,
-"fancy PCA", and `model_views`. Every random op is stateless in an explicit seed and draws per image
-with one gather for the whole batch (4-5x faster than per-image crops).
-"""
+"""Augmentation and evaluation views as TF ops on batches: crops, flips, the paper's ten views, "fancy
+PCA", `model_views`. Every random op is stateless in an explicit seed and draws per image."""
 
 from __future__ import annotations
 
@@ -14,56 +12,25 @@ TEN_CROP_VIEWS = ("top_left", "top_right", "bottom_left", "bottom_right", "cente
                   "center_flipped")
 
 
-def gather_windows(images: tf.Tensor, rows: tf.Tensor, cols: tf.Tensor) -> tf.Tensor:
-    """Image b's pixel (rows[b, i], cols[b, j]) at (b, i, j), for a batch (B,H,W,C; H, W static): one
-    gather for the whole batch, 4-5x faster than per-image pads, crops and flips."""
-    height, width, channels = images.shape[1], images.shape[2], images.shape[3]
-    flat = tf.range(tf.shape(images)[0])[:, None, None] * (height * width) + rows[:, :, None] * width + cols[:, None, :]
-    return tf.gather(tf.reshape(images, [-1, channels]), flat)
-
-
 def random_crop_flip(images: tf.Tensor, seed: tf.Tensor, pad: int | None = None, *, crop: bool = True,
                      flip: bool = True) -> tf.Tensor:
-    """Random translation by up to `pad` pixels each way (default H // 8: 4 px for CIFAR's 32), as a
-    random crop of the image padded by reflection, and random horizontal flip, per image of `images`
-    (B,H,W,C). `crop=False` / `flip=False` leave that part out. Stateless in `seed` (two integers)."""
+    """Random translation by up to `pad` pixels each way (default H // 8: 4 px for CIFAR's 32), as a random
+    crop of the image padded by reflection, and random horizontal flip, per image of a batch (B,H,H,C)."""
     images = tf.convert_to_tensor(images)
-    seed = tf.cast(seed, tf.int64)
-    batch = tf.shape(images)[0]
-    height, width = images.shape[1], images.shape[2]
-    pad = min(height // 8 if pad is None else pad, height - 1, width - 1)   # reflection reaches no further
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    offsets = tf.random.stateless_uniform([batch, 2], crop_seed, minval=-pad, maxval=pad + 1, dtype=tf.int32)
-    if not crop:
-        offsets = tf.zeros_like(offsets)
-    flip = tf.logical_and(tf.random.stateless_uniform([batch], flip_seed) < 0.5, flip)
-
-    def reflect(i, n):   # tf.pad's REFLECT: -1 -> 1, n -> n - 2
-        i = tf.abs(i)
-        return tf.where(i >= n, 2 * (n - 1) - i, i)
-
-    cols = tf.range(width)[None, :]
-    cols = reflect(tf.where(flip[:, None], width - 1 - cols, cols) + offsets[:, 1:], width)
-    return gather_windows(images, reflect(tf.range(height)[None, :] + offsets[:, :1], height), cols)
-
-
-def center_crop(images: tf.Tensor, size: int) -> tf.Tensor:
-    """The central size x size window of every image of a batch (B,H,W,C; H, W static)."""
-    images = tf.convert_to_tensor(images)
-    top, left = (images.shape[1] - size) // 2, (images.shape[2] - size) // 2
-    return images[:, top:top + size, left:left + size]
+    side = images.shape[1]
+    pad = min(side // 8 if pad is None else pad, side - 1)   # reflection reaches no further
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+    return random_crops(padded, side, seed, crop=crop, flip=flip)
 
 
 def random_crops(images: tf.Tensor, size: int, seed: tf.Tensor, *, crop: bool = True,
                  flip: bool = True) -> tf.Tensor:
-    """The paper's training crops: a size x size window of every image of a batch (B,H,W,C) at a
-    position drawn uniformly (`crop=False`: the centre), reflected horizontally with probability 1/2
-    (`flip`), independently per image. Stateless in `seed`."""
+    """The paper's training crops: a size x size window of every image of a batch (B,H,W,C) at a position
+    drawn uniformly (`crop=False`: the centre), mirrored with probability 1/2 (`flip`), independently per
+    image, stateless in `seed`: one gather for the whole batch (4-5x faster than per-image crops)."""
     images = tf.convert_to_tensor(images)
-    seed = tf.cast(seed, tf.int64)
-    batch = tf.shape(images)[0]
-    height, width = images.shape[1], images.shape[2]
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    batch, (height, width, channels) = tf.shape(images)[0], images.shape[1:]
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2))
     if crop:
         u = tf.random.stateless_uniform([batch, 2], crop_seed)
         top = tf.minimum(tf.cast(u[:, 0] * (height - size + 1), tf.int32), height - size)
@@ -72,8 +39,17 @@ def random_crops(images: tf.Tensor, size: int, seed: tf.Tensor, *, crop: bool = 
         top, left = tf.fill([batch], (height - size) // 2), tf.fill([batch], (width - size) // 2)
     mirrored = tf.logical_and(tf.random.stateless_uniform([batch], flip_seed) < 0.5, flip)
     steps = tf.range(size)
+    rows = top[:, None] + steps[None, :]
     cols = left[:, None] + tf.where(mirrored[:, None], size - 1 - steps[None, :], steps[None, :])
-    return gather_windows(images, top[:, None] + steps[None, :], cols)
+    flat = tf.range(batch)[:, None, None] * (height * width) + rows[:, :, None] * width + cols[:, None, :]
+    return tf.gather(tf.reshape(images, [-1, channels]), flat)
+
+
+def center_crop(images: tf.Tensor, size: int) -> tf.Tensor:
+    """The central size x size window of every image of a batch (B,H,W,C; H, W static)."""
+    images = tf.convert_to_tensor(images)
+    top, left = (images.shape[1] - size) // 2, (images.shape[2] - size) // 2
+    return images[:, top:top + size, left:left + size]
 
 
 def ten_crops(images: tf.Tensor, size: int) -> tf.Tensor:

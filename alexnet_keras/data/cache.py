@@ -1,6 +1,5 @@
-"""The data cache ($ALEXNET_KERAS_CACHE, else ~/.cache/alexnet-keras) and atomic writes into it:
-every entry appears whole or not at all, whatever interrupts it (docs/data.md). No TensorFlow here.
-"""
+"""The data cache ($ALEXNET_KERAS_CACHE, else ~/.cache/alexnet-keras), whose entries appear whole or not at
+all, whatever interrupts them (docs/data.md). No TensorFlow here."""
 
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ CACHE_ENV = "ALEXNET_KERAS_CACHE"
 
 
 def cache_root() -> Path:
-    """Where extracted archives and decoded arrays live: $ALEXNET_KERAS_CACHE or ~/.cache/alexnet-keras."""
     return Path(os.environ.get(CACHE_ENV) or "~/.cache/alexnet-keras").expanduser()
 
 
@@ -31,15 +29,14 @@ def hash_json(value) -> str:
 
 
 def unwritable(path: Path, err: OSError) -> DataError:
-    """The error for a cache folder that cannot be written: what, where, how to fix."""
     return DataError(f"the data cache folder {str(path)!r} is not writable ({err.strerror or err}). "
                      f"Set {CACHE_ENV} to a writable folder (it holds extracted archives and decoded "
                      "images).")
 
 
 def build_folder_once(target: Path, fill: Callable[[Path], None]) -> Path:
-    """`target`, filled by `fill(folder)` unless it exists: `fill` writes into a temporary folder beside
-    it, renamed when complete; any exception (Ctrl-C too) removes the temporary, never a half-filled target."""
+    """`target`, filled by `fill(folder)` unless it exists: into a temporary folder beside it, renamed when
+    complete; any exception (Ctrl-C too) removes the temporary."""
     if target.is_dir():
         return target
     try:
@@ -59,8 +56,8 @@ def build_folder_once(target: Path, fill: Callable[[Path], None]) -> Path:
 
 
 def save_atomically(path: Path, write: Callable, binary: bool = True) -> bool:
-    """`write(file)` into a temporary file beside `path`, renamed to `path` when complete; False (and
-    nothing left behind) when the cache cannot be written, which only costs computing it again."""
+    """`write(file)` into a temporary file renamed to `path` when complete; False (nothing left behind) when
+    the cache cannot be written, which only costs computing it again."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

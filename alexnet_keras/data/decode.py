@@ -1,6 +1,5 @@
-"""Image files to pixels: `decode_image` (one file, shared by training, `prepare` and `predict`) and the
-bulk decoding of a folder's files, cached on disk as arrays.
-"""
+"""Image files to pixels: `decode_image` (training, `prepare` and `predict`) and a folder's files decoded
+in bulk, cached on disk as arrays."""
 
 from __future__ import annotations
 
@@ -30,14 +29,11 @@ def progress_bar(n: int, what: str, verbose: bool):
 
 def decode_image(contents: tf.Tensor, size: int, policy: str = "squash") -> tf.Tensor:
     """JPEG/PNG/GIF/BMP bytes -> uint8 RGB (size, size, 3), bilinear and antialiased. `policy`: "squash"
-    resizes whatever the aspect ratio (the simple recipe); "shorter_side_crop" rescales the shorter side
-    to `size` and keeps the central square (the paper's). Bytes that are not an image raise."""
-    if policy not in RESIZE_POLICIES:
-        raise ValueError(f"policy must be one of {RESIZE_POLICIES}; got {policy!r}")
+    whatever the aspect ratio (the simple recipe), or "shorter_side_crop": the shorter side rescaled to `size`,
+    the central square kept (the paper's). Bytes that are not an image raise."""
     image = tf.io.decode_image(contents, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    shape = tf.shape(image)
-    height, width = shape[0], shape[1]
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
 
     def rounded(resized):
         return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
@@ -64,9 +60,8 @@ def decode_image(contents: tf.Tensor, size: int, policy: str = "squash") -> tf.T
 
 def decode_cached(root: Path, files: list[str], size: int, verbose: bool, *, policy: str = "squash",
                   keep: bool = True, content_id: str | None = None):
-    """(uint8 images (n_good, size, size, 3), indices into `files` (relative to `root`) of those that
-    decoded, file sizes), cached under the files' names, sizes and mtimes and `content_id` (the sha256 of
-    the archive they came from). `keep=False` (streamed folders) only finds the readable files."""
+    """(uint8 images (n_good, size, size, 3), indices of the `files` that decoded, file sizes), cached under
+    their names, sizes, mtimes and `content_id` (the archive's sha256). `keep=False` only finds the readable."""
     paths = [os.path.join(root, f) for f in files]
     stats = [os.stat(p) for p in paths]
     sizes = [s.st_size for s in stats]
@@ -83,22 +78,17 @@ def decode_cached(root: Path, files: list[str], size: int, verbose: bool, *, pol
 
 def decode_files(files: list[str], size: int, verbose: bool, *, policy: str = "squash", keep: bool = True):
     """(images, indices of the files that decoded), decoded in parallel; `keep=False`: images is None."""
-    start = time.perf_counter()
-    n = len(files)
+    start, n = time.perf_counter(), len(files)
 
-    def decode(index, path):
+    def decode(index, path):   # without `keep`, a statistic keeps the decoding from being optimised away
         image = decode_image(tf.io.read_file(path), size, policy)
-        if not keep:   # a statistic of the image keeps the decoding from being optimised away
-            return index, tf.reduce_max(image)
-        return index, image
+        return index, image if keep else tf.reduce_max(image)
 
     # An error inside `decode` drops that element (ignore_errors), so the indices that come out are
     # exactly the readable files; order is free, which lets the parallel map run unordered.
     ds = (tf.data.Dataset.from_tensor_slices((np.arange(n, dtype=np.int64), np.asarray(files, str)))
           .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-          .ignore_errors()
-          .batch(1024)
-          .prefetch(2))
+          .ignore_errors().batch(1024).prefetch(2))
     images = np.empty((n, size, size, 3), dtype=np.uint8) if keep else None
     ok = np.zeros(n, dtype=bool)
     bar = progress_bar(n, f"Decoding at {size}x{size} (cached afterwards):", verbose)

@@ -1,6 +1,5 @@
-"""What a data folder holds on disk, read safely: `DataError`, `walk_files` (regular files only, no link
-followed, special files never opened: a FIFO blocks forever) and the folder layouts. No TensorFlow.
-"""
+"""What a data folder holds, read safely: `walk_files` (regular files only: no link followed, no FIFO opened,
+which would block forever) and the folder layouts. No TensorFlow."""
 
 from __future__ import annotations
 
@@ -11,6 +10,8 @@ from pathlib import Path
 SPLITS = ("train", "val", "test")
 # The folder of CIFAR-10's official python release (data_batch_1..5, test_batch, batches.meta).
 CIFAR_PICKLE_DIR = "cifar-10-batches-py"
+LAYOUT_HINT = ("Expected train/<class>/* (optionally with test/<class>/* and val/<class>/*) or <class>/* "
+               "directly, one sub-folder per class")
 
 
 class DataError(ValueError):
@@ -29,25 +30,25 @@ def visible(name: str) -> bool:
 
 @dataclasses.dataclass
 class Walk:
-    """The result of `walk_files`: paths relative to the walked folder, in walk order."""
+    """What `walk_files` found, relative to the walked folder: regular files, and the links, FIFOs,
+    sockets and devices skipped."""
 
-    files: list[str]      # regular files, depth first: a folder's files (sorted), then its sub-folders'
-    skipped: list[str]    # entries that are not regular files or folders: links, FIFOs, sockets, devices
+    files: list[str]
+    skipped: list[str]
 
     def note(self, where: str | os.PathLike) -> str:
         """One line saying what was skipped under `where` and why ("" when nothing was)."""
         if not self.skipped:
             return ""
         return (f"skipped {len(self.skipped)} entr{'y' if len(self.skipped) == 1 else 'ies'} under "
-                f"{str(where)!r} that {'is' if len(self.skipped) == 1 else 'are'} not regular files "
-                f"(symbolic links are not followed; FIFOs, sockets and devices are not opened): "
+                f"{str(where)!r} that {'is' if len(self.skipped) == 1 else 'are'} not regular files with UTF-8 "
+                f"names (symbolic links are not followed; FIFOs, sockets and devices are not opened): "
                 f"{listed(self.skipped)}.")
 
 
 def walk_files(folder: str | os.PathLike) -> Walk:
-    """Every visible regular file under `folder`, depth first, each folder's files in name order before
-    its sub-folders. Entries are classified by `lstat` (os.scandir), so nothing is opened: links and
-    special files go to `skipped`. Plain strings: pathlib costs seconds on CIFAR's 60,000 files."""
+    """Every visible regular file under `folder`, depth first, a folder's files in name order before its
+    sub-folders', classified by `lstat` (nothing opened). Plain strings: pathlib costs seconds on CIFAR."""
     files: list[str] = []
     skipped: list[str] = []
     pending = [""]
@@ -63,10 +64,13 @@ def walk_files(folder: str | os.PathLike) -> Walk:
         subfolders = []
         for entry in entries:
             name = os.path.join(relative, entry.name) if relative else entry.name
+            shown = name.encode(errors="surrogateescape").decode(errors="backslashreplace")   # not UTF-8: \xff
             if entry.is_dir(follow_symlinks=False):
                 subfolders.append(name)
+            elif entry.is_file(follow_symlinks=False) and shown == name:   # TensorFlow opens UTF-8 paths only
+                files.append(name)
             else:   # is_file is False for a link, whatever it points to
-                (files if entry.is_file(follow_symlinks=False) else skipped).append(name)
+                skipped.append(shown)
         pending.extend(reversed(subfolders))
     return Walk(files, skipped)
 
@@ -89,20 +93,20 @@ def linked_folder(path) -> DataError:
 
 @dataclasses.dataclass
 class FolderListing:
-    """Every file of a folder dataset, before decoding."""
+    """Every file of a folder dataset (relative to it, by split, class, then walk order), with its label
+    and split, before decoding; `layout`: {split: folder}, "train" always."""
 
-    layout: dict[str, Path]   # {split: folder}; "train" always, "test" and "val" when given
+    layout: dict[str, Path]
     class_names: list[str]
-    files: list[str]          # relative to the data folder, walk order: split, class, then walk_files
-    labels: list[int]         # class index of each file
-    splits: list[str]         # split of each file
-    skipped: list[str]        # links and special files not taken, relative to the data folder
+    files: list[str]
+    labels: list[int]
+    splits: list[str]
+    skipped: list[str]        # links and special files not taken
 
 
 def folder_layout(root: Path, fix_hint: str) -> FolderListing:
-    """The split folders, class names and files of the image folder `root`, or a DataError: no train/
-    beside test/ or val/, fewer than two classes, test/ or val/ classes other than train/'s, an empty
-    class folder of train/ (an output class that never sees an image), a linked split or class folder."""
+    """The split folders, class names and files of the image folder `root`, or a DataError saying what
+    of its layout cannot be trained on."""
     if not root.is_dir():
         raise DataError(f"data dir {str(root)!r} is not a folder. {fix_hint}")
     split_dirs = {}
@@ -112,20 +116,13 @@ def folder_layout(root: Path, fix_hint: str) -> FolderListing:
             raise linked_folder(folder)
         if folder.is_dir():
             split_dirs[name] = folder
-    if "train" in split_dirs:
-        # val/ is the validation set beside test/, else the test set (ImageNet's layout).
-        layout = {"train": split_dirs["train"]}
-        if "test" in split_dirs:
-            layout["test"] = split_dirs["test"]
-            if "val" in split_dirs:
-                layout["val"] = split_dirs["val"]
-        elif "val" in split_dirs:
-            layout["test"] = split_dirs["val"]
-    elif split_dirs:
+    if split_dirs and "train" not in split_dirs:
         raise DataError(f"data dir {str(root)!r} has {'/ and '.join(sorted(split_dirs))}/ but no train/. "
                         f"{fix_hint}")
-    else:
-        layout = {"train": root}
+    # val/ is the validation set beside test/, else the test set (ImageNet's layout).
+    roles = ({"train": "train", "test": "test", "val": "val"} if "test" in split_dirs
+             else {"train": "train", "test": "val"})
+    layout = {role: split_dirs[name] for role, name in roles.items() if name in split_dirs} or {"train": root}
 
     class_names = [p.name for p in subfolders(layout["train"])]
     if not class_names:
@@ -133,9 +130,7 @@ def folder_layout(root: Path, fix_hint: str) -> FolderListing:
     if len(class_names) < 2:
         raise DataError(f"only one class folder ({class_names[0]!r}) in {str(layout['train'])!r}; "
                         f"classification needs at least 2. {fix_hint}")
-    for split, folder in layout.items():
-        if split == "train":
-            continue
+    for split, folder in list(layout.items())[1:]:   # after train
         names = [p.name for p in subfolders(folder)]
         if names != class_names:
             missing = sorted(set(class_names) - set(names))

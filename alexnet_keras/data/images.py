@@ -1,10 +1,8 @@
-"""A split's images behind one interface (`Images`), in memory or in image files (`RecordImages`, the
-shards, lives in tfrecord.py); `SourceImages`: a source's splits before the validation split is carved.
-"""
+"""A split's images behind one interface (`Images`), in memory or in image files (the shards'
+`RecordImages` is in tfrecord.py); `SourceImages`: a source's splits before the validation split is carved."""
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 import functools
 
@@ -14,14 +12,12 @@ import tensorflow as tf
 from .decode import decode_image
 from .files import DataError
 
-class Images(abc.ABC):
-    """A split's images. `images[index]` (index array or boolean mask) is a subset, in the order given.
-
-    A pipeline comes in two steps, so that what the images become (crops, augmentation) runs in the
-    same tf.data map that fetches them: `batch_keys` gives batches of keys (index batches in memory;
-    batches already decoded from files or shards) and `fetch(keys)` turns one into (uint8 (B, side,
-    side, 3), int32 (B,)).
-    """
+class Images:
+    """A split's images. `images[index]` (index array or boolean mask) is a subset, in the order given
+    (`subset`). `batch_keys` gives batches of keys (index batches in memory, batches already decoded from
+    files or shards), in index order or reshuffled every epoch (`shuffle`; `deterministic=False` lets
+    parallel stages hand out elements as they are ready); `fetch(keys)` turns one into (uint8 (B, side,
+    side, 3), int32 (B,)), in the tf.data map that transforms them."""
 
     labels: np.ndarray
     side: int
@@ -32,16 +28,6 @@ class Images(abc.ABC):
 
     def __getitem__(self, index) -> "Images":
         return self.subset(np.arange(len(self))[index])
-
-    @abc.abstractmethod
-    def subset(self, index: np.ndarray) -> "Images":
-        """The images at `index` (positions into this split), as the same kind of source."""
-
-    @abc.abstractmethod
-    def batch_keys(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                   deterministic: bool = True) -> tf.data.Dataset:
-        """Batches of keys in index order, or reshuffled every epoch (`shuffle`); `deterministic=False`
-        lets parallel stages hand out elements in the order they are ready."""
 
     def fetch(self, keys):
         return keys["x"], keys["y"]
@@ -71,18 +57,14 @@ class ArrayImages(Images):
 
     @functools.cached_property
     def variables(self):
-        """The arrays as CPU variables, one copy shared by every pipeline of the split: the map captures
-        them by handle (a captured constant would be copied into its graph: seconds, twice the memory)."""
+        # One copy shared by every pipeline of the split, captured by handle (a captured constant would
+        # be copied into each graph: seconds, twice the memory).
         with tf.device("/CPU:0"):
             return tf.Variable(self.x, trainable=False), tf.Variable(self.labels, trainable=False)
 
     def fetch(self, keys):
         images, labels = self.variables
         return tf.gather(images, keys), tf.gather(labels, keys)
-
-    def numpy_batches(self, batch_size=256):
-        for start in range(0, len(self), batch_size):
-            yield self.x[start:start + batch_size]
 
 
 class FileImages(Images):
@@ -107,8 +89,7 @@ class FileImages(Images):
 
 @dataclasses.dataclass
 class SourceImages:
-    """A source's splits before the validation split is carved. `val` is set only when the source has
-    its own validation split (a folder's val/ beside train/ and test/)."""
+    """A source's splits; `val` only when it has its own (a folder's val/ beside train/ and test/)."""
 
     train: Images
     test: Images
@@ -127,8 +108,7 @@ class SourceImages:
 def check_labels(labels, num_classes: int, where: str) -> None:
     """Labels must be class indices 0..num_classes-1; a DataError saying which are not, and where."""
     labels = np.asarray(labels)
-    bad = labels[(labels < 0) | (labels >= num_classes)] if labels.size else labels
-    if bad.size:
+    if (bad := labels[(labels < 0) | (labels >= num_classes)]).size:
         raise DataError(f"{where} has labels outside 0..{num_classes - 1} ({num_classes} classes), e.g. "
                         f"{sorted(set(bad.tolist()))[:5]}. Check the label files (or the class list) of "
                         "the dataset.")

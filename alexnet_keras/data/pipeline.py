@@ -1,6 +1,4 @@
-"""`load_data`: a `DataConfig` in, a `Data` out (batched train/val/test tf.data pipelines and what a run
-logs about them); every source and both recipes go through the one parallel map of `mapped`.
-"""
+"""`load_data`: a `DataConfig` in, a `Data` out (batched tf.data pipelines and what a run logs about them)."""
 
 from __future__ import annotations
 
@@ -36,9 +34,7 @@ class Data:
     std: list[float]          # per-channel (population) std of the train split's pixels
     source: str               # where the images came from, for logs and MLflow
     digest: str               # 16 hex digits identifying the images, labels and split
-    # What a prediction does to a file to give the model what it was trained on (inference.Predictor):
-    # recipe, resize policy, stored and input size, pixel_mean, and `native_size` when the images were
-    # held smaller (CIFAR's 32 px) and resized per batch: predict then squashes a file to it first.
+    # What predict does to a file (inference.Predictor); `native_size`: images held smaller (CIFAR's 32 px).
     preprocessing: dict = dataclasses.field(default_factory=dict)
     recipe_stats: dict | None = None      # paper recipe: RGB mean/std/covariance, PCA, for logging
     mean_image: np.ndarray | None = None  # paper recipe with pixel_mean: (stored, stored, 3) float32
@@ -54,15 +50,13 @@ class Data:
 
 
 def enable_op_determinism() -> None:
-    """TensorFlow's deterministic mode (`--deterministic`): the same results from the same seeds."""
     tf.config.experimental.enable_op_determinism()
 
 
 def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: bool = True,
               deterministic: bool = True) -> Data:
-    """The dataset `cfg` (a DataConfig) names, in pipelines at `image_size` pixels. `seed` drives only the
-    shuffling and augmentation (the split depends on `cfg.split_seed` alone); `deterministic=False` lets
-    the training pipeline hand out its batches in the order they are ready."""
+    """The dataset `cfg` (a DataConfig) names, in pipelines at `image_size` pixels. `seed` drives shuffling and
+    augmentation (the split: `cfg.split_seed`); `deterministic=False` lets train hand out batches as ready."""
     paper = cfg.recipe == "paper"
     if paper and cfg.stored_size < image_size:
         raise DataError(f"the paper recipe crops {image_size}x{image_size} inputs from images stored at "
@@ -75,10 +69,8 @@ def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: 
                                            cfg.split_seed, own_val=source.val is not None)
     train = source.train[train_idx]
     val = source.val if val_idx is None else source.train[val_idx]
-    test = source.test
-    kept = limit_test(test.labels, cfg.test_limit, cfg.split_seed)
-    if kept is not None:
-        test = test[kept]
+    kept = limit_test(source.test.labels, cfg.test_limit, cfg.split_seed)
+    test = source.test if kept is None else source.test[kept]
 
     pixel_mean = paper and cfg.pixel_mean
     stats = statistics(train, hash_json({
@@ -118,50 +110,32 @@ def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: 
 
     recipe_stats = None
     if paper:
-        recipe_stats = {
-            "recipe": "paper", "stored_size": stored, "image_size": image_size,
-            "computed_at_side": train.side,   # < stored_size: on the native pixels (CIFAR's 32 px)
-            "streamed": train.streamed,
-            **stats.to_json(),
-            "pixel_mean": pixel_mean,
-            "augmentation": {"augment": cfg.augment, "random_crop": cfg.random_crop,
-                             "random_flip": cfg.random_flip, "pca_color": cfg.pca_color,
-                             "pca_std": cfg.pca_std},
+        augmentation = {k: getattr(cfg, k) for k in ("augment", "random_crop", "random_flip", "pca_color", "pca_std")}
+        recipe_stats = {   # computed_at_side < stored_size: on the native pixels (CIFAR's 32 px)
+            "recipe": "paper", "stored_size": stored, "image_size": image_size, "computed_at_side": train.side,
+            "streamed": train.streamed, **stats.to_json(), "pixel_mean": pixel_mean, "augmentation": augmentation,
             "pca_shift": "255 * sum_i alpha_i * pca_eigenvalues[i] * pca_eigenvectors_columns[:, i], "
                          "alpha_i ~ N(0, pca_std) per image; eigen-decomposition of covariance_rgb / 255^2",
-            "ten_crop": cfg.ten_crop,
-        }
-    digest = hash_json({
-        "data": source.identity, "image_size": image_size, "val_fraction": cfg.val_fraction,
-        "split_seed": cfg.split_seed, "train_limit": cfg.train_limit, "test_limit": cfg.test_limit,
-        "recipe": cfg.recipe, "stored_size": stored, "pixel_mean": pixel_mean})
+            "ten_crop": cfg.ten_crop}
+    split = {k: getattr(cfg, k) for k in ("val_fraction", "split_seed", "train_limit", "test_limit", "recipe")}
+    digest = hash_json({"data": source.identity, "image_size": image_size, "stored_size": stored,
+                        "pixel_mean": pixel_mean, **split})
     return Data(
-        train=train_ds,
-        val=mapped(val, batch_size, evaluation),
-        test=mapped(test, batch_size, evaluation),
-        test_labels=test.labels.astype(np.int32),
-        class_names=list(source.class_names),
-        image_size=image_size,
+        train=train_ds, val=mapped(val, batch_size, evaluation), test=mapped(test, batch_size, evaluation),
+        test_labels=test.labels.astype(np.int32), class_names=list(source.class_names), image_size=image_size,
         batch_size=batch_size,
         counts={"train": len(train), "val": len(val), "test": len(test), "skipped": source.skipped},
-        mean=[float(v) for v in mean],
-        std=[float(v) if v > 0 else 1.0 for v in std],
-        source=source.source,
-        digest=digest,
+        mean=[float(v) for v in mean], std=[float(v) if v > 0 else 1.0 for v in std], source=source.source,
+        digest=digest, recipe_stats=recipe_stats, mean_image=mean_image, test_ten_crop=test_ten_crop,
         preprocessing={"recipe": cfg.recipe, "resize": "shorter_side_crop" if paper else "squash",
                        "stored_size": stored, "image_size": image_size, "pixel_mean": pixel_mean,
-                       **({"native_size": train.side} if train.side != stored else {})},
-        recipe_stats=recipe_stats,
-        mean_image=mean_image,
-        test_ten_crop=test_ten_crop,
-    )
+                       **({"native_size": train.side} if train.side != stored else {})})
 
 
 def mapped(images: Images, batch_size: int, transform, *, shuffle: bool = False, seed: int = 0,
            deterministic: bool = True, seeded: bool = False) -> tf.data.Dataset:
-    """`images` in batches, each fetched and turned into `transform(x, y)` in one parallel map, then
-    prefetched. `seeded`: `transform(x, y, batch_seed)` with a seed per batch from a stream seeded by
-    `seed` (epochs differ from one another; the same `seed` gives the same augmented batches)."""
+    """`images` in batches, each fetched and turned into `transform(x, y)` in one parallel map, prefetched.
+    `seeded`: `transform(x, y, batch_seed)`, a seed per batch from a stream seeded by `seed`, new each epoch."""
     keys = images.batch_keys(batch_size, shuffle=shuffle, seed=seed, deterministic=deterministic)
     if seeded:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)

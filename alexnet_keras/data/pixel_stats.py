@@ -1,5 +1,5 @@
-"""Colour statistics of a training split in one pass of float64 sums (`Moments`): per-channel mean and
-std, the RGB covariance and its principal components ("fancy PCA"), the per-pixel mean image; cached.
+"""Colour statistics of a training split from one pass of float64 sums: per-channel mean and std, the RGB
+covariance and its principal components ("fancy PCA"), the per-pixel mean image; cached.
 """
 
 from __future__ import annotations
@@ -32,70 +32,52 @@ class RGBStats:
     def to_json(self) -> dict:
         out = {"images": self.images, "pixels": self.pixels, "mean_rgb": self.mean.tolist(),
                "std_rgb": self.std.tolist(), "covariance_rgb": self.covariance.tolist(),
-               "pca_eigenvalues": self.eigenvalues.tolist(),
-               "pca_eigenvectors_columns": self.eigenvectors.tolist()}
+               "pca_eigenvalues": self.eigenvalues.tolist(), "pca_eigenvectors_columns": self.eigenvectors.tolist()}
         if self.residual_std is not None:
             out["std_rgb_after_mean_image"] = self.residual_std.tolist()
         return out
 
 
-class Moments:
-    """Running float64 sums over batches of uint8 RGB images: one pass gives every statistic."""
-
-    def __init__(self, pixel_mean: bool = False, counts=(0, 0), total=None, products=None, pixel_total=None):
-        self.images, self.pixels = (int(c) for c in counts)
-        self.total = np.zeros(3) if total is None else total
-        self.products = np.zeros((3, 3)) if products is None else products
-        self.pixel_mean = pixel_mean or pixel_total is not None
-        self.pixel_total = pixel_total
-
-    @classmethod
-    def of(cls, batches, pixel_mean: bool) -> "Moments":
-        moments = cls(pixel_mean)
-        for batch in batches:
-            moments.add(np.asarray(batch))
-        return moments
-
-    def add(self, batch: np.ndarray) -> None:
-        flat = batch.reshape(-1, 3)
+def moments(batches, pixel_mean: bool) -> dict[str, np.ndarray]:
+    """The float64 sums of uint8 (B,H,W,3) `batches` that every statistic comes from (what the cache keeps)."""
+    counts, total, products, pixel_total = np.zeros(2, np.int64), np.zeros(3), np.zeros((3, 3)), None
+    for batch in batches:
+        flat = np.asarray(batch).reshape(-1, 3)
         for start in range(0, len(flat), 1 << 20):   # 24 MB of float64 at a time
             chunk = flat[start:start + (1 << 20)].astype(np.float64)
-            self.total += chunk.sum(axis=0)
-            self.products += chunk.T @ chunk
-        self.images += len(batch)
-        self.pixels += len(flat)
-        if self.pixel_mean:
-            summed = batch.sum(axis=0, dtype=np.float64)
-            self.pixel_total = summed if self.pixel_total is None else self.pixel_total + summed
+            total += chunk.sum(axis=0)
+            products += chunk.T @ chunk
+        counts += (len(batch), len(flat))
+        if pixel_mean:
+            summed = np.sum(batch, axis=0, dtype=np.float64)
+            pixel_total = summed if pixel_total is None else pixel_total + summed
+    sums = {"counts": counts, "total": total, "products": products}
+    return sums if pixel_total is None else {**sums, "pixel_total": pixel_total}
 
-    def arrays(self) -> dict:
-        """The sums as the cache keeps them; `Moments(**arrays)` reads them back."""
-        out = {"counts": np.array([self.images, self.pixels], np.int64), "total": self.total,
-               "products": self.products}
-        return out if self.pixel_total is None else {**out, "pixel_total": self.pixel_total}
 
-    def stats(self) -> RGBStats:
-        if not self.pixels:
-            raise DataError("no training images to compute the colour statistics on.")
-        mean = self.total / self.pixels
-        covariance = self.products / self.pixels - np.outer(mean, mean)
-        eigenvalues, eigenvectors = np.linalg.eigh(covariance / 255.0 ** 2)
-        order = np.argsort(eigenvalues)[::-1]
-        eigenvalues, eigenvectors = np.maximum(eigenvalues[order], 0.0), eigenvectors[:, order]
-        eigenvectors = eigenvectors * np.where(eigenvectors.sum(axis=0) < 0, -1.0, 1.0)
-        stats = RGBStats(self.images, self.pixels, mean, np.sqrt(np.maximum(np.diag(covariance), 0.0)),
-                         covariance, eigenvalues, eigenvectors)
-        if self.pixel_total is not None:
-            stats.mean_image = self.pixel_total / self.images
-            # sum over pixels of (x - mu_p)^2 = sum x^2 - images * sum_p mu_p^2, per channel
-            second = np.diag(self.products) / self.pixels - np.mean(np.square(stats.mean_image), axis=(0, 1))
-            stats.residual_std = np.sqrt(np.maximum(second, 0.0))
-        return stats
+def from_moments(counts, total, products, pixel_total=None) -> RGBStats:
+    images, pixels = (int(c) for c in counts)
+    if not pixels:
+        raise DataError("no training images to compute the colour statistics on.")
+    mean = total / pixels
+    covariance = products / pixels - np.outer(mean, mean)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance / 255.0 ** 2)
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, eigenvectors = np.maximum(eigenvalues[order], 0.0), eigenvectors[:, order]
+    eigenvectors = eigenvectors * np.where(eigenvectors.sum(axis=0) < 0, -1.0, 1.0)
+    stats = RGBStats(images, pixels, mean, np.sqrt(np.maximum(np.diag(covariance), 0.0)), covariance, eigenvalues,
+                     eigenvectors)
+    if pixel_total is not None:
+        stats.mean_image = pixel_total / images
+        # sum over pixels of (x - mu_p)^2 = sum x^2 - images * sum_p mu_p^2, per channel
+        second = np.diag(products) / pixels - np.mean(np.square(stats.mean_image), axis=(0, 1))
+        stats.residual_std = np.sqrt(np.maximum(second, 0.0))
+    return stats
 
 
 def rgb_statistics(batches, *, pixel_mean: bool = False) -> RGBStats:
-    """RGBStats of an iterable of uint8 (B,H,W,3) batches (float64 sums, one pass)."""
-    return Moments.of(batches, pixel_mean).stats()
+    """RGBStats of an iterable of uint8 (B,H,W,3) batches."""
+    return from_moments(**moments(batches, pixel_mean))
 
 
 def statistics(images: Images, key: str, pixel_mean: bool, verbose: bool) -> RGBStats:
@@ -103,15 +85,14 @@ def statistics(images: Images, key: str, pixel_mean: bool, verbose: bool) -> RGB
     takes minutes)."""
     cache_file = cache_root() / "stats" / f"{key}.npz"
     cached = load_npz(cache_file)
-    if cached is not None:
-        try:
-            return Moments(**cached).stats()
-        except (TypeError, ValueError):   # a damaged cache is only a reason to compute again
-            pass
+    try:
+        return from_moments(**cached)
+    except (TypeError, ValueError):   # missing or damaged: computed again
+        pass
     start = time.perf_counter()
-    moments = Moments.of(images.numpy_batches(), pixel_mean)
+    sums = moments(images.numpy_batches(), pixel_mean)
     if verbose and len(images) >= PROGRESS_MIN_FILES:
         print(f"Colour statistics of {len(images)} training images in {time.perf_counter() - start:.1f} s "
               "(cached afterwards).", flush=True)
-    save_npz(cache_file, moments.arrays())
-    return moments.stats()
+    save_npz(cache_file, sums)
+    return from_moments(**sums)

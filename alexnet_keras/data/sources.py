@@ -1,6 +1,4 @@
-"""Where images come from: `read_source` turns a `DataConfig` into `SourceImages` (synthetic, CIFAR-10
-downloaded or from its pickles, image folders, TFRecord shards; docs/data.md).
-"""
+"""Where images come from: `read_source` turns a `DataConfig` into `SourceImages` (docs/data.md)."""
 
 from __future__ import annotations
 
@@ -18,12 +16,11 @@ from . import tfrecord
 from .archives import DATA_DIR_ENV, locate_data_dir
 from .cache import hash_json
 from .decode import decode_cached
-from .files import CIFAR_PICKLE_DIR, DataError, Walk, folder_layout, listed
+from .files import CIFAR_PICKLE_DIR, LAYOUT_HINT, DataError, Walk, folder_layout, listed
 from .images import ArrayImages, FileImages, SourceImages, check_labels
 from .split import carve_test
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                   "truck"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR_SIZE = 32
 
 
@@ -45,7 +42,9 @@ def read_source(cfg, side: int, policy: str, verbose: bool) -> SourceImages:
     elif (pickles := find_cifar_pickles(root)) is not None:
         return cifar_pickles(pickles)     # identified by content already
     else:
-        source = image_folder(root, CIFAR_SIZE if cifar else side, verbose, layout_hint(cifar), cfg.split_seed,
+        hint = LAYOUT_HINT + (f", or CIFAR-10's {CIFAR_PICKLE_DIR}/ (data_batch_1..5, test_batch, batches.meta)."
+                              if cifar else ".")
+        source = image_folder(root, CIFAR_SIZE if cifar else side, verbose, hint, cfg.split_seed,
                               policy="squash" if cifar else policy, max_bytes=cfg.max_memory_mb * 2 ** 20,
                               content_id=content_id)
     if content_id:   # an archive's members may keep their names, sizes and mtimes across its versions
@@ -53,19 +52,14 @@ def read_source(cfg, side: int, policy: str, verbose: bool) -> SourceImages:
     return source
 
 
-def array_identity(kind: str, *arrays: np.ndarray) -> str:
-    """16 hex digits identifying the content of `arrays`."""
-    h = hashlib.sha256(kind.encode())
-    for array in arrays:
-        h.update(str(array.shape).encode())
-        h.update(np.ascontiguousarray(array).data)
-    return h.hexdigest()[:16]
-
-
 def in_memory(x_train, y_train, x_test, y_test, class_names, source: str, kind: str) -> SourceImages:
     """Splits held as arrays, identified by their content."""
+    h = hashlib.sha256(kind.encode())
+    for array in (x_train, y_train, x_test, y_test):
+        h.update(str(array.shape).encode())
+        h.update(np.ascontiguousarray(array).data)
     return SourceImages(ArrayImages(x_train, y_train), ArrayImages(x_test, y_test), list(class_names), source,
-                        array_identity(kind, x_train, y_train, x_test, y_test))
+                        h.hexdigest()[:16])
 
 
 def synthetic(samples: int, classes: int, image_size: int, seed: int) -> SourceImages:
@@ -106,14 +100,6 @@ def cifar10_download() -> SourceImages:
     return in_memory(x_train, y_train, x_test, y_test, CIFAR10_CLASSES, "keras.datasets.cifar10", "cifar10")
 
 
-def layout_hint(cifar: bool) -> str:
-    hint = ("Expected train/<class>/* (optionally with test/<class>/*) or <class>/* directly, "
-            "one sub-folder per class")
-    if cifar:
-        hint += f", or CIFAR-10's {CIFAR_PICKLE_DIR}/ (data_batch_1..5, test_batch, batches.meta)"
-    return hint + "."
-
-
 def find_cifar_pickles(root: Path) -> Path | None:
     for candidate in (root, root / CIFAR_PICKLE_DIR):
         if (candidate / "data_batch_1").is_file() and (candidate / "test_batch").is_file():
@@ -121,23 +107,14 @@ def find_cifar_pickles(root: Path) -> Path | None:
     return None
 
 
-def _numpy_pickling_callables() -> dict[str, object]:
-    """The functions NumPy's own pickling of arrays and scalars reduces to, by name (taken from what
-    NumPy returns, so no private module is imported)."""
-    found = {}
-    for obj in (np.zeros(1, np.uint8).__reduce__()[0],             # ndarray (protocols 2-4)
-                np.zeros(1, np.uint8).__reduce_ex__(5)[0],         # ndarray (protocol 5)
-                np.float64(0).__reduce__()[0]):                     # NumPy scalars
-        found[obj.__name__] = obj
-    return found
-
-
-# What a CIFAR-10 pickle may name. Module names differ between NumPy 1 and 2 (numpy.core ->
-# numpy._core) and between the pickles each writes; the objects admitted are the same.
+# The functions NumPy's own pickling of arrays (protocols 2-4, 5) and scalars reduces to, taken from what
+# NumPy returns (no private module imported), under the module names of NumPy 1 and 2.
+NUMPY_REDUCERS = [np.zeros(1).__reduce__()[0], np.zeros(1).__reduce_ex__(5)[0], np.float64(0).__reduce__()[0]]
+# What a CIFAR-10 pickle may name.
 PICKLE_GLOBALS = {
-    **{(module, name): obj for module in ("numpy.core.multiarray", "numpy._core.multiarray",
-                                          "numpy.core.numeric", "numpy._core.numeric")
-       for name, obj in _numpy_pickling_callables().items()},
+    **{(module, obj.__name__): obj for module in ("numpy.core.multiarray", "numpy._core.multiarray",
+                                                  "numpy.core.numeric", "numpy._core.numeric")
+       for obj in NUMPY_REDUCERS},
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): codecs.encode,   # bytes, as Python 3 pickles them at protocol 2
@@ -146,9 +123,8 @@ PICKLE_GLOBALS = {
 
 
 class SafeUnpickler(pickle.Unpickler):
-    """Unpickles only what CIFAR-10's python release holds: dicts, lists, bytes, strings, numbers and
-    NumPy arrays. Any other global a pickle names (os.system, builtins.eval, a class with side effects
-    in its constructor ...) raises pickle.UnpicklingError instead of being called."""
+    """Unpickles only what CIFAR-10's python release holds (dicts, lists, bytes, numbers, NumPy arrays):
+    any other global a pickle names (os.system, builtins.eval ...) raises instead of being called."""
 
     def find_class(self, module: str, name: str):
         try:
@@ -158,12 +134,6 @@ class SafeUnpickler(pickle.Unpickler):
                                          "dicts, lists, bytes, numbers and NumPy arrays") from None
 
 
-def load_safe_pickle(path: Path):
-    """The object pickled in `path`, read by SafeUnpickler (Python 2 strings as bytes)."""
-    with open(path, "rb") as f:
-        return SafeUnpickler(f, encoding="bytes").load()
-
-
 def cifar_pickles(folder: Path) -> SourceImages:
     def read(name: str) -> dict:
         path = folder / name
@@ -171,16 +141,13 @@ def cifar_pickles(folder: Path) -> SourceImages:
             raise DataError(f"{str(path)!r} is missing or not a regular file: {CIFAR_PICKLE_DIR}/ needs "
                             "data_batch_1..5 and test_batch. Re-extract the archive.")
         try:
-            batch = load_safe_pickle(path)
-        except pickle.UnpicklingError as err:
-            raise DataError(f"{str(path)!r} is not a CIFAR-10 batch and was not loaded ({err}). Use the "
-                            "official cifar-10-python release, or an image folder.") from err
+            with open(path, "rb") as f:
+                batch = SafeUnpickler(f, encoding="bytes").load()   # Python 2 strings as bytes
+            if not isinstance(batch, dict):
+                raise pickle.UnpicklingError(f"it holds a {type(batch).__name__}, not a dict")
         except Exception as err:  # noqa: BLE001 - unpickling fails in many ways on a broken file
-            raise DataError(f"{str(path)!r} is not a readable CIFAR-10 batch ({type(err).__name__}: {err}). "
-                            "Re-extract the archive.") from err
-        if not isinstance(batch, dict):
-            raise DataError(f"{str(path)!r} is not a CIFAR-10 batch (it holds a {type(batch).__name__}, "
-                            "not a dict). Re-extract the archive.")
+            raise DataError(f"{str(path)!r} is not a readable CIFAR-10 batch and was not loaded ({err}). Use "
+                            "the official cifar-10-python release (re-extract it), or an image folder.") from err
         return batch
 
     def arrays(batch: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -193,13 +160,9 @@ def cifar_pickles(folder: Path) -> SourceImages:
             raise DataError(f"{str(folder / name)!r} has {len(x)} images but {y.size} labels.")
         return x.transpose(0, 2, 3, 1), y
 
-    names = sorted((p.name for p in folder.glob("data_batch_*")), key=lambda n: int(n.rsplit("_", 1)[1])
-                   if n.rsplit("_", 1)[1].isdigit() else 0)
-    class_names = list(CIFAR10_CLASSES)
-    if (folder / "batches.meta").is_file():
-        meta = read("batches.meta")
-        if b"label_names" in meta:
-            class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
+    names = sorted(p.name for p in folder.glob("data_batch_*"))   # 1..5
+    meta = read("batches.meta") if (folder / "batches.meta").is_file() else {}
+    class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(b"label_names", CIFAR10_CLASSES)]
     parts = {name: arrays(read(name), name) for name in [*names, "test_batch"]}
     for name, (_, y) in parts.items():
         check_labels(y, len(class_names), repr(str(folder / name)))
@@ -236,31 +199,27 @@ def image_folder(root: Path, image_size: int, verbose: bool, fix_hint: str, spli
     splits = np.asarray(listing.splits)[good]
     by_split = {s: images[splits == s] for s in layout}
     train = by_split["train"]
-    present = np.unique(train.labels)
-    if len(present) < 2:
+    missing = [name for c, name in enumerate(class_names) if c not in set(train.labels.tolist())]
+    if len(class_names) - len(missing) < 2:
         raise DataError(f"only one class of {str(layout['train'])!r} has readable images; "
                         f"classification needs at least 2. {fix_hint}")
-    if len(present) < len(class_names):
-        missing = [class_names[c] for c in sorted(set(range(len(class_names))) - set(present.tolist()))]
+    if missing:
         raise DataError(f"class folder(s) {', '.join(repr(n) for n in missing)} of {str(layout['train'])!r} "
                         "hold no readable image, so the model would get output classes it never sees an "
                         "image of. Add images to them or remove them.")
 
+    for split, what in (("test", "a test"), ("val", "the validation")):
+        if split in by_split and not len(by_split[split]):
+            raise DataError(f"no readable images in {str(layout[split])!r}. Add images to it or remove it to "
+                            f"carve {what} split from train/.")
     if "test" in by_split:
         test = by_split["test"]
-        if not len(test):
-            raise DataError(f"no readable images in {str(layout['test'])!r}. Add images to it or "
-                            "remove it to carve a test split from train/.")
     else:
         keep, out = carve_test(train.labels, split_seed)
         train, test = train[keep], train[out]
-    val = by_split.get("val")
-    if val is not None and not len(val):
-        raise DataError(f"no readable images in {str(layout['val'])!r}. Add images to it or "
-                        "remove it to carve the validation split from train/.")
 
     identity = hash_json({"kind": "folder", "files": [files[i] for i in good], "sizes": [sizes[i] for i in good],
                           "labels": labels[good].tolist(), "stored": image_size, "policy": policy,
                           "carved_test": "test" not in by_split})
     return SourceImages(train, test, class_names, str(root), identity, len(unreadable) + len(listing.skipped),
-                        val)
+                        by_split.get("val"))

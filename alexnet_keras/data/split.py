@@ -1,6 +1,4 @@
-"""Stratified splits by index, seeded by `split_seed` alone (so every run of a study sees the same split):
-validation, `train_limit`, `test_limit`, and the test split of a folder without test/.
-"""
+"""Stratified splits by index, seeded by `split_seed` alone (every run of a study sees the same split)."""
 
 from __future__ import annotations
 
@@ -17,9 +15,8 @@ FOLDER_TEST_FRACTION = 0.2
 
 
 def held_out_size(labels: np.ndarray, fraction: float) -> int:
-    """Images to hold out: `fraction` of them, rounded up, and at least one of every class where the
-    other side can spare it (a tiny dataset's split would otherwise miss classes, and sklearn refuses
-    to stratify it)."""
+    """Images to hold out: `fraction` of them, rounded up, and at least one per class where the other side
+    can spare it (sklearn refuses to stratify otherwise)."""
     n, n_classes = len(labels), len(np.unique(labels))
     return max(math.ceil(fraction * n), min(n_classes, n - n_classes))
 
@@ -36,8 +33,7 @@ def stratified(indices: np.ndarray, labels: np.ndarray, n_out: int, seed: int, w
                       f"side of the split ({n_out} of {len(indices)}) has fewer images than the "
                       f"{n_classes} classes.", stacklevel=3)
         stratify = None
-    kept, out = train_test_split(indices, test_size=n_out, stratify=stratify, random_state=seed)
-    return kept, out
+    return train_test_split(indices, test_size=n_out, stratify=stratify, random_state=seed)
 
 
 def carve_test(labels: np.ndarray, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,9 +60,7 @@ def train_val_indices(labels: np.ndarray, val_fraction: float, train_limit: int 
 
 
 def limit_test(labels: np.ndarray, test_limit: int | None, split_seed: int) -> np.ndarray | None:
-    """Sorted positions of a stratified subset of `test_limit` test images, or None to keep them all
-    (for runs where scoring every test image costs too much: the paper's 10-crop test runs the
-    network 10 times per image)."""
+    """Sorted positions of a stratified subset of `test_limit` test images, or None to keep them all."""
     if test_limit is None or test_limit >= len(labels):
         return None
     keep, _ = stratified(np.arange(len(labels)), labels, len(labels) - test_limit, split_seed, "test_limit")

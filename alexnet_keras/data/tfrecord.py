@@ -1,6 +1,5 @@
-"""TFRecord shards: `prepare` (`alexnet-keras prepare FOLDER OUT`) writes an image folder as shards with
-a manifest, decoded and rescaled once; `load_prepared` and `RecordImages` read them back (docs/data.md).
-"""
+"""TFRecord shards: `prepare` writes an image folder as shards with a manifest, decoded and rescaled once;
+`load_prepared` and `RecordImages` read them back (docs/data.md)."""
 
 from __future__ import annotations
 
@@ -18,11 +17,11 @@ import numpy as np
 import tensorflow as tf
 from pydantic import Field
 
-from ..config import Options, validated
+from ..config import MAX_SIDE, Options, validated
 from .archives import locate_data_dir
 from .cache import build_folder_once, cache_root, hash_json
 from .decode import decode_image, progress_bar
-from .files import DataError, folder_layout, listed
+from .files import LAYOUT_HINT, DataError, folder_layout, listed
 from .images import Images, SourceImages
 from .split import carve_test
 
@@ -35,15 +34,11 @@ ENCODINGS = ("jpeg", "png", "original")
 SHUFFLE_BUFFER = 4096
 SUBSET_SHARD_SIZE = 1024
 _INDEX = {"index": tf.io.FixedLenFeature([], tf.int64)}
-_FEATURES = {
-    "image": tf.io.FixedLenFeature([], tf.string),
-    "label": tf.io.FixedLenFeature([], tf.int64),
-    "index": tf.io.FixedLenFeature([], tf.int64),
-}
+_FEATURES = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64), **_INDEX}
 
 
 class PrepareOptions(Options):
-    stored_size: int = Field(256, ge=8)    # the paper's 256
+    stored_size: int = Field(256, ge=8, le=MAX_SIDE)    # the paper's 256; as bounded as training's
     encoding: Literal[ENCODINGS] = "jpeg"
     quality: int = Field(95, ge=1, le=100)
     shard_size: int = Field(1024, ge=1)
@@ -71,12 +66,11 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
         if not is_prepared(out):
             raise DataError(f"output folder {str(out)!r} is not empty and holds no {MANIFEST}; refusing "
                             "to overwrite a folder this command did not write.")
-        _remove_previous(out)
+        for path in [*out.glob("*-[0-9][0-9][0-9][0-9][0-9].tfrecord"), out / LABELS, out / MANIFEST]:
+            path.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
-    hint = ("Expected train/<class>/* (optionally with test/<class>/* and val/<class>/*) or <class>/* "
-            "directly, one sub-folder per class.")
-    listing = folder_layout(root, hint)
+    listing = folder_layout(root, LAYOUT_HINT + ".")
     layout, class_names, files = listing.layout, listing.class_names, listing.files
     labels_arr, splits_arr = np.asarray(listing.labels, np.int64), np.asarray(listing.splits)
     policy = ({"resize": "none", "encoding": "original"} if encoding == "original" else
@@ -96,20 +90,13 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
         sizes[split] = [os.path.getsize(os.path.join(root, files[chosen[k]])) for k in kept]
     seconds = time.perf_counter() - start
     np.savez(out / LABELS, **all_labels)
-    manifest = {
-        "format": FORMAT, "version": VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": str(root),
-        "classes": list(class_names),
-        "counts": {**{s: v["count"] for s, v in manifest_splits.items()}, "skipped": len(skipped)},
-        "size_policy": policy,
-        "splits": manifest_splits,
-        "labels_file": LABELS,
-        "skipped": skipped,
-        "identity": hash_json({"classes": class_names, "policy": policy, "sizes": sizes,
-                               "labels": {s: v.tolist() for s, v in all_labels.items()}}),
-        "seconds": round(seconds, 1),
-    }
+    manifest = {"format": FORMAT, "version": VERSION, "source": str(root), "classes": list(class_names),
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "counts": {**{s: v["count"] for s, v in manifest_splits.items()}, "skipped": len(skipped)},
+                "size_policy": policy, "splits": manifest_splits, "labels_file": LABELS, "skipped": skipped,
+                "identity": hash_json({"classes": class_names, "policy": policy, "sizes": sizes,
+                                       "labels": {s: v.tolist() for s, v in all_labels.items()}}),
+                "seconds": round(seconds, 1)}
     # Written last: a folder with a manifest is a finished conversion.
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
@@ -123,57 +110,63 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
 def _write_split(split: str, root: Path, files: list[str], labels: np.ndarray, out: Path, stored_size: int,
                  encoding: str, quality: int, shard_size: int, verbose: bool):
     """Write one split's shards; return (shard entries, kept positions into `files`, skipped files)."""
-    paths = [os.path.join(root, f) for f in files]
-
     def load(position, path):
         contents = tf.io.read_file(path)
         if encoding == "original":
             image = tf.io.decode_image(contents, channels=3, expand_animations=False)
             return position, contents, tf.shape(image)[0]   # using the shape makes the decode run
         image = decode_image(contents, stored_size, "shorter_side_crop")
-        encoded = (tf.io.encode_png(image) if encoding == "png"
-                   else tf.io.encode_jpeg(image, quality=quality))
+        encoded = tf.io.encode_png(image) if encoding == "png" else tf.io.encode_jpeg(image, quality=quality)
         return position, encoded, tf.shape(image)[0]
 
     # In parallel, in file order; a file that fails to decode is dropped and missing from the positions.
-    ds = (tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), np.asarray(paths, str)))
-          .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-          .ignore_errors()
-          .prefetch(64))
-    bar = progress_bar(len(paths), f"Converting {split}:", verbose)
-    shards: list[dict] = []
+    ds = (tf.data.Dataset.from_tensor_slices((np.arange(len(files), dtype=np.int64),
+                                              np.asarray([os.path.join(root, f) for f in files], str)))
+          .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors().prefetch(64))
+    bar = progress_bar(len(files), f"Converting {split}:", verbose)
     kept: list[int] = []
-    writer = None
-    try:
+
+    def examples():
         for position, encoded, _ in ds.as_numpy_iterator():
-            if writer is None or shards[-1]["count"] == shard_size:
-                if writer is not None:
-                    writer.close()
-                shards.append({"file": f"{split}-{len(shards):05d}.tfrecord", "count": 0})
-                writer = tf.io.TFRecordWriter(str(out / shards[-1]["file"]))
-            example = tf.train.Example(features=tf.train.Features(feature={
-                "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
-                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(labels[position])])),
-                "index": tf.train.Feature(int64_list=tf.train.Int64List(value=[len(kept)])),
-                "file": tf.train.Feature(bytes_list=tf.train.BytesList(value=[files[position].encode()])),
-            }))
-            writer.write(example.SerializeToString())
-            shards[-1]["count"] += 1
+            feature = {"image": _bytes(encoded), "label": _int(labels[position]), "index": _int(len(kept)),
+                       "file": _bytes(files[position].encode())}
             kept.append(int(position))
             if bar is not None and len(kept) % 256 == 0:
                 bar.update(len(kept))
+            yield tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+    shards = write_shards(examples(), out, split, shard_size)
+    if bar is not None and len(kept) < len(files):
+        bar.update(len(files), finalize=True)   # skipped files never arrive; close the bar anyway
+    kept_set = set(kept)
+    return shards, np.asarray(kept, np.int64), [f for i, f in enumerate(files) if i not in kept_set]
+
+
+def _bytes(value: bytes) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _int(value) -> tf.train.Feature:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+
+def write_shards(records, out: Path, prefix: str, shard_size: int) -> list[dict]:
+    """The serialized `records` in `out`/<prefix>-00000.tfrecord, ... of `shard_size` each; their entries."""
+    shards: list[dict] = []
+    writer = None
+    try:
+        for record in records:
+            if writer is None or shards[-1]["count"] == shard_size:
+                if writer is not None:
+                    writer.close()
+                shards.append({"file": f"{prefix}-{len(shards):05d}.tfrecord", "count": 0})
+                writer = tf.io.TFRecordWriter(str(out / shards[-1]["file"]))
+            writer.write(record)
+            shards[-1]["count"] += 1
     finally:
         if writer is not None:
             writer.close()
-    if bar is not None and len(kept) < len(paths):
-        bar.update(len(paths), finalize=True)   # skipped files never arrive; close the bar anyway
-    kept_set = set(kept)
-    return shards, np.asarray(kept, np.int64), [files[i] for i in range(len(files)) if i not in kept_set]
-
-
-def _remove_previous(out: Path) -> None:
-    for path in [*out.glob("*-[0-9][0-9][0-9][0-9][0-9].tfrecord"), out / LABELS, out / MANIFEST]:
-        path.unlink(missing_ok=True)
+    return shards
 
 
 def is_prepared(root: str | os.PathLike) -> bool:
@@ -188,15 +181,11 @@ def read_manifest(root: str | os.PathLike) -> dict:
     except (OSError, ValueError) as err:
         raise DataError(f"{str(path)!r} is not a readable manifest ({err}). Run `alexnet-keras prepare` "
                         "again.") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"{str(path)!r} is not an alexnet-keras TFRecord manifest (no format {FORMAT!r}).")
-    if manifest.get("version") != VERSION:
-        raise DataError(f"{str(path)!r} has version {manifest.get('version')!r}; this alexnet-keras reads "
-                        f"version {VERSION}. Run `alexnet-keras prepare` again.")
-    splits = manifest.get("splits") or {}
-    if "train" not in splits:
-        raise DataError(f"{str(path)!r} lists no train split.")
-    missing = [s["file"] for split in splits.values() for s in split["shards"]
+    ours = isinstance(manifest, dict) and (manifest.get("format"), manifest.get("version")) == (FORMAT, VERSION)
+    if not ours or "train" not in manifest.get("splits", {}):
+        raise DataError(f"{str(path)!r} is not a version {VERSION} {FORMAT!r} manifest with a train split. Run "
+                        "`alexnet-keras prepare` again.")
+    missing = [s["file"] for split in manifest["splits"].values() for s in split["shards"]
                if not (Path(root) / s["file"]).is_file()]
     if missing:
         raise DataError(f"shards listed in {str(path)!r} are missing: {listed(missing)}. Copy the whole folder, "
@@ -221,9 +210,8 @@ class RecordImages(Images):
 
     @functools.cached_property
     def read_plan(self) -> tuple[list[str], np.ndarray | None]:
-        """(shards to read, mask of the records to keep by their `index` feature or None for all). A
-        subset of at most half the records is copied once into shards of its own rather than filtered
-        out of every shard each epoch (~10x the records kept, for a 10 % validation split)."""
+        """(shards to read, mask of the records to keep or None): a subset of at most half the records is
+        copied once into shards of its own rather than filtered out of every shard each epoch."""
         if len(self.index) == len(self.all_labels):
             return self.shards, None
         mask = np.zeros(len(self.all_labels), dtype=bool)
@@ -270,22 +258,10 @@ def subset_shards(shards: list[str], mask: np.ndarray) -> list[str]:
 
     def fill(folder: Path) -> None:
         keep = tf.constant(mask)
-        ds = (tf.data.TFRecordDataset(shards)
-              .filter(lambda record: tf.gather(keep, tf.io.parse_single_example(record, _INDEX)["index"]))
-              .batch(256))
-        writer, written = None, 0
-        try:
-            for records in ds.as_numpy_iterator():
-                for record in records:
-                    if written % SUBSET_SHARD_SIZE == 0:
-                        if writer is not None:
-                            writer.close()
-                        writer = tf.io.TFRecordWriter(str(folder / f"part-{written // SUBSET_SHARD_SIZE:05d}.tfrecord"))
-                    writer.write(record)
-                    written += 1
-        finally:
-            if writer is not None:
-                writer.close()
+        ds = tf.data.TFRecordDataset(shards).filter(
+            lambda record: tf.gather(keep, tf.io.parse_single_example(record, _INDEX)["index"])).batch(256)
+        records = (record for batch in ds.as_numpy_iterator() for record in batch)
+        written = sum(shard["count"] for shard in write_shards(records, folder, "part", SUBSET_SHARD_SIZE))
         if written != int(mask.sum()):
             raise DataError(f"the shards {shards[0]!r}... hold {written} of the {int(mask.sum())} records "
                             "expected. Prepare the folder again.")

@@ -9,10 +9,8 @@ import numpy as np
 from keras import ops
 
 
-def _is_number(value) -> bool:
-    # bool is an int subclass; `alpha=True` is a mistake, not 1.0.
-    return (not isinstance(value, bool) and isinstance(value, (int, float))
-            and not math.isnan(value))
+def _is_number(value) -> bool:   # bool is an int subclass; `alpha=True` is a mistake, not 1.0
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
 
 
 @keras.saving.register_keras_serializable(package="alexnet_keras")
@@ -21,13 +19,9 @@ class LocalResponseNormalization(keras.layers.Layer):
 
         b_i = a_i / (k + alpha * sum_{j=max(0, i-n/2)}^{min(N-1, i+n/2)} a_j^2) ** beta
 
-    n = `size` (odd), the window clipped at the first and last channel; the paper's n=5, k=2,
-    alpha=1e-4, beta=0.75 are the defaults. `alpha` multiplies the plain sum, as in the paper and
-    `tf.nn.local_response_normalization`; PyTorch and Caffe divide it by n (their alpha = n * ours).
-
-    Computed in float32 under any policy (cast back to the input dtype): the sum of squares overflows
-    float16 once activations reach ~115, and float16's power keeps ~3 digits. No weights; `axis` is the
-    channel axis. `squared_sum` and `scale` are public so that diagnostics measure with the layer's code.
+    n = `size` (odd), the window clipped at the edge channels; the paper's n=5, k=2, alpha=1e-4, beta=0.75
+    are the defaults. `alpha` multiplies the plain sum (PyTorch and Caffe divide it by n). Computed in
+    float32 under any policy: the sum of squares overflows float16 once activations reach ~115.
     """
 
     def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
@@ -43,17 +37,8 @@ class LocalResponseNormalization(keras.layers.Layer):
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise ValueError("LocalResponseNormalization: `axis` must be an integer (the channel "
                              f"axis, e.g. -1); received axis={axis!r}.")
-        self.size = size
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.k = float(k)
-        self.axis = axis
-        # Element-wise along every axis but the channel one, so a mask passes through unchanged.
-        self.supports_masking = True
-
-    def build(self, input_shape):
-        self._channel_axis(len(input_shape))
-        self.built = True
+        self.size, self.alpha, self.beta, self.k, self.axis = size, float(alpha), float(beta), float(k), axis
+        self.supports_masking = True   # element-wise along every axis but the channel one
 
     def _channel_axis(self, rank: int) -> int:
         if not -rank <= self.axis < rank:
@@ -108,7 +93,5 @@ class LocalResponseNormalization(keras.layers.Layer):
         return tuple(input_shape)
 
     def get_config(self):
-        config = super().get_config()
-        config.update({"size": self.size, "alpha": self.alpha, "beta": self.beta, "k": self.k,
-                       "axis": self.axis})
-        return config
+        return {**super().get_config(), "size": self.size, "alpha": self.alpha, "beta": self.beta, "k": self.k,
+                "axis": self.axis}

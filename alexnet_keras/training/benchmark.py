@@ -1,6 +1,5 @@
-"""`alexnet-keras benchmark`, a configuration of the training path logged to one MLflow run: the seeds' timing
-(`predict_on_batch`, `train_on_batch` of the conv stack and the full network, per precision × XLA) and the
-throughput of train.fit on synthetic images and of its tf.data pipeline alone. See benchmarks/README.md."""
+"""`alexnet-keras benchmark`: timing of the conv stack and the full network, and throughput of train.fit and
+its tf.data pipeline, logged to one MLflow run (benchmarks/README.md)."""
 
 from __future__ import annotations
 
@@ -29,8 +28,7 @@ QUICK = {"steps": 10, "burn_in": 2, "throughput_batch_sizes": (32,), "throughput
 
 
 class BenchmarkOptions(Options):
-    """What to measure (defaults: the full settings). The field names are the MLflow params and MLproject
-    parameters; options given as flags are validated by flag, so that each error names its flag."""
+    """What to measure; the field names are the MLflow params, the flags their aliases."""
 
     model_config = pydantic.ConfigDict(alias_generator=lambda n: "--" + n.replace("_", "-"), validate_by_name=True)
 
@@ -89,8 +87,8 @@ def dtype_policy(precision: str):
 
 def build_model(part: str, *, variant: str = "paper", image_size: int | None = 224, width: float = 1.0,
                 num_classes: int = 1000, precision: str = "float32", xla: bool = True):
-    """The project's AlexNet compiled as train.py compiles it, or for part "conv" its conv stack alone
-    (input -> preprocess -> conv1 .. pool5) compiled with train.py's optimizer and the seeds' objective."""
+    """The project's AlexNet compiled as train.py does, or (part "conv") its conv stack up to pool5 with
+    train.py's optimizer and the seeds' objective."""
     import keras
 
     from ..model.alexnet import build_alexnet
@@ -111,8 +109,7 @@ def build_model(part: str, *, variant: str = "paper", image_size: int | None = 2
 
 
 def forward_flops(model) -> int:
-    """Multiply-add FLOPs (2 per MAC) of one image's forward pass through the conv and dense layers (those with
-    a kernel): each of a layer's output values takes one MAC per kernel weight that feeds it."""
+    """FLOPs (2 per multiply-add) of one image's forward pass through the layers with a kernel."""
     return sum(2 * math.prod(layer.kernel.shape[:-1]) * math.prod(layer.output.shape[1:]) for layer in model.layers
                if hasattr(layer, "kernel"))
 
@@ -188,8 +185,8 @@ SECTIONS = {  # each section's table title, its columns, and the columns logged 
 
 def benchmark_and_log(options: BenchmarkOptions, *, experiment: str = DEFAULT_EXPERIMENT,
                       run_name: str | None = None, output_dir: str | None = None) -> tuple[str, dict[str, str]]:
-    """Measure every section inside one MLflow run (params, environment tags, one metric per number,
-    benchmark/results.{md,csv,json}, also written to `output_dir`); the run id and those files' texts."""
+    """Measure every section inside one MLflow run (a metric per number, benchmark/results.{md,csv,json},
+    also written to `output_dir`); the run id and those files' texts."""
     from .. import tracking
 
     o, start, load = options, time.perf_counter(), lambda: " ".join(f"{v:.1f}" for v in os.getloadavg())

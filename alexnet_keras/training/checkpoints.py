@@ -1,5 +1,5 @@
-"""Per-epoch training checkpoints: Keras' BackupAndRestore (its layout and hooks) with writes that no kill
-or full disk can tear and a restore that checks what it loads (docs/reliability.md, section 9)."""
+"""Per-epoch checkpoints: Keras' BackupAndRestore with writes that no kill or full disk can tear and a restore
+that checks what it loads (docs/reliability.md, section 9)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def one_line(err: BaseException) -> str:
 
 
 def probe(folder: Path) -> None:
-    """Fail now, before a run opens, if checkpoints cannot be written in `folder` (created if needed)."""
+    """Fail now, before a run opens, if checkpoints cannot be written in `folder` (left as it was)."""
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
@@ -34,6 +35,8 @@ def probe(folder: Path) -> None:
         raise CheckpointError(f"the checkpoint folder {str(folder)!r} cannot be written ({err.strerror or err}). "
                               f"Pass --checkpoint-dir with a writable folder, or free space or fix permissions "
                               f"there.") from None
+    if created:
+        folder.rmdir()
 
 
 def _metadata(path: Path) -> dict | None:
@@ -54,9 +57,9 @@ def _sha256(path: Path) -> str:
 
 
 def save(model: keras.Model, folder: Path, epoch: int) -> None:
-    """Write the checkpoint of `epoch` to temporary files, then rename them into place (renames need no
-    space and cannot be torn); its metadata names the weights by sha256, as a kill between the renames
-    can leave them in either slot. The one before last goes first: the disk holds at most two."""
+    """The checkpoint of `epoch`, written to temporary files renamed into place (renames cannot be torn); its
+    metadata names the weights by sha256 (a kill between renames leaves them in either slot). The disk holds
+    at most two: the one before last goes first."""
     partial, partial_metadata = (folder / f"{PARTIAL}{os.getpid()}{end}" for end in (".weights.h5", ".json"))
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -90,23 +93,21 @@ def save(model: keras.Model, folder: Path, epoch: int) -> None:
 
 def restore(model: keras.Model, folder: Path | None) -> int:
     """Load the newest checkpoint in `folder` that loads into `model` (weights and optimizer state) and
-    return its epoch; 0, leaving `model` as it is, when there is none. Metadata without a sha256 (Keras'
-    own BackupAndRestore wrote it) goes with the weights beside it."""
+    return its epoch; 0, leaving `model` as it is, when there is none."""
     if folder is None or not folder.is_dir():
         return 0
     for leftover in folder.glob(PARTIAL + "*"):
         leftover.unlink()
-    slots = [(folder / (WEIGHTS + end), folder / (METADATA + end)) for end in ("", BACKUP)]
-    digests = {weights: _sha256(weights) for weights, _ in slots if weights.is_file()}
-    found = sorted(((m, weights) for weights, path in slots if (m := _metadata(path))), key=lambda f: -f[0]["epoch"])
+    digests = {w: _sha256(w) for end in ("", BACKUP) if (w := folder / (WEIGHTS + end)).is_file()}
+    found = sorted(filter(None, (_metadata(folder / (METADATA + end)) for end in ("", BACKUP))),
+                   key=lambda m: -m["epoch"])
     if not digests and not found:
         return 0
     if model.optimizer is not None and not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)   # its state is in the file too
     problems = []
-    for meta, beside in found:
-        sha = meta.get("weights_sha256")
-        for weights in [w for w, digest in digests.items() if (digest == sha if sha else w == beside)]:
+    for meta in found:
+        for weights in [w for w, digest in digests.items() if digest == meta.get("weights_sha256")]:
             link = folder / f"{PARTIAL}{os.getpid()}.weights.h5"   # Keras loads only *.weights.h5, not .bkp
             try:
                 os.link(weights, link)
@@ -122,8 +123,7 @@ def restore(model: keras.Model, folder: Path | None) -> int:
 
 
 class Checkpoint(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore through `save` and `restore`, the checkpoint kept after training (the run's end
-    decides its fate); `epoch`: the one it restored."""
+    """BackupAndRestore through `save` and `restore`, kept after training; `epoch`: the one it restored."""
 
     def __init__(self, folder: Path):
         super().__init__(str(folder), double_checkpoint=True, delete_checkpoint=False)

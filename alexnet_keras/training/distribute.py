@@ -1,11 +1,6 @@
-"""Multi-device data parallelism through the frameworks' own engines (`train.distribute`): `mirrored`
-(tf.distribute.MirroredStrategy over the local GPUs, else the logical CPUs) and `multi_worker`
-(MultiWorkerMirroredStrategy, cluster from $TF_CONFIG) on TensorFlow, `data_parallel`
-(keras.distribution.DataParallel, multi-process with $KERAS_DISTRIBUTION_*) on JAX.
-
-`batch_size` is the global batch, split over the replicas, and the learning rate is not scaled
-(benchmarks/README.md: multi-node launches, and how to scale batch and rate yourself).
-"""
+"""Data parallelism through the frameworks' own engines (`train.distribute`): tf.distribute's Mirrored and
+MultiWorkerMirrored strategies on TensorFlow, keras.distribution.DataParallel on JAX. `batch_size` is the
+global batch; the learning rate is not scaled (benchmarks/README.md)."""
 
 from __future__ import annotations
 
@@ -31,8 +26,8 @@ class Distribution:
 
 
 def setup(train: TrainConfig) -> Distribution:
-    """Create the engine `train.distribute` names. Call it before any TensorFlow op runs
-    (MultiWorkerMirroredStrategy refuses to start later) and before the model is built."""
+    """The engine `train.distribute` names, created before any TensorFlow op runs (MultiWorkerMirroredStrategy
+    refuses to start later) and before the model is built."""
     import keras
 
     kind = train.distribute
@@ -73,9 +68,8 @@ def setup(train: TrainConfig) -> Distribution:
 
 
 def adapt_data(data, dist: Distribution):
-    """Check (and for JAX adjust) `data` (a data.Data) for `dist`, before any run exists. JAX needs
-    batches that split evenly: training and validation drop an uneven last batch (a few images of an
-    epoch), the test split, where every image counts, must divide. TensorFlow splits uneven batches,
+    """Check (and for JAX adjust) `data` for `dist`, before any run exists. JAX shards must be equal: training
+    and validation drop an uneven last batch, the test split must divide. TensorFlow splits uneven batches,
     but Keras 3 traces on the first batch, which must split evenly (keras-team/keras#19246)."""
     if dist.replicas <= 1:
         return data

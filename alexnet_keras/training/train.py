@@ -1,11 +1,6 @@
-"""Training as small functions, ending in `train_and_evaluate(config)`, the one training path: `prepare`
-(seeds, data, model, compile), `fit` (the loop of `train`, a study's children, a sweep's trials and the
-benchmark), `log_inputs` and `log_trained_model` (what a run logs before and after training).
-
-Everything that can fail on bad input (config, store, checkpoint folder, data, model, a damaged
-checkpoint to resume) fails before an MLflow run opens. How interrupted runs are continued, and what
-survives which failure, is in docs/reliability.md.
-"""
+"""Training as small functions, ending in `train_and_evaluate(config)`, the one training path; `fit` is
+the loop of `train`, a study's children, a sweep's trials and the benchmark. Bad input fails before an
+MLflow run opens; docs/reliability.md says what survives which failure."""
 
 from __future__ import annotations
 
@@ -20,11 +15,12 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import keras
+import mlflow
 import numpy as np
 
 from . import checkpoints, distribute
 from .. import figures, tracking
-from ..config import POOL_SIZES, Config, TrainConfig
+from ..config import MAIN_JOB, Config, TrainConfig
 from ..data import Data, enable_op_determinism, load_data
 from ..model.alexnet import build_alexnet, lrn_diagnostics, summary_text
 from ..model.inference import model_metadata, ten_crop_metrics
@@ -46,8 +42,7 @@ def set_global_state(train: TrainConfig) -> None:
 
 
 def enable_determinism() -> None:
-    """`--deterministic`: deterministic kernels in every framework involved, chiefly for GPUs, whose
-    atomics make reductions order-dependent (cost: docs/reliability.md). Seeds are always set."""
+    """`--deterministic`: deterministic kernels in every framework involved (docs/reliability.md)."""
     enable_op_determinism()   # TensorFlow: tf.data on every backend, and the model's ops on TensorFlow
     backend = keras.backend.backend()
     if backend == "jax":
@@ -64,8 +59,7 @@ def enable_determinism() -> None:
 
 
 def learning_rate_schedule(train: TrainConfig, steps_per_epoch: int) -> Any:
-    """The optimizer's learning rate: a float, or a Keras schedule of the optimizer step. The plateau
-    schedule is a callback instead (build_callbacks): it reacts to the validation loss."""
+    """The optimizer's learning rate: a float, or a Keras schedule (plateau: a callback, build_callbacks)."""
     total = max(1, train.epochs * steps_per_epoch)
     if train.schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=total)
@@ -95,8 +89,7 @@ def compile_model(model: keras.Model, config: Config, steps_per_epoch: int) -> k
 
 def build_callbacks(config: Config, backup_dir: Path | None = None, *,
                     track: bool = True) -> list[keras.callbacks.Callback]:
-    """NaN stop, per-epoch metrics to the active run (unless not `track`), the checkpoint in `backup_dir`
-    (restored as training begins, saved as each epoch ends), and the plateau schedule."""
+    """NaN stop, per-epoch metrics (with `track`), the checkpoint in `backup_dir`, the plateau schedule."""
     callbacks: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
     if track:
         callbacks.append(tracking.epoch_metrics_callback(skip_logged_steps=backup_dir is not None))
@@ -131,16 +124,15 @@ def fit(model: keras.Model, data: Data, config: Config, backup_dir: Path | None 
         callbacks: Sequence[keras.callbacks.Callback] = (), epochs: int | None = None, initial_epoch: int = 0,
         steps_per_epoch: int | None = None, verbose: int | None = None,
         track: bool = True) -> tuple[dict[str, list[float]], float, int]:
-    """Train to `epochs` (default: the config's) from `initial_epoch`, or from the checkpoint in `backup_dir`
-    (sweeps add keras-tuner's `callbacks`; the benchmark, `steps_per_epoch` with no `data.val`). A loss
-    that turns NaN raises FloatingPointError. With `track` (and an active run) it logs per-epoch metrics
-    and, with LRN, the LRN diagnostic at start and end. Returns the history, seconds, and start epoch."""
+    """Train to `epochs` (default: the config's) from `initial_epoch` or the checkpoint in `backup_dir`; a
+    NaN loss raises FloatingPointError. With `track` (and an active run) it logs per-epoch metrics and the
+    LRN diagnostics. Returns the history, seconds, and start epoch."""
     epochs = epochs or config.train.epochs
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2   # a progress bar on a terminal, a line per epoch in logs
     callbacks = [*build_callbacks(config, backup_dir, track=track), *callbacks]
     probe = lrn_probe_images(data) if track and tracking.active_run_id() else None
-    log_lrn_diagnostics(model, probe, "start")   # once: a resumed run keeps those of its first process
+    log_lrn_diagnostics(model, probe, 0)   # once: a resumed run keeps those of its first process
     start = time.perf_counter()
     # shuffle=False: the tf.data pipeline already reshuffles every epoch (Keras would only warn).
     history = model.fit(data.train, validation_data=data.val, epochs=epochs, initial_epoch=initial_epoch,
@@ -154,7 +146,7 @@ def fit(model: keras.Model, data: Data, config: Config, backup_dir: Path | None 
                                  f"try a smaller --learning-rate than {config.train.learning_rate}.")
     if not trained:   # trained to the end before: the caller only evaluates and logs
         print(f"the checkpoint in {backup_dir} holds all {epochs} epochs: nothing left to train", flush=True)
-    log_lrn_diagnostics(model, probe, "end")
+    log_lrn_diagnostics(model, probe, epochs)
     return {k: [float(v) for v in values] for k, values in history.history.items()}, seconds, start_epoch
 
 
@@ -162,34 +154,33 @@ LRN_PROBE_IMAGES = 64   # the fixed batch of the LRN diagnostic
 
 
 def lrn_probe_images(data: Data, count: int = LRN_PROBE_IMAGES) -> np.ndarray | None:
-    """The first `count` images of the validation split (fixed order, never augmented), which the LRN
-    diagnostic reads at the start and at the end of training; None without a validation split."""
+    """The first `count` validation images (fixed order, never augmented), which the LRN diagnostic reads."""
     if data.val is None:
         return None
     batches = [np.asarray(images) for images, *_ in data.val.take(-(-count // data.batch_size))]
     return np.concatenate(batches)[:count] if batches else None
 
 
-def log_lrn_diagnostics(model: keras.Model, images: np.ndarray | None, when: str) -> dict[str, float]:
-    """model.lrn_diagnostics on `images`, logged once on the active run as `<layer>_<statistic>_<when>`
-    (when: "start" or "end"; a resumed run keeps those of its first process), less constant_scale, a
-    config value. Returns the values."""
-    if images is None:
-        return {}
-    metrics = {f"{layer}_{name}_{when}": value for layer, values in lrn_diagnostics(model, images).items()
-               for name, value in values.items() if name != "constant_scale"}
-    if metrics:
+def log_lrn_diagnostics(model: keras.Model, images: np.ndarray | None, step: int) -> dict[str, float]:
+    """model.lrn_diagnostics on `images` as `lrn/<layer>_<statistic>` at `step` (0 before training, the
+    epoch count after it): under "lrn/" MLflow charts them in a section of their own, after the training
+    metrics, each as a line over the training. Step 0 is logged once (a resumed run keeps its first)."""
+    metrics = {f"lrn/{layer}_{name}": value for layer, values in
+               (lrn_diagnostics(model, images) if images is not None else {}).items()
+               for name, value in values.items() if name != "constant_scale"}   # a config value
+    if metrics and step:
+        tracking.log_metrics(metrics, step=step)
+    elif metrics:
         tracking.log_metrics_once(metrics)
     return metrics
 
 
 def timing_metrics(history: dict[str, list[float]], seconds: float) -> dict[str, float]:
-    """This process's training time, in all and per epoch trained."""
     return {"train_time_s": seconds, "epoch_time_s": seconds / max(1, len(history.get("loss", [])))}
 
 
 def evaluate(model: keras.Model, data: Data) -> tuple[dict[str, float], np.ndarray]:
-    """Test-set metrics (the only use of the test split) and the predicted class of each test image."""
+    """Test-set metrics (the only use of the test split) and the predicted classes."""
     results = model.evaluate(data.test, return_dict=True, verbose=0)
     probabilities = model.predict(data.test, verbose=0)
     metrics = {f"test_{k}": float(v) for k, v in results.items()}
@@ -211,8 +202,7 @@ def log_evaluation(data: Data, predictions: np.ndarray, history: dict[str, list[
 
 def run_tags(config: Config, data: Data, model: keras.Model,
              context: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The tags of a training run: environment, digests, and its description (`context`: the run's study
-    or sweep tags, if any)."""
+    """Environment, digests, and the description (`context`: the run's study or sweep tags, if any)."""
     return {**tracking.environment_tags(), tracking.CONFIG_DIGEST_TAG: config.digest(),
             tracking.DATA_DIGEST_TAG: data.digest, tracking.VARIANT_NAME_TAG: config.model.variant,
             tracking.NUM_PARAMS_TAG: str(model.count_params()),
@@ -220,31 +210,36 @@ def run_tags(config: Config, data: Data, model: keras.Model,
 
 
 def default_run_name(config: Config) -> str:
-    """The name of a `train` run given no --run-name, what it is at a glance: variant, toggles (0: off),
-    pool window and stride, dropout, activation unless relu, seed: `paper-lrn0-bn-pool2s2-do0-tanh-s1`."""
-    m = config.model
-    parts = [m.variant, "lrn" if m.lrn else "lrn0", "bn" if m.batchnorm else "bn0",
-             f"pool{POOL_SIZES[m.pool]}s2", f"do{m.dropout:g}"]
-    if m.activation != "relu":
-        parts.append(m.activation)
-    return "-".join([*parts, f"s{config.train.seed}"])
+    """The name of a `train` run given no --run-name: the first four options that differ from the main
+    job's (`lrn0`, `batchnorm`, `width0.25`, `epochs2`, `tanh`; not the data folder), then the config
+    digest's first 6 digits, so that runs of different configs never share a name: `width0.25-epochs2-3f09a1`."""
+    main = MAIN_JOB.outcome_values()
+    parts = []
+    for key, value in config.outcome_values().items():
+        if value == main[key] or key == "data_dir":
+            continue
+        if isinstance(value, bool):
+            parts.append(key if value else f"{key}0")
+        elif isinstance(value, str):
+            parts.append(value)
+        else:
+            parts.append(f"{key}{'none' if value is None else f'{value:g}'}")
+    return "-".join([*(parts[:4] or ["main"]), config.digest()[:6]])
 
 
 def run_description(config: Config, data: Data, context: Mapping[str, str] | None = None) -> str:
-    """One paragraph for the run page's description (mlflow.note.content): the network and its
-    toggles, the data, the training, and, for a study's child or a sweep's trial (`context`: its tags),
-    which study, variant and seed or which sweep and trial."""
+    """The run page's description: network, data, training, and which study or sweep it belongs to."""
     m, d, t = config.model, config.data, config.train
     context = context or {}
     size = f"{m.input_size} px input" + (f", width {m.width:g}" if m.width != 1 else "") + (
         ", two-GPU groups" if m.groups == 2 else "")
     pool = "overlapping 3x3/2" if m.pool == "overlapping" else "non-overlapping 2x2/2"
     on = {True: "on", False: "off"}
-    augment = "augmented" if d.augment else "no augmentation"
     source = f"{data.source}; " if data.source != d.dataset else ""
     text = (f"AlexNet ({m.variant} variant, {size}) trained on {d.dataset} ({source}"
             f"{data.counts['train']} training, {data.counts['val']} validation, {data.counts['test']} test "
-            f"images; {d.recipe} recipe, {augment}) for {t.epochs} epochs: SGD, learning rate "
+            f"images; {d.recipe} recipe, {'augmented' if d.augment else 'no augmentation'}) for {t.epochs} epochs: "
+            f"SGD, learning rate "
             f"{t.learning_rate:g} ({t.schedule}), momentum {t.momentum:g}, batch {t.batch_size}, seed {t.seed}. "
             f"Toggles: LRN {on[m.lrn]}, batch norm {on[m.batchnorm]}, {pool} max-pooling, dropout "
             f"{m.dropout:g}, {m.activation}, {m.init} init, weight decay {m.weight_decay:g}.")
@@ -260,14 +255,11 @@ def run_description(config: Config, data: Data, context: Mapping[str, str] | Non
 @contextlib.contextmanager
 def training_run(config: Config, model: keras.Model, name: str | None, tags: Mapping[str, str],
                  parent_run_id: str | None = None) -> Iterator[tuple[str, Path | None]]:
-    """The one resume path: yields the run id and checkpoint folder of a training (no folder for a study's
-    child or a sweep's trial, which ablate / tune restart). A top-level run continues the latest run of
-    the experiment with the same config and data digests (and name, if given) that is KILLED (runs whose
-    process is gone are marked so first) or FAILED with its checkpoint still there. That checkpoint is
-    restored into `model` before any run opens, so a damaged one fails there; the run is reopened or,
-    under `mlflow run` (a new run every time), adopted (tracking.adopt_run), and the checkpoint moves
-    into this run's folder. It goes as the run ends unless the same command continues from it: after
-    Ctrl-C / SIGTERM, a checkpoint write that failed, or results not logged."""
+    """The one resume path: yields the run id and checkpoint folder of a training (none for a study's
+    child or a sweep's trial, which ablate / tune restart). A top-level run continues the latest KILLED
+    run of the experiment with the same config and data digests (and name, if given), or a FAILED one
+    whose checkpoint is still there: its checkpoint is restored into `model` before any run opens (a
+    damaged one fails there), then moved into this run's folder (docs/reliability.md)."""
     previous = old = None
     if parent_run_id is None:
         for run_id in tracking.mark_dead_runs(config.experiment):
@@ -281,34 +273,54 @@ def training_run(config: Config, model: keras.Model, name: str | None, tags: Map
         print(f"continuing run {previous.info.run_id} ({previous.info.status} after {epoch} of "
               f"{config.train.epochs} epochs); pass --resume false to start a new run instead", flush=True)
     reopen = previous.info.run_id if previous is not None and "MLFLOW_RUN_ID" not in os.environ else None
-    folder, keep = None, False
+    folder, keep, lost = None, False, None
     try:
         with tracking.run(config.experiment, run_name=name, params=config.flat(), tags=tags, run_id=reopen,
                           parent_run_id=parent_run_id, system_metrics=config.system_metrics) as active:
             run_id = active.info.run_id
-            if parent_run_id is None:
-                folder = Path(config.checkpoint_dir, run_id).resolve()
-                if previous is not None and previous.info.run_id != run_id:
-                    tracking.adopt_run(previous.info.run_id)
-                if old is not None and old.is_dir() and old.resolve() != folder:   # or another --checkpoint-dir
-                    folder.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.move(old, folder)
-                tracking.set_tags({tracking.CHECKPOINT_DIR_TAG: str(folder)})
-            yield run_id, folder
+            try:
+                if parent_run_id is None:
+                    folder = Path(config.checkpoint_dir, run_id).resolve()
+                    if previous is not None and previous.info.run_id != run_id:
+                        tracking.adopt_run(previous.info.run_id)
+                    if old is not None and old.is_dir() and old.resolve() != folder:   # or another --checkpoint-dir
+                        folder.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.move(old, folder)
+                    tracking.set_tags({tracking.CHECKPOINT_DIR_TAG: str(folder)})
+                yield run_id, folder
+            except Exception as err:
+                if folder is None or not tracking.is_tracking_error(err):
+                    raise
+                # The store failed, not the training: the run ends KILLED with its checkpoint, which the
+                # same command continues from once the store answers.
+                keep, reason = True, f"the tracking store failed ({type(err).__name__}: {checkpoints.one_line(err)})"
+                with contextlib.suppress(Exception):
+                    tracking.end_run(run_id, "KILLED", reason)
+                with contextlib.suppress(Exception):
+                    mlflow.end_run("KILLED")   # ends it as this process's active run too: `tracking.run` adds nothing
+                lost = tracking.TrackingError(f"{reason}; run {run_id} ends KILLED with its checkpoint in {folder}: "
+                                              "run the same command again once the store answers.")
+                lost.__cause__ = err
+        if lost is not None:
+            raise lost
     except KeyboardInterrupt:
         keep = True
         raise
     except (ResultsNotLogged, checkpoints.CheckpointError):
-        keep = checkpoints.saved_epoch(folder) > 0
+        keep = keep or checkpoints.saved_epoch(folder) > 0
         raise
     finally:
         if folder is not None and not keep:
             shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(Exception):   # the tag says where a checkpoint is, only while there is one
+                mlflow.MlflowClient().delete_tag(run_id, tracking.CHECKPOINT_DIR_TAG)
+            with contextlib.suppress(OSError):   # no empty checkpoint folder left behind
+                folder.parent.rmdir()
 
 
 def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
                        parent_run_id: str | None = None) -> TrainResult:
-    """Train one AlexNet as described by `config`, log everything to MLflow, return the test metrics."""
+    """Train one AlexNet as `config` says, log everything to MLflow, return the test metrics."""
     register = config.register if parent_run_id is None else None   # children: ablate registers the best
     if register:
         from ..serving import check_model_name
@@ -386,14 +398,13 @@ def log_trained_model(model: keras.Model, data: Data, history: dict[str, list[fl
 
 
 class ResultsNotLogged(RuntimeError):
-    """Training finished, but what follows it (evaluation, reports, figures, the model) failed. The
-    trained weights are kept; the message says where, and how to log them."""
+    """Training finished, but evaluating or logging it failed; the message says where the weights are."""
 
 
 def results_not_logged(err: Exception, model: keras.Model, data: Data, config: Config, run_id: str,
                        backup_dir: Path | None) -> ResultsNotLogged:
-    """The error for `err`, raised once the trained weights are safe: in the run's checkpoint, which the
-    same command continues from, or (a study's child, a sweep's trial) as a .keras file."""
+    """The error for `err`, once the trained weights are safe: in the run's checkpoint, or (a study's child,
+    a sweep's trial) as a .keras file."""
     cause = f"{type(err).__name__}: {checkpoints.one_line(err)}"
     if backup_dir is not None:
         kept = (f"The trained weights are kept in {backup_dir}: once that is fixed, run the same command again; "
@@ -406,8 +417,7 @@ def results_not_logged(err: Exception, model: keras.Model, data: Data, config: C
 
 
 def keep_model(model: keras.Model, data: Data, folder: Path) -> Path | None:
-    """Save `model` as model.keras with the preprocessing `predict` needs in `folder`, else in a new
-    temporary folder; None when nothing could be written anywhere."""
+    """`model` as model.keras for `predict` in `folder`, else a new temporary folder (None: nowhere)."""
     from ..model.inference import save_model
 
     meta = model_metadata(data)
