@@ -1,5 +1,5 @@
-"""The LRN diagnostics that training logged (`lrn1_ratio_mean_start` ... , alexnet_keras.training.train.fit) for
-every finished child of the given study parents, as one CSV: how much each LRN layer normalised at the
+"""The LRN diagnostics that training logged (`lrn/lrn1_ratio_mean` ... at step 0 and at the last step;
+alexnet_keras.training.train.fit) for every finished child of the given study parents, as one CSV: how much each LRN layer normalised at the
 start and at the end of training, per run. docs/ablations.md ("LRN in the paper's input regime") reads it.
 
     python benchmarks/lrn_diagnostics_of_runs.py PARENT_RUN_ID [PARENT_RUN_ID ...] \
@@ -35,15 +35,17 @@ def main() -> None:
                                       max_results=1000)
         for child in sorted(children, key=lambda r: r.info.start_time):
             metrics, params = child.data.metrics, child.data.params
-            layers = sorted({k.split("_", 1)[0] for k in metrics if k.startswith("lrn") and k.endswith("_start")})
+            # lrn/<layer>_<statistic>: step 0 before training, the last step after it
+            layers = sorted({k[4:].split("_", 1)[0] for k in metrics if k.startswith("lrn/")})
             for layer in layers:
                 row = {"parent": parent_id, "study": parent.info.run_name, "run_id": child.info.run_id,
                        "run_name": child.info.run_name, **{o: params.get(o, "") for o in OPTIONS},
                        "val_accuracy": metrics.get("val_accuracy"), "test_accuracy": metrics.get("test_accuracy"),
                        "layer": layer}
-                for when in ("start", "end"):
-                    for stat in STATISTICS:
-                        row[f"{stat}_{when}"] = metrics.get(f"{layer}_{stat}_{when}")
+                for stat in STATISTICS:
+                    history = sorted((m.step, m.value) for m in
+                                     client.get_metric_history(child.info.run_id, f"lrn/{layer}_{stat}"))
+                    row[f"{stat}_start"], row[f"{stat}_end"] = history[0][1], history[-1][1]
                 rows.append(row)
     if not rows:
         raise SystemExit("no finished child of these parents logged LRN diagnostics")
