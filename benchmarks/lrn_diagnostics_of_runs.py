@@ -1,6 +1,6 @@
 """The LRN diagnostics that training logged (`lrn/lrn1_ratio_mean` ... at step 0 and at the last step;
-alexnet_keras.training.train.fit) for every finished child of the given study parents, as one CSV: how much each LRN layer normalised at the
-start and at the end of training, per run. docs/ablations.md ("LRN in the paper's input regime") reads it.
+alexnet_keras.training.train.fit) for every finished child of the given study parents, as one CSV: how much
+each LRN layer normalised at the start and at the end of training, per run. docs/ablations.md ("LRN in the paper's input regime") reads it.
 
     python benchmarks/lrn_diagnostics_of_runs.py PARENT_RUN_ID [PARENT_RUN_ID ...] \
         --out docs/data/lrn-regimes/lrn_diagnostics.csv
