@@ -1,5 +1,5 @@
-"""Study files (experiments/ablation*.yaml): read, checked and expanded into every child's Config
-before any run exists; `plan_text` says what a study will run."""
+"""Study files (experiments/ablation*.yaml): read and checked, their runs counted, then expanded into every
+child's Config before any run exists; `plan_text` says what a study will run."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from ..config import SECTIONS, Config, ConfigError, Seed, did_you_mean, leaf_fields
 from ..tables import value_text
@@ -26,10 +27,15 @@ RESERVED_AXES = {"seed": "use `seeds:` to list the seeds", "split_seed": "every 
                  "experiment": "set `experiment:` at the top of the study", "run_name": "children are named "
                  "after their variant", "register": "the study registers its best variant: `alexnet-keras "
                  "ablate --register NAME`"}
+MAX_RUNS = 1000   # more is rarely meant (seeds: 1000000) and would take minutes just to plan
 
 
 class StudyError(ConfigError):
     """The study file is wrong; raised before any MLflow run exists."""
+
+
+class StudyIncomplete(RuntimeError):
+    """Some children failed; the report was written with the others and the parent ends FAILED."""
 
 
 def _unique(seeds: list[int]) -> list[int]:
@@ -38,8 +44,46 @@ def _unique(seeds: list[int]) -> list[int]:
     return seeds
 
 
-class StudyIncomplete(RuntimeError):
-    """Some children failed; the report was written with the others and the parent ends FAILED."""
+def over_limit(runs: int, limit: int) -> str:
+    return (f"plans {runs:,} runs, more than max_runs ({limit:,}); list fewer seeds or values, or allow them "
+            f"with `max_runs: {runs}` in the study file")
+
+
+class StudyKeys(SpecKeys):
+    """A study file's keys besides those every study and sweep file has."""
+
+    design: Literal[tuple(DESIGNS)] = Field("one_factor_at_a_time", description="one factor at a time "
+                                            "(ofat) or grid (factorial)")
+    axes: dict[str, Any] = Field(min_length=1, description="each axis maps to its values, e.g. axes: "
+                                 "{lrn: [true, false]}, or value names to options (a composite axis)")
+    baseline: dict[str, Any] = Field({}, description="an axis' baseline value (default: the base config's)")
+    max_runs: int = Field(MAX_RUNS, ge=1, description="the most runs the study may plan")   # before seeds
+    seeds: Annotated[list[Seed], AfterValidator(_unique)] = Field(
+        min_length=1, description="list the training seeds, e.g. seeds: [0, 1, 2] (or a count, seeds: 3)")
+    nuisance: list[Literal[tuple(leaf_fields())]] = Field([], description="options that are nuisance "
+                                                          "hyperparameters (always: seed)")
+    fixed: list[Literal[tuple(leaf_fields())]] = Field([], description="options held fixed (default: the rest)")
+    nuisance_grid: dict[str, Annotated[list[Any], Field(min_length=1)]] | None = Field(
+        None, description="options mapped to the values tried per arm, e.g. {learning_rate: [0.01, 0.02]}")
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _count(cls, value: Any, info: ValidationInfo) -> Any:
+        """`seeds: 3` is [0, 1, 2]; a count over max_runs is refused before its list is made."""
+        if type(value) is not int or value < 1:
+            return value
+        if value > info.data.get("max_runs", MAX_RUNS):
+            raise ValueError(over_limit(value, info.data.get("max_runs", MAX_RUNS)).replace("plans", "alone plans"))
+        return list(range(value))
+
+
+def _value_name(raw: Any) -> str:
+    """How a value is named in variant names, labels and tags: `true`, `0.5`, `none` for null."""
+    return value_text(raw) or "none"
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -78,72 +122,56 @@ class Child:
     variant: Variant
     seed: int
     config: Config
-    grid_point: GridPoint | None = None            # with a nuisance grid: the value this child trains at
+    grid_point: GridPoint | None                   # with a nuisance grid: the value this child trains at
+    label: str                                     # its run name: "pool=x seed=1", "pool=x learning_rate=0.02 seed=1"
+    tuning: bool                                   # with a nuisance grid, the first seed's runs: every grid value
 
     @property
     def digest(self) -> str:
         return self.config.digest()
 
-    @property
-    def label(self) -> str:
-        return child_label(self.variant, self.grid_point, self.seed)
-
-
-def child_label(variant: Variant, point: GridPoint | None, seed: int) -> str:
-    """A child's label and run name: "pool=x seed=1", or "pool=x learning_rate=0.02 seed=1" with a grid."""
-    at = f" {point.assignment}" if point is not None else ""
-    return f"{variant.name}{at} seed={seed}"
-
 
 @dataclass(frozen=True)
 class Study:
-    name: str
-    description: str
+    keys: StudyKeys                                # the file as validated; name and description filled in
     path: str
     text: str
-    design: str
-    seeds: tuple[int, ...]
+    base: Config
     axes: tuple[Axis, ...]
     variants: tuple[Variant, ...]
-    base: Config
-    experiment: str
+    grid: tuple[GridPoint, ...]                    # the nuisance grid, tuned per arm; () = none
     nuisance: tuple[str, ...]
-    fixed: tuple[str, ...] = field(default=())
-    grid: tuple[GridPoint, ...] = field(default=())   # the nuisance grid, tuned per arm; () = none
+    fixed: tuple[str, ...]
+
+    name = property(lambda self: self.keys.name)
+    description = property(lambda self: self.keys.description)
+    design = property(lambda self: DESIGNS[self.keys.design])
+    seeds = property(lambda self: tuple(self.keys.seeds))
+    experiment = property(lambda self: self.keys.experiment or self.base.experiment)
+    runs = property(lambda self: planned_runs(len(self.variants), len(self.seeds), len(self.grid)))
 
     def children(self, experiment: str | None = None) -> list[Child]:
         """Every (variant, seed), seed-major: an interrupted study has whole replicates first. With a
         nuisance grid, every (variant, grid value, seed) that may run: `tuning_children` are run, then
         `final_children` at each arm's chosen value."""
         out = []
-        for seed in self.seeds:
-            for variant in self.variants:
-                for point in self.grid or (None,):
-                    config = variant.config.override({**(point.options if point is not None else {}),
-                                                      "seed": seed, "run_name": child_label(variant, point, seed),
-                                                      "experiment": experiment or self.experiment})
-                    out.append(Child(variant, seed, config, point))
+        for seed, variant, point in itertools.product(self.seeds, self.variants, self.grid or (None,)):
+            label = f"{variant.name}{f' {point.assignment}' if point else ''} seed={seed}"
+            config = variant.config.override({**(point.options if point else {}), "seed": seed, "run_name": label,
+                                              "experiment": experiment or self.experiment},
+                                             source=f"{self.path}: {label}")
+            out.append(Child(variant, seed, config, point, label, bool(self.grid) and seed == self.seeds[0]))
         return out
 
     def tuning_children(self, experiment: str | None = None) -> list[Child]:
         """With a nuisance grid: every arm at every grid value, with the first seed (none without a grid)."""
-        return [c for c in self.children(experiment) if self.grid and c.seed == self.seeds[0]]
+        return [c for c in self.children(experiment) if c.tuning]
 
     def final_children(self, choice: Mapping[str, str | None], experiment: str | None = None) -> list[Child]:
         """The other seeds of each arm at its chosen grid label (`choice`: variant name -> label; an arm
         whose label is None gets none). The first seed's run at that label is its tuning child."""
-        return [c for c in self.children(experiment) if c.seed != self.seeds[0] and c.grid_point is not None
+        return [c for c in self.children(experiment) if not c.tuning and c.grid_point is not None
                 and c.grid_point.label == choice.get(c.variant.name)]
-
-    def choose(self, finished: Mapping[str, Any]) -> dict[str, str | None]:
-        """Each arm's grid label, recomputed from the store: `finished` maps config digests to FINISHED
-        runs; the rule (best final validation accuracy of the tuning runs, never test) is report.py's."""
-        from .report import choose_grid_value
-
-        tuning: dict[str, dict[str, Any]] = {v.name: {} for v in self.variants}
-        for child in self.tuning_children():
-            tuning[child.variant.name][child.grid_point.label] = finished.get(child.digest)
-        return {name: choose_grid_value(runs)[0] for name, runs in tuning.items()}
 
     @property
     def baseline(self) -> Variant:
@@ -165,17 +193,15 @@ class Study:
 
     def grid_spec(self) -> dict[str, list[Any]]:
         """The grid as the study file gives it: {option: [values]} (the spec's `nuisance_grid`)."""
-        spec: dict[str, list[Any]] = {}
-        for point in self.grid:
-            for key, value in point.options.items():
-                if _jsonable(value) not in spec.setdefault(key, []):
-                    spec[key].append(_jsonable(value))
-        return spec
+        return {key: [_jsonable(v) for v in values] for key, values in (self.keys.nuisance_grid or {}).items()}
 
     def spec(self) -> dict[str, Any]:
         """What `report` needs to rebuild the tables from the store alone (logged on the parent)."""
         children = self.children()
-        scientific = [a.name for a in self.axes]
+
+        def digests(variant: Variant, point: GridPoint | None) -> dict[str, str]:
+            return {str(c.seed): c.digest for c in children if c.variant is variant and c.grid_point is point}
+
         return {
             "name": self.name, "description": self.description, "study_file": self.path,
             "digest": self.digest(), "design": self.design, "seeds": list(self.seeds),
@@ -184,47 +210,19 @@ class Study:
             "baseline": self.baseline.name,
             "variants": [{"name": v.name, "factors": v.factors, "is_baseline": v.is_baseline,
                           "overrides": {k: _jsonable(x) for k, x in v.overrides.items()},
-                          **self._digests_of(v, children)}
+                          **({"grid_digests": {p.label: digests(v, p) for p in self.grid}} if self.grid
+                             else {"config_digests": digests(v, None)})}
                          for v in self.variants],
-            "hyperparameters": {"scientific": scientific, "nuisance": list(self.nuisance),
+            "hyperparameters": {"scientific": [a.name for a in self.axes], "nuisance": list(self.nuisance),
                                 "fixed": list(self.fixed)},
             "base_config": self.base.to_dict(),
             **({"nuisance_grid": self.grid_spec()} if self.grid else {}),
         }
 
-    def _digests_of(self, variant: Variant, children: list[Child]) -> dict[str, Any]:
-        """`config_digests: {seed: digest}`, or with a grid `grid_digests: {label: {seed: digest}}`."""
-        mine = [c for c in children if c.variant is variant]
-        if not self.grid:
-            return {"config_digests": {str(c.seed): c.digest for c in mine}}
-        return {"grid_digests": {p.label: {str(c.seed): c.digest for c in mine if c.grid_point is p}
-                                 for p in self.grid}}
 
-
-def _jsonable(value: Any) -> Any:
-    return value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
-
-
-class StudyKeys(SpecKeys):
-    """A study file's keys besides those every study and sweep file has."""
-
-    design: Literal[tuple(DESIGNS)] = Field("one_factor_at_a_time", description="one factor at a time "
-                                            "(ofat) or grid (factorial)")
-    axes: dict[str, Any] = Field(min_length=1, description="each axis maps to its values, e.g. axes: "
-                                 "{lrn: [true, false]}, or value names to options (a composite axis)")
-    baseline: dict[str, Any] = Field({}, description="an axis' baseline value (default: the base config's)")
-    seeds: Annotated[list[Seed], BeforeValidator(lambda v: list(range(v)) if type(v) is int and v > 0 else v),
-                     AfterValidator(_unique)] = Field(min_length=1, description="list the training seeds, "
-                                                      "e.g. seeds: [0, 1, 2] (or a count, seeds: 3)")
-    nuisance: list[str] = Field([], description="options that are nuisance hyperparameters (always: seed)")
-    fixed: list[str] = Field([], description="options held fixed (default: the rest)")
-    nuisance_grid: dict[str, Annotated[list[Any], Field(min_length=1)]] | None = Field(
-        None, description="options mapped to the values tried per arm, e.g. {learning_rate: [0.01, 0.02]}")
-
-
-def _value_name(raw: Any) -> str:
-    """How an axis value is named in variant names and tags: `true`, `0.5`, `none` for null."""
-    return value_text(raw) or "none"
+def planned_runs(variants: int, seeds: int, grid: int) -> int:
+    """Every variant's seeds; with a nuisance grid, its tuning runs (one per grid value) replace the first seed's."""
+    return variants * (max(grid, 1) + seeds - 1)
 
 
 def _flat_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -241,60 +239,82 @@ def _check_option(name: str, where: str, what: str = "varied") -> None:
         raise StudyError(f"{where} cannot be {what}: {RESERVED_AXES[name]}.")
 
 
-def _values(name: str, raw: Any, base: Config, where: str) -> dict[str, Any]:
+def _values(name: str, raw: list[Any], base: Config, where: str) -> dict[str, Any]:
     """{value name: value} of an option's listed values, each a valid config."""
     out: dict[str, Any] = {}
     for value in raw:
-        value_name = _value_name(value)
         if isinstance(value, (Mapping, list)):
             raise StudyError(f"{where}: value {value!r} must be a single value.")
-        if value_name in out:
-            raise StudyError(f"{where}: value {value_name!r} is listed twice.")
-        base.override({name: value}, source=f"{where}, value {value_name!r}")
-        out[value_name] = value
+        if _value_name(value) in out:
+            raise StudyError(f"{where}: value {_value_name(value)!r} is listed twice.")
+        base.override({name: value}, source=f"{where}, value {_value_name(value)!r}")
+        out[_value_name(value)] = value
     return out
 
 
-def _parse_axis(name: str, raw: Any, base: Config, src: str) -> tuple[tuple[str, ...], dict, bool]:
+def _parse_axis(name: str, raw: Any, base: Config, src: str) -> dict[str, dict[str, Any]]:
+    """{value name: the options it sets}, each a valid config; ordered as the file lists them."""
     where = f"{src}: axis {name!r}"
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
         raise StudyError(f"{src}: axis name {name!r} must be letters, digits, '_', '.' or '-'.")
     _check_option(name, where)
-    if isinstance(raw, Mapping):   # composite: value name -> options
-        if not raw:
-            raise StudyError(f"{where} has no values.")
-        overrides = {}
-        for value, options in raw.items():
-            if not isinstance(options, Mapping) or not options:
-                raise StudyError(f"{where}: value {_value_name(value)!r} must map to a non-empty set of options, "
-                                 f"e.g. {{lrn: false, batchnorm: true}}; got {options!r}.")
-            base.override(options, source=f"{where}, value {_value_name(value)!r}")
-            overrides[_value_name(value)] = _flat_options(options)
-            for leaf in overrides[_value_name(value)]:
-                _check_option(leaf, f"{where}: value {_value_name(value)!r} sets {leaf!r}, which")
-        first, *rest = overrides.items()
-        for value_name, options in rest:
-            if options.keys() != first[1].keys():
-                raise StudyError(f"{where}: every value must set the same options; {first[0]!r} sets "
-                                 f"{sorted(first[1])}, {value_name!r} sets {sorted(options)}.")
-        return tuple(overrides), overrides, True
-    leaves = sorted(leaf_fields())
-    if name not in leaves:
-        raise StudyError(f"{where}: unknown option {name!r}.{did_you_mean(name, leaves)} An axis with a list of "
-                         f"values must be a config option ({', '.join(leaves)}); a composite axis maps each value "
-                         f"name to options, e.g. normalization: {{none: {{lrn: false, batchnorm: false}}}}.")
-    if not isinstance(raw, list) or not raw:
-        raise StudyError(f"{where} must list its values, e.g. {name}: [a, b]; got {raw!r}.")
-    values = _values(name, raw, base, where)
-    return tuple(values), {n: {name: v} for n, v in values.items()}, False
+    if not isinstance(raw, Mapping):   # a config option and its values
+        leaves = sorted(leaf_fields())
+        if name not in leaves:
+            raise StudyError(f"{where}: unknown option {name!r}.{did_you_mean(name, leaves)} An axis with a list "
+                             f"of values must be a config option ({', '.join(leaves)}); a composite axis maps each "
+                             f"value name to options, e.g. normalization: {{none: {{lrn: false, batchnorm: false}}}}.")
+        if not isinstance(raw, list) or not raw:
+            raise StudyError(f"{where} must list its values, e.g. {name}: [a, b]; got {raw!r}.")
+        return {n: {name: v} for n, v in _values(name, raw, base, where).items()}
+    if not raw:
+        raise StudyError(f"{where} has no values.")
+    overrides = {}
+    for value, options in raw.items():   # composite: value name -> options
+        at = f"{where}: value {_value_name(value)!r}"
+        if not isinstance(options, Mapping) or not options:
+            raise StudyError(f"{at} must map to a non-empty set of options, e.g. {{lrn: false, batchnorm: true}}; "
+                             f"got {options!r}.")
+        base.override(options, source=at)
+        overrides[_value_name(value)] = _flat_options(options)
+        for leaf in overrides[_value_name(value)]:
+            _check_option(leaf, f"{at} sets {leaf!r}, which")
+    (first, keys), *rest = ((n, o.keys()) for n, o in overrides.items())
+    for value_name, other in rest:
+        if other != keys:
+            raise StudyError(f"{where}: every value must set the same options; {first!r} sets {sorted(keys)}, "
+                             f"{value_name!r} sets {sorted(other)}.")
+    return overrides
 
 
-def _parse_grid(raw: Mapping[str, list] | None, base: Config, owner: Mapping[str, str],
-                src: str) -> tuple[GridPoint, ...]:
-    """`nuisance_grid: {option: [values], ...}` -> its points (the cartesian product of the keys, in
-    the file's order); () when absent."""
-    values: dict[str, dict[str, Any]] = {}
-    for key, listed in (raw or {}).items():
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study file; count its runs, then build (and so check) every variant's Config."""
+    try:
+        spec, base = read_spec(path, StudyKeys, "study")
+    except ConfigError as err:
+        raise StudyError(str(err)) from None
+    src = str(path)
+    for axis in spec.baseline:
+        if axis not in spec.axes:
+            raise StudyError(f"{src}: `baseline` names {axis!r}, which is not an axis ({', '.join(spec.axes)}).")
+    axes, owner = [], {}
+    for axis_name, raw in spec.axes.items():
+        overrides = _parse_axis(axis_name, raw, base, src)
+        for leaf in {leaf for o in overrides.values() for leaf in o}:
+            if leaf in owner:
+                raise StudyError(f"{src}: axes {owner[leaf]!r} and {axis_name!r} both set {leaf!r}; make them "
+                                 f"one composite axis.")
+            owner[leaf] = axis_name
+        # the baseline: the file's, else the value the base config already has, else the first listed
+        baseline = (_value_name(spec.baseline[axis_name]) if axis_name in spec.baseline
+                    else next((v for v, o in overrides.items() if base.override(o) == base), next(iter(overrides))))
+        if baseline not in overrides:
+            raise StudyError(f"{src}: baseline {axis_name}={baseline!r} is not one of its values "
+                             f"({', '.join(overrides)}).")
+        axes.append(Axis(axis_name, tuple(overrides), overrides, baseline, isinstance(raw, Mapping)))
+
+    tuned = {}   # option -> {value name: value}
+    for key, listed in (spec.nuisance_grid or {}).items():
         where = f"{src}: nuisance_grid {key!r}"
         if key not in leaf_fields():
             raise StudyError(f"{where}: unknown option.{did_you_mean(key, sorted(leaf_fields()))} Its keys are "
@@ -303,118 +323,68 @@ def _parse_grid(raw: Mapping[str, list] | None, base: Config, owner: Mapping[str
         if key in owner:
             raise StudyError(f"{where} is set by the axis {owner[key]!r} (scientific), so it cannot also be "
                              f"tuned as a nuisance.")
-        values[key] = _values(key, listed, base, where)
-    points, seen = [], {}
-    for combo in itertools.product(*(v.items() for v in values.values())) if values else ():
-        options = {key: value for key, (_, value) in zip(values, combo)}
-        label = combo[0][0] if len(values) == 1 else ",".join(f"{k}={n}" for k, (n, _) in zip(values, combo))
-        digest = base.override(options).digest()
-        if digest in seen:
-            raise StudyError(f"{src}: nuisance_grid values {seen[digest]!r} and {label!r} are the same "
-                             f"configuration; drop one.")
-        seen[digest] = label
-        points.append(GridPoint(label, options))
-    return tuple(points)
-
-
-def load_study(path: str | Path) -> Study:
-    """Read and validate a study file; build (and so check) every variant's full Config."""
-    try:
-        return _load_study(path)
-    except StudyError:
-        raise
-    except ConfigError as err:
-        raise StudyError(str(err)) from None
-
-
-def _load_study(path: str | Path) -> Study:
-    spec, base = read_spec(path, StudyKeys, "study")
-    src, design = str(path), DESIGNS[spec.design]
-    for axis in spec.baseline:
-        if axis not in spec.axes:
-            raise StudyError(f"{src}: `baseline` names {axis!r}, which is not an axis ({', '.join(spec.axes)}).")
-    axes, owner = [], {}
-    for axis_name, raw in spec.axes.items():
-        values, overrides, composite = _parse_axis(axis_name, raw, base, src)
-        for leaf in {leaf for o in overrides.values() for leaf in o}:
-            if leaf in owner:
-                raise StudyError(f"{src}: axes {owner[leaf]!r} and {axis_name!r} both set {leaf!r}; make them "
-                                 f"one composite axis.")
-            owner[leaf] = axis_name
-        # the baseline: the file's, else the value the base config already has, else the first listed
-        baseline = (_value_name(spec.baseline[axis_name]) if axis_name in spec.baseline
-                    else next((v for v in values if base.override(overrides[v]) == base), values[0]))
-        if baseline not in values:
-            raise StudyError(f"{src}: baseline {axis_name}={baseline!r} is not one of its values "
-                             f"({', '.join(values)}).")
-        axes.append(Axis(axis_name, values, overrides, baseline, composite))
+        tuned[key] = _values(key, listed, base, where)
+    design = DESIGNS[spec.design]
+    sizes = [len(a.values) for a in axes]
+    count = math.prod(sizes) if design == "grid" else 1 + sum(sizes) - len(sizes)
+    runs = planned_runs(count, len(spec.seeds), math.prod(map(len, tuned.values())) if tuned else 0)
+    if runs > spec.max_runs:   # before any child config is built
+        raise StudyError(f"{src}: the study {over_limit(runs, spec.max_runs)}.")
 
     base_choice = {a.name: a.baseline for a in axes}
     if design == "grid":
         points = [dict(zip(base_choice, combo)) for combo in itertools.product(*(a.values for a in axes))]
     else:
         points = [dict(base_choice)] + [{**base_choice, a.name: v} for a in axes for v in a.values if v != a.baseline]
-    by_axis = {a.name: a for a in axes}
-    variants, seen = [], {}
+    variants = []
     for factors in points:
         name = ",".join(f"{axis}={value}" for axis, value in factors.items() if value != base_choice[axis]) \
             or "baseline"
-        merged = {k: v for axis, value in factors.items() for k, v in by_axis[axis].overrides[value].items()}
+        merged = {k: v for a in axes for k, v in a.overrides[factors[a.name]].items()}
         config = base.override(merged, source=f"{src}: variant {name!r}")
-        if config.digest() in seen:
-            raise StudyError(f"{src}: variants {seen[config.digest()]!r} and {name!r} are the same configuration; "
-                             f"drop one of the values (or merge the axes into one composite axis).")
-        seen[config.digest()] = name
         variants.append(Variant(name, dict(factors), merged, config, factors == base_choice))
-
-    grid = _parse_grid(spec.nuisance_grid, base, owner, src)
-    for variant in variants:   # every arm at every grid value is a config that must hold
-        for point in grid:
-            variant.config.override(point.options, source=f"{src}: variant {variant.name!r} at nuisance_grid "
-                                                          f"{point.assignment}")
-    tuned = list(grid[0].options) if grid else []
-    leaves = leaf_fields()
+    grid = []
+    for combo in itertools.product(*(v.items() for v in tuned.values())) if tuned else ():
+        label = combo[0][0] if len(tuned) == 1 else ",".join(f"{k}={n}" for k, (n, _) in zip(tuned, combo))
+        grid.append(GridPoint(label, {key: value for key, (_, value) in zip(tuned, combo)}))
     for key, names in (("nuisance", spec.nuisance), ("fixed", spec.fixed)):
-        bad = [n for n in names if n not in leaves]
-        if bad:
-            raise StudyError(f"{src}: `{key}` names unknown option(s) {', '.join(map(repr, bad))}.")
-        clash = [n for n in names if n in owner or n in by_axis]
-        if clash:
-            raise StudyError(f"{src}: {', '.join(map(repr, clash))} is an axis (scientific), so it cannot "
-                             f"also be {key}.")
+        if [n for n in names if n in owner]:
+            raise StudyError(f"{src}: {', '.join(repr(n) for n in names if n in owner)} is an axis (scientific), so "
+                             f"it cannot also be {key}.")
     if set(tuned) & set(spec.fixed):
         raise StudyError(f"{src}: {', '.join(map(repr, sorted(set(tuned) & set(spec.fixed))))} is tuned in "
                          f"`nuisance_grid`, so it cannot also be fixed.")
     nuisance = list(dict.fromkeys(["seed", *spec.nuisance, *tuned]))   # the seeds are always a nuisance
-    fixed = spec.fixed or [n for n in leaves if n not in owner and n not in nuisance
+    fixed = spec.fixed or [n for n in leaf_fields() if n not in owner and n not in nuisance
                            and n not in ("experiment", "run_name")]   # neither scientific nor nuisance
-    return Study(name=spec.name, description=spec.description, path=src, text=Path(path).read_text(),
-                 design=design, seeds=tuple(spec.seeds), axes=tuple(axes), variants=tuple(variants), base=base,
-                 experiment=spec.experiment or base.experiment, nuisance=tuple(nuisance), fixed=tuple(fixed), grid=grid)
+    study = Study(spec, src, Path(path).read_text(), base, tuple(axes), tuple(variants), tuple(grid),
+                  tuple(nuisance), tuple(fixed))
+    seen: dict[str, str] = {}
+    for child in study.children():   # builds (and so checks) every child's config
+        if seen.setdefault(child.digest, child.label) != child.label:
+            raise StudyError(f"{src}: {seen[child.digest]!r} and {child.label!r} are the same configuration; drop "
+                             f"one of the values (or merge the axes into one composite axis).")
+    return study
 
 
 def plan_text(study: Study) -> str:
     """The variants and, with a nuisance grid, the plan: the tuning runs, then the final runs."""
-    n_variants, n_seeds = len(study.variants), len(study.seeds)
-    if not study.grid:
-        runs = f"{n_variants} variants x {n_seeds} seeds = {n_variants * n_seeds} runs"
-    else:
-        n_tuning, n_final = n_variants * len(study.grid), n_variants * (n_seeds - 1)
-        runs = (f"{n_variants} variants x {n_seeds} seeds, {len(study.grid)} nuisance values tuned per arm = "
-                f"{n_tuning} tuning + {n_final} final = {n_tuning + n_final} runs")
-    lines = [f"study {study.name!r} ({study.design}, {runs}), experiment {study.experiment!r}"]
-    for v in study.variants:
-        options = ", ".join(f"{k}={_value_name(x)}" for k, x in v.overrides.items())
-        lines.append(f"  {v.name:<32} {options}")
+    n_variants, n_seeds, n_tuning = len(study.variants), len(study.seeds), len(study.variants) * len(study.grid)
+    runs = f"{n_variants} variants x {n_seeds} seeds"
     if study.grid:
-        grid = ", ".join(f"{k} in {{{', '.join(_value_name(x) for x in values)}}}"
-                         for k, values in study.grid_spec().items())
+        runs += (f", {len(study.grid)} nuisance values tuned per arm = {n_tuning} tuning + "
+                 f"{study.runs - n_tuning} final")
+    lines = [f"study {study.name!r} ({study.design}, {runs} = {study.runs} runs), experiment {study.experiment!r}"]
+    for v in study.variants:
+        lines.append(f"  {v.name:<32} " + ", ".join(f"{k}={_value_name(x)}" for k, x in v.overrides.items()))
+    if study.grid:
+        grid = ", ".join(f"{k} in {{{', '.join(map(_value_name, values))}}}" for k, values in study.grid_spec().items())
         lines.append(f"nuisance grid: {grid}")
         lines.append(f"1. tuning runs ({n_tuning}): every variant at every value, seed {study.seeds[0]}; each "
                      f"arm keeps the value with the best final val_accuracy (never test)")
         lines += [f"  {c.label}" for c in study.tuning_children()]
         rest = ", ".join(map(str, study.seeds[1:])) or "none"
-        lines.append(f"2. final runs ({n_final}): seeds {rest} of each variant at its chosen value (seed "
-                     f"{study.seeds[0]}'s run there is its tuning run)")
+        lines.append(f"2. final runs ({study.runs - n_tuning}): seeds {rest} of each variant at its chosen value "
+                     f"(seed {study.seeds[0]}'s run there is its tuning run)")
         lines += [f"  {v.name} seed={seed}" for seed in study.seeds[1:] for v in study.variants]
     return "\n".join(lines)
