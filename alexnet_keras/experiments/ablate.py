@@ -24,7 +24,7 @@ SELECTION_METRIC = "val_accuracy"   # the study's champion is chosen on validati
 class StudyResult:
     parent_run_id: str
     ran: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: int = 0
     failed: dict[str, str] = field(default_factory=dict)     # child label -> error
     diverged: list[str] = field(default_factory=list)        # tuning children whose grid value diverged
     report: Any = None
@@ -84,11 +84,9 @@ def register_champion(study: Study, result: StudyResult, name: str) -> None:
 
 def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = None, ray: str | None = None,
               ray_cpus: float = 1) -> StudyResult:
-    """Create or resume the parent, train the missing children, write the report on the parent.
-
-    The children run here one after another, or as Ray jobs: `parallel` at a time on a local cluster, or
-    on the cluster `ray` ("local", "auto", "HOST:PORT"), each asking for one GPU where there are GPUs,
-    else `ray_cpus` CPUs. The cluster and the store it must share are checked before any run exists."""
+    """Create or resume the parent, train the missing children (here one after another, or as Ray jobs: `parallel`
+    at a time on a local cluster, or on the cluster `ray`, each asking for a GPU, else `ray_cpus` CPUs), write
+    the report on the parent. The cluster and the store it must share are checked before any run exists."""
     if parallel < 1:
         raise StudyError(f"--parallel must be at least 1; got {parallel}.")
     if ray is not None and parallel != 1:
@@ -112,31 +110,26 @@ def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = Non
 
 
 def _run_study(study: Study, uri: str, on_ray: float | None = None) -> StudyResult:
-    """`on_ray`: the children run as Ray jobs of the connected cluster, asking for that many CPUs where
-    it has no GPUs; None: one after another here."""
+    """`on_ray`: CPUs per child as Ray jobs of the connected cluster (where it has no GPUs); None: here."""
     from .report import build_report, choose_grid_value
 
     params = {"study": study.name, "study_file": study.path, "design": study.design,
-              "seeds": ",".join(map(str, study.seeds)), "axes": ",".join(a.name for a in study.axes),
+              "seeds": ",".join(map(str, study.seeds)), "axes": ",".join(study.axes),
               "num_variants": len(study.variants), "num_children": study.runs,
-              **({"nuisance_grid": json.dumps(study.grid_spec())} if study.grid else {})}
-    axes = "; ".join(f"{a.name}: {', '.join(a.values)} (baseline {a.baseline})" for a in study.axes)
-    description = (f"Ablation study {study.name!r}: {len(study.variants)} variants ({study.design}) x "
-                   f"{len(study.seeds)} seeds, one child run each. Axes: {axes}. The report (reports/ablation.md) "
-                   f"replaces this description when the children have finished.\n\n{study.description}").strip()
+              **({"nuisance_grid": json.dumps(study.keys.nuisance_grid)} if study.grid else {})}
+    description = (f"Ablation {plan_text(study).splitlines()[0]}. The report (reports/ablation.md) replaces this "
+                   f"description when the children have finished.\n\n{study.description}").strip()
     match = {STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "parent"}
     with tracking.parent_run(study.experiment, study.name, match, params=params, description=description,
                              adopt_key=CONFIG_DIGEST_TAG, wanted={c.digest for c in study.children()}) as parent:
         result = StudyResult(parent.run_id)
         tracking.log_dict(study.spec(), SPEC_ARTIFACT)
-        tracking.log_text(study.text, "study/" + Path(study.path).name)
+        tracking.log_text(Path(study.path).read_text(), "study/" + Path(study.path).name)
         print(plan_text(study))
         start = time.perf_counter()
-        if not study.grid:
-            _train_missing(study, study.children(parent.experiment), result, uri, on_ray)
-        else:   # 1. every arm at every grid value with the first seed; 2. its other seeds at its best value
-            tuning = study.tuning_children(parent.experiment)
-            _train_missing(study, tuning, result, uri, on_ray)
+        tuning, choice = study.tuning_children(parent.experiment), {}   # no tuning without a nuisance grid
+        _train_missing(study, tuning, result, uri, on_ray)
+        if study.grid:   # each arm's grid value, chosen on validation from its finished tuning runs
             finished = tracking.children_by(parent.run_id, CONFIG_DIGEST_TAG, status="FINISHED")
             choice = {v.name: choose_grid_value({c.grid_point.label: finished.get(c.digest) for c in tuning
                                                  if c.variant is v})[0] for v in study.variants}
@@ -144,11 +137,11 @@ def _run_study(study: Study, uri: str, on_ray: float | None = None) -> StudyResu
                                                        for name, label in choice.items()), flush=True)
             result.failed.update({name: "no tuning run finished, so its other seeds were not run"
                                   for name, label in choice.items() if label is None})
-            _train_missing(study, study.final_children(choice, parent.experiment), result, uri, on_ray)
+        _train_missing(study, study.final_children(choice, parent.experiment), result, uri, on_ray)
         print(f"trained {len(result.ran)} children in {time.perf_counter() - start:.1f}s; {len(result.failed)} "
               f"failed" + (f", {len(result.diverged)} tuning runs diverged" if result.diverged else ""))
         result.report = build_report(parent.run_id)
-        tracking.log_metrics({"children_trained": len(result.ran), "children_skipped": len(result.skipped),
+        tracking.log_metrics({"children_trained": len(result.ran), "children_skipped": result.skipped,
                               "children_failed": len(result.failed)})
         if result.failed:
             raise StudyIncomplete(f"{len(result.failed)} of {study.runs} children failed (re-run the study "
@@ -156,20 +149,18 @@ def _run_study(study: Study, uri: str, on_ray: float | None = None) -> StudyResu
     return result
 
 
-def _diverged(run) -> bool:
-    return run is not None and run.info.status == "FAILED" and run.data.tags.get(tracking.ERROR_TAG, "").startswith("FloatingPointError")
-
-
-def _train_missing(study: Study, children: list[Child], result: StudyResult, uri: str, on_ray: float | None) -> None:
+def _train_missing(study: Study, children: list[Child], result: StudyResult, uri: str,
+                   on_ray: float | None) -> None:
     """Train those of `children` that have no FINISHED run under the parent, here or as Ray jobs (`on_ray`).
     Nor is a tuning child whose newest run diverged: its grid value is out for the arm, and would diverge again."""
     done = tracking.children_by(result.parent_run_id, CONFIG_DIGEST_TAG, status="FINISHED")
     newest = tracking.children_by(result.parent_run_id, CONFIG_DIGEST_TAG)
-    skip = {c.label for c in children if c.digest in done or c.tuning and _diverged(newest.get(c.digest))}
-    result.skipped += [c.label for c in children if c.label in skip]
-    if skip:
-        print(f"{len(skip)} of {len(children)} children already finished: skipped")
-    todo = [c for c in children if c.label not in skip]
+    diverged = {digest for digest, run in newest.items() if run.info.status == "FAILED"
+                and run.data.tags.get(tracking.ERROR_TAG, "").startswith("FloatingPointError")}
+    todo = [c for c in children if c.digest not in done and not (c.tuning and c.digest in diverged)]
+    result.skipped += len(children) - len(todo)
+    if len(todo) < len(children):
+        print(f"{len(children) - len(todo)} of {len(children)} children already finished: skipped")
     if on_ray is not None:
         _run_on_ray(study, todo, result, uri, on_ray)
         return
