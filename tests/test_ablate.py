@@ -644,14 +644,16 @@ def test_a_plan_over_the_limit_is_refused_before_any_config_is_built(tmp_path, u
     assert not untouched_store.exists()
 
 
-def test_max_runs_allows_a_larger_plan(tmp_path, untouched_store, capsys):
-    path = tmp_path / "big.yaml"
-    path.write_text(yaml.safe_dump(_bad(seeds=334)))                     # 3 variants x 334 seeds = 1,002
+def test_max_runs_sets_the_limit(tmp_path, untouched_store, capsys):
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(_bad(max_runs=5)))                   # 3 variants x 2 seeds = 6 runs
     assert cli.main(["ablate", str(path), "--dry-run"]) == 2
-    assert "`max_runs: 1002`" in capsys.readouterr().err
-    path.write_text(yaml.safe_dump(_bad(seeds=334, max_runs=1002)))
+    err = capsys.readouterr().err
+    assert "plans 6 runs, more than max_runs (5)" in err and "`max_runs: 6`" in err
+    path.write_text(yaml.safe_dump(_bad(max_runs=6)))
     assert cli.main(["ablate", str(path), "--dry-run"]) == 0
-    assert "3 variants x 334 seeds = 1002 runs" in capsys.readouterr().out
+    assert "3 variants x 2 seeds = 6 runs" in capsys.readouterr().out
+    assert not untouched_store.exists()
 
 
 @pytest.mark.xfail(reason="report.load_spec reads study/study.json through tracking.download_artifact, whose "

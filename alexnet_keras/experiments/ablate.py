@@ -1,9 +1,9 @@
-"""Ablation studies (study files: study.py): one MLflow parent run per study (tracking.parent_run), one
-child run per planned child, trained here one after another or as Ray jobs (cluster.py), and a report on
-the parent (report.py). docs/ablations.md describes resuming, nuisance grids and divergence."""
+"""Ablation studies (study.py): a parent run per study, a child run per planned child, trained here or as Ray
+jobs (cluster.py), and a report on the parent (report.py). docs/ablations.md describes the rest."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -31,16 +31,14 @@ class StudyResult:
 
 
 def child_tags(study: Study, child: Child) -> dict[str, str]:
-    return {
-        STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "child",
-        VARIANT_TAG: child.variant.name, BASELINE_TAG: str(child.variant.is_baseline).lower(),
-        SEED_TAG: str(child.seed), **{FACTOR_TAG + axis: value for axis, value in child.variant.factors.items()},
-    }
+    return {STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "child", SEED_TAG: str(child.seed),
+            VARIANT_TAG: child.variant.name, BASELINE_TAG: str(child.variant.is_baseline).lower(),
+            **{FACTOR_TAG + axis: value for axis, value in child.variant.factors.items()}}
 
 
 def end_earlier_attempts(parent_run_id: str, digest: str, reason: str) -> None:
-    """End KILLED the runs of one child (its config digest) still RUNNING under the parent. Within one
-    `ablate` a child is trained by one process at a time: such a run is of an attempt that died."""
+    """End KILLED one child's runs still RUNNING under the parent: within one `ablate` a child trains in one
+    process at a time, so such a run is of an attempt that died."""
     for run in tracking.child_runs(parent_run_id):
         if run.data.tags.get(CONFIG_DIGEST_TAG) == digest and run.info.status in ("RUNNING", "SCHEDULED"):
             tracking.end_run(run.info.run_id, "KILLED", reason)
@@ -61,8 +59,7 @@ def champion(report) -> tuple[Any, str, float, float] | None:
 
 
 def register_champion(study: Study, result: StudyResult, name: str) -> None:
-    """`ablate --register NAME`: the model of the study's champion run as a new version of NAME (alias
-    champion), tagged with the study, its parent run, the variant, seed and the value it was chosen on."""
+    """`ablate --register NAME`: the model of the study's champion run as a new version of NAME (alias champion)."""
     from ..serving import DEFAULT_ALIAS, ModelError, register_model
 
     chosen = champion(result.report)
@@ -87,41 +84,38 @@ def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = Non
     """Create or resume the parent, train the missing children (here one after another, or as Ray jobs: `parallel`
     at a time on a local cluster, or on the cluster `ray`, each asking for a GPU, else `ray_cpus` CPUs), write
     the report on the parent. The cluster and the store it must share are checked before any run exists."""
+    from .report import build_report, choose_grid_value
+
     if parallel < 1:
         raise StudyError(f"--parallel must be at least 1; got {parallel}.")
     if ray is not None and parallel != 1:
         raise StudyError(f"--parallel {parallel} with --ray: Ray runs as many children at once as the cluster "
                          f"has room for (one GPU each, else --ray-cpus CPUs each); drop --parallel.")
-    uri = tracking.configure(tracking_uri)
-    if ray is None and parallel == 1:
-        return _run_study(study, uri)
-    from . import cluster
+    uri, on_ray = tracking.configure(tracking_uri), None   # on_ray: the CPUs each child asks Ray for
+    with contextlib.ExitStack() as stack:
+        if ray is not None or parallel > 1:
+            from . import cluster
 
-    if ray is None:   # --parallel N: a local cluster of this machine's CPUs, N children at a time
-        where, sizes, ray_cpus = None, {"num_cpus": os.cpu_count() or 1}, (os.cpu_count() or 1) / parallel
-    else:
-        where, sizes = (None if ray == "local" else ray), {}
-    with cluster.connected(where, **sizes) as info:
-        cluster.check_store(uri, info)          # before any run: a store some node cannot write to
-        location = tracking.artifact_location(tracking.experiment_id_for(study.experiment))
-        cluster.check_store(uri, info, artifact_location=location)
-        print(f"children run as Ray jobs on the {info.describe()}", flush=True)
-        return _run_study(study, uri, ray_cpus)
-
-
-def _run_study(study: Study, uri: str, on_ray: float | None = None) -> StudyResult:
-    """`on_ray`: CPUs per child as Ray jobs of the connected cluster (where it has no GPUs); None: here."""
-    from .report import build_report, choose_grid_value
-
-    params = {"study": study.name, "study_file": study.path, "design": study.design,
-              "seeds": ",".join(map(str, study.seeds)), "axes": ",".join(study.axes),
-              "num_variants": len(study.variants), "num_children": study.runs,
-              **({"nuisance_grid": json.dumps(study.keys.nuisance_grid)} if study.grid else {})}
-    description = (f"Ablation {plan_text(study).splitlines()[0]}. The report (reports/ablation.md) replaces this "
-                   f"description when the children have finished.\n\n{study.description}").strip()
-    match = {STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "parent"}
-    with tracking.parent_run(study.experiment, study.name, match, params=params, description=description,
-                             adopt_key=CONFIG_DIGEST_TAG, wanted={c.digest for c in study.children()}) as parent:
+            if ray is None:   # --parallel N: a local cluster of this machine's CPUs, N children at a time
+                where, sizes, ray_cpus = None, {"num_cpus": os.cpu_count() or 1}, (os.cpu_count() or 1) / parallel
+            else:
+                where, sizes = (None if ray == "local" else ray), {}
+            info = stack.enter_context(cluster.connected(where, **sizes))
+            cluster.check_store(uri, info)          # before any run: a store some node cannot write to
+            location = tracking.artifact_location(tracking.experiment_id_for(study.experiment))
+            cluster.check_store(uri, info, artifact_location=location)
+            print(f"children run as Ray jobs on the {info.describe()}", flush=True)
+            on_ray = ray_cpus
+        params = {"study": study.name, "study_file": study.path, "design": study.design,
+                  "seeds": ",".join(map(str, study.seeds)), "axes": ",".join(study.axes),
+                  "num_variants": len(study.variants), "num_children": study.runs,
+                  **({"nuisance_grid": json.dumps(study.keys.nuisance_grid)} if study.grid else {})}
+        description = (f"Ablation {plan_text(study).splitlines()[0]}. The report (reports/ablation.md) replaces "
+                       f"this description when the children have finished.\n\n{study.description}").strip()
+        match = {STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "parent"}
+        parent = stack.enter_context(tracking.parent_run(
+            study.experiment, study.name, match, params=params, description=description,
+            adopt_key=CONFIG_DIGEST_TAG, wanted={c.digest for c in study.children()}))
         result = StudyResult(parent.run_id)
         tracking.log_dict(study.spec(), SPEC_ARTIFACT)
         tracking.log_text(Path(study.path).read_text(), "study/" + Path(study.path).name)
@@ -137,7 +131,10 @@ def _run_study(study: Study, uri: str, on_ray: float | None = None) -> StudyResu
                                                        for name, label in choice.items()), flush=True)
             result.failed.update({name: "no tuning run finished, so its other seeds were not run"
                                   for name, label in choice.items() if label is None})
-        _train_missing(study, study.final_children(choice, parent.experiment), result, uri, on_ray)
+        # the other children: every one without a grid; with one, each arm's other seeds at its chosen value
+        final = [c for c in study.children(parent.experiment) if not c.tuning
+                 and (c.grid_point is None or c.grid_point.label == choice.get(c.variant.name))]
+        _train_missing(study, final, result, uri, on_ray)
         print(f"trained {len(result.ran)} children in {time.perf_counter() - start:.1f}s; {len(result.failed)} "
               f"failed" + (f", {len(result.diverged)} tuning runs diverged" if result.diverged else ""))
         result.report = build_report(parent.run_id)
@@ -180,8 +177,8 @@ def _train_missing(study: Study, children: list[Child], result: StudyResult, uri
 
 
 def _record_failure(result: StudyResult, child: Child, err: Exception) -> None:
-    """A child's own failure is recorded and the study goes on (a tuning child that diverged is a tuning
-    result, not a failure); one every child would hit again (bad data path, bad config, the store) stops it."""
+    """A child's own failure is recorded (a tuning child's divergence as a tuning result) and the study goes on;
+    one every child would hit again (bad data path, bad config, the store) stops it."""
     from ..data import DataError
 
     if isinstance(err, (ConfigError, DataError, tracking.TrackingError)):
@@ -194,9 +191,8 @@ def _record_failure(result: StudyResult, child: Child, err: Exception) -> None:
 
 
 def _train_child_on_ray(config, tags: dict[str, str], parent_run_id: str, uri: str) -> str:
-    """One child as a Ray job, with its Ray task, node and GPU in its tags. A retry (Ray re-runs the job
-    when its worker process or node died) first ends KILLED the run the dead attempt left RUNNING, then
-    trains in a new run: the dead attempt's metrics stay in its own run."""
+    """One child as a Ray job, with its Ray task, node and GPU in its tags. A retry (its worker or node died) ends
+    KILLED the run the dead attempt left RUNNING, then trains in a new run, so each attempt keeps its metrics."""
     import keras
 
     from ..training.train import train_and_evaluate
@@ -214,9 +210,8 @@ def _train_child_on_ray(config, tags: dict[str, str], parent_run_id: str, uri: s
 
 
 def _run_on_ray(study: Study, todo: list[Child], result: StudyResult, uri: str, cpus: float) -> None:
-    """Every child of `todo` as a Ray job (cluster.run_jobs). A child whose retries are spent (its process
-    or node died each time) is recorded failed and its run ended KILLED, so the next `ablate` trains it
-    again; a child that raised is recorded as in this process. A store error stops the study."""
+    """Every child of `todo` as a Ray job (cluster.run_jobs). One whose retries are spent (its process or node died
+    each time) is recorded failed, its run ended KILLED: the next `ablate` trains it again."""
     from . import cluster
 
     if not todo:
@@ -225,7 +220,6 @@ def _run_on_ray(study: Study, todo: list[Child], result: StudyResult, uri: str, 
     threads = max(1, int(cluster.job_resources(cluster.cluster_info(), cpus)["num_cpus"]))
     jobs = [cluster.Job(c.label, _train_child_on_ray, (c.config, child_tags(study, c), result.parent_run_id, uri))
             for c in todo]
-    print(f"training {len(todo)} children as Ray jobs", flush=True)
 
     def on_done(outcome) -> None:
         child, err = by_label[outcome.name], outcome.error

@@ -21,8 +21,7 @@ from .specfile import SpecKeys, read_spec
 
 DESIGNS = {"one_factor_at_a_time": "one_factor_at_a_time", "ofat": "one_factor_at_a_time",
            "grid": "grid", "factorial": "grid"}
-# Axes may not vary these: seeds have their own key, the split must be the same for every child,
-# and naming is the study's job.
+# Axes may not vary these (each message says why).
 RESERVED_AXES = {"seed": "use `seeds:` to list the seeds", "split_seed": "every child must see the same split",
                  "experiment": "set `experiment:` at the top of the study", "run_name": "children are named "
                  "after their variant", "register": "the study registers its best variant: `alexnet-keras "
@@ -43,9 +42,7 @@ def over_limit(runs: int, limit: int) -> str:
             f"with `max_runs: {runs}` in the study file")
 
 
-class StudyKeys(SpecKeys):
-    """A study file's keys besides those every study and sweep file has."""
-
+class StudyKeys(SpecKeys):   # the keys of a study file besides those every study and sweep file has
     design: Literal[tuple(DESIGNS)] = Field("one_factor_at_a_time", description="one factor at a time "
                                             "(ofat) or grid (factorial)")
     axes: dict[str, Any] = Field(min_length=1, description="each axis maps to its values, e.g. axes: "
@@ -85,14 +82,8 @@ class Variant:
 
 @dataclass(frozen=True)
 class GridPoint:
-    """One value of the nuisance grid: its label in the spec (report.py) is the value as text ("0.01"), or
-    "k1=v1,k2=v2" when the grid has several keys; `assignment` ("learning_rate=0.01") is in child labels."""
-    label: str
+    label: str                                     # in the spec (report.py): "0.01"; with several keys "k1=v1,k2=v2"
     options: dict[str, Any]
-
-    @property
-    def assignment(self) -> str:
-        return ",".join(f"{k}={_value_name(v)}" for k, v in self.options.items())
 
 
 @dataclass(frozen=True)
@@ -127,12 +118,12 @@ class Study:
     baseline = property(lambda self: next(v for v in self.variants if v.is_baseline))
 
     def children(self, experiment: str | None = None) -> list[Child]:
-        """Every (variant, seed), seed-major: an interrupted study has whole replicates first. With a
-        nuisance grid, every (variant, grid value, seed) that may run: `tuning_children` are run, then
-        `final_children` at each arm's chosen value."""
+        """Every (variant, grid value if any, seed) that may run, seed-major: an interrupted study has whole
+        replicates first. With a grid, the `tuning` ones run first, then each arm's others at its chosen value."""
         out = []
         for seed, variant, point in itertools.product(self.seeds, self.variants, self.grid or (None,)):
-            label = f"{variant.name}{f' {point.assignment}' if point else ''} seed={seed}"
+            at = " " + ",".join(f"{k}={_value_name(v)}" for k, v in point.options.items()) if point else ""
+            label = f"{variant.name}{at} seed={seed}"
             config = variant.config.override({**(point.options if point else {}), "seed": seed, "run_name": label,
                                               "experiment": experiment or self.experiment},
                                              source=f"{self.path}: {label}")
@@ -142,12 +133,6 @@ class Study:
     def tuning_children(self, experiment: str | None = None) -> list[Child]:
         """With a nuisance grid: every arm at every grid value, with the first seed (none without a grid)."""
         return [c for c in self.children(experiment) if c.tuning]
-
-    def final_children(self, choice: Mapping[str, str | None], experiment: str | None = None) -> list[Child]:
-        """Every child without a nuisance grid; with one, the other seeds of each arm at its chosen grid label
-        (`choice`: variant name -> label; none where it is None): the first seed's run there is its tuning child."""
-        return [c for c in self.children(experiment) if not c.tuning and (c.grid_point is None
-                or c.grid_point.label == choice.get(c.variant.name))]
 
     @functools.cache
     def digest(self) -> str:
@@ -160,13 +145,11 @@ class Study:
 
     def spec(self) -> dict[str, Any]:
         """What `report` needs to rebuild the tables from the store alone (logged on the parent)."""
-        children = self.children()
         scientific = {option for values in self.axes.values() for options in values.values() for option in options}
         nuisance = list(dict.fromkeys(["seed", *self.keys.nuisance, *(self.keys.nuisance_grid or {})]))
-
-        def digests(variant: Variant, point: GridPoint | None) -> dict[str, str]:
-            return {str(c.seed): c.digest for c in children if c.variant is variant and c.grid_point is point}
-
+        digests: dict[tuple, dict[str, str]] = {}   # (variant, grid label or None) -> {seed: digest}
+        for c in self.children():
+            digests.setdefault((c.variant.name, c.grid_point and c.grid_point.label), {})[str(c.seed)] = c.digest
         return {
             "name": self.name, "description": self.description, "study_file": self.path,
             "digest": self.digest(), "design": self.design, "seeds": list(self.seeds),
@@ -174,8 +157,8 @@ class Study:
                          "composite": isinstance(self.keys.axes[a], Mapping)} for a, values in self.axes.items()},
             "baseline": self.baseline.name,
             "variants": [{"name": v.name, "factors": v.factors, "is_baseline": v.is_baseline, "overrides": v.overrides,
-                          **({"grid_digests": {p.label: digests(v, p) for p in self.grid}} if self.grid
-                             else {"config_digests": digests(v, None)})}
+                          **({"grid_digests": {p.label: digests[v.name, p.label] for p in self.grid}} if self.grid
+                             else {"config_digests": digests[v.name, None]})}
                          for v in self.variants],
             "hyperparameters": {"scientific": list(self.axes), "nuisance": nuisance, "fixed": self.keys.fixed or [
                 n for n in leaf_fields() if n not in {*scientific, *nuisance, "experiment", "run_name"}]},
@@ -189,13 +172,14 @@ def planned_runs(variants: int, seeds: int, grid: int) -> int:
     return variants * (max(grid, 1) + seeds - 1)
 
 
-def _check_option(name: str, where: str, what: str = "varied") -> None:
+def _check_option(name: str, where: str, what: str) -> None:
     if name in RESERVED_AXES:
         raise StudyError(f"{where} cannot be {what}: {RESERVED_AXES[name]}.")
 
 
-def _values(name: str, raw: list[Any], base: Config, where: str) -> dict[str, Any]:
-    """{value name: value} of an option's listed values, each a valid config."""
+def _values(name: str, raw: list[Any], base: Config, where: str, what: str) -> dict[str, Any]:
+    """{value name: value} of an option's listed values (`what`: varied or tuned), each a valid config."""
+    _check_option(name, where, what)
     out: dict[str, Any] = {}
     for value in raw:
         if isinstance(value, (Mapping, list)):
@@ -211,17 +195,15 @@ def _parse_axis(name: str, raw: Any, base: Config, where: str) -> dict[str, dict
     """{value name: the options it sets}, each a valid config, in the file's order."""
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
         raise StudyError(f"{where}: the name must be letters, digits, '_', '.' or '-'.")
-    _check_option(name, where)
     if not raw or not isinstance(raw, (list, Mapping)):
         raise StudyError(f"{where} must list its values, e.g. {name}: [a, b], or map value names to options; "
                          f"got {raw!r}.")
     if isinstance(raw, list):   # a config option and its values
         if name not in leaf_fields():
             raise StudyError(f"{where}: unknown option {name!r}.{did_you_mean(name, sorted(leaf_fields()))} An axis "
-                             f"with a list of values must be a config option ({', '.join(sorted(leaf_fields()))}); a "
-                             f"composite axis maps each value name to options, e.g. normalization: {{none: "
-                             f"{{lrn: false, batchnorm: false}}}}.")
-        return {n: {name: v} for n, v in _values(name, raw, base, where).items()}
+                             f"with a list of values must be a config option; a composite axis maps each value name "
+                             f"to options, e.g. normalization: {{none: {{lrn: false, batchnorm: false}}}}.")
+        return {n: {name: v} for n, v in _values(name, raw, base, where, "varied").items()}
     overrides = {}
     for value, options in raw.items():   # composite: value name -> options, nested, dotted or flat
         at = f"{where}: value {_value_name(value)!r}"
@@ -234,7 +216,7 @@ def _parse_axis(name: str, raw: Any, base: Config, where: str) -> dict[str, dict
             pairs = option.items() if key in SECTIONS and isinstance(option, Mapping) else [(key, option)]
             leaves.update({str(k).split(".")[-1]: v for k, v in pairs})
         for leaf in leaves:
-            _check_option(leaf, f"{at} sets {leaf!r}, which")
+            _check_option(leaf, f"{at} sets {leaf!r}, which", "varied")
         if leaves.keys() != next(iter(overrides.values())).keys():
             raise StudyError(f"{where}: every value must set the same options; {next(iter(overrides))!r} sets "
                              f"{sorted(next(iter(overrides.values())))}, {_value_name(value)!r} sets {sorted(leaves)}.")
@@ -273,11 +255,10 @@ def load_study(path: str | Path) -> Study:
         if key not in leaf_fields():
             raise StudyError(f"{where}: unknown option.{did_you_mean(key, sorted(leaf_fields()))} Its keys are "
                              f"config options (flat names, e.g. nuisance_grid: {{learning_rate: [0.01, 0.02]}}).")
-        _check_option(key, where, "tuned")
         if key in owner:
             raise StudyError(f"{where} is set by the axis {owner[key]!r} (scientific), so it cannot also be "
                              f"tuned as a nuisance.")
-        tuned[key] = _values(key, listed, base, where)
+        tuned[key] = _values(key, listed, base, where, "tuned")
     for key, names in (("nuisance", spec.nuisance), ("fixed", spec.fixed)):
         if set(names) & set(owner):
             raise StudyError(f"{src}: {', '.join(sorted(set(names) & set(owner)))} is an axis (scientific), so it "
