@@ -664,6 +664,8 @@ def test_a_study_leaves_no_temporary_folder(mlflow_store, monkeypatch, tmp_path)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(_bad(seeds=[0], axes={"dropout": [0.5, 0.0]})))   # two children
     _fake_training(monkeypatch)
-    assert cli.main(["ablate", str(SMOKE)]) == 0
+    assert cli.main(["ablate", str(path)]) == 0
     assert [(p.name, sorted(f.name for f in p.iterdir())) for p in scratch.iterdir()] == []

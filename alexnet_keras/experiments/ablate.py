@@ -84,13 +84,13 @@ def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = Non
     """Create or resume the parent, train the missing children (here one after another, or as Ray jobs: `parallel`
     at a time on a local cluster, or on the cluster `ray`, each asking for a GPU, else `ray_cpus` CPUs), write
     the report on the parent. The cluster and the store it must share are checked before any run exists."""
-    from .report import build_report, choose_grid_value
-
     if parallel < 1:
         raise StudyError(f"--parallel must be at least 1; got {parallel}.")
     if ray is not None and parallel != 1:
         raise StudyError(f"--parallel {parallel} with --ray: Ray runs as many children at once as the cluster "
                          f"has room for (one GPU each, else --ray-cpus CPUs each); drop --parallel.")
+    from .report import build_report, choose_grid_value
+
     uri, on_ray = tracking.configure(tracking_uri), None   # on_ray: the CPUs each child asks Ray for
     with contextlib.ExitStack() as stack:
         if ray is not None or parallel > 1:
