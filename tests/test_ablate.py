@@ -612,3 +612,60 @@ def test_a_bad_nuisance_grid_fails_before_any_run(tmp_path, untouched_store, cap
     err = capsys.readouterr().err
     assert fragment in err and str(path) in err and "Traceback" not in err
     assert not untouched_store.exists()
+
+
+# --- the plan's size, and what a study leaves behind ---------------------------------------------------------
+
+SIX_AXES = {"dropout": [i / 10 for i in range(10)], "learning_rate": [(i + 1) / 100 for i in range(10)],
+            "momentum": [i / 10 for i in range(10)], "weight_decay": [i / 1000 for i in range(10)],
+            "lrn_alpha": [(i + 1) / 1e4 for i in range(10)], "pca_std": [i / 10 for i in range(10)]}
+
+
+@pytest.mark.parametrize("changes, runs", [
+    ({"seeds": 1000000}, "1,000,000"),                                             # the count alone
+    ({"design": "grid", "axes": SIX_AXES}, "2,000,000"),                           # 10^6 variants x 2 seeds
+    ({"nuisance_grid": {"learning_rate": [0.01, 0.02, 0.05, 0.1], "momentum": [0.0, 0.5, 0.9],
+                        "weight_decay": [0.0, 0.0005, 0.001], "batch_size": [16, 32, 64], "lrn_beta": [0.5, 0.75, 1]},
+      "seeds": 11}, "1,002"),                                                      # 3 arms x (324 + 10)
+])
+def test_a_plan_over_the_limit_is_refused_before_any_config_is_built(tmp_path, untouched_store, capsys, changes, runs):
+    import time
+
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(_bad(**changes)))
+    start = time.perf_counter()
+    for argv in (["ablate", str(path), "--dry-run"], ["ablate", str(path)]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(path) in err and "Traceback" not in err
+        assert f"plans {runs} runs" in err and "more than max_runs (1,000)" in err
+        assert f"`max_runs: {runs.replace(',', '')}`" in err           # the override, with the count it needs
+    assert time.perf_counter() - start < 20                              # counted, not built
+    assert not untouched_store.exists()
+
+
+def test_max_runs_sets_the_limit(tmp_path, untouched_store, capsys):
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(_bad(max_runs=5)))                   # 3 variants x 2 seeds = 6 runs
+    assert cli.main(["ablate", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "plans 6 runs, more than max_runs (5)" in err and "`max_runs: 6`" in err
+    path.write_text(yaml.safe_dump(_bad(max_runs=6)))
+    assert cli.main(["ablate", str(path), "--dry-run"]) == 0
+    assert "3 variants x 2 seeds = 6 runs" in capsys.readouterr().out
+    assert not untouched_store.exists()
+
+
+@pytest.mark.xfail(reason="report.load_spec reads study/study.json through tracking.download_artifact, whose "
+                          "mkdtemp folder is never removed (report.py / tracking.py)", strict=False)
+def test_a_study_leaves_no_temporary_folder(mlflow_store, monkeypatch, tmp_path):
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(_bad(seeds=[0], axes={"dropout": [0.5, 0.0]})))   # two children
+    _fake_training(monkeypatch)
+    assert cli.main(["ablate", str(path)]) == 0
+    assert [(p.name, sorted(f.name for f in p.iterdir())) for p in scratch.iterdir()] == []

@@ -1,109 +1,65 @@
-"""Ablation studies (study files: study.py): one MLflow parent run per study (tracking.parent_run), one
-child run per (variant, seed), a report on the parent (report.py).
-
-Re-running a study resumes it: the children that FINISHED with the same config digest are kept, the
-others run. With a `nuisance_grid`, every arm first trains each grid value with the first seed, then its
-other seeds at the value chosen on validation; a value that diverges is out for that arm. Children train
-one after another in this process, or as Ray jobs (`--parallel N` on a local cluster, `--ray ADDRESS` on
-a cluster: cluster.py), where a retry after a dead process or node ends the dead attempt's run KILLED.
-"""
+"""Ablation studies (study.py): a parent run per study, a child run per planned child, trained here or as Ray
+jobs (cluster.py), and a report on the parent (report.py). docs/ablations.md describes the rest."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any
 
 from .. import tracking
-from ..config import Config, ConfigError
+from ..config import ConfigError
 from .study import Child, Study, StudyError, StudyIncomplete, plan_text
 from ..tracking import (BASELINE_TAG, CONFIG_DIGEST_TAG, FACTOR_TAG, ROLE_TAG, SEED_TAG, SPEC_ARTIFACT,
                        STUDY_DIGEST_TAG, STUDY_TAG, VARIANT_TAG)
 
+SELECTION_METRIC = "val_accuracy"   # the study's champion is chosen on validation, never on test
+
+
+@dataclass
+class StudyResult:
+    parent_run_id: str
+    ran: list[str] = field(default_factory=list)
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)     # child label -> error
+    diverged: list[str] = field(default_factory=list)        # tuning children whose grid value diverged
+    report: Any = None
+
 
 def child_tags(study: Study, child: Child) -> dict[str, str]:
-    return {
-        STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "child",
-        VARIANT_TAG: child.variant.name, BASELINE_TAG: str(child.variant.is_baseline).lower(),
-        SEED_TAG: str(child.seed),
-        **{FACTOR_TAG + axis: value for axis, value in child.variant.factors.items()},
-    }
+    return {STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "child", SEED_TAG: str(child.seed),
+            VARIANT_TAG: child.variant.name, BASELINE_TAG: str(child.variant.is_baseline).lower(),
+            **{FACTOR_TAG + axis: value for axis, value in child.variant.factors.items()}}
 
 
 def end_earlier_attempts(parent_run_id: str, digest: str, reason: str) -> None:
-    """End KILLED the runs of one child (its config digest) still RUNNING under the parent. Within one
-    `ablate` a child is trained by one process at a time: such a run is of an attempt that died."""
+    """End KILLED one child's runs still RUNNING under the parent: within one `ablate` a child trains in one
+    process at a time, so such a run is of an attempt that died."""
     for run in tracking.child_runs(parent_run_id):
         if run.data.tags.get(CONFIG_DIGEST_TAG) == digest and run.info.status in ("RUNNING", "SCHEDULED"):
             tracking.end_run(run.info.run_id, "KILLED", reason)
             print(f"ended KILLED the run {run.info.run_id} of an earlier attempt: {reason}", flush=True)
 
 
-def _train_child_on_ray(config: Config, tags: dict[str, str], parent_run_id: str, uri: str) -> str:
-    """One child as a Ray job, with its Ray task, node and GPU in its tags. A retry (Ray re-runs the job
-    when its worker process or node died) first ends KILLED the run the dead attempt left RUNNING, then
-    trains in a new run: the dead attempt's metrics stay in its own run."""
-    import keras
-
-    from ..training.train import train_and_evaluate
-    from . import cluster
-
-    tracking.configure(uri)
-    keras.backend.clear_session()   # a reused worker process: drop the previous child's graphs
-    task = cluster.current_task()
-    end_earlier_attempts(parent_run_id, config.digest(), f"the process or node training it died; Ray retried "
-                         f"the child as task {task.get('task_id', '?')} on node {task.get('node_id', '?')[:8]}")
-    tags = {**tags, tracking.RAY_TASK_TAG: task.get("task_id", ""), tracking.RAY_NODE_TAG: task.get("node_id", "")}
-    if os.environ.get("CUDA_VISIBLE_DEVICES"):   # the GPU Ray gave this job
-        tags[tracking.VISIBLE_DEVICES_TAG] = os.environ["CUDA_VISIBLE_DEVICES"]
-    return train_and_evaluate(config, tags=tags, parent_run_id=parent_run_id).run_id
-
-
-@dataclass
-class StudyResult:
-    parent_run_id: str
-    ran: list[str]
-    skipped: list[str]
-    failed: dict[str, str]          # child label -> error
-    report: Any = None
-    diverged: list[str] = field(default_factory=list)   # tuning children whose grid value diverged
-
-
-def parent_description(study: Study) -> str:
-    """The parent run's description until the report replaces it (report.build_report): what the study
-    compares, and the file's own `description`."""
-    axes = "; ".join(f"{a.name}: {', '.join(a.values)} (baseline {a.baseline})" for a in study.axes)
-    text = (f"Ablation study {study.name!r}: {len(study.variants)} variants ({study.design}) x "
-            f"{len(study.seeds)} seeds, one child run each. Axes: {axes}. The report (reports/ablation.md) "
-            f"replaces this description when the children have finished.")
-    return f"{text}\n\n{study.description}" if study.description else text
-
-
-SELECTION_METRIC = "val_accuracy"   # the study's champion is chosen on validation, never on test
-
-
 def champion(report) -> tuple[Any, str, float, float] | None:
     """(variant summary, run id, the variant's mean, the run's value) of the variant with the highest mean
-    final `val_accuracy` (never test; the first in the study's order on ties) and its best run; None
-    when no run has a validation accuracy."""
+    final `val_accuracy` (the first in the study's order on ties) and its best run; None when no run has one."""
     best = None
     for variant in report.variants:
         finals = [(h[-1], run_id) for h, run_id in zip(variant.val_histories, variant.run_ids) if h]
-        if not finals:
-            continue
-        mean = sum(v for v, _ in finals) / len(finals)
-        if best is None or mean > best[2]:
+        mean = sum(v for v, _ in finals) / len(finals) if finals else None
+        if mean is not None and (best is None or mean > best[2]):
             value, run_id = max(finals, key=lambda f: f[0])
             best = (variant, run_id, mean, value)
     return best
 
 
 def register_champion(study: Study, result: StudyResult, name: str) -> None:
-    """`ablate --register NAME`: the model of the study's champion run as a new version of NAME (alias
-    champion), tagged with the study, its parent run, the variant, seed and the value it was chosen on."""
+    """`ablate --register NAME`: the model of the study's champion run as a new version of NAME (alias champion)."""
     from ..serving import DEFAULT_ALIAS, ModelError, register_model
 
     chosen = champion(result.report)
@@ -125,124 +81,86 @@ def register_champion(study: Study, result: StudyResult, name: str) -> None:
 
 def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = None, ray: str | None = None,
               ray_cpus: float = 1) -> StudyResult:
-    """Create or resume the parent, train the missing children, write the report on the parent.
-
-    The children run here one after another, or as Ray jobs: `parallel` at a time on a local cluster, or
-    on the cluster `ray` ("local", "auto", "HOST:PORT"), each asking for one GPU where there are GPUs,
-    else `ray_cpus` CPUs. The cluster and the store it must share are checked before any run exists."""
+    """Create or resume the parent, train the missing children (here one after another, or as Ray jobs: `parallel`
+    at a time on a local cluster, or on the cluster `ray`, each asking for a GPU, else `ray_cpus` CPUs), write
+    the report on the parent. The cluster and the store it must share are checked before any run exists."""
     if parallel < 1:
         raise StudyError(f"--parallel must be at least 1; got {parallel}.")
     if ray is not None and parallel != 1:
         raise StudyError(f"--parallel {parallel} with --ray: Ray runs as many children at once as the cluster "
                          f"has room for (one GPU each, else --ray-cpus CPUs each); drop --parallel.")
-    uri = tracking.configure(tracking_uri)
-    if ray is None and parallel == 1:
-        return _run_study(study, uri)
-    from . import cluster
+    from .report import build_report, choose_grid_value
 
-    if ray is None:   # --parallel N: a local cluster of this machine's CPUs, N children at a time
-        cpus = os.cpu_count() or 1
-        where, sizes, ray_cpus = None, {"num_cpus": cpus}, cpus / parallel
-    else:
-        where, sizes = (None if ray == "local" else ray), {}
-    with cluster.connected(where, **sizes) as info:
-        cluster.check_store(uri, info)          # before any run: a store some node cannot write to
-        location = tracking.artifact_location(tracking.experiment_id_for(study.experiment))
-        cluster.check_store(uri, info, artifact_location=location)
-        print(f"children run as Ray jobs on the {info.describe()}", flush=True)
-        return _run_study(study, uri, ray_cpus)
+    uri, on_ray = tracking.configure(tracking_uri), None   # on_ray: the CPUs each child asks Ray for
+    with contextlib.ExitStack() as stack:
+        if ray is not None or parallel > 1:
+            from . import cluster
 
-
-def _run_study(study: Study, uri: str, on_ray: float | None = None) -> StudyResult:
-    """`on_ray`: the children run as Ray jobs of the connected cluster, asking for that many CPUs where
-    it has no GPUs; None: one after another here."""
-    from .report import build_report
-
-    result = StudyResult(parent_run_id="", ran=[], skipped=[], failed={})
-    params = {"study": study.name, "study_file": study.path, "design": study.design,
-              "seeds": ",".join(map(str, study.seeds)), "axes": ",".join(a.name for a in study.axes),
-              "num_variants": len(study.variants), "num_children": len(study.variants) * len(study.seeds)}
-    if study.grid:   # tuning runs (every arm at every value, first seed), then the other seeds
-        params.update(num_children=len(study.variants) * (len(study.grid) + len(study.seeds) - 1),
-                      nuisance_grid=json.dumps(study.grid_spec()))
-    match = {STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "parent"}
-    with tracking.parent_run(study.experiment, study.name, match, params=params,
-                             description=parent_description(study), adopt_key=CONFIG_DIGEST_TAG,
-                             wanted={c.digest for c in study.children()}) as parent:
-        parent_id = result.parent_run_id = parent.run_id
+            if ray is None:   # --parallel N: a local cluster of this machine's CPUs, N children at a time
+                where, sizes, ray_cpus = None, {"num_cpus": os.cpu_count() or 1}, (os.cpu_count() or 1) / parallel
+            else:
+                where, sizes = (None if ray == "local" else ray), {}
+            info = stack.enter_context(cluster.connected(where, **sizes))
+            cluster.check_store(uri, info)          # before any run: a store some node cannot write to
+            location = tracking.artifact_location(tracking.experiment_id_for(study.experiment))
+            cluster.check_store(uri, info, artifact_location=location)
+            print(f"children run as Ray jobs on the {info.describe()}", flush=True)
+            on_ray = ray_cpus
+        params = {"study": study.name, "study_file": study.path, "design": study.design,
+                  "seeds": ",".join(map(str, study.seeds)), "axes": ",".join(study.axes),
+                  "num_variants": len(study.variants), "num_children": study.runs,
+                  **({"nuisance_grid": json.dumps(study.keys.nuisance_grid)} if study.grid else {})}
+        description = (f"Ablation {plan_text(study).splitlines()[0]}. The report (reports/ablation.md) replaces "
+                       f"this description when the children have finished.\n\n{study.description}").strip()
+        match = {STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "parent"}
+        parent = stack.enter_context(tracking.parent_run(
+            study.experiment, study.name, match, params=params, description=description,
+            adopt_key=CONFIG_DIGEST_TAG, wanted={c.digest for c in study.children()}))
+        result = StudyResult(parent.run_id)
         tracking.log_dict(study.spec(), SPEC_ARTIFACT)
-        tracking.log_text(study.text, "study/" + Path(study.path).name)
+        tracking.log_text(Path(study.path).read_text(), "study/" + Path(study.path).name)
         print(plan_text(study))
         start = time.perf_counter()
-        if not study.grid:
-            children = study.children(parent.experiment)
-            planned = len(children)
-            _train_missing(study, children, parent_id, uri, result, on_ray=on_ray)
-        else:   # 1. every arm at every grid value with the first seed; 2. its other seeds at its best value
-            tuning = study.tuning_children(parent.experiment)
-            _train_missing(study, tuning, parent_id, uri, result, diverged=_diverged(tuning, parent_id),
-                           on_ray=on_ray)
-            for child in tuning:   # a value that diverges is a tuning result, not a failure of the study
-                if child.label in result.failed and result.failed[child.label].startswith("FloatingPointError"):
-                    result.diverged.append(child.label)
-                    del result.failed[child.label]
-            choice = study.choose(tracking.children_by(parent_id, CONFIG_DIGEST_TAG, status="FINISHED"))
+        tuning, choice = study.tuning_children(parent.experiment), {}   # no tuning without a nuisance grid
+        _train_missing(study, tuning, result, uri, on_ray)
+        if study.grid:   # each arm's grid value, chosen on validation from its finished tuning runs
+            finished = tracking.children_by(parent.run_id, CONFIG_DIGEST_TAG, status="FINISHED")
+            choice = {v.name: choose_grid_value({c.grid_point.label: finished.get(c.digest) for c in tuning
+                                                 if c.variant is v})[0] for v in study.variants}
             print("chosen on validation: " + "; ".join(f"{name}: {label or 'none (no tuning run finished)'}"
                                                        for name, label in choice.items()), flush=True)
-            for name, label in choice.items():
-                if label is None:
-                    result.failed[name] = "no tuning run finished, so its other seeds were not run"
-            final = study.final_children(choice, parent.experiment)
-            planned = len(tuning) + len(study.variants) * (len(study.seeds) - 1)
-            _train_missing(study, final, parent_id, uri, result, on_ray=on_ray)
-        print(f"trained {len(result.ran)} children in {time.perf_counter() - start:.1f}s; "
-              f"{len(result.failed)} failed" + (f", {len(result.diverged)} tuning runs diverged"
-                                                 if result.diverged else ""))
-        result.report = build_report(parent_id)
-        tracking.log_metrics({"children_trained": len(result.ran), "children_skipped": len(result.skipped),
+            result.failed.update({name: "no tuning run finished, so its other seeds were not run"
+                                  for name, label in choice.items() if label is None})
+        # the other children: every one without a grid; with one, each arm's other seeds at its chosen value
+        final = [c for c in study.children(parent.experiment) if not c.tuning
+                 and (c.grid_point is None or c.grid_point.label == choice.get(c.variant.name))]
+        _train_missing(study, final, result, uri, on_ray)
+        print(f"trained {len(result.ran)} children in {time.perf_counter() - start:.1f}s; {len(result.failed)} "
+              f"failed" + (f", {len(result.diverged)} tuning runs diverged" if result.diverged else ""))
+        result.report = build_report(parent.run_id)
+        tracking.log_metrics({"children_trained": len(result.ran), "children_skipped": result.skipped,
                               "children_failed": len(result.failed)})
         if result.failed:
-            raise StudyIncomplete(f"{len(result.failed)} of {planned} children failed (re-run the study "
+            raise StudyIncomplete(f"{len(result.failed)} of {study.runs} children failed (re-run the study "
                                   f"to retry them): " + "; ".join(f"{k}: {v}" for k, v in result.failed.items()))
     return result
 
 
-def _train_missing(study: Study, children: list[Child], parent_id: str, uri: str, result: StudyResult,
-                   diverged: Collection[str] = (), on_ray: float | None = None) -> None:
-    """Train those of `children` that have no FINISHED run under the parent (nor, for tuning children,
-    a run that diverged: `diverged` digests), here or as Ray jobs (`on_ray`)."""
-    done = tracking.children_by(parent_id, CONFIG_DIGEST_TAG, status="FINISHED")
-    todo = [c for c in children if c.digest not in done and c.digest not in diverged]
-    skipped = [c.label for c in children if c.digest in done or c.digest in diverged]
-    result.skipped += skipped
-    if skipped:
-        print(f"{len(skipped)} of {len(children)} children already finished: skipped")
+def _train_missing(study: Study, children: list[Child], result: StudyResult, uri: str,
+                   on_ray: float | None) -> None:
+    """Train those of `children` that have no FINISHED run under the parent, here or as Ray jobs (`on_ray`).
+    Nor is a tuning child whose newest run diverged: its grid value is out for the arm, and would diverge again."""
+    done = tracking.children_by(result.parent_run_id, CONFIG_DIGEST_TAG, status="FINISHED")
+    newest = tracking.children_by(result.parent_run_id, CONFIG_DIGEST_TAG)
+    diverged = {digest for digest, run in newest.items() if run.info.status == "FAILED"
+                and run.data.tags.get(tracking.ERROR_TAG, "").startswith("FloatingPointError")}
+    todo = [c for c in children if c.digest not in done and not (c.tuning and c.digest in diverged)]
+    result.skipped += len(children) - len(todo)
+    if len(todo) < len(children):
+        print(f"{len(children) - len(todo)} of {len(children)} children already finished: skipped")
     if on_ray is not None:
-        _run_on_ray(study, todo, parent_id, uri, result, on_ray)
-    else:
-        _run_sequential(study, todo, parent_id, result)
-
-
-def _diverged(tuning: list[Child], parent_id: str) -> set[str]:
-    """Digests of tuning children whose newest run ended FAILED because training diverged: that grid
-    value is out for the arm, and running it again would diverge again."""
-    newest = tracking.children_by(parent_id, CONFIG_DIGEST_TAG)
-    return {c.digest for c in tuning if c.digest in newest and newest[c.digest].info.status == "FAILED"
-            and newest[c.digest].data.tags.get(tracking.ERROR_TAG, "").startswith("FloatingPointError")}
-
-
-def _record_failure(result: StudyResult, child: Child, err: Exception) -> None:
-    """A child's own failure is recorded and the study goes on; one every child would hit again (bad
-    data path, bad config, the store) stops it."""
-    from ..data import DataError
-
-    if isinstance(err, (ConfigError, DataError, tracking.TrackingError)):
-        raise err
-    result.failed[child.label] = f"{type(err).__name__}: {err}"
-    print(f"child {child.label} failed: {err}", flush=True)
-
-
-def _run_sequential(study: Study, todo: list[Child], parent_id: str, result: StudyResult) -> None:
+        _run_on_ray(study, todo, result, uri, on_ray)
+        return
     import keras
 
     from ..training.train import train_and_evaluate
@@ -251,37 +169,63 @@ def _run_sequential(study: Study, todo: list[Child], parent_id: str, result: Stu
         print(f"\n[{i}/{len(todo)}] {child.label}", flush=True)
         keras.backend.clear_session()   # one process, many models: drop the previous graphs
         try:
-            train_and_evaluate(child.config, tags=child_tags(study, child), parent_run_id=parent_id)
+            train_and_evaluate(child.config, tags=child_tags(study, child), parent_run_id=result.parent_run_id)
         except Exception as err:
             _record_failure(result, child, err)
         else:
             result.ran.append(child.label)
 
 
-def _run_on_ray(study: Study, todo: list[Child], parent_id: str, uri: str, result: StudyResult,
-                cpus: float) -> None:
-    """Every child of `todo` as a Ray job (cluster.run_jobs); see _train_child_on_ray for its retries.
+def _record_failure(result: StudyResult, child: Child, err: Exception) -> None:
+    """A child's own failure is recorded (a tuning child's divergence as a tuning result) and the study goes on;
+    one every child would hit again (bad data path, bad config, the store) stops it."""
+    from ..data import DataError
 
-    A child whose retries are spent (its process or node died each time) is recorded failed and its
-    run ended KILLED, so the next `ablate` trains it again; a child that raised is recorded failed as
-    in the other paths. A store error stops the study: every child would hit it.
-    """
+    if isinstance(err, (ConfigError, DataError, tracking.TrackingError)):
+        raise err
+    print(f"child {child.label} failed: {err}", flush=True)
+    if child.tuning and isinstance(err, FloatingPointError):
+        result.diverged.append(child.label)
+    else:
+        result.failed[child.label] = f"{type(err).__name__}: {err}"
+
+
+def _train_child_on_ray(config, tags: dict[str, str], parent_run_id: str, uri: str) -> str:
+    """One child as a Ray job, with its Ray task, node and GPU in its tags. A retry (its worker or node died) ends
+    KILLED the run the dead attempt left RUNNING, then trains in a new run, so each attempt keeps its metrics."""
+    import keras
+
+    from ..training.train import train_and_evaluate
+    from . import cluster
+
+    tracking.configure(uri)
+    keras.backend.clear_session()   # a reused worker process: drop the previous child's graphs
+    task = cluster.current_task()
+    end_earlier_attempts(parent_run_id, config.digest(), f"the process or node training it died; Ray retried "
+                         f"the child as task {task.get('task_id', '?')} on node {task.get('node_id', '?')[:8]}")
+    tags = {**tags, tracking.RAY_TASK_TAG: task.get("task_id", ""), tracking.RAY_NODE_TAG: task.get("node_id", "")}
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):   # the GPU Ray gave this job
+        tags[tracking.VISIBLE_DEVICES_TAG] = os.environ["CUDA_VISIBLE_DEVICES"]
+    return train_and_evaluate(config, tags=tags, parent_run_id=parent_run_id).run_id
+
+
+def _run_on_ray(study: Study, todo: list[Child], result: StudyResult, uri: str, cpus: float) -> None:
+    """Every child of `todo` as a Ray job (cluster.run_jobs). One whose retries are spent (its process or node died
+    each time) is recorded failed, its run ended KILLED: the next `ablate` trains it again."""
     from . import cluster
 
     if not todo:
         return
     by_label = {c.label: c for c in todo}
     threads = max(1, int(cluster.job_resources(cluster.cluster_info(), cpus)["num_cpus"]))
-    jobs = [cluster.Job(c.label, _train_child_on_ray, (c.config, child_tags(study, c), parent_id, uri))
+    jobs = [cluster.Job(c.label, _train_child_on_ray, (c.config, child_tags(study, c), result.parent_run_id, uri))
             for c in todo]
-    print(f"training {len(todo)} children as Ray jobs", flush=True)
 
     def on_done(outcome) -> None:
-        child = by_label[outcome.name]
+        child, err = by_label[outcome.name], outcome.error
         if outcome.ok:
             result.ran.append(child.label)
             return
-        err = outcome.error
         # The child's own message says which call failed, this one what to do. (An error raised in the
         # child because of the store may not show it: its cause does not survive Ray; so ask the store.)
         if tracking.is_tracking_error(err) or not tracking.store_answers():
@@ -290,11 +234,10 @@ def _run_on_ray(study: Study, todo: list[Child], parent_id: str, uri: str, resul
                 f"the study stops here. What was logged before is kept; once the store answers again, run the "
                 f"same command to train the children that did not finish.") from None
         if cluster.is_system_error(err):   # Ray's long multi-line message: its first line is enough
-            end_earlier_attempts(parent_id, child.digest, f"its Ray job failed: {outcome.error_text}; the next "
-                                                          f"`alexnet-keras ablate` of the study trains it again")
+            end_earlier_attempts(result.parent_run_id, child.digest, f"its Ray job failed: {outcome.error_text}; "
+                                 f"the next `alexnet-keras ablate` of the study trains it again")
             err = RuntimeError(outcome.error_text)
         _record_failure(result, child, err)
 
     env = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_NUM_INTRAOP_THREADS": str(threads), **cluster.forwarded_env()}
     cluster.run_jobs(jobs, cpus_per_job=cpus, env=env, cwd=os.getcwd(), on_done=on_done)
-

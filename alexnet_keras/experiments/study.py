@@ -1,5 +1,5 @@
-"""Study files (experiments/ablation*.yaml): read, checked and expanded into every child's Config
-before any run exists; `plan_text` says what a study will run."""
+"""Study files (experiments/ablation*.yaml): read and checked, their runs counted, then expanded into every
+child's Config before any run exists; `plan_text` says what a study will run."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from ..config import SECTIONS, Config, ConfigError, Seed, did_you_mean, leaf_fields
 from ..tables import value_text
@@ -20,35 +21,54 @@ from .specfile import SpecKeys, read_spec
 
 DESIGNS = {"one_factor_at_a_time": "one_factor_at_a_time", "ofat": "one_factor_at_a_time",
            "grid": "grid", "factorial": "grid"}
-# Axes may not vary these: seeds have their own key, the split must be the same for every child,
-# and naming is the study's job.
+# Axes may not vary these (each message says why).
 RESERVED_AXES = {"seed": "use `seeds:` to list the seeds", "split_seed": "every child must see the same split",
                  "experiment": "set `experiment:` at the top of the study", "run_name": "children are named "
                  "after their variant", "register": "the study registers its best variant: `alexnet-keras "
                  "ablate --register NAME`"}
+MAX_RUNS = 1000   # more is rarely meant (seeds: 1000000), and its configs alone would take minutes to build
 
 
 class StudyError(ConfigError):
     """The study file is wrong; raised before any MLflow run exists."""
 
 
-def _unique(seeds: list[int]) -> list[int]:
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"lists a seed twice: {seeds}")
-    return seeds
-
-
 class StudyIncomplete(RuntimeError):
     """Some children failed; the report was written with the others and the parent ends FAILED."""
 
 
-@dataclass(frozen=True)
-class Axis:
-    name: str
-    values: tuple[str, ...]                        # value names, in the file's order
-    overrides: dict[str, dict[str, Any]]           # value name -> options it sets
-    baseline: str
-    composite: bool
+def over_limit(runs: int, limit: int) -> str:
+    return (f"plans {runs:,} runs, more than max_runs ({limit:,}); list fewer seeds or values, or allow them "
+            f"with `max_runs: {runs}` in the study file")
+
+
+class StudyKeys(SpecKeys):   # the keys of a study file besides those every study and sweep file has
+    design: Literal[tuple(DESIGNS)] = Field("one_factor_at_a_time", description="one factor at a time "
+                                            "(ofat) or grid (factorial)")
+    axes: dict[str, Any] = Field(min_length=1, description="each axis maps to its values, e.g. axes: "
+                                 "{lrn: [true, false]}, or value names to options (a composite axis)")
+    baseline: dict[str, Any] = Field({}, description="an axis' baseline value (default: the base config's)")
+    max_runs: int = Field(MAX_RUNS, ge=1, description="the most runs the study may plan")   # before seeds
+    seeds: list[Seed] = Field(min_length=1, description="list the training seeds, e.g. seeds: [0, 1, 2] (or a "
+                              "count, seeds: 3)")
+    nuisance: list[Literal[tuple(leaf_fields())]] = Field([], description="options that are nuisance "
+                                                          "hyperparameters (always: seed)")
+    fixed: list[Literal[tuple(leaf_fields())]] = Field([], description="options held fixed (default: the rest)")
+    nuisance_grid: dict[str, Annotated[list[Any], Field(min_length=1)]] | None = Field(
+        None, description="options mapped to the values tried per arm, e.g. {learning_rate: [0.01, 0.02]}")
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _count(cls, value: Any, info: ValidationInfo) -> Any:
+        """`seeds: 3` is [0, 1, 2]; a count over max_runs is refused before its list is made."""
+        if type(value) is int and value > info.data.get("max_runs", MAX_RUNS):
+            raise ValueError("alone " + over_limit(value, info.data.get("max_runs", MAX_RUNS)))
+        return list(range(value)) if type(value) is int and value > 0 else value
+
+
+def _value_name(raw: Any) -> str:
+    """How a value is named in variant names, labels and tags: `true`, `0.5`, `none` for null."""
+    return value_text(raw) or "none"
 
 
 @dataclass(frozen=True)
@@ -62,15 +82,8 @@ class Variant:
 
 @dataclass(frozen=True)
 class GridPoint:
-    """One value of a study's nuisance grid: the options it sets and its label in the spec (report.py):
-    the value as text ("0.01"), or "k1=v1,k2=v2" when the grid has several keys."""
-    label: str
+    label: str                                     # in the spec (report.py): "0.01"; with several keys "k1=v1,k2=v2"
     options: dict[str, Any]
-
-    @property
-    def assignment(self) -> str:
-        """"learning_rate=0.01": how child labels and run names show it."""
-        return ",".join(f"{k}={_value_name(v)}" for k, v in self.options.items())
 
 
 @dataclass(frozen=True)
@@ -78,343 +91,226 @@ class Child:
     variant: Variant
     seed: int
     config: Config
-    grid_point: GridPoint | None = None            # with a nuisance grid: the value this child trains at
+    grid_point: GridPoint | None                   # with a nuisance grid: the value this child trains at
+    label: str                                     # its run name: "pool=x seed=1", "pool=x learning_rate=0.02 seed=1"
+    tuning: bool                                   # with a nuisance grid, the first seed's runs: every grid value
 
     @property
     def digest(self) -> str:
         return self.config.digest()
 
-    @property
-    def label(self) -> str:
-        return child_label(self.variant, self.grid_point, self.seed)
 
-
-def child_label(variant: Variant, point: GridPoint | None, seed: int) -> str:
-    """A child's label and run name: "pool=x seed=1", or "pool=x learning_rate=0.02 seed=1" with a grid."""
-    at = f" {point.assignment}" if point is not None else ""
-    return f"{variant.name}{at} seed={seed}"
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)   # eq=False: hashed by identity, for the digest's cache
 class Study:
-    name: str
-    description: str
+    keys: StudyKeys                                # the file as validated; name and description filled in
     path: str
-    text: str
-    design: str
-    seeds: tuple[int, ...]
-    axes: tuple[Axis, ...]
-    variants: tuple[Variant, ...]
     base: Config
-    experiment: str
-    nuisance: tuple[str, ...]
-    fixed: tuple[str, ...] = field(default=())
-    grid: tuple[GridPoint, ...] = field(default=())   # the nuisance grid, tuned per arm; () = none
+    axes: dict[str, dict[str, dict[str, Any]]]     # axis -> value name -> the options it sets, in the file's order
+    variants: tuple[Variant, ...]
+    grid: tuple[GridPoint, ...]                    # the nuisance grid, tuned per arm; () = none
+
+    name = property(lambda self: self.keys.name)
+    description = property(lambda self: self.keys.description)
+    design = property(lambda self: DESIGNS[self.keys.design])
+    seeds = property(lambda self: tuple(self.keys.seeds))
+    experiment = property(lambda self: self.keys.experiment or self.base.experiment)
+    runs = property(lambda self: planned_runs(len(self.variants), len(self.seeds), len(self.grid)))
+    baseline = property(lambda self: next(v for v in self.variants if v.is_baseline))
 
     def children(self, experiment: str | None = None) -> list[Child]:
-        """Every (variant, seed), seed-major: an interrupted study has whole replicates first. With a
-        nuisance grid, every (variant, grid value, seed) that may run: `tuning_children` are run, then
-        `final_children` at each arm's chosen value."""
+        """Every (variant, grid value if any, seed) that may run, seed-major: an interrupted study has whole
+        replicates first. With a grid, the `tuning` ones run first, then each arm's others at its chosen value."""
         out = []
-        for seed in self.seeds:
-            for variant in self.variants:
-                for point in self.grid or (None,):
-                    config = variant.config.override({**(point.options if point is not None else {}),
-                                                      "seed": seed, "run_name": child_label(variant, point, seed),
-                                                      "experiment": experiment or self.experiment})
-                    out.append(Child(variant, seed, config, point))
+        for seed, variant, point in itertools.product(self.seeds, self.variants, self.grid or (None,)):
+            at = " " + ",".join(f"{k}={_value_name(v)}" for k, v in point.options.items()) if point else ""
+            label = f"{variant.name}{at} seed={seed}"
+            config = variant.config.override({**(point.options if point else {}), "seed": seed, "run_name": label,
+                                              "experiment": experiment or self.experiment},
+                                             source=f"{self.path}: {label}")
+            out.append(Child(variant, seed, config, point, label, bool(self.grid) and seed == self.seeds[0]))
         return out
 
     def tuning_children(self, experiment: str | None = None) -> list[Child]:
         """With a nuisance grid: every arm at every grid value, with the first seed (none without a grid)."""
-        return [c for c in self.children(experiment) if self.grid and c.seed == self.seeds[0]]
+        return [c for c in self.children(experiment) if c.tuning]
 
-    def final_children(self, choice: Mapping[str, str | None], experiment: str | None = None) -> list[Child]:
-        """The other seeds of each arm at its chosen grid label (`choice`: variant name -> label; an arm
-        whose label is None gets none). The first seed's run at that label is its tuning child."""
-        return [c for c in self.children(experiment) if c.seed != self.seeds[0] and c.grid_point is not None
-                and c.grid_point.label == choice.get(c.variant.name)]
-
-    def choose(self, finished: Mapping[str, Any]) -> dict[str, str | None]:
-        """Each arm's grid label, recomputed from the store: `finished` maps config digests to FINISHED
-        runs; the rule (best final validation accuracy of the tuning runs, never test) is report.py's."""
-        from .report import choose_grid_value
-
-        tuning: dict[str, dict[str, Any]] = {v.name: {} for v in self.variants}
-        for child in self.tuning_children():
-            tuning[child.variant.name][child.grid_point.label] = finished.get(child.digest)
-        return {name: choose_grid_value(runs)[0] for name, runs in tuning.items()}
-
-    @property
-    def baseline(self) -> Variant:
-        return next(v for v in self.variants if v.is_baseline)
-
+    @functools.cache
     def digest(self) -> str:
         """Identifies the study's content (not its comments): the name, the seeds, each child's config."""
-        return self._digest
-
-    @functools.cached_property
-    def _digest(self) -> str:
         children = self.children()
-        content: dict[str, Any] = {"name": self.name, "design": self.design, "seeds": list(self.seeds),
-                                   "variants": [[v.name, [c.digest for c in children if c.variant is v]]
-                                                for v in self.variants],
-                                   "nuisance_grid": [[p.label, {k: _jsonable(x) for k, x in p.options.items()}]
-                                                     for p in self.grid]}
+        content = {"name": self.name, "design": self.design, "seeds": list(self.seeds),
+                   "variants": [[v.name, [c.digest for c in children if c.variant is v]] for v in self.variants],
+                   "nuisance_grid": [[p.label, p.options] for p in self.grid]}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-
-    def grid_spec(self) -> dict[str, list[Any]]:
-        """The grid as the study file gives it: {option: [values]} (the spec's `nuisance_grid`)."""
-        spec: dict[str, list[Any]] = {}
-        for point in self.grid:
-            for key, value in point.options.items():
-                if _jsonable(value) not in spec.setdefault(key, []):
-                    spec[key].append(_jsonable(value))
-        return spec
 
     def spec(self) -> dict[str, Any]:
         """What `report` needs to rebuild the tables from the store alone (logged on the parent)."""
-        children = self.children()
-        scientific = [a.name for a in self.axes]
+        scientific = {option for values in self.axes.values() for options in values.values() for option in options}
+        nuisance = list(dict.fromkeys(["seed", *self.keys.nuisance, *(self.keys.nuisance_grid or {})]))
+        digests: dict[tuple, dict[str, str]] = {}   # (variant, grid label or None) -> {seed: digest}
+        for c in self.children():
+            digests.setdefault((c.variant.name, c.grid_point and c.grid_point.label), {})[str(c.seed)] = c.digest
         return {
             "name": self.name, "description": self.description, "study_file": self.path,
             "digest": self.digest(), "design": self.design, "seeds": list(self.seeds),
-            "axes": {a.name: {"values": list(a.values), "baseline": a.baseline, "composite": a.composite,
-                              "options": a.overrides} for a in self.axes},
+            "axes": {a: {"values": list(values), "baseline": self.baseline.factors[a], "options": values,
+                         "composite": isinstance(self.keys.axes[a], Mapping)} for a, values in self.axes.items()},
             "baseline": self.baseline.name,
-            "variants": [{"name": v.name, "factors": v.factors, "is_baseline": v.is_baseline,
-                          "overrides": {k: _jsonable(x) for k, x in v.overrides.items()},
-                          **self._digests_of(v, children)}
+            "variants": [{"name": v.name, "factors": v.factors, "is_baseline": v.is_baseline, "overrides": v.overrides,
+                          **({"grid_digests": {p.label: digests[v.name, p.label] for p in self.grid}} if self.grid
+                             else {"config_digests": digests[v.name, None]})}
                          for v in self.variants],
-            "hyperparameters": {"scientific": scientific, "nuisance": list(self.nuisance),
-                                "fixed": list(self.fixed)},
+            "hyperparameters": {"scientific": list(self.axes), "nuisance": nuisance, "fixed": self.keys.fixed or [
+                n for n in leaf_fields() if n not in {*scientific, *nuisance, "experiment", "run_name"}]},
             "base_config": self.base.to_dict(),
-            **({"nuisance_grid": self.grid_spec()} if self.grid else {}),
+            **({"nuisance_grid": self.keys.nuisance_grid} if self.grid else {}),
         }
 
-    def _digests_of(self, variant: Variant, children: list[Child]) -> dict[str, Any]:
-        """`config_digests: {seed: digest}`, or with a grid `grid_digests: {label: {seed: digest}}`."""
-        mine = [c for c in children if c.variant is variant]
-        if not self.grid:
-            return {"config_digests": {str(c.seed): c.digest for c in mine}}
-        return {"grid_digests": {p.label: {str(c.seed): c.digest for c in mine if c.grid_point is p}
-                                 for p in self.grid}}
+
+def planned_runs(variants: int, seeds: int, grid: int) -> int:
+    """Every variant's seeds; with a nuisance grid, its tuning runs (one per grid value) replace the first seed's."""
+    return variants * (max(grid, 1) + seeds - 1)
 
 
-def _jsonable(value: Any) -> Any:
-    return value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
-
-
-class StudyKeys(SpecKeys):
-    """A study file's keys besides those every study and sweep file has."""
-
-    design: Literal[tuple(DESIGNS)] = Field("one_factor_at_a_time", description="one factor at a time "
-                                            "(ofat) or grid (factorial)")
-    axes: dict[str, Any] = Field(min_length=1, description="each axis maps to its values, e.g. axes: "
-                                 "{lrn: [true, false]}, or value names to options (a composite axis)")
-    baseline: dict[str, Any] = Field({}, description="an axis' baseline value (default: the base config's)")
-    seeds: Annotated[list[Seed], BeforeValidator(lambda v: list(range(v)) if type(v) is int and v > 0 else v),
-                     AfterValidator(_unique)] = Field(min_length=1, description="list the training seeds, "
-                                                      "e.g. seeds: [0, 1, 2] (or a count, seeds: 3)")
-    nuisance: list[str] = Field([], description="options that are nuisance hyperparameters (always: seed)")
-    fixed: list[str] = Field([], description="options held fixed (default: the rest)")
-    nuisance_grid: dict[str, Annotated[list[Any], Field(min_length=1)]] | None = Field(
-        None, description="options mapped to the values tried per arm, e.g. {learning_rate: [0.01, 0.02]}")
-
-
-def _value_name(raw: Any) -> str:
-    """How an axis value is named in variant names and tags: `true`, `0.5`, `none` for null."""
-    return value_text(raw) or "none"
-
-
-def _flat_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """{leaf name: value} of options given nested (model: {lrn: false}), dotted or flat."""
-    out = {}
-    for key, value in options.items():
-        pairs = value.items() if str(key) in SECTIONS and isinstance(value, Mapping) else [(key, value)]
-        out.update({str(k).split(".")[-1]: v for k, v in pairs})
-    return out
-
-
-def _check_option(name: str, where: str, what: str = "varied") -> None:
+def _check_option(name: str, where: str, what: str) -> None:
     if name in RESERVED_AXES:
         raise StudyError(f"{where} cannot be {what}: {RESERVED_AXES[name]}.")
 
 
-def _values(name: str, raw: Any, base: Config, where: str) -> dict[str, Any]:
-    """{value name: value} of an option's listed values, each a valid config."""
+def _values(name: str, raw: list[Any], base: Config, where: str, what: str) -> dict[str, Any]:
+    """{value name: value} of an option's listed values (`what`: varied or tuned), each a valid config."""
+    _check_option(name, where, what)
     out: dict[str, Any] = {}
     for value in raw:
-        value_name = _value_name(value)
         if isinstance(value, (Mapping, list)):
             raise StudyError(f"{where}: value {value!r} must be a single value.")
-        if value_name in out:
-            raise StudyError(f"{where}: value {value_name!r} is listed twice.")
-        base.override({name: value}, source=f"{where}, value {value_name!r}")
-        out[value_name] = value
+        if _value_name(value) in out:
+            raise StudyError(f"{where}: value {_value_name(value)!r} is listed twice.")
+        base.override({name: value}, source=f"{where}, value {_value_name(value)!r}")
+        out[_value_name(value)] = value
     return out
 
 
-def _parse_axis(name: str, raw: Any, base: Config, src: str) -> tuple[tuple[str, ...], dict, bool]:
-    where = f"{src}: axis {name!r}"
+def _parse_axis(name: str, raw: Any, base: Config, where: str) -> dict[str, dict[str, Any]]:
+    """{value name: the options it sets}, each a valid config, in the file's order."""
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-        raise StudyError(f"{src}: axis name {name!r} must be letters, digits, '_', '.' or '-'.")
-    _check_option(name, where)
-    if isinstance(raw, Mapping):   # composite: value name -> options
-        if not raw:
-            raise StudyError(f"{where} has no values.")
-        overrides = {}
-        for value, options in raw.items():
-            if not isinstance(options, Mapping) or not options:
-                raise StudyError(f"{where}: value {_value_name(value)!r} must map to a non-empty set of options, "
-                                 f"e.g. {{lrn: false, batchnorm: true}}; got {options!r}.")
-            base.override(options, source=f"{where}, value {_value_name(value)!r}")
-            overrides[_value_name(value)] = _flat_options(options)
-            for leaf in overrides[_value_name(value)]:
-                _check_option(leaf, f"{where}: value {_value_name(value)!r} sets {leaf!r}, which")
-        first, *rest = overrides.items()
-        for value_name, options in rest:
-            if options.keys() != first[1].keys():
-                raise StudyError(f"{where}: every value must set the same options; {first[0]!r} sets "
-                                 f"{sorted(first[1])}, {value_name!r} sets {sorted(options)}.")
-        return tuple(overrides), overrides, True
-    leaves = sorted(leaf_fields())
-    if name not in leaves:
-        raise StudyError(f"{where}: unknown option {name!r}.{did_you_mean(name, leaves)} An axis with a list of "
-                         f"values must be a config option ({', '.join(leaves)}); a composite axis maps each value "
-                         f"name to options, e.g. normalization: {{none: {{lrn: false, batchnorm: false}}}}.")
-    if not isinstance(raw, list) or not raw:
-        raise StudyError(f"{where} must list its values, e.g. {name}: [a, b]; got {raw!r}.")
-    values = _values(name, raw, base, where)
-    return tuple(values), {n: {name: v} for n, v in values.items()}, False
+        raise StudyError(f"{where}: the name must be letters, digits, '_', '.' or '-'.")
+    if not raw or not isinstance(raw, (list, Mapping)):
+        raise StudyError(f"{where} must list its values, e.g. {name}: [a, b], or map value names to options; "
+                         f"got {raw!r}.")
+    if isinstance(raw, list):   # a config option and its values
+        if name not in leaf_fields():
+            raise StudyError(f"{where}: unknown option {name!r}.{did_you_mean(name, sorted(leaf_fields()))} An axis "
+                             f"with a list of values must be a config option; a composite axis maps each value name "
+                             f"to options, e.g. normalization: {{none: {{lrn: false, batchnorm: false}}}}.")
+        return {n: {name: v} for n, v in _values(name, raw, base, where, "varied").items()}
+    overrides = {}
+    for value, options in raw.items():   # composite: value name -> options, nested, dotted or flat
+        at = f"{where}: value {_value_name(value)!r}"
+        if not isinstance(options, Mapping) or not options:
+            raise StudyError(f"{at} must map to a non-empty set of options, e.g. {{lrn: false, batchnorm: true}}; "
+                             f"got {options!r}.")
+        base.override(options, source=at)
+        overrides[_value_name(value)] = leaves = {}
+        for key, option in options.items():
+            pairs = option.items() if key in SECTIONS and isinstance(option, Mapping) else [(key, option)]
+            leaves.update({str(k).split(".")[-1]: v for k, v in pairs})
+        for leaf in leaves:
+            _check_option(leaf, f"{at} sets {leaf!r}, which", "varied")
+        if leaves.keys() != next(iter(overrides.values())).keys():
+            raise StudyError(f"{where}: every value must set the same options; {next(iter(overrides))!r} sets "
+                             f"{sorted(next(iter(overrides.values())))}, {_value_name(value)!r} sets {sorted(leaves)}.")
+    return overrides
 
 
-def _parse_grid(raw: Mapping[str, list] | None, base: Config, owner: Mapping[str, str],
-                src: str) -> tuple[GridPoint, ...]:
-    """`nuisance_grid: {option: [values], ...}` -> its points (the cartesian product of the keys, in
-    the file's order); () when absent."""
-    values: dict[str, dict[str, Any]] = {}
-    for key, listed in (raw or {}).items():
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study file; count its runs, then build (and so check) every child's Config."""
+    try:
+        spec, base = read_spec(path, StudyKeys, "study")
+    except ConfigError as err:
+        raise StudyError(str(err)) from None
+    src = str(path)
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise StudyError(f"{src}: `seeds` lists a seed twice: {spec.seeds}.")
+    if set(spec.baseline) - set(spec.axes):
+        raise StudyError(f"{src}: `baseline` names {', '.join(set(spec.baseline) - set(spec.axes))}, which is not an "
+                         f"axis ({', '.join(spec.axes)}).")
+    axes, baseline, owner = {}, {}, {}
+    for axis, raw in spec.axes.items():
+        axes[axis] = values = _parse_axis(axis, raw, base, f"{src}: axis {axis!r}")
+        for leaf in {leaf for options in values.values() for leaf in options}:
+            if leaf in owner:
+                raise StudyError(f"{src}: axes {owner[leaf]!r} and {axis!r} both set {leaf!r}; make them one "
+                                 f"composite axis.")
+            owner[leaf] = axis
+        # the baseline: the file's, else the value the base config already has, else the first listed
+        baseline[axis] = (_value_name(spec.baseline[axis]) if axis in spec.baseline
+                          else next((v for v, o in values.items() if base.override(o) == base), next(iter(values))))
+        if baseline[axis] not in values:
+            raise StudyError(f"{src}: baseline {axis}={baseline[axis]!r} is not one of its values "
+                             f"({', '.join(values)}).")
+    tuned = {}   # option -> {value name: value}
+    for key, listed in (spec.nuisance_grid or {}).items():
         where = f"{src}: nuisance_grid {key!r}"
         if key not in leaf_fields():
             raise StudyError(f"{where}: unknown option.{did_you_mean(key, sorted(leaf_fields()))} Its keys are "
                              f"config options (flat names, e.g. nuisance_grid: {{learning_rate: [0.01, 0.02]}}).")
-        _check_option(key, where, "tuned")
         if key in owner:
             raise StudyError(f"{where} is set by the axis {owner[key]!r} (scientific), so it cannot also be "
                              f"tuned as a nuisance.")
-        values[key] = _values(key, listed, base, where)
-    points, seen = [], {}
-    for combo in itertools.product(*(v.items() for v in values.values())) if values else ():
-        options = {key: value for key, (_, value) in zip(values, combo)}
-        label = combo[0][0] if len(values) == 1 else ",".join(f"{k}={n}" for k, (n, _) in zip(values, combo))
-        digest = base.override(options).digest()
-        if digest in seen:
-            raise StudyError(f"{src}: nuisance_grid values {seen[digest]!r} and {label!r} are the same "
-                             f"configuration; drop one.")
-        seen[digest] = label
-        points.append(GridPoint(label, options))
-    return tuple(points)
-
-
-def load_study(path: str | Path) -> Study:
-    """Read and validate a study file; build (and so check) every variant's full Config."""
-    try:
-        return _load_study(path)
-    except StudyError:
-        raise
-    except ConfigError as err:
-        raise StudyError(str(err)) from None
-
-
-def _load_study(path: str | Path) -> Study:
-    spec, base = read_spec(path, StudyKeys, "study")
-    src, design = str(path), DESIGNS[spec.design]
-    for axis in spec.baseline:
-        if axis not in spec.axes:
-            raise StudyError(f"{src}: `baseline` names {axis!r}, which is not an axis ({', '.join(spec.axes)}).")
-    axes, owner = [], {}
-    for axis_name, raw in spec.axes.items():
-        values, overrides, composite = _parse_axis(axis_name, raw, base, src)
-        for leaf in {leaf for o in overrides.values() for leaf in o}:
-            if leaf in owner:
-                raise StudyError(f"{src}: axes {owner[leaf]!r} and {axis_name!r} both set {leaf!r}; make them "
-                                 f"one composite axis.")
-            owner[leaf] = axis_name
-        # the baseline: the file's, else the value the base config already has, else the first listed
-        baseline = (_value_name(spec.baseline[axis_name]) if axis_name in spec.baseline
-                    else next((v for v in values if base.override(overrides[v]) == base), values[0]))
-        if baseline not in values:
-            raise StudyError(f"{src}: baseline {axis_name}={baseline!r} is not one of its values "
-                             f"({', '.join(values)}).")
-        axes.append(Axis(axis_name, values, overrides, baseline, composite))
-
-    base_choice = {a.name: a.baseline for a in axes}
-    if design == "grid":
-        points = [dict(zip(base_choice, combo)) for combo in itertools.product(*(a.values for a in axes))]
-    else:
-        points = [dict(base_choice)] + [{**base_choice, a.name: v} for a in axes for v in a.values if v != a.baseline]
-    by_axis = {a.name: a for a in axes}
-    variants, seen = [], {}
-    for factors in points:
-        name = ",".join(f"{axis}={value}" for axis, value in factors.items() if value != base_choice[axis]) \
-            or "baseline"
-        merged = {k: v for axis, value in factors.items() for k, v in by_axis[axis].overrides[value].items()}
-        config = base.override(merged, source=f"{src}: variant {name!r}")
-        if config.digest() in seen:
-            raise StudyError(f"{src}: variants {seen[config.digest()]!r} and {name!r} are the same configuration; "
-                             f"drop one of the values (or merge the axes into one composite axis).")
-        seen[config.digest()] = name
-        variants.append(Variant(name, dict(factors), merged, config, factors == base_choice))
-
-    grid = _parse_grid(spec.nuisance_grid, base, owner, src)
-    for variant in variants:   # every arm at every grid value is a config that must hold
-        for point in grid:
-            variant.config.override(point.options, source=f"{src}: variant {variant.name!r} at nuisance_grid "
-                                                          f"{point.assignment}")
-    tuned = list(grid[0].options) if grid else []
-    leaves = leaf_fields()
+        tuned[key] = _values(key, listed, base, where, "tuned")
     for key, names in (("nuisance", spec.nuisance), ("fixed", spec.fixed)):
-        bad = [n for n in names if n not in leaves]
-        if bad:
-            raise StudyError(f"{src}: `{key}` names unknown option(s) {', '.join(map(repr, bad))}.")
-        clash = [n for n in names if n in owner or n in by_axis]
-        if clash:
-            raise StudyError(f"{src}: {', '.join(map(repr, clash))} is an axis (scientific), so it cannot "
-                             f"also be {key}.")
+        if set(names) & set(owner):
+            raise StudyError(f"{src}: {', '.join(sorted(set(names) & set(owner)))} is an axis (scientific), so it "
+                             f"cannot also be {key}.")
     if set(tuned) & set(spec.fixed):
-        raise StudyError(f"{src}: {', '.join(map(repr, sorted(set(tuned) & set(spec.fixed))))} is tuned in "
-                         f"`nuisance_grid`, so it cannot also be fixed.")
-    nuisance = list(dict.fromkeys(["seed", *spec.nuisance, *tuned]))   # the seeds are always a nuisance
-    fixed = spec.fixed or [n for n in leaves if n not in owner and n not in nuisance
-                           and n not in ("experiment", "run_name")]   # neither scientific nor nuisance
-    return Study(name=spec.name, description=spec.description, path=src, text=Path(path).read_text(),
-                 design=design, seeds=tuple(spec.seeds), axes=tuple(axes), variants=tuple(variants), base=base,
-                 experiment=spec.experiment or base.experiment, nuisance=tuple(nuisance), fixed=tuple(fixed), grid=grid)
+        raise StudyError(f"{src}: {', '.join(sorted(set(tuned) & set(spec.fixed)))} is tuned in `nuisance_grid`, "
+                         f"so it cannot also be fixed.")
+    sizes = [len(values) for values in axes.values()]
+    count = math.prod(sizes) if DESIGNS[spec.design] == "grid" else 1 + sum(sizes) - len(sizes)
+    runs = planned_runs(count, len(spec.seeds), math.prod(map(len, tuned.values())) if tuned else 0)
+    if runs > spec.max_runs:   # before any variant or child config is built
+        raise StudyError(f"{src}: the study {over_limit(runs, spec.max_runs)}.")
+
+    if DESIGNS[spec.design] == "grid":
+        points = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    else:
+        points = [baseline] + [{**baseline, a: v} for a, values in axes.items() for v in values if v != baseline[a]]
+    variants = []
+    for factors in points:
+        name = ",".join(f"{a}={value}" for a, value in factors.items() if value != baseline[a]) or "baseline"
+        merged = {k: v for a, value in factors.items() for k, v in axes[a][value].items()}
+        config = base.override(merged, source=f"{src}: variant {name!r}")
+        variants.append(Variant(name, factors, merged, config, factors == baseline))
+    grid = []
+    for combo in itertools.product(*(values.items() for values in tuned.values())) if tuned else ():
+        label = combo[0][0] if len(tuned) == 1 else ",".join(f"{k}={n}" for k, (n, _) in zip(tuned, combo))
+        grid.append(GridPoint(label, {key: value for key, (_, value) in zip(tuned, combo)}))
+    study = Study(spec, src, base, axes, tuple(variants), tuple(grid))
+    seen: dict[str, str] = {}
+    for child in study.children():   # builds (and so checks) every child's config
+        if seen.setdefault(child.digest, child.label) != child.label:
+            raise StudyError(f"{src}: {seen[child.digest]!r} and {child.label!r} are the same configuration; drop "
+                             f"one of the values (or merge the axes into one composite axis).")
+    return study
 
 
 def plan_text(study: Study) -> str:
     """The variants and, with a nuisance grid, the plan: the tuning runs, then the final runs."""
-    n_variants, n_seeds = len(study.variants), len(study.seeds)
-    if not study.grid:
-        runs = f"{n_variants} variants x {n_seeds} seeds = {n_variants * n_seeds} runs"
-    else:
-        n_tuning, n_final = n_variants * len(study.grid), n_variants * (n_seeds - 1)
-        runs = (f"{n_variants} variants x {n_seeds} seeds, {len(study.grid)} nuisance values tuned per arm = "
-                f"{n_tuning} tuning + {n_final} final = {n_tuning + n_final} runs")
-    lines = [f"study {study.name!r} ({study.design}, {runs}), experiment {study.experiment!r}"]
-    for v in study.variants:
-        options = ", ".join(f"{k}={_value_name(x)}" for k, x in v.overrides.items())
-        lines.append(f"  {v.name:<32} {options}")
+    n_tuning = len(study.variants) * len(study.grid)
+    runs = f"{len(study.variants)} variants x {len(study.seeds)} seeds"
     if study.grid:
-        grid = ", ".join(f"{k} in {{{', '.join(_value_name(x) for x in values)}}}"
-                         for k, values in study.grid_spec().items())
-        lines.append(f"nuisance grid: {grid}")
+        runs += f", {len(study.grid)} nuisance values tuned per arm = {n_tuning} tuning + {study.runs - n_tuning} final"
+    lines = [f"study {study.name!r} ({study.design}, {runs} = {study.runs} runs), experiment {study.experiment!r}"]
+    lines += [f"  {v.name:<32} " + ", ".join(f"{k}={_value_name(x)}" for k, x in v.overrides.items())
+              for v in study.variants]
+    if study.grid:
+        lines.append("nuisance grid: " + ", ".join(f"{k} in {{{', '.join(map(_value_name, values))}}}"
+                                                   for k, values in study.keys.nuisance_grid.items()))
         lines.append(f"1. tuning runs ({n_tuning}): every variant at every value, seed {study.seeds[0]}; each "
                      f"arm keeps the value with the best final val_accuracy (never test)")
         lines += [f"  {c.label}" for c in study.tuning_children()]
-        rest = ", ".join(map(str, study.seeds[1:])) or "none"
-        lines.append(f"2. final runs ({n_final}): seeds {rest} of each variant at its chosen value (seed "
-                     f"{study.seeds[0]}'s run there is its tuning run)")
+        lines.append(f"2. final runs ({study.runs - n_tuning}): seeds {', '.join(map(str, study.seeds[1:])) or 'none'} "
+                     f"of each variant at its chosen value (seed {study.seeds[0]}'s run there is its tuning run)")
         lines += [f"  {v.name} seed={seed}" for seed in study.seeds[1:] for v in study.variants]
     return "\n".join(lines)
