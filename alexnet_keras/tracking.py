@@ -1,8 +1,5 @@
-"""Every MLflow call of training, studies and sweeps, and every tag name the project writes (the MLflow
-model itself, as a pyfunc that loads, serves and registers, is serving.py's). Store, run states and how
-runs are found again: docs/reliability.md. The functions that log accept `run_id=` to write to another
-than the active run.
-"""
+"""Every MLflow call of training, studies and sweeps, and every tag name the project writes (the model as a
+pyfunc that loads, serves and registers is serving.py's); how runs end and are found again: docs/reliability.md."""
 
 from __future__ import annotations
 
@@ -32,8 +29,7 @@ PARENT_TAG = "mlflow.parentRunId"            # MLflow's own: nests a run under i
 RUN_NAME_TAG = "mlflow.runName"
 NOTE_TAG = "mlflow.note.content"             # the description of a run or logged model page
 ERROR_TAG = "error"                          # why a run ended FAILED
-# The UI opens an experiment without this tag in its GenAI layout; the project's are model training.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"   # without it the UI may open an experiment in its GenAI layout
 # Every training run (train.py).
 CONFIG_DIGEST_TAG = TAG_PREFIX + "config_digest"
 DATA_DIGEST_TAG = TAG_PREFIX + "data_digest"
@@ -89,8 +85,7 @@ class TrackingError(RuntimeError):
 
 
 def configure(tracking_uri: str | None = None) -> str:
-    """Point MLflow at `tracking_uri`, else $MLFLOW_TRACKING_URI, else the SQLite store `./mlflow.db`
-    (a plain `./mlruns` file store is refused by MLflow >= 3.13)."""
+    """Point MLflow at `tracking_uri`, else $MLFLOW_TRACKING_URI, else `./mlflow.db` (MLflow refuses `./mlruns`)."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri in ("sqlite://", "sqlite:///") or uri.startswith("sqlite:///:memory:"):
         raise TrackingError(f"MLflow store {uri!r} is an in-memory database: every run would be lost when the "
@@ -145,15 +140,13 @@ def experiment_id_for(experiment: str) -> str:
                             f"{mlflow.get_tracking_uri()!r}: {err}") from err
     mark_model_training(found)
     if found.name != experiment:
-        _note_once(f"note: `mlflow run` put this run in experiment {found.name!r}, not {experiment!r} where "
+        _note_once(f"note: `mlflow run` put run {launched} in experiment {found.name!r}, not {experiment!r} where "
                    f"`alexnet-keras` runs go; to compare them, pass `--experiment-name {experiment}` to "
-                   f"`mlflow run` (or set MLFLOW_EXPERIMENT_NAME).")
+                   f"`mlflow run` (or set MLFLOW_EXPERIMENT_NAME).", flush=True)
     return found.experiment_id
 
 
-@functools.cache
-def _note_once(text: str) -> None:
-    print(text, flush=True)
+_note_once = functools.cache(print)   # each note once per process
 
 
 def preflight(experiment: str) -> None:
@@ -161,7 +154,7 @@ def preflight(experiment: str) -> None:
     artifact folder (a probe file) of the experiment this process logs to is unusable; it is created if needed."""
     with quick_requests():
         try:
-            found = MlflowClient().get_experiment(experiment_id_for(experiment))
+            found = mlflow.get_experiment(experiment_id_for(experiment))
         except Exception as err:
             uri = mlflow.get_tracking_uri()
             if not uri.startswith(("http://", "https://")):
@@ -184,9 +177,7 @@ def preflight(experiment: str) -> None:
                             f"another experiment (--experiment) or store (--tracking-uri).") from None
 
 
-# MLflow retries a failed HTTP request 7 times with exponential backoff and waits up to 120 s for each
-# (about 250 s before a server that is down is reported). Within `quick_requests`: two retries, the second
-# after about 2 s (a server just starting gets that long), 10 s per request; a value the user set stays.
+# Instead of MLflow's 7 retries of up to 120 s each (docs/reliability.md); a value the user set stays.
 QUICK_REQUESTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
@@ -237,27 +228,21 @@ def environment_tags() -> dict[str, str]:
 
     import keras
 
-    tags = {"keras_backend": keras.backend.backend(), "python_version": platform.python_version(),
-            "platform": platform.platform(), "device": describe_device()}
-    for package in ("keras", "mlflow", "numpy", "tensorflow", "jax", "torch"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            tags[f"{package}_version"] = importlib.metadata.version(package)
-    return {TAG_PREFIX + k: v for k, v in tags.items()}
-
-
-def describe_device() -> str:
-    """The accelerator Keras' backend will use, or the CPU."""
-    import keras
-
+    device = f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}"
     with contextlib.suppress(Exception):  # a device query must never stop a run
         if keras.backend.backend() == "torch":
             import torch
 
             if torch.cuda.is_available():
-                return f"cuda:{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+                device = f"cuda:{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
         elif (devices := keras.distribution.list_devices())[0].split(":")[0] != "cpu":   # jax and tensorflow
-            return f"{devices[0].split(':')[0]} x{len(devices)}"
-    return f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}"
+            device = f"{devices[0].split(':')[0]} x{len(devices)}"
+    tags = {"keras_backend": keras.backend.backend(), "python_version": platform.python_version(),
+            "platform": platform.platform(), "device": device}
+    for package in ("keras", "mlflow", "numpy", "tensorflow", "jax", "torch"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            tags[f"{package}_version"] = importlib.metadata.version(package)
+    return {TAG_PREFIX + k: v for k, v in tags.items()}
 
 
 @functools.cache
@@ -354,8 +339,7 @@ def active_run_id() -> str | None:
 # --- who owns a run ----------------------------------------------------------------------------------
 
 def process_start(pid: int) -> str:
-    """When process `pid` started (clock ticks since boot, Linux), so a reused pid is not taken for the
-    process that owned a run; "" where /proc is absent."""
+    """When process `pid` started (ticks since boot; "" without /proc): a reused pid is not the run's owner."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
@@ -373,8 +357,7 @@ def _process_alive(pid: int, start: str) -> bool:
 
 
 def mark_dead_runs(experiment: str) -> list[str]:
-    """Mark KILLED the runs of `experiment` still RUNNING whose process, on this host, is gone (SIGKILL,
-    out of memory, a reboot); other hosts' runs are left alone. Returns the ids marked."""
+    """Mark KILLED the runs of `experiment` still RUNNING whose process on this host is gone; their ids."""
     host = socket.gethostname()
     marked = []
     for found in find_runs({HOST_TAG: host}, experiment_ids=[experiment_id_for(experiment)], status="RUNNING"):
@@ -422,8 +405,7 @@ def children_by(parent_run_id: str, key_tag: str, *, status: str | None = None) 
 
 
 def end_stale_children(parent_run_id: str, reason: str) -> list[str]:
-    """Mark KILLED the children of `parent_run_id` left RUNNING or SCHEDULED (call it only where no other
-    process trains children of this parent). Returns their ids."""
+    """Mark KILLED the children of `parent_run_id` left RUNNING or SCHEDULED (no other process may train them)."""
     stale = [r.info.run_id for r in child_runs(parent_run_id) if r.info.status in ("RUNNING", "SCHEDULED")]
     for run_id in stale:
         end_run(run_id, "KILLED", reason)
@@ -432,12 +414,9 @@ def end_stale_children(parent_run_id: str, reason: str) -> list[str]:
 
 def adopt_children(parent_run_id: str, earlier_parents: Iterable[Any], *, key_tag: str | None = None,
                    wanted: Collection[str] | None = None, retire: Mapping[str, str] | None = None) -> int:
-    """Move the children of `earlier_parents` (earlier parents of the same study or sweep) under
-    `parent_run_id`; with `key_tag`, only FINISHED children whose key is `wanted` and not yet finished
-    under `parent_run_id`, one per key. Each earlier parent is tagged superseded_by (plus `retire`) and
-    its note says where its children went. Returns how many moved."""
+    """Move under `parent_run_id` the children of `earlier_parents` (with `key_tag`: FINISHED ones, one per `wanted`
+    key it lacks) and tag those parents superseded (plus `retire`). Returns how many moved."""
     have = set(children_by(parent_run_id, key_tag, status="FINISHED")) if key_tag else set()
-    client = MlflowClient()
     total = 0
     for old in earlier_parents:
         old_id = old.info.run_id
@@ -450,14 +429,12 @@ def adopt_children(parent_run_id: str, earlier_parents: Iterable[Any], *, key_ta
                 if child.info.status != "FINISHED" or key in have or (wanted is not None and key not in wanted):
                     continue
                 have.add(key)
-            client.set_tag(child.info.run_id, PARENT_TAG, parent_run_id)
-            client.set_tag(child.info.run_id, ADOPTED_FROM_TAG, old_id)
+            set_tags({PARENT_TAG: parent_run_id, ADOPTED_FROM_TAG: old_id}, run_id=child.info.run_id)
             moved += 1
-        for key, value in {SUPERSEDED_BY_TAG: parent_run_id, **dict(retire or {})}.items():
-            client.set_tag(old_id, key, value)
+        set_tags({SUPERSEDED_BY_TAG: parent_run_id, **dict(retire or {})}, run_id=old_id)
         if moved:
-            client.set_tag(old_id, NOTE_TAG, f"**Superseded by run {parent_run_id}**: its children were moved "
-                                             f"there.\n\n{old.data.tags.get(NOTE_TAG, '')}")
+            set_tags({NOTE_TAG: f"**Superseded by run {parent_run_id}**: its children were moved there.\n\n"
+                                f"{old.data.tags.get(NOTE_TAG, '')}"}, run_id=old_id)
             print(f"moved {moved} child run(s) of earlier parent {old_id} under {parent_run_id}", flush=True)
         total += moved
     return total
@@ -491,8 +468,7 @@ def parent_run(experiment: str, name: str, match: Mapping[str, str], *, tags: Ma
 
 
 def find_resumable_run(experiment: str, match_tags: Mapping[str, str], run_name: str | None = None) -> Any | None:
-    """The latest training run of `experiment` with `match_tags` (and `run_name`) that was interrupted:
-    KILLED, or FAILED with its checkpoint folder still there (`mlflow run` marks a killed child FAILED)."""
+    """The latest run of `experiment` with `match_tags` (and `run_name`) that can be continued, or None."""
     for found in find_runs(match_tags, experiment_ids=[experiment_id_for(experiment)]):
         checkpoint = found.data.tags.get(CHECKPOINT_DIR_TAG)
         if checkpoint and run_name in (None, found.info.run_name) and (
@@ -502,16 +478,15 @@ def find_resumable_run(experiment: str, match_tags: Mapping[str, str], run_name:
 
 
 def adopt_run(previous_run_id: str) -> None:
-    """Continue `previous_run_id` in the active run (`mlflow run` always makes a new one): copy its metric
-    history, link the two by tags, and delete it (`mlflow runs restore` brings it back)."""
+    """Continue `previous_run_id` in the active run (`mlflow run` makes a new one): copy its metrics, delete it."""
     client = MlflowClient()
     run_id = mlflow.active_run().info.run_id
     history = [m for key in client.get_run(previous_run_id).data.metrics
                for m in client.get_metric_history(previous_run_id, key)]
     for start in range(0, len(history), 1000):   # MLflow's log_batch limit
         client.log_batch(run_id, metrics=history[start:start + 1000], synchronous=True)
-    mlflow.set_tag(TAG_PREFIX + "resumed_from_run", previous_run_id)
-    client.set_tag(previous_run_id, TAG_PREFIX + "continued_in", run_id)
+    set_tags({TAG_PREFIX + "resumed_from_run": previous_run_id})
+    set_tags({TAG_PREFIX + "continued_in": run_id}, run_id=previous_run_id)
     client.delete_run(previous_run_id)
 
 
@@ -525,17 +500,16 @@ def epoch_metrics_callback(skip_logged_steps: bool = False):
 
     class EpochMetrics(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            self.active = mlflow.active_run() is not None   # no run: a plain fit, nothing to log
+            self.run_id = active_run_id()   # None: a plain fit, nothing to log
             self.logged_steps = set()
-            if not self.active:
+            if self.run_id is None:
                 return
             if skip_logged_steps:
-                run_id = mlflow.active_run().info.run_id
-                self.logged_steps = {m.step for m in MlflowClient().get_metric_history(run_id, "loss")}
+                self.logged_steps = {m.step for m in MlflowClient().get_metric_history(self.run_id, "loss")}
             log_params({f"optimizer_{k}": v for k, v in self.model.optimizer.get_config().items()})
 
         def on_epoch_end(self, epoch, logs=None):
-            if self.active and logs and epoch not in self.logged_steps:
+            if self.run_id and logs and epoch not in self.logged_steps:
                 log_metrics(logs, step=epoch)
                 self.logged_steps.add(epoch)
 
@@ -543,8 +517,7 @@ def epoch_metrics_callback(skip_logged_steps: bool = False):
 
 
 def epoch_history(run_id: str, keys: Sequence[str] = EPOCH_KEYS) -> dict[str, list[float]]:
-    """A run's per-epoch metrics as {key: [value at step 0, 1, ...]}, across the processes that trained
-    it; where a step was logged twice, the later value."""
+    """A run's per-epoch metrics as {key: [value at step 0, 1, ...]}; of a step logged twice, the later value."""
     client = MlflowClient()
     history = {}
     for key in keys:
@@ -639,8 +612,7 @@ def log_keras_model(model, example_batch, metadata, evaluated_on: Mapping[str, S
 
 
 def log_preprocessing(data) -> None:
-    """The paper recipe's training-set statistics (colour PCA, mean, std) and, with pixel_mean, the mean
-    image, under `preprocessing/` (predict.py reads the mean image back)."""
+    """The paper recipe's training-set statistics and mean image under `preprocessing/` (predict.py reads it)."""
     if data.recipe_stats is not None:
         mlflow.log_dict(dict(data.recipe_stats), "preprocessing/statistics.json")
     if data.mean_image is not None:
