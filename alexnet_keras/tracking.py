@@ -584,11 +584,10 @@ def log_dataset(name: str, source: str, digest: str, context: str, num_examples:
                 raise
 
 
-def log_keras_model(model, example_batch, metadata, evaluated_on: Mapping[str, Sequence[str]] = {}) -> str:
-    """The trained model as a self-contained MLflow model (serving.log_model) with its run's description;
-    returns its id. `evaluated_on`: {dataset context ("test", "training"): keys of the run's metrics computed
-    on it}; the latest value of each is linked to the model and to the dataset the run logged for that
-    context (the model page lists them as its metrics and datasets)."""
+def log_keras_model(model, example_batch, metadata, evaluated_on: Mapping[str, Sequence[str]] | None = None) -> str:
+    """The trained model as a self-contained MLflow model (serving.log_model) described as its run; its id.
+    `evaluated_on` ({dataset context: keys of run metrics computed on it}): each metric's latest value is linked
+    to the model and to the dataset the run logged for that context (the model page's metrics and datasets)."""
     from . import serving
 
     client = MlflowClient()
@@ -596,18 +595,14 @@ def log_keras_model(model, example_batch, metadata, evaluated_on: Mapping[str, S
     model_id = serving.log_model(model, metadata, example_batch).model_id
     client.set_logged_model_tags(model_id, {NOTE_TAG: run.data.tags.get(NOTE_TAG, "")})
     datasets = {t.value: i.dataset for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"}
-    # MLflow links the run's step-0 metrics itself as it logs the model, without their dataset; a metric
-    # cannot be linked twice.
+    # MLflow links the run's step-0 metrics itself as it logs the model, without their dataset; a metric is
+    # linked once.
     linked = {(m.key, m.step, m.timestamp) for m in client.get_logged_model(model_id).metrics or ()}
-    metrics = []
-    for context, keys in evaluated_on.items():
-        for key in keys:
-            history = client.get_metric_history(run.info.run_id, key)
-            last = max(history, key=lambda m: m.timestamp) if history else None
-            if context in datasets and last and (key, last.step, last.timestamp) not in linked:
-                metrics.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id,
-                                      dataset_name=datasets[context].name, dataset_digest=datasets[context].digest))
-    client.log_batch(run.info.run_id, metrics=metrics, synchronous=True)
+    latest = [(max(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp), datasets[context])
+              for context, keys in (evaluated_on or {}).items() if context in datasets for key in keys]
+    client.log_batch(run.info.run_id, synchronous=True, metrics=[
+        Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, dataset_name=d.name, dataset_digest=d.digest)
+        for m, d in latest if (m.key, m.step, m.timestamp) not in linked])
     return model_id
 
 
