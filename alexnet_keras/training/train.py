@@ -370,18 +370,14 @@ def log_trained_model(model: keras.Model, data: Data, history: dict[str, list[fl
                       metrics: dict[str, float] | None = None, step: int | None = None,
                       once: bool = False) -> dict[str, float]:
     """A trained model and its evaluation, logged on the active run (`train`, and the sweep's best model):
-    test metrics (plus `metrics`, training ones, at `step`, default the number of epochs; with `once`, those
-    the run holds already are not logged again), reports, figures, and the model with what `predict` needs,
-    linked to those metrics and their datasets. Returns the metrics."""
+    test metrics (plus `metrics`, training ones, at `step`, default the epochs; with `once`, only those the run
+    lacks), reports, figures, and the model with what `predict` needs, linked to those metrics. Returns them."""
     test_metrics, predictions = evaluate(model, data)
     test_metrics.update(ten_crop_metrics(model, data))   # paper recipe: test_10crop_*; else nothing
     logged = {**test_metrics, **(metrics or {})}
     # Not step 0 by default: MLflow links the run's step-0 metrics to the model itself, without their dataset.
     step = len(history.get("loss", ())) if step is None else step
-    if once:
-        tracking.log_metrics_once(logged, step=step)
-    else:
-        tracking.log_metrics(logged, step=step)
+    (tracking.log_metrics_once if once else tracking.log_metrics)(logged, step=step)
     log_evaluation(data, predictions, history, title)
     example = next(iter(data.val.take(1)))[0].numpy()[:4]
     tracking.log_keras_model(model, example, metadata=model_metadata(data),
