@@ -22,9 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, store_template):
-    """One real two-epoch training run, shared by the assertions below (training is the slow part)."""
+    """One real two-epoch training run, shared by the assertions below (training is the slow part), started
+    in a git checkout."""
     root = tmp_path_factory.mktemp("store")
     uri = copy_store(store_template, root)
+    git_checkout(root)
     cwd = os.getcwd()
     os.chdir(root)
     try:
@@ -102,7 +104,8 @@ def test_run_logs_reports_figures_model_and_dataset(trained_run):
         return {f.path for f in client.list_artifacts(run_id, path)}
 
     top = listing()
-    assert {"config.yaml", "data.json", "figures", "reports", "model"} <= top
+    assert {"config.yaml", "data.json", "figures", "reports", "summary"} <= top and "model" not in top
+    assert listing("summary") == {"summary/model.txt"}
     assert {"figures/confusion_matrix.png", "figures/learning_curves.png"} <= listing("figures")
     assert "reports/classification_report.txt" in listing("reports")
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="figures",
@@ -337,3 +340,84 @@ def test_a_tracking_failure_keeps_the_checkpoint_and_the_same_command_resumes(ml
     (resumed,) = all_runs(mlflow_store)
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     assert not checkpoint.exists()
+
+
+# --- what a new user meets: the source commit, the experiment's kind, the logged model's page ---------------
+
+def git_checkout(folder: Path) -> str:
+    """Make `folder` a git checkout with one commit (and a remote); its commit id."""
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=folder,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q", "-b", "main")
+    git("remote", "add", "origin", "https://example.com/alexnet.git")
+    git("commit", "-q", "--allow-empty", "-m", "start")
+    return git("rev-parse", "HEAD")
+
+
+def test_a_cli_run_in_a_git_checkout_records_its_commit(trained_run):
+    uri, run = trained_run
+    folder = Path(MlflowClient(uri).get_experiment(run.info.experiment_id).artifact_location).parent
+    tags = run.data.tags
+    assert tags["mlflow.source.git.commit"] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder,
+                                                              capture_output=True, text=True).stdout.strip()
+    assert tags["mlflow.source.git.branch"] == "main"
+    assert tags["mlflow.source.git.repoURL"] == "https://example.com/alexnet.git"
+
+
+def test_git_tags_that_mlflow_run_set_stay(mlflow_store, tmp_path, monkeypatch):
+    from alexnet_keras import tracking
+
+    git_checkout(tmp_path)
+    client = MlflowClient()
+    launched = client.create_run(mlflow.set_experiment("launched").experiment_id,
+                                 tags={"mlflow.source.git.commit": "f" * 40}).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", launched)
+    with tracking.run("launched"):
+        pass
+    tags = client.get_run(launched).data.tags
+    assert tags["mlflow.source.git.commit"] == "f" * 40 and tags["mlflow.source.git.branch"] == "main"
+
+
+def test_experiments_open_as_model_training_unless_given_another_kind(trained_run, mlflow_store):
+    from alexnet_keras import tracking
+
+    uri, run = trained_run
+    assert MlflowClient(uri).get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == (
+        "custom_model_development")
+    client = MlflowClient()
+    chosen = client.create_experiment("genai", tags={"mlflow.experimentKind": "genai_development"})
+    tracking.preflight("genai")
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_mlflow_run_in_another_experiment_says_how_to_choose_it(mlflow_store, monkeypatch, capsys):
+    from alexnet_keras import tracking
+
+    launched = MlflowClient().create_run("0").info.run_id   # `mlflow run` without --experiment-name
+    monkeypatch.setenv("MLFLOW_RUN_ID", launched)
+    tracking.preflight("alexnet-keras")
+    tracking.preflight("alexnet-keras")
+    out = capsys.readouterr().out
+    assert out.count("note: ") == 1
+    assert "experiment 'Default'" in out and "--experiment-name alexnet-keras" in out
+    assert MlflowClient().get_experiment("0").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_logged_model_has_a_description_datasets_and_linked_test_metrics(trained_run):
+    uri, run = trained_run
+    client = MlflowClient(uri)
+    (output,) = client.get_run(run.info.run_id).outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.tags["mlflow.note.content"] == run.data.tags["mlflow.note.content"]
+    linked = {m.key: m for m in model.metrics}
+    for key in ("test_accuracy", "test_loss", "test_top5_accuracy"):
+        assert linked[key].dataset_name == "synthetic-test" and linked[key].value == run.data.metrics[key], key
+        assert linked[key].model_id == model.model_id and linked[key].step == 2
+    assert linked["final_train_accuracy"].dataset_name == "synthetic-train"
+    test_dataset = next(i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs
+                        if i.dataset.name == "synthetic-test")
+    assert linked["test_accuracy"].dataset_digest == test_dataset.digest
+    for key in ("test_accuracy", "final_train_accuracy"):   # linking logs no second value on the run
+        assert len(client.get_metric_history(run.info.run_id, key)) == 1, key

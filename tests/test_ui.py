@@ -111,7 +111,10 @@ def test_ui_lists_the_experiment_and_shows_the_run_with_params(ui, tmp_path):
 
     # The artifacts the page links to: figures and the model are served by the same server.
     artifacts = mlflow.artifacts.list_artifacts(run_id=run.info.run_id, tracking_uri=uri)
-    assert {"figures", "model"} <= {a.path for a in artifacts}
+    assert {"figures", "summary"} <= {a.path for a in artifacts} and "model" not in {a.path for a in artifacts}
+    (output,) = mlflow.MlflowClient(uri).get_run(run.info.run_id).outputs.model_outputs   # the logged model
+    model_files = mlflow.artifacts.list_artifacts(artifact_uri=f"models:/{output.model_id}", tracking_uri=uri)
+    assert "MLmodel" in {a.path for a in model_files}
 
 
 def test_ui_shows_the_study_parent_with_its_table(ui, tmp_path):

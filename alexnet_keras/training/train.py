@@ -365,7 +365,8 @@ def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
 def log_inputs(config: Config, data: Data, model: keras.Model, summary: str | None = None) -> None:
     """What a run trains on, logged before it trains: model summary, resolved config, the data (class
     names, preprocessing, the paper recipe's statistics, datasets), parameter count, files skipped."""
-    tracking.log_text(summary if summary is not None else summary_text(model), "model/summary.txt")
+    # Not under model/: that name reads as the logged model, which MLflow keeps outside the run's artifacts.
+    tracking.log_text(summary if summary is not None else summary_text(model), "summary/model.txt")
     tracking.log_dict(config.to_dict(), "config.yaml")
     tracking.log_dict({"class_names": list(data.class_names), "mean": data.mean, "std": data.std,
                        "counts": data.counts, "image_size": data.image_size, "source": data.source,
@@ -381,18 +382,18 @@ def log_trained_model(model: keras.Model, data: Data, history: dict[str, list[fl
                       metrics: dict[str, float] | None = None, step: int | None = None,
                       once: bool = False) -> dict[str, float]:
     """A trained model and its evaluation, logged on the active run (`train`, and the sweep's best model):
-    test metrics (plus `metrics`, at `step`; with `once`, those the run holds already are not logged
-    again), reports, figures, and the model with what `predict` needs. Returns the metrics."""
+    test metrics (plus `metrics`, training ones, at `step`, default the epochs; with `once`, only those the run
+    lacks), reports, figures, and the model with what `predict` needs, linked to those metrics. Returns them."""
     test_metrics, predictions = evaluate(model, data)
     test_metrics.update(ten_crop_metrics(model, data))   # paper recipe: test_10crop_*; else nothing
     logged = {**test_metrics, **(metrics or {})}
-    if once:
-        tracking.log_metrics_once(logged)
-    else:
-        tracking.log_metrics(logged, step=step)
+    # Not step 0 by default: MLflow links the run's step-0 metrics to the model itself, without their dataset.
+    step = len(history.get("loss", ())) if step is None else step
+    (tracking.log_metrics_once if once else tracking.log_metrics)(logged, step=step)
     log_evaluation(data, predictions, history, title)
     example = next(iter(data.val.take(1)))[0].numpy()[:4]
-    tracking.log_keras_model(model, example, metadata=model_metadata(data))
+    tracking.log_keras_model(model, example, metadata=model_metadata(data),
+                             evaluated_on={"test": list(test_metrics), "training": list(metrics or {})})
     tracking.flush()
     return logged
 
