@@ -229,14 +229,14 @@ def ray_token():
 
 
 @pytest.fixture(scope="session")
-def two_nodes():
+def two_nodes(store_template):
     """Two Ray nodes (1 CPU each) and an MLflow server on 127.0.0.1, shared by the Ray test modules (one
     xdist worker runs them both); a test that kills a node starts another in its place."""
     from ray_fixtures import RAY_MISSING, two_node_lab
 
     if RAY_MISSING:
         pytest.skip("ray or psutil is not installed (pip install -e '.[ray]')")
-    yield from two_node_lab()
+    yield from two_node_lab(store_template)
 
 # --- image folders and a trained model shared by several modules ---------------------------------
 

@@ -18,12 +18,15 @@ too advertises and listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
 import importlib.util
 import ipaddress
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import QUIET_SERVER, free_port
+from conftest import QUIET_SERVER, copy_store, free_port
 
 try:
     import psutil
@@ -136,11 +139,12 @@ class LoopbackCluster:
     `mlflow server`s, each with its own SQLite store and artifact folder, all on 127.0.0.1. A server
     can be killed and started again on the same store and port (a tracking server that goes away)."""
 
-    def __init__(self, cpus_per_node: int = 1, token: str = TOKEN):
+    def __init__(self, cpus_per_node: int = 1, token: str = TOKEN, store_template: Path | None = None):
         # Short: Ray's Unix socket paths live under it and must stay under 108 characters.
         self.root = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
         self.cpus = cpus_per_node
         self.token = token
+        self.store_template = store_template        # a migrated store each server starts from (seconds saved)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.sessions: dict[str, int] = {}          # name -> session id (= pid of the command started)
@@ -200,6 +204,8 @@ class LoopbackCluster:
         serves the same store on the same port again."""
         folder = self.root / name
         folder.mkdir(exist_ok=True)
+        if self.store_template and not (folder / "mlflow.db").exists():
+            copy_store(self.store_template, folder)
         port = self._ports.setdefault(name, free_port())
         uri = f"http://127.0.0.1:{port}"
         proc = self._start(name, [
@@ -264,15 +270,22 @@ class LoopbackCluster:
         self.stop()
 
 
-def two_node_lab():
+def two_node_lab(store_template: Path | None = None):
     """The body of conftest's `two_nodes` fixture: a two-node cluster (1 CPU a node) and an MLflow server
     on 127.0.0.1, yielded once all are up; every process stopped afterwards, pass or fail."""
     from alexnet_keras.experiments import cluster
 
-    with LoopbackCluster() as lab:
+    def gcs_answers() -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", lab.port), timeout=1):
+            return True
+        return head.done()   # `ray start` ended before its GCS answered: head.result() says why
+
+    with LoopbackCluster(store_template=store_template) as lab, cf.ThreadPoolExecutor(1) as pool:
         lab.start_mlflow_server()       # slowest to come up: start it first
-        lab.start_head()
-        lab.add_node("second")
+        head = pool.submit(lab.start_head)
+        wait_until(gcs_answers, 180, interval=0.2, what="the head's GCS")
+        lab.add_node("second")          # while the head's `ray start` brings up the rest of the head
+        head.result()
         lab.wait_for_mlflow_server()
         yield lab
         cluster.disconnect()
