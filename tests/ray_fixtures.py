@@ -259,7 +259,8 @@ class LoopbackCluster:
         os.kill(pid, signal.SIGKILL)
         return pid
 
-    def stop(self) -> None:   # SIGKILL at once: Ray's agents ignore SIGTERM, and nothing here needs a clean exit
+    def stop(self) -> None:
+        """SIGKILL at once: Ray's agents ignore SIGTERM, and nothing here needs a clean exit."""
         psutil.wait_procs(signal_pids(self.pids(), "kill"), timeout=30)
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -276,9 +277,12 @@ def two_node_lab(store_template: Path | None = None):
     from alexnet_keras.experiments import cluster
 
     def gcs_answers() -> bool:
+        if head.done():
+            head.result()   # raises why `ray start` failed
+            return True
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", lab.port), timeout=1):
             return True
-        return head.done()   # `ray start` ended before its GCS answered: head.result() says why
+        return False
 
     with LoopbackCluster(store_template=store_template) as lab, cf.ThreadPoolExecutor(1) as pool:
         lab.start_mlflow_server()       # slowest to come up: start it first
