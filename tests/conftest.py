@@ -183,12 +183,12 @@ def isolated_data(tmp_path, monkeypatch):
 RAY_MODULES = {"test_cluster", "test_ray_study"}
 # Modules start longest first, so the run does not end with one worker busy on a long module while the other
 # waits (a worker takes the next module when it is free). Their summed test times on the 2-core machine,
-# 2026-12-01, 2 workers: the Ray pair 363 s, resume 218, ablate 126, tune 121 ... (benchmarks/results/
-# test-suite-modules.csv); the modules not named take a few seconds each.
-LONGEST_FIRST = ["test_cluster", "test_ray_study", "test_resume", "test_ablate", "test_tune", "test_reliability",
-                 "test_registry", "test_distribute", "test_train", "test_serving", "test_benchmark",
-                 "test_predict", "test_backends", "test_ui", "test_cli_startup", "test_concurrency", "test_data",
-                 "test_model"]
+# 2026-12-06, 2 workers: the Ray pair 400 s, resume 155, ablate 127, train 113, reliability 105 ...
+# (benchmarks/results/test-suite-modules.csv); the modules not named take a few seconds each.
+LONGEST_FIRST = ["test_cluster", "test_ray_study", "test_resume", "test_ablate", "test_train", "test_reliability",
+                 "test_registry", "test_distribute", "test_ui", "test_serving", "test_backends", "test_tune",
+                 "test_concurrency", "test_benchmark", "test_predict", "test_model", "test_cli_startup", "test_data",
+                 "test_recipe", "test_bad_input"]
 
 
 def pytest_collection_modifyitems(items):
@@ -229,14 +229,14 @@ def ray_token():
 
 
 @pytest.fixture(scope="session")
-def two_nodes():
+def two_nodes(store_template):
     """Two Ray nodes (1 CPU each) and an MLflow server on 127.0.0.1, shared by the Ray test modules (one
     xdist worker runs them both); a test that kills a node starts another in its place."""
     from ray_fixtures import RAY_MISSING, two_node_lab
 
     if RAY_MISSING:
         pytest.skip("ray or psutil is not installed (pip install -e '.[ray]')")
-    yield from two_node_lab()
+    yield from two_node_lab(store_template)
 
 # --- image folders and a trained model shared by several modules ---------------------------------
 

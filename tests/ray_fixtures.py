@@ -18,12 +18,15 @@ too advertises and listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
 import importlib.util
 import ipaddress
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import QUIET_SERVER, free_port
+from conftest import QUIET_SERVER, copy_store, free_port
 
 try:
     import psutil
@@ -50,6 +53,11 @@ sys.argv = ["ray", *sys.argv[1:]]
 main()
 """
 
+
+# Ray's settings for the tests' nodes: a node whose raylet is killed is found dead after 5 missed health checks
+# 1 s apart (Ray's default: 3 s), and each node keeps up to 3 idle worker processes (default: one per CPU),
+# so that workers which have imported TensorFlow for one test's jobs serve the next test's too.
+RAY_TEST_SETTINGS = {"RAY_health_check_period_ms": "1000", "RAY_num_workers_soft_limit": "3"}
 
 # The token of every cluster the tests start. Ray reads its token once per process, so every test
 # module that connects the pytest process itself to a cluster must use the same one (never written to
@@ -95,18 +103,6 @@ def signal_pids(pids, action: str) -> list:
     return procs
 
 
-def stop_pids(pids, timeout: float = 10) -> None:
-    """SIGTERM, then SIGKILL what is left (Ray's agents ignore SIGTERM)."""
-    procs = signal_pids(pids, "terminate")
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=timeout)
-
-
 def _ip(text: str):
     ip = ipaddress.ip_address(text.split("%")[0])
     return getattr(ip, "ipv4_mapped", None) or ip
@@ -143,11 +139,12 @@ class LoopbackCluster:
     `mlflow server`s, each with its own SQLite store and artifact folder, all on 127.0.0.1. A server
     can be killed and started again on the same store and port (a tracking server that goes away)."""
 
-    def __init__(self, cpus_per_node: int = 1, token: str = TOKEN):
+    def __init__(self, cpus_per_node: int = 1, token: str = TOKEN, store_template: Path | None = None):
         # Short: Ray's Unix socket paths live under it and must stay under 108 characters.
         self.root = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
         self.cpus = cpus_per_node
         self.token = token
+        self.store_template = store_template        # a migrated store each server starts from (seconds saved)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.sessions: dict[str, int] = {}          # name -> session id (= pid of the command started)
@@ -159,7 +156,7 @@ class LoopbackCluster:
     # -- processes ------------------------------------------------------------------------------
     def _env(self, loopback_switch: bool) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-        env.update(RAY_USAGE_STATS_ENABLED="0", **auth_env(self.token))
+        env.update(RAY_USAGE_STATS_ENABLED="0", **auth_env(self.token), **RAY_TEST_SETTINGS)
         if loopback_switch:
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         return env
@@ -207,6 +204,8 @@ class LoopbackCluster:
         serves the same store on the same port again."""
         folder = self.root / name
         folder.mkdir(exist_ok=True)
+        if self.store_template and not (folder / "mlflow.db").exists():
+            copy_store(self.store_template, folder)
         port = self._ports.setdefault(name, free_port())
         uri = f"http://127.0.0.1:{port}"
         proc = self._start(name, [
@@ -261,7 +260,8 @@ class LoopbackCluster:
         return pid
 
     def stop(self) -> None:
-        stop_pids(self.pids())
+        """SIGKILL at once: Ray's agents ignore SIGTERM, and nothing here needs a clean exit."""
+        psutil.wait_procs(signal_pids(self.pids(), "kill"), timeout=30)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "LoopbackCluster":
@@ -271,15 +271,25 @@ class LoopbackCluster:
         self.stop()
 
 
-def two_node_lab():
+def two_node_lab(store_template: Path | None = None):
     """The body of conftest's `two_nodes` fixture: a two-node cluster (1 CPU a node) and an MLflow server
     on 127.0.0.1, yielded once all are up; every process stopped afterwards, pass or fail."""
     from alexnet_keras.experiments import cluster
 
-    with LoopbackCluster() as lab:
+    def gcs_answers() -> bool:
+        if head.done():
+            head.result()   # raises why `ray start` failed
+            return True
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", lab.port), timeout=1):
+            return True
+        return False
+
+    with LoopbackCluster(store_template=store_template) as lab, cf.ThreadPoolExecutor(1) as pool:
         lab.start_mlflow_server()       # slowest to come up: start it first
-        lab.start_head()
-        lab.add_node("second")
+        head = pool.submit(lab.start_head)
+        wait_until(gcs_answers, 180, interval=0.2, what="the head's GCS")
+        lab.add_node("second")          # while the head's `ray start` brings up the rest of the head
+        head.result()
         lab.wait_for_mlflow_server()
         yield lab
         cluster.disconnect()

@@ -229,7 +229,7 @@ def _child_in_training(client: MlflowClient, experiment_id: str, running, where=
                     if PARENT in r.data.tags and ("loss" in r.data.metrics or not logged_an_epoch) and where(r)]
         return bool(found)
 
-    wait_until(in_training, 600, interval=0.2, what="a child in the middle of its training")
+    wait_until(in_training, 600, interval=0.5, what="a child in the middle of its training")
     return found[0]
 
 
@@ -353,7 +353,7 @@ def test_a_tracking_server_gone_mid_study_fails_clearly_and_loses_nothing(two_no
                 and any(r.info.status == "RUNNING" and 0 < len(_steps(client, r.info.run_id)) <= 12
                         for r in children))
 
-    wait_until(one_done_one_training, 600, interval=0.2, what="a child finished and another training")
+    wait_until(one_done_one_training, 600, interval=0.5, what="a child finished and another training")
     before = {r.info.run_id: (r.info.status, _steps(client, r.info.run_id))
               for r in _study_state(client, experiment_id)[1]}
     capsys.readouterr()
