@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="top-5 classes of images under a trained model, preprocessed as "
                              "in its training run")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders")
-    predict.add_argument("--model", required=True, metavar="REF", help="run id, runs:/ID/model, "
+    predict.add_argument("--model", required=True, metavar="REF", help="run id, runs:/ID/alexnet, "
                          "models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow model folder or a .keras file")
     predict.add_argument("--crops", choices=("center", "ten"), default="center", help="centre crop, or the "
                          "paper's ten views, softmax averaged (default: center)")

@@ -134,14 +134,14 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], sweep: Any, weights: Mapping
     objective = sweep.objective
     names = sorted(sweep.names, key=lambda n: (-weights.get(n, 0.0), sweep.names.index(n)))[:top]
     fig, axes = plt.subplots(1, 1 + len(names), figsize=(4.2 * (1 + len(names)), 3.6), squeeze=False)
-    ordered = sorted(rows, key=lambda r: r["order"])
+    ordered = sorted(rows, key=lambda r: r["trial"])
     done = [r for r in ordered if r[objective] is not None]
     ax = axes[0][0]
     if done:
-        ax.plot([r["order"] for r in done], [r[objective] for r in done], "o", label="trial")
+        ax.plot([r["trial"] for r in done], [r[objective] for r in done], "o", label="trial")
         best_so_far = (np.maximum if sweep.direction == "max" else np.minimum).accumulate([r[objective] for r in done])
-        ax.step([r["order"] for r in done], best_so_far, where="post", color="C1", label="best so far")
-    failed = [r["order"] for r in ordered if r[objective] is None]
+        ax.step([r["trial"] for r in done], best_so_far, where="post", color="C1", label="best so far")
+    failed = [r["trial"] for r in ordered if r[objective] is None]
     if failed:
         ax.plot(failed, [min((r[objective] for r in done), default=0.0)] * len(failed), "x", color="C3",
                 label="failed")

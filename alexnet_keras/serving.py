@@ -26,7 +26,7 @@ from .data import DataError
 from .model.inference import (METADATA_KEY, ModelMetadata, Predictor, check_options, load_keras_predictor, save_model,
                               sidecar)
 
-MODEL_NAME = "model"                  # the logged model's name, unless the caller gives one
+MODEL_NAME = "alexnet"                # the logged model's name (runs:/<run id>/alexnet), unless the caller gives one
 KERAS_FILE = "model.keras"            # under artifacts/ in the model folder
 # What the served model imports beyond MLflow's own requirements, pinned to the versions that trained
 # it (tests/test_serving.py checks this against a fresh process that loads the model).

@@ -626,10 +626,6 @@ def get_run(run_id: str):
                             f"List runs with `mlflow runs list --experiment-id ID` or open `mlflow ui`.") from None
 
 
-def download_artifact(run_id: str, path: str) -> Path:
-    target = tempfile.mkdtemp(prefix="alexnet-keras-")
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=target))
-
 
 flush = mlflow.flush_async_logging   # what MLFLOW_ENABLE_ASYNC_LOGGING queues (this module logs synchronously)
 

@@ -107,7 +107,7 @@ def test_run_logs_reports_figures_model_and_dataset(trained_run):
     assert {"config.yaml", "data.json", "figures", "reports", "summary"} <= top and "model" not in top
     assert listing("summary") == {"summary/model.txt"}
     assert {"figures/confusion_matrix.png", "figures/learning_curves.png"} <= listing("figures")
-    assert "reports/classification_report.txt" in listing("reports")
+    assert {"reports/classification_report.txt", "reports/confusion_matrix.csv"} <= listing("reports")
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="figures",
                                                      tracking_uri=uri))
     for png in local.glob("*.png"):
@@ -122,10 +122,10 @@ def test_run_logs_reports_figures_model_and_dataset(trained_run):
 def test_logged_model_loads_with_signature_and_without_lrn(trained_run):
     uri, run = trained_run
     mlflow.set_tracking_uri(uri)
-    info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
+    info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/alexnet")
     # A servable model (serving.py): raw images in; its Keras flavour is the 32-px network itself.
     assert info.signature is not None and info.signature.inputs.input_names() == ["image", "pixels"]
-    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/alexnet")
     assert tuple(model.input_shape) == (None, 32, 32, 3)
     assert not [layer for layer in model.layers if "lrn" in layer.name]
     out = model.predict(np.zeros((2, 32, 32, 3), "float32"), verbose=0)
@@ -192,7 +192,7 @@ def test_mlflow_run_lrn_false_end_to_end(store_uri, tmp_path):
     assert run.data.params["lrn"] == "false" and run.data.params["variant"] == "cifar"
     assert "test_accuracy" in run.data.metrics
     mlflow.set_tracking_uri(uri)
-    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/alexnet")
     assert not [layer for layer in model.layers if "lrn" in layer.name]
     assert [layer for layer in model.layers if layer.name == "conv5"]
 

@@ -331,7 +331,7 @@ def test_parent_logs_best_values_table_figure_and_model(swept):
     assert png[:8] == PNG and len(png) > 5000
 
     assert parent.data.tags["alexnet_keras.model_source"] == "checkpoint"
-    info = mlflow.models.get_model_info(f"runs:/{parent_id}/model")
+    info = mlflow.models.get_model_info(f"runs:/{parent_id}/alexnet")
     assert info.signature is not None
 
 

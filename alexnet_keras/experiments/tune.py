@@ -295,7 +295,7 @@ def trial_rows(tuner) -> list[dict[str, Any]]:
     sign = -1 if sweep.direction == "max" else 1
     trials = sorted(tuner.oracle.trials.values(), key=lambda t: (t.status != done, sign * t.score if t.status == done
                                                                  else 0, int(t.trial_id)))
-    return [{"rank": rank if t.status == done else None, "order": number(t.trial_id), "trial": number(t.trial_id),
+    return [{"rank": rank if t.status == done else None, "trial": number(t.trial_id),
              "trial_id": t.trial_id, "status": str(t.status), sweep.objective: t.score if t.status == done else None,
              "best_epoch": t.best_step if t.status == done else None,
              **{name: t.hyperparameters.values.get(name) for name in sweep.names},

@@ -62,11 +62,10 @@ def build_alexnet(config: ModelConfig, num_classes: int, input_mean: Sequence[fl
 
 
 def summary_text(model: keras.Model, **summary_kwargs: Any) -> str:
-    """`model.summary()` as a string, ending with `Total params: N` for logs to be grepped."""
+    """`model.summary()` as a string (its own `Total params: N (size)` line included)."""
     chunks: list[str] = []
     model.summary(print_fn=lambda text, *args, **kwargs: chunks.append(text), **summary_kwargs)
-    text = "\n".join(chunk.rstrip("\n") for chunk in chunks)
-    return f"{text}\nTotal params: {model.count_params():,}"
+    return "\n".join(chunk.rstrip("\n") for chunk in chunks)
 
 
 def lrn_diagnostics(model: keras.Model, images: Any, batch_size: int = 32) -> dict[str, dict[str, float]]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import checkpoints, distribute
 from .. import figures, tracking
+from ..tables import confusion_rows, csv_text
 from ..config import MAIN_JOB, Config, TrainConfig
 from ..data import Data, enable_op_determinism, load_data
 from ..model.alexnet import build_alexnet, lrn_diagnostics, summary_text
@@ -197,6 +198,8 @@ def log_evaluation(data: Data, predictions: np.ndarray, history: dict[str, list[
     tracking.log_dict(classification_report(**report, output_dict=True), "reports/classification_report.json")
     tracking.log_figure(figures.confusion_matrix(labels, predictions, names, title=title),
                         "figures/confusion_matrix.png")
+    # The whole matrix as its non-zero cells: at 1,000 classes the figure shows only the worst pairs.
+    tracking.log_text(csv_text(confusion_rows(labels, predictions, names)), "reports/confusion_matrix.csv")
     tracking.log_figure(figures.learning_curves(history, title=title), "figures/learning_curves.png")
 
 
