@@ -93,21 +93,23 @@ def save(model: keras.Model, folder: Path, epoch: int) -> None:
 
 def restore(model: keras.Model, folder: Path | None) -> int:
     """Load the newest checkpoint in `folder` that loads into `model` (weights and optimizer state) and
-    return its epoch; 0, leaving `model` as it is, when there is none."""
+    return its epoch; 0, leaving `model` as it is, when there is none. Metadata without a sha256 (Keras'
+    own BackupAndRestore wrote it) goes with the weights beside it."""
     if folder is None or not folder.is_dir():
         return 0
     for leftover in folder.glob(PARTIAL + "*"):
         leftover.unlink()
-    digests = {w: _sha256(w) for end in ("", BACKUP) if (w := folder / (WEIGHTS + end)).is_file()}
-    found = sorted(filter(None, (_metadata(folder / (METADATA + end)) for end in ("", BACKUP))),
-                   key=lambda m: -m["epoch"])
+    slots = [(folder / (WEIGHTS + end), folder / (METADATA + end)) for end in ("", BACKUP)]
+    digests = {weights: _sha256(weights) for weights, _ in slots if weights.is_file()}
+    found = sorted(((m, weights) for weights, path in slots if (m := _metadata(path))), key=lambda f: -f[0]["epoch"])
     if not digests and not found:
         return 0
     if model.optimizer is not None and not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)   # its state is in the file too
     problems = []
-    for meta in found:
-        for weights in [w for w, digest in digests.items() if digest == meta.get("weights_sha256")]:
+    for meta, beside in found:
+        sha = meta.get("weights_sha256")
+        for weights in [w for w, digest in digests.items() if (digest == sha if sha else w == beside)]:
             link = folder / f"{PARTIAL}{os.getpid()}.weights.h5"   # Keras loads only *.weights.h5, not .bkp
             try:
                 os.link(weights, link)
