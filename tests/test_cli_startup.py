@@ -47,7 +47,10 @@ def test_help_and_version_load_no_deep_learning_framework(argv, status, tmp_path
 def test_report_reads_the_store_without_tensorflow_or_keras(tmp_path):
     """`report` runs its whole path (MLflow store, error handling) and ends with one clear error for a
     run the store does not have, still without loading TensorFlow or Keras."""
+    from mlflow.tracking import MlflowClient
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).search_experiments()   # the store exists (a missing one is refused before any lookup)
     result, output = _run(["report", "0" * 32, "--tracking-uri", uri], tmp_path)
     assert result["status"] == 2 and "no MLflow run '" + "0" * 32 in output
     assert "mlflow" in result["loaded"]

@@ -99,7 +99,7 @@ def test_ctrl_c_keeps_the_checkpoint_and_only_the_same_command_continues_it(mlfl
     with monkeypatch.context() as patch:   # which run each command opens is the point: no evaluation
         patch.setattr(train, "log_trained_model", lambda *args, **kwargs: {})
         assert cli.main(["train", *flags, "--resume", "false"]) == 0        # asked for a new run
-        assert cli.main(["train", *flags, "--learning-rate", "0.02"]) == 0  # another config: a new run
+        assert cli.main(["train", *flags, "--learning-rate", "0.05"]) == 0  # another config: a new run
         assert cli.main(["train", *flags, "--run-name", "Bob's run"]) == 0  # another name: a new run
     runs = {r.info.run_id: r for r in all_runs(mlflow_store)}
     assert len(runs) == 4 and runs[killed.info.run_id].info.status == "KILLED"
