@@ -5,6 +5,8 @@ TensorFlow, Keras and MLflow are imported by the commands that use them, so `--h
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import re
 import shlex
@@ -63,12 +65,20 @@ def _add_shared_flags(parser: argparse.ArgumentParser, dry_run: str | None = Non
         parser.add_argument("--dry-run", action="store_true", help=f"{dry_run}; no run is created")
 
 
+def _cpus(text: str) -> float:
+    """--ray-cpus, refused while parsing: before a cluster starts or a parent run exists."""
+    with contextlib.suppress(ValueError):
+        if 0 < float(text) < math.inf:
+            return float(text)
+    raise argparse.ArgumentTypeError(f"expected a positive number of CPUs (e.g. 0.5 or 2), got {text!r}")
+
+
 def _add_ray_flags(parser: argparse.ArgumentParser, unit: str) -> None:
     """`--ray [ADDRESS]` and `--ray-cpus N` (experiments/cluster.py, docs/cluster.md)."""
     parser.add_argument("--ray", nargs="?", const="local", default=None, type=none_text, metavar="ADDRESS",
                         help=f"run every {unit} as a job on a Ray cluster: alone, a local one (127.0.0.1 only); "
                         f"`auto` or HOST:PORT, an existing one; `none`: no Ray (default)")
-    parser.add_argument("--ray-cpus", type=float, default=1.0, metavar="N", help=f"CPUs each {unit} asks "
+    parser.add_argument("--ray-cpus", type=_cpus, default=1.0, metavar="N", help=f"CPUs each {unit} asks "
                         f"for on a cluster without GPUs (default: 1; with GPUs: one GPU each)")
 
 

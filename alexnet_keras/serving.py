@@ -215,9 +215,12 @@ def _first_line(err: Exception) -> str:
 
 def check_model_name(name: str, alias: str | None = DEFAULT_ALIAS) -> None:
     """A ModelError unless `name` (and `alias`) can be used in `models:/NAME@ALIAS` (checked before training)."""
-    if not isinstance(name, str) or not name.strip() or name != name.strip() or re.search(r"[/:@%]", name):
-        raise ModelError(f"registered model name {name!r}: use letters, digits, spaces, '.', '_' or '-' "
-                         "(not empty; no '/', ':', '@' or '%'), e.g. alexnet-cifar10.")
+    # models:/ URIs are parsed as URLs: a tab or newline is dropped and '?' starts a query, so no URI reaches them.
+    bad = re.search(r"[/:@%?\x00-\x1f\x7f]", name) if isinstance(name, str) else None
+    if not isinstance(name, str) or not name.strip() or name != name.strip() or bad:
+        raise ModelError(f"registered model name {name!r}{f' contains {bad.group()!r}' if bad else ''}: use letters, "
+                         "digits, spaces, '.', '_' or '-' (not empty; no '/', ':', '@', '%', '?' or control "
+                         "characters), e.g. alexnet-cifar10.")
     if alias is not None and (not re.fullmatch(r"[A-Za-z0-9_-]+", alias) or alias.lower() == "latest"
                               or re.fullmatch(r"[vV]\d+", alias)):
         raise ModelError(f"model alias {alias!r}: use letters, digits, '_' or '-', not 'latest' or v<number>; "

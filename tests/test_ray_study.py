@@ -402,3 +402,15 @@ def test_a_killed_node_s_child_is_retried_on_the_surviving_node(two_nodes, drive
     retry = _retry_of(children, victim)
     assert retry.data.tags[tracking.RAY_NODE_TAG] != victim.data.tags[tracking.RAY_NODE_TAG]
     assert int(retry.data.tags[tracking.PID_TAG]) in two_nodes.pids("head")   # on the surviving node
+
+
+@pytest.mark.parametrize("command, spec", [("ablate", SMOKE), ("tune", SWEEP_SMOKE)])
+@pytest.mark.parametrize("cpus", ["0", "-1", "nan", "inf", "two"])
+def test_ray_cpus_that_fit_no_job_are_refused_before_any_cluster_or_run(untouched_store, capsys, command, spec, cpus):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, str(spec), "--ray", "--ray-cpus", cpus])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"--ray-cpus: expected a positive number of CPUs (e.g. 0.5 or 2), got {cpus!r}" in line
+    assert not untouched_store.exists()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()

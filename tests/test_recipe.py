@@ -346,3 +346,12 @@ def test_prepare_refuses_a_stored_size_beyond_the_bound_of_training(folder, tmp_
     with pytest.raises(ConfigError, match="stored_size.*32768"):
         tfrecord.prepare(folder, tmp_path / "records", stored_size=40000)
     assert not (tmp_path / "records").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "file/records"])
+def test_prepare_to_a_file_or_under_one_is_refused_before_any_work(folder, tmp_path, capsys, where):
+    (tmp_path / "file").write_text("notes")
+    assert cli.main(["prepare", str(folder), str(tmp_path / where)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"the output folder {str(tmp_path / where)!r} cannot be made: {str(tmp_path / 'file')!r} is a file" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "notes"

@@ -141,3 +141,11 @@ def test_tune_register_registers_the_sweeps_model(mlflow_store, tmp_path):
     assert "Hyperparameter sweep 'registry-sweep'" in parent.data.tags["mlflow.note.content"]
     for trial in [r for r in runs if r.data.tags.get(tracking.SWEEP_ROLE_TAG) == "trial"]:
         assert "of hyperparameter sweep 'registry-sweep'" in trial.data.tags["mlflow.note.content"]
+
+
+@pytest.mark.parametrize("name, char", [("bad\nname", "'\\n'"), ("best?run", "'?'"), ("tab\there", "'\\t'")])
+def test_a_name_no_models_uri_can_load_is_refused_naming_the_character(untouched_store, capsys, name, char):
+    assert cli.main(["train", *cli_flags(TINY), "--register", name]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"registered model name {name!r} contains {char}" in line and "e.g. alexnet-cifar10" in line
+    assert not untouched_store.exists()

@@ -57,6 +57,9 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
     if is_prepared(root):
         raise DataError(f"{str(root)!r} already holds TFRecord shards ({MANIFEST}); pass it to --data-dir.")
     out = Path(out).expanduser().absolute()
+    taken = next((path for path in (out, *out.parents) if path.exists() and not path.is_dir()), None)
+    if taken is not None:
+        raise DataError(f"the output folder {str(out)!r} cannot be made: {str(taken)!r} is a file; choose a folder.")
     if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
         raise DataError(f"the output folder {str(out)!r} must not be inside the image folder {str(root)!r}.")
     if out.exists() and any(out.iterdir()):
