@@ -766,3 +766,20 @@ def test_an_encrypted_zip_member_gives_one_clear_message(tmp_path):
     archive.write_bytes(bytes(raw))
     with pytest.raises(DataError, match="could not extract .*locked.zip.*encrypted"):
         locate_data_dir(str(archive))
+
+
+def test_a_deflate64_zip_member_gives_one_clear_message(tmp_path):
+    archive = tmp_path / "deflate64.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in ("a/0.png", "b/0.png"):
+            zf.writestr(name, b"stored bytes")
+    raw = bytearray(archive.read_bytes())   # every member's compression method: 9, Deflate64 (zipfile cannot read it)
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        start = raw.find(signature)
+        while start >= 0:
+            raw[start + offset:start + offset + 2] = (9).to_bytes(2, "little")
+            start = raw.find(signature, start + 4)
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="could not extract .*deflate64.zip") as err:
+        locate_data_dir(str(archive))
+    assert "\n" not in str(err.value)
