@@ -370,10 +370,16 @@ def mark_dead_runs(experiment: str) -> list[str]:
 
 
 def end_run(run_id: str, status: str, reason: str) -> None:
-    """End `run_id` (not this process's active run) with `status`, saying why in its end_reason tag."""
+    """End `run_id` with `status`, saying why in its end_reason tag (as this process's active run too, if it is)."""
     client = MlflowClient()
     client.set_tag(run_id, END_REASON_TAG, reason)
     client.set_terminated(run_id, status)
+    if (active := mlflow.active_run()) is not None and active.info.run_id == run_id:
+        mlflow.end_run(status)
+
+
+def delete_tag(run_id: str, key: str) -> None:
+    MlflowClient().delete_tag(run_id, key)
 
 
 # --- finding runs, parents and children ------------------------------------------------------------------
@@ -550,6 +556,7 @@ def set_tags(tags: Mapping[str, str], *, run_id: str | None = None) -> None:
 
 log_text = mlflow.log_text
 log_dict = mlflow.log_dict
+load_dict = mlflow.artifacts.load_dict   # a downloaded JSON/YAML artifact, its temporary folder removed
 log_table = mlflow.log_table   # a table ({column: values}) as JSON, which the UI's artifact view shows as one
 
 

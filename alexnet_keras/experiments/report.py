@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import mlflow
 
 from . import stats
 from .. import figures, tracking
@@ -515,7 +514,7 @@ def load_spec(parent_run_id: str) -> dict[str, Any]:
         raise tracking.TrackingError(f"run {parent_run_id} is not the parent run of an ablation study (no "
                                      f"{ROLE_TAG}=parent tag); pass the id of the study's parent run.")
     try:
-        return mlflow.artifacts.load_dict(f"runs:/{parent_run_id}/{SPEC_ARTIFACT}")   # its temporary folder removed
+        return tracking.load_dict(f"runs:/{parent_run_id}/{SPEC_ARTIFACT}")
     except Exception as err:
         if not tracking.store_answers():   # a store gone away (e.g. mid-study) is not a missing artifact
             raise tracking.TrackingError(

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import keras
-import mlflow
 import numpy as np
 
 from . import checkpoints, distribute
@@ -297,10 +296,8 @@ def training_run(config: Config, model: keras.Model, name: str | None, tags: Map
                 # The store failed, not the training: the run ends KILLED with its checkpoint, which the
                 # same command continues from once the store answers.
                 keep, reason = True, f"the tracking store failed ({type(err).__name__}: {checkpoints.one_line(err)})"
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception):   # as this process's active run too: `tracking.run` adds nothing
                     tracking.end_run(run_id, "KILLED", reason)
-                with contextlib.suppress(Exception):
-                    mlflow.end_run("KILLED")   # ends it as this process's active run too: `tracking.run` adds nothing
                 lost = tracking.TrackingError(f"{reason}; run {run_id} ends KILLED with its checkpoint in {folder}: "
                                               "run the same command again once the store answers.")
                 lost.__cause__ = err
@@ -316,7 +313,7 @@ def training_run(config: Config, model: keras.Model, name: str | None, tags: Map
         if folder is not None and not keep:
             shutil.rmtree(folder, ignore_errors=True)
             with contextlib.suppress(Exception):   # the tag says where a checkpoint is, only while there is one
-                mlflow.MlflowClient().delete_tag(run_id, tracking.CHECKPOINT_DIR_TAG)
+                tracking.delete_tag(run_id, tracking.CHECKPOINT_DIR_TAG)
             with contextlib.suppress(OSError):   # no empty checkpoint folder left behind
                 folder.parent.rmdir()
 
