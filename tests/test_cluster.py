@@ -259,6 +259,17 @@ def test_env_reaches_the_jobs(on_two_nodes):
     assert outcome.value == "from-the-driver"
 
 
+@needs_ray
+def test_a_server_job_is_stopped_as_done_once_the_jobs_it_serves_have_ended(on_two_nodes, tmp_path):
+    # keras-tuner's chief polls every 20 s for its workers' end: the sweep would wait for it.
+    jobs = [Job("server", JOBS.gated, (str(tmp_path), "server"), serves=True), Job("client", JOBS.noop)]
+    started = time.monotonic()
+    outcomes = cluster.run_jobs(jobs)
+    assert time.monotonic() - started < 60                             # not the server's 120 s
+    assert [o.ok for o in outcomes] == [True, True] and outcomes[1].value == "done"
+    assert _files(tmp_path, "server.done.*") == []                     # it never returned: it was stopped
+
+
 def _run_in_thread(jobs, **kwargs):
     pool = cf.ThreadPoolExecutor(1)
     return pool, pool.submit(cluster.run_jobs, jobs, **kwargs)

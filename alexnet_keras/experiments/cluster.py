@@ -197,6 +197,7 @@ class Job:
     resources: Mapping[str, float] | None = None  # {"num_cpus": .., "num_gpus": ..}; None: job_resources()
     env: Mapping[str, str] = field(default_factory=dict)   # set while it runs (run_jobs' env: at process start)
     node_id: str | None = None                    # run on this node only (e.g. a server others must find)
+    serves: bool = False                          # a server of the other jobs: cancelled, as done, once they end
 
 
 @dataclass
@@ -292,6 +293,11 @@ def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int =
                 print(f"[{len(jobs) - len(pending)}/{len(jobs)}] {outcome.name} {how}", flush=True)
             if on_done is not None:
                 on_done(outcome)
+            if pending and all(jobs[index[ref]].serves for ref in pending):   # nobody left to serve
+                for ref in pending:
+                    ray.cancel(ref)
+                ray.wait(pending, num_returns=len(pending), timeout=30)
+                break
     except BaseException:
         for ref in pending:
             ray.cancel(ref)

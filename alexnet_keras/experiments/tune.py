@@ -268,7 +268,7 @@ def _search_on_ray(tuner, info, count: int, cpus: float) -> None:
     spec = sweep.spec.model_copy(update={"directory": str(Path(sweep.spec.directory).resolve())})
     args = (replace(sweep, spec=spec), uri, tuner.uid, tuner.parent_run_id, tuner.experiment)
     jobs = [cluster.Job("chief", _search_job, args, resources={"num_cpus": 0, "num_gpus": 0},
-                        env={**oracle, "KERASTUNER_TUNER_ID": "chief"}, node_id=node.node_id)]
+                        env={**oracle, "KERASTUNER_TUNER_ID": "chief"}, node_id=node.node_id, serves=True)]
     jobs += [cluster.Job(f"tuner{i}", _search_job, args, env={**oracle, **threads, "KERASTUNER_TUNER_ID": f"tuner{i}"})
              for i in range(count)]
     print(f"sweep {sweep.name!r} on the {info.describe()}: the chief on {node.address} (oracle port "
