@@ -11,7 +11,7 @@ import math
 import os
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, TypeVar
+from typing import Annotated, Any, Literal, Mapping, Sequence, TypeVar
 
 import pydantic
 from pydantic import BeforeValidator, Field
@@ -35,6 +35,12 @@ LRN_CONVS = (1, 2)                                                # LRN after th
 POOLED_CONVS = (1, 2, 5)                                          # max-pooling after these convs
 POOL_SIZES = {"overlapping": 3, "non_overlapping": 2}
 
+# The data options that a data set or recipe does not read (data/sources.py, data/pipeline.py).
+IGNORED_BY = {("dataset", "synthetic"): ("data_dir", "max_memory_mb"),
+              ("dataset", "cifar10"): ("synthetic_samples", "synthetic_classes"),
+              ("dataset", "folder"): ("synthetic_samples", "synthetic_classes"),
+              ("recipe", "simple"): ("stored_size", "pca_color", "pca_std", "pixel_mean", "ten_crop")}
+
 # Ranges of the integer leaves that have no natural upper end: far beyond any sensible run, but finite.
 MAX_SIDE = 32768                 # image_size, stored_size (pixels)
 MAX_COUNT = 2 ** 31 - 1          # image counts (train_limit, test_limit, synthetic_samples)
@@ -57,7 +63,18 @@ def none_text(value: Any) -> Any:
 
 Unset = BeforeValidator(none_text)
 Choice = BeforeValidator(lambda v: str(v).lower() if isinstance(v, bool) else v)   # YAML `jit_compile: true`
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+def _not_bool(kind: str) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):   # pydantic's lax mode would read YAML's `yes` as 1
+            raise ValueError(f"must be {kind}, not true or false")
+        return value
+    return BeforeValidator(check)
+
+
+Int, Float = Annotated[int, _not_bool("an integer")], Annotated[float, _not_bool("a number")]   # in Options
+Seed = Annotated[Int, Field(ge=0, le=MAX_SEED)]
 
 
 _RULES = {"bool_parsing": "must be true or false", "bool_type": "must be true or false",
@@ -363,6 +380,17 @@ def leaf_fields() -> dict[str, tuple[str | None, Any]]:
     out = {name: (section, info) for section, cls in SECTIONS.items()
            for name, info in cls.__pydantic_fields__.items()}
     return {**out, **{name: (None, Config.__pydantic_fields__[name]) for name in TOP_LEVEL}}
+
+
+def check_read(config: Config, options: Sequence[str], where: str) -> None:
+    """Refuse a study axis or sweep dimension (at `where`) whose `options` are all data options that the data
+    set or recipe of `config` does not read: each of its values would train the same run."""
+    unread = {option: f"{key} {value!r}" for (key, value), names in IGNORED_BY.items()
+              if getattr(config.data, key) == value for option in names}
+    if options and all(option in unread for option in options):
+        why = unread[options[0]]
+        raise ConfigError(f"{where} varies {', '.join(options)}, which {why} does not read: its values would train "
+                          f"identical runs. Drop it, or set `{why.split()[0]}` in `base` to one that reads it.")
 
 
 def parse_value(name: str, raw: Any, annotation: Any) -> Any:

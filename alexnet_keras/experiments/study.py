@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from ..config import SECTIONS, Config, ConfigError, Seed, did_you_mean, leaf_fields
+from ..config import SECTIONS, Config, ConfigError, Int, Seed, check_read, did_you_mean, leaf_fields
 from ..tables import value_text
 from .specfile import SpecKeys, read_spec
 
@@ -48,7 +48,7 @@ class StudyKeys(SpecKeys):   # the keys of a study file besides those every stud
     axes: dict[str, Any] = Field(min_length=1, description="each axis maps to its values, e.g. axes: "
                                  "{lrn: [true, false]}, or value names to options (a composite axis)")
     baseline: dict[str, Any] = Field({}, description="an axis' baseline value (default: the base config's)")
-    max_runs: int = Field(MAX_RUNS, ge=1, description="the most runs the study may plan")   # before seeds
+    max_runs: Int = Field(MAX_RUNS, ge=1, description="the most runs the study may plan")   # before seeds
     seeds: list[Seed] = Field(min_length=1, description="list the training seeds, e.g. seeds: [0, 1, 2] (or a "
                               "count, seeds: 3)")
     nuisance: list[Literal[tuple(leaf_fields())]] = Field([], description="options that are nuisance "
@@ -61,6 +61,8 @@ class StudyKeys(SpecKeys):   # the keys of a study file besides those every stud
     @classmethod
     def _count(cls, value: Any, info: ValidationInfo) -> Any:
         """`seeds: 3` is [0, 1, 2]; a count over max_runs is refused before its list is made."""
+        if isinstance(value, bool):
+            raise ValueError("must be a count (seeds: 3) or a list (seeds: [0, 1, 2]), not true or false")
         if type(value) is int and value > info.data.get("max_runs", MAX_RUNS):
             raise ValueError("alone " + over_limit(value, info.data.get("max_runs", MAX_RUNS)))
         return list(range(value)) if type(value) is int and value > 0 else value
@@ -281,6 +283,8 @@ def load_study(path: str | Path) -> Study:
         name = ",".join(f"{a}={value}" for a, value in factors.items() if value != baseline[a]) or "baseline"
         merged = {k: v for a, value in factors.items() for k, v in axes[a][value].items()}
         config = base.override(merged, source=f"{src}: variant {name!r}")
+        for a in (a for a in axes if factors[a] != baseline[a]):
+            check_read(config, list(axes[a][factors[a]]), f"{src}: axis {a!r}")
         variants.append(Variant(name, factors, merged, config, factors == baseline))
     grid = []
     for combo in itertools.product(*(values.items() for values in tuned.values())) if tuned else ():
