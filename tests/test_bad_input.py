@@ -348,6 +348,8 @@ def _refused(capsys, args, *fragments):
     ("ablate", "axes: {cache: {a: {max_memory_mb: 1}, b: {max_memory_mb: 2}}}\nseeds: 1",
      ["axis 'cache' varies max_memory_mb, which dataset 'synthetic' does not read"]),
     ("ablate", "axes: {stored_size: [64, 96]}\nseeds: 1", ["recipe 'simple' does not read"]),
+    ("ablate", "axes: {lrn: [true, false]}\nseeds: 1\nnuisance_grid: {pca_std: [0.1, 0.2]}",
+     ["nuisance_grid 'pca_std' varies pca_std, which recipe 'simple' does not read"]),
     ("tune", "search_space: {learning_rate: [0.01, 0.02], data_dir: [/a, /b]}\nbudget: {max_trials: 2}",
      ["search_space.data_dir varies data_dir, which dataset 'synthetic' does not read"]),
     ("ablate", "axes: {lrn: [true, false]}\nseeds: true", ["`seeds` must be a count (seeds: 3) or a list"]),

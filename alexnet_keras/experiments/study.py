@@ -261,6 +261,7 @@ def load_study(path: str | Path) -> Study:
             raise StudyError(f"{where} is set by the axis {owner[key]!r} (scientific), so it cannot also be "
                              f"tuned as a nuisance.")
         tuned[key] = _values(key, listed, base, where, "tuned")
+        check_read(base, [key], where)
     for key, names in (("nuisance", spec.nuisance), ("fixed", spec.fixed)):
         if set(names) & set(owner):
             raise StudyError(f"{src}: {', '.join(sorted(set(names) & set(owner)))} is an axis (scientific), so it "
