@@ -66,8 +66,7 @@ def _add_shared_flags(parser: argparse.ArgumentParser, dry_run: str | None = Non
 
 
 def _positive(kind: type, what: str):
-    """A flag's type that takes a positive number only: refused while parsing, before a cluster starts or a
-    parent run exists."""
+    """A flag's type taking positive numbers only: refused while parsing, before any cluster or parent run."""
     def parse(text: str) -> float | int:
         with contextlib.suppress(ValueError):
             if 0 < kind(text) < math.inf:

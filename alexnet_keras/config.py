@@ -37,8 +37,7 @@ POOL_SIZES = {"overlapping": 3, "non_overlapping": 2}
 
 # The data options that a data set or recipe does not read (data/sources.py, data/pipeline.py).
 IGNORED_BY = {("dataset", "synthetic"): ("data_dir", "max_memory_mb"),
-              ("dataset", "cifar10"): ("synthetic_samples", "synthetic_classes"),
-              ("dataset", "folder"): ("synthetic_samples", "synthetic_classes"),
+              **{("dataset", name): ("synthetic_samples", "synthetic_classes") for name in ("cifar10", "folder")},
               ("recipe", "simple"): ("stored_size", "pca_color", "pca_std", "pixel_mean", "ten_crop")}
 
 # Ranges of the integer leaves that have no natural upper end: far beyond any sensible run, but finite.

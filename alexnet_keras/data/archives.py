@@ -79,9 +79,8 @@ def archive_sha256(archive: Path) -> str:
 
 
 def extract(archive: Path, sha256: str) -> Path:
-    """The cache folder holding `archive`'s content (whose hash is `sha256`), extracted if no run did, its
-    size bounded from the members' headers before they are written: zipfile and tarfile write no more than
-    a header declares (zipfile stops at the central directory's size, tarfile copies a member's size)."""
+    """The cache folder holding `archive`'s content (whose hash is `sha256`), extracted if no run did; bounded
+    by the members' headers before they are written, as zipfile and tarfile write no more than they declare."""
     stem = next(archive.name[:-len(s)] for s in ARCHIVE_SUFFIXES if archive.name.lower().endswith(s))
     target = cache_root() / "datasets" / f"{stem}-{sha256[:16]}"
 
@@ -116,11 +115,8 @@ def bound(archive: Path, folder: Path) -> Callable[[int], None]:
     """`add(n)` counts n more bytes of `archive` to extract into `folder`, refusing a total beyond the free
     space there, or beyond $MAX_RATIO_ENV (100) times the archive's size when over 64 MiB (a bomb)."""
     raw = os.environ.get(MAX_RATIO_ENV) or str(MAX_RATIO)
-    try:
-        ratio = float(raw)
-    except ValueError:
-        ratio = 0.0
-    if not 0 < ratio < math.inf:
+    ratio = float(raw) if raw.replace(".", "", 1).isdigit() else 0.0
+    if not ratio:
         raise DataError(f"{MAX_RATIO_ENV}={raw!r} must be a positive number: the most times its size that "
                         f"an archive may extract to (default {MAX_RATIO}).")
     size, free, total = archive.stat().st_size, shutil.disk_usage(folder).free, 0
