@@ -374,8 +374,7 @@ def leaf_fields() -> dict[str, tuple[str | None, Any]]:
 
 
 def check_read(config: Config, options: Sequence[str], where: str) -> None:
-    """Refuse a study axis or sweep dimension (at `where`) whose `options` are all data options that the data
-    set or recipe of `config` does not read: each of its values would train the same run."""
+    """Refuse a study axis or sweep dimension (`where`) over `options` that the data of `config` never read."""
     unread = {option: f"{key} {value!r}" for (key, value), names in IGNORED_BY.items()
               if getattr(config.data, key) == value for option in names}
     if options and all(option in unread for option in options):

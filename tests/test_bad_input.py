@@ -352,7 +352,7 @@ def _refused(capsys, args, *fragments):
      ["nuisance_grid 'pca_std' varies pca_std, which recipe 'simple' does not read"]),
     ("tune", "search_space: {learning_rate: [0.01, 0.02], data_dir: [/a, /b]}\nbudget: {max_trials: 2}",
      ["search_space.data_dir varies data_dir, which dataset 'synthetic' does not read"]),
-    ("ablate", "axes: {lrn: [true, false]}\nseeds: true", ["`seeds` must be a count (seeds: 3) or a list"]),
+    ("ablate", "axes: {lrn: [true, false]}\nseeds: true", ["`seeds` must be a list; got True"]),
     ("ablate", "axes: {lrn: [true, false]}\nseeds: [true, 2]", ["`seeds.0` must be an integer; got True"]),
     ("ablate", "axes: {lrn: [true, false]}\nseeds: 1\nmax_runs: yes", ["`max_runs` must be an integer; got True"]),
     ("ablate", "axes: {epochs: [true, 2]}\nseeds: 1", ["axis 'epochs', value 'true': train.epochs must be an integer"]),

@@ -61,8 +61,6 @@ class StudyKeys(SpecKeys):   # the keys of a study file besides those every stud
     @classmethod
     def _count(cls, value: Any, info: ValidationInfo) -> Any:
         """`seeds: 3` is [0, 1, 2]; a count over max_runs is refused before its list is made."""
-        if isinstance(value, bool):
-            raise ValueError("must be a count (seeds: 3) or a list (seeds: [0, 1, 2]), not true or false")
         if type(value) is int and value > info.data.get("max_runs", MAX_RUNS):
             raise ValueError("alone " + over_limit(value, info.data.get("max_runs", MAX_RUNS)))
         return list(range(value)) if type(value) is int and value > 0 else value
