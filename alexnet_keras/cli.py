@@ -65,12 +65,14 @@ def _add_shared_flags(parser: argparse.ArgumentParser, dry_run: str | None = Non
         parser.add_argument("--dry-run", action="store_true", help=f"{dry_run}; no run is created")
 
 
-def _cpus(text: str) -> float:
-    """--ray-cpus, refused while parsing: before a cluster starts or a parent run exists."""
-    with contextlib.suppress(ValueError):
-        if 0 < float(text) < math.inf:
-            return float(text)
-    raise argparse.ArgumentTypeError(f"expected a positive number of CPUs (e.g. 0.5 or 2), got {text!r}")
+def _positive(kind: type, what: str):
+    """A flag's type taking positive numbers only: refused while parsing, before any cluster or parent run."""
+    def parse(text: str) -> float | int:
+        with contextlib.suppress(ValueError):
+            if 0 < kind(text) < math.inf:
+                return kind(text)
+        raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text!r}")
+    return parse
 
 
 def _add_ray_flags(parser: argparse.ArgumentParser, unit: str) -> None:
@@ -78,8 +80,9 @@ def _add_ray_flags(parser: argparse.ArgumentParser, unit: str) -> None:
     parser.add_argument("--ray", nargs="?", const="local", default=None, type=none_text, metavar="ADDRESS",
                         help=f"run every {unit} as a job on a Ray cluster: alone, a local one (127.0.0.1 only); "
                         f"`auto` or HOST:PORT, an existing one; `none`: no Ray (default)")
-    parser.add_argument("--ray-cpus", type=_cpus, default=1.0, metavar="N", help=f"CPUs each {unit} asks "
-                        f"for on a cluster without GPUs (default: 1; with GPUs: one GPU each)")
+    parser.add_argument("--ray-cpus", type=_positive(float, "number of CPUs (e.g. 0.5 or 2)"), default=1.0,
+                        metavar="N", help=f"CPUs each {unit} asks for on a cluster without GPUs (default: 1; "
+                        f"with GPUs: one GPU each)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=cmd_train)
     ablate = sub.add_parser("ablate", help="ablation study: a parent run, a child per (variant, seed), a report")
     ablate.add_argument("study", metavar="STUDY_YAML", help="study file: base config, axes, seeds")
-    ablate.add_argument("--parallel", type=int, default=1, metavar="N", help="train N children at a time "
-                        "on a local Ray cluster (default: 1, one after another in this process)")
+    ablate.add_argument("--parallel", type=_positive(int, "whole number"), default=1, metavar="N", help="train N "
+                        "children at a time on a local Ray cluster (default: 1, one after another in this process)")
     _add_ray_flags(ablate, "child")
     _add_shared_flags(ablate, "validate the study and list its variants", "the best variant's best run")
     ablate.set_defaults(run=cmd_ablate)
@@ -111,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--tuner-dir", metavar="DIR", help="keras-tuner state (default: the file's `directory`)")
     tune.add_argument("--overwrite", action="store_true", help="forget the tuner state and start again")
     _add_ray_flags(tune, "trial worker")
-    tune.add_argument("--ray-workers", type=int, default=None, metavar="N", help="with --ray: how many workers "
-                      "(default: one per GPU, else one per --ray-cpus CPUs, at most max_trials)")
+    tune.add_argument("--ray-workers", type=_positive(int, "whole number"), default=None, metavar="N",
+                      help="with --ray: how many workers (default: one per GPU, else one per --ray-cpus CPUs, at "
+                      "most max_trials)")
     _add_shared_flags(tune, "validate the sweep file and print it", "the best trial's model")
     tune.set_defaults(run=lambda args: import_module(f"{__package__}.experiments.tune").cmd_tune(args))
     bench = sub.add_parser("benchmark", help="time forward, forward+backward and training throughput, logged "

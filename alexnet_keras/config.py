@@ -11,7 +11,7 @@ import math
 import os
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, TypeVar
+from typing import Annotated, Any, Literal, Mapping, Sequence, TypeVar
 
 import pydantic
 from pydantic import BeforeValidator, Field
@@ -35,6 +35,11 @@ LRN_CONVS = (1, 2)                                                # LRN after th
 POOLED_CONVS = (1, 2, 5)                                          # max-pooling after these convs
 POOL_SIZES = {"overlapping": 3, "non_overlapping": 2}
 
+# The data options that a data set or recipe does not read (data/sources.py, data/pipeline.py).
+IGNORED_BY = {("dataset", "synthetic"): ("data_dir", "max_memory_mb"),
+              **{("dataset", name): ("synthetic_samples", "synthetic_classes") for name in ("cifar10", "folder")},
+              ("recipe", "simple"): ("stored_size", "pca_color", "pca_std", "pixel_mean", "ten_crop")}
+
 # Ranges of the integer leaves that have no natural upper end: far beyond any sensible run, but finite.
 MAX_SIDE = 32768                 # image_size, stored_size (pixels)
 MAX_COUNT = 2 ** 31 - 1          # image counts (train_limit, test_limit, synthetic_samples)
@@ -57,7 +62,19 @@ def none_text(value: Any) -> Any:
 
 Unset = BeforeValidator(none_text)
 Choice = BeforeValidator(lambda v: str(v).lower() if isinstance(v, bool) else v)   # YAML `jit_compile: true`
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+def _not_bool(kind: str) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):   # pydantic's lax mode would read YAML's `yes` as 1
+            raise ValueError(f"must be {kind}")
+        return value
+    return BeforeValidator(check)
+
+
+Int, Float = Annotated[int, _not_bool("an integer")], Annotated[float, _not_bool("a number")]
+OptionalInt = Annotated[int | None, Unset, _not_bool("an integer")]
+Seed = Annotated[Int, Field(ge=0, le=MAX_SEED)]
 
 
 _RULES = {"bool_parsing": "must be true or false", "bool_type": "must be true or false",
@@ -147,11 +164,6 @@ def explain(err: pydantic.ValidationError, prefix: str, model: Any) -> ConfigErr
     return ConfigError("\n".join(lines))
 
 
-def _number_kind(annotation: Any) -> str | None:
-    kinds = {annotation, *typing.get_args(annotation)}
-    return "an integer" if int in kinds else "a number" if float in kinds else None
-
-
 def section(name: str):
     def wrap(cls):
         cls = pydantic.dataclasses.dataclass(frozen=True, config=pydantic.ConfigDict(
@@ -159,10 +171,6 @@ def section(name: str):
         init = cls.__init__
 
         def __init__(self, *args, **kwargs):
-            for key, value in kwargs.items():   # pydantic's lax mode would read true as 1
-                kind = _number_kind(getattr(cls.__pydantic_fields__.get(key), "annotation", None))
-                if isinstance(value, bool) and kind:
-                    raise ConfigError(f"{name}.{key} must be {kind}; got {value!r}.")
             try:
                 init(self, *args, **kwargs)
             except pydantic.ValidationError as err:
@@ -177,21 +185,21 @@ class ModelConfig:
     """AlexNet's design choices, each an independent toggle. Defaults are the 2012 paper's."""
 
     variant: Literal[VARIANTS] = Field("paper", description="paper: the 227-px ImageNet net; cifar: for 32 px")
-    image_size: Annotated[int | None, Unset] = Field(None, description="input side in px (none: the variant's own)")
-    width: float = Field(1.0, gt=0.0, le=16.0, description="multiplies every conv's filters and the hidden units")
-    groups: int = Field(1, ge=1, le=2, description="2: the paper's two-GPU split of conv2, conv4, conv5")
+    image_size: OptionalInt = Field(None, description="input side in px (none: the variant's own)")
+    width: Float = Field(1.0, gt=0.0, le=16.0, description="multiplies every conv's filters and the hidden units")
+    groups: Int = Field(1, ge=1, le=2, description="2: the paper's two-GPU split of conv2, conv4, conv5")
     lrn: bool = Field(True, description="local response normalization after conv1 and conv2")
-    lrn_size: int = Field(5, ge=1, le=1023, description="LRN window n, in channels (odd)")
-    lrn_alpha: float = Field(1e-4, ge=0.0, le=1000.0, description="LRN alpha")
-    lrn_beta: float = Field(0.75, ge=0.0, le=10.0, description="LRN beta")
+    lrn_size: Int = Field(5, ge=1, le=1023, description="LRN window n, in channels (odd)")
+    lrn_alpha: Float = Field(1e-4, ge=0.0, le=1000.0, description="LRN alpha")
+    lrn_beta: Float = Field(0.75, ge=0.0, le=10.0, description="LRN beta")
     # k > 0: with k = 0 a window of zero activations (dead ReLUs) gives 0 / 0.
-    lrn_k: float = Field(2.0, gt=0.0, le=1e6, description="LRN k")
+    lrn_k: Float = Field(2.0, gt=0.0, le=1e6, description="LRN k")
     batchnorm: bool = Field(False, description="batch normalization between each conv and its activation")
-    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout before fc6 and fc7 (0: no dropout layers)")
+    dropout: Float = Field(0.5, ge=0.0, lt=1.0, description="dropout before fc6 and fc7 (0: no dropout layers)")
     pool: Literal[POOLS] = Field("overlapping", description="overlapping 3x3/2 (paper) or non_overlapping 2x2/2")
     activation: Literal[ACTIVATIONS] = Field("relu", description="every hidden layer's activation")
     init: Literal["paper", "keras"] = Field("paper", description="paper: N(0, 0.01), bias 1 in conv2/4/5, fc6/7; keras")
-    weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="L2 on kernels, as the paper's update rule")
+    weight_decay: Float = Field(5e-4, ge=0.0, le=1.0, description="L2 on kernels, as the paper's update rule")
     input_norm: Literal["standardize", "center"] = Field("standardize", description="(x-mean)/std, or x-mean (paper)")
 
     @pydantic.field_validator("lrn_size")
@@ -276,22 +284,22 @@ class DataConfig:
     dataset: Literal[DATASETS] = Field("cifar10", description="cifar10, an image folder, or synthetic noise")
     data_dir: Annotated[str | None, Unset] = Field(None, description="image folder or .tar.gz (none: "
                                                    "$ALEXNET_KERAS_DATA_DIR, then keras.datasets)")
-    val_fraction: float = Field(0.1, gt=0.0, le=0.5, description="validation share of the training set")
+    val_fraction: Float = Field(0.1, gt=0.0, le=0.5, description="validation share of the training set")
     split_seed: Seed = Field(0, description="the split's seed, apart from `seed`: a study's runs share a split")
     augment: bool = Field(True, description="training augmentation at all (random_crop, random_flip, pca_color)")
-    train_limit: Annotated[int | None, Unset] = Field(None, ge=2, le=MAX_COUNT, description="training images kept")
-    synthetic_samples: int = Field(512, ge=16, le=MAX_COUNT, description="synthetic train + val images")
-    synthetic_classes: int = Field(10, ge=2, le=1000, description="classes of the synthetic dataset")
+    train_limit: OptionalInt = Field(None, ge=2, le=MAX_COUNT, description="training images kept")
+    synthetic_samples: Int = Field(512, ge=16, le=MAX_COUNT, description="synthetic train + val images")
+    synthetic_classes: Int = Field(10, ge=2, le=1000, description="classes of the synthetic dataset")
     recipe: Literal["simple", "paper"] = Field("simple", description="squash to the input size, or the paper's crops")
-    stored_size: int = Field(256, ge=8, le=MAX_SIDE, description="paper recipe: side crops are cut from")
+    stored_size: Int = Field(256, ge=8, le=MAX_SIDE, description="paper recipe: side crops are cut from")
     random_crop: bool = Field(True, description="simple: shift by up to 1/8 of the side; paper: random crop")
     random_flip: bool = Field(True, description="random horizontal reflection")
     pca_color: bool = Field(True, description="paper recipe: the fancy-PCA colour shift per image")
-    pca_std: float = Field(0.1, ge=0.0, le=10.0, description="std of the fancy-PCA coefficients (paper: 0.1)")
+    pca_std: Float = Field(0.1, ge=0.0, le=10.0, description="std of the fancy-PCA coefficients (paper: 0.1)")
     pixel_mean: bool = Field(False, description="paper recipe: subtract the per-pixel mean image")
     ten_crop: bool = Field(True, description="paper recipe: also report the 10-crop test metrics")
-    max_memory_mb: int = Field(4096, ge=0, le=2 ** 24, description="larger image folders are streamed")
-    test_limit: Annotated[int | None, Unset] = Field(None, ge=2, le=MAX_COUNT, description="test images scored")
+    max_memory_mb: Int = Field(4096, ge=0, le=2 ** 24, description="larger image folders are streamed")
+    test_limit: OptionalInt = Field(None, ge=2, le=MAX_COUNT, description="test images scored")
 
     @pydantic.model_validator(mode="after")
     def _folder(self) -> "DataConfig":
@@ -305,12 +313,12 @@ class DataConfig:
 class TrainConfig:
     """How the network learns. Defaults follow the paper: SGD, momentum 0.9, lr 0.01, /10 on plateau."""
 
-    epochs: int = Field(30, ge=1, le=MAX_EPOCHS, description="passes over the training set")
-    batch_size: int = Field(128, ge=1, le=2 ** 20, description="images per step (global when distributed)")
-    learning_rate: float = Field(0.01, gt=0.0, le=10.0, description="SGD's initial learning rate")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD's momentum")
+    epochs: Int = Field(30, ge=1, le=MAX_EPOCHS, description="passes over the training set")
+    batch_size: Int = Field(128, ge=1, le=2 ** 20, description="images per step (global when distributed)")
+    learning_rate: Float = Field(0.01, gt=0.0, le=10.0, description="SGD's initial learning rate")
+    momentum: Float = Field(0.9, ge=0.0, lt=1.0, description="SGD's momentum")
     schedule: Literal[SCHEDULES] = Field("plateau", description="lr/10 on a plateau (paper) or at 1/2, 3/4 (step)")
-    plateau_patience: int = Field(3, ge=1, le=MAX_EPOCHS, description="epochs without progress before lr/10")
+    plateau_patience: Int = Field(3, ge=1, le=MAX_EPOCHS, description="epochs without progress before lr/10")
     seed: Seed = Field(0, description="the seed of weights, augmentation and shuffling")
     precision: Literal[PRECISIONS] = Field("float32", description="Keras dtype policy")
     jit_compile: Annotated[Literal[JIT], Choice] = Field("auto", description="XLA (auto: as Keras decides)")
@@ -363,6 +371,16 @@ def leaf_fields() -> dict[str, tuple[str | None, Any]]:
     out = {name: (section, info) for section, cls in SECTIONS.items()
            for name, info in cls.__pydantic_fields__.items()}
     return {**out, **{name: (None, Config.__pydantic_fields__[name]) for name in TOP_LEVEL}}
+
+
+def check_read(config: Config, options: Sequence[str], where: str) -> None:
+    """Refuse a study axis or sweep dimension (`where`) over `options` that the data of `config` never read."""
+    unread = {option: f"{key} {value!r}" for (key, value), names in IGNORED_BY.items()
+              if getattr(config.data, key) == value for option in names}
+    if options and all(option in unread for option in options):
+        why = unread[options[0]]
+        raise ConfigError(f"{where} varies {', '.join(options)}, which {why} does not read: its values would train "
+                          f"identical runs. Drop it, or set `{why.split()[0]}` in `base` to one that reads it.")
 
 
 def parse_value(name: str, raw: Any, annotation: Any) -> Any:

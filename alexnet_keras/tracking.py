@@ -107,6 +107,13 @@ tracking_uri = mlflow.get_tracking_uri
 def open_experiment(name: str) -> str:
     """Create-or-get the experiment `name` and make it the current one; its id. Surfaces store errors
     before any training (and creates the experiment before a fan-out of processes, mlflow#4123)."""
+    root = Path.cwd() / "mlruns"   # where a local store puts a new experiment's artifacts, for good
+    writable = os.access(next(p for p in (root, *root.parents) if p.exists()), os.W_OK)
+    if not writable and urlparse(mlflow.get_tracking_uri()).scheme in ("sqlite", "file", "") and (
+            mlflow.get_experiment_by_name(name) is None):
+        raise TrackingError(f"a new experiment {name!r} would keep its artifacts in {str(root)!r}, which is not "
+                            f"writable; it is not created. Run from a writable folder, or pass an existing "
+                            f"--experiment.")
     try:
         experiment = mlflow.set_experiment(name)
     except Exception as err:  # store unreachable, schema locked, permission denied ...

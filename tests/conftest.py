@@ -357,3 +357,22 @@ def colour_model(tmp_path_factory):
     assert run.info.status == "FINISHED" and run.data.metrics["test_accuracy"] == 1.0   # it has learned
     assert MlflowClient(uri).get_experiment(run.info.experiment_id).name == "serving-test"
     return uri, run, root
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody can write to: a read-only tmpfs where this process may mount one (root), else
+    a folder without write permission (not root), else the test is skipped."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        if os.geteuid() == 0:
+            pytest.skip("cannot mount a read-only tmpfs, and root writes to any folder")
+        folder.chmod(0o555)
+    yield folder
+    if mounted:   # lazily: a test's working folder may still be inside until its monkeypatch is undone
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+    else:
+        folder.chmod(0o755)

@@ -219,3 +219,168 @@ def test_model_with_a_lambda_layer_is_refused_by_predict(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "refused to load" in err and "safe_mode" in err, err
+
+
+# --- archives whose extraction would be unbounded (issue 25) ---------------------------------------
+
+def _zip_of_zeros(path, size, declared=None):
+    """A zip of one member holding `size` zero bytes; its central directory says `declared` bytes."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        zf.writestr("set/a/zeros.bin", bytes(size))
+    if declared is not None:
+        raw = bytearray(path.read_bytes())
+        start = raw.find(b"PK\x01\x02")   # the central header's uncompressed size, at offset 24
+        raw[start + 24:start + 28] = declared.to_bytes(4, "little")
+        path.write_bytes(bytes(raw))
+    return path
+
+
+def _tgz_of_zeros(path, size, declared=None):
+    """A tar.gz of one member holding `size` zero bytes, whose header says `declared` bytes."""
+    import gzip
+    import tarfile
+
+    info = tarfile.TarInfo("set/a/zeros.bin")
+    info.size = size if declared is None else declared
+    with gzip.open(path, "wb", compresslevel=9) as gz:
+        gz.write(info.tobuf() + bytes(size) + bytes(-size % 512) + bytes(1024))
+    return path
+
+
+def test_an_archive_declaring_1_gib_is_refused_from_its_headers(tmp_path, isolated_data):
+    """Members that say they hold 1 GiB in a few hundred bytes: refused before anything is written."""
+    import time
+
+    from alexnet_keras.data import DataError, locate_data_dir
+
+    for archive in (_zip_of_zeros(tmp_path / "bomb.zip", 16, 2 ** 30),
+                    _tgz_of_zeros(tmp_path / "bomb.tar.gz", 16, 2 ** 30)):
+        start = time.perf_counter()
+        with pytest.raises(DataError) as err:
+            locate_data_dir(str(archive))
+        assert time.perf_counter() - start < 2
+        assert "bomb" in str(err.value) and "1,024.0 MiB" in str(err.value), err.value
+        assert "decompression bomb" in str(err.value) and "ALEXNET_KERAS_MAX_EXTRACT_RATIO=" in str(err.value)
+        assert list((tmp_path / "cache" / "datasets").iterdir()) == []
+
+
+def test_an_archive_over_the_ratio_is_refused_and_the_setting_named_raises_it(tmp_path, isolated_data,
+                                                                             monkeypatch):
+    """Real zeros (8 MiB packed into kilobytes), with the 64 MiB floor lowered to 0 so a test can afford it."""
+    import re
+
+    from alexnet_keras.data import DataError, archives, locate_data_dir
+
+    monkeypatch.setattr(archives, "RATIO_FREE", 0)
+    for archive in (_zip_of_zeros(tmp_path / "zeros.zip", 2 ** 23), _tgz_of_zeros(tmp_path / "zeros.tgz", 2 ** 23)):
+        monkeypatch.setenv("ALEXNET_KERAS_CACHE", str(tmp_path / f"cache-{archive.name}"))
+        with pytest.raises(DataError, match="over 100 times its") as err:
+            locate_data_dir(str(archive))
+        assert list((tmp_path / f"cache-{archive.name}" / "datasets").iterdir()) == []
+        setting = re.search(r"ALEXNET_KERAS_MAX_EXTRACT_RATIO=(\d+)", str(err.value)).group(1)
+        monkeypatch.setenv("ALEXNET_KERAS_MAX_EXTRACT_RATIO", setting)
+        assert (locate_data_dir(str(archive)).path / "zeros.bin").stat().st_size == 2 ** 23
+        monkeypatch.delenv("ALEXNET_KERAS_MAX_EXTRACT_RATIO")
+    monkeypatch.setenv("ALEXNET_KERAS_MAX_EXTRACT_RATIO", "many")
+    with pytest.raises(DataError, match="ALEXNET_KERAS_MAX_EXTRACT_RATIO='many' must be a positive number"):
+        locate_data_dir(str(_zip_of_zeros(tmp_path / "other.zip", 64)))
+
+
+def test_an_archive_beyond_the_free_space_of_the_cache_is_refused(tmp_path, isolated_data, monkeypatch):
+    import collections
+    import shutil
+
+    from alexnet_keras.data import DataError, locate_data_dir
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: collections.namedtuple("usage", "total used free")(
+        2 ** 20, 2 ** 20 - 1000, 1000))
+    with pytest.raises(DataError, match=r"more than the 0.0 MiB free in the data cache .* ALEXNET_KERAS_CACHE"):
+        locate_data_dir(str(_zip_of_zeros(tmp_path / "small.zip", 4096)))
+    assert list((tmp_path / "cache" / "datasets").iterdir()) == []
+
+
+def test_a_header_that_understates_a_member_gets_no_more_bytes_written(tmp_path, isolated_data):
+    """Headers can lie: zipfile and tarfile write what a header declares, never the bytes beyond it."""
+    from alexnet_keras.data import DataError, locate_data_dir
+
+    with pytest.raises(DataError, match="could not extract .*liar.zip.*CRC"):   # 10 bytes written, then refused
+        locate_data_dir(str(_zip_of_zeros(tmp_path / "liar.zip", 2 ** 20, declared=10)))
+    assert list((tmp_path / "cache" / "datasets").iterdir()) == []
+    extracted = locate_data_dir(str(_tgz_of_zeros(tmp_path / "liar.tar.gz", 2 ** 20, declared=10))).path
+    assert [f.stat().st_size for f in extracted.rglob("*") if f.is_file()] == [10]
+
+
+# --- the working folder, Ray options, study and sweep files (issue 25) -------------------------------
+
+def test_a_read_only_working_folder_creates_no_experiment(mlflow_store, read_only_folder, tmp_path, monkeypatch,
+                                                          capsys):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(read_only_folder)   # a new experiment's artifacts would go to ./mlruns, for good
+    args = [*cli_flags(TINY), "--experiment", "elsewhere", "--checkpoint-dir", str(tmp_path / "checkpoints")]
+    _fails_before_any_run(mlflow_store, capsys, args, "new experiment 'elsewhere'", f"'{read_only_folder}/mlruns'",
+                          "not writable; it is not created", "--experiment")
+    assert MlflowClient(mlflow_store).get_experiment_by_name("elsewhere") is None
+
+
+def _spec(tmp_path, text):
+    path = tmp_path / "spec.yaml"
+    base = "" if "base:" in text else "base: {dataset: synthetic, variant: cifar, width: 0.125}\n"
+    path.write_text(f"name: spec\n{base}{text}")
+    return str(path)
+
+
+def _refused(capsys, args, *fragments):
+    code = cli.main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+@pytest.mark.parametrize("command, text, fragments", [
+    ("ablate", "axes: {data_dir: [/tmp/a, /tmp/b]}\nseeds: 1",
+     ["axis 'data_dir' varies data_dir, which dataset 'synthetic' does not read", "set `dataset` in `base`"]),
+    ("ablate", "axes: {synthetic_classes: [3, 4]}\nseeds: 1\nbase: {dataset: cifar10, variant: cifar}",
+     ["axis 'synthetic_classes'", "dataset 'cifar10' does not read"]),
+    ("ablate", "axes: {cache: {a: {max_memory_mb: 1}, b: {max_memory_mb: 2}}}\nseeds: 1",
+     ["axis 'cache' varies max_memory_mb, which dataset 'synthetic' does not read"]),
+    ("ablate", "axes: {stored_size: [64, 96]}\nseeds: 1", ["recipe 'simple' does not read"]),
+    ("ablate", "axes: {lrn: [true, false]}\nseeds: 1\nnuisance_grid: {pca_std: [0.1, 0.2]}",
+     ["nuisance_grid 'pca_std' varies pca_std, which recipe 'simple' does not read"]),
+    ("tune", "search_space: {learning_rate: [0.01, 0.02], data_dir: [/a, /b]}\nbudget: {max_trials: 2}",
+     ["search_space.data_dir varies data_dir, which dataset 'synthetic' does not read"]),
+    ("ablate", "axes: {lrn: [true, false]}\nseeds: true", ["`seeds` must be a list; got True"]),
+    ("ablate", "axes: {lrn: [true, false]}\nseeds: [true, 2]", ["`seeds.0` must be an integer; got True"]),
+    ("ablate", "axes: {lrn: [true, false]}\nseeds: 1\nmax_runs: yes", ["`max_runs` must be an integer; got True"]),
+    ("ablate", "axes: {epochs: [true, 2]}\nseeds: 1", ["axis 'epochs', value 'true': train.epochs must be an integer"]),
+    ("tune", "search_space: {lrn: [true, false]}\nbudget: {max_trials: yes}",
+     ["`budget.max_trials` must be an integer; got True"]),
+    ("tune", "search_space: {lrn: [true, false]}\nseed: true", ["`seed` must be an integer; got True"]),
+    ("tune", "search_space: {batch_size: {type: int, min: true, max: 4}}",
+     ["`search_space.batch_size.min` must be an integer; got True"]),
+    ("tune", "search_space: {width: {type: float, min: 0.1, max: yes}}",
+     ["`search_space.width.max` must be a number; got True"]),
+    ("tune", "search_space: {epochs: [true, 2]}", ["search_space.epochs: True is not a valid value"]),
+])
+def test_study_and_sweep_files_that_would_train_copies_or_read_yes_as_1(tmp_path, untouched_store, capsys, command,
+                                                                         text, fragments):
+    _refused(capsys, [command, _spec(tmp_path, text), "--dry-run"], *fragments)
+    assert not untouched_store.exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["tune", "SPEC", "--ray", "--ray-workers", "0"], "--ray-workers: expected a positive whole number, got '0'"),
+    (["tune", "SPEC", "--ray", "--ray-workers", "1.5"], "expected a positive whole number, got '1.5'"),
+    (["ablate", "SPEC", "--parallel", "0"], "argument --parallel: expected a positive whole number, got '0'"),
+    (["ablate", "SPEC", "--ray", "--ray-cpus", "-1"], "argument --ray-cpus: expected a positive number of CPUs"),
+])
+def test_ray_options_out_of_range_are_refused_while_parsing(tmp_path, untouched_store, capsys, args, fragment):
+    spec = _spec(tmp_path, "axes: {lrn: [true, false]}\nseeds: 1")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([spec if a == "SPEC" else a for a in args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not untouched_store.exists()

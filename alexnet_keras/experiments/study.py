@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from ..config import SECTIONS, Config, ConfigError, Seed, did_you_mean, leaf_fields
+from ..config import SECTIONS, Config, ConfigError, Int, Seed, check_read, did_you_mean, leaf_fields
 from ..tables import value_text
 from .specfile import SpecKeys, read_spec
 
@@ -48,7 +48,7 @@ class StudyKeys(SpecKeys):   # the keys of a study file besides those every stud
     axes: dict[str, Any] = Field(min_length=1, description="each axis maps to its values, e.g. axes: "
                                  "{lrn: [true, false]}, or value names to options (a composite axis)")
     baseline: dict[str, Any] = Field({}, description="an axis' baseline value (default: the base config's)")
-    max_runs: int = Field(MAX_RUNS, ge=1, description="the most runs the study may plan")   # before seeds
+    max_runs: Int = Field(MAX_RUNS, ge=1, description="the most runs the study may plan")   # before seeds
     seeds: list[Seed] = Field(min_length=1, description="list the training seeds, e.g. seeds: [0, 1, 2] (or a "
                               "count, seeds: 3)")
     nuisance: list[Literal[tuple(leaf_fields())]] = Field([], description="options that are nuisance "
@@ -259,6 +259,7 @@ def load_study(path: str | Path) -> Study:
             raise StudyError(f"{where} is set by the axis {owner[key]!r} (scientific), so it cannot also be "
                              f"tuned as a nuisance.")
         tuned[key] = _values(key, listed, base, where, "tuned")
+        check_read(base, [key], where)
     for key, names in (("nuisance", spec.nuisance), ("fixed", spec.fixed)):
         if set(names) & set(owner):
             raise StudyError(f"{src}: {', '.join(sorted(set(names) & set(owner)))} is an axis (scientific), so it "
@@ -281,6 +282,8 @@ def load_study(path: str | Path) -> Study:
         name = ",".join(f"{a}={value}" for a, value in factors.items() if value != baseline[a]) or "baseline"
         merged = {k: v for a, value in factors.items() for k, v in axes[a][value].items()}
         config = base.override(merged, source=f"{src}: variant {name!r}")
+        for a in (a for a in axes if factors[a] != baseline[a]):
+            check_read(config, list(axes[a][factors[a]]), f"{src}: axis {a!r}")
         variants.append(Variant(name, factors, merged, config, factors == baseline))
     grid = []
     for combo in itertools.product(*(values.items() for values in tuned.values())) if tuned else ():

@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal, Mapping, Union
 import keras_tuner
 from pydantic import BeforeValidator, Field
 
-from ..config import Config, ConfigError, Options, leaf_fields, validated
+from ..config import IGNORED_BY, Config, ConfigError, Float, Int, Options, check_read, leaf_fields, validated
 from .specfile import SpecKeys, read_spec
 
 OBJECTIVES = tuple(p + m for p in ("val_", "") for m in ("accuracy", "loss", "top5_accuracy"))
@@ -27,16 +27,16 @@ class _Range(Options):
 
 class FloatParam(_Range):
     type: Literal["float"]
-    min: float
-    max: float
-    step: float | None = Field(None, gt=0.0)
+    min: Float
+    max: Float
+    step: Float | None = Field(None, gt=0.0)
 
 
 class IntParam(_Range):
     type: Literal["int"]
-    min: int
-    max: int
-    step: int | None = Field(None, gt=0)
+    min: Int
+    max: Int
+    step: Int | None = Field(None, gt=0)
 
 
 class ChoiceParam(Options):
@@ -64,12 +64,12 @@ def declare(hp: keras_tuner.HyperParameters, name: str, param: Any) -> Any:
 
 
 class Budget(Options):
-    max_trials: int = Field(10, ge=1, description="trials in all; a bigger value continues a finished sweep")
-    epochs: int | None = Field(None, ge=1, description="epochs per trial (hyperband: the most a trial gets)")
-    factor: int = Field(3, ge=2, description="hyperband's reduction factor")
-    hyperband_iterations: int = Field(1, ge=1, description="hyperband's brackets")
-    max_failed_trials: int = Field(3, ge=1, description="consecutive failed trials that stop the sweep")
-    num_initial_points: int | None = Field(None, ge=1, description="bayesian only: random trials first")
+    max_trials: Int = Field(10, ge=1, description="trials in all; a bigger value continues a finished sweep")
+    epochs: Int | None = Field(None, ge=1, description="epochs per trial (hyperband: the most a trial gets)")
+    factor: Int = Field(3, ge=2, description="hyperband's reduction factor")
+    hyperband_iterations: Int = Field(1, ge=1, description="hyperband's brackets")
+    max_failed_trials: Int = Field(3, ge=1, description="consecutive failed trials that stop the sweep")
+    num_initial_points: Int | None = Field(None, ge=1, description="bayesian only: random trials first")
 
 
 class Objective(Options):
@@ -99,7 +99,7 @@ class SweepKeys(SpecKeys):
     tuner: Literal["random", "bayesian", "hyperband"] = "random"
     objective: Annotated[Objective, BeforeValidator(lambda v: {"name": v} if isinstance(v, str) else v)] = Objective()
     budget: Budget = Budget()
-    seed: int = Field(0, ge=0, description="the tuner's seed")
+    seed: Int = Field(0, ge=0, description="the tuner's seed")
     directory: str = Field("tuner", description="keras-tuner state folder")
     search_space: Annotated[dict[str, Param], BeforeValidator(_shorthand)] = Field(
         min_length=1, description="config options mapped to ranges or choices, e.g. {learning_rate: {type: "
@@ -195,6 +195,8 @@ def load_sweep(path: str | Path, *, max_trials: int | None = None, directory: st
     base = base.override({"experiment": spec.experiment or base.experiment, "epochs": budget.epochs or
                           base.train.epochs})
     space = {name: _check_param(name, p, base, spec.tuner, source) for name, p in spec.search_space.items()}
+    for name in space if not {key for key, _ in IGNORED_BY} & set(space) else ():   # none searched: all fixed
+        check_read(base, [name], f"{source}: search_space.{name}")
     # The points of a finite space, counted (float and log-stepped dimensions count as unbounded).
     sizes = [len(p.values) if p.type == "choice" else 2 if p.type == "boolean" else (p.max - p.min) // (
         p.step or 1) + 1 if p.type == "int" and p.sampling == "linear" else math.inf for p in space.values()]
