@@ -1,5 +1,5 @@
-"""The statistics of ablation reports on plain numbers (numpy/scipy): Welch, Holm, Dunnett, power and MDE,
-readings and verdicts, per-epoch measures. The rules, and why they are these: docs/methodology.md."""
+"""The statistics of ablation reports on plain numbers (numpy/scipy): Welch, TOST, logrank, Holm, Dunnett, power,
+MDE and seeds needed, readings and verdicts, per-epoch measures. The rules, and why: docs/methodology.md."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ CONFIDENCE, ALPHA, POWER = 0.95, 0.05, 0.8
 NAN = float("nan")
 # The readings of a difference, and the verdicts on a claim of the paper.
 SIGNIFICANT, NO_EFFECT, BELOW_RESOLUTION, NOT_AVAILABLE = "significant", "no effect ≥ MDE", "below resolution", "n/a"
-REPRODUCES, CONTRADICTS = "reproduces", "contradicts"
+UNADJUSTED = "raw p < 0.05, not after Holm"
+REPRODUCES, CONTRADICTS, NOT_DECIDED = "reproduces", "contradicts", "not decided"
 NOT_MEASURABLE, NOT_IN_STUDY = "not measurable", "not in this study"
 
 
@@ -115,24 +116,51 @@ def reading(w: Welch | None, p_adjusted: float, mde: float, alpha: float = ALPHA
         return SIGNIFICANT
     if _finite(mde) and -mde < w.ci_low and w.ci_high < mde:
         return NO_EFFECT
-    return BELOW_RESOLUTION
+    return UNADJUSTED if w.ci_low > 0 or w.ci_high < 0 else BELOW_RESOLUTION
 
 
-def verdict(w: Welch | None, p_adjusted: float, mde: float, paper: float | None, direction: int,
-            *, lower_bound: bool = False, alpha: float = ALPHA) -> str:
-    """The verdict on a claim: `paper` in the units of the Welch difference a - b, `direction` its sign."""
-    if w is None or not (_finite(w.diff) and _finite(w.ci_low) and _finite(p_adjusted)):
+def one_sided(a: Sequence[float], b: Sequence[float], shift: float, alternative: str) -> float:
+    """Welch's one-sided p of mean(a) - mean(b) > shift ("greater") or < shift ("less")."""
+    a = np.asarray(a, dtype=float) - shift
+    return float(scipy_stats.ttest_ind(a, np.asarray(b, dtype=float), equal_var=False, alternative=alternative).pvalue)
+
+
+def size_test(a: Sequence[float], b: Sequence[float], paper: float, margin: float, direction: int) -> tuple[float, str]:
+    """The size route: TOST that a - b lies within paper ± margin, or inferiority: short of paper by over margin
+    (against `direction`). At most one rejects: the smaller p, with the verdict it gives (docs/methodology.md)."""
+    equivalent = max(one_sided(a, b, paper - margin, "greater"), one_sided(a, b, paper + margin, "less"))
+    short = one_sided(a, b, paper - direction * margin, "greater" if direction < 0 else "less")
+    return (equivalent, REPRODUCES) if equivalent <= short else (short, CONTRADICTS)
+
+
+def censored(a: Sequence[float], b: Sequence[float], bound_a: Sequence[float], bound_b: Sequence[float]) -> Welch:
+    """Per-run epochs to a threshold (inf: not reached, then right-censored at the run's `bound`) by scipy's
+    logrank test: diff = log ratio of geometric means with the bounds standing in, t > 0 when a reaches it later."""
+    runs = [(np.asarray(x, dtype=float), np.asarray(bound, dtype=float)) for x, bound in ((a, bound_a), (b, bound_b))]
+    diff = float(np.subtract(*[np.log(np.where(np.isinf(x), bound, x)).mean() for x, bound in runs]))
+    if np.isinf(np.concatenate([a, b])).all():
+        return Welch(diff, NAN, NAN, NAN, NAN, NAN)
+    result = scipy_stats.logrank(*[scipy_stats.CensoredData(x[np.isfinite(x)], right=bound[np.isinf(x)])
+                                   for x, bound in runs])
+    return Welch(diff, NAN, NAN, float(result.pvalue), -float(result.statistic), NAN)
+
+
+def verdict(w: Welch | None, p_adjusted: float, direction: int, size: str | None = None,
+            alpha: float = ALPHA) -> str:
+    """The verdict on a claim from its adjusted test: on the size route (`size`: size_test's verdict) that
+    one; else by the sign of a - b against the paper's `direction`."""
+    if w is None or not (_finite(w.diff) and _finite(p_adjusted)):
         return NOT_MEASURABLE
-    sign = 1 if w.diff > 0 else -1 if w.diff < 0 else 0
-    if p_adjusted < alpha and sign == direction:
-        return REPRODUCES
-    if lower_bound:
-        return BELOW_RESOLUTION
-    if p_adjusted < alpha and sign == -direction:
-        return CONTRADICTS
-    if paper is not None and _finite(mde) and mde <= abs(paper) and not w.ci_low <= paper <= w.ci_high:
-        return CONTRADICTS
-    return BELOW_RESOLUTION
+    if p_adjusted >= alpha:
+        return NOT_DECIDED
+    return size or (REPRODUCES if (w.t if _finite(w.t) else w.diff) * direction > 0 else CONTRADICTS)
+
+
+def seeds_needed(effect: float, sd: float, alpha: float = ALPHA, target_power: float = POWER, most: int = 200) -> float:
+    """Seeds per arm for a two-sided t-test at `alpha` to find a true `effect` at spread `sd` with `target_power`."""
+    if not (_finite(sd) and sd > 0 and _finite(effect) and effect != 0):
+        return NAN
+    return float(next((n for n in range(2, most + 1) if power(effect, sd, n, n, alpha) >= target_power), math.inf))
 
 
 def tail_length(epochs: int, fraction: float = 0.2) -> int:
@@ -147,9 +175,8 @@ def plateau(values: Sequence[float], fraction: float = 0.2) -> float:
 
 
 def epochs_to_converge(values: Sequence[float], within: float, fraction: float = 0.2) -> float:
-    """Epochs until a per-epoch validation series first comes within `within` of its best (`epochs_to`),
-    for a run that got there before its last `fraction` of training and stayed there; inf for one that
-    did not (it trained too briefly to tell when it would have), NaN without 2 epochs."""
+    """Epochs until a per-epoch validation series first comes within `within` of its best (`epochs_to`), for a run
+    that got there before its last `fraction` of training and stayed there; else inf; NaN without 2 epochs."""
     x = [float(v) for v in values]
     if len(x) < 2:
         return NAN
