@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import stats
 from .. import figures, tracking
-from .stats import ALPHA, CONFIDENCE, NAN, POWER, Welch
+from .stats import ALPHA, CONFIDENCE, NAN, Welch
 from ..tables import cell, columns_of, csv_text, markdown_table
 
 METHODS = "docs/methodology.md"
@@ -29,11 +29,14 @@ CI = f"{int(CONFIDENCE * 100)}% CI"
 History = Callable[[str, str], list[float]]
 
 
+IMAGENET = {"variant": "paper", "dataset": "folder", "recipe": "paper"}   # the paper's net on its ImageNet recipe
+CIFAR4 = {"variant": "cifar_convnet4", "dataset": "cifar10"}              # its four-layer CIFAR-10 net
+
+
 @dataclass(frozen=True)
 class Claim:
     """Arm `a` minus arm `b` (options; all else equal) in `metric`: the paper's figure (a ratio a/b for ratio
-    metrics; None: a direction only), its sign, the options both arms need (`requires`) and those of the
-    setting the figure was measured in (`setting`: its size is tested only there; docs/methodology.md)."""
+    metrics; None: a direction only) and sign; options both arms need, and the figure's (docs/methodology.md)."""
 
     claim: str
     a: Mapping[str, Any]
@@ -42,33 +45,30 @@ class Claim:
     paper: float | None
     direction: int
     paper_text: str
-    setting: Mapping[str, Any]
     requires: Mapping[str, Any] = field(default_factory=dict)
+    setting: Mapping[str, Any] = field(default_factory=lambda: IMAGENET)
 
 
 LRN_ON, LRN_OFF = {"lrn": True, "batchnorm": False}, {"lrn": False, "batchnorm": False}
 POOLS = {"pool": "overlapping"}, {"pool": "non_overlapping"}
 DROPOUT = {"dropout": 0.5}, {"dropout": 0.0}
-IMAGENET = {"variant": "paper", "dataset": "folder", "recipe": "paper"}   # the paper's net on its ImageNet recipe
-CIFAR4 = {"variant": "cifar_convnet4", "dataset": "cifar10"}              # its four-layer CIFAR-10 net
 CLAIMS = (
-    Claim("LRN lowers top-1 error (ImageNet)", LRN_ON, LRN_OFF, "top1_error", -1.4, -1, "-1.4 points", IMAGENET),
-    Claim("LRN lowers top-5 error (ImageNet)", LRN_ON, LRN_OFF, "top5_error", -1.2, -1, "-1.2 points", IMAGENET),
+    Claim("LRN lowers top-1 error (ImageNet)", LRN_ON, LRN_OFF, "top1_error", -1.4, -1, "-1.4 points"),
+    Claim("LRN lowers top-5 error (ImageNet)", LRN_ON, LRN_OFF, "top5_error", -1.2, -1, "-1.2 points"),
     Claim("LRN lowers the CIFAR-10 four-layer net's test error", LRN_ON, LRN_OFF, "top1_error", -2.0, -1,
-          "13 % -> 11 % (-2 points)", CIFAR4),
-    Claim("Overlapping pooling lowers top-1 error", *POOLS, "top1_error", -0.4, -1, "-0.4 points", IMAGENET),
-    Claim("Overlapping pooling lowers top-5 error", *POOLS, "top5_error", -0.3, -1, "-0.3 points", IMAGENET),
+          "13 % -> 11 % (-2 points)", setting=CIFAR4),
+    Claim("Overlapping pooling lowers top-1 error", *POOLS, "top1_error", -0.4, -1, "-0.4 points"),
+    Claim("Overlapping pooling lowers top-5 error", *POOLS, "top5_error", -0.3, -1, "-0.3 points"),
     # pca_color acts only in the paper's input recipe with augmentation on.
     Claim("PCA colour augmentation lowers top-1 error by over 1 point", {"pca_color": True}, {"pca_color": False},
-          "top1_error", -1.0, -1, "< -1 point", IMAGENET, requires={"recipe": "paper", "augment": True}),
+          "top1_error", -1.0, -1, "< -1 point", requires={"recipe": "paper", "augment": True}),
     Claim("Dropout reduces the train-test gap (overfitting)", *DROPOUT, "train_test_gap", None, -1,
-          "smaller gap (no figure)", IMAGENET),
-    Claim("Dropout roughly doubles the epochs needed to converge", *DROPOUT, "epochs_to_converge", 2.0, 1, "about 2x",
-          IMAGENET),
+          "smaller gap (no figure)"),
+    Claim("Dropout roughly doubles the epochs needed to converge", *DROPOUT, "epochs_to_converge", 2.0, 1, "about 2x"),
     # Figure 1: no regularisation of any kind.
     Claim("ReLU reaches 25 % training error about 6x sooner than tanh", {"activation": "tanh"},
           {"activation": "relu"}, "epochs_to_25pct_train_error", 6.0, 1, "6x (tanh / ReLU)",
-          {**CIFAR4, "weight_decay": 0.0, "augment": False}),
+          setting={**CIFAR4, "weight_decay": 0.0, "augment": False}),
 )
 # metric -> (unit, ratio?): errors and gaps in percentage points; epochs to a threshold as ratios.
 CLAIM_METRICS = {"top1_error": ("points", False), "top5_error": ("points", False), "train_test_gap": ("points", False),
@@ -125,19 +125,12 @@ class ClaimResult:
     note: str = ""
 
     @property
-    def test(self) -> tuple:
-        """Claims on the same arms, metric and route share one test and one p."""
-        return self.a, self.b, self.claim.metric, self.size and self.paper
+    def test(self) -> tuple:   # claims on the same arms, metric and route share one test and one p
+        return self.a, self.b, self.claim.metric, self.size and self.claim.paper
 
     @property
     def ratio(self) -> bool:
         return CLAIM_METRICS[self.claim.metric][1]
-
-    @property
-    def paper(self) -> float | None:
-        """The paper's figure on the scale the test is on (log for ratios)."""
-        paper = self.claim.paper
-        return math.log(paper) if paper is not None and self.ratio else paper
 
 
 @dataclass
@@ -259,11 +252,9 @@ def _arms(claim: Claim, variants: Sequence[VariantSummary]) -> tuple[VariantSumm
 
 
 def _claim_values(claim: Claim, arm: VariantSummary, history: History | None) -> tuple[list[float], list[float]]:
-    """The claim's metric for each run of an arm (NaN: the run lacks it), and for the epochs metrics (inf: never
-    met) the bound each run is censored at: the epochs trained, or for convergence those before the last fifth."""
-    test = arm.values["test_accuracy"]
+    """The claim's metric per run of an arm (NaN: lacking), and for epochs metrics (inf: never met) each run's bound."""
     if claim.metric == "top1_error":
-        return [100.0 * (1.0 - x) for x in test], []
+        return [100.0 * (1.0 - x) for x in arm.values[PRIMARY]], []
     if claim.metric == "top5_error":
         return [100.0 * (1.0 - x) for x in arm.values["test_top5_accuracy"]], []
     if claim.metric == "epochs_to_converge":
@@ -271,7 +262,7 @@ def _claim_values(claim: Claim, arm: VariantSummary, history: History | None) ->
                 [float(len(h) - stats.tail_length(len(h))) if len(h) > 1 else NAN for h in arm.val_histories])
     series = [history(run_id, TRAIN_EVAL) if history else [] for run_id in arm.run_ids]
     if claim.metric == "train_test_gap":
-        return [100.0 * (h[-1] - x) if h else NAN for h, x in zip(series, test)], []
+        return [100.0 * (h[-1] - x) if h else NAN for h, x in zip(series, arm.values[PRIMARY])], []
     return [stats.epochs_to(h, 1.0 - TRAIN_ERROR_TARGET) if h else NAN for h in series], [float(len(h)) for h in series]
 
 
@@ -301,8 +292,8 @@ def judge_claims(variants: Sequence[VariantSummary], history: History | None = N
             spread[claim.claim] = stats.pooled_sd(values_a, values_b)
             result.mde = stats.minimum_detectable_effect(spread[claim.claim], len(values_a), len(values_b))
             if claim.paper is not None and _has(arm_a.options, claim.setting) and math.isfinite(result.p):
-                result.p, result.size = stats.size_test(values_a, values_b, result.paper, abs(result.paper) / 2,
-                                                        claim.direction)
+                paper = math.log(claim.paper) if result.ratio else claim.paper   # on the test's scale
+                result.p, result.size = stats.size_test(values_a, values_b, paper, abs(paper) / 2, claim.direction)
     tests = {r.test: r.p for r in results if math.isfinite(r.p)}
     adjusted = dict(zip(tests, stats.holm(list(tests.values()))))
     for r in results:
@@ -351,17 +342,11 @@ def csv_rows(variants: Sequence[VariantSummary]) -> list[dict[str, Any]]:
 def _summary_text(variants: Sequence[VariantSummary]) -> str:
     """The study's resolution (MDE) and which variants read how, in words."""
     baseline = next(s for s in variants if s.is_baseline)
-    others = [s for s in variants if not s.is_baseline and math.isfinite(s.mde)]
-    if others:
-        mdes = sorted({round(s.mde, 6) for s in others})
-        value = cell(mdes[0], 4) if len(mdes) == 1 else f"{cell(mdes[0], 4)}–{cell(mdes[-1], 4)}"
-        counts = "/".join(map(str, sorted({len(s.seeds) for s in others})))
-        text = (f"Minimum detectable effect (MDE) of a difference in test accuracy: **{value}** (two-sided t-test, "
-                f"α = {ALPHA}, power {int(POWER * 100)} %, baseline seed std {cell(baseline.stats[PRIMARY][1], 4)}, "
-                f"n = {len(baseline.seeds)} baseline vs {counts} variant seeds).")
-    else:
-        text = "Minimum detectable effect: n/a."
-    return text + " " + _readings(variants)
+    mdes = sorted({round(s.mde, 6) for s in variants if not s.is_baseline and math.isfinite(s.mde)})
+    value = "n/a" if not mdes else cell(mdes[0], 4) if len(mdes) == 1 else f"{cell(mdes[0], 4)}–{cell(mdes[-1], 4)}"
+    return (f"Holm over the {len(variants) - 1} variants sharing the baseline; each column: {METHODS}. Minimum "
+            f"detectable effect (MDE) of a difference in test accuracy: **{value}** (baseline seed std "
+            f"{cell(baseline.stats[PRIMARY][1], 4)}, n = {len(baseline.seeds)}). {_readings(variants)}")
 
 
 def _readings(variants: Sequence[VariantSummary]) -> str:
@@ -468,23 +453,17 @@ def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims
     grid = spec.get("nuisance_grid", {})
     nuisance = ", ".join(spec["hyperparameters"]["nuisance"]) + ("; tuned per arm on validation: " + ", ".join(
         f"{k} in {{{', '.join(map(str, v))}}}" for k, v in grid.items()) if grid else "")
-    tuned = any(s.tuning for s in variants)
     lines = [f"## Ablation study `{spec['name']}`", "", *([spec["description"], ""] if spec["description"] else []),
              f"**{_runs_finished(variants)}** · design: {spec['design']} · seeds: {', '.join(map(str, spec['seeds']))} "
              f"· study digest `{spec['digest']}`",
-             "", f"Scientific (the axes): {axes}. Nuisance: {nuisance}. "
-             f"Fixed: every other option, at the base config's value (study/study.json).", "",
-             study_table(spec, variants).rstrip("\n"), "",
-             f"Holm over the {len(variants) - 1} variants sharing the baseline; how each column is computed and read: "
-             f"{METHODS}.", "", _summary_text(variants)]
-    if tuned:
+             "", f"Scientific (the axes): {axes}. Nuisance: {nuisance}. Fixed: the rest (study/study.json).", "",
+             study_table(spec, variants).rstrip("\n"), "", _summary_text(variants)]
+    if any(s.tuning for s in variants):
         lines += ["", f"### Nuisance tuning per arm ({', '.join(grid)})", "", f"Seed {spec['seeds'][0]}'s final "
                   f"val acc per value; bold: chosen.", "", tuning_table(variants).rstrip("\n")]
     if claims:
         lines += ["", claims_table(claims).rstrip("\n")]
-    return "\n".join(lines + ["", "Figures: figures/ablation_test_accuracy.png, figures/ablation_val_accuracy.png; "
-                              "raw numbers: reports/ablation.csv, reports/claims.csv, reports/ablation_runs.csv"
-                              + (", reports/tuning.csv" if tuned else "") + "."]) + "\n"
+    return "\n".join(lines + ["", f"Figures: figures/; raw numbers: reports/*.csv (what each holds: {METHODS})."]) + "\n"
 
 
 def description(report: Report) -> str:
