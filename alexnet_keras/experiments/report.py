@@ -437,9 +437,8 @@ def claim_rows(results: Sequence[ClaimResult]) -> list[dict[str, Any]]:
              "arm_a": r.a, "arm_b": r.b, "n_a": r.n_a, "n_b": r.n_b, "diff": r.welch and r.welch.diff,
              "ci_low": r.welch and r.welch.ci_low, "ci_high": r.welch and r.welch.ci_high,
              "p_value": r.welch and r.welch.p_value, "p_holm": r.welch and r.p_holm, "mde": r.welch and r.mde,
-             "route": "size" if r.size else "sign", "p_test": r.p,
-             "seeds_needed": r.seeds, "censored": bool(r.bound), "verdict": r.verdict,
-             "note": r.note} for r in results]
+             "route": "size" if r.size else "sign", "p_test": r.p, "seeds_needed": r.seeds, "censored": bool(r.bound),
+             "verdict": r.verdict, "note": r.note} for r in results]
 
 
 def _runs_finished(variants: Sequence[VariantSummary]) -> str:
@@ -463,7 +462,8 @@ def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims
                   f"val acc per value; bold: chosen.", "", tuning_table(variants).rstrip("\n")]
     if claims:
         lines += ["", claims_table(claims).rstrip("\n")]
-    return "\n".join(lines + ["", f"Figures: figures/; raw numbers: reports/*.csv (what each holds: {METHODS})."]) + "\n"
+    return "\n".join(lines + ["", "Figures: figures/; raw numbers: reports/ablation.csv, claims.csv, ablation_runs.csv, "
+                              f"tuning.csv with a grid ({METHODS})."]) + "\n"
 
 
 def description(report: Report) -> str:
