@@ -279,7 +279,7 @@ def judge_claims(variants: Sequence[VariantSummary], history: History | None = N
         result.n_a, result.n_b = len(values_a), len(values_b)
         censored = [any(map(math.isinf, v)) for v in (values_a, values_b)]
         if any(math.isnan(x) for x in values_a + values_b) or not (values_a and values_b):
-            result.verdict, result.note = stats.NOT_MEASURABLE, "a run lacks the metric"
+            result.verdict, result.note = stats.NOT_MEASURABLE, "an arm without runs, or a run without the metric"
         elif any(censored):   # epochs never reached within the budget: logrank, the budget as the bound
             result.welch = stats.censored(values_a, values_b, cut_a, cut_b)
             result.bound = "≈ " if all(censored) else "≥ " if censored[0] else "≤ "

@@ -4,9 +4,9 @@ The development store the studies ran in is not on this machine, so `alexnet-ker
 rerun them; this feeds `report.summarize`, `report.judge_claims` and `report.to_markdown` the same numbers
 as run-like objects instead: each child's metrics from `ablation_runs.csv`, each tuning run's validation
 accuracy from `tuning.csv`, the spec from the study file under experiments/. What the CSVs do not hold:
-per-epoch series, so the epochs claims read "not measurable (a run lacks the metric)"; the plateau column
-is the mean ± std of `ablation_runs.csv`'s `val_plateau`, the parameter counts the previous `ablation.csv`'s;
-the study digest is the file's today.
+per-epoch series, so the epochs and gap claims read "not measurable (... a run without the metric)"; the
+plateau column is the mean ± std of `ablation_runs.csv`'s `val_plateau`, the parameter counts the previous
+`ablation.csv`'s; the study digest is the file's today.
 
     python docs/data/rebuild_reports.py        # from the repository root; rewrites ablation.md/.csv, claims.md/.csv
 """
