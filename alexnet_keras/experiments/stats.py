@@ -50,8 +50,9 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE
 
 def pooled_sd(a: Sequence[float], b: Sequence[float]) -> float:
     """The pooled standard deviation of two groups (NaN unless both have >= 2 values)."""
-    residuals = np.concatenate([np.subtract(a, np.mean(a)), np.subtract(b, np.mean(b))]) if len(a) and len(b) else []
-    return float(np.std(residuals, ddof=2)) if len(a) > 1 and len(b) > 1 else NAN
+    if len(a) < 2 or len(b) < 2:
+        return NAN
+    return math.sqrt(((len(a) - 1) * np.var(a, ddof=1) + (len(b) - 1) * np.var(b, ddof=1)) / (len(a) + len(b) - 2))
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -94,11 +95,10 @@ def power(effect: float, sd: float, n_a: float, n_b: float, alpha: float = ALPHA
 
 def minimum_detectable_effect(sd: float, n_a: float, n_b: float, alpha: float = ALPHA,
                               target_power: float = POWER) -> float:
-    """The true difference a two-sided t-test at `alpha` detects with `target_power` (docs/methodology.md)."""
+    """The true difference (sought below 10,000 sd, where power is 1) a two-sided t-test at `alpha` finds with `target_power`."""
     if not (_finite(sd) and sd > 0 and n_a >= 2 and n_b >= 2):
         return NAN
 
-    # In units of sd: at 10,000 sd even 2 + 2 seeds at α = 1e-4 have power 1.
     return float(sd * optimize.brentq(lambda d: power(d, 1.0, n_a, n_b, alpha) - target_power, 0.0, 1e4, xtol=1e-12))
 
 
