@@ -462,8 +462,8 @@ def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims
                   f"val acc per value; bold: chosen.", "", tuning_table(variants).rstrip("\n")]
     if claims:
         lines += ["", claims_table(claims).rstrip("\n")]
-    return "\n".join(lines + ["", "Figures: figures/; raw numbers: reports/ablation.csv, claims.csv, ablation_runs.csv, "
-                              f"tuning.csv with a grid ({METHODS})."]) + "\n"
+    return "\n".join(lines + ["", "Figures: figures/; raw numbers: reports/ablation.csv, claims.csv, ablation_runs.csv,"
+                              f" tuning.csv with a grid ({METHODS})."]) + "\n"
 
 
 def description(report: Report) -> str:

@@ -95,7 +95,7 @@ def power(effect: float, sd: float, n_a: float, n_b: float, alpha: float = ALPHA
 
 def minimum_detectable_effect(sd: float, n_a: float, n_b: float, alpha: float = ALPHA,
                               target_power: float = POWER) -> float:
-    """The true difference (sought below 10,000 sd, where power is 1) a two-sided t-test at `alpha` finds with `target_power`."""
+    """The true difference a two-sided t-test at `alpha` finds with `target_power` (sought below 10,000 sd)."""
     if not (_finite(sd) and sd > 0 and n_a >= 2 and n_b >= 2):
         return NAN
 
