@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import stats
 from .. import figures, tracking
-from .stats import ALPHA, CONFIDENCE, NAN, POWER, Welch
+from .stats import ALPHA, CONFIDENCE, NAN, Welch
 from ..tables import cell, columns_of, csv_text, markdown_table
 
 METHODS = "docs/methodology.md"
@@ -22,17 +22,21 @@ METRICS = (("test_accuracy", "test acc", 4), ("test_top5_accuracy", "top-5", 4),
            ("final_train_accuracy", "final train acc", 4), ("train_time_s", "train time (s)", 1))
 PRIMARY = "test_accuracy"
 VAL_ACCURACY = "val_accuracy"     # per epoch: curves, plateau, convergence; final: the nuisance choice
-TRAIN_ACCURACY = "accuracy"       # per epoch: epochs to 25 % training error
+TRAIN_EVAL = "train_eval_accuracy"  # inference-mode accuracy on fixed training images: the gap, epochs to 25 %
 CI = f"{int(CONFIDENCE * 100)}% CI"
 
 # history(run_id, metric key) -> its value per epoch, in epoch order (build_report: tracking.epoch_history).
 History = Callable[[str, str], list[float]]
 
 
+IMAGENET = {"variant": "paper", "dataset": "folder", "recipe": "paper"}   # the paper's net on its ImageNet recipe
+CIFAR4 = {"variant": "cifar_convnet4", "dataset": "cifar10", "train_limit": None}   # its CIFAR-10 net, all images
+
+
 @dataclass(frozen=True)
 class Claim:
     """Arm `a` minus arm `b` (options; all else equal) in `metric`: the paper's figure (a ratio a/b for ratio
-    metrics; None: a direction only) and sign; `requires`: options both arms need (docs/methodology.md)."""
+    metrics; None: a direction only) and sign; options both arms need, and the figure's (docs/methodology.md)."""
 
     claim: str
     a: Mapping[str, Any]
@@ -42,6 +46,7 @@ class Claim:
     direction: int
     paper_text: str
     requires: Mapping[str, Any] = field(default_factory=dict)
+    setting: Mapping[str, Any] = field(default_factory=lambda: IMAGENET)
 
 
 LRN_ON, LRN_OFF = {"lrn": True, "batchnorm": False}, {"lrn": False, "batchnorm": False}
@@ -51,17 +56,19 @@ CLAIMS = (
     Claim("LRN lowers top-1 error (ImageNet)", LRN_ON, LRN_OFF, "top1_error", -1.4, -1, "-1.4 points"),
     Claim("LRN lowers top-5 error (ImageNet)", LRN_ON, LRN_OFF, "top5_error", -1.2, -1, "-1.2 points"),
     Claim("LRN lowers the CIFAR-10 four-layer net's test error", LRN_ON, LRN_OFF, "top1_error", -2.0, -1,
-          "13 % -> 11 % (-2 points)"),
+          "13 % -> 11 % (-2 points)", setting=CIFAR4),
     Claim("Overlapping pooling lowers top-1 error", *POOLS, "top1_error", -0.4, -1, "-0.4 points"),
     Claim("Overlapping pooling lowers top-5 error", *POOLS, "top5_error", -0.3, -1, "-0.3 points"),
     # pca_color acts only in the paper's input recipe with augmentation on.
-    Claim("PCA colour augmentation lowers top-1 error by over 1 point", {"pca_color": True}, {"pca_color": False},
-          "top1_error", -1.0, -1, "< -1 point", requires={"recipe": "paper", "augment": True}),
+    Claim("PCA colour augmentation lowers top-1 error", {"pca_color": True}, {"pca_color": False}, "top1_error", None,
+          -1, "by over 1 point (a bound: its sign is tested)", requires={"recipe": "paper", "augment": True}),
     Claim("Dropout reduces the train-test gap (overfitting)", *DROPOUT, "train_test_gap", None, -1,
           "smaller gap (no figure)"),
     Claim("Dropout roughly doubles the epochs needed to converge", *DROPOUT, "epochs_to_converge", 2.0, 1, "about 2x"),
+    # Figure 1: no regularisation of any kind.
     Claim("ReLU reaches 25 % training error about 6x sooner than tanh", {"activation": "tanh"},
-          {"activation": "relu"}, "epochs_to_25pct_train_error", 6.0, 1, "6x (tanh / ReLU)"),
+          {"activation": "relu"}, "epochs_to_25pct_train_error", 6.0, 1, "6x (tanh / ReLU)",
+          setting={**CIFAR4, "weight_decay": 0.0, "augment": False}),
 )
 # metric -> (unit, ratio?): errors and gaps in percentage points; epochs to a threshold as ratios.
 CLAIM_METRICS = {"top1_error": ("points", False), "top5_error": ("points", False), "train_test_gap": ("points", False),
@@ -89,6 +96,7 @@ class VariantSummary:
     mde: float = NAN
     p_holm: float = NAN
     p_dunnett: float = NAN
+    seeds_needed: float = NAN         # seeds per arm to find the observed difference at Holm's α / m
     reading: str = ""
     tuning: dict[str, float] = field(default_factory=dict)      # grid label -> final val_accuracy (first seed)
     tuning_runs: dict[str, str] = field(default_factory=dict)   # grid label -> run id or status
@@ -109,26 +117,20 @@ class ClaimResult:
     welch: Welch | None = None        # a - b in the claim's units (log units for ratio metrics)
     mde: float = NAN
     p_holm: float = NAN
+    p: float = NAN                    # the raw p of its test: Welch, the size route's, or logrank's
+    size: str | None = None           # on the size route: the verdict its test would give
+    bound: str = ""                   # censored epochs: "≥ ", "≤ " or "≈ " before the ratio shown
+    seeds: float = NAN                # seeds per arm to find the observed difference, Holm's α / m
     verdict: str = stats.NOT_IN_STUDY
-    lower_bound: bool = False         # the slower arm's epochs were cut at the epochs trained
     note: str = ""
+
+    @property
+    def test(self) -> tuple:   # claims on the same arms, metric and route share one test and one p
+        return self.a, self.b, self.claim.metric, self.size and self.claim.paper
 
     @property
     def ratio(self) -> bool:
         return CLAIM_METRICS[self.claim.metric][1]
-
-    @property
-    def paper(self) -> float | None:
-        """The paper's figure on the scale the test is on (log for ratios)."""
-        paper = self.claim.paper
-        return math.log(paper) if paper is not None and self.ratio else paper
-
-    @property
-    def paper_in_interval(self) -> bool | None:
-        w = self.welch
-        if self.paper is None or w is None or not math.isfinite(w.ci_low):
-            return None
-        return bool(w.ci_low <= self.paper <= w.ci_high)
 
 
 @dataclass
@@ -222,6 +224,7 @@ def _compare(variants: Sequence[VariantSummary]) -> None:
     for s, p in zip(others, stats.holm([s.vs_baseline.p_value for s in others])):
         s.p_holm, s.p_dunnett = p, dunnett.get(s.name, NAN)
         s.reading = stats.reading(s.vs_baseline, s.p_holm, s.mde)
+        s.seeds_needed = stats.seeds_needed(s.vs_baseline.diff, baseline.stats[PRIMARY][1], ALPHA / len(others))
 
 
 def _same(x: Any, y: Any) -> bool:
@@ -249,25 +252,23 @@ def _arms(claim: Claim, variants: Sequence[VariantSummary]) -> tuple[VariantSumm
 
 
 def _claim_values(claim: Claim, arm: VariantSummary, history: History | None) -> tuple[list[float], list[float]]:
-    """The claim's metric for each run of an arm, and for the epochs metrics (inf: never met) the epochs each
-    run is known to need at least: the epochs trained, or for convergence those before the last fifth."""
-    test, train = arm.values["test_accuracy"], arm.values["final_train_accuracy"]
+    """The claim's metric per run of an arm (NaN: lacking), and for epochs metrics (inf: never met) each run's bound."""
     if claim.metric == "top1_error":
-        return [100.0 * (1.0 - x) for x in test], []
+        return [100.0 * (1.0 - x) for x in arm.values[PRIMARY]], []
     if claim.metric == "top5_error":
         return [100.0 * (1.0 - x) for x in arm.values["test_top5_accuracy"]], []
-    if claim.metric == "train_test_gap":
-        return [100.0 * (t - x) for t, x in zip(train, test)], []
     if claim.metric == "epochs_to_converge":
         return ([stats.epochs_to_converge(h, CONVERGED_WITHIN) for h in arm.val_histories],
                 [float(len(h) - stats.tail_length(len(h))) if len(h) > 1 else NAN for h in arm.val_histories])
-    series = [history(run_id, TRAIN_ACCURACY) if history else [] for run_id in arm.run_ids]
+    series = [history(run_id, TRAIN_EVAL) if history else [] for run_id in arm.run_ids]
+    if claim.metric == "train_test_gap":
+        return [100.0 * (h[-1] - x) if h else NAN for h, x in zip(series, arm.values[PRIMARY])], []
     return [stats.epochs_to(h, 1.0 - TRAIN_ERROR_TARGET) if h else NAN for h in series], [float(len(h)) for h in series]
 
 
 def judge_claims(variants: Sequence[VariantSummary], history: History | None = None) -> list[ClaimResult]:
-    """A verdict per claim (stats.verdict; how: docs/methodology.md)."""
-    results = [ClaimResult(claim) for claim in CLAIMS]
+    """A verdict per claim from one Holm family over the study's distinct tests (docs/methodology.md)."""
+    results, spread = [ClaimResult(claim) for claim in CLAIMS], {}
     for result in results:
         claim, pair = result.claim, _arms(result.claim, variants)
         if pair is None:
@@ -276,29 +277,30 @@ def judge_claims(variants: Sequence[VariantSummary], history: History | None = N
         result.a, result.b = arm_a.name, arm_b.name
         (values_a, cut_a), (values_b, cut_b) = (_claim_values(claim, arm, history) for arm in pair)
         result.n_a, result.n_b = len(values_a), len(values_b)
-        if result.ratio:   # epochs to a threshold: Welch on log epochs, the ratio of geometric means
-            slower, cut, faster = (values_a, cut_a, values_b) if claim.direction > 0 else (values_b, cut_b, values_a)
-            if any(math.isinf(x) for x in faster):
-                result.verdict, result.note = stats.NOT_MEASURABLE, "a faster arm's run never reached the threshold"
-                continue
-            if any(math.isinf(x) for x in slower):
-                result.lower_bound = True
-                result.note = ("some runs of the slower arm never reached the threshold: the epochs they "
-                               "are known to need at least stand in, so the ratio is a lower bound")
-                slower[:] = [c if math.isinf(x) else x for x, c in zip(slower, cut)]
-            values_a, values_b = ([math.log(x) if x > 0 else NAN for x in v] for v in (values_a, values_b))
-        if not all(math.isfinite(x) for x in values_a + values_b):
-            result.verdict, result.note = stats.NOT_MEASURABLE, result.note or "a run lacks the metric"
-            continue
-        result.welch = stats.welch(values_a, values_b)
-        spread = values_a if arm_a.is_baseline else values_b if arm_b.is_baseline else None
-        sd = stats.mean_std(spread)[1] if spread is not None else stats.pooled_sd(values_a, values_b)
-        result.mde = stats.minimum_detectable_effect(sd, len(values_a), len(values_b))
-    measured = [r for r in results if r.welch is not None]
-    for result, p in zip(measured, stats.holm([r.welch.p_value for r in measured])):
-        result.p_holm = p
-        result.verdict = stats.verdict(result.welch, p, result.mde, result.paper, result.claim.direction,
-                                       lower_bound=result.lower_bound)
+        censored = [any(map(math.isinf, v)) for v in (values_a, values_b)]
+        if any(math.isnan(x) for x in values_a + values_b) or not (values_a and values_b):
+            result.verdict, result.note = stats.NOT_MEASURABLE, "an arm without runs, or a run without the metric"
+        elif any(censored):   # epochs never reached within the budget: logrank, the budget as the bound
+            result.welch = stats.censored(values_a, values_b, cut_a, cut_b)
+            result.bound = "≈ " if all(censored) else "≥ " if censored[0] else "≤ "
+            result.p = result.welch.p_value
+            result.note = "censored: logrank" if math.isfinite(result.p) else "no run of either arm reached it"
+        else:   # ratios: Welch on log epochs, the ratio of geometric means
+            values_a, values_b = ([math.log(x) for x in v] if result.ratio else v for v in (values_a, values_b))
+            result.welch = stats.welch(values_a, values_b)
+            result.p = result.welch.p_value
+            spread[claim.claim] = stats.pooled_sd(values_a, values_b)
+            result.mde = stats.minimum_detectable_effect(spread[claim.claim], len(values_a), len(values_b))
+            if claim.paper is not None and _has(arm_a.options, claim.setting) and math.isfinite(result.p):
+                paper = math.log(claim.paper) if result.ratio else claim.paper   # on the test's scale
+                result.p, result.size = stats.size_test(values_a, values_b, paper, abs(paper) / 2, claim.direction)
+    tests = {r.test: r.p for r in results if math.isfinite(r.p)}
+    adjusted = dict(zip(tests, stats.holm(list(tests.values()))))
+    for r in results:
+        if r.welch is not None:
+            r.p_holm = adjusted.get(r.test, NAN)
+            r.verdict = stats.verdict(r.welch, r.p_holm, r.claim.direction, r.size)
+            r.seeds = stats.seeds_needed(r.welch.diff, spread.get(r.claim.claim, NAN), ALPHA / max(1, len(tests)))
     return results
 
 
@@ -313,13 +315,17 @@ def _p(p: float) -> str:
     return "n/a" if not math.isfinite(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _seeds(n: float) -> str:
+    return "n/a" if math.isnan(n) else "> 200" if math.isinf(n) else str(int(n))
+
+
 def csv_rows(variants: Sequence[VariantSummary]) -> list[dict[str, Any]]:
     """The study table at full precision, one row per variant (None where a cell does not apply)."""
     rows = []
     for s in variants:
         w = s.vs_baseline
         versus = {"p_holm": s.p_holm, "significant_holm": s.significant, "p_dunnett": s.p_dunnett, "mde": s.mde,
-                  "reading": s.reading}
+                  "seeds_needed": s.seeds_needed, "reading": s.reading}
         rows.append({"variant": s.name, "is_baseline": s.is_baseline,
                      **{f"factor.{k}": v for k, v in s.factors.items()},
                      "n_seeds": len(s.seeds), "n_failed": s.failed, "n_missing": s.missing,
@@ -336,34 +342,22 @@ def csv_rows(variants: Sequence[VariantSummary]) -> list[dict[str, Any]]:
 def _summary_text(variants: Sequence[VariantSummary]) -> str:
     """The study's resolution (MDE) and which variants read how, in words."""
     baseline = next(s for s in variants if s.is_baseline)
-    others = [s for s in variants if not s.is_baseline and math.isfinite(s.mde)]
-    if others:
-        mdes = sorted({round(s.mde, 6) for s in others})
-        value = cell(mdes[0], 4) if len(mdes) == 1 else f"{cell(mdes[0], 4)}–{cell(mdes[-1], 4)}"
-        counts = "/".join(map(str, sorted({len(s.seeds) for s in others})))
-        text = (f"Minimum detectable effect (MDE) of a difference in test accuracy: **{value}** (two-sided t-test, "
-                f"α = {ALPHA}, power {int(POWER * 100)} %, baseline seed std {cell(baseline.stats[PRIMARY][1], 4)}, "
-                f"n = {len(baseline.seeds)} baseline vs {counts} variant seeds).")
-    else:
-        text = "Minimum detectable effect: n/a (it needs >= 2 seeds per group and a baseline whose seeds spread)."
-    return text + " " + _readings(variants)
+    mdes = sorted({round(s.mde, 6) for s in variants if not s.is_baseline and math.isfinite(s.mde)})
+    value = "n/a" if not mdes else cell(mdes[0], 4) if len(mdes) == 1 else f"{cell(mdes[0], 4)}–{cell(mdes[-1], 4)}"
+    return (f"Holm over the {len(variants) - 1} variants sharing the baseline; each column: {METHODS}. Minimum "
+            f"detectable effect (MDE) of a difference in test accuracy: **{value}** (baseline seed std "
+            f"{cell(baseline.stats[PRIMARY][1], 4)}, n = {len(baseline.seeds)}). {_readings(variants)}")
 
 
 def _readings(variants: Sequence[VariantSummary]) -> str:
-    """Which variants read how (stats.reading), in words."""
+    """Which variants read how (stats.reading), in words (each reading defined in docs/methodology.md)."""
     groups: dict[str, list[str]] = {}
     for s in variants:
         if not s.is_baseline:
             label = f"no effect at resolution {cell(s.mde, 4)}" if s.reading == stats.NO_EFFECT else s.reading
             groups.setdefault(label, []).append(f"`{s.name}`")
-    words = {stats.SIGNIFICANT: "Significant after Holm",
-             **{k: k.capitalize() + " (the interval lies inside ±MDE)" for k in sorted(groups)
-                if k.startswith("no effect")},
-             stats.BELOW_RESOLUTION:
-                 "Below resolution (the interval still reaches ±MDE: too small to see with these seeds)",
-             stats.NOT_AVAILABLE: "Not testable (< 2 seeds in a group, or no spread)"}
-    parts = [f"{title}: {', '.join(groups[key])}." for key, title in words.items() if key in groups]
-    return " ".join(parts) or "No variant to compare with the baseline."
+    return " ".join(f"{label[0].upper()}{label[1:]}: {', '.join(names)}." for label, names in groups.items()) \
+        or "No variant to compare with the baseline."
 
 
 def study_table(spec: dict[str, Any], variants: Sequence[VariantSummary]) -> str:
@@ -376,21 +370,24 @@ def study_table(spec: dict[str, Any], variants: Sequence[VariantSummary]) -> str
                **{metric: _pm(s.stats[metric], digits) for metric, _, digits in METRICS},
                "plateau": _pm(s.plateau, 4), "params": "n/a" if math.isnan(s.num_params) else f"{int(s.num_params):,}"}
         if s.is_baseline or w is None or not math.isfinite(w.diff):
-            row.update(dict.fromkeys(("p", "holm", "sig", "dunnett", "mde", "reading"), "" if s.is_baseline else "n/a"),
+            row.update(dict.fromkeys(("p", "holm", "sig", "dunnett", "mde", "seeds", "reading"),
+                                     "" if s.is_baseline else "n/a"),
                        delta="(baseline)" if s.is_baseline else "n/a")
         else:
             ci = f" [{w.ci_low:+.4f}, {w.ci_high:+.4f}]" if math.isfinite(w.ci_low) else ""
             sign = (", higher" if w.diff > 0 else ", lower") if s.reading == stats.SIGNIFICANT else ""
             row.update(delta=f"{w.diff:+.4f}{ci}", p=_p(w.p_value), holm=_p(s.p_holm),
                        sig=("yes" if s.significant else "no") if math.isfinite(s.p_holm) else "n/a",
-                       dunnett=_p(s.p_dunnett), mde=cell(s.mde, 4), reading=s.reading + sign)
+                       dunnett=_p(s.p_dunnett), mde=cell(s.mde, 4), seeds=_seeds(s.seeds_needed),
+                       reading=s.reading + sign)
         rows.append(row)
     metrics = [metric for metric, _, _ in METRICS]
     columns = ["variant", "n", *(["chosen"] if any(s.tuning for s in variants) else []), PRIMARY, "delta", "p",
-               "holm", "sig", "dunnett", "mde", "reading", "plateau", *metrics[1:], "params"]
+               "holm", "sig", "dunnett", "mde", "seeds", "reading", "plateau", *metrics[1:], "params"]
     headers = {**{metric: title for metric, title, _ in METRICS}, "chosen": ", ".join(spec.get("nuisance_grid", {})),
                "delta": f"Δ test acc vs baseline [{CI}]", "holm": "p (Holm)", "sig": "significant (Holm)",
-               "dunnett": "p (Dunnett)", "mde": "MDE", "plateau": "val acc change, last fifth"}
+               "dunnett": "p (Dunnett)", "mde": "MDE", "plateau": "val acc change, last fifth",
+               "seeds": "seeds/arm for Δ"}
     return markdown_table(rows, columns, headers=headers,
                           right=[c for c in columns[1:] if c not in ("chosen", "sig", "reading")])
 
@@ -416,20 +413,21 @@ def claims_table(results: Sequence[ClaimResult]) -> str:
             ours = "n/a"
         elif r.ratio:
             ci = f" [{math.exp(w.ci_low):.2f}, {math.exp(w.ci_high):.2f}]" if math.isfinite(w.ci_low) else ""
-            ours = f"{'≥ ' if r.lower_bound else ''}{math.exp(w.diff):.2f}x{ci}"
+            ours = f"{r.bound}{math.exp(w.diff):.2f}x{ci}"
         else:
             ci = f" [{w.ci_low:+.2f}, {w.ci_high:+.2f}]" if math.isfinite(w.ci_low) else ""
             ours = f"{w.diff:+.2f}{ci} {unit}"
         mde = ("n/a" if w is not None else "") if not math.isfinite(r.mde) else \
             f"x{math.exp(r.mde):.2f}" if r.ratio else f"{r.mde:.2f} {unit}"
-        rows.append({"claim": r.claim.claim, "paper": r.claim.paper_text, "ours": ours, "mde": mde,
+        test = "" if w is None else "logrank" if r.bound else "size (TOST)" if r.size else "sign (Welch)"
+        rows.append({"claim": r.claim.claim, "paper": r.claim.paper_text, "ours": ours, "mde": mde, "test": test,
                      "arms": f"{r.a} (n={r.n_a}) vs {r.b} (n={r.n_b})" if r.a is not None else "",
-                     "p_holm": _p(r.p_holm) if w is not None else "",
+                     "p_holm": _p(r.p_holm) if w is not None else "", "seeds": _seeds(r.seeds) if w else "",
                      "verdict": r.verdict + (f" ({r.note})" if r.note else "")})
     headers = {"paper": "the paper", "arms": "compared (a vs b)", "mde": "MDE", "p_holm": "p (Holm)",
-               "ours": f"ours, a − b [{CI}]"}
-    table = markdown_table(rows, ["claim", "paper", "arms", "ours", "mde", "p_holm", "verdict"], headers=headers,
-                           right=["ours", "mde", "p_holm"])
+               "ours": f"ours, a − b [{CI}]", "seeds": "seeds/arm for it"}
+    columns = ["claim", "paper", "arms", "ours", "mde", "test", "p_holm", "seeds", "verdict"]
+    table = markdown_table(rows, columns, headers=headers, right=["ours", "mde", "p_holm", "seeds"])
     return f"### The paper's claims (Krizhevsky et al. 2012)\n\n{table}\nMetrics, arms and verdict rules: {METHODS}.\n"
 
 
@@ -439,8 +437,8 @@ def claim_rows(results: Sequence[ClaimResult]) -> list[dict[str, Any]]:
              "arm_a": r.a, "arm_b": r.b, "n_a": r.n_a, "n_b": r.n_b, "diff": r.welch and r.welch.diff,
              "ci_low": r.welch and r.welch.ci_low, "ci_high": r.welch and r.welch.ci_high,
              "p_value": r.welch and r.welch.p_value, "p_holm": r.welch and r.p_holm, "mde": r.welch and r.mde,
-             "paper_in_interval": r.paper_in_interval, "lower_bound": r.lower_bound, "verdict": r.verdict,
-             "note": r.note} for r in results]
+             "route": "size" if r.size else "sign", "p_test": r.p, "seeds_needed": r.seeds, "censored": bool(r.bound),
+             "verdict": r.verdict, "note": r.note} for r in results]
 
 
 def _runs_finished(variants: Sequence[VariantSummary]) -> str:
@@ -454,26 +452,18 @@ def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims
     grid = spec.get("nuisance_grid", {})
     nuisance = ", ".join(spec["hyperparameters"]["nuisance"]) + ("; tuned per arm on validation: " + ", ".join(
         f"{k} in {{{', '.join(map(str, v))}}}" for k, v in grid.items()) if grid else "")
-    tuned = any(s.tuning for s in variants)
     lines = [f"## Ablation study `{spec['name']}`", "", *([spec["description"], ""] if spec["description"] else []),
              f"**{_runs_finished(variants)}** · design: {spec['design']} · seeds: {', '.join(map(str, spec['seeds']))} "
              f"· study digest `{spec['digest']}`",
-             "", f"Scientific (the axes): {axes}. Nuisance: {nuisance}. "
-             f"Fixed: every other option, at the base config's value (study/study.json).", "",
-             study_table(spec, variants).rstrip("\n"), "",
-             f"Mean ± sample std over seeds; Δ with its {int(CONFIDENCE * 100)}% Welch interval; \"significant\" on "
-             f"Holm's p over the {len(variants) - 1} variants sharing the baseline (α = {ALPHA}). How each column is "
-             f"computed and read: {METHODS}.", "", _summary_text(variants)]
-    if tuned:
-        lines += ["", f"### Nuisance tuning per arm ({', '.join(grid)})", "",
-                  f"Final validation accuracy of each arm's tuning run (seed {spec['seeds'][0]}) per grid value; the "
-                  f"best (bold) is the arm's value, and only its runs enter the statistics above. Test accuracy plays "
-                  f"no part in the choice.", "", tuning_table(variants).rstrip("\n")]
+             "", f"Scientific (the axes): {axes}. Nuisance: {nuisance}. Fixed: the rest (study/study.json).", "",
+             study_table(spec, variants).rstrip("\n"), "", _summary_text(variants)]
+    if any(s.tuning for s in variants):
+        lines += ["", f"### Nuisance tuning per arm ({', '.join(grid)})", "", f"Seed {spec['seeds'][0]}'s final "
+                  f"val acc per value; bold: chosen.", "", tuning_table(variants).rstrip("\n")]
     if claims:
         lines += ["", claims_table(claims).rstrip("\n")]
-    return "\n".join(lines + ["", "Figures: figures/ablation_test_accuracy.png, figures/ablation_val_accuracy.png; "
-                              "raw numbers: reports/ablation.csv, reports/claims.csv, reports/ablation_runs.csv"
-                              + (", reports/tuning.csv" if tuned else "") + "."]) + "\n"
+    return "\n".join(lines + ["", "Figures: figures/; raw numbers: reports/ablation.csv, claims.csv, ablation_runs.csv,"
+                              f" tuning.csv with a grid ({METHODS})."]) + "\n"
 
 
 def description(report: Report) -> str:

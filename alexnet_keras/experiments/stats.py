@@ -1,5 +1,5 @@
-"""The statistics of ablation reports on plain numbers (numpy/scipy): Welch, Holm, Dunnett, power and MDE,
-readings and verdicts, per-epoch measures. The rules, and why they are these: docs/methodology.md."""
+"""The statistics of ablation reports on plain numbers (numpy/scipy): Welch, TOST, logrank, Holm, Dunnett, power,
+MDE and seeds needed, readings and verdicts, per-epoch measures. The rules, and why: docs/methodology.md."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ CONFIDENCE, ALPHA, POWER = 0.95, 0.05, 0.8
 NAN = float("nan")
 # The readings of a difference, and the verdicts on a claim of the paper.
 SIGNIFICANT, NO_EFFECT, BELOW_RESOLUTION, NOT_AVAILABLE = "significant", "no effect ≥ MDE", "below resolution", "n/a"
-REPRODUCES, CONTRADICTS = "reproduces", "contradicts"
+UNADJUSTED = "raw p < 0.05, not after Holm"
+REPRODUCES, CONTRADICTS, NOT_DECIDED = "reproduces", "contradicts", "not decided"
 NOT_MEASURABLE, NOT_IN_STUDY = "not measurable", "not in this study"
 
 
@@ -94,17 +95,11 @@ def power(effect: float, sd: float, n_a: float, n_b: float, alpha: float = ALPHA
 
 def minimum_detectable_effect(sd: float, n_a: float, n_b: float, alpha: float = ALPHA,
                               target_power: float = POWER) -> float:
-    """The true difference a two-sided t-test at `alpha` detects with `target_power` (docs/methodology.md)."""
+    """The true difference a two-sided t-test at `alpha` finds with `target_power` (sought below 10,000 sd)."""
     if not (_finite(sd) and sd > 0 and n_a >= 2 and n_b >= 2):
         return NAN
 
-    def short(effect: float) -> float:   # effect in units of sd
-        return power(effect, 1.0, n_a, n_b, alpha) - target_power
-
-    high = 1.0
-    while short(high) < 0:
-        high *= 2.0
-    return float(sd * optimize.brentq(short, 0.0, high, xtol=1e-12))
+    return float(sd * optimize.brentq(lambda d: power(d, 1.0, n_a, n_b, alpha) - target_power, 0.0, 1e4, xtol=1e-12))
 
 
 def reading(w: Welch | None, p_adjusted: float, mde: float, alpha: float = ALPHA) -> str:
@@ -115,24 +110,45 @@ def reading(w: Welch | None, p_adjusted: float, mde: float, alpha: float = ALPHA
         return SIGNIFICANT
     if _finite(mde) and -mde < w.ci_low and w.ci_high < mde:
         return NO_EFFECT
-    return BELOW_RESOLUTION
+    return UNADJUSTED if w.ci_low > 0 or w.ci_high < 0 else BELOW_RESOLUTION
 
 
-def verdict(w: Welch | None, p_adjusted: float, mde: float, paper: float | None, direction: int,
-            *, lower_bound: bool = False, alpha: float = ALPHA) -> str:
-    """The verdict on a claim: `paper` in the units of the Welch difference a - b, `direction` its sign."""
-    if w is None or not (_finite(w.diff) and _finite(w.ci_low) and _finite(p_adjusted)):
+def size_test(a: Sequence[float], b: Sequence[float], paper: float, margin: float, direction: int) -> tuple[float, str]:
+    """TOST (a - b within paper ± margin) or inferiority (short of it): the smaller p, its verdict (methodology.md)."""
+    def p(shift: float, alternative: str) -> float:   # Welch's one-sided p of mean(a) - mean(b) >, < shift
+        return float(scipy_stats.ttest_ind(np.subtract(a, shift), b, equal_var=False, alternative=alternative).pvalue)
+
+    equivalent = max(p(paper - margin, "greater"), p(paper + margin, "less"))
+    short = p(paper - direction * margin, "greater" if direction < 0 else "less")
+    return (equivalent, REPRODUCES) if equivalent <= short else (short, CONTRADICTS)
+
+
+def censored(a: Sequence[float], b: Sequence[float], bound_a: Sequence[float], bound_b: Sequence[float]) -> Welch:
+    """Logrank on per-run epochs to a threshold, inf (not reached) censored at the run's bound; diff: the log ratio
+    of geometric means, bounds standing in; t > 0: a reaches it later."""
+    runs = [(np.asarray(x, dtype=float), np.asarray(bound, dtype=float)) for x, bound in ((a, bound_a), (b, bound_b))]
+    diff = float(np.subtract(*[np.log(np.where(np.isinf(x), bound, x)).mean() for x, bound in runs]))
+    if np.isinf(np.concatenate([a, b])).all():
+        return Welch(diff, NAN, NAN, NAN, NAN, NAN)
+    result = scipy_stats.logrank(*[scipy_stats.CensoredData(x[np.isfinite(x)], right=bound[np.isinf(x)])
+                                   for x, bound in runs])
+    return Welch(diff, NAN, NAN, float(result.pvalue), -float(result.statistic), NAN)
+
+
+def verdict(w: Welch | None, p_adjusted: float, direction: int, size: str | None = None, alpha: float = ALPHA) -> str:
+    """A claim's verdict from its adjusted test: size_test's (`size`), or the sign of a - b against `direction`."""
+    if w is None or not (_finite(w.diff) and _finite(p_adjusted)):
         return NOT_MEASURABLE
-    sign = 1 if w.diff > 0 else -1 if w.diff < 0 else 0
-    if p_adjusted < alpha and sign == direction:
-        return REPRODUCES
-    if lower_bound:
-        return BELOW_RESOLUTION
-    if p_adjusted < alpha and sign == -direction:
-        return CONTRADICTS
-    if paper is not None and _finite(mde) and mde <= abs(paper) and not w.ci_low <= paper <= w.ci_high:
-        return CONTRADICTS
-    return BELOW_RESOLUTION
+    if p_adjusted >= alpha:
+        return NOT_DECIDED
+    return size or (REPRODUCES if (w.t if _finite(w.t) else w.diff) * direction > 0 else CONTRADICTS)
+
+
+def seeds_needed(effect: float, sd: float, alpha: float = ALPHA, target_power: float = POWER, most: int = 200) -> float:
+    """Seeds per arm for a two-sided t-test at `alpha` to find a true `effect` at spread `sd` with `target_power`."""
+    if not (_finite(sd) and sd > 0 and _finite(effect) and effect != 0):
+        return NAN
+    return float(next((n for n in range(2, most + 1) if power(effect, sd, n, n, alpha) >= target_power), math.inf))
 
 
 def tail_length(epochs: int, fraction: float = 0.2) -> int:
@@ -147,9 +163,8 @@ def plateau(values: Sequence[float], fraction: float = 0.2) -> float:
 
 
 def epochs_to_converge(values: Sequence[float], within: float, fraction: float = 0.2) -> float:
-    """Epochs until a per-epoch validation series first comes within `within` of its best (`epochs_to`),
-    for a run that got there before its last `fraction` of training and stayed there; inf for one that
-    did not (it trained too briefly to tell when it would have), NaN without 2 epochs."""
+    """Epochs until a per-epoch validation series first comes within `within` of its best (`epochs_to`), for a run
+    that got there before its last `fraction` of training and stayed there; else inf; NaN without 2 epochs."""
     x = [float(v) for v in values]
     if len(x) < 2:
         return NAN
