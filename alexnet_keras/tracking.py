@@ -498,16 +498,22 @@ def adopt_run(previous_run_id: str) -> None:
 
 # --- per-epoch metrics ---------------------------------------------------------------------------------
 
-def epoch_metrics_callback(skip_logged_steps: bool = False):
+STORE_WAIT_ENV = "ALEXNET_KERAS_STORE_WAIT_S"   # how long epoch metrics wait for a store that stopped answering
+
+
+def epoch_metrics_callback(skip_logged_steps: bool = False, unlogged: list | None = None):
     """A Keras callback that logs the optimizer's settings, and each epoch's metrics (step = epoch) as it ends,
     synchronously (`mlflow.keras.MlflowCallback` queues them: lost if the process is killed). With
-    `skip_logged_steps` (a run resumed from a checkpoint), an epoch the run holds keeps its first values."""
+    `skip_logged_steps` (a run resumed from a checkpoint), an epoch the run holds keeps its first values. Metrics
+    the store does not take wait in `unlogged` ((key, value, timestamp, step) rows the checkpoint keeps) while
+    training goes on: written at a later epoch's end or, retried, at the end of training; a store that has not
+    answered for $ALEXNET_KERAS_STORE_WAIT_S (120 s) raises TrackingError (docs/reliability.md)."""
     import keras   # here, not at the top: `report` and the other store-only commands need no Keras
 
     class EpochMetrics(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
             self.run_id = active_run_id()   # None: a plain fit, nothing to log
-            self.logged_steps = set()
+            self.logged_steps, self.unlogged, self.down_since = set(), [] if unlogged is None else unlogged, None
             if self.run_id is None:
                 return
             if skip_logged_steps:
@@ -516,8 +522,41 @@ def epoch_metrics_callback(skip_logged_steps: bool = False):
 
         def on_epoch_end(self, epoch, logs=None):
             if self.run_id and logs and epoch not in self.logged_steps:
-                log_metrics(logs, step=epoch)
+                now = int(time.time() * 1000)   # a retried row is the same row, which MLflow stores once
+                self.unlogged.extend((k, float(v), now, epoch) for k, v in logs.items())
                 self.logged_steps.add(epoch)
+                self.write()
+
+        def on_train_end(self, logs=None):
+            delay = 1
+            while self.run_id and not self.write():
+                time.sleep(delay)
+                delay = min(2 * delay, 30)
+
+        def write(self) -> bool:
+            """Write what waits (MLflow takes 1,000 metrics a call); False while the store does not answer."""
+            try:
+                with quick_requests():   # a server that is down fails within seconds, and is retried here
+                    while self.unlogged:
+                        MlflowClient().log_batch(self.run_id, [Metric(*m) for m in self.unlogged[:1000]],
+                                                 synchronous=True)
+                        del self.unlogged[:1000]
+            except Exception as err:
+                if not is_tracking_error(err):
+                    raise
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    stderr(f"warning: the MLflow store does not take the metrics of epoch {self.unlogged[-1][3] + 1} "
+                           f"({_short(err)}); training goes on, and they wait for up to "
+                           f"{float(os.environ.get(STORE_WAIT_ENV, 120)):g} s (${STORE_WAIT_ENV}).")
+                if (waited := time.monotonic() - self.down_since) > float(os.environ.get(STORE_WAIT_ENV, 120)):
+                    raise TrackingError(f"the MLflow store has not answered for {waited:.0f} s ({_short(err)})") from err
+                return False
+            if self.down_since is not None:
+                stderr(f"the MLflow store answers again, after {time.monotonic() - self.down_since:.0f} s: the "
+                       f"metrics that waited are written.")
+                self.down_since = None
+            return True
 
     return EpochMetrics()
 

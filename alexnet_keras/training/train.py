@@ -91,12 +91,13 @@ def build_callbacks(config: Config, backup_dir: Path | None = None, *,
                     track: bool = True) -> list[keras.callbacks.Callback]:
     """NaN stop, per-epoch metrics (with `track`), the checkpoint in `backup_dir`, the plateau schedule."""
     callbacks: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
+    unlogged: list = []   # metrics a store outage left unwritten: the checkpoint keeps them
     if track:
-        callbacks.append(tracking.epoch_metrics_callback(skip_logged_steps=backup_dir is not None))
+        callbacks.append(tracking.epoch_metrics_callback(skip_logged_steps=backup_dir is not None, unlogged=unlogged))
     if backup_dir is not None:
         # After the metrics: a kill between the two trains that epoch again, and its step, logged
         # already, is skipped; the other order would leave an epoch whose metrics were never logged.
-        callbacks.append(checkpoints.Checkpoint(backup_dir))
+        callbacks.append(checkpoints.Checkpoint(backup_dir, unlogged))
     if config.train.schedule == "plateau":
         # The paper divided the learning rate by 10 "when the validation error rate stopped improving".
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
@@ -296,18 +297,18 @@ def training_run(config: Config, model: keras.Model, name: str | None, tags: Map
                 # The store failed, not the training: the run ends KILLED with its checkpoint, which the
                 # same command continues from once the store answers.
                 keep, reason = True, f"the tracking store failed ({type(err).__name__}: {checkpoints.one_line(err)})"
-                with contextlib.suppress(Exception):   # as this process's active run too: `tracking.run` adds nothing
-                    tracking.end_run(run_id, "KILLED", reason)
                 lost = tracking.TrackingError(f"{reason}; run {run_id} ends KILLED with its checkpoint in {folder}: "
                                               "run the same command again once the store answers.")
+                try:   # as this process's active run too: `tracking.run` then adds nothing
+                    tracking.end_run(run_id, "KILLED", reason)
+                except Exception:   # still active: `tracking.run` ends it FAILED, if the store answers (resumable)
+                    raise lost from err
                 lost.__cause__ = err
         if lost is not None:
             raise lost
-    except KeyboardInterrupt:
-        keep = True
-        raise
-    except (ResultsNotLogged, checkpoints.CheckpointError):
-        keep = keep or checkpoints.saved_epoch(folder) > 0
+    except BaseException as err:   # a stop or a store failure (as the run ends too) keeps the checkpoint
+        keep = keep or isinstance(err, KeyboardInterrupt) or tracking.is_tracking_error(err) or isinstance(
+            err, (ResultsNotLogged, checkpoints.CheckpointError)) and checkpoints.saved_epoch(folder) > 0
         raise
     finally:
         if folder is not None and not keep:
