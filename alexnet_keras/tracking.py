@@ -196,12 +196,10 @@ def quick_requests() -> Iterator[None]:
 
 def store_answers() -> bool:
     """Whether the store answers now, within seconds (a failed child's own error may not name the store)."""
-    with quick_requests():
-        try:
-            MlflowClient().search_experiments(max_results=1)
-        except Exception:
-            return False
-    return True
+    with quick_requests(), contextlib.suppress(Exception):
+        MlflowClient().search_experiments(max_results=1)
+        return True
+    return False
 
 
 def _short(err: BaseException) -> str:
@@ -215,11 +213,8 @@ def _short(err: BaseException) -> str:
 
 def is_tracking_error(err: BaseException) -> bool:
     """Whether `err` (or what caused it) comes from MLflow or its store, rather than from training."""
-    for e in (err, err.__cause__, err.__context__):
-        if e is not None and (isinstance(e, TrackingError) or
-                              (type(e).__module__ or "").split(".")[0] in ("mlflow", "sqlalchemy", "sqlite3")):
-            return True
-    return False
+    return any(isinstance(e, TrackingError) or type(e).__module__.split(".")[0] in ("mlflow", "sqlalchemy", "sqlite3")
+               for e in (err, err.__cause__, err.__context__) if e is not None)
 
 
 def environment_tags() -> dict[str, str]:
@@ -505,9 +500,8 @@ def epoch_metrics_callback(skip_logged_steps: bool = False, unlogged: list | Non
     """A Keras callback that logs the optimizer's settings, and each epoch's metrics (step = epoch) as it ends,
     synchronously (`mlflow.keras.MlflowCallback` queues them: lost if the process is killed). With
     `skip_logged_steps` (a run resumed from a checkpoint), an epoch the run holds keeps its first values. Metrics
-    the store does not take wait in `unlogged` ((key, value, timestamp, step) rows the checkpoint keeps) while
-    training goes on: written at a later epoch's end or, retried, at the end of training; a store that has not
-    answered for $ALEXNET_KERAS_STORE_WAIT_S (120 s) raises TrackingError (docs/reliability.md)."""
+    the store does not take wait in `unlogged` (which the checkpoint keeps) for a later epoch's end or the end of
+    training, for at most $ALEXNET_KERAS_STORE_WAIT_S (120 s): then TrackingError (docs/reliability.md)."""
     import keras   # here, not at the top: `report` and the other store-only commands need no Keras
 
     class EpochMetrics(keras.callbacks.Callback):
@@ -522,40 +516,35 @@ def epoch_metrics_callback(skip_logged_steps: bool = False, unlogged: list | Non
 
         def on_epoch_end(self, epoch, logs=None):
             if self.run_id and logs and epoch not in self.logged_steps:
-                now = int(time.time() * 1000)   # a retried row is the same row, which MLflow stores once
+                now = int(time.time() * 1000)   # a row written twice is the same row: MLflow keeps it once
                 self.unlogged.extend((k, float(v), now, epoch) for k, v in logs.items())
                 self.logged_steps.add(epoch)
                 self.write()
 
         def on_train_end(self, logs=None):
-            delay = 1
             while self.run_id and not self.write():
-                time.sleep(delay)
-                delay = min(2 * delay, 30)
+                time.sleep(min(30.0, 1 + time.monotonic() - self.down_since))   # waits about double each time
 
         def write(self) -> bool:
-            """Write what waits (MLflow takes 1,000 metrics a call); False while the store does not answer."""
+            """Write what waits, 1,000 metrics a call (MLflow's limit); False while the store does not answer."""
             try:
-                with quick_requests():   # a server that is down fails within seconds, and is retried here
-                    while self.unlogged:
-                        MlflowClient().log_batch(self.run_id, [Metric(*m) for m in self.unlogged[:1000]],
-                                                 synchronous=True)
-                        del self.unlogged[:1000]
-            except Exception as err:
-                if not is_tracking_error(err):
-                    raise
+                with quick_requests():   # a server that is down fails within seconds, then is retried here
+                    while batch := [Metric(*m) for m in self.unlogged[:1000]]:
+                        MlflowClient().log_batch(self.run_id, batch, synchronous=True)
+                        del self.unlogged[:len(batch)]
+            except Exception as err:   # MLflow's: the store is locked, down or slow
+                limit = float(os.environ.get(STORE_WAIT_ENV, 120))
                 if self.down_since is None:
                     self.down_since = time.monotonic()
                     stderr(f"warning: the MLflow store does not take the metrics of epoch {self.unlogged[-1][3] + 1} "
-                           f"({_short(err)}); training goes on, and they wait for up to "
-                           f"{float(os.environ.get(STORE_WAIT_ENV, 120)):g} s (${STORE_WAIT_ENV}).")
-                if (waited := time.monotonic() - self.down_since) > float(os.environ.get(STORE_WAIT_ENV, 120)):
-                    raise TrackingError(f"the MLflow store has not answered for {waited:.0f} s ({_short(err)})") from err
+                           f"({_short(err)}); training goes on, they wait for up to {limit:g} s (${STORE_WAIT_ENV}).")
+                if time.monotonic() - self.down_since > limit:
+                    raise TrackingError(f"the MLflow store has not answered for {limit:g} s ({_short(err)})") from err
                 return False
             if self.down_since is not None:
-                stderr(f"the MLflow store answers again, after {time.monotonic() - self.down_since:.0f} s: the "
-                       f"metrics that waited are written.")
-                self.down_since = None
+                stderr(f"the MLflow store answers again after {time.monotonic() - self.down_since:.0f} s: the metrics "
+                       f"that waited are written.")
+            self.down_since = None
             return True
 
     return EpochMetrics()
@@ -564,12 +553,9 @@ def epoch_metrics_callback(skip_logged_steps: bool = False, unlogged: list | Non
 def epoch_history(run_id: str, keys: Sequence[str] = EPOCH_KEYS) -> dict[str, list[float]]:
     """A run's per-epoch metrics as {key: [value at step 0, 1, ...]}; of a step logged twice, the later value."""
     client = MlflowClient()
-    history = {}
-    for key in keys:
-        by_step = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
-        if by_step:
-            history[key] = [by_step[step] for step in sorted(by_step)]
-    return history
+    by_key = {key: {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+              for key in keys}
+    return {key: [by_step[step] for step in sorted(by_step)] for key, by_step in by_key.items() if by_step}
 
 
 # --- logging (to the active run, or to `run_id`) -------------------------------------------------------
@@ -583,9 +569,7 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None, *, run_id
 def log_metrics_once(metrics: Mapping[str, float], step: int | None = None) -> None:
     """Log the metrics the active run does not hold yet (a resumed run already has its run-level ones)."""
     existing = MlflowClient().get_run(mlflow.active_run().info.run_id).data.metrics
-    fresh = {k: v for k, v in metrics.items() if k not in existing}
-    if fresh:
-        log_metrics(fresh, step=step)
+    log_metrics({k: v for k, v in metrics.items() if k not in existing}, step=step)   # none: MLflow does nothing
 
 
 def set_tags(tags: Mapping[str, str], *, run_id: str | None = None) -> None:

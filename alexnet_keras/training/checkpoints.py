@@ -127,16 +127,14 @@ def restore(model: keras.Model, folder: Path | None, unlogged: list | None = Non
 
 
 class Checkpoint(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore through `save` and `restore`, kept after training; `epoch`: the one it restored;
-    `unlogged`: the per-epoch metrics the store has not taken yet (tracking.epoch_metrics_callback's)."""
+    """BackupAndRestore through `save` and `restore`, kept after training; `epoch`: the one it restored."""
 
-    def __init__(self, folder: Path, unlogged: list | None = None):
+    def __init__(self, folder: Path, unlogged: list):
         super().__init__(str(folder), double_checkpoint=True, delete_checkpoint=False)
-        self.folder, self.epoch, self.unlogged = Path(folder), 0, [] if unlogged is None else unlogged
+        self.folder, self.epoch, self.unlogged = Path(folder), 0, unlogged
 
     def on_train_begin(self, logs=None):
-        # As BackupAndRestore does; `unlogged` gets what an outage left unwritten when the checkpoint was saved.
-        self.epoch = self.model._initial_epoch = restore(self.model, self.folder, self.unlogged)
+        self.epoch = self.model._initial_epoch = restore(self.model, self.folder, self.unlogged)   # as Keras' does
         if self.epoch:
             print(f"resuming from the checkpoint of epoch {self.epoch} of {self.params['epochs']} in "
                   f"{self.folder}", flush=True)

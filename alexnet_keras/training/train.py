@@ -344,8 +344,7 @@ def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
         try:
             # Before the evaluation, so that a stop there keeps it; a process that trained nothing logs none.
             timing = timing_metrics(history, seconds) if history else {}
-            if timing:
-                tracking.log_metrics(timing)
+            tracking.log_metrics(timing)   # none: MLflow does nothing
             if initial_epoch:   # the whole training, across the processes that trained this run
                 history = tracking.epoch_history(run_id)
                 tracking.set_tags({tracking.RESUMED_FROM_EPOCH_TAG: str(initial_epoch)})
