@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import platform
 import re
@@ -22,6 +23,9 @@ import mlflow
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils import git_utils
+
+# MLflow logs each failed query of a SQL store with its traceback, then raises the error (reported in one line).
+logging.getLogger("mlflow.store.db.utils").addFilter(lambda record: "SQLAlchemy database error" not in str(record.msg))
 
 # --- tag and artifact names: typed here only ---------------------------------------------------------
 TAG_PREFIX = "alexnet_keras."
@@ -204,7 +208,7 @@ def store_answers() -> bool:
 
 def _short(err: BaseException) -> str:
     """The reason in an MLflow request error (e.g. "[Errno 111] Connection refused"), else its message."""
-    text = " ".join(str(getattr(err, "message", None) or err).split())
+    text = " ".join(str(getattr(err, "message", None) or err).split()).split(" [SQL: ")[0]   # without its SQL query
     reason = re.search(r"\[Errno -?\d+\][^\"')]*|Failed to resolve '[^']*'|Read timed out[^\"')]*", text)
     if reason:
         return reason.group(0).strip(" .")
@@ -499,9 +503,8 @@ STORE_WAIT_ENV = "ALEXNET_KERAS_STORE_WAIT_S"   # how long epoch metrics wait fo
 def epoch_metrics_callback(skip_logged_steps: bool = False, unlogged: list | None = None):
     """A Keras callback that logs the optimizer's settings, and each epoch's metrics (step = epoch) as it ends,
     synchronously (`mlflow.keras.MlflowCallback` queues them: lost if the process is killed). With
-    `skip_logged_steps` (a run resumed from a checkpoint), an epoch the run holds keeps its first values. Metrics
-    the store does not take wait in `unlogged` (which the checkpoint keeps) for a later epoch's end or the end of
-    training, for at most $ALEXNET_KERAS_STORE_WAIT_S (120 s): then TrackingError (docs/reliability.md)."""
+    `skip_logged_steps` (a run resumed from a checkpoint), an epoch the run holds keeps its first values. Metrics the
+    store does not take wait in `unlogged` (the checkpoint keeps them) for a while: docs/reliability.md, 8.5."""
     import keras   # here, not at the top: `report` and the other store-only commands need no Keras
 
     class EpochMetrics(keras.callbacks.Callback):
@@ -516,8 +519,7 @@ def epoch_metrics_callback(skip_logged_steps: bool = False, unlogged: list | Non
 
         def on_epoch_end(self, epoch, logs=None):
             if self.run_id and logs and epoch not in self.logged_steps:
-                now = int(time.time() * 1000)   # a row written twice is the same row: MLflow keeps it once
-                self.unlogged.extend((k, float(v), now, epoch) for k, v in logs.items())
+                self.unlogged.extend((k, float(v), int(time.time() * 1000), epoch) for k, v in logs.items())
                 self.logged_steps.add(epoch)
                 self.write()
 
@@ -525,14 +527,13 @@ def epoch_metrics_callback(skip_logged_steps: bool = False, unlogged: list | Non
             while self.run_id and not self.write():
                 time.sleep(min(30.0, 1 + time.monotonic() - self.down_since))   # waits about double each time
 
-        def write(self) -> bool:
-            """Write what waits, 1,000 metrics a call (MLflow's limit); False while the store does not answer."""
+        def write(self) -> bool:   # False while the store does not answer
             try:
                 with quick_requests():   # a server that is down fails within seconds, then is retried here
-                    while batch := [Metric(*m) for m in self.unlogged[:1000]]:
+                    while batch := [Metric(*m) for m in self.unlogged[:1000]]:   # MLflow's limit of a call
                         MlflowClient().log_batch(self.run_id, batch, synchronous=True)
                         del self.unlogged[:len(batch)]
-            except Exception as err:   # MLflow's: the store is locked, down or slow
+            except Exception as err:   # MLflow's: the store is locked, down or slow (a row written again is kept once)
                 limit = float(os.environ.get(STORE_WAIT_ENV, 120))
                 if self.down_since is None:
                     self.down_since = time.monotonic()

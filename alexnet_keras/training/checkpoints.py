@@ -56,7 +56,7 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def save(model: keras.Model, folder: Path, epoch: int, unlogged: list = ()) -> None:
+def save(model: keras.Model, folder: Path, epoch: int, unlogged: list | tuple = ()) -> None:
     """The checkpoint of `epoch`, written to temporary files renamed into place (renames cannot be torn); its
     metadata names the weights by sha256 (a kill between renames leaves them in either slot) and keeps the
     `unlogged` metrics (the store was out). The disk holds at most two: the one before last goes first."""

@@ -294,9 +294,8 @@ def training_run(config: Config, model: keras.Model, name: str | None, tags: Map
             except Exception as err:
                 if folder is None or not tracking.is_tracking_error(err):
                     raise
-                # The store failed, not the training: the run ends KILLED with its checkpoint, which the
-                # same command continues from once the store answers.
-                keep, reason = True, f"the tracking store failed ({type(err).__name__}: {checkpoints.one_line(err)})"
+                # The store failed, not the training: KILLED, with the checkpoint that the same command continues.
+                reason = f"the tracking store failed ({type(err).__name__}: {checkpoints.one_line(err)})"
                 lost = tracking.TrackingError(f"{reason}; run {run_id} ends KILLED with its checkpoint in {folder}: "
                                               "run the same command again once the store answers.")
                 try:   # as this process's active run too: `tracking.run` then adds nothing
