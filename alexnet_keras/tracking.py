@@ -609,8 +609,7 @@ def log_dataset(name: str, source: str, digest: str, context: str, num_examples:
             return mlflow.log_input(MetaDataset(source=origin, name=name, digest=digest), context=context,
                                     tags={"num_examples": str(num_examples)})
         except Exception as err:   # noqa: BLE001 - only the race below is retried
-            # Two children (`ablate --parallel`) logging one dataset into a SQLite store at once race to create
-            # its row; the loser gets "UNIQUE constraint failed" and, tried again, finds the row.
+            # Two children (`ablate --parallel`) create one dataset's row at once: the loser, tried again, finds it.
             if "UNIQUE constraint failed" not in str(err) or attempt == 2:
                 raise
 
@@ -626,8 +625,7 @@ def log_keras_model(model, example_batch, metadata, evaluated_on: Mapping[str, S
     model_id = serving.log_model(model, metadata, example_batch).model_id
     client.set_logged_model_tags(model_id, {NOTE_TAG: run.data.tags.get(NOTE_TAG, "")})
     datasets = {t.value: i.dataset for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"}
-    # MLflow links the run's step-0 metrics itself as it logs the model, without their dataset; a metric is
-    # linked once.
+    # MLflow links the run's step-0 metrics itself (without their dataset) as it logs the model: each once.
     linked = {(m.key, m.step, m.timestamp) for m in client.get_logged_model(model_id).metrics or ()}
     latest = [(max(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp), datasets[context])
               for context, keys in (evaluated_on or {}).items() if context in datasets for key in keys]

@@ -306,7 +306,7 @@ def training_run(config: Config, model: keras.Model, name: str | None, tags: Map
         if lost is not None:
             raise lost
     except BaseException as err:   # a stop or a store failure (as the run ends too) keeps the checkpoint
-        keep = keep or isinstance(err, KeyboardInterrupt) or tracking.is_tracking_error(err) or isinstance(
+        keep = isinstance(err, KeyboardInterrupt) or tracking.is_tracking_error(err) or isinstance(
             err, (ResultsNotLogged, checkpoints.CheckpointError)) and checkpoints.saved_epoch(folder) > 0
         raise
     finally:
