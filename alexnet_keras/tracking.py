@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import platform
 import re
@@ -22,6 +23,9 @@ import mlflow
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils import git_utils
+
+# MLflow logs each failed query of a SQL store with its traceback, then raises the error (reported in one line).
+logging.getLogger("mlflow.store.db.utils").addFilter(lambda record: "SQLAlchemy database error" not in str(record.msg))
 
 # --- tag and artifact names: typed here only ---------------------------------------------------------
 TAG_PREFIX = "alexnet_keras."
@@ -203,17 +207,15 @@ def quick_requests() -> Iterator[None]:
 
 def store_answers() -> bool:
     """Whether the store answers now, within seconds (a failed child's own error may not name the store)."""
-    with quick_requests():
-        try:
-            MlflowClient().search_experiments(max_results=1)
-        except Exception:
-            return False
-    return True
+    with quick_requests(), contextlib.suppress(Exception):
+        MlflowClient().search_experiments(max_results=1)
+        return True
+    return False
 
 
 def _short(err: BaseException) -> str:
     """The reason in an MLflow request error (e.g. "[Errno 111] Connection refused"), else its message."""
-    text = " ".join(str(getattr(err, "message", None) or err).split())
+    text = " ".join(str(getattr(err, "message", None) or err).split()).split(" [SQL: ")[0]   # without its SQL query
     reason = re.search(r"\[Errno -?\d+\][^\"')]*|Failed to resolve '[^']*'|Read timed out[^\"')]*", text)
     if reason:
         return reason.group(0).strip(" .")
@@ -222,11 +224,8 @@ def _short(err: BaseException) -> str:
 
 def is_tracking_error(err: BaseException) -> bool:
     """Whether `err` (or what caused it) comes from MLflow or its store, rather than from training."""
-    for e in (err, err.__cause__, err.__context__):
-        if e is not None and (isinstance(e, TrackingError) or
-                              (type(e).__module__ or "").split(".")[0] in ("mlflow", "sqlalchemy", "sqlite3")):
-            return True
-    return False
+    return any(isinstance(e, TrackingError) or type(e).__module__.split(".")[0] in ("mlflow", "sqlalchemy", "sqlite3")
+               for e in (err, err.__cause__, err.__context__) if e is not None)
 
 
 def environment_tags() -> dict[str, str]:
@@ -505,16 +504,20 @@ def adopt_run(previous_run_id: str) -> None:
 
 # --- per-epoch metrics ---------------------------------------------------------------------------------
 
-def epoch_metrics_callback(skip_logged_steps: bool = False):
+STORE_WAIT_ENV = "ALEXNET_KERAS_STORE_WAIT_S"   # how long epoch metrics wait for a store that stopped answering
+
+
+def epoch_metrics_callback(skip_logged_steps: bool = False, unlogged: list | None = None):
     """A Keras callback that logs the optimizer's settings, and each epoch's metrics (step = epoch) as it ends,
     synchronously (`mlflow.keras.MlflowCallback` queues them: lost if the process is killed). With
-    `skip_logged_steps` (a run resumed from a checkpoint), an epoch the run holds keeps its first values."""
+    `skip_logged_steps` (a run resumed from a checkpoint), an epoch the run holds keeps its first values. Metrics the
+    store does not take wait in `unlogged` (the checkpoint keeps them) for a while: docs/reliability.md, 8.5."""
     import keras   # here, not at the top: `report` and the other store-only commands need no Keras
 
     class EpochMetrics(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
             self.run_id = active_run_id()   # None: a plain fit, nothing to log
-            self.logged_steps = set()
+            self.logged_steps, self.unlogged, self.down_since = set(), [] if unlogged is None else unlogged, None
             if self.run_id is None:
                 return
             if skip_logged_steps:
@@ -523,8 +526,34 @@ def epoch_metrics_callback(skip_logged_steps: bool = False):
 
         def on_epoch_end(self, epoch, logs=None):
             if self.run_id and logs and epoch not in self.logged_steps:
-                log_metrics(logs, step=epoch)
+                self.unlogged.extend((k, float(v), int(time.time() * 1000), epoch) for k, v in logs.items())
                 self.logged_steps.add(epoch)
+                self.write()
+
+        def on_train_end(self, logs=None):
+            while self.run_id and not self.write():
+                time.sleep(min(30.0, 1 + time.monotonic() - self.down_since))   # waits about double each time
+
+        def write(self) -> bool:   # False while the store does not answer
+            try:
+                with quick_requests():   # a server that is down fails within seconds, then is retried here
+                    while batch := [Metric(*m) for m in self.unlogged[:1000]]:   # MLflow's limit of a call
+                        MlflowClient().log_batch(self.run_id, batch, synchronous=True)
+                        del self.unlogged[:len(batch)]
+            except Exception as err:   # MLflow's: the store is locked, down or slow (a row written again is kept once)
+                limit = float(os.environ.get(STORE_WAIT_ENV, 120))
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    stderr(f"warning: the MLflow store does not take the metrics of epoch {self.unlogged[-1][3] + 1} "
+                           f"({_short(err)}); training goes on, they wait for up to {limit:g} s (${STORE_WAIT_ENV}).")
+                if time.monotonic() - self.down_since > limit:
+                    raise TrackingError(f"the MLflow store has not answered for {limit:g} s ({_short(err)})") from err
+                return False
+            if self.down_since is not None:
+                stderr(f"the MLflow store answers again after {time.monotonic() - self.down_since:.0f} s: the metrics "
+                       f"that waited are written.")
+            self.down_since = None
+            return True
 
     return EpochMetrics()
 
@@ -532,12 +561,9 @@ def epoch_metrics_callback(skip_logged_steps: bool = False):
 def epoch_history(run_id: str, keys: Sequence[str] = EPOCH_KEYS) -> dict[str, list[float]]:
     """A run's per-epoch metrics as {key: [value at step 0, 1, ...]}; of a step logged twice, the later value."""
     client = MlflowClient()
-    history = {}
-    for key in keys:
-        by_step = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
-        if by_step:
-            history[key] = [by_step[step] for step in sorted(by_step)]
-    return history
+    by_key = {key: {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+              for key in keys}
+    return {key: [by_step[step] for step in sorted(by_step)] for key, by_step in by_key.items() if by_step}
 
 
 # --- logging (to the active run, or to `run_id`) -------------------------------------------------------
@@ -551,9 +577,7 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None, *, run_id
 def log_metrics_once(metrics: Mapping[str, float], step: int | None = None) -> None:
     """Log the metrics the active run does not hold yet (a resumed run already has its run-level ones)."""
     existing = MlflowClient().get_run(mlflow.active_run().info.run_id).data.metrics
-    fresh = {k: v for k, v in metrics.items() if k not in existing}
-    if fresh:
-        log_metrics(fresh, step=step)
+    log_metrics({k: v for k, v in metrics.items() if k not in existing}, step=step)   # none: MLflow does nothing
 
 
 def set_tags(tags: Mapping[str, str], *, run_id: str | None = None) -> None:
@@ -592,8 +616,7 @@ def log_dataset(name: str, source: str, digest: str, context: str, num_examples:
             return mlflow.log_input(MetaDataset(source=origin, name=name, digest=digest), context=context,
                                     tags={"num_examples": str(num_examples)})
         except Exception as err:   # noqa: BLE001 - only the race below is retried
-            # Two children (`ablate --parallel`) logging one dataset into a SQLite store at once race to create
-            # its row; the loser gets "UNIQUE constraint failed" and, tried again, finds the row.
+            # Two children (`ablate --parallel`) create one dataset's row at once: the loser, tried again, finds it.
             if "UNIQUE constraint failed" not in str(err) or attempt == 2:
                 raise
 
@@ -609,8 +632,7 @@ def log_keras_model(model, example_batch, metadata, evaluated_on: Mapping[str, S
     model_id = serving.log_model(model, metadata, example_batch).model_id
     client.set_logged_model_tags(model_id, {NOTE_TAG: run.data.tags.get(NOTE_TAG, "")})
     datasets = {t.value: i.dataset for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"}
-    # MLflow links the run's step-0 metrics itself as it logs the model, without their dataset; a metric is
-    # linked once.
+    # MLflow links the run's step-0 metrics itself (without their dataset) as it logs the model: each once.
     linked = {(m.key, m.step, m.timestamp) for m in client.get_logged_model(model_id).metrics or ()}
     latest = [(max(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp), datasets[context])
               for context, keys in (evaluated_on or {}).items() if context in datasets for key in keys]

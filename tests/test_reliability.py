@@ -462,3 +462,98 @@ def test_mlflow_run_id_that_does_not_exist_is_one_line(mlflow_store, monkeypatch
     line = _error_line(capsys.readouterr().err)
     assert "0123456789abcdef0123456789abcdef" in line and "mlflow run" in line
     assert all_runs(mlflow_store) == []
+
+
+# --- a store that stops answering while the model trains (issue 25) ------------------------------------
+
+LOCKER = """
+import sqlite3, sys
+store = sqlite3.connect(sys.argv[1], isolation_level=None)
+store.execute("BEGIN EXCLUSIVE")   # what a DB browser or a long transaction of another program does
+print("locked", flush=True)
+sys.stdin.readline()
+store.execute("ROLLBACK")
+"""
+
+
+@pytest.fixture
+def short_sqlite_wait():
+    """MLflow waits 20 s for a locked SQLite store (`PRAGMA busy_timeout = 20000` in every session): 1 s
+    here, so that a lock of a few seconds outlasts MLflow's own wait."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    def shorter(conn, cursor, statement, parameters, context, executemany):
+        return statement.replace("busy_timeout = 20000", "busy_timeout = 1000"), parameters
+
+    event.listen(Engine, "before_cursor_execute", shorter, retval=True)
+    yield
+    event.remove(Engine, "before_cursor_execute", shorter)
+
+
+def test_a_store_locked_by_another_process_loses_no_epoch(mlflow_store, short_sqlite_wait, monkeypatch, capsys):
+    """Another process holds the store's write lock (BEGIN EXCLUSIVE) from epoch 2 until epoch 3 begins, longer
+    than MLflow waits: training goes on, the checkpoint keeps the metrics that wait, the end of epoch 3 writes
+    those of epochs 2 and 3, each once; one warning as the store stops answering, one as it answers again."""
+    import keras
+
+    locker, folder = [], Path(mlflow_store.removeprefix("sqlite:///")).parent
+
+    class Lock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                locker.append(subprocess.Popen([sys.executable, "-c", LOCKER, folder / "mlflow.db"],
+                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+                assert locker[0].stdout.readline() == "locked\n"
+            elif epoch == 2:
+                (metadata,) = folder.glob(f"checkpoints/*/{checkpoints.METADATA}")
+                locker.append({m[3] for m in json.loads(metadata.read_text())["unlogged_metrics"]})
+                locker[0].communicate("\n", timeout=30)
+
+    real = train.build_callbacks
+    monkeypatch.setattr(train, "build_callbacks", lambda *args, **kwargs: [*real(*args, **kwargs), Lock()])
+    assert cli.main(["train", *cli_flags({**TINY, "epochs": 3})]) == 0
+    err = capsys.readouterr().err
+    assert err.count("does not take the metrics of epoch 2") == 1 and err.count("answers again") == 1, err
+    assert "Traceback" not in err and "database error" not in err, err   # MLflow's log of each failed query
+    assert locker[0].returncode == 0 and locker[1] == {1}   # the lock was held; the checkpoint kept the metrics
+    (run,) = all_runs(mlflow_store)
+    assert run.info.status == "FINISHED"
+    for key in ("loss", "val_accuracy"):
+        assert [s for s, _ in _history(mlflow_store, run.info.run_id, key)] == [0, 1, 2], key
+    assert not (folder / "checkpoints").exists()   # FINISHED: the checkpoint goes
+
+
+def test_a_store_gone_past_the_bound_ends_killed_and_the_same_command_writes_what_waited(
+        mlflow_store, monkeypatch, capsys):
+    """The store takes no metrics after epoch 1 for longer than $ALEXNET_KERAS_STORE_WAIT_S: training ends, the
+    run ends KILLED with its checkpoint, which keeps the metrics that waited; the same command, once the store is
+    back, trains nothing, writes them (every epoch once) and ends FINISHED."""
+    from mlflow.exceptions import MlflowException
+
+    real = MlflowClient.log_batch
+
+    def gone_after_epoch_1(self, run_id, metrics=(), *args, **kwargs):
+        if any(m.key == "loss" and m.step >= 1 for m in metrics):
+            raise MlflowException("API request to http://127.0.0.1:5000 failed: [Errno 111] Connection refused")
+        return real(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setenv(tracking.STORE_WAIT_ENV, "1")
+    flags = ["train", *cli_flags(TINY)]   # 2 epochs
+    with monkeypatch.context() as patched:
+        patched.setattr(MlflowClient, "log_batch", gone_after_epoch_1)
+        assert cli.main(flags) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "has not answered for" in line and "Connection refused" in line and "ends KILLED" in line, line
+    (run,) = all_runs(mlflow_store)
+    backup = Path(run.data.tags[TAG + "checkpoint_dir"])
+    assert run.info.status == "KILLED" and checkpoints.saved_epoch(backup) == 2
+    assert [s for s, _ in _history(mlflow_store, run.info.run_id, "loss")] == [0]
+
+    assert cli.main(flags) == 0
+    assert "nothing left to train" in capsys.readouterr().out
+    (resumed,) = all_runs(mlflow_store)
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    for key in ("loss", "val_accuracy"):
+        assert [s for s, _ in _history(mlflow_store, run.info.run_id, key)] == [0, 1], key
+    assert not backup.exists()

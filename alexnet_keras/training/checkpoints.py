@@ -56,17 +56,18 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def save(model: keras.Model, folder: Path, epoch: int) -> None:
+def save(model: keras.Model, folder: Path, epoch: int, unlogged: list | tuple = ()) -> None:
     """The checkpoint of `epoch`, written to temporary files renamed into place (renames cannot be torn); its
-    metadata names the weights by sha256 (a kill between renames leaves them in either slot). The disk holds
-    at most two: the one before last goes first."""
+    metadata names the weights by sha256 (a kill between renames leaves them in either slot) and keeps the
+    `unlogged` metrics (the store was out). The disk holds at most two: the one before last goes first."""
     partial, partial_metadata = (folder / f"{PARTIAL}{os.getpid()}{end}" for end in (".weights.h5", ".json"))
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for name in (WEIGHTS, METADATA):
             (folder / (name + BACKUP)).unlink(missing_ok=True)
         model.save_weights(str(partial))
-        partial_metadata.write_text(json.dumps({"epoch": epoch, "batch": 0, "weights_sha256": _sha256(partial)}))
+        partial_metadata.write_text(json.dumps({"epoch": epoch, "batch": 0, "weights_sha256": _sha256(partial),
+                                                "unlogged_metrics": list(unlogged)}))
         for name in (WEIGHTS, METADATA):
             if (folder / name).exists():
                 os.replace(folder / name, folder / (name + BACKUP))
@@ -91,10 +92,10 @@ def save(model: keras.Model, folder: Path, epoch: int) -> None:
                               f"moves) and run the same command again.") from err
 
 
-def restore(model: keras.Model, folder: Path | None) -> int:
-    """Load the newest checkpoint in `folder` that loads into `model` (weights and optimizer state) and
-    return its epoch; 0, leaving `model` as it is, when there is none. Metadata without a sha256 (Keras'
-    own BackupAndRestore wrote it) goes with the weights beside it."""
+def restore(model: keras.Model, folder: Path | None, unlogged: list | None = None) -> int:
+    """Load the newest checkpoint in `folder` that loads into `model` (weights and optimizer state), add its
+    unlogged metrics to `unlogged` and return its epoch; 0, leaving `model` as it is, when there is none.
+    Metadata without a sha256 (Keras' own BackupAndRestore wrote it) goes with the weights beside it."""
     if folder is None or not folder.is_dir():
         return 0
     for leftover in folder.glob(PARTIAL + "*"):
@@ -114,6 +115,7 @@ def restore(model: keras.Model, folder: Path | None) -> int:
             try:
                 os.link(weights, link)
                 model.load_weights(str(link))
+                (unlogged if unlogged is not None else []).extend(meta.get("unlogged_metrics", ()))
                 return meta["epoch"]
             except Exception as err:  # noqa: BLE001 - a damaged file: try the other copy
                 problems.append(f"{weights.name}: {one_line(err)}")
@@ -127,15 +129,15 @@ def restore(model: keras.Model, folder: Path | None) -> int:
 class Checkpoint(keras.callbacks.BackupAndRestore):
     """BackupAndRestore through `save` and `restore`, kept after training; `epoch`: the one it restored."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, unlogged: list):
         super().__init__(str(folder), double_checkpoint=True, delete_checkpoint=False)
-        self.folder, self.epoch = Path(folder), 0
+        self.folder, self.epoch, self.unlogged = Path(folder), 0, unlogged
 
     def on_train_begin(self, logs=None):
-        self.epoch = self.model._initial_epoch = restore(self.model, self.folder)   # as BackupAndRestore does
+        self.epoch = self.model._initial_epoch = restore(self.model, self.folder, self.unlogged)   # as Keras' does
         if self.epoch:
             print(f"resuming from the checkpoint of epoch {self.epoch} of {self.params['epochs']} in "
                   f"{self.folder}", flush=True)
 
     def _save_model(self):
-        save(self.model, self.folder, self._current_epoch)
+        save(self.model, self.folder, self._current_epoch, self.unlogged)

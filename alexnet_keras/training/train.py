@@ -91,12 +91,13 @@ def build_callbacks(config: Config, backup_dir: Path | None = None, *,
                     track: bool = True) -> list[keras.callbacks.Callback]:
     """NaN stop, per-epoch metrics (with `track`), the checkpoint in `backup_dir`, the plateau schedule."""
     callbacks: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
+    unlogged: list = []   # metrics a store outage left unwritten: the checkpoint keeps them
     if track:
-        callbacks.append(tracking.epoch_metrics_callback(skip_logged_steps=backup_dir is not None))
+        callbacks.append(tracking.epoch_metrics_callback(skip_logged_steps=backup_dir is not None, unlogged=unlogged))
     if backup_dir is not None:
         # After the metrics: a kill between the two trains that epoch again, and its step, logged
         # already, is skipped; the other order would leave an epoch whose metrics were never logged.
-        callbacks.append(checkpoints.Checkpoint(backup_dir))
+        callbacks.append(checkpoints.Checkpoint(backup_dir, unlogged))
     if config.train.schedule == "plateau":
         # The paper divided the learning rate by 10 "when the validation error rate stopped improving".
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
@@ -293,21 +294,20 @@ def training_run(config: Config, model: keras.Model, name: str | None, tags: Map
             except Exception as err:
                 if folder is None or not tracking.is_tracking_error(err):
                     raise
-                # The store failed, not the training: the run ends KILLED with its checkpoint, which the
-                # same command continues from once the store answers.
-                keep, reason = True, f"the tracking store failed ({type(err).__name__}: {checkpoints.one_line(err)})"
-                with contextlib.suppress(Exception):   # as this process's active run too: `tracking.run` adds nothing
-                    tracking.end_run(run_id, "KILLED", reason)
+                # The store failed, not the training: KILLED, with the checkpoint that the same command continues.
+                reason = f"the tracking store failed ({type(err).__name__}: {checkpoints.one_line(err)})"
                 lost = tracking.TrackingError(f"{reason}; run {run_id} ends KILLED with its checkpoint in {folder}: "
                                               "run the same command again once the store answers.")
+                try:   # as this process's active run too: `tracking.run` then adds nothing
+                    tracking.end_run(run_id, "KILLED", reason)
+                except Exception:   # still active: `tracking.run` ends it FAILED, if the store answers (resumable)
+                    raise lost from err
                 lost.__cause__ = err
         if lost is not None:
             raise lost
-    except KeyboardInterrupt:
-        keep = True
-        raise
-    except (ResultsNotLogged, checkpoints.CheckpointError):
-        keep = keep or checkpoints.saved_epoch(folder) > 0
+    except BaseException as err:   # a stop or a store failure (as the run ends too) keeps the checkpoint
+        keep = isinstance(err, KeyboardInterrupt) or tracking.is_tracking_error(err) or isinstance(
+            err, (ResultsNotLogged, checkpoints.CheckpointError)) and checkpoints.saved_epoch(folder) > 0
         raise
     finally:
         if folder is not None and not keep:
@@ -343,8 +343,7 @@ def train_and_evaluate(config: Config, *, tags: dict[str, str] | None = None,
         try:
             # Before the evaluation, so that a stop there keeps it; a process that trained nothing logs none.
             timing = timing_metrics(history, seconds) if history else {}
-            if timing:
-                tracking.log_metrics(timing)
+            tracking.log_metrics(timing)   # none: MLflow does nothing
             if initial_epoch:   # the whole training, across the processes that trained this run
                 history = tracking.epoch_history(run_id)
                 tracking.set_tags({tracking.RESUMED_FROM_EPOCH_TAG: str(initial_epoch)})
