@@ -130,7 +130,11 @@ def open_experiment(name: str) -> str:
 def mark_model_training(experiment) -> None:
     """Tag `experiment` as model training for the UI, unless it has a kind already."""
     if EXPERIMENT_KIND_TAG not in experiment.tags:
-        MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+        try:
+            MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+        except mlflow.exceptions.MlflowException:   # SQLite: UNIQUE constraint, when another process set it first
+            if EXPERIMENT_KIND_TAG not in MlflowClient().get_experiment(experiment.experiment_id).tags:
+                raise
 
 
 def artifact_location(experiment_id: str) -> str:
