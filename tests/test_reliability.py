@@ -557,3 +557,21 @@ def test_a_store_gone_past_the_bound_ends_killed_and_the_same_command_writes_wha
     for key in ("loss", "val_accuracy"):
         assert [s for s, _ in _history(mlflow_store, run.info.run_id, key)] == [0, 1], key
     assert not backup.exists()
+
+
+def test_an_experiment_kind_tagged_by_another_process_first_is_not_an_error(mlflow_store, monkeypatch):
+    """Processes starting together on a new experiment race to tag it; SQLite refuses the loser's insert."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(mlflow_store)
+    experiment = client.get_experiment(client.create_experiment("raced"))   # read before the other tags it
+    real = MlflowClient.set_experiment_tag
+
+    def lost_the_race(self, *args):
+        real(self, *args)   # the other process's insert
+        raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: experiment_tags.key")
+
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", lost_the_race)
+    tracking.mark_model_training(experiment)
+    tags = client.get_experiment(experiment.experiment_id).tags
+    assert tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
