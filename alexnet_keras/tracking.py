@@ -14,6 +14,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Collection, Iterable, Iterator, Mapping, NamedTuple, Sequence
 from urllib.parse import urlparse
@@ -49,6 +50,7 @@ PID_START_TAG = TAG_PREFIX + "pid_start"
 END_REASON_TAG = TAG_PREFIX + "end_reason"
 ADOPTED_FROM_TAG = TAG_PREFIX + "adopted_from"
 SUPERSEDED_BY_TAG = TAG_PREFIX + "superseded_by"
+LEASE_TAG = TAG_PREFIX + "lease."                # + a claim's token (its time in ns, then random); value: `owner()`
 # Ablation studies (ablate.py writes them, report.py reads them).
 STUDY_TAG = TAG_PREFIX + "study"
 STUDY_DIGEST_TAG = TAG_PREFIX + "study_digest"
@@ -301,14 +303,23 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
     if run_id is None and top_level and "MLFLOW_RUN_ID" in os.environ:
         run_id = os.environ["MLFLOW_RUN_ID"]
     if run_id is not None:
+        found = get_run(run_id)
+        theirs, ours = found.data.tags.get(CONFIG_DIGEST_TAG), dict(tags or {}).get(CONFIG_DIGEST_TAG)
+        if theirs and ours and theirs != ours:
+            raise TrackingError(f"run {run_id} was started with config digest {theirs}, this command's config has "
+                                f"digest {ours}: continuing it would mix two configurations. Give the options it was "
+                                f"started with (its params), or start a new run (without MLFLOW_RUN_ID).")
+        claim = lease(run_id)
         # start_run(run_id=...) refuses a run of another experiment than the last set_experiment().
-        mark_model_training(mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id))
+        mark_model_training(mlflow.set_experiment(experiment_id=found.info.experiment_id))
         active = mlflow.start_run(run_id=run_id, nested=nested, log_system_metrics=system_metrics)
         for key in {END_REASON_TAG, ERROR_TAG} & set(active.data.tags):   # why it ended last time; it runs again
             MlflowClient().delete_tag(run_id, key)
-    else:
+    else:   # claimed as it is made, with its tags: a rival (parent_run) finds the claim with the run
+        claim = f"{LEASE_TAG}{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         active = mlflow.start_run(experiment_id=open_experiment(experiment), run_name=run_name, nested=nested,
-                                  parent_run_id=parent_run_id, log_system_metrics=system_metrics)
+                                  parent_run_id=parent_run_id, log_system_metrics=system_metrics,
+                                  tags={**dict(tags or {}), claim: owner()})
     owner_tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: process_start(os.getpid())}
     source = {k: v for k, v in git_tags(os.getcwd()).items() if k not in active.data.tags}
     with sigterm_as_interrupt() if top_level else contextlib.nullcontext():
@@ -329,6 +340,9 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
             raise
         else:
             mlflow.end_run("FINISHED")
+        finally:   # once ended: a claim given back earlier could let another process in before the end
+            with contextlib.suppress(Exception):
+                MlflowClient().delete_tag(active.info.run_id, claim)
 
 
 def active_run_id() -> str | None:
@@ -356,13 +370,63 @@ def _process_alive(pid: int, start: str) -> bool:
     return not start or process_start(pid) in (start, "")
 
 
+def owner() -> str:
+    """This process as the value of a claim: host, pid and start."""
+    return json.dumps([socket.gethostname(), os.getpid(), process_start(os.getpid())])
+
+
+def live_claims(runs: Iterable[Any]) -> list[tuple[str, str, str]]:
+    """(tag, owner, run id) of each claim on `runs` whose process lives, earliest first (a process on another host
+    cannot be checked from here: it counts as live)."""
+    claims = [(k, v, r.info.run_id) for r in runs for k, v in r.data.tags.items() if k.startswith(LEASE_TAG)]
+    here = socket.gethostname()
+    return sorted(c for c in claims if json.loads(c[1])[0] != here or _process_alive(*json.loads(c[1])[1:]))
+
+
+def claim_time(tag: str) -> int:
+    return int(tag[len(LEASE_TAG):].split("-")[0])
+
+
+LEASE_SETTLE_S = 0.5   # a claim whose write took longer is made again: no claimant can miss an earlier one
+
+
+def lease(run_id: str, match: Mapping[str, str] | None = None) -> str:
+    """Claim `run_id` for this process (its claim tag), or raise TrackingError naming the process that holds it: of
+    the live claims on it (and on every run with the tags `match`) the earliest wins (docs/reliability.md)."""
+    client, me = MlflowClient(), owner()
+    claim = next((k for k, v in get_run(run_id).data.tags.items() if k.startswith(LEASE_TAG) and v == me), None)
+    for _ in range(5):
+        if claim is not None:
+            break
+        claim = f"{LEASE_TAG}{time.time_ns()}-{uuid.uuid4().hex[:8]}"
+        client.set_tag(run_id, claim, me)
+        if time.time_ns() > claim_time(claim) + LEASE_SETTLE_S * 1e9:   # a rival may have looked before it landed
+            client.delete_tag(run_id, claim)
+            claim = None
+    if claim is None:
+        raise TrackingError(f"could not claim run {run_id}: the MLflow store took over {LEASE_SETTLE_S} s to write "
+                            f"a tag 5 times. Run the same command again once the store is less busy.")
+    time.sleep(max(0.0, claim_time(claim) / 1e9 + LEASE_SETTLE_S - time.time()))   # claims made before this one land
+    rivals = {r.info.run_id: r for r in [*(find_runs(match) if match else []), get_run(run_id)]}
+    tag, holder, where = live_claims(rivals.values())[0]
+    if holder == me:
+        return claim
+    client.delete_tag(run_id, claim)
+    host, pid, _ = json.loads(holder)
+    raise TrackingError(f"run {where} is taken by process {pid} on host {host} since "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(claim_time(tag) / 1e9))} and still "
+                        f"running: wait for it to end (or stop it), then run the same command again to continue; "
+                        f"`train --resume false` trains a new run instead.")
+
+
 def mark_dead_runs(experiment: str) -> list[str]:
     """Mark KILLED the runs of `experiment` still RUNNING whose process on this host is gone; their ids."""
     host = socket.gethostname()
     marked = []
     for found in find_runs({HOST_TAG: host}, experiment_ids=[experiment_id_for(experiment)], status="RUNNING"):
         pid = found.data.tags.get(PID_TAG, "")
-        if not pid.isdigit() or _process_alive(int(pid), found.data.tags.get(PID_START_TAG, "")):
+        if not pid.isdigit() or _process_alive(int(pid), found.data.tags.get(PID_START_TAG, "")) or live_claims(
+                [found]):   # a live claim: another process is taking the run over
             continue
         end_run(found.info.run_id, "KILLED", f"process {pid} on {host} died while the run was RUNNING")
         marked.append(found.info.run_id)
@@ -466,6 +530,12 @@ def parent_run(experiment: str, name: str, match: Mapping[str, str], *, tags: Ma
     all_tags = {**environment_tags(), **dict(tags or {}), **match, RUN_NAME_TAG: name, NOTE_TAG: description}
     with run(actual, run_name=name, params=params, tags=all_tags, run_id=resume) as active:
         parent_id = active.info.run_id
+        try:   # the study's other parents too: an identical command may have made its own at the same moment
+            lease(parent_id, match)
+        except TrackingError:
+            if resume is None:   # the parent this process made goes
+                MlflowClient().delete_run(parent_id)
+            raise
         how = "made by `mlflow run`" if launched else "resumed" if resume else "new"
         print(f"parent run {parent_id} ({how}) in experiment {actual!r} at {tracking_uri()}", flush=True)
         end_stale_children(parent_id, "stale: its study or sweep was restarted")
@@ -477,8 +547,9 @@ def find_resumable_run(experiment: str, match_tags: Mapping[str, str], run_name:
     """The latest run of `experiment` with `match_tags` (and `run_name`) that can be continued, or None."""
     for found in find_runs(match_tags, experiment_ids=[experiment_id_for(experiment)]):
         checkpoint = found.data.tags.get(CHECKPOINT_DIR_TAG)
+        status = found.info.status
         if checkpoint and run_name in (None, found.info.run_name) and (
-                found.info.status == "KILLED" or found.info.status == "FAILED" and Path(checkpoint).is_dir()):
+                status in ("KILLED", "RUNNING") or status == "FAILED" and Path(checkpoint).is_dir()):
             return found
     return None
 

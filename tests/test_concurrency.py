@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,8 +20,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import TINY, all_runs, cli_flags, subprocess_env
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
+
+from alexnet_keras import cli, tracking
+from alexnet_keras.config import load_config
 
 WORKERS = 4
 EPOCHS = 5
@@ -29,6 +35,7 @@ BURST = 60           # stepped metrics logged after the fit
 EPOCH_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 BURST_KEYS = ("burst_a", "burst_b")
 EXPERIMENT = "concurrency"
+ROOT = Path(__file__).resolve().parent.parent
 
 WORKER = r"""
 import os, sys, time
@@ -168,3 +175,138 @@ def test_concurrent_trainings_lose_no_metric_and_corrupt_nothing(store):
     assert _problems(broken, run_ids) == [
         "run 0: 1 missing (key, step): [('batch_loss', 3)]",
         "run 0: 1 doubled (key, step): [('burst_b', 7)]"]
+
+
+# --- one live process owns a run, a study's parent, a sweep's parent (tracking.lease) ---------------------
+
+RACER = r"""
+import os, sys, time
+from pathlib import Path
+
+folder = Path(sys.argv[1])
+from alexnet_keras import cli
+import alexnet_keras.experiments.tune   # the slow imports, before the start
+
+print("pid", os.getpid(), flush=True)
+(folder / f"ready-{os.getpid()}").touch()
+while not (folder / "go").exists():       # both start the command at the same moment
+    time.sleep(0.005)
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def _race(folder, uri, *argv):
+    """The same command in two processes released together: [(exit status, pid, stdout, stderr)] of each."""
+    gate = folder / "gate"
+    gate.mkdir()
+    env = subprocess_env(uri)
+    env.update(OMP_NUM_THREADS="1", TF_NUM_INTEROP_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(gate), *argv], cwd=folder, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(gate.glob("ready-*"))) < 2:
+            assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
+            assert time.monotonic() < deadline, "not ready after 120 s"
+            time.sleep(0.05)
+        (gate / "go").touch()
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, int(out.split()[1]), out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def _one_refused(results):
+    """One process did the work; the other was refused in one line naming the first (pid and host)."""
+    done, refused = sorted(results)
+    assert (done[0], refused[0]) == (0, 2), [r[3][-3000:] for r in results]
+    line = refused[3].strip().splitlines()[-1]
+    assert line.startswith("alexnet-keras ") and "Traceback" not in refused[3], refused[3][-3000:]
+    assert f"is taken by process {done[1]} on host {socket.gethostname()} since " in line, line
+    return done, refused
+
+
+def _steps(uri, run_id, key):
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def test_two_identical_trains_after_a_kill_train_each_epoch_once(mlflow_store, tmp_path, monkeypatch):
+    import keras
+
+    from alexnet_keras.training import train
+
+    class CtrlC(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    real = train.build_callbacks
+    monkeypatch.setattr(train, "build_callbacks", lambda *args, **kwargs: real(*args, **kwargs) + [CtrlC()])
+    flags = ["train", *cli_flags({**TINY, "epochs": 3})]
+    assert cli.main(flags) == 130
+    (killed,) = all_runs(mlflow_store)
+    assert killed.info.status == "KILLED"
+
+    done, refused = _one_refused(_race(tmp_path, mlflow_store, *flags))
+    assert f"continuing run {killed.info.run_id}" in done[2]
+    (run,) = all_runs(mlflow_store)   # no second run
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    for key in ("loss", "val_accuracy"):
+        assert _steps(mlflow_store, run.info.run_id, key) == [0, 1, 2], key   # every epoch once
+    assert not [k for k in run.data.tags if k.startswith(tracking.LEASE_TAG)]   # given back at the end
+
+
+def test_resuming_a_run_under_another_config_is_refused_and_leaves_it_untouched(mlflow_store, monkeypatch, capsys):
+    client = MlflowClient()
+    experiment_id = client.create_experiment("elsewhere")
+    killed = client.create_run(experiment_id, tags={tracking.CONFIG_DIGEST_TAG: "0123456789abcdef"}).info.run_id
+    client.log_param(killed, "learning_rate", "0.05")
+    client.set_terminated(killed, "KILLED")
+    before = client.get_run(killed)
+    monkeypatch.setenv("MLFLOW_RUN_ID", killed)   # as `mlflow run` passes it, or a user continuing that run
+    assert cli.main(["train", *cli_flags(TINY)]) == 2
+    err = capsys.readouterr().err
+    assert "0123456789abcdef" in err and load_config(overrides=TINY).digest() in err and "Traceback" not in err
+    after = client.get_run(killed)
+    assert (after.info, after.data.tags, after.data.params, after.data.metrics) == (
+        before.info, before.data.tags, before.data.params, before.data.metrics)
+    assert [r.info.run_id for r in all_runs(mlflow_store)] == [killed]
+
+
+def _study(folder):
+    """experiments/smoke.yaml cut to two children (one seed, the dropout axis)."""
+    study = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
+    study.update(seeds=[0], axes={"dropout": [0.5, 0.0]})
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def test_two_identical_ablates_train_each_child_once(store_uri, tmp_path):
+    MlflowClient(store_uri).create_experiment("alexnet-keras-smoke")   # as `ablate` does before a fan-out
+    _one_refused(_race(tmp_path, store_uri, "ablate", str(_study(tmp_path))))
+    runs = all_runs(store_uri)   # a parent the refused process made is deleted
+    (parent,) = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "parent"]
+    children = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "child"]
+    assert parent.info.status == "FINISHED"
+    assert sorted((r.data.tags[tracking.VARIANT_TAG], r.info.status) for r in children) == [
+        ("baseline", "FINISHED"), ("dropout=0.0", "FINISHED")]
+    assert all(r.data.tags[tracking.PARENT_TAG] == parent.info.run_id for r in children)
+
+
+def test_two_identical_tunes_run_each_trial_once(store_uri, tmp_path):
+    sweep = yaml.safe_load((ROOT / "experiments" / "sweep_smoke.yaml").read_text())
+    sweep["final_model"] = "none"
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    MlflowClient(store_uri).create_experiment("alexnet-keras-smoke")
+    _one_refused(_race(tmp_path, store_uri, "tune", str(path)))
+    runs = all_runs(store_uri)
+    (parent,) = [r for r in runs if r.data.tags.get(tracking.SWEEP_ROLE_TAG) == "parent"]
+    trials = [r for r in runs if r.data.tags.get(tracking.SWEEP_ROLE_TAG) == "trial"]
+    assert parent.info.status == "FINISHED"
+    assert sorted((r.data.tags[tracking.TRIAL_TAG], r.info.status) for r in trials) == [
+        ("0", "FINISHED"), ("1", "FINISHED")]

@@ -147,22 +147,24 @@ def open_state(sweep: Sweep, overwrite: bool) -> str:
     folder, state = sweep.project_dir, sweep.project_dir / STATE_FILE
     if overwrite:
         shutil.rmtree(folder, ignore_errors=True)
-    if state.is_file():
-        saved = json.loads(state.read_text())
-        if saved.get("digest") != sweep.digest():
-            raise ConfigError(
-                f"the tuner state in {str(folder)!r} belongs to another version of sweep {sweep.name!r} "
-                f"(digest {saved.get('digest')}, this file gives {sweep.digest()}); keras-tuner would "
-                f"ignore the changed search space. Pass --overwrite to start the sweep again, or give the "
-                f"changed sweep another `name` (or --tuner-dir).")
-        return saved["uid"]
-    if folder.exists() and any(folder.iterdir()):
+    if folder.exists() and any(folder.iterdir()) and not state.is_file():   # a rival `tune` writes the state first
         raise ConfigError(f"{str(folder)!r} holds files but no {STATE_FILE}: not a sweep of this "
                           f"project. Pass --overwrite to replace it, or choose another --tuner-dir.")
-    folder.mkdir(parents=True, exist_ok=True)
-    uid = uuid.uuid4().hex
-    state.write_text(json.dumps({"name": sweep.name, "digest": sweep.digest(), "uid": uid}, indent=2) + "\n")
-    return uid
+    if not state.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        mine = folder.parent / f".{folder.name}-{uuid.uuid4().hex}.json"
+        mine.write_text(json.dumps({"name": sweep.name, "digest": sweep.digest(), "uid": uuid.uuid4().hex}) + "\n")
+        with contextlib.suppress(FileExistsError):   # a `tune` of the sweep started at the same moment was first
+            os.link(mine, state)
+        mine.unlink()
+    saved = json.loads(state.read_text())
+    if saved.get("digest") != sweep.digest():
+        raise ConfigError(
+            f"the tuner state in {str(folder)!r} belongs to another version of sweep {sweep.name!r} "
+            f"(digest {saved.get('digest')}, this file gives {sweep.digest()}); keras-tuner would "
+            f"ignore the changed search space. Pass --overwrite to start the sweep again, or give the "
+            f"changed sweep another `name` (or --tuner-dir).")
+    return saved["uid"]
 
 
 def search(tuner: keras_tuner.Tuner) -> None:
@@ -214,7 +216,6 @@ def run_sweep(sweep: Sweep, *, overwrite: bool = False, ray: str | None = None, 
         hypermodel = AlexNetHyperModel(sweep)
         hypermodel.data_for(sweep.base)        # a missing dataset fails here, before any run or state
         tuner = make_tuner(sweep, hypermodel, uid=open_state(sweep, overwrite))
-        tuner.save()   # keras-tuner reloads only if its tuner file exists: an interrupted first trial resumes too
         match = {tracking.SWEEP_UID_TAG: tuner.uid, tracking.SWEEP_ROLE_TAG: "parent"}
         tags = {tracking.SWEEP_TAG: sweep.name, tracking.SWEEP_DIGEST_TAG: sweep.digest(),
                 tracking.SWEEP_MAX_TRIALS_TAG: str(sweep.max_trials)}
@@ -225,6 +226,7 @@ def run_sweep(sweep: Sweep, *, overwrite: bool = False, ray: str | None = None, 
         with tracking.parent_run(sweep.base.experiment, sweep.name, match, tags=tags, params=parent_params(sweep),
                                  description=note.strip(), retire={tracking.SWEEP_ROLE_TAG: "superseded"}) as parent:
             tuner.parent_run_id, tuner.experiment = parent.run_id, parent.experiment
+            tuner.save()   # keras-tuner reloads only if its tuner file exists: an interrupted first trial resumes too
             tracking.log_dict(sweep.to_dict(), "sweep/sweep.yaml")
             if info is None:
                 search(tuner)
