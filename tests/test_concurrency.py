@@ -9,6 +9,7 @@ store and its experiment are created first, as `ablate` does (new stores race on
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -21,11 +22,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, all_runs, cli_flags, subprocess_env
+from conftest import TINY, all_runs, cli_flags
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
 
-from alexnet_keras import cli, tracking
+from alexnet_keras import tracking
 from alexnet_keras.config import load_config
 
 WORKERS = 4
@@ -180,43 +181,81 @@ def test_concurrent_trainings_lose_no_metric_and_corrupt_nothing(store):
 # --- one live process owns a run, a study's parent, a sweep's parent (tracking.lease) ---------------------
 
 RACER = r"""
-import os, sys, time
+import contextlib, io, json, os, sys, time, traceback
 from pathlib import Path
 
-folder = Path(sys.argv[1])
+gate = Path(sys.argv[1])
+import keras
 from alexnet_keras import cli
-import alexnet_keras.experiments.tune   # the slow imports, before the start
+from alexnet_keras.training import train
+import alexnet_keras.experiments.tune   # the slow imports, once
 
-print("pid", os.getpid(), flush=True)
-(folder / f"ready-{os.getpid()}").touch()
-while not (folder / "go").exists():       # both start the command at the same moment
-    time.sleep(0.005)
-sys.exit(cli.main(sys.argv[2:]))
+
+class CtrlC(keras.callbacks.Callback):   # Ctrl-C as the second epoch begins
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+
+real, me, n = train.build_callbacks, os.getpid(), 0
+print(me, flush=True)
+while True:
+    while not (gate / f"go-{n}").exists():   # every racer starts job n at the same moment
+        time.sleep(0.005)
+    job = json.loads((gate / f"go-{n}").read_text())
+    if me in job["who"]:
+        os.chdir(job["cwd"])
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)   # nothing of the previous job leaks in
+        os.environ.update(job["env"])
+        train.build_callbacks = (lambda *a, **k: real(*a, **k) + [CtrlC()]) if job["interrupt"] else real
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(job["argv"])
+            except BaseException:
+                code = -1
+                traceback.print_exc()
+        for key in job["env"]:
+            os.environ.pop(key, None)
+        (gate / "done.tmp").write_text(json.dumps([code, me, out.getvalue(), err.getvalue()]))
+        (gate / "done.tmp").rename(gate / f"done-{n}-{me}")
+    n += 1
 """
 
 
-def _race(folder, uri, *argv):
-    """The same command in two processes released together: [(exit status, pid, stdout, stderr)] of each."""
-    gate = folder / "gate"
-    gate.mkdir()
-    env = subprocess_env(uri)
-    env.update(OMP_NUM_THREADS="1", TF_NUM_INTEROP_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(gate), *argv], cwd=folder, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(gate.glob("ready-*"))) < 2:
-            assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
-            assert time.monotonic() < deadline, "not ready after 120 s"
+@pytest.fixture(scope="module")
+def racers(tmp_path_factory):
+    """Two processes that run the command they are given at the same moment (a file appears), so that both
+    race for the same run or study; started once (their imports are the slow part). `race(cwd, *argv)` returns
+    [(exit status, pid, stdout, stderr)] of each."""
+    gate = tmp_path_factory.mktemp("gate")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1", TF_NUM_INTEROP_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(gate)], env=env, stdout=subprocess.PIPE,
+                              stderr=(gate / f"stderr-{i}").open("w"), text=True) for i in range(2)]
+    pids = [int(p.stdout.readline() or 0) for p in procs]   # each prints its pid once its imports are done
+    jobs = iter(range(1000))
+
+    def race(cwd, *argv, who=pids, env=None, interrupt=False):
+        n = next(jobs)
+        (gate / "job.tmp").write_text(json.dumps({"cwd": str(cwd), "argv": argv, "who": who, "env": env or {},
+                                                  "interrupt": interrupt}))
+        (gate / "job.tmp").rename(gate / f"go-{n}")
+        deadline = time.monotonic() + 300
+        while not all((gate / f"done-{n}-{pid}").exists() for pid in who):
+            assert all(p.poll() is None for p in procs), (gate / "stderr-0").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no result after 300 s"
             time.sleep(0.05)
-        (gate / "go").touch()
-        outputs = [p.communicate(timeout=300) for p in procs]
+        return [json.loads((gate / f"done-{n}-{pid}").read_text()) for pid in who]
+
+    race.pids = pids
+    try:
+        assert all(pids), [(gate / f"stderr-{i}").read_text()[-3000:] for i in range(2)]
+        yield race
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return [(p.returncode, int(out.split()[1]), out, err) for p, (out, err) in zip(procs, outputs)]
+        for p in procs:   # idle between jobs: nothing to finish
+            p.kill()
+            p.wait()
 
 
 def _one_refused(results):
@@ -233,80 +272,65 @@ def _steps(uri, run_id, key):
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
-def test_two_identical_trains_after_a_kill_train_each_epoch_once(mlflow_store, tmp_path, monkeypatch):
-    import keras
-
-    from alexnet_keras.training import train
-
-    class CtrlC(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            if epoch == 1:
-                raise KeyboardInterrupt
-
-    real = train.build_callbacks
-    monkeypatch.setattr(train, "build_callbacks", lambda *args, **kwargs: real(*args, **kwargs) + [CtrlC()])
-    flags = ["train", *cli_flags({**TINY, "epochs": 3})]
-    assert cli.main(flags) == 130
-    (killed,) = all_runs(mlflow_store)
+def test_two_identical_trains_after_a_kill_train_each_epoch_once(racers, store_uri, tmp_path):
+    flags = ["train", *cli_flags({**TINY, "epochs": 3}), "--tracking-uri", store_uri]
+    ((code, *_),) = racers(tmp_path, *flags, who=racers.pids[:1], interrupt=True)
+    assert code == 130
+    (killed,) = all_runs(store_uri)
     assert killed.info.status == "KILLED"
 
-    done, refused = _one_refused(_race(tmp_path, mlflow_store, *flags))
+    done, refused = _one_refused(racers(tmp_path, *flags))
     assert f"continuing run {killed.info.run_id}" in done[2]
-    (run,) = all_runs(mlflow_store)   # no second run
+    (run,) = all_runs(store_uri)   # no second run
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     for key in ("loss", "val_accuracy"):
-        assert _steps(mlflow_store, run.info.run_id, key) == [0, 1, 2], key   # every epoch once
+        assert _steps(store_uri, run.info.run_id, key) == [0, 1, 2], key   # every epoch once
     assert not [k for k in run.data.tags if k.startswith(tracking.LEASE_TAG)]   # given back at the end
 
 
-def test_resuming_a_run_under_another_config_is_refused_and_leaves_it_untouched(mlflow_store, monkeypatch, capsys):
-    client = MlflowClient()
-    experiment_id = client.create_experiment("elsewhere")
+def test_resuming_a_run_under_another_config_is_refused_and_leaves_it_untouched(racers, store_uri, tmp_path):
+    client = MlflowClient(store_uri)
+    experiment_id = client.create_experiment("elsewhere", artifact_location=str(tmp_path / "mlruns"))
     killed = client.create_run(experiment_id, tags={tracking.CONFIG_DIGEST_TAG: "0123456789abcdef"}).info.run_id
     client.log_param(killed, "learning_rate", "0.05")
     client.set_terminated(killed, "KILLED")
     before = client.get_run(killed)
-    monkeypatch.setenv("MLFLOW_RUN_ID", killed)   # as `mlflow run` passes it, or a user continuing that run
-    assert cli.main(["train", *cli_flags(TINY)]) == 2
-    err = capsys.readouterr().err
-    assert "0123456789abcdef" in err and load_config(overrides=TINY).digest() in err and "Traceback" not in err
+    # As `mlflow run` passes it, or a user continuing that run by hand, with other options.
+    ((code, _, _, err),) = racers(tmp_path, "train", *cli_flags(TINY), "--tracking-uri", store_uri,
+                                  who=racers.pids[:1], env={"MLFLOW_RUN_ID": killed})
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert "0123456789abcdef" in err and load_config(overrides=TINY).digest() in err
     after = client.get_run(killed)
     assert (after.info, after.data.tags, after.data.params, after.data.metrics) == (
         before.info, before.data.tags, before.data.params, before.data.metrics)
-    assert [r.info.run_id for r in all_runs(mlflow_store)] == [killed]
+    assert [r.info.run_id for r in all_runs(store_uri)] == [killed]
 
 
-def _study(folder):
-    """experiments/smoke.yaml cut to two children (one seed, the dropout axis)."""
+def test_two_identical_ablates_train_each_child_once(racers, store_uri, tmp_path):
     study = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
-    study.update(seeds=[0], axes={"dropout": [0.5, 0.0]})
-    path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(study))
-    return path
-
-
-def test_two_identical_ablates_train_each_child_once(store_uri, tmp_path):
-    MlflowClient(store_uri).create_experiment("alexnet-keras-smoke")   # as `ablate` does before a fan-out
-    _one_refused(_race(tmp_path, store_uri, "ablate", str(_study(tmp_path))))
+    study.update(seeds=[0], axes={"dropout": [0.5, 0.0]})   # two children
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    # The store and experiment exist before the processes start, as `ablate` makes them before a fan-out.
+    MlflowClient(store_uri).create_experiment(study["experiment"], artifact_location=str(tmp_path / "mlruns"))
+    _one_refused(racers(tmp_path, "ablate", str(tmp_path / "study.yaml"), "--tracking-uri", store_uri))
     runs = all_runs(store_uri)   # a parent the refused process made is deleted
     (parent,) = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "parent"]
     children = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "child"]
     assert parent.info.status == "FINISHED"
     assert sorted((r.data.tags[tracking.VARIANT_TAG], r.info.status) for r in children) == [
-        ("baseline", "FINISHED"), ("dropout=0.0", "FINISHED")]
+        ("baseline", "FINISHED"), ("dropout=0.0", "FINISHED")]   # each once, none ended KILLED by the other
     assert all(r.data.tags[tracking.PARENT_TAG] == parent.info.run_id for r in children)
 
 
-def test_two_identical_tunes_run_each_trial_once(store_uri, tmp_path):
+def test_two_identical_tunes_run_each_trial_once(racers, store_uri, tmp_path):
     sweep = yaml.safe_load((ROOT / "experiments" / "sweep_smoke.yaml").read_text())
     sweep["final_model"] = "none"
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    MlflowClient(store_uri).create_experiment("alexnet-keras-smoke")
-    _one_refused(_race(tmp_path, store_uri, "tune", str(path)))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    MlflowClient(store_uri).create_experiment(sweep["experiment"], artifact_location=str(tmp_path / "mlruns"))
+    _one_refused(racers(tmp_path, "tune", str(tmp_path / "sweep.yaml"), "--tracking-uri", store_uri))
     runs = all_runs(store_uri)
     (parent,) = [r for r in runs if r.data.tags.get(tracking.SWEEP_ROLE_TAG) == "parent"]
     trials = [r for r in runs if r.data.tags.get(tracking.SWEEP_ROLE_TAG) == "trial"]
     assert parent.info.status == "FINISHED"
     assert sorted((r.data.tags[tracking.TRIAL_TAG], r.info.status) for r in trials) == [
-        ("0", "FINISHED"), ("1", "FINISHED")]
+        ("0", "FINISHED"), ("1", "FINISHED")]   # each once, in one tuner state
