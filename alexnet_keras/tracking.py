@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import platform
+import random
 import re
 import signal
 import socket
@@ -22,6 +23,7 @@ from urllib.parse import urlparse
 import mlflow
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils import git_utils
 
 # --- tag and artifact names: typed here only ---------------------------------------------------------
@@ -315,7 +317,7 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
         active = mlflow.start_run(run_id=run_id, nested=nested, log_system_metrics=system_metrics)
         for key in {END_REASON_TAG, ERROR_TAG} & set(active.data.tags):   # why it ended last time; it runs again
             MlflowClient().delete_tag(run_id, key)
-    else:   # claimed as it is made, with its tags: a rival (parent_run) finds the claim with the run
+    else:   # claimed as it is made: no other process can have claimed it before
         claim = f"{LEASE_TAG}{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         active = mlflow.start_run(experiment_id=open_experiment(experiment), run_name=run_name, nested=nested,
                                   parent_run_id=parent_run_id, log_system_metrics=system_metrics,
@@ -376,7 +378,7 @@ def owner() -> str:
 
 
 def live_claims(runs: Iterable[Any]) -> list[tuple[str, str, str]]:
-    """(tag, owner, run id) of each claim on `runs` whose process lives, earliest first (a process on another host
+    """(tag, owner, run id) of each claim on `runs` whose process lives, oldest first (a process on another host
     cannot be checked from here: it counts as live)."""
     claims = [(k, v, r.info.run_id) for r in runs for k, v in r.data.tags.items() if k.startswith(LEASE_TAG)]
     here = socket.gethostname()
@@ -387,36 +389,32 @@ def claim_time(tag: str) -> int:
     return int(tag[len(LEASE_TAG):].split("-")[0])
 
 
-LEASE_SETTLE_S = 0.5   # a claim whose write took longer is made again: no claimant can miss an earlier one
+LEASE_RIVAL_S = 2   # a claim younger than this may be a rival's that gives way as well: try again, then refuse
 
 
 def lease(run_id: str, match: Mapping[str, str] | None = None) -> str:
-    """Claim `run_id` for this process (its claim tag), or raise TrackingError naming the process that holds it: of
-    the live claims on it (and on every run with the tags `match`) the earliest wins (docs/reliability.md)."""
+    """Claim `run_id` for this process (its claim tag, kept until the run ends), or raise TrackingError naming the
+    live process that holds it (or, with `match`, any run with those tags): docs/reliability.md."""
     client, me = MlflowClient(), owner()
-    claim = next((k for k, v in get_run(run_id).data.tags.items() if k.startswith(LEASE_TAG) and v == me), None)
-    for _ in range(5):
-        if claim is not None:
-            break
+    held = [k for k, v in get_run(run_id).data.tags.items() if k.startswith(LEASE_TAG) and v == me]
+    while not held:
         claim = f"{LEASE_TAG}{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         client.set_tag(run_id, claim, me)
-        if time.time_ns() > claim_time(claim) + LEASE_SETTLE_S * 1e9:   # a rival may have looked before it landed
-            client.delete_tag(run_id, claim)
-            claim = None
-    if claim is None:
-        raise TrackingError(f"could not claim run {run_id}: the MLflow store took over {LEASE_SETTLE_S} s to write "
-                            f"a tag 5 times. Run the same command again once the store is less busy.")
-    time.sleep(max(0.0, claim_time(claim) / 1e9 + LEASE_SETTLE_S - time.time()))   # claims made before this one land
-    rivals = {r.info.run_id: r for r in [*(find_runs(match) if match else []), get_run(run_id)]}
-    tag, holder, where = live_claims(rivals.values())[0]
-    if holder == me:
-        return claim
-    client.delete_tag(run_id, claim)
-    host, pid, _ = json.loads(holder)
-    raise TrackingError(f"run {where} is taken by process {pid} on host {host} since "
-                        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(claim_time(tag) / 1e9))} and still "
-                        f"running: wait for it to end (or stop it), then run the same command again to continue; "
-                        f"`train --resume false` trains a new run instead.")
+        # Written, then read: of two claimants at least one sees the other's claim, and only one seeing none goes on.
+        rivals = {r.info.run_id: r for r in [*(find_runs(match) if match else []), get_run(run_id)]}
+        others = [c for c in live_claims(rivals.values()) if c[1] != me]
+        if not others:
+            return claim
+        client.delete_tag(run_id, claim)
+        tag, holder, where = others[0]
+        if time.time_ns() - claim_time(tag) > LEASE_RIVAL_S * 1e9:
+            host, pid, _ = json.loads(holder)
+            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(claim_time(tag) / 1e9))
+            raise TrackingError(f"run {where} is taken by process {pid} on host {host} since {since}, which is still "
+                                f"running: wait for it to end (or stop it), then run the same command again to "
+                                f"continue; `train --resume false` trains a new run instead.")
+        time.sleep(random.uniform(0.05, 0.5))
+    return held[0]
 
 
 def mark_dead_runs(experiment: str) -> list[str]:
@@ -524,19 +522,21 @@ def parent_run(experiment: str, name: str, match: Mapping[str, str], *, tags: Ma
     As it starts, children left RUNNING end KILLED and earlier parents' children move under it (`adopt_children`)."""
     if "MLFLOW_RUN_ID" in os.environ:
         experiment_id_for(experiment)   # the note when `mlflow run` chose another experiment
-    launched = os.environ.pop("MLFLOW_RUN_ID", None)
+    launched, made = os.environ.pop("MLFLOW_RUN_ID", None), None
     resume = launched or next((r.info.run_id for r in find_runs(match)), None)
     actual = MlflowClient().get_experiment(get_run(resume).info.experiment_id).name if resume else experiment
     all_tags = {**environment_tags(), **dict(tags or {}), **match, RUN_NAME_TAG: name, NOTE_TAG: description}
+    if resume is None:   # made with its tags, so that an identical command finds it, and claimed before it runs
+        resume = made = MlflowClient().create_run(open_experiment(experiment), tags=resolve_tags(all_tags)).info.run_id
+    try:
+        lease(resume, match)
+    except TrackingError:
+        if made and not live_claims([get_run(made)]):   # lost to another command: the parent made here goes
+            MlflowClient().delete_run(made)
+        raise
     with run(actual, run_name=name, params=params, tags=all_tags, run_id=resume) as active:
         parent_id = active.info.run_id
-        try:   # the study's other parents too: an identical command may have made its own at the same moment
-            lease(parent_id, match)
-        except TrackingError:
-            if resume is None:   # the parent this process made goes
-                MlflowClient().delete_run(parent_id)
-            raise
-        how = "made by `mlflow run`" if launched else "resumed" if resume else "new"
+        how = "made by `mlflow run`" if launched else "new" if made else "resumed"
         print(f"parent run {parent_id} ({how}) in experiment {actual!r} at {tracking_uri()}", flush=True)
         end_stale_children(parent_id, "stale: its study or sweep was restarted")
         adopt_children(parent_id, find_runs(match), key_tag=adopt_key, wanted=wanted, retire=retire)
