@@ -21,6 +21,7 @@ from typing import Any, Collection, Iterable, Iterator, Mapping, NamedTuple, Seq
 from urllib.parse import urlparse
 
 import mlflow
+import psutil
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
@@ -302,8 +303,7 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
     if parent_run_id is not None and active_run_id() == parent_run_id:
         nested = True   # MLflow refuses a second active run unless it is nested
     top_level = not nested and parent_run_id is None
-    if run_id is None and top_level and "MLFLOW_RUN_ID" in os.environ:
-        run_id = os.environ["MLFLOW_RUN_ID"]
+    run_id = run_id or (os.environ.get("MLFLOW_RUN_ID") if top_level else None)
     if run_id is not None:
         found = get_run(run_id)
         theirs, ours = found.data.tags.get(CONFIG_DIGEST_TAG), dict(tags or {}).get(CONFIG_DIGEST_TAG)
@@ -320,8 +320,7 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
     else:   # claimed as it is made: no other process can have claimed it before
         claim = f"{LEASE_TAG}{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         active = mlflow.start_run(experiment_id=open_experiment(experiment), run_name=run_name, nested=nested,
-                                  parent_run_id=parent_run_id, log_system_metrics=system_metrics,
-                                  tags={**dict(tags or {}), claim: owner()})
+                                  parent_run_id=parent_run_id, log_system_metrics=system_metrics, tags={claim: owner()})
     owner_tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: process_start(os.getpid())}
     source = {k: v for k, v in git_tags(os.getcwd()).items() if k not in active.data.tags}
     with sigterm_as_interrupt() if top_level else contextlib.nullcontext():
@@ -355,21 +354,17 @@ def active_run_id() -> str | None:
 # --- who owns a run ----------------------------------------------------------------------------------
 
 def process_start(pid: int) -> str:
-    """When process `pid` started (ticks since boot; "" without /proc): a reused pid is not the run's owner."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
+    """When process `pid` started: a reused pid is not the run's owner."""
+    return str(psutil.Process(pid).create_time())
 
 
 def _process_alive(pid: int, start: str) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return process_start(pid) == start or not start
+    except psutil.NoSuchProcess:   # a zombie too
         return False
-    except PermissionError:   # alive, owned by another user
+    except psutil.AccessDenied:   # alive, owned by another user
         return True
-    return not start or process_start(pid) in (start, "")
 
 
 def owner() -> str:
@@ -378,8 +373,7 @@ def owner() -> str:
 
 
 def live_claims(runs: Iterable[Any]) -> list[tuple[str, str, str]]:
-    """(tag, owner, run id) of each claim on `runs` whose process lives, oldest first (a process on another host
-    cannot be checked from here: it counts as live)."""
+    """(tag, owner, run id) of the claims on `runs` of live processes (all of other hosts), oldest first."""
     claims = [(k, v, r.info.run_id) for r in runs for k, v in r.data.tags.items() if k.startswith(LEASE_TAG)]
     here = socket.gethostname()
     return sorted(c for c in claims if json.loads(c[1])[0] != here or _process_alive(*json.loads(c[1])[1:]))
@@ -472,11 +466,14 @@ def children_by(parent_run_id: str, key_tag: str, *, status: str | None = None) 
     return {r.data.tags[key_tag]: r for r in reversed(runs)}   # oldest first: the newest of each key stays
 
 
-def end_stale_children(parent_run_id: str, reason: str) -> list[str]:
-    """Mark KILLED the children of `parent_run_id` left RUNNING or SCHEDULED (no other process may train them)."""
-    stale = [r.info.run_id for r in child_runs(parent_run_id) if r.info.status in ("RUNNING", "SCHEDULED")]
+def end_stale_children(parent_run_id: str, reason: str, digest: str | None = None) -> list[str]:
+    """Mark KILLED the children of `parent_run_id` (with `digest`: that child's) left RUNNING or SCHEDULED; their ids.
+    Called by the parent's lease holder (or its Ray jobs, for an attempt that died): no other process trains them."""
+    stale = [r.info.run_id for r in child_runs(parent_run_id) if r.info.status in ("RUNNING", "SCHEDULED")
+             and digest in (None, r.data.tags.get(CONFIG_DIGEST_TAG))]
     for run_id in stale:
         end_run(run_id, "KILLED", reason)
+        print(f"ended KILLED the run {run_id}: {reason}", flush=True)
     return stale
 
 
@@ -546,10 +543,9 @@ def parent_run(experiment: str, name: str, match: Mapping[str, str], *, tags: Ma
 def find_resumable_run(experiment: str, match_tags: Mapping[str, str], run_name: str | None = None) -> Any | None:
     """The latest run of `experiment` with `match_tags` (and `run_name`) that can be continued, or None."""
     for found in find_runs(match_tags, experiment_ids=[experiment_id_for(experiment)]):
-        checkpoint = found.data.tags.get(CHECKPOINT_DIR_TAG)
-        status = found.info.status
-        if checkpoint and run_name in (None, found.info.run_name) and (
-                status in ("KILLED", "RUNNING") or status == "FAILED" and Path(checkpoint).is_dir()):
+        checkpoint = found.data.tags.get(CHECKPOINT_DIR_TAG)   # RUNNING: lease() refuses it while its owner lives
+        if checkpoint and run_name in (None, found.info.run_name) and found.info.status != "FINISHED" and (
+                found.info.status != "FAILED" or Path(checkpoint).is_dir()):
             return found
     return None
 

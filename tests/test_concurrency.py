@@ -334,3 +334,34 @@ def test_two_identical_tunes_run_each_trial_once(racers, store_uri, tmp_path):
     assert parent.info.status == "FINISHED"
     assert sorted((r.data.tags[tracking.TRIAL_TAG], r.info.status) for r in trials) == [
         ("0", "FINISHED"), ("1", "FINISHED")]   # each once, in one tuner state
+
+
+def test_a_live_owner_keeps_its_run_and_a_dead_owners_run_is_taken_over(mlflow_store, tmp_path):
+    """What the races above rely on, by hand: a run found RUNNING is offered for resuming; a claim of a live
+    process (here, this host; or any other host) refuses it in one line, a dead one's does not count."""
+    client = MlflowClient()
+    experiment_id = client.create_experiment("owners", artifact_location=str(tmp_path / "mlruns"))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        claim = f"{tracking.LEASE_TAG}{time.time_ns() - 10**10}-a"   # 10 s old: an owner, not a rival
+        # The process that made the run died; the one that took it over lives.
+        tags = {tracking.CONFIG_DIGEST_TAG: "d", tracking.CHECKPOINT_DIR_TAG: "c",
+                tracking.HOST_TAG: socket.gethostname(), tracking.PID_TAG: str(gone.pid),
+                claim: json.dumps([socket.gethostname(), owner.pid, tracking.process_start(owner.pid)])}
+        run_id = client.create_run(experiment_id, tags=tags).info.run_id
+        assert tracking.find_resumable_run("owners", {tracking.CONFIG_DIGEST_TAG: "d"}).info.run_id == run_id
+        with pytest.raises(tracking.TrackingError, match=f"run {run_id} is taken by process {owner.pid} on host "):
+            tracking.lease(run_id)
+        assert client.get_run(run_id).data.tags.items() >= tags.items()
+        assert tracking.live_claims([client.get_run(run_id)]) == [(claim, tags[claim], run_id)]   # its own withdrawn
+        assert tracking.mark_dead_runs("owners") == []
+    finally:
+        owner.kill()
+        owner.wait()
+    mine = tracking.lease(run_id)   # the owner died: its claim no longer counts
+    assert client.get_run(run_id).data.tags[mine] == tracking.owner()
+    elsewhere = client.create_run(experiment_id, tags={claim: json.dumps(["elsewhere", owner.pid, ""])}).info.run_id
+    with pytest.raises(tracking.TrackingError, match="on host elsewhere"):
+        tracking.lease(elsewhere)

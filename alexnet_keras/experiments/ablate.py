@@ -36,15 +36,6 @@ def child_tags(study: Study, child: Child) -> dict[str, str]:
             **{FACTOR_TAG + axis: value for axis, value in child.variant.factors.items()}}
 
 
-def end_earlier_attempts(parent_run_id: str, digest: str, reason: str) -> None:
-    """End KILLED one child's runs still RUNNING under the parent: within one `ablate` a child trains in one
-    process at a time, so such a run is of an attempt that died."""
-    for run in tracking.child_runs(parent_run_id):
-        if run.data.tags.get(CONFIG_DIGEST_TAG) == digest and run.info.status in ("RUNNING", "SCHEDULED"):
-            tracking.end_run(run.info.run_id, "KILLED", reason)
-            print(f"ended KILLED the run {run.info.run_id} of an earlier attempt: {reason}", flush=True)
-
-
 def champion(report) -> tuple[Any, str, float, float] | None:
     """(variant summary, run id, the variant's mean, the run's value) of the variant with the highest mean
     final `val_accuracy` (the first in the study's order on ties) and its best run; None when no run has one."""
@@ -201,8 +192,8 @@ def _train_child_on_ray(config, tags: dict[str, str], parent_run_id: str, uri: s
     tracking.configure(uri)
     keras.backend.clear_session()   # a reused worker process: drop the previous child's graphs
     task = cluster.current_task()
-    end_earlier_attempts(parent_run_id, config.digest(), f"the process or node training it died; Ray retried "
-                         f"the child as task {task.get('task_id', '?')} on node {task.get('node_id', '?')[:8]}")
+    tracking.end_stale_children(parent_run_id, f"the process or node training it died; Ray retried the child as task "
+                                f"{task.get('task_id', '?')} on node {task.get('node_id', '?')[:8]}", config.digest())
     tags = {**tags, tracking.RAY_TASK_TAG: task.get("task_id", ""), tracking.RAY_NODE_TAG: task.get("node_id", "")}
     if os.environ.get("CUDA_VISIBLE_DEVICES"):   # the GPU Ray gave this job
         tags[tracking.VISIBLE_DEVICES_TAG] = os.environ["CUDA_VISIBLE_DEVICES"]
@@ -234,8 +225,8 @@ def _run_on_ray(study: Study, todo: list[Child], result: StudyResult, uri: str, 
                 f"the study stops here. What was logged before is kept; once the store answers again, run the "
                 f"same command to train the children that did not finish.") from None
         if cluster.is_system_error(err):   # Ray's long multi-line message: its first line is enough
-            end_earlier_attempts(result.parent_run_id, child.digest, f"its Ray job failed: {outcome.error_text}; "
-                                 f"the next `alexnet-keras ablate` of the study trains it again")
+            tracking.end_stale_children(result.parent_run_id, f"its Ray job failed: {outcome.error_text}; the next "
+                                        f"`alexnet-keras ablate` of the study trains it again", child.digest)
             err = RuntimeError(outcome.error_text)
         _record_failure(result, child, err)
 

@@ -150,20 +150,18 @@ def open_state(sweep: Sweep, overwrite: bool) -> str:
     if folder.exists() and any(folder.iterdir()) and not state.is_file():   # a rival `tune` writes the state first
         raise ConfigError(f"{str(folder)!r} holds files but no {STATE_FILE}: not a sweep of this "
                           f"project. Pass --overwrite to replace it, or choose another --tuner-dir.")
-    if not state.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        mine = folder.parent / f".{folder.name}-{uuid.uuid4().hex}.json"
-        mine.write_text(json.dumps({"name": sweep.name, "digest": sweep.digest(), "uid": uuid.uuid4().hex}) + "\n")
-        with contextlib.suppress(FileExistsError):   # a `tune` of the sweep started at the same moment was first
-            os.link(mine, state)
-        mine.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = folder.parent / f".{folder.name}-{uuid.uuid4().hex}.json"
+    mine.write_text(json.dumps({"name": sweep.name, "digest": sweep.digest(), "uid": uuid.uuid4().hex}) + "\n")
+    with contextlib.suppress(FileExistsError):   # a state already, or a `tune` started at the same moment wrote it
+        os.link(mine, state)
+    mine.unlink()
     saved = json.loads(state.read_text())
     if saved.get("digest") != sweep.digest():
-        raise ConfigError(
-            f"the tuner state in {str(folder)!r} belongs to another version of sweep {sweep.name!r} "
-            f"(digest {saved.get('digest')}, this file gives {sweep.digest()}); keras-tuner would "
-            f"ignore the changed search space. Pass --overwrite to start the sweep again, or give the "
-            f"changed sweep another `name` (or --tuner-dir).")
+        raise ConfigError(f"the tuner state in {str(folder)!r} belongs to another version of sweep {sweep.name!r} "
+                          f"(digest {saved.get('digest')}, this file gives {sweep.digest()}); keras-tuner would ignore "
+                          f"the changed search space. Pass --overwrite to start the sweep again, or give the changed "
+                          f"sweep another `name` (or --tuner-dir).")
     return saved["uid"]
 
 
