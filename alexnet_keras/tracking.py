@@ -17,7 +17,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Collection, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 
 import mlflow
@@ -54,6 +54,7 @@ END_REASON_TAG = TAG_PREFIX + "end_reason"
 ADOPTED_FROM_TAG = TAG_PREFIX + "adopted_from"
 SUPERSEDED_BY_TAG = TAG_PREFIX + "superseded_by"
 LEASE_TAG = TAG_PREFIX + "lease."                # + a claim's token (its time in ns, then random); value: `owner()`
+LEASE_RIVAL_S = 2                                # a claim younger than this may be a rival's, which gives way too
 # Ablation studies (ablate.py writes them, report.py reads them).
 STUDY_TAG = TAG_PREFIX + "study"
 STUDY_DIGEST_TAG = TAG_PREFIX + "study_digest"
@@ -358,13 +359,11 @@ def process_start(pid: int) -> str:
     return str(psutil.Process(pid).create_time())
 
 
-def _process_alive(pid: int, start: str) -> bool:
+def _process_alive(pid: int, start: str | None) -> bool:
     try:
         return process_start(pid) == start or not start
     except psutil.NoSuchProcess:   # a zombie too
         return False
-    except psutil.AccessDenied:   # alive, owned by another user
-        return True
 
 
 def owner() -> str:
@@ -379,32 +378,24 @@ def live_claims(runs: Iterable[Any]) -> list[tuple[str, str, str]]:
     return sorted(c for c in claims if json.loads(c[1])[0] != here or _process_alive(*json.loads(c[1])[1:]))
 
 
-def claim_time(tag: str) -> int:
-    return int(tag[len(LEASE_TAG):].split("-")[0])
-
-
-LEASE_RIVAL_S = 2   # a claim younger than this may be a rival's that gives way as well: try again, then refuse
-
-
 def lease(run_id: str, match: Mapping[str, str] | None = None) -> str:
-    """Claim `run_id` for this process (its claim tag, kept until the run ends), or raise TrackingError naming the
-    live process that holds it (or, with `match`, any run with those tags): docs/reliability.md."""
+    """Claim `run_id` for this process (its claim tag, removed when the run ends), or raise TrackingError naming the
+    live process that holds it or, with `match`, any run with those tags (docs/reliability.md)."""
     client, me = MlflowClient(), owner()
     held = [k for k, v in get_run(run_id).data.tags.items() if k.startswith(LEASE_TAG) and v == me]
-    while not held:
+    while not held:   # written, then read: of two claimants at least one sees the other's claim
         claim = f"{LEASE_TAG}{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         client.set_tag(run_id, claim, me)
-        # Written, then read: of two claimants at least one sees the other's claim, and only one seeing none goes on.
         rivals = {r.info.run_id: r for r in [*(find_runs(match) if match else []), get_run(run_id)]}
         others = [c for c in live_claims(rivals.values()) if c[1] != me]
         if not others:
             return claim
         client.delete_tag(run_id, claim)
         tag, holder, where = others[0]
-        if time.time_ns() - claim_time(tag) > LEASE_RIVAL_S * 1e9:
-            host, pid, _ = json.loads(holder)
-            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(claim_time(tag) / 1e9))
-            raise TrackingError(f"run {where} is taken by process {pid} on host {host} since {since}, which is still "
+        (host, pid, _), since = json.loads(holder), int(tag[len(LEASE_TAG):].split("-")[0]) / 1e9
+        if time.time() - since > LEASE_RIVAL_S:   # a younger claim may be a rival's that gives way too: try again
+            raise TrackingError(f"run {where} is taken by process {pid} on host {host} since "
+                                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(since))}, which is still "
                                 f"running: wait for it to end (or stop it), then run the same command again to "
                                 f"continue; `train --resume false` trains a new run instead.")
         time.sleep(random.uniform(0.05, 0.5))
@@ -417,8 +408,8 @@ def mark_dead_runs(experiment: str) -> list[str]:
     marked = []
     for found in find_runs({HOST_TAG: host}, experiment_ids=[experiment_id_for(experiment)], status="RUNNING"):
         pid = found.data.tags.get(PID_TAG, "")
-        if not pid.isdigit() or _process_alive(int(pid), found.data.tags.get(PID_START_TAG, "")) or live_claims(
-                [found]):   # a live claim: another process is taking the run over
+        # (A live claim: another process is taking the run over.)
+        if not pid.isdigit() or live_claims([found]) or _process_alive(int(pid), found.data.tags.get(PID_START_TAG)):
             continue
         end_run(found.info.run_id, "KILLED", f"process {pid} on {host} died while the run was RUNNING")
         marked.append(found.info.run_id)
@@ -448,8 +439,7 @@ def find_runs(tags: Mapping[str, str], *, experiment_ids: Sequence[str] | None =
     if experiment_ids is None:
         experiment_ids = [e.experiment_id for e in client.search_experiments()]
     conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items() if "'" not in v and "\\" not in v]
-    if status is not None:
-        conditions.append(f"attributes.status = '{status}'")
+    conditions += [f"attributes.status = '{status}'"] if status is not None else []
     runs = client.search_runs(list(experiment_ids), " and ".join(conditions), max_results=50000,
                               order_by=["attributes.start_time DESC"]) if experiment_ids else []
     return [r for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items())]
@@ -467,8 +457,7 @@ def children_by(parent_run_id: str, key_tag: str, *, status: str | None = None) 
 
 
 def end_stale_children(parent_run_id: str, reason: str, digest: str | None = None) -> list[str]:
-    """Mark KILLED the children of `parent_run_id` (with `digest`: that child's) left RUNNING or SCHEDULED; their ids.
-    Called by the parent's lease holder (or its Ray jobs, for an attempt that died): no other process trains them."""
+    """Mark KILLED the children of `parent_run_id` (with `digest`: its runs) left RUNNING or SCHEDULED; their ids."""
     stale = [r.info.run_id for r in child_runs(parent_run_id) if r.info.status in ("RUNNING", "SCHEDULED")
              and digest in (None, r.data.tags.get(CONFIG_DIGEST_TAG))]
     for run_id in stale:
@@ -505,18 +494,13 @@ def adopt_children(parent_run_id: str, earlier_parents: Iterable[Any], *, key_ta
     return total
 
 
-class Parent(NamedTuple):
-    run_id: str
-    experiment: str      # its experiment's name: the children's
-
-
 @contextlib.contextmanager
 def parent_run(experiment: str, name: str, match: Mapping[str, str], *, tags: Mapping[str, str] | None = None,
                params: Mapping[str, Any] | None = None, description: str = "", adopt_key: str | None = None,
-               wanted: Collection[str] | None = None, retire: Mapping[str, str] | None = None) -> Iterator[Parent]:
-    """The parent run of a study or sweep, with the tags `match`, `tags` and the environment's: under `mlflow run`
-    MLflow's run (taken out of the environment: no child resumes it), else the newest with `match`, else a new one.
-    As it starts, children left RUNNING end KILLED and earlier parents' children move under it (`adopt_children`)."""
+               wanted: Collection[str] | None = None, retire: Mapping | None = None) -> Iterator[tuple[str, str]]:
+    """(Run id, experiment) of a study's or sweep's parent, with the tags `match`, `tags` and the environment's, once
+    leased: under `mlflow run` MLflow's run (no child resumes it), else the newest with `match`, else a new one. As
+    it starts, children left RUNNING end KILLED and earlier parents' children move under it (`adopt_children`)."""
     if "MLFLOW_RUN_ID" in os.environ:
         experiment_id_for(experiment)   # the note when `mlflow run` chose another experiment
     launched, made = os.environ.pop("MLFLOW_RUN_ID", None), None
@@ -537,7 +521,7 @@ def parent_run(experiment: str, name: str, match: Mapping[str, str], *, tags: Ma
         print(f"parent run {parent_id} ({how}) in experiment {actual!r} at {tracking_uri()}", flush=True)
         end_stale_children(parent_id, "stale: its study or sweep was restarted")
         adopt_children(parent_id, find_runs(match), key_tag=adopt_key, wanted=wanted, retire=retire)
-        yield Parent(parent_id, actual)
+        yield parent_id, actual
 
 
 def find_resumable_run(experiment: str, match_tags: Mapping[str, str], run_name: str | None = None) -> Any | None:

@@ -104,18 +104,18 @@ def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = Non
         description = (f"Ablation {plan_text(study).splitlines()[0]}. The report (reports/ablation.md) replaces "
                        f"this description when the children have finished.\n\n{study.description}").strip()
         match = {STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "parent"}
-        parent = stack.enter_context(tracking.parent_run(
+        parent_id, experiment = stack.enter_context(tracking.parent_run(
             study.experiment, study.name, match, params=params, description=description,
             adopt_key=CONFIG_DIGEST_TAG, wanted={c.digest for c in study.children()}))
-        result = StudyResult(parent.run_id)
+        result = StudyResult(parent_id)
         tracking.log_dict(study.spec(), SPEC_ARTIFACT)
         tracking.log_text(Path(study.path).read_text(), "study/" + Path(study.path).name)
         print(plan_text(study))
         start = time.perf_counter()
-        tuning, choice = study.tuning_children(parent.experiment), {}   # no tuning without a nuisance grid
+        tuning, choice = study.tuning_children(experiment), {}   # no tuning without a nuisance grid
         _train_missing(study, tuning, result, uri, on_ray)
         if study.grid:   # each arm's grid value, chosen on validation from its finished tuning runs
-            finished = tracking.children_by(parent.run_id, CONFIG_DIGEST_TAG, status="FINISHED")
+            finished = tracking.children_by(parent_id, CONFIG_DIGEST_TAG, status="FINISHED")
             choice = {v.name: choose_grid_value({c.grid_point.label: finished.get(c.digest) for c in tuning
                                                  if c.variant is v})[0] for v in study.variants}
             print("chosen on validation: " + "; ".join(f"{name}: {label or 'none (no tuning run finished)'}"
@@ -123,12 +123,12 @@ def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = Non
             result.failed.update({name: "no tuning run finished, so its other seeds were not run"
                                   for name, label in choice.items() if label is None})
         # the other children: every one without a grid; with one, each arm's other seeds at its chosen value
-        final = [c for c in study.children(parent.experiment) if not c.tuning
+        final = [c for c in study.children(experiment) if not c.tuning
                  and (c.grid_point is None or c.grid_point.label == choice.get(c.variant.name))]
         _train_missing(study, final, result, uri, on_ray)
         print(f"trained {len(result.ran)} children in {time.perf_counter() - start:.1f}s; {len(result.failed)} "
               f"failed" + (f", {len(result.diverged)} tuning runs diverged" if result.diverged else ""))
-        result.report = build_report(parent.run_id)
+        result.report = build_report(parent_id)
         tracking.log_metrics({"children_trained": len(result.ran), "children_skipped": result.skipped,
                               "children_failed": len(result.failed)})
         if result.failed:

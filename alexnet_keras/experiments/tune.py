@@ -133,8 +133,8 @@ def make_tuner(sweep: Sweep, hypermodel: AlexNetHyperModel | None = None, **cont
     # keras-tuner's DEBUG prints each failed trial's chained tracebacks; run_trial prints one line instead.
     keras_tuner.src.config.DEBUG = False
     tuner = type(f"Tracked{base_cls.__name__}", (TrackedTrials, base_cls), {})(
-        hypermodel=hypermodel or AlexNetHyperModel(sweep), objective=keras_tuner.Objective(sweep.objective,
-                                                                                         sweep.direction),
+        hypermodel=hypermodel or AlexNetHyperModel(sweep),
+        objective=keras_tuner.Objective(sweep.objective, sweep.direction),
         seed=spec.seed + 1, max_consecutive_failed_trials=budget.max_failed_trials,   # seed 0: a random one
         directory=spec.directory, project_name=sweep.name, overwrite=False, **shape)
     tuner.sweep = sweep
@@ -222,8 +222,8 @@ def run_sweep(sweep: Sweep, *, overwrite: bool = False, ray: str | None = None, 
                 f"here the trial table, the best values and the best trial's model.\n\n{sweep.spec.description}")
         # One parent holds the whole sweep: a new one (a second `mlflow run`) takes the trials of the earlier.
         with tracking.parent_run(sweep.base.experiment, sweep.name, match, tags=tags, params=parent_params(sweep),
-                                 description=note.strip(), retire={tracking.SWEEP_ROLE_TAG: "superseded"}) as parent:
-            tuner.parent_run_id, tuner.experiment = parent.run_id, parent.experiment
+                                 description=note.strip(), retire={tracking.SWEEP_ROLE_TAG: "superseded"}) as (
+                tuner.parent_run_id, tuner.experiment):
             tuner.save()   # keras-tuner reloads only if its tuner file exists: an interrupted first trial resumes too
             tracking.log_dict(sweep.to_dict(), "sweep/sweep.yaml")
             if info is None:
@@ -232,9 +232,9 @@ def run_sweep(sweep: Sweep, *, overwrite: bool = False, ray: str | None = None, 
                 _search_on_ray(tuner, info, workers, cpus)
                 tuner.reload()   # the trials as the chief's oracle left them
             best = summarize(tuner)
-    print(f"sweep {sweep.name!r}: parent run {parent.run_id}; best trial {best['trial']} "
+    print(f"sweep {sweep.name!r}: parent run {tuner.parent_run_id}; best trial {best['trial']} "
           f"{sweep.objective}={best[sweep.objective]:.4g}", flush=True)
-    return parent.run_id, best
+    return tuner.parent_run_id, best
 
 
 def _search_job(sweep: Sweep, uri: str, uid: str, parent_run_id: str, experiment: str) -> None:
