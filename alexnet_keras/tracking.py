@@ -276,8 +276,7 @@ def log_params(params: Mapping[str, Any]) -> None:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within: SIGTERM (a scheduler stopping the job) takes the path of Ctrl-C, so runs end KILLED.
-    Only the main thread can install signal handlers; elsewhere this does nothing."""
+    """Within: SIGTERM (a scheduler stopping the job) takes Ctrl-C's path, so runs end KILLED (main thread only)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -379,8 +378,7 @@ def live_claims(runs: Iterable[Any]) -> list[tuple[str, str, str]]:
 
 
 def lease(run_id: str, match: Mapping[str, str] | None = None) -> str:
-    """Claim `run_id` for this process (its claim tag, removed when the run ends), or raise TrackingError naming the
-    live process that holds it or, with `match`, any run with those tags (docs/reliability.md)."""
+    """This process's claim tag on `run_id`, or TrackingError naming who holds it or (`match`) a rival parent."""
     client, me = MlflowClient(), owner()
     held = [k for k, v in get_run(run_id).data.tags.items() if k.startswith(LEASE_TAG) and v == me]
     while not held:   # written, then read: of two claimants at least one sees the other's claim
@@ -403,12 +401,10 @@ def lease(run_id: str, match: Mapping[str, str] | None = None) -> str:
 
 
 def mark_dead_runs(experiment: str) -> list[str]:
-    """Mark KILLED the runs of `experiment` still RUNNING whose process on this host is gone; their ids."""
-    host = socket.gethostname()
-    marked = []
+    """Mark KILLED the runs of `experiment` RUNNING whose process on this host is gone (none claims it); their ids."""
+    host, marked = socket.gethostname(), []
     for found in find_runs({HOST_TAG: host}, experiment_ids=[experiment_id_for(experiment)], status="RUNNING"):
         pid = found.data.tags.get(PID_TAG, "")
-        # (A live claim: another process is taking the run over.)
         if not pid.isdigit() or live_claims([found]) or _process_alive(int(pid), found.data.tags.get(PID_START_TAG)):
             continue
         end_run(found.info.run_id, "KILLED", f"process {pid} on {host} died while the run was RUNNING")
@@ -433,12 +429,11 @@ def delete_tag(run_id: str, key: str) -> None:
 
 def find_runs(tags: Mapping[str, str], *, experiment_ids: Sequence[str] | None = None,
               status: str | None = None) -> list:
-    """The runs (not deleted) whose tags equal `tags` and whose status is `status`, newest first, in
-    `experiment_ids` (default: every experiment). Values SQL cannot quote safely are compared here."""
+    """The runs (not deleted) with `tags` (and `status`), newest first, in `experiment_ids` (default: all)."""
     client = MlflowClient()
     if experiment_ids is None:
         experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items() if "'" not in v and "\\" not in v]
+    conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items() if "'" not in v and "\\" not in v]   # others: below
     conditions += [f"attributes.status = '{status}'"] if status is not None else []
     runs = client.search_runs(list(experiment_ids), " and ".join(conditions), max_results=50000,
                               order_by=["attributes.start_time DESC"]) if experiment_ids else []
@@ -470,8 +465,7 @@ def adopt_children(parent_run_id: str, earlier_parents: Iterable[Any], *, key_ta
                    wanted: Collection[str] | None = None, retire: Mapping[str, str] | None = None) -> int:
     """Move under `parent_run_id` the children of `earlier_parents` (with `key_tag`: FINISHED ones, one per `wanted`
     key it lacks) and tag those parents superseded (plus `retire`). Returns how many moved."""
-    have = set(children_by(parent_run_id, key_tag, status="FINISHED")) if key_tag else set()
-    total = 0
+    have, total = set(children_by(parent_run_id, key_tag, status="FINISHED")) if key_tag else set(), 0
     for old in earlier_parents:
         old_id = old.info.run_id
         if old_id == parent_run_id:
@@ -498,9 +492,8 @@ def adopt_children(parent_run_id: str, earlier_parents: Iterable[Any], *, key_ta
 def parent_run(experiment: str, name: str, match: Mapping[str, str], *, tags: Mapping[str, str] | None = None,
                params: Mapping[str, Any] | None = None, description: str = "", adopt_key: str | None = None,
                wanted: Collection[str] | None = None, retire: Mapping | None = None) -> Iterator[tuple[str, str]]:
-    """(Run id, experiment) of a study's or sweep's parent, with the tags `match`, `tags` and the environment's, once
-    leased: under `mlflow run` MLflow's run (no child resumes it), else the newest with `match`, else a new one. As
-    it starts, children left RUNNING end KILLED and earlier parents' children move under it (`adopt_children`)."""
+    """(Run id, experiment) of a study's or sweep's parent with `match`, `tags` and the environment's, once leased:
+    `mlflow run`'s, else the newest with `match`, else new. It ends stale children, adopts earlier parents' ones."""
     if "MLFLOW_RUN_ID" in os.environ:
         experiment_id_for(experiment)   # the note when `mlflow run` chose another experiment
     launched, made = os.environ.pop("MLFLOW_RUN_ID", None), None

@@ -72,9 +72,8 @@ def register_champion(study: Study, result: StudyResult, name: str) -> None:
 
 def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = None, ray: str | None = None,
               ray_cpus: float = 1) -> StudyResult:
-    """Create or resume the parent, train the missing children (here one after another, or as Ray jobs: `parallel`
-    at a time on a local cluster, or on the cluster `ray`, each asking for a GPU, else `ray_cpus` CPUs), write
-    the report on the parent. The cluster and the store it must share are checked before any run exists."""
+    """Create or resume the parent, train the missing children here or as Ray jobs (docs/cluster.md), write the
+    report on the parent. The cluster and the store it must share are checked before any run exists."""
     if parallel < 1:
         raise StudyError(f"--parallel must be at least 1; got {parallel}.")
     if ray is not None and parallel != 1:
@@ -168,8 +167,7 @@ def _train_missing(study: Study, children: list[Child], result: StudyResult, uri
 
 
 def _record_failure(result: StudyResult, child: Child, err: Exception) -> None:
-    """A child's own failure is recorded (a tuning child's divergence as a tuning result) and the study goes on;
-    one every child would hit again (bad data path, bad config, the store) stops it."""
+    """Record a child's own failure (a tuning divergence as a result) and go on; one every child would hit stops."""
     from ..data import DataError
 
     if isinstance(err, (ConfigError, DataError, tracking.TrackingError)):
@@ -182,8 +180,7 @@ def _record_failure(result: StudyResult, child: Child, err: Exception) -> None:
 
 
 def _train_child_on_ray(config, tags: dict[str, str], parent_run_id: str, uri: str) -> str:
-    """One child as a Ray job, with its Ray task, node and GPU in its tags. A retry (its worker or node died) ends
-    KILLED the run the dead attempt left RUNNING, then trains in a new run, so each attempt keeps its metrics."""
+    """One child as a Ray job, tagged with its Ray task, node and GPU; a retry ends the dead attempt's run KILLED."""
     import keras
 
     from ..training.train import train_and_evaluate
@@ -201,8 +198,7 @@ def _train_child_on_ray(config, tags: dict[str, str], parent_run_id: str, uri: s
 
 
 def _run_on_ray(study: Study, todo: list[Child], result: StudyResult, uri: str, cpus: float) -> None:
-    """Every child of `todo` as a Ray job (cluster.run_jobs). One whose retries are spent (its process or node died
-    each time) is recorded failed, its run ended KILLED: the next `ablate` trains it again."""
+    """Every child of `todo` as a Ray job; one whose retries are spent is recorded failed, its run ended KILLED."""
     from . import cluster
 
     if not todo:

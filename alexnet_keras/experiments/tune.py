@@ -194,8 +194,7 @@ def parent_params(sweep: Sweep) -> dict[str, Any]:
 
 def run_sweep(sweep: Sweep, *, overwrite: bool = False, ray: str | None = None, workers: int | None = None,
               cpus: float = 1.0) -> tuple[str, dict[str, Any]]:
-    """Run (or continue) `sweep`: its trials here, or on a Ray cluster (`ray`: "local", "auto" or
-    "HOST:PORT") checked before anything is created. The parent run's id and the best trial's row."""
+    """Run (or continue) `sweep` here or on a Ray cluster (docs/cluster.md); the parent's id, the best trial's row."""
     distributed = sorted(k for k in os.environ if k.startswith("KERASTUNER_"))
     if distributed:
         raise ConfigError(f"alexnet-keras tune starts the chief and the workers itself (--ray): unset "
@@ -257,8 +256,7 @@ def ray_workers(cluster_info, sweep: Sweep, cpus: float, workers: int | None) ->
 
 
 def _search_on_ray(tuner, info, count: int, cpus: float) -> None:
-    """The chief on this machine's node (no CPU or GPU of its own), `count` workers asking for a GPU where
-    the cluster has GPUs, else `cpus` CPUs. A failed job stops the sweep; a lost one Ray re-runs."""
+    """The chief on this machine's node, `count` workers (a GPU each, else `cpus` CPUs) as Ray jobs: docs/cluster.md."""
     from . import cluster
 
     sweep, uri = tuner.sweep, tracking.tracking_uri()
