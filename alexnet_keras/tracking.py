@@ -9,19 +9,23 @@ import json
 import logging
 import os
 import platform
+import random
 import re
 import signal
 import socket
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Collection, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 
 import mlflow
+import psutil
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils import git_utils
 
 # MLflow logs each failed query of a SQL store with its traceback, then raises the error (reported in one line).
@@ -53,6 +57,8 @@ PID_START_TAG = TAG_PREFIX + "pid_start"
 END_REASON_TAG = TAG_PREFIX + "end_reason"
 ADOPTED_FROM_TAG = TAG_PREFIX + "adopted_from"
 SUPERSEDED_BY_TAG = TAG_PREFIX + "superseded_by"
+LEASE_TAG = TAG_PREFIX + "lease."                # + a claim's token (its time in ns, then random); value: `owner()`
+LEASE_RIVAL_S = 2                                # a claim younger than this may be a rival's, which gives way too
 # Ablation studies (ablate.py writes them, report.py reads them).
 STUDY_TAG = TAG_PREFIX + "study"
 STUDY_DIGEST_TAG = TAG_PREFIX + "study_digest"
@@ -280,8 +286,7 @@ def log_params(params: Mapping[str, Any]) -> None:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within: SIGTERM (a scheduler stopping the job) takes the path of Ctrl-C, so runs end KILLED.
-    Only the main thread can install signal handlers; elsewhere this does nothing."""
+    """Within: SIGTERM (a scheduler stopping the job) takes Ctrl-C's path, so runs end KILLED (main thread only)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -308,17 +313,24 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
     if parent_run_id is not None and active_run_id() == parent_run_id:
         nested = True   # MLflow refuses a second active run unless it is nested
     top_level = not nested and parent_run_id is None
-    if run_id is None and top_level and "MLFLOW_RUN_ID" in os.environ:
-        run_id = os.environ["MLFLOW_RUN_ID"]
+    run_id = run_id or (os.environ.get("MLFLOW_RUN_ID") if top_level else None)
     if run_id is not None:
+        found = get_run(run_id)
+        theirs, ours = found.data.tags.get(CONFIG_DIGEST_TAG), dict(tags or {}).get(CONFIG_DIGEST_TAG)
+        if theirs and ours and theirs != ours:
+            raise TrackingError(f"run {run_id} was started with config digest {theirs}, this command's config has "
+                                f"digest {ours}: continuing it would mix two configurations. Give the options it was "
+                                f"started with (its params), or start a new run (without MLFLOW_RUN_ID).")
+        claim = lease(run_id)
         # start_run(run_id=...) refuses a run of another experiment than the last set_experiment().
-        mark_model_training(mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id))
+        mark_model_training(mlflow.set_experiment(experiment_id=found.info.experiment_id))
         active = mlflow.start_run(run_id=run_id, nested=nested, log_system_metrics=system_metrics)
         for key in {END_REASON_TAG, ERROR_TAG} & set(active.data.tags):   # why it ended last time; it runs again
             MlflowClient().delete_tag(run_id, key)
-    else:
+    else:   # claimed as it is made: no other process can have claimed it before
+        claim = f"{LEASE_TAG}{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         active = mlflow.start_run(experiment_id=open_experiment(experiment), run_name=run_name, nested=nested,
-                                  parent_run_id=parent_run_id, log_system_metrics=system_metrics)
+                                  parent_run_id=parent_run_id, log_system_metrics=system_metrics, tags={claim: owner()})
     owner_tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: process_start(os.getpid())}
     source = {k: v for k, v in git_tags(os.getcwd()).items() if k not in active.data.tags}
     with sigterm_as_interrupt() if top_level else contextlib.nullcontext():
@@ -339,6 +351,9 @@ def run(experiment: str, *, run_name: str | None = None, params: Mapping[str, An
             raise
         else:
             mlflow.end_run("FINISHED")
+        finally:   # once ended: a claim given back earlier could let another process in before the end
+            with contextlib.suppress(Exception):
+                MlflowClient().delete_tag(active.info.run_id, claim)
 
 
 def active_run_id() -> str | None:
@@ -349,30 +364,58 @@ def active_run_id() -> str | None:
 # --- who owns a run ----------------------------------------------------------------------------------
 
 def process_start(pid: int) -> str:
-    """When process `pid` started (ticks since boot; "" without /proc): a reused pid is not the run's owner."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
+    """When process `pid` started: a reused pid is not the run's owner."""
+    return str(psutil.Process(pid).create_time())
 
 
-def _process_alive(pid: int, start: str) -> bool:
+def _process_alive(pid: int, start: str | None) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return process_start(pid) == start or not start
+    except psutil.NoSuchProcess:   # a zombie too
         return False
-    except PermissionError:   # alive, owned by another user
-        return True
-    return not start or process_start(pid) in (start, "")
+
+
+def owner() -> str:
+    """This process as the value of a claim: host, pid and start."""
+    return json.dumps([socket.gethostname(), os.getpid(), process_start(os.getpid())])
+
+
+def live_claims(runs: Iterable[Any]) -> list[tuple[str, str, str]]:
+    """(tag, owner, run id) of the claims on `runs` of live processes (all of other hosts), oldest first."""
+    claims = [(k, v, r.info.run_id) for r in runs for k, v in r.data.tags.items() if k.startswith(LEASE_TAG)]
+    here = socket.gethostname()
+    return sorted(c for c in claims if json.loads(c[1])[0] != here or _process_alive(*json.loads(c[1])[1:]))
+
+
+def lease(run_id: str, match: Mapping[str, str] | None = None) -> str:
+    """This process's claim tag on `run_id`, or TrackingError naming who holds it or (`match`) a rival parent."""
+    client, me = MlflowClient(), owner()
+    held = [k for k, v in get_run(run_id).data.tags.items() if k.startswith(LEASE_TAG) and v == me]
+    while not held:   # written, then read: of two claimants at least one sees the other's claim
+        claim = f"{LEASE_TAG}{time.time_ns()}-{uuid.uuid4().hex[:8]}"
+        client.set_tag(run_id, claim, me)
+        rivals = {r.info.run_id: r for r in [*(find_runs(match) if match else []), get_run(run_id)]}
+        others = [c for c in live_claims(rivals.values()) if c[1] != me]
+        if not others:
+            return claim
+        client.delete_tag(run_id, claim)
+        tag, holder, where = others[0]
+        (host, pid, _), since = json.loads(holder), int(tag[len(LEASE_TAG):].split("-")[0]) / 1e9
+        if time.time() - since > LEASE_RIVAL_S:   # a younger claim may be a rival's that gives way too: try again
+            raise TrackingError(f"run {where} is taken by process {pid} on host {host} since "
+                                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(since))}, which is still "
+                                f"running: wait for it to end (or stop it), then run the same command again to "
+                                f"continue; `train --resume false` trains a new run instead.")
+        time.sleep(random.uniform(0.05, 0.5))
+    return held[0]
 
 
 def mark_dead_runs(experiment: str) -> list[str]:
-    """Mark KILLED the runs of `experiment` still RUNNING whose process on this host is gone; their ids."""
-    host = socket.gethostname()
-    marked = []
+    """Mark KILLED the runs of `experiment` RUNNING whose process on this host is gone (none claims it); their ids."""
+    host, marked = socket.gethostname(), []
     for found in find_runs({HOST_TAG: host}, experiment_ids=[experiment_id_for(experiment)], status="RUNNING"):
         pid = found.data.tags.get(PID_TAG, "")
-        if not pid.isdigit() or _process_alive(int(pid), found.data.tags.get(PID_START_TAG, "")):
+        if not pid.isdigit() or live_claims([found]) or _process_alive(int(pid), found.data.tags.get(PID_START_TAG)):
             continue
         end_run(found.info.run_id, "KILLED", f"process {pid} on {host} died while the run was RUNNING")
         marked.append(found.info.run_id)
@@ -396,14 +439,12 @@ def delete_tag(run_id: str, key: str) -> None:
 
 def find_runs(tags: Mapping[str, str], *, experiment_ids: Sequence[str] | None = None,
               status: str | None = None) -> list:
-    """The runs (not deleted) whose tags equal `tags` and whose status is `status`, newest first, in
-    `experiment_ids` (default: every experiment). Values SQL cannot quote safely are compared here."""
+    """The runs (not deleted) with `tags` (and `status`), newest first, in `experiment_ids` (default: all)."""
     client = MlflowClient()
     if experiment_ids is None:
         experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items() if "'" not in v and "\\" not in v]
-    if status is not None:
-        conditions.append(f"attributes.status = '{status}'")
+    conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items() if "'" not in v and "\\" not in v]   # others: below
+    conditions += [f"attributes.status = '{status}'"] if status is not None else []
     runs = client.search_runs(list(experiment_ids), " and ".join(conditions), max_results=50000,
                               order_by=["attributes.start_time DESC"]) if experiment_ids else []
     return [r for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items())]
@@ -420,11 +461,13 @@ def children_by(parent_run_id: str, key_tag: str, *, status: str | None = None) 
     return {r.data.tags[key_tag]: r for r in reversed(runs)}   # oldest first: the newest of each key stays
 
 
-def end_stale_children(parent_run_id: str, reason: str) -> list[str]:
-    """Mark KILLED the children of `parent_run_id` left RUNNING or SCHEDULED (no other process may train them)."""
-    stale = [r.info.run_id for r in child_runs(parent_run_id) if r.info.status in ("RUNNING", "SCHEDULED")]
+def end_stale_children(parent_run_id: str, reason: str, digest: str | None = None) -> list[str]:
+    """Mark KILLED the children of `parent_run_id` (with `digest`: its runs) left RUNNING or SCHEDULED; their ids."""
+    stale = [r.info.run_id for r in child_runs(parent_run_id) if r.info.status in ("RUNNING", "SCHEDULED")
+             and digest in (None, r.data.tags.get(CONFIG_DIGEST_TAG))]
     for run_id in stale:
         end_run(run_id, "KILLED", reason)
+        print(f"ended KILLED the run {run_id}: {reason}", flush=True)
     return stale
 
 
@@ -432,8 +475,7 @@ def adopt_children(parent_run_id: str, earlier_parents: Iterable[Any], *, key_ta
                    wanted: Collection[str] | None = None, retire: Mapping[str, str] | None = None) -> int:
     """Move under `parent_run_id` the children of `earlier_parents` (with `key_tag`: FINISHED ones, one per `wanted`
     key it lacks) and tag those parents superseded (plus `retire`). Returns how many moved."""
-    have = set(children_by(parent_run_id, key_tag, status="FINISHED")) if key_tag else set()
-    total = 0
+    have, total = set(children_by(parent_run_id, key_tag, status="FINISHED")) if key_tag else set(), 0
     for old in earlier_parents:
         old_id = old.info.run_id
         if old_id == parent_run_id:
@@ -456,39 +498,41 @@ def adopt_children(parent_run_id: str, earlier_parents: Iterable[Any], *, key_ta
     return total
 
 
-class Parent(NamedTuple):
-    run_id: str
-    experiment: str      # its experiment's name: the children's
-
-
 @contextlib.contextmanager
 def parent_run(experiment: str, name: str, match: Mapping[str, str], *, tags: Mapping[str, str] | None = None,
                params: Mapping[str, Any] | None = None, description: str = "", adopt_key: str | None = None,
-               wanted: Collection[str] | None = None, retire: Mapping[str, str] | None = None) -> Iterator[Parent]:
-    """The parent run of a study or sweep, with the tags `match`, `tags` and the environment's: under `mlflow run`
-    MLflow's run (taken out of the environment: no child resumes it), else the newest with `match`, else a new one.
-    As it starts, children left RUNNING end KILLED and earlier parents' children move under it (`adopt_children`)."""
+               wanted: Collection[str] | None = None, retire: Mapping | None = None) -> Iterator[tuple[str, str]]:
+    """(Run id, experiment) of a study's or sweep's parent with `match`, `tags` and the environment's, once leased:
+    `mlflow run`'s, else the newest with `match`, else new. It ends stale children, adopts earlier parents' ones."""
     if "MLFLOW_RUN_ID" in os.environ:
         experiment_id_for(experiment)   # the note when `mlflow run` chose another experiment
-    launched = os.environ.pop("MLFLOW_RUN_ID", None)
+    launched, made = os.environ.pop("MLFLOW_RUN_ID", None), None
     resume = launched or next((r.info.run_id for r in find_runs(match)), None)
     actual = MlflowClient().get_experiment(get_run(resume).info.experiment_id).name if resume else experiment
     all_tags = {**environment_tags(), **dict(tags or {}), **match, RUN_NAME_TAG: name, NOTE_TAG: description}
+    if resume is None:   # made with its tags, so that an identical command finds it, and claimed before it runs
+        resume = made = MlflowClient().create_run(open_experiment(experiment), tags=resolve_tags(all_tags)).info.run_id
+    try:
+        lease(resume, match)
+    except TrackingError:
+        if made and not live_claims([get_run(made)]):   # lost to another command: the parent made here goes
+            MlflowClient().delete_run(made)
+        raise
     with run(actual, run_name=name, params=params, tags=all_tags, run_id=resume) as active:
         parent_id = active.info.run_id
-        how = "made by `mlflow run`" if launched else "resumed" if resume else "new"
+        how = "made by `mlflow run`" if launched else "new" if made else "resumed"
         print(f"parent run {parent_id} ({how}) in experiment {actual!r} at {tracking_uri()}", flush=True)
         end_stale_children(parent_id, "stale: its study or sweep was restarted")
         adopt_children(parent_id, find_runs(match), key_tag=adopt_key, wanted=wanted, retire=retire)
-        yield Parent(parent_id, actual)
+        yield parent_id, actual
 
 
 def find_resumable_run(experiment: str, match_tags: Mapping[str, str], run_name: str | None = None) -> Any | None:
     """The latest run of `experiment` with `match_tags` (and `run_name`) that can be continued, or None."""
     for found in find_runs(match_tags, experiment_ids=[experiment_id_for(experiment)]):
-        checkpoint = found.data.tags.get(CHECKPOINT_DIR_TAG)
-        if checkpoint and run_name in (None, found.info.run_name) and (
-                found.info.status == "KILLED" or found.info.status == "FAILED" and Path(checkpoint).is_dir()):
+        checkpoint = found.data.tags.get(CHECKPOINT_DIR_TAG)   # RUNNING: lease() refuses it while its owner lives
+        if checkpoint and run_name in (None, found.info.run_name) and found.info.status != "FINISHED" and (
+                found.info.status != "FAILED" or Path(checkpoint).is_dir()):
             return found
     return None
 

@@ -36,15 +36,6 @@ def child_tags(study: Study, child: Child) -> dict[str, str]:
             **{FACTOR_TAG + axis: value for axis, value in child.variant.factors.items()}}
 
 
-def end_earlier_attempts(parent_run_id: str, digest: str, reason: str) -> None:
-    """End KILLED one child's runs still RUNNING under the parent: within one `ablate` a child trains in one
-    process at a time, so such a run is of an attempt that died."""
-    for run in tracking.child_runs(parent_run_id):
-        if run.data.tags.get(CONFIG_DIGEST_TAG) == digest and run.info.status in ("RUNNING", "SCHEDULED"):
-            tracking.end_run(run.info.run_id, "KILLED", reason)
-            print(f"ended KILLED the run {run.info.run_id} of an earlier attempt: {reason}", flush=True)
-
-
 def champion(report) -> tuple[Any, str, float, float] | None:
     """(variant summary, run id, the variant's mean, the run's value) of the variant with the highest mean
     final `val_accuracy` (the first in the study's order on ties) and its best run; None when no run has one."""
@@ -81,9 +72,8 @@ def register_champion(study: Study, result: StudyResult, name: str) -> None:
 
 def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = None, ray: str | None = None,
               ray_cpus: float = 1) -> StudyResult:
-    """Create or resume the parent, train the missing children (here one after another, or as Ray jobs: `parallel`
-    at a time on a local cluster, or on the cluster `ray`, each asking for a GPU, else `ray_cpus` CPUs), write
-    the report on the parent. The cluster and the store it must share are checked before any run exists."""
+    """Create or resume the parent, train the missing children here or as Ray jobs (docs/cluster.md), write the
+    report on the parent. The cluster and the store it must share are checked before any run exists."""
     if parallel < 1:
         raise StudyError(f"--parallel must be at least 1; got {parallel}.")
     if ray is not None and parallel != 1:
@@ -113,18 +103,18 @@ def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = Non
         description = (f"Ablation {plan_text(study).splitlines()[0]}. The report (reports/ablation.md) replaces "
                        f"this description when the children have finished.\n\n{study.description}").strip()
         match = {STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "parent"}
-        parent = stack.enter_context(tracking.parent_run(
+        parent_id, experiment = stack.enter_context(tracking.parent_run(
             study.experiment, study.name, match, params=params, description=description,
             adopt_key=CONFIG_DIGEST_TAG, wanted={c.digest for c in study.children()}))
-        result = StudyResult(parent.run_id)
+        result = StudyResult(parent_id)
         tracking.log_dict(study.spec(), SPEC_ARTIFACT)
         tracking.log_text(Path(study.path).read_text(), "study/" + Path(study.path).name)
         print(plan_text(study))
         start = time.perf_counter()
-        tuning, choice = study.tuning_children(parent.experiment), {}   # no tuning without a nuisance grid
+        tuning, choice = study.tuning_children(experiment), {}   # no tuning without a nuisance grid
         _train_missing(study, tuning, result, uri, on_ray)
         if study.grid:   # each arm's grid value, chosen on validation from its finished tuning runs
-            finished = tracking.children_by(parent.run_id, CONFIG_DIGEST_TAG, status="FINISHED")
+            finished = tracking.children_by(parent_id, CONFIG_DIGEST_TAG, status="FINISHED")
             choice = {v.name: choose_grid_value({c.grid_point.label: finished.get(c.digest) for c in tuning
                                                  if c.variant is v})[0] for v in study.variants}
             print("chosen on validation: " + "; ".join(f"{name}: {label or 'none (no tuning run finished)'}"
@@ -132,12 +122,12 @@ def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = Non
             result.failed.update({name: "no tuning run finished, so its other seeds were not run"
                                   for name, label in choice.items() if label is None})
         # the other children: every one without a grid; with one, each arm's other seeds at its chosen value
-        final = [c for c in study.children(parent.experiment) if not c.tuning
+        final = [c for c in study.children(experiment) if not c.tuning
                  and (c.grid_point is None or c.grid_point.label == choice.get(c.variant.name))]
         _train_missing(study, final, result, uri, on_ray)
         print(f"trained {len(result.ran)} children in {time.perf_counter() - start:.1f}s; {len(result.failed)} "
               f"failed" + (f", {len(result.diverged)} tuning runs diverged" if result.diverged else ""))
-        result.report = build_report(parent.run_id)
+        result.report = build_report(parent_id)
         tracking.log_metrics({"children_trained": len(result.ran), "children_skipped": result.skipped,
                               "children_failed": len(result.failed)})
         if result.failed:
@@ -177,8 +167,7 @@ def _train_missing(study: Study, children: list[Child], result: StudyResult, uri
 
 
 def _record_failure(result: StudyResult, child: Child, err: Exception) -> None:
-    """A child's own failure is recorded (a tuning child's divergence as a tuning result) and the study goes on;
-    one every child would hit again (bad data path, bad config, the store) stops it."""
+    """Record a child's own failure (a tuning divergence as a result) and go on; one every child would hit stops."""
     from ..data import DataError
 
     if isinstance(err, (ConfigError, DataError, tracking.TrackingError)):
@@ -191,8 +180,7 @@ def _record_failure(result: StudyResult, child: Child, err: Exception) -> None:
 
 
 def _train_child_on_ray(config, tags: dict[str, str], parent_run_id: str, uri: str) -> str:
-    """One child as a Ray job, with its Ray task, node and GPU in its tags. A retry (its worker or node died) ends
-    KILLED the run the dead attempt left RUNNING, then trains in a new run, so each attempt keeps its metrics."""
+    """One child as a Ray job, tagged with its Ray task, node and GPU; a retry ends the dead attempt's run KILLED."""
     import keras
 
     from ..training.train import train_and_evaluate
@@ -201,8 +189,8 @@ def _train_child_on_ray(config, tags: dict[str, str], parent_run_id: str, uri: s
     tracking.configure(uri)
     keras.backend.clear_session()   # a reused worker process: drop the previous child's graphs
     task = cluster.current_task()
-    end_earlier_attempts(parent_run_id, config.digest(), f"the process or node training it died; Ray retried "
-                         f"the child as task {task.get('task_id', '?')} on node {task.get('node_id', '?')[:8]}")
+    tracking.end_stale_children(parent_run_id, f"the process or node training it died; Ray retried the child as task "
+                                f"{task.get('task_id', '?')} on node {task.get('node_id', '?')[:8]}", config.digest())
     tags = {**tags, tracking.RAY_TASK_TAG: task.get("task_id", ""), tracking.RAY_NODE_TAG: task.get("node_id", "")}
     if os.environ.get("CUDA_VISIBLE_DEVICES"):   # the GPU Ray gave this job
         tags[tracking.VISIBLE_DEVICES_TAG] = os.environ["CUDA_VISIBLE_DEVICES"]
@@ -210,8 +198,7 @@ def _train_child_on_ray(config, tags: dict[str, str], parent_run_id: str, uri: s
 
 
 def _run_on_ray(study: Study, todo: list[Child], result: StudyResult, uri: str, cpus: float) -> None:
-    """Every child of `todo` as a Ray job (cluster.run_jobs). One whose retries are spent (its process or node died
-    each time) is recorded failed, its run ended KILLED: the next `ablate` trains it again."""
+    """Every child of `todo` as a Ray job; one whose retries are spent is recorded failed, its run ended KILLED."""
     from . import cluster
 
     if not todo:
@@ -234,8 +221,8 @@ def _run_on_ray(study: Study, todo: list[Child], result: StudyResult, uri: str, 
                 f"the study stops here. What was logged before is kept; once the store answers again, run the "
                 f"same command to train the children that did not finish.") from None
         if cluster.is_system_error(err):   # Ray's long multi-line message: its first line is enough
-            end_earlier_attempts(result.parent_run_id, child.digest, f"its Ray job failed: {outcome.error_text}; "
-                                 f"the next `alexnet-keras ablate` of the study trains it again")
+            tracking.end_stale_children(result.parent_run_id, f"its Ray job failed: {outcome.error_text}; the next "
+                                        f"`alexnet-keras ablate` of the study trains it again", child.digest)
             err = RuntimeError(outcome.error_text)
         _record_failure(result, child, err)
 

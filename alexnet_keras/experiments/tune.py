@@ -133,8 +133,8 @@ def make_tuner(sweep: Sweep, hypermodel: AlexNetHyperModel | None = None, **cont
     # keras-tuner's DEBUG prints each failed trial's chained tracebacks; run_trial prints one line instead.
     keras_tuner.src.config.DEBUG = False
     tuner = type(f"Tracked{base_cls.__name__}", (TrackedTrials, base_cls), {})(
-        hypermodel=hypermodel or AlexNetHyperModel(sweep), objective=keras_tuner.Objective(sweep.objective,
-                                                                                         sweep.direction),
+        hypermodel=hypermodel or AlexNetHyperModel(sweep),
+        objective=keras_tuner.Objective(sweep.objective, sweep.direction),
         seed=spec.seed + 1, max_consecutive_failed_trials=budget.max_failed_trials,   # seed 0: a random one
         directory=spec.directory, project_name=sweep.name, overwrite=False, **shape)
     tuner.sweep = sweep
@@ -147,22 +147,22 @@ def open_state(sweep: Sweep, overwrite: bool) -> str:
     folder, state = sweep.project_dir, sweep.project_dir / STATE_FILE
     if overwrite:
         shutil.rmtree(folder, ignore_errors=True)
-    if state.is_file():
-        saved = json.loads(state.read_text())
-        if saved.get("digest") != sweep.digest():
-            raise ConfigError(
-                f"the tuner state in {str(folder)!r} belongs to another version of sweep {sweep.name!r} "
-                f"(digest {saved.get('digest')}, this file gives {sweep.digest()}); keras-tuner would "
-                f"ignore the changed search space. Pass --overwrite to start the sweep again, or give the "
-                f"changed sweep another `name` (or --tuner-dir).")
-        return saved["uid"]
-    if folder.exists() and any(folder.iterdir()):
+    if folder.exists() and any(folder.iterdir()) and not state.is_file():   # a rival `tune` writes the state first
         raise ConfigError(f"{str(folder)!r} holds files but no {STATE_FILE}: not a sweep of this "
                           f"project. Pass --overwrite to replace it, or choose another --tuner-dir.")
     folder.mkdir(parents=True, exist_ok=True)
-    uid = uuid.uuid4().hex
-    state.write_text(json.dumps({"name": sweep.name, "digest": sweep.digest(), "uid": uid}, indent=2) + "\n")
-    return uid
+    mine = folder.parent / f".{folder.name}-{uuid.uuid4().hex}.json"
+    mine.write_text(json.dumps({"name": sweep.name, "digest": sweep.digest(), "uid": uuid.uuid4().hex}) + "\n")
+    with contextlib.suppress(FileExistsError):   # a state already, or a `tune` started at the same moment wrote it
+        os.link(mine, state)
+    mine.unlink()
+    saved = json.loads(state.read_text())
+    if saved.get("digest") != sweep.digest():
+        raise ConfigError(f"the tuner state in {str(folder)!r} belongs to another version of sweep {sweep.name!r} "
+                          f"(digest {saved.get('digest')}, this file gives {sweep.digest()}); keras-tuner would ignore "
+                          f"the changed search space. Pass --overwrite to start the sweep again, or give the changed "
+                          f"sweep another `name` (or --tuner-dir).")
+    return saved["uid"]
 
 
 def search(tuner: keras_tuner.Tuner) -> None:
@@ -194,8 +194,7 @@ def parent_params(sweep: Sweep) -> dict[str, Any]:
 
 def run_sweep(sweep: Sweep, *, overwrite: bool = False, ray: str | None = None, workers: int | None = None,
               cpus: float = 1.0) -> tuple[str, dict[str, Any]]:
-    """Run (or continue) `sweep`: its trials here, or on a Ray cluster (`ray`: "local", "auto" or
-    "HOST:PORT") checked before anything is created. The parent run's id and the best trial's row."""
+    """Run (or continue) `sweep` here or on a Ray cluster (docs/cluster.md); the parent's id, the best trial's row."""
     distributed = sorted(k for k in os.environ if k.startswith("KERASTUNER_"))
     if distributed:
         raise ConfigError(f"alexnet-keras tune starts the chief and the workers itself (--ray): unset "
@@ -214,7 +213,6 @@ def run_sweep(sweep: Sweep, *, overwrite: bool = False, ray: str | None = None, 
         hypermodel = AlexNetHyperModel(sweep)
         hypermodel.data_for(sweep.base)        # a missing dataset fails here, before any run or state
         tuner = make_tuner(sweep, hypermodel, uid=open_state(sweep, overwrite))
-        tuner.save()   # keras-tuner reloads only if its tuner file exists: an interrupted first trial resumes too
         match = {tracking.SWEEP_UID_TAG: tuner.uid, tracking.SWEEP_ROLE_TAG: "parent"}
         tags = {tracking.SWEEP_TAG: sweep.name, tracking.SWEEP_DIGEST_TAG: sweep.digest(),
                 tracking.SWEEP_MAX_TRIALS_TAG: str(sweep.max_trials)}
@@ -223,8 +221,9 @@ def run_sweep(sweep: Sweep, *, overwrite: bool = False, ray: str | None = None, 
                 f"here the trial table, the best values and the best trial's model.\n\n{sweep.spec.description}")
         # One parent holds the whole sweep: a new one (a second `mlflow run`) takes the trials of the earlier.
         with tracking.parent_run(sweep.base.experiment, sweep.name, match, tags=tags, params=parent_params(sweep),
-                                 description=note.strip(), retire={tracking.SWEEP_ROLE_TAG: "superseded"}) as parent:
-            tuner.parent_run_id, tuner.experiment = parent.run_id, parent.experiment
+                                 description=note.strip(), retire={tracking.SWEEP_ROLE_TAG: "superseded"}) as (
+                tuner.parent_run_id, tuner.experiment):
+            tuner.save()   # keras-tuner reloads only if its tuner file exists: an interrupted first trial resumes too
             tracking.log_dict(sweep.to_dict(), "sweep/sweep.yaml")
             if info is None:
                 search(tuner)
@@ -232,9 +231,9 @@ def run_sweep(sweep: Sweep, *, overwrite: bool = False, ray: str | None = None, 
                 _search_on_ray(tuner, info, workers, cpus)
                 tuner.reload()   # the trials as the chief's oracle left them
             best = summarize(tuner)
-    print(f"sweep {sweep.name!r}: parent run {parent.run_id}; best trial {best['trial']} "
+    print(f"sweep {sweep.name!r}: parent run {tuner.parent_run_id}; best trial {best['trial']} "
           f"{sweep.objective}={best[sweep.objective]:.4g}", flush=True)
-    return parent.run_id, best
+    return tuner.parent_run_id, best
 
 
 def _search_job(sweep: Sweep, uri: str, uid: str, parent_run_id: str, experiment: str) -> None:
@@ -257,8 +256,7 @@ def ray_workers(cluster_info, sweep: Sweep, cpus: float, workers: int | None) ->
 
 
 def _search_on_ray(tuner, info, count: int, cpus: float) -> None:
-    """The chief on this machine's node (no CPU or GPU of its own), `count` workers asking for a GPU where
-    the cluster has GPUs, else `cpus` CPUs. A failed job stops the sweep; a lost one Ray re-runs."""
+    """The chief on this machine's node, `count` workers (a GPU each, else `cpus` CPUs) as Ray jobs: docs/cluster.md."""
     from . import cluster
 
     sweep, uri = tuner.sweep, tracking.tracking_uri()

@@ -259,9 +259,9 @@ def run_description(config: Config, data: Data, context: Mapping[str, str] | Non
 def training_run(config: Config, model: keras.Model, name: str | None, tags: Mapping[str, str],
                  parent_run_id: str | None = None) -> Iterator[tuple[str, Path | None]]:
     """The one resume path: yields the run id and checkpoint folder of a training (none for a study's
-    child or a sweep's trial, which ablate / tune restart). A top-level run continues the latest KILLED
-    run of the experiment with the same config and data digests (and name, if given), or a FAILED one
-    whose checkpoint is still there: its checkpoint is restored into `model` before any run opens (a
+    child or a sweep's trial, which ablate / tune restart). A top-level run continues, once it holds its lease, the
+    latest KILLED or RUNNING run of the experiment with the same config and data digests (and name, if given), or a
+    FAILED one whose checkpoint is still there: its checkpoint is restored into `model` before any run opens (a
     damaged one fails there), then moved into this run's folder (docs/reliability.md)."""
     previous = old = None
     if parent_run_id is None:
@@ -271,6 +271,7 @@ def training_run(config: Config, model: keras.Model, name: str | None, tags: Map
         if config.resume:
             previous = tracking.find_resumable_run(config.experiment, match, run_name=config.run_name)
     if previous is not None:
+        tracking.lease(previous.info.run_id)   # before its checkpoint is read: a live process may own the run
         old = Path(previous.data.tags[tracking.CHECKPOINT_DIR_TAG])
         epoch = checkpoints.restore(model, old)
         print(f"continuing run {previous.info.run_id} ({previous.info.status} after {epoch} of "
