@@ -253,12 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (ConfigError, DataError, TrackingError) as err:
+    except (ConfigError, DataError, TrackingError, FloatingPointError) as err:
         print(f"alexnet-keras {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:  # diverged; the run is already marked FAILED with the reason
-        print(f"alexnet-keras {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(err, FloatingPointError) else 2   # diverged: the run is marked FAILED, with why
     except KeyboardInterrupt:
         print(f"alexnet-keras {args.command}: interrupted", file=sys.stderr)
         return 130

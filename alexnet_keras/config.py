@@ -383,14 +383,6 @@ def check_read(config: Config, options: Sequence[str], where: str) -> None:
                           f"identical runs. Drop it, or set `{why.split()[0]}` in `base` to one that reads it.")
 
 
-def parse_value(name: str, raw: Any, annotation: Any) -> Any:
-    """`raw` (a flag, MLproject parameter or YAML value) as `annotation`, parsed as config values are."""
-    try:
-        return pydantic.TypeAdapter(Annotated[annotation, Unset]).validate_python(raw)
-    except pydantic.ValidationError as err:
-        raise ConfigError(f"{name} {_rule(err.errors()[0], None)}; got {raw!r}.") from None
-
-
 def from_dict(values: Mapping[str, Any], *, base: Config | None = None, source: str = "config") -> Config:
     """Build a Config from nested ({model: {lrn: false}}) and/or flat ({lrn: "false"}) keys."""
     base = base or Config()

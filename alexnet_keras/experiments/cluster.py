@@ -277,7 +277,7 @@ def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int =
     outcomes: list[JobOutcome] = [JobOutcome(job.name) for job in jobs]
     pending = list(index)
     try:
-        while pending:
+        while pending and not all(jobs[index[ref]].serves for ref in pending):   # servers: cancelled when alone
             [ref], pending = ray.wait(pending, num_returns=1)
             name = jobs[index[ref]].name
             try:
@@ -293,17 +293,11 @@ def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int =
                 print(f"[{len(jobs) - len(pending)}/{len(jobs)}] {outcome.name} {how}", flush=True)
             if on_done is not None:
                 on_done(outcome)
-            if pending and all(jobs[index[ref]].serves for ref in pending):   # nobody left to serve
-                for ref in pending:
-                    ray.cancel(ref)
-                ray.wait(pending, num_returns=len(pending), timeout=30)
-                break
-    except BaseException:
+    finally:
         for ref in pending:
             ray.cancel(ref)
         if pending:   # let cancelled jobs end (their MLflow runs close) before the error goes up
             ray.wait(pending, num_returns=len(pending), timeout=30)
-        raise
     return outcomes
 
 
