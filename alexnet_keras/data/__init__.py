@@ -16,7 +16,6 @@ _EXPORTS = {
     "decode": ("RESIZE_POLICIES", "decode_image"),
     "files": ("DataError", "walk_files"),
     "pipeline": ("Data", "enable_op_determinism", "load_data"),
-    "pixel_stats": ("rgb_statistics",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -75,11 +75,6 @@ def from_moments(counts, total, products, pixel_total=None) -> RGBStats:
     return stats
 
 
-def rgb_statistics(batches, *, pixel_mean: bool = False) -> RGBStats:
-    """RGBStats of an iterable of uint8 (B,H,W,3) batches."""
-    return from_moments(**moments(batches, pixel_mean))
-
-
 def statistics(images: Images, key: str, pixel_mean: bool, verbose: bool) -> RGBStats:
     """RGBStats of `images`, computed once and kept in the cache under `key` (a streamed ImageNet pass
     takes minutes)."""

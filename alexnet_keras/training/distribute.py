@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any, Callable, ContextManager
+from typing import Callable, ContextManager
 
 from ..config import ConfigError, TrainConfig
 
@@ -19,10 +19,6 @@ class Distribution:
     kind: str
     replicas: int                      # devices that share each global batch
     scope: Callable[[], ContextManager]  # build and compile the model inside `with dist.scope():`
-    engine: Any = None                 # the tf.distribute strategy or keras DataParallel, if any
-
-    def per_replica_batch(self, global_batch: int) -> float:
-        return global_batch / self.replicas
 
 
 def setup(train: TrainConfig) -> Distribution:
@@ -53,7 +49,7 @@ def setup(train: TrainConfig) -> Distribution:
         if train.batch_size < replicas:
             raise ConfigError(f"train.batch_size {train.batch_size} is smaller than the {replicas} replicas of "
                               f"--distribute {kind}: every replica needs at least one image per step.")
-        return Distribution(kind, replicas, strategy.scope, strategy)
+        return Distribution(kind, replicas, strategy.scope)
 
     if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES") or os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES"):
         keras.distribution.initialize()   # multi-process: reads the KERAS_DISTRIBUTION_* variables
@@ -64,7 +60,7 @@ def setup(train: TrainConfig) -> Distribution:
                           f"for --distribute data_parallel (each device gets batch_size / {replicas}).")
     distribution = keras.distribution.DataParallel(devices=devices)
     keras.distribution.set_distribution(distribution)   # global: fit/evaluate/predict shard their inputs
-    return Distribution(kind, replicas, distribution.scope, distribution)
+    return Distribution(kind, replicas, distribution.scope)
 
 
 def adapt_data(data, dist: Distribution):
@@ -93,8 +89,6 @@ def adapt_data(data, dist: Distribution):
 
 def even_batches(dataset, replicas: int):
     """Drop a batch that does not split evenly over `replicas` (JAX shards must be equal)."""
-    if replicas <= 1:
-        return dataset
     import tensorflow as tf
 
     return dataset.filter(lambda images, labels: tf.equal(tf.shape(labels)[0] % replicas, 0))
