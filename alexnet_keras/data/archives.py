@@ -33,8 +33,7 @@ class DataDir:
 
 
 def locate_data_dir(data_dir: str | os.PathLike | None) -> DataDir | None:
-    """The folder `data_dir` names (else $ALEXNET_KERAS_DATA_DIR, else None: download), an archive's once
-    extracted into the cache."""
+    """The folder `data_dir` (else $ALEXNET_KERAS_DATA_DIR, else None) names, an archive's extracted in the cache."""
     origin = ""
     if not data_dir:
         data_dir = os.environ.get(DATA_DIR_ENV) or None

@@ -35,8 +35,7 @@ def unwritable(path: Path, err: OSError) -> DataError:
 
 
 def build_folder_once(target: Path, fill: Callable[[Path], None]) -> Path:
-    """`target`, filled by `fill(folder)` unless it exists: into a temporary folder beside it, renamed when
-    complete; any exception (Ctrl-C too) removes the temporary."""
+    """`target`, unless it exists filled by `fill(folder)` in a temporary folder beside it renamed when complete."""
     if target.is_dir():
         return target
     try:
@@ -56,8 +55,7 @@ def build_folder_once(target: Path, fill: Callable[[Path], None]) -> Path:
 
 
 def save_atomically(path: Path, write: Callable, binary: bool = True) -> bool:
-    """`write(file)` into a temporary file renamed to `path` when complete; False (nothing left behind) when
-    the cache cannot be written, which only costs computing it again."""
+    """`write(file)` into a temporary file renamed to `path` when complete; False when the cache is unwritable."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

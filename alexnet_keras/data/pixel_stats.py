@@ -1,6 +1,4 @@
-"""Colour statistics of a training split from one pass of float64 sums: per-channel mean and std, the RGB
-covariance and its principal components ("fancy PCA"), the per-pixel mean image; cached.
-"""
+"""A training split's colour statistics (mean, std, RGB covariance and its PCA, mean image) from cached sums."""
 
 from __future__ import annotations
 
@@ -76,8 +74,7 @@ def from_moments(counts, total, products, pixel_total=None) -> RGBStats:
 
 
 def statistics(images: Images, key: str, pixel_mean: bool, verbose: bool) -> RGBStats:
-    """RGBStats of `images`, computed once and kept in the cache under `key` (a streamed ImageNet pass
-    takes minutes)."""
+    """RGBStats of `images`, kept in the cache under `key` (a streamed ImageNet pass takes minutes)."""
     cache_file = cache_root() / "stats" / f"{key}.npz"
     cached = load_npz(cache_file)
     try:

@@ -1,7 +1,5 @@
-"""Ray clusters, where the children of a study and the trials of a sweep run (docs/cluster.md); Ray, an
-optional extra (`pip install -e '.[ray]'`), is imported only when needed. Ray on Linux puts a node given
-127.0.0.1 / localhost on the machine's outward address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 when it
-is imported: `connect` sets it for a local cluster or a loopback address, and checks every node's address."""
+"""Ray clusters, where a study's children and a sweep's trials run (docs/cluster.md, "A local cluster stays on
+127.0.0.1"); Ray, an optional extra (`pip install -e '.[ray]'`), is imported only when needed."""
 
 from __future__ import annotations
 
@@ -221,8 +219,8 @@ class JobOutcome:
 
 
 def _run_job(fn: Callable[..., Any], args: tuple, env: dict[str, str], cwd: str | None) -> dict[str, Any]:
-    """Every job's Ray task: the job, with its own variables set here (not in a runtime_env, which would need a
-    worker process of its own, importing TensorFlow again), and where it ran."""
+    """Every job's Ray task: the job, its variables set here (a runtime_env would start a worker importing TensorFlow
+    again), and where it ran."""
     import ray
 
     # ray.cancel raises KeyboardInterrupt through SIGINT's handler; a node started with SIGINT ignored (nohup,
@@ -248,9 +246,8 @@ def job_resources(cluster: ClusterInfo, cpus_per_job: float = 1) -> dict[str, fl
 def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int = 3,
              env: Mapping[str, str] | None = None, cwd: str | None = None,
              on_done: Callable[[JobOutcome], None] | None = None, verbose: bool = True) -> list[JobOutcome]:
-    """Run `jobs` as Ray tasks; their outcomes, in the order of `jobs`. Ray re-runs a task whose process or node
-    dies (`max_retries` times); a job's own exception becomes its `error`. `env`: the jobs' processes' variables;
-    `cwd`: their folder, where it exists. `on_done(outcome)` runs here as each job ends; if it raises (or on
+    """Run `jobs` as Ray tasks (re-run `max_retries` times if their process or node dies); their outcomes in order.
+    `env`, `cwd`: the jobs' variables and folder. `on_done(outcome)` runs here as each ends; if it raises (or on
     Ctrl-C), the jobs not yet finished are cancelled."""
     ray = _ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
