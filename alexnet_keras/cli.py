@@ -19,8 +19,7 @@ from .config import MAIN_JOB, SECTIONS, ConfigError, did_you_mean, leaf_fields, 
 
 
 class Parser(argparse.ArgumentParser):
-    """Flags spelled out in full (`--epoch` is not `--epochs`), and every error in one line: a typo'd flag
-    gets the closest ones, as a typo'd YAML key does; the usage is left to --help."""
+    """Flags spelled out in full (`--epoch` is not `--epochs`); every error in one line, a typo'd flag's with hints."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs, allow_abbrev=False)

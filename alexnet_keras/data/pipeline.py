@@ -55,8 +55,8 @@ def enable_op_determinism() -> None:
 
 def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: bool = True,
               deterministic: bool = True) -> Data:
-    """The dataset `cfg` (a DataConfig) names, in pipelines at `image_size` pixels. `seed` drives shuffling and
-    augmentation (the split: `cfg.split_seed`); `deterministic=False` lets train hand out batches as ready."""
+    """The dataset `cfg` (a DataConfig) names at `image_size` px, shuffled and augmented by `seed`; batches in a
+    free order unless `deterministic`."""
     paper = cfg.recipe == "paper"
     if paper and cfg.stored_size < image_size:
         raise DataError(f"the paper recipe crops {image_size}x{image_size} inputs from images stored at "
@@ -134,8 +134,8 @@ def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: 
 
 def mapped(images: Images, batch_size: int, transform, *, shuffle: bool = False, seed: int = 0,
            deterministic: bool = True, seeded: bool = False) -> tf.data.Dataset:
-    """`images` in batches, each fetched and turned into `transform(x, y)` in one parallel map, prefetched.
-    `seeded`: `transform(x, y, batch_seed)`, a seed per batch from a stream seeded by `seed`, new each epoch."""
+    """`images` in batches, each fetched and turned into `transform(x, y)` (`seeded`: `transform(x, y, batch_seed)`,
+    new seeds each epoch) in one parallel map, prefetched."""
     keys = images.batch_keys(batch_size, shuffle=shuffle, seed=seed, deterministic=deterministic)
     if seeded:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)

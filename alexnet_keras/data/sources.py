@@ -25,8 +25,7 @@ CIFAR_SIZE = 32
 
 
 def read_source(cfg, side: int, policy: str, verbose: bool) -> SourceImages:
-    """The images `cfg` (a DataConfig) names, files decoded to squares of `side` px with `policy`;
-    CIFAR-10 stays at its 32 px in memory (resized per batch), except in TFRecord shards."""
+    """The images `cfg` (a DataConfig) names, files decoded to squares of `side` px (CIFAR-10 kept at 32 px)."""
     if cfg.dataset == "synthetic":
         return synthetic(cfg.synthetic_samples, cfg.synthetic_classes, side, cfg.split_seed)
     located = locate_data_dir(cfg.data_dir)
@@ -107,8 +106,7 @@ def find_cifar_pickles(root: Path) -> Path | None:
     return None
 
 
-# The functions NumPy's own pickling of arrays (protocols 2-4, 5) and scalars reduces to, taken from what
-# NumPy returns (no private module imported), under the module names of NumPy 1 and 2.
+# What NumPy's pickles of arrays (protocols 2-5) and scalars call, under NumPy 1's and 2's module names.
 NUMPY_REDUCERS = [np.zeros(1).__reduce__()[0], np.zeros(1).__reduce_ex__(5)[0], np.float64(0).__reduce__()[0]]
 # What a CIFAR-10 pickle may name.
 PICKLE_GLOBALS = {

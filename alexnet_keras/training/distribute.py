@@ -1,6 +1,5 @@
-"""Data parallelism through the frameworks' own engines (`train.distribute`): tf.distribute's Mirrored and
-MultiWorkerMirrored strategies on TensorFlow, keras.distribution.DataParallel on JAX. `batch_size` is the
-global batch; the learning rate is not scaled (benchmarks/README.md)."""
+"""Data parallelism (`train.distribute`) through tf.distribute on TensorFlow, keras.distribution on JAX; `batch_size`
+is the global batch, the learning rate is not scaled (benchmarks/README.md)."""
 
 from __future__ import annotations
 
@@ -64,9 +63,8 @@ def setup(train: TrainConfig) -> Distribution:
 
 
 def adapt_data(data, dist: Distribution):
-    """Check (and for JAX adjust) `data` for `dist`, before any run exists. JAX shards must be equal: training
-    and validation drop an uneven last batch, the test split must divide. TensorFlow splits uneven batches,
-    but Keras 3 traces on the first batch, which must split evenly (keras-team/keras#19246)."""
+    """Check (and for JAX adjust) `data` for `dist` before any run exists: JAX shards must be equal (uneven last
+    batches dropped, the test split must divide); Keras 3 traces TensorFlow's on a first batch that must split."""
     if dist.replicas <= 1:
         return data
     if dist.kind == "data_parallel":
