@@ -2,8 +2,6 @@
 job or over `--config FILE.yaml`. Bad input ends in one line on stderr and exit status 2, never a traceback.
 TensorFlow, Keras and MLflow are imported by the commands that use them, so `--help` and `report` start fast."""
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import math

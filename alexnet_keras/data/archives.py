@@ -1,8 +1,6 @@
 """Where the data is: `--data-dir` / $ALEXNET_KERAS_DATA_DIR, archives extracted once into the cache, keyed
 by the sha256 of their bytes. No TensorFlow here."""
 
-from __future__ import annotations
-
 import dataclasses
 import errno
 import hashlib

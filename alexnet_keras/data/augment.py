@@ -1,7 +1,5 @@
 """Augmentation and evaluation views as TF ops on batches; every random op is stateless and draws per image."""
 
-from __future__ import annotations
-
 import numpy as np
 import tensorflow as tf
 

@@ -1,8 +1,6 @@
 """The data cache ($ALEXNET_KERAS_CACHE, else ~/.cache/alexnet-keras), whose entries appear whole or not at
 all, whatever interrupts them (docs/data.md). No TensorFlow here."""
 
-from __future__ import annotations
-
 import hashlib
 import json
 import os

@@ -1,7 +1,5 @@
 """Image files to pixels: `decode_image` (training, `prepare`, `predict`) and whole folders, cached as arrays."""
 
-from __future__ import annotations
-
 import os
 import sys
 import time

@@ -1,8 +1,6 @@
 """A split's images behind one interface (`Images`), in memory or in image files (the shards'
 `RecordImages` is in tfrecord.py); `SourceImages`: a source's splits before the validation split is carved."""
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 

@@ -1,7 +1,5 @@
 """`load_data`: a `DataConfig` in, a `Data` out (batched tf.data pipelines and what a run logs about them)."""
 
-from __future__ import annotations
-
 import dataclasses
 import hashlib
 import math

@@ -1,7 +1,5 @@
 """A training split's colour statistics (mean, std, RGB covariance and its PCA, mean image) from cached sums."""
 
-from __future__ import annotations
-
 import dataclasses
 import time
 

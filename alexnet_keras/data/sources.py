@@ -1,7 +1,5 @@
 """Where images come from: `read_source` turns a `DataConfig` into `SourceImages` (docs/data.md)."""
 
-from __future__ import annotations
-
 import codecs
 import hashlib
 import os

@@ -1,8 +1,6 @@
 """Ray clusters, where a study's children and a sweep's trials run (docs/cluster.md, "A local cluster stays on
 127.0.0.1"); Ray, an optional extra (`pip install -e '.[ray]'`), is imported only when needed."""
 
-from __future__ import annotations
-
 import contextlib
 import ipaddress
 import logging

@@ -1,7 +1,5 @@
 """The keys every study and sweep file shares (`SpecKeys`, extended by study.py and sweep.py), and `read_spec`."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Any, TypeVar
 

@@ -1,8 +1,6 @@
 """`alexnet-keras benchmark`: timing of the conv stack and the full network, and throughput of train.fit and
 its tf.data pipeline, logged to one MLflow run (benchmarks/README.md)."""
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import dataclasses

@@ -1,8 +1,6 @@
 """Data parallelism (`train.distribute`) through tf.distribute on TensorFlow, keras.distribution on JAX; `batch_size`
 is the global batch, the learning rate is not scaled (benchmarks/README.md)."""
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import os
