@@ -1,5 +1,4 @@
-"""Where the data is: `--data-dir` / $ALEXNET_KERAS_DATA_DIR, archives extracted once into the cache, keyed
-by the sha256 of their bytes. No TensorFlow here."""
+"""Where the data is: `--data-dir` / $ALEXNET_KERAS_DATA_DIR, archives extracted once by sha256; no TensorFlow."""
 
 import dataclasses
 import errno

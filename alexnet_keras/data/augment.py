@@ -59,9 +59,8 @@ def ten_crops(images: tf.Tensor, size: int) -> tf.Tensor:
 
 def pca_color_shift(images: tf.Tensor, seed: tf.Tensor, eigenvalues, eigenvectors,
                     std: float = 0.1) -> tf.Tensor:
-    """The paper's "fancy PCA" on a batch of float images in 0..255: every pixel of image b gets the
-    offset 255 * sum_i alpha_bi * lambda_i * p_i, alpha_bi ~ N(0, std) per image, (p_i, lambda_i) the
-    eigenvectors (columns) and eigenvalues of the training RGB covariance in [0, 1] units. Stateless."""
+    """The paper's "fancy PCA" on float images in 0..255: image b's pixels get 255 * sum_i alpha_bi * lambda_i * p_i,
+    alpha_bi ~ N(0, std), (p_i, lambda_i) the RGB covariance's eigenvectors and eigenvalues in [0, 1] units."""
     images = tf.convert_to_tensor(images)
     alpha = tf.random.stateless_normal([tf.shape(images)[0], 3], tf.cast(seed, tf.int64), stddev=std)
     weights = alpha * tf.constant(np.asarray(eigenvalues, np.float32))[None, :]

@@ -1,5 +1,4 @@
-"""The data cache ($ALEXNET_KERAS_CACHE, else ~/.cache/alexnet-keras), whose entries appear whole or not at
-all, whatever interrupts them (docs/data.md). No TensorFlow here."""
+"""The data cache ($ALEXNET_KERAS_CACHE, else ~/.cache/alexnet-keras), entries whole or absent; no TensorFlow."""
 
 import hashlib
 import json

@@ -1,5 +1,4 @@
-"""A split's images behind one interface (`Images`), in memory or in image files (the shards'
-`RecordImages` is in tfrecord.py); `SourceImages`: a source's splits before the validation split is carved."""
+"""A split's images (`Images`) in memory or in files (shards: tfrecord.py); `SourceImages`: a source's splits."""
 
 import dataclasses
 import functools

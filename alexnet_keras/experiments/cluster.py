@@ -1,5 +1,4 @@
-"""Ray clusters, where a study's children and a sweep's trials run (docs/cluster.md, "A local cluster stays on
-127.0.0.1"); Ray, an optional extra (`pip install -e '.[ray]'`), is imported only when needed."""
+"""Ray clusters, where a study's children and a sweep's trials run (docs/cluster.md); Ray is imported when needed."""
 
 import contextlib
 import ipaddress
@@ -217,8 +216,7 @@ class JobOutcome:
 
 
 def _run_job(fn: Callable[..., Any], args: tuple, env: dict[str, str], cwd: str | None) -> dict[str, Any]:
-    """Every job's Ray task: the job, its variables set here (a runtime_env would start a worker importing TensorFlow
-    again), and where it ran."""
+    """Every job's Ray task: the job, with its variables set here (not in a slow runtime_env), and where it ran."""
     import ray
 
     # ray.cancel raises KeyboardInterrupt through SIGINT's handler; a node started with SIGINT ignored (nohup,

@@ -22,8 +22,7 @@ SpecT = TypeVar("SpecT", bound=SpecKeys)
 
 
 def read_spec(path: str | Path, model: type[SpecT], kind: str) -> tuple[SpecT, Config]:
-    """The study or sweep file at `path` as `model`, and the Config its runs start from (defaults, then
-    base_config, then base)."""
+    """The study or sweep file at `path` as `model`, and its runs' Config: defaults, then base_config, then base."""
     path = Path(path)
     source = str(path)
     spec = validated(model, load_yaml(path, kind), source)

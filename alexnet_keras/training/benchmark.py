@@ -1,5 +1,4 @@
-"""`alexnet-keras benchmark`: timing of the conv stack and the full network, and throughput of train.fit and
-its tf.data pipeline, logged to one MLflow run (benchmarks/README.md)."""
+"""`alexnet-keras benchmark`: forward/backward timing and train.fit throughput in one MLflow run (benchmarks/)."""
 
 import argparse
 import contextlib

@@ -19,8 +19,7 @@ class Distribution:
 
 
 def setup(train: TrainConfig) -> Distribution:
-    """The engine `train.distribute` names, created before any TensorFlow op runs (MultiWorkerMirroredStrategy
-    refuses to start later) and before the model is built."""
+    """The engine `train.distribute` names, created before any TensorFlow op (MultiWorkerMirroredStrategy needs it)."""
     import keras
 
     kind = train.distribute
