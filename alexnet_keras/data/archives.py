@@ -1,5 +1,6 @@
 """Where the data is: `--data-dir` / $ALEXNET_KERAS_DATA_DIR, archives extracted once by sha256; no TensorFlow."""
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -58,12 +59,10 @@ def archive_sha256(archive: Path) -> str:
     key = hashlib.sha256(json.dumps([str(archive.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns,
                                      stat.st_ino, stat.st_dev]).encode()).hexdigest()[:32]
     remembered = cache_root() / "archive-sha256" / key
-    try:
+    with contextlib.suppress(OSError):
         known = remembered.read_text().strip()
         if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
             return known
-    except OSError:
-        pass
     try:
         with open(archive, "rb") as f:
             digest = hashlib.file_digest(f, "sha256")

@@ -34,11 +34,9 @@ def decode_image(contents: tf.Tensor, size: int, policy: str = "squash") -> tf.T
         return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
     if policy == "squash":
-        def resize():
-            return rounded(tf.image.resize(image, [size, size], antialias=True))
-
         same = tf.logical_and(tf.equal(height, size), tf.equal(width, size))
-        return tf.cond(same, lambda: tf.ensure_shape(image, [size, size, 3]), resize)
+        return tf.cond(same, lambda: tf.ensure_shape(image, [size, size, 3]),
+                       lambda: rounded(tf.image.resize(image, [size, size], antialias=True)))
 
     shorter = tf.minimum(height, width)
 

@@ -1,5 +1,6 @@
 """A training split's colour statistics (mean, std, RGB covariance and its PCA, mean image) from cached sums."""
 
+import contextlib
 import dataclasses
 import time
 
@@ -74,11 +75,8 @@ def from_moments(counts, total, products, pixel_total=None) -> RGBStats:
 def statistics(images: Images, key: str, pixel_mean: bool, verbose: bool) -> RGBStats:
     """RGBStats of `images`, kept in the cache under `key` (a streamed ImageNet pass takes minutes)."""
     cache_file = cache_root() / "stats" / f"{key}.npz"
-    cached = load_npz(cache_file)
-    try:
-        return from_moments(**cached)
-    except (TypeError, ValueError):   # missing or damaged: computed again
-        pass
+    with contextlib.suppress(TypeError, ValueError):   # missing or damaged: computed again
+        return from_moments(**load_npz(cache_file))
     start = time.perf_counter()
     sums = moments(images.numpy_batches(), pixel_mean)
     if verbose and len(images) >= PROGRESS_MIN_FILES:

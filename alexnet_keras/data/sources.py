@@ -36,7 +36,8 @@ def read_source(cfg, side: int, policy: str, verbose: bool) -> SourceImages:
     root, content_id = located.path, located.archive_sha256
     if tfrecord.is_prepared(root):
         source = tfrecord.load_prepared(root, side, policy, cfg.split_seed)
-    elif (pickles := find_cifar_pickles(root)) is not None:
+    elif pickles := next((folder for folder in (root, root / CIFAR_PICKLE_DIR)
+                          if (folder / "data_batch_1").is_file() and (folder / "test_batch").is_file()), None):
         return cifar_pickles(pickles)     # identified by content already
     else:
         hint = LAYOUT_HINT + (f", or CIFAR-10's {CIFAR_PICKLE_DIR}/ (data_batch_1..5, test_batch, batches.meta)."
@@ -78,10 +79,7 @@ def synthetic(samples: int, classes: int, image_size: int, seed: int) -> SourceI
         images = templates[labels] + rng.normal(0, 20, size=(n, s, s, 3)).astype(np.float32)
         return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels
 
-    x_train, y_train = make(n_train)
-    x_test, y_test = make(n_test)
-    return in_memory(x_train, y_train, x_test, y_test, [f"class_{i}" for i in range(k)], "synthetic",
-                     "synthetic")
+    return in_memory(*make(n_train), *make(n_test), [f"class_{i}" for i in range(k)], "synthetic", "synthetic")
 
 
 def cifar10_download() -> SourceImages:
@@ -95,13 +93,6 @@ def cifar10_download() -> SourceImages:
         ) from err
     y_train, y_test = y_train.reshape(-1).astype(np.int32), y_test.reshape(-1).astype(np.int32)
     return in_memory(x_train, y_train, x_test, y_test, CIFAR10_CLASSES, "keras.datasets.cifar10", "cifar10")
-
-
-def find_cifar_pickles(root: Path) -> Path | None:
-    for candidate in (root, root / CIFAR_PICKLE_DIR):
-        if (candidate / "data_batch_1").is_file() and (candidate / "test_batch").is_file():
-            return candidate
-    return None
 
 
 # What NumPy's pickles of arrays (protocols 2-5) and scalars call, under NumPy 1's and 2's module names.
