@@ -37,14 +37,8 @@ class Data:
     recipe_stats: dict | None = None      # paper recipe: RGB mean/std/covariance, PCA, for logging
     mean_image: np.ndarray | None = None  # paper recipe with pixel_mean: (stored, stored, 3) float32
     test_ten_crop: tf.data.Dataset | None = None  # ten_crop: 10 views per test image, images only
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(self.counts["train"] / self.batch_size))
+    num_classes = property(lambda self: len(self.class_names))
+    steps_per_epoch = property(lambda self: max(1, math.ceil(self.counts["train"] / self.batch_size)))
 
 
 def enable_op_determinism() -> None:

@@ -37,18 +37,9 @@ class ClusterInfo:
     address: str                      # the cluster's (GCS) address, host:port
     nodes: tuple[Node, ...]           # the nodes alive when this was read
     started_here: bool = False        # the connect() that returned this started it (disconnect() stops it)
-
-    @property
-    def num_nodes(self) -> int:
-        return len(self.nodes)
-
-    @property
-    def cpus(self) -> float:
-        return sum(n.cpus for n in self.nodes)
-
-    @property
-    def gpus(self) -> float:
-        return sum(n.gpus for n in self.nodes)
+    num_nodes = property(lambda self: len(self.nodes))
+    cpus = property(lambda self: sum(n.cpus for n in self.nodes))
+    gpus = property(lambda self: sum(n.gpus for n in self.nodes))
 
     def describe(self) -> str:
         return (f"{'local ' if self.started_here else ''}Ray cluster at {self.address}: {self.num_nodes} node(s) "
@@ -204,10 +195,7 @@ class JobOutcome:
     node_address: str = ""
     pid: int | None = None
     seconds: float = 0.0                          # inside the task
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
+    ok = property(lambda self: self.error is None)
 
     @property
     def error_text(self) -> str:
