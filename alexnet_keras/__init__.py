@@ -10,8 +10,7 @@ __all__ = ["AlexNet", "LocalResponseNormalization", "build_alexnet", "Config", "
 
 
 def __getattr__(name: str):
-    """The network's names import Keras, which takes seconds: they load on first use (PEP 562), so that
-    `alexnet-keras --help` and `report` start without it."""
+    """The network's names load Keras (seconds) on first use (PEP 562): `--help` and `report` start without it."""
     if name not in ("AlexNet", "build_alexnet", "LocalResponseNormalization"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from . import model

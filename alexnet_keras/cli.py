@@ -2,8 +2,6 @@
 job or over `--config FILE.yaml`. Bad input ends in one line on stderr and exit status 2, never a traceback.
 TensorFlow, Keras and MLflow are imported by the commands that use them, so `--help` and `report` start fast."""
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import math
@@ -19,8 +17,7 @@ from .config import MAIN_JOB, SECTIONS, ConfigError, did_you_mean, leaf_fields, 
 
 
 class Parser(argparse.ArgumentParser):
-    """Flags spelled out in full (`--epoch` is not `--epochs`), and every error in one line: a typo'd flag
-    gets the closest ones, as a typo'd YAML key does; the usage is left to --help."""
+    """Flags spelled out in full (`--epoch` is not `--epochs`); every error in one line, a typo'd flag's with hints."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs, allow_abbrev=False)
@@ -253,12 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (ConfigError, DataError, TrackingError) as err:
+    except (ConfigError, DataError, TrackingError, FloatingPointError) as err:
         print(f"alexnet-keras {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:  # diverged; the run is already marked FAILED with the reason
-        print(f"alexnet-keras {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(err, FloatingPointError) else 2   # diverged: the run is marked FAILED, with why
     except KeyboardInterrupt:
         print(f"alexnet-keras {args.command}: interrupted", file=sys.stderr)
         return 130

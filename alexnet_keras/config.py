@@ -383,14 +383,6 @@ def check_read(config: Config, options: Sequence[str], where: str) -> None:
                           f"identical runs. Drop it, or set `{why.split()[0]}` in `base` to one that reads it.")
 
 
-def parse_value(name: str, raw: Any, annotation: Any) -> Any:
-    """`raw` (a flag, MLproject parameter or YAML value) as `annotation`, parsed as config values are."""
-    try:
-        return pydantic.TypeAdapter(Annotated[annotation, Unset]).validate_python(raw)
-    except pydantic.ValidationError as err:
-        raise ConfigError(f"{name} {_rule(err.errors()[0], None)}; got {raw!r}.") from None
-
-
 def from_dict(values: Mapping[str, Any], *, base: Config | None = None, source: str = "config") -> Config:
     """Build a Config from nested ({model: {lrn: false}}) and/or flat ({lrn: "false"}) keys."""
     base = base or Config()
@@ -431,9 +423,8 @@ class MemoryEstimate:
 
 
 def memory_estimate(config: Config) -> MemoryEstimate:
-    """The memory a training run needs at least: 3 float32 copies of the weights (gradients, momentum), one
-    batch's layer outputs twice (and their gradients), the images held in memory (folders are streamed).
-    Checked against the whole machine, so what it refuses is far out of reach."""
+    """What a training run needs at least: 3 float32 copies of the weights (gradients, momentum), one batch's
+    layer outputs and their gradients, the images held in memory (folders are streamed)."""
     model, data = config.model, config.data
     num_classes = {"synthetic": data.synthetic_classes, "cifar10": 10}.get(data.dataset, 1000)
     parameters, batch = model.parameter_count(num_classes), config.train.batch_size
@@ -562,8 +553,7 @@ def _yaml_values(node: Any, memo: dict[int, int], open_nodes: set[int], where: s
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
-    """What `alexnet-keras train [--config path]` trains: the main job, or the paper's defaults then the YAML
-    file at `path`; then `overrides` (the flags)."""
+    """What `train [--config path]` trains: the main job, or the paper's defaults then `path`; then `overrides`."""
     config = from_dict(load_yaml(path), source=str(path)) if path else MAIN_JOB
     return from_dict(overrides or {}, base=config, source="command line")
 

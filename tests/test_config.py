@@ -58,12 +58,16 @@ def test_strings_are_parsed_to_field_types():
 
 def test_other_options_parse_strings_the_config_way():
     """Flags outside the config tree (--max-trials, the benchmark's) parse as config values do."""
-    from alexnet_keras.config import parse_value
+    from alexnet_keras import cli
+    from alexnet_keras.training.benchmark import options_from_args
 
-    assert parse_value("n", "none", int | None) is None and parse_value("n", "", int | None) is None
-    assert parse_value("n", "3", int | None) == 3 and parse_value("b", "off", bool) is False
-    with pytest.raises(ConfigError, match="n must be an integer; got 'q'"):
-        parse_value("n", "q", int)
+    def bench(*flags):
+        return options_from_args(cli.build_parser().parse_args(["benchmark", *flags]))
+
+    assert bench("--parts", "none").parts == () and bench("--parts", "").parts == ()
+    assert bench("--steps", "3").steps == 3 and bench("--xla", "off").xla == (False,)
+    with pytest.raises(ConfigError, match="`--steps` must be an integer; got .q."):
+        bench("--steps", "q")
 
 
 @pytest.mark.parametrize("overrides, fragment", [

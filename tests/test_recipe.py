@@ -17,7 +17,7 @@ from alexnet_keras import data as data_module
 from alexnet_keras.config import ConfigError, DataConfig, load_config
 from alexnet_keras.data import tfrecord
 from alexnet_keras.data import (DataError, center_crop, decode_image, load_data, model_views, pca_color_shift,
-                                random_crops, rgb_statistics, ten_crops)
+                                random_crops, ten_crops)
 from alexnet_keras.model.inference import ten_crop_metrics, top_k, top_k_accuracy
 
 STORED, CROP = 20, 16
@@ -136,11 +136,13 @@ def test_pca_and_mean_statistics_match_numpy_on_the_same_pixels(folder):
     assert data.mean == [0.0, 0.0, 0.0]
     np.testing.assert_allclose(data.std, (stored - stored.mean(axis=0)).reshape(-1, 3).std(axis=0), rtol=1e-4)
 
-    # rgb_statistics on its own, against NumPy on random batches.
-    rng = np.random.default_rng(3)
-    batches = [rng.integers(0, 256, size=(5, 7, 7, 3), dtype=np.uint8) for _ in range(3)]
-    flat = np.concatenate(batches).reshape(-1, 3).astype(np.float64)
-    result = rgb_statistics(batches)
+    # The statistics on their own, against NumPy on random images.
+    from alexnet_keras.data.images import ArrayImages
+    from alexnet_keras.data.pixel_stats import statistics
+
+    images = np.random.default_rng(3).integers(0, 256, size=(15, 7, 7, 3), dtype=np.uint8)
+    flat = images.reshape(-1, 3).astype(np.float64)
+    result = statistics(ArrayImages(images, np.zeros(15)), "random-images", pixel_mean=False, verbose=False)
     np.testing.assert_allclose(result.covariance, np.cov(flat.T, bias=True), rtol=1e-9)
     np.testing.assert_allclose(result.std, flat.std(axis=0), rtol=1e-9)
 

@@ -1,13 +1,9 @@
-"""Images in, `tf.data` pipelines out: CIFAR-10, image folders, TFRecord shards or synthetic images
-(docs/data.md). One job per module; imports run one way: files <- cache <- archives; decode <- images <-
-sources/tfrecord <- pipeline.
-"""
+"""Images in, `tf.data` pipelines out (docs/data.md). Imports run one way: files <- cache <- archives; decode <-
+images <- sources/tfrecord <- pipeline."""
 
 import importlib
 
-# Every name this package exports, and the module that defines it. They are imported on first use
-# (PEP 562), so that `from .data import DataError` (the CLI's error handling, `report`, the served
-# model) does not start TensorFlow. Other names are imported from their modules.
+# The names exported, imported on first use (PEP 562): `from .data import DataError` starts no TensorFlow.
 _EXPORTS = {
     "archives": ("DATA_DIR_ENV", "locate_data_dir"),
     "augment": ("TEN_CROP_VIEWS", "center_crop", "model_views", "pca_color_shift", "random_crop_flip",
@@ -16,7 +12,6 @@ _EXPORTS = {
     "decode": ("RESIZE_POLICIES", "decode_image"),
     "files": ("DataError", "walk_files"),
     "pipeline": ("Data", "enable_op_determinism", "load_data"),
-    "pixel_stats": ("rgb_statistics",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -1,8 +1,6 @@
-"""Where the data is: `--data-dir` / $ALEXNET_KERAS_DATA_DIR, archives extracted once into the cache, keyed
-by the sha256 of their bytes. No TensorFlow here."""
+"""Where the data is: `--data-dir` / $ALEXNET_KERAS_DATA_DIR, archives extracted once by sha256; no TensorFlow."""
 
-from __future__ import annotations
-
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -33,8 +31,7 @@ class DataDir:
 
 
 def locate_data_dir(data_dir: str | os.PathLike | None) -> DataDir | None:
-    """The folder `data_dir` names (else $ALEXNET_KERAS_DATA_DIR, else None: download), an archive's once
-    extracted into the cache."""
+    """The folder `data_dir` (else $ALEXNET_KERAS_DATA_DIR, else None) names, an archive's extracted in the cache."""
     origin = ""
     if not data_dir:
         data_dir = os.environ.get(DATA_DIR_ENV) or None
@@ -62,12 +59,10 @@ def archive_sha256(archive: Path) -> str:
     key = hashlib.sha256(json.dumps([str(archive.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns,
                                      stat.st_ino, stat.st_dev]).encode()).hexdigest()[:32]
     remembered = cache_root() / "archive-sha256" / key
-    try:
+    with contextlib.suppress(OSError):
         known = remembered.read_text().strip()
         if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
             return known
-    except OSError:
-        pass
     try:
         with open(archive, "rb") as f:
             digest = hashlib.file_digest(f, "sha256")

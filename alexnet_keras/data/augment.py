@@ -1,21 +1,16 @@
-"""Augmentation and evaluation views as TF ops on batches: crops, flips, the paper's ten views, "fancy
-PCA", `model_views`. Every random op is stateless in an explicit seed and draws per image."""
-
-from __future__ import annotations
+"""Augmentation and evaluation views as TF ops on batches; every random op is stateless and draws per image."""
 
 import numpy as np
 import tensorflow as tf
 
 # The order of the paper's ten test views in `ten_crops` (and in predict's output).
-TEN_CROP_VIEWS = ("top_left", "top_right", "bottom_left", "bottom_right", "center",
-                  "top_left_flipped", "top_right_flipped", "bottom_left_flipped", "bottom_right_flipped",
-                  "center_flipped")
+TEN_CROP_VIEWS = tuple(corner + flipped for flipped in ("", "_flipped")
+                       for corner in ("top_left", "top_right", "bottom_left", "bottom_right", "center"))
 
 
 def random_crop_flip(images: tf.Tensor, seed: tf.Tensor, pad: int | None = None, *, crop: bool = True,
                      flip: bool = True) -> tf.Tensor:
-    """Random translation by up to `pad` pixels each way (default H // 8: 4 px for CIFAR's 32), as a random
-    crop of the image padded by reflection, and random horizontal flip, per image of a batch (B,H,H,C)."""
+    """Random shifts by up to `pad` px (default H // 8) as crops of the reflect-padded batch (B,H,H,C), and flips."""
     images = tf.convert_to_tensor(images)
     side = images.shape[1]
     pad = min(side // 8 if pad is None else pad, side - 1)   # reflection reaches no further
@@ -25,9 +20,8 @@ def random_crop_flip(images: tf.Tensor, seed: tf.Tensor, pad: int | None = None,
 
 def random_crops(images: tf.Tensor, size: int, seed: tf.Tensor, *, crop: bool = True,
                  flip: bool = True) -> tf.Tensor:
-    """The paper's training crops: a size x size window of every image of a batch (B,H,W,C) at a position
-    drawn uniformly (`crop=False`: the centre), mirrored with probability 1/2 (`flip`), independently per
-    image, stateless in `seed`: one gather for the whole batch (4-5x faster than per-image crops)."""
+    """The paper's training crops: a uniformly placed (`crop=False`: central) size x size window of each image of a
+    batch (B,H,W,C), mirrored with probability 1/2 (`flip`), in one gather (4-5x faster than per-image crops)."""
     images = tf.convert_to_tensor(images)
     batch, (height, width, channels) = tf.shape(images)[0], images.shape[1:]
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2))
@@ -53,8 +47,7 @@ def center_crop(images: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def ten_crops(images: tf.Tensor, size: int) -> tf.Tensor:
-    """The paper's ten test views of every image of a batch, in the order of TEN_CROP_VIEWS: (B,H,W,C)
-    -> (B,10,size,size,C)."""
+    """The paper's ten test views (in the order of TEN_CROP_VIEWS): (B,H,W,C) -> (B,10,size,size,C)."""
     images = tf.convert_to_tensor(images)
     height, width = images.shape[1], images.shape[2]
     corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size),
@@ -66,9 +59,8 @@ def ten_crops(images: tf.Tensor, size: int) -> tf.Tensor:
 
 def pca_color_shift(images: tf.Tensor, seed: tf.Tensor, eigenvalues, eigenvectors,
                     std: float = 0.1) -> tf.Tensor:
-    """The paper's "fancy PCA" on a batch of float images in 0..255: every pixel of image b gets the
-    offset 255 * sum_i alpha_bi * lambda_i * p_i, alpha_bi ~ N(0, std) per image, (p_i, lambda_i) the
-    eigenvectors (columns) and eigenvalues of the training RGB covariance in [0, 1] units. Stateless."""
+    """The paper's "fancy PCA" on float images in 0..255: image b's pixels get 255 * sum_i alpha_bi * lambda_i * p_i,
+    alpha_bi ~ N(0, std), (p_i, lambda_i) the RGB covariance's eigenvectors and eigenvalues in [0, 1] units."""
     images = tf.convert_to_tensor(images)
     alpha = tf.random.stateless_normal([tf.shape(images)[0], 3], tf.cast(seed, tf.int64), stddev=std)
     weights = alpha * tf.constant(np.asarray(eigenvalues, np.float32))[None, :]
@@ -89,8 +81,7 @@ def model_views(images: tf.Tensor, *, image_size: int, stored_size: int, mean_im
 
 
 def to_stored(images: tf.Tensor, stored_size: int, mean_image=None) -> tf.Tensor:
-    """A batch of images (B,H,W,3) as float32 at stored_size (resized when H differs: CIFAR's 32 px),
-    less the per-pixel mean image when one is given."""
+    """A batch (B,H,W,3) as float32 at stored_size (CIFAR's 32 px resized), less `mean_image` if given."""
     x = tf.cast(images, tf.float32)
     side = x.shape[1]
     if side != stored_size:

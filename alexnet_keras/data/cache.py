@@ -1,7 +1,4 @@
-"""The data cache ($ALEXNET_KERAS_CACHE, else ~/.cache/alexnet-keras), whose entries appear whole or not at
-all, whatever interrupts them (docs/data.md). No TensorFlow here."""
-
-from __future__ import annotations
+"""The data cache ($ALEXNET_KERAS_CACHE, else ~/.cache/alexnet-keras), entries whole or absent; no TensorFlow."""
 
 import hashlib
 import json
@@ -35,8 +32,7 @@ def unwritable(path: Path, err: OSError) -> DataError:
 
 
 def build_folder_once(target: Path, fill: Callable[[Path], None]) -> Path:
-    """`target`, filled by `fill(folder)` unless it exists: into a temporary folder beside it, renamed when
-    complete; any exception (Ctrl-C too) removes the temporary."""
+    """`target`, unless it exists filled by `fill(folder)` in a temporary folder beside it renamed when complete."""
     if target.is_dir():
         return target
     try:
@@ -56,8 +52,7 @@ def build_folder_once(target: Path, fill: Callable[[Path], None]) -> Path:
 
 
 def save_atomically(path: Path, write: Callable, binary: bool = True) -> bool:
-    """`write(file)` into a temporary file renamed to `path` when complete; False (nothing left behind) when
-    the cache cannot be written, which only costs computing it again."""
+    """`write(file)` into a temporary file renamed to `path` when complete; False when the cache is unwritable."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

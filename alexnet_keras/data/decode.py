@@ -1,7 +1,4 @@
-"""Image files to pixels: `decode_image` (training, `prepare` and `predict`) and a folder's files decoded
-in bulk, cached on disk as arrays."""
-
-from __future__ import annotations
+"""Image files to pixels: `decode_image` (training, `prepare`, `predict`) and whole folders, cached as arrays."""
 
 import os
 import sys
@@ -15,8 +12,7 @@ import tensorflow as tf
 from .cache import cache_root, hash_json, load_npz, save_npz
 
 RESIZE_POLICIES = ("squash", "shorter_side_crop")
-# Above this many files, decoding shows a progress bar (below it, it takes about a second).
-PROGRESS_MIN_FILES = 2000
+PROGRESS_MIN_FILES = 2000   # fewer files decode in about a second: no progress bar
 
 
 def progress_bar(n: int, what: str, verbose: bool):
@@ -28,9 +24,8 @@ def progress_bar(n: int, what: str, verbose: bool):
 
 
 def decode_image(contents: tf.Tensor, size: int, policy: str = "squash") -> tf.Tensor:
-    """JPEG/PNG/GIF/BMP bytes -> uint8 RGB (size, size, 3), bilinear and antialiased. `policy`: "squash"
-    whatever the aspect ratio (the simple recipe), or "shorter_side_crop": the shorter side rescaled to `size`,
-    the central square kept (the paper's). Bytes that are not an image raise."""
+    """JPEG/PNG/GIF/BMP bytes -> uint8 RGB (size, size, 3), antialiased; "squash" whatever the aspect ratio, or
+    "shorter_side_crop": the paper's shorter side rescaled to `size`, central square kept. Non-images raise."""
     image = tf.io.decode_image(contents, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     height, width = tf.shape(image)[0], tf.shape(image)[1]
@@ -39,11 +34,9 @@ def decode_image(contents: tf.Tensor, size: int, policy: str = "squash") -> tf.T
         return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
     if policy == "squash":
-        def resize():
-            return rounded(tf.image.resize(image, [size, size], antialias=True))
-
         same = tf.logical_and(tf.equal(height, size), tf.equal(width, size))
-        return tf.cond(same, lambda: tf.ensure_shape(image, [size, size, 3]), resize)
+        return tf.cond(same, lambda: tf.ensure_shape(image, [size, size, 3]),
+                       lambda: rounded(tf.image.resize(image, [size, size], antialias=True)))
 
     shorter = tf.minimum(height, width)
 
@@ -84,8 +77,7 @@ def decode_files(files: list[str], size: int, verbose: bool, *, policy: str = "s
         image = decode_image(tf.io.read_file(path), size, policy)
         return index, image if keep else tf.reduce_max(image)
 
-    # An error inside `decode` drops that element (ignore_errors), so the indices that come out are
-    # exactly the readable files; order is free, which lets the parallel map run unordered.
+    # ignore_errors drops a file that fails to decode: the indices that come out are the readable files.
     ds = (tf.data.Dataset.from_tensor_slices((np.arange(n, dtype=np.int64), np.asarray(files, str)))
           .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
           .ignore_errors().batch(1024).prefetch(2))

@@ -1,7 +1,4 @@
-"""A split's images behind one interface (`Images`), in memory or in image files (the shards'
-`RecordImages` is in tfrecord.py); `SourceImages`: a source's splits before the validation split is carved."""
-
-from __future__ import annotations
+"""A split's images (`Images`) in memory or in files (shards: tfrecord.py); `SourceImages`: a source's splits."""
 
 import dataclasses
 import functools
@@ -13,11 +10,9 @@ from .decode import decode_image
 from .files import DataError
 
 class Images:
-    """A split's images. `images[index]` (index array or boolean mask) is a subset, in the order given
-    (`subset`). `batch_keys` gives batches of keys (index batches in memory, batches already decoded from
-    files or shards), in index order or reshuffled every epoch (`shuffle`; `deterministic=False` lets
-    parallel stages hand out elements as they are ready); `fetch(keys)` turns one into (uint8 (B, side,
-    side, 3), int32 (B,)), in the tf.data map that transforms them."""
+    """A split's images; `images[index]` (indices or a mask) is a subset in that order. `batch_keys`: batches of
+    keys (indices in memory, images decoded from files or shards), reshuffled each epoch if `shuffle`; `fetch(keys)`
+    turns one into (uint8 (B, side, side, 3), int32 (B,)) inside the tf.data map that transforms them."""
 
     labels: np.ndarray
     side: int

@@ -1,7 +1,5 @@
 """`load_data`: a `DataConfig` in, a `Data` out (batched tf.data pipelines and what a run logs about them)."""
 
-from __future__ import annotations
-
 import dataclasses
 import hashlib
 import math
@@ -39,14 +37,8 @@ class Data:
     recipe_stats: dict | None = None      # paper recipe: RGB mean/std/covariance, PCA, for logging
     mean_image: np.ndarray | None = None  # paper recipe with pixel_mean: (stored, stored, 3) float32
     test_ten_crop: tf.data.Dataset | None = None  # ten_crop: 10 views per test image, images only
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(self.counts["train"] / self.batch_size))
+    num_classes = property(lambda self: len(self.class_names))
+    steps_per_epoch = property(lambda self: max(1, math.ceil(self.counts["train"] / self.batch_size)))
 
 
 def enable_op_determinism() -> None:
@@ -55,8 +47,8 @@ def enable_op_determinism() -> None:
 
 def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: bool = True,
               deterministic: bool = True) -> Data:
-    """The dataset `cfg` (a DataConfig) names, in pipelines at `image_size` pixels. `seed` drives shuffling and
-    augmentation (the split: `cfg.split_seed`); `deterministic=False` lets train hand out batches as ready."""
+    """The dataset `cfg` (a DataConfig) names at `image_size` px, shuffled and augmented by `seed`; batches in a
+    free order unless `deterministic`."""
     paper = cfg.recipe == "paper"
     if paper and cfg.stored_size < image_size:
         raise DataError(f"the paper recipe crops {image_size}x{image_size} inputs from images stored at "
@@ -134,8 +126,8 @@ def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: 
 
 def mapped(images: Images, batch_size: int, transform, *, shuffle: bool = False, seed: int = 0,
            deterministic: bool = True, seeded: bool = False) -> tf.data.Dataset:
-    """`images` in batches, each fetched and turned into `transform(x, y)` in one parallel map, prefetched.
-    `seeded`: `transform(x, y, batch_seed)`, a seed per batch from a stream seeded by `seed`, new each epoch."""
+    """`images` in batches, each fetched and turned into `transform(x, y)` (`seeded`: `transform(x, y, batch_seed)`,
+    new seeds each epoch) in one parallel map, prefetched."""
     keys = images.batch_keys(batch_size, shuffle=shuffle, seed=seed, deterministic=deterministic)
     if seeded:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)

@@ -1,9 +1,6 @@
-"""Colour statistics of a training split from one pass of float64 sums: per-channel mean and std, the RGB
-covariance and its principal components ("fancy PCA"), the per-pixel mean image; cached.
-"""
+"""A training split's colour statistics (mean, std, RGB covariance and its PCA, mean image) from cached sums."""
 
-from __future__ import annotations
-
+import contextlib
 import dataclasses
 import time
 
@@ -75,20 +72,11 @@ def from_moments(counts, total, products, pixel_total=None) -> RGBStats:
     return stats
 
 
-def rgb_statistics(batches, *, pixel_mean: bool = False) -> RGBStats:
-    """RGBStats of an iterable of uint8 (B,H,W,3) batches."""
-    return from_moments(**moments(batches, pixel_mean))
-
-
 def statistics(images: Images, key: str, pixel_mean: bool, verbose: bool) -> RGBStats:
-    """RGBStats of `images`, computed once and kept in the cache under `key` (a streamed ImageNet pass
-    takes minutes)."""
+    """RGBStats of `images`, kept in the cache under `key` (a streamed ImageNet pass takes minutes)."""
     cache_file = cache_root() / "stats" / f"{key}.npz"
-    cached = load_npz(cache_file)
-    try:
-        return from_moments(**cached)
-    except (TypeError, ValueError):   # missing or damaged: computed again
-        pass
+    with contextlib.suppress(TypeError, ValueError):   # missing or damaged: computed again
+        return from_moments(**load_npz(cache_file))
     start = time.perf_counter()
     sums = moments(images.numpy_batches(), pixel_mean)
     if verbose and len(images) >= PROGRESS_MIN_FILES:

@@ -1,7 +1,5 @@
 """Where images come from: `read_source` turns a `DataConfig` into `SourceImages` (docs/data.md)."""
 
-from __future__ import annotations
-
 import codecs
 import hashlib
 import os
@@ -25,8 +23,7 @@ CIFAR_SIZE = 32
 
 
 def read_source(cfg, side: int, policy: str, verbose: bool) -> SourceImages:
-    """The images `cfg` (a DataConfig) names, files decoded to squares of `side` px with `policy`;
-    CIFAR-10 stays at its 32 px in memory (resized per batch), except in TFRecord shards."""
+    """The images `cfg` (a DataConfig) names, files decoded to squares of `side` px (CIFAR-10 kept at 32 px)."""
     if cfg.dataset == "synthetic":
         return synthetic(cfg.synthetic_samples, cfg.synthetic_classes, side, cfg.split_seed)
     located = locate_data_dir(cfg.data_dir)
@@ -39,7 +36,8 @@ def read_source(cfg, side: int, policy: str, verbose: bool) -> SourceImages:
     root, content_id = located.path, located.archive_sha256
     if tfrecord.is_prepared(root):
         source = tfrecord.load_prepared(root, side, policy, cfg.split_seed)
-    elif (pickles := find_cifar_pickles(root)) is not None:
+    elif pickles := next((folder for folder in (root, root / CIFAR_PICKLE_DIR)
+                          if (folder / "data_batch_1").is_file() and (folder / "test_batch").is_file()), None):
         return cifar_pickles(pickles)     # identified by content already
     else:
         hint = LAYOUT_HINT + (f", or CIFAR-10's {CIFAR_PICKLE_DIR}/ (data_batch_1..5, test_batch, batches.meta)."
@@ -81,10 +79,7 @@ def synthetic(samples: int, classes: int, image_size: int, seed: int) -> SourceI
         images = templates[labels] + rng.normal(0, 20, size=(n, s, s, 3)).astype(np.float32)
         return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels
 
-    x_train, y_train = make(n_train)
-    x_test, y_test = make(n_test)
-    return in_memory(x_train, y_train, x_test, y_test, [f"class_{i}" for i in range(k)], "synthetic",
-                     "synthetic")
+    return in_memory(*make(n_train), *make(n_test), [f"class_{i}" for i in range(k)], "synthetic", "synthetic")
 
 
 def cifar10_download() -> SourceImages:
@@ -100,15 +95,7 @@ def cifar10_download() -> SourceImages:
     return in_memory(x_train, y_train, x_test, y_test, CIFAR10_CLASSES, "keras.datasets.cifar10", "cifar10")
 
 
-def find_cifar_pickles(root: Path) -> Path | None:
-    for candidate in (root, root / CIFAR_PICKLE_DIR):
-        if (candidate / "data_batch_1").is_file() and (candidate / "test_batch").is_file():
-            return candidate
-    return None
-
-
-# The functions NumPy's own pickling of arrays (protocols 2-4, 5) and scalars reduces to, taken from what
-# NumPy returns (no private module imported), under the module names of NumPy 1 and 2.
+# What NumPy's pickles of arrays (protocols 2-5) and scalars call, under NumPy 1's and 2's module names.
 NUMPY_REDUCERS = [np.zeros(1).__reduce__()[0], np.zeros(1).__reduce_ex__(5)[0], np.float64(0).__reduce__()[0]]
 # What a CIFAR-10 pickle may name.
 PICKLE_GLOBALS = {
@@ -123,8 +110,7 @@ PICKLE_GLOBALS = {
 
 
 class SafeUnpickler(pickle.Unpickler):
-    """Unpickles only what CIFAR-10's python release holds (dicts, lists, bytes, numbers, NumPy arrays):
-    any other global a pickle names (os.system, builtins.eval ...) raises instead of being called."""
+    """Unpickles only what CIFAR-10's batches hold: any other global (os.system, eval...) raises, never runs."""
 
     def find_class(self, module: str, name: str):
         try:

@@ -1,9 +1,4 @@
-"""Ray clusters, where the children of a study and the trials of a sweep run (docs/cluster.md); Ray, an
-optional extra (`pip install -e '.[ray]'`), is imported only when needed. Ray on Linux puts a node given
-127.0.0.1 / localhost on the machine's outward address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 when it
-is imported: `connect` sets it for a local cluster or a loopback address, and checks every node's address."""
-
-from __future__ import annotations
+"""Ray clusters, where a study's children and a sweep's trials run (docs/cluster.md); Ray is imported when needed."""
 
 import contextlib
 import ipaddress
@@ -42,18 +37,9 @@ class ClusterInfo:
     address: str                      # the cluster's (GCS) address, host:port
     nodes: tuple[Node, ...]           # the nodes alive when this was read
     started_here: bool = False        # the connect() that returned this started it (disconnect() stops it)
-
-    @property
-    def num_nodes(self) -> int:
-        return len(self.nodes)
-
-    @property
-    def cpus(self) -> float:
-        return sum(n.cpus for n in self.nodes)
-
-    @property
-    def gpus(self) -> float:
-        return sum(n.gpus for n in self.nodes)
+    num_nodes = property(lambda self: len(self.nodes))
+    cpus = property(lambda self: sum(n.cpus for n in self.nodes))
+    gpus = property(lambda self: sum(n.gpus for n in self.nodes))
 
     def describe(self) -> str:
         return (f"{'local ' if self.started_here else ''}Ray cluster at {self.address}: {self.num_nodes} node(s) "
@@ -209,10 +195,7 @@ class JobOutcome:
     node_address: str = ""
     pid: int | None = None
     seconds: float = 0.0                          # inside the task
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
+    ok = property(lambda self: self.error is None)
 
     @property
     def error_text(self) -> str:
@@ -221,8 +204,7 @@ class JobOutcome:
 
 
 def _run_job(fn: Callable[..., Any], args: tuple, env: dict[str, str], cwd: str | None) -> dict[str, Any]:
-    """Every job's Ray task: the job, with its own variables set here (not in a runtime_env, which would need a
-    worker process of its own, importing TensorFlow again), and where it ran."""
+    """Every job's Ray task: the job, with its variables set here (not in a slow runtime_env), and where it ran."""
     import ray
 
     # ray.cancel raises KeyboardInterrupt through SIGINT's handler; a node started with SIGINT ignored (nohup,
@@ -248,9 +230,8 @@ def job_resources(cluster: ClusterInfo, cpus_per_job: float = 1) -> dict[str, fl
 def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int = 3,
              env: Mapping[str, str] | None = None, cwd: str | None = None,
              on_done: Callable[[JobOutcome], None] | None = None, verbose: bool = True) -> list[JobOutcome]:
-    """Run `jobs` as Ray tasks; their outcomes, in the order of `jobs`. Ray re-runs a task whose process or node
-    dies (`max_retries` times); a job's own exception becomes its `error`. `env`: the jobs' processes' variables;
-    `cwd`: their folder, where it exists. `on_done(outcome)` runs here as each job ends; if it raises (or on
+    """Run `jobs` as Ray tasks (re-run `max_retries` times if their process or node dies); their outcomes in order.
+    `env`, `cwd`: the jobs' variables and folder. `on_done(outcome)` runs here as each ends; if it raises (or on
     Ctrl-C), the jobs not yet finished are cancelled."""
     ray = _ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -277,7 +258,7 @@ def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int =
     outcomes: list[JobOutcome] = [JobOutcome(job.name) for job in jobs]
     pending = list(index)
     try:
-        while pending:
+        while pending and not all(jobs[index[ref]].serves for ref in pending):   # servers: cancelled when alone
             [ref], pending = ray.wait(pending, num_returns=1)
             name = jobs[index[ref]].name
             try:
@@ -293,17 +274,11 @@ def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int =
                 print(f"[{len(jobs) - len(pending)}/{len(jobs)}] {outcome.name} {how}", flush=True)
             if on_done is not None:
                 on_done(outcome)
-            if pending and all(jobs[index[ref]].serves for ref in pending):   # nobody left to serve
-                for ref in pending:
-                    ray.cancel(ref)
-                ray.wait(pending, num_returns=len(pending), timeout=30)
-                break
-    except BaseException:
+    finally:
         for ref in pending:
             ray.cancel(ref)
         if pending:   # let cancelled jobs end (their MLflow runs close) before the error goes up
             ray.wait(pending, num_returns=len(pending), timeout=30)
-        raise
     return outcomes
 
 

@@ -1,7 +1,5 @@
 """The keys every study and sweep file shares (`SpecKeys`, extended by study.py and sweep.py), and `read_spec`."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,8 +22,7 @@ SpecT = TypeVar("SpecT", bound=SpecKeys)
 
 
 def read_spec(path: str | Path, model: type[SpecT], kind: str) -> tuple[SpecT, Config]:
-    """The study or sweep file at `path` as `model`, and the Config its runs start from (defaults, then
-    base_config, then base)."""
+    """The study or sweep file at `path` as `model`, and its runs' Config: defaults, then base_config, then base."""
     path = Path(path)
     source = str(path)
     spec = validated(model, load_yaml(path, kind), source)

@@ -1,8 +1,6 @@
 """Sweep files (experiments/sweep*.yaml): the tuner, its budget and the search space (a discriminated
 union of float, int, choice and boolean dimensions), checked against the config before any trial runs."""
 
-from __future__ import annotations
-
 import hashlib
 import json
 import math

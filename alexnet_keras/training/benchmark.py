@@ -1,7 +1,4 @@
-"""`alexnet-keras benchmark`: timing of the conv stack and the full network, and throughput of train.fit and
-its tf.data pipeline, logged to one MLflow run (benchmarks/README.md)."""
-
-from __future__ import annotations
+"""`alexnet-keras benchmark`: forward/backward timing and train.fit throughput in one MLflow run (benchmarks/)."""
 
 import argparse
 import contextlib
@@ -87,8 +84,7 @@ def dtype_policy(precision: str):
 
 def build_model(part: str, *, variant: str = "paper", image_size: int | None = 224, width: float = 1.0,
                 num_classes: int = 1000, precision: str = "float32", xla: bool = True):
-    """The project's AlexNet compiled as train.py does, or (part "conv") its conv stack up to pool5 with
-    train.py's optimizer and the seeds' objective."""
+    """The AlexNet compiled as train.py does, or (part "conv") its conv stack up to pool5 with an L2 objective."""
     import keras
 
     from ..model.alexnet import build_alexnet
@@ -185,8 +181,7 @@ SECTIONS = {  # each section's table title, its columns, and the columns logged 
 
 def benchmark_and_log(options: BenchmarkOptions, *, experiment: str = DEFAULT_EXPERIMENT,
                       run_name: str | None = None, output_dir: str | None = None) -> tuple[str, dict[str, str]]:
-    """Measure every section inside one MLflow run (a metric per number, benchmark/results.{md,csv,json},
-    also written to `output_dir`); the run id and those files' texts."""
+    """Every section measured in one MLflow run (benchmark/results.{md,csv,json}, also in `output_dir`)."""
     from .. import tracking
 
     o, start, load = options, time.perf_counter(), lambda: " ".join(f"{v:.1f}" for v in os.getloadavg())

@@ -1,13 +1,10 @@
-"""Data parallelism through the frameworks' own engines (`train.distribute`): tf.distribute's Mirrored and
-MultiWorkerMirrored strategies on TensorFlow, keras.distribution.DataParallel on JAX. `batch_size` is the
-global batch; the learning rate is not scaled (benchmarks/README.md)."""
-
-from __future__ import annotations
+"""Data parallelism (`train.distribute`) through tf.distribute on TensorFlow, keras.distribution on JAX; `batch_size`
+is the global batch, the learning rate is not scaled (benchmarks/README.md)."""
 
 import contextlib
 import dataclasses
 import os
-from typing import Any, Callable, ContextManager
+from typing import Callable, ContextManager
 
 from ..config import ConfigError, TrainConfig
 
@@ -19,15 +16,10 @@ class Distribution:
     kind: str
     replicas: int                      # devices that share each global batch
     scope: Callable[[], ContextManager]  # build and compile the model inside `with dist.scope():`
-    engine: Any = None                 # the tf.distribute strategy or keras DataParallel, if any
-
-    def per_replica_batch(self, global_batch: int) -> float:
-        return global_batch / self.replicas
 
 
 def setup(train: TrainConfig) -> Distribution:
-    """The engine `train.distribute` names, created before any TensorFlow op runs (MultiWorkerMirroredStrategy
-    refuses to start later) and before the model is built."""
+    """The engine `train.distribute` names, created before any TensorFlow op (MultiWorkerMirroredStrategy needs it)."""
     import keras
 
     kind = train.distribute
@@ -53,7 +45,7 @@ def setup(train: TrainConfig) -> Distribution:
         if train.batch_size < replicas:
             raise ConfigError(f"train.batch_size {train.batch_size} is smaller than the {replicas} replicas of "
                               f"--distribute {kind}: every replica needs at least one image per step.")
-        return Distribution(kind, replicas, strategy.scope, strategy)
+        return Distribution(kind, replicas, strategy.scope)
 
     if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES") or os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES"):
         keras.distribution.initialize()   # multi-process: reads the KERAS_DISTRIBUTION_* variables
@@ -64,13 +56,12 @@ def setup(train: TrainConfig) -> Distribution:
                           f"for --distribute data_parallel (each device gets batch_size / {replicas}).")
     distribution = keras.distribution.DataParallel(devices=devices)
     keras.distribution.set_distribution(distribution)   # global: fit/evaluate/predict shard their inputs
-    return Distribution(kind, replicas, distribution.scope, distribution)
+    return Distribution(kind, replicas, distribution.scope)
 
 
 def adapt_data(data, dist: Distribution):
-    """Check (and for JAX adjust) `data` for `dist`, before any run exists. JAX shards must be equal: training
-    and validation drop an uneven last batch, the test split must divide. TensorFlow splits uneven batches,
-    but Keras 3 traces on the first batch, which must split evenly (keras-team/keras#19246)."""
+    """Check (and for JAX adjust) `data` for `dist` before any run exists: JAX shards must be equal (uneven last
+    batches dropped, the test split must divide); Keras 3 traces TensorFlow's on a first batch that must split."""
     if dist.replicas <= 1:
         return data
     if dist.kind == "data_parallel":
@@ -93,8 +84,6 @@ def adapt_data(data, dist: Distribution):
 
 def even_batches(dataset, replicas: int):
     """Drop a batch that does not split evenly over `replicas` (JAX shards must be equal)."""
-    if replicas <= 1:
-        return dataset
     import tensorflow as tf
 
     return dataset.filter(lambda images, labels: tf.equal(tf.shape(labels)[0] % replicas, 0))
