@@ -87,7 +87,7 @@ def decode_files(files: list[str], size: int, verbose: bool, *, policy: str = "s
 
     # An error inside `decode` drops that element (ignore_errors), so the indices that come out are
     # exactly the readable files; order is free, which lets the parallel map run unordered.
-    ds = (tf.data.Dataset.from_tensor_slices((np.arange(n, dtype=np.int64), np.asarray(files, str)))
+    ds = (tf.data.Dataset.from_tensor_slices((np.arange(n, dtype=np.int64), np.asarray(files, object)))
           .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
           .ignore_errors().batch(1024).prefetch(2))
     images = np.zeros((n, size, size, 3), dtype=np.uint8) if keep else None

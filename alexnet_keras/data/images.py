@@ -67,7 +67,7 @@ class FileImages(Images):
     """Image files decoded in parallel every time they are read (files known to decode: sources.py)."""
 
     def __init__(self, paths, labels, side: int, policy: str):
-        self.paths = np.asarray(paths, dtype=str)
+        self.paths = np.asarray(paths, dtype=object)   # str: 4 bytes per character of the longest, per subset
         self.labels, self.side, self.policy = np.asarray(labels, np.int32), side, policy
 
     def subset(self, index):
