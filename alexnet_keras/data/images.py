@@ -14,7 +14,7 @@ from .files import DataError
 
 class Images:
     """A split's images. `images[index]` (index array or boolean mask) is a subset, in the order given
-    (`subset`). `batch_keys` gives batches of keys (index batches in memory, batches already decoded from
+    (`subset`). `batch_keys` gives batches of keys (rows and labels in memory, batches already decoded from
     files or shards), in index order or reshuffled every epoch (`shuffle`; `deterministic=False` lets
     parallel stages hand out elements as they are ready); `fetch(keys)` turns one into (uint8 (B, side,
     side, 3), int32 (B,)), in the tf.data map that transforms them."""
