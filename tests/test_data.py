@@ -783,3 +783,56 @@ def test_a_deflate64_zip_member_gives_one_clear_message(tmp_path):
     with pytest.raises(DataError, match="could not extract .*deflate64.zip") as err:
         locate_data_dir(str(archive))
     assert "\n" not in str(err.value)
+
+
+def test_a_folder_listing_checks_and_splits_grow_linearly_in_files_and_classes(tmp_path, monkeypatch):
+    # Everything a folder goes through but decoding (walk, class checks, test and validation splits,
+    # identity) on 200 files in 100 classes and on 2,000 in 1,000, counted as calls and as elements
+    # handed to NumPy arrays' methods: ~10x, not the ~100x of a pass over every label per class.
+    import sys
+
+    from alexnet_keras.data import sources, split
+
+    monkeypatch.setattr(sources, "decode_cached",
+                        lambda root, files, *a, **k: (None, np.arange(len(files)), [0] * len(files)))
+
+    def work(classes):
+        root = tmp_path / str(classes)
+        for c in range(classes):
+            (root / f"n{c:05d}").mkdir(parents=True)
+            for i in range(2):
+                (root / f"n{c:05d}" / f"{i}.jpg").touch()
+        counts = {"calls": 0, "elements": 0}
+
+        def profile(frame, event, arg):
+            counts["calls"] += event in ("call", "c_call")
+            if event == "c_call" and isinstance(getattr(arg, "__self__", None), np.ndarray):
+                counts["elements"] += arg.__self__.size
+
+        sys.setprofile(profile)
+        try:
+            source = sources.image_folder(root, 32, False, "", 0, max_bytes=0)
+            split.train_val_indices(source.train.labels, 0.1, None, 0, own_val=False)
+        finally:
+            sys.setprofile(None)
+        return counts
+
+    with pytest.warns(UserWarning, match="not stratified"):
+        small, big = work(100), work(1000)
+    assert all(big[k] <= 15 * small[k] for k in small), (small, big)
+
+
+def test_the_corrupt_file_check_is_one_cached_pass_for_every_size(tmp_path, monkeypatch):
+    from alexnet_keras.data.files import folder_layout
+
+    root = make_layout(tmp_path / "data")
+    files = folder_layout(root, "").files
+    _, good, _ = decode_module.decode_cached(root, files, 8, False, keep=False)
+    assert len(good) == len(files) - 3                    # corrupt.jpg, empty.png, notes.txt
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("checked again for another size")
+
+    monkeypatch.setattr(decode_module, "decode_files", no_decoding)
+    images, again, _ = decode_module.decode_cached(root, files, 227, False, keep=False, policy="shorter_side_crop")
+    assert images is None and again.tolist() == good.tolist()

@@ -1,13 +1,14 @@
 """A split's images (`Images`) in memory or in files (shards: tfrecord.py); `SourceImages`: a source's splits."""
 
+import copy
 import dataclasses
-import functools
 
 import numpy as np
 import tensorflow as tf
 
 from .decode import decode_image
 from .files import DataError
+
 
 class Images:
     """A split's images; `images[index]` (indices or a mask) is a subset in that order. `batch_keys`: batches of
@@ -27,46 +28,42 @@ class Images:
     def fetch(self, keys):
         return keys["x"], keys["y"]
 
-    def numpy_batches(self, batch_size: int = 256):
-        """The uint8 images in index order, as NumPy batches (one pass for the colour statistics)."""
-        yield from (x for x, _ in self.batch_keys(batch_size).map(self.fetch).as_numpy_iterator())
-
 
 class ArrayImages(Images):
-    """Images held in memory as one uint8 array (N, side, side, 3)."""
-
-    def __init__(self, x: np.ndarray, labels: np.ndarray):
-        self.x, self.labels, self.side = x, np.asarray(labels, np.int32), x.shape[1]
+    """Rows of one uint8 array (N, side, side, 3) held in memory, shared by every subset (which holds row
+    numbers, not a copy) and handed to TensorFlow at the first `fetch`: a variable captured by handle (a
+    captured constant would be copied into each graph) that replaces the array, so it is held once."""
 
     streamed = False
 
+    def __init__(self, x: np.ndarray, labels: np.ndarray):
+        self.labels, self.side, self.rows = np.asarray(labels, np.int32), x.shape[1], np.arange(len(x))
+        self.store = {"x": x}
+
     def subset(self, index):
-        return ArrayImages(self.x[index], self.labels[index])
+        subset = copy.copy(self)   # the same store
+        subset.labels, subset.rows = self.labels[index], self.rows[index]
+        return subset
 
     def batch_keys(self, batch_size, *, shuffle=False, seed=0, deterministic=True):
-        # Index batches, gathered by `fetch`: the shuffle buffer holds integers, not images.
-        ds = tf.data.Dataset.range(len(self))
+        # Batches of (row, label): the shuffle buffer holds integers, not images.
+        ds = tf.data.Dataset.from_tensor_slices({"x": self.rows, "y": self.labels})
         if shuffle:
             ds = ds.shuffle(max(len(self), 1), seed=seed, reshuffle_each_iteration=True)
         return ds.batch(batch_size)
 
-    @functools.cached_property
-    def variables(self):
-        # One copy shared by every pipeline of the split, captured by handle (a captured constant would
-        # be copied into each graph: seconds, twice the memory).
-        with tf.device("/CPU:0"):
-            return tf.Variable(self.x, trainable=False), tf.Variable(self.labels, trainable=False)
-
     def fetch(self, keys):
-        images, labels = self.variables
-        return tf.gather(images, keys), tf.gather(labels, keys)
+        if "variable" not in self.store:   # eagerly: made inside the map's trace, the array would be a graph constant
+            with tf.init_scope(), tf.device("/CPU:0"):
+                self.store["variable"] = tf.Variable(self.store.pop("x"), trainable=False)
+        return tf.gather(self.store["variable"], keys["x"]), keys["y"]
 
 
 class FileImages(Images):
     """Image files decoded in parallel every time they are read (files known to decode: sources.py)."""
 
     def __init__(self, paths, labels, side: int, policy: str):
-        self.paths = np.asarray(paths, dtype=str)
+        self.paths = np.asarray(paths, dtype=object)   # str: 4 bytes per character of the longest, per subset
         self.labels, self.side, self.policy = np.asarray(labels, np.int32), side, policy
 
     def subset(self, index):

@@ -78,7 +78,7 @@ def statistics(images: Images, key: str, pixel_mean: bool, verbose: bool) -> RGB
     with contextlib.suppress(TypeError, ValueError):   # missing or damaged: computed again
         return from_moments(**load_npz(cache_file))
     start = time.perf_counter()
-    sums = moments(images.numpy_batches(), pixel_mean)
+    sums = moments((x for x, _ in images.batch_keys(256).map(images.fetch).as_numpy_iterator()), pixel_mean)
     if verbose and len(images) >= PROGRESS_MIN_FILES:
         print(f"Colour statistics of {len(images)} training images in {time.perf_counter() - start:.1f} s "
               "(cached afterwards).", flush=True)

@@ -172,8 +172,8 @@ def image_folder(root: Path, image_size: int, verbose: bool, fix_hint: str, spli
     labels = np.asarray(listing.labels, dtype=np.int32)
     decoded, good, sizes = decode_cached(root, files, image_size, verbose, policy=policy, keep=not stream,
                                          content_id=content_id)
-    images = (FileImages([os.path.join(root, files[i]) for i in good], labels[good], image_size, policy)
-              if stream else ArrayImages(decoded, labels[good]))
+    images = (FileImages([os.path.join(root, f) for f in files], labels, image_size, policy) if stream
+              else ArrayImages(decoded, labels))[good]
     unreadable = [files[i] for i in np.setdiff1d(np.arange(len(files)), good)]
     if not len(good):
         raise DataError(f"no readable images in {str(root)!r}: all {len(files)} files failed to decode "
@@ -185,7 +185,7 @@ def image_folder(root: Path, image_size: int, verbose: bool, fix_hint: str, spli
     splits = np.asarray(listing.splits)[good]
     by_split = {s: images[splits == s] for s in layout}
     train = by_split["train"]
-    missing = [name for c, name in enumerate(class_names) if c not in set(train.labels.tolist())]
+    missing = [class_names[c] for c in np.setdiff1d(np.arange(len(class_names)), train.labels)]
     if len(class_names) - len(missing) < 2:
         raise DataError(f"only one class of {str(layout['train'])!r} has readable images; "
                         f"classification needs at least 2. {fix_hint}")
