@@ -173,7 +173,7 @@ class Predictor:
         for index, images in ds.as_numpy_iterator():   # softmax averaged over the views of each image
             views = model_views(images, image_size=spec["image_size"], stored_size=spec["stored_size"],
                                 mean_image=self.mean_image, crops=crops).numpy()
-            probs = np.asarray(self.model.predict(views, batch_size=batch_size, verbose=0), np.float64)
+            probs = np.asarray(self.model.predict_on_batch(views), np.float64)   # predict(): ~0.2 s of set-up a call
             probs = probs.reshape(len(images), -1, probs.shape[-1]).mean(axis=1)
             for i, row in zip(index, probs):
                 ranked[i] = [{"rank": r + 1, "class": self.class_names[c], "index": int(c),
