@@ -86,6 +86,6 @@ print(answer.to_json(orient='records'))" "$uri" "$first"
   grep "the model code" served.log | sed 's/^/         /'
   echo "         served answer for $first: $(tail -1 served.log | cut -c1-300)"
   echo "         largest artifacts (bytes):"
-  find mlruns -type f -printf "%s %P\n" | grep -v "/code/" | sort -rn | head -12 | sed 's/^/           /'
+  find mlruns -type f -printf "%s %P\n" | grep -v "/code/" | sort -rn | sed -n 's/^/           /; 1,12p'
   echo "           $(stat -c %s shards/manifest.json) shards/manifest.json"
 done

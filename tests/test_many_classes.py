@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import classification_report
 from alexnet_keras import figures, tables
-from conftest import copy_store, run_script, subprocess_env
 from alexnet_keras.data.files import folder_layout
 
 def peak_mb():   # this process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited across exec)
