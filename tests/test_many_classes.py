@@ -2,7 +2,9 @@
 folders): the confusion figure keeps a fixed canvas, the whole matrix is a sparse CSV, and the process's
 peak memory does not grow with the class count. The artifacts are made in a fresh Python process, the
 way train.log_evaluation makes them (MLflow's log_figure saves with savefig's defaults), without
-TensorFlow so that it takes seconds."""
+TensorFlow so that it takes seconds. Then the commands themselves at 1,000 class folders (prepare, one
+tiny training, predict, the served model's answer) in one TensorFlow process, and the 10-crop test's
+memory."""
 
 import json
 import os
