@@ -244,17 +244,18 @@ def test_top_k_on_known_logits():
 
 
 def test_ten_crop_metrics_average_the_softmax_of_the_views():
+    probs = np.full((20, 3), 1 / 3)
+    probs[0:10] = [0.1, 0.2, 0.7]                            # image 0: class 2 in every view
+    probs[10:16] = [0.0, 0.9, 0.1]                           # image 1: 6 views say 1 ...
+    probs[16:20] = [1.0, 0.0, 0.0]                           # ... 4 views say 0 with certainty
+
     class Views:
         test_labels = np.array([2, 0])
-        test_ten_crop = object()
+        test_ten_crop = [np.arange(10), np.arange(10, 20)]   # a batch of one image's views each (view numbers)
 
     class Model:
-        def predict(self, ds, verbose=0):
-            probs = np.full((20, 3), 1 / 3)
-            probs[0:10] = [0.1, 0.2, 0.7]                    # image 0: class 2 in every view
-            probs[10:16] = [0.0, 0.9, 0.1]                   # image 1: 6 views say 1 ...
-            probs[16:20] = [1.0, 0.0, 0.0]                   # ... 4 views say 0 with certainty
-            return probs
+        def predict_on_batch(self, views):
+            return probs[views]
 
     # Image 1 averages to (0.4, 0.54, 0.06): class 1, wrong at top-1 (a majority vote would say the same,
     # a max over views would say 0), right at top-2.
