@@ -2,8 +2,6 @@
 `Options` (the base of every other validated file or flag set), the network's geometry, the memory check
 and `load_yaml`. A leaf name is at once a CLI flag, an MLflow param and a YAML key (nested or flat)."""
 
-from __future__ import annotations
-
 import dataclasses
 import hashlib
 import json

@@ -1,8 +1,6 @@
 """Every figure the package logs: a training run's learning curves and confusion matrix, an ablation
 study's accuracy bars and validation curves, a sweep's objective per trial (headless: Agg)."""
 
-from __future__ import annotations
-
 import math
 from typing import Any, Mapping, Sequence
 

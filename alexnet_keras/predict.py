@@ -1,8 +1,6 @@
 """`alexnet-keras predict`: the top classes of image files under a trained model (serving.load_predictor),
 options checked before any model is loaded; exit status 1 when some file is not a readable image."""
 
-from __future__ import annotations
-
 import json
 import os
 import sys

@@ -2,8 +2,6 @@
 flavor, this package as its code), loaded from any reference (`load_predictor`), served by `mlflow models serve`,
 registered (`register_model`). The folder and the requests: docs/data.md."""
 
-from __future__ import annotations
-
 import base64
 import binascii
 import importlib.metadata

@@ -1,8 +1,6 @@
 """Rows of results (dicts) as text: the one CSV writer (exact), the one Markdown table writer (rounded) and
 the one value formatter (booleans `true`/`false`, as MLproject and MLflow params write them)."""
 
-from __future__ import annotations
-
 import csv
 import io
 import math

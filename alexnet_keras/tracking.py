@@ -1,8 +1,6 @@
 """Every MLflow call of training, studies and sweeps, and every tag name the project writes (the model as a
 pyfunc that loads, serves and registers is serving.py's); how runs end and are found again: docs/reliability.md."""
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import json

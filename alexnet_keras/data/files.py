@@ -1,8 +1,6 @@
 """What a data folder holds, read safely: `walk_files` (regular files only: no link followed, no FIFO opened,
 which would block forever) and the folder layouts. No TensorFlow."""
 
-from __future__ import annotations
-
 import dataclasses
 import os
 from pathlib import Path

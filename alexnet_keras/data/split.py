@@ -1,7 +1,5 @@
 """Stratified splits by index, seeded by `split_seed` alone (every run of a study sees the same split)."""
 
-from __future__ import annotations
-
 import math
 import warnings
 

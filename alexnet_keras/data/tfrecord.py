@@ -1,8 +1,6 @@
 """TFRecord shards: `prepare` writes an image folder as shards with a manifest, decoded and rescaled once;
 `load_prepared` and `RecordImages` read them back (docs/data.md)."""
 
-from __future__ import annotations
-
 import datetime
 import functools
 import hashlib

@@ -1,8 +1,6 @@
 """Ablation studies (study.py): a parent run per study, a child run per planned child, trained here or as Ray
 jobs (cluster.py), and a report on the parent (report.py). docs/ablations.md describes the rest."""
 
-from __future__ import annotations
-
 import contextlib
 import json
 import os

@@ -1,8 +1,6 @@
 """An ablation study's report, rebuilt from the MLflow store alone and logged on its parent run: variants
 against the baseline, the paper's claims, per-arm tuning, figures. How to read it: docs/methodology.md."""
 
-from __future__ import annotations
-
 import functools
 import math
 from collections import Counter

@@ -1,8 +1,6 @@
 """The statistics of ablation reports on plain numbers (numpy/scipy): Welch, TOST, logrank, Holm, Dunnett, power,
 MDE and seeds needed, readings and verdicts, per-epoch measures. The rules, and why: docs/methodology.md."""
 
-from __future__ import annotations
-
 import math
 import warnings
 from dataclasses import dataclass

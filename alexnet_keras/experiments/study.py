@@ -1,8 +1,6 @@
 """Study files (experiments/ablation*.yaml): read and checked, their runs counted, then expanded into every
 child's Config before any run exists; `plan_text` says what a study will run."""
 
-from __future__ import annotations
-
 import functools
 import hashlib
 import itertools

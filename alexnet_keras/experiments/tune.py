@@ -1,8 +1,6 @@
 """Hyperparameter sweeps (docs/sweeps.md): keras-tuner over the project's AlexNet, each trial an MLflow run
 nested under one parent that gets the results and the model; the same command resumes; `--ray` scales out."""
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import json

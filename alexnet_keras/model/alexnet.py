@@ -1,8 +1,6 @@
 """AlexNet (Krizhevsky, Sutskever & Hinton, 2012) as a serializable Keras 3 functional model, in `keras`
 and `keras.ops` only: `config.ModelConfig` turned into layers."""
 
-from __future__ import annotations
-
 import dataclasses
 import math
 from typing import Any, Sequence

@@ -2,8 +2,6 @@
 evaluation images (`Predictor`); a `.keras` file with its preprocessing sidecars (`save_model`,
 `load_keras_predictor`, with safe_mode). The MLflow model is serving.py's."""
 
-from __future__ import annotations
-
 import dataclasses
 import json
 import os

@@ -1,7 +1,5 @@
 """The LocalResponseNormalization layer, in `keras.ops` only (any backend)."""
 
-from __future__ import annotations
-
 import math
 
 import keras

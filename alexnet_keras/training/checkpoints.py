@@ -1,8 +1,6 @@
 """Per-epoch checkpoints: Keras' BackupAndRestore with writes that no kill or full disk can tear and a restore
 that checks what it loads (docs/reliability.md, section 9)."""
 
-from __future__ import annotations
-
 import contextlib
 import hashlib
 import json

@@ -2,8 +2,6 @@
 the loop of `train`, a study's children, a sweep's trials and the benchmark. Bad input fails before an
 MLflow run opens; docs/reliability.md says what survives which failure."""
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import os
