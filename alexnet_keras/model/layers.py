@@ -95,3 +95,39 @@ class LocalResponseNormalization(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "size": self.size, "alpha": self.alpha, "beta": self.beta, "k": self.k,
                 "axis": self.axis}
+
+
+@keras.saving.register_keras_serializable(package="alexnet_keras")
+class LocallyConnected2D(keras.layers.Layer):
+    """cuda-convnet's `local` layer (Keras 3 has none): a stride-1, zero-padded ('same') convolution whose
+    kernel and bias differ at every output position. Channels last; the input's height and width must be known.
+    The kernel is (height, width, k * k * channels, filters), a patch's values in (row, column, channel) order."""
+
+    def __init__(self, filters: int, kernel_size: int, kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 kernel_regularizer=None, use_bias: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.kernel_size, self.use_bias = filters, kernel_size, use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+
+    def build(self, input_shape):
+        height, width, channels = input_shape[1:]
+        self.kernel = self.add_weight(shape=(height, width, self.kernel_size ** 2 * channels, self.filters),
+                                      initializer=self.kernel_initializer, regularizer=self.kernel_regularizer,
+                                      name="kernel")
+        self.bias = self.add_weight(shape=(height, width, self.filters), initializer=self.bias_initializer,
+                                    name="bias") if self.use_bias else None
+
+    def call(self, inputs):
+        patches = ops.image.extract_patches(inputs, self.kernel_size, strides=1, padding="same")
+        outputs = ops.einsum("bhwp,hwpf->bhwf", patches, self.kernel)
+        return outputs + self.bias if self.use_bias else outputs
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.filters)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
+                "use_bias": self.use_bias, **{name: keras.saving.serialize_keras_object(getattr(self, name)) for name
+                                              in ("kernel_initializer", "bias_initializer", "kernel_regularizer")}}
