@@ -49,34 +49,13 @@ class LocalResponseNormalization(keras.layers.Layer):
     def squared_sum(self, inputs):
         """sum_j a_j^2 over each channel's window, in float32, shaped as `inputs`."""
         x = ops.cast(inputs, "float32")
-        rank = len(x.shape)
-        axis = self._channel_axis(rank)
-        radius = self.size // 2
-        squared = ops.square(x)
-        channels = x.shape[axis]
-        if radius and channels is not None and axis == rank - 1:
-            # Channels last (every conv here): the window sum is one matmul with a 0/1 band matrix.
-            # Measured on 2 CPU cores (TF, forward+backward, 128x32x32x48): 131 ms against 655 ms
-            # for the shifted-slice sum below, whose strided slices are slow to differentiate.
-            index = np.arange(channels)
-            band = (np.abs(index[:, None] - index[None, :]) <= radius).astype("float32")
-            return ops.matmul(squared, band)
-        if not radius:
-            return squared
-        # Zero-padding both ends of the channel axis clips the window at the edge channels.
-        padding = [[0, 0]] * rank
-        padding[axis] = [radius, radius]
-        padded = ops.pad(squared, padding)
-        # Sum the n shifted views of length N: view i starts at i and stops 2r - i before the
-        # end, so the channel count N need not be known statically.
-        window_sum = None
-        for i in range(self.size):
-            stop = i - 2 * radius
-            index = [slice(None)] * rank
-            index[axis] = slice(i, stop if stop < 0 else None)
-            view = padded[tuple(index)]
-            window_sum = view if window_sum is None else window_sum + view
-        return window_sum
+        axis = self._channel_axis(len(x.shape))
+        # The window sum is one matmul with a 0/1 band matrix (which clips the window at the edge channels).
+        # Measured on 2 CPU cores (TF, forward+backward, 128x32x32x48): 131 ms against 655 ms for a sum of
+        # shifted slices, whose strided slices are slow to differentiate.
+        index = np.arange(x.shape[axis])
+        band = (np.abs(index[:, None] - index[None, :]) <= self.size // 2).astype("float32")
+        return ops.moveaxis(ops.matmul(ops.moveaxis(ops.square(x), axis, -1), band), -1, axis)
 
     def scale(self, inputs):
         """(k + alpha * squared_sum(inputs)) ** -beta in float32: the factor each activation is multiplied by."""

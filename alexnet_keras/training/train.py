@@ -130,8 +130,11 @@ def fit(model: keras.Model, data: Data, config: Config, backup_dir: Path | None 
     epochs = epochs or config.train.epochs
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2   # a progress bar on a terminal, a line per epoch in logs
-    scored = [TrainingSetScore(data.train_eval)] if data.train_eval is not None else []
-    # First: the metrics callback and History then see its train_eval_* in the epoch's logs.
+    # --train-eval-images: fixed un-augmented training images in inference mode (no dropout), unlike Keras'
+    # running `accuracy`; first, so that the metrics callback and History see its train_eval_* in the logs.
+    scored = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update({
+        f"train_eval_{k}": float(v) for k, v in model.evaluate(data.train_eval, return_dict=True, verbose=0).items()
+    }))] if data.train_eval is not None else []
     callbacks = [*scored, *build_callbacks(config, backup_dir, track=track), *callbacks]
     probe = lrn_probe_images(data) if track and tracking.active_run_id() else None
     log_lrn_diagnostics(model, probe, 0)   # once: a resumed run keeps those of its first process
@@ -150,19 +153,6 @@ def fit(model: keras.Model, data: Data, config: Config, backup_dir: Path | None 
         print(f"the checkpoint in {backup_dir} holds all {epochs} epochs: nothing left to train", flush=True)
     log_lrn_diagnostics(model, probe, epochs)
     return {k: [float(v) for v in values] for k, values in history.history.items()}, seconds, start_epoch
-
-
-class TrainingSetScore(keras.callbacks.Callback):
-    """`--train-eval-images`: each epoch's loss and accuracy on fixed, un-augmented training images in inference
-    mode (no dropout), as train_eval_*: Keras' running `accuracy` averages a changing model on augmented images."""
-
-    def __init__(self, images):
-        super().__init__()
-        self.images = images
-
-    def on_epoch_end(self, epoch, logs=None):
-        scores = self.model.evaluate(self.images, return_dict=True, verbose=0)
-        logs.update({f"train_eval_{name}": float(value) for name, value in scores.items()})
 
 
 LRN_PROBE_IMAGES = 64   # the fixed batch of the LRN diagnostic
