@@ -236,7 +236,7 @@ class ModelConfig:
         side = self.input_size if size is None else size
         side = ((side - 11) // 4 + 1 if side >= 11 else 0) if paper else side
         sides = {"conv1": side}
-        for name in ("pool1", "pool2", "pool5"):
+        for name in [f"pool{i}" for i in POOLED_CONVS if i <= len(self.conv_filters)]:
             side = sides[name] = ((side - pool) // 2 + 1 if side >= pool else 0) if paper else -(-side // 2)
         return sides
 
@@ -251,23 +251,22 @@ class ModelConfig:
             total += positions * kernel * kernel * (channels // groups) * filters
             total += 4 * filters if self.batchnorm else positions * filters   # BN: gamma, beta, mean, variance
             channels = filters
+        flat, hidden = list(sides.values())[-1] ** 2 * channels, self.hidden_units   # after the last pool
         if local:   # fc straight to the classes
-            return total + (sides["pool2"] ** 2 * channels + 1) * num_classes
-        hidden, flat = self.hidden_units, sides["pool5"] ** 2 * channels
+            return total + (flat + 1) * num_classes
         return total + (flat + 1) * hidden + (hidden + 1) * hidden + (hidden + 1) * num_classes
 
     def activation_count(self, num_classes: int) -> int:
         sides = self.feature_sides()
         map_side = {1: sides["conv1"], 2: sides["pool1"], 3: sides["pool2"], 4: sides["pool2"], 5: sides["pool2"]}
-        pooled = {1: sides["pool1"], 2: sides["pool2"], 5: sides["pool5"]}
         total = self.input_size ** 2 * 3                                   # preprocess
         for i, filters in enumerate(self.conv_filters, start=1):
             layers = 2 + self.batchnorm + (self.lrn and i in LRN_CONVS)    # conv, *bn, act, *lrn
             total += layers * map_side[i] ** 2 * filters
             if i in POOLED_CONVS:
-                total += pooled[i] ** 2 * filters
+                total += sides[f"pool{i}"] ** 2 * filters
         hidden, local = self.hidden_units, self.variant in LOCAL_CONVS
-        flat = sides["pool2" if local else "pool5"] ** 2 * self.conv_filters[-1]
+        flat = list(sides.values())[-1] ** 2 * self.conv_filters[-1]
         total += flat + 2 * num_classes                                    # flatten, fc8, softmax
         if self.dropout > 0:
             total += flat + (0 if local else hidden)                       # dropout6, dropout7
