@@ -350,7 +350,8 @@ class Config:
         return dataclasses.asdict(self)
 
     def outcome_values(self) -> dict[str, Any]:   # not naming, resuming, registering, monitoring
-        return {k: v for k, v in self.flat().items() if k not in TOP_LEVEL}
+        # train_eval_images only adds metrics: off (0, the default), it leaves earlier runs' digests as they were.
+        return {k: v for k, v in self.flat().items() if k not in TOP_LEVEL and (k != "train_eval_images" or v)}
 
     def digest(self) -> str:
         """A hash of what changes a run's outcome: finished runs are skipped and interrupted ones resumed by it."""

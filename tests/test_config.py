@@ -72,7 +72,7 @@ def test_other_options_parse_strings_the_config_way():
     ({"pool": "foo"}, "'overlapping', 'non_overlapping'; got 'foo'"),
     ({"activation": "gelu"}, "'relu', 'tanh', 'sigmoid'; got 'gelu'"),
     ({"dataset": "imagenet"}, "'cifar10', 'folder', 'synthetic'; got 'imagenet'"),
-    ({"variant": "vgg"}, "'paper', 'cifar'; got 'vgg'"),
+    ({"variant": "vgg"}, "'paper', 'cifar', 'cifar_convnet4'; got 'vgg'"),
     ({"lrn": "maybe"}, "model.lrn must be true or false; got 'maybe'"),
     ({"epochs": "ten"}, "train.epochs must be an integer; got 'ten'"),
     ({"epochs": 0}, "train.epochs must be a positive integer"),

@@ -223,7 +223,7 @@ def default_run_name(config: Config) -> str:
     main = MAIN_JOB.outcome_values()
     parts = []
     for key, value in config.outcome_values().items():
-        if value == main[key] or key == "data_dir":
+        if value == main.get(key) or key == "data_dir":
             continue
         if isinstance(value, bool):
             parts.append(key if value else f"{key}0")
