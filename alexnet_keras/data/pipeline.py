@@ -128,8 +128,8 @@ def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: 
         counts={"train": len(train), "val": len(val), "test": len(test), "skipped": source.skipped},
         mean=[float(v) for v in mean], std=[float(v) if v > 0 else 1.0 for v in std], source=source.source,
         digest=digest, recipe_stats=recipe_stats, mean_image=mean_image, test_ten_crop=test_ten_crop,
-        train_eval=cfg.train_eval_images and mapped(train[np.linspace(
-            0, len(train) - 1, min(cfg.train_eval_images, len(train)), dtype=int)], batch_size, evaluation) or None,
+        train_eval=mapped(train[np.linspace(0, len(train) - 1, min(cfg.train_eval_images, len(train)), dtype=int)],
+                          batch_size, evaluation) if cfg.train_eval_images else None,
         preprocessing={"recipe": cfg.recipe, "resize": "shorter_side_crop" if paper else "squash",
                        "stored_size": stored, "image_size": image_size, "pixel_mean": pixel_mean,
                        **({"native_size": train.side} if train.side != stored else {})})
