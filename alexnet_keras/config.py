@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Mapping, Sequence, TypeVar
 import pydantic
 from pydantic import BeforeValidator, Field
 
-VARIANTS = ("paper", "cifar")
+VARIANTS = ("paper", "cifar", "cifar_convnet4")
 POOLS = ("overlapping", "non_overlapping")
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
 DATASETS = ("cifar10", "folder", "synthetic")
@@ -22,11 +22,14 @@ SCHEDULES = ("plateau", "cosine", "step", "constant")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 JIT = ("auto", "true", "false")
 DISTRIBUTE = ("none", "mirrored", "multi_worker", "data_parallel")   # training/distribute.py
-NATIVE_IMAGE_SIZE = {"paper": 227, "cifar": 32}   # each variant's input side when `image_size` is unset
+NATIVE_IMAGE_SIZE = {"paper": 227, "cifar": 32, "cifar_convnet4": 24}   # the input side when `image_size` is unset
 
 # The network's geometry: model/alexnet.py builds its layers from it, the memory check counts with it.
-CONV_FILTERS = (96, 256, 384, 384, 256)                           # conv1..conv5, before `width`
-CONV_KERNELS = {"paper": (11, 5, 3, 3, 3), "cifar": (3, 3, 3, 3, 3)}
+# cifar_convnet4: the paper's four-layer CIFAR-10 net (cuda-convnet's layers-conv-local-11pct.cfg; 13pct
+# without LRN): conv1, conv2, then locally connected local3, local4 (unshared weights), fc straight to the classes.
+CONV_FILTERS = {"paper": (96, 256, 384, 384, 256), "cifar_convnet4": (64, 64, 32, 32)}   # before `width`
+CONV_KERNELS = {"paper": (11, 5, 3, 3, 3), "cifar": (3, 3, 3, 3, 3), "cifar_convnet4": (5, 5, 3, 3)}
+LOCAL_CONVS = {"cifar_convnet4": (3, 4)}                          # locally connected, not convolutions
 HIDDEN_UNITS = 4096                                               # fc6 and fc7, before `width`
 GROUPED_CONVS = (2, 4, 5)                                         # the paper's two-GPU split: half the maps
 LRN_CONVS = (1, 2)                                                # LRN after these convs' activation
@@ -182,7 +185,8 @@ def section(name: str):
 class ModelConfig:
     """AlexNet's design choices, each an independent toggle. Defaults are the 2012 paper's."""
 
-    variant: Literal[VARIANTS] = Field("paper", description="paper: the 227-px ImageNet net; cifar: for 32 px")
+    variant: Literal[VARIANTS] = Field("paper", description="paper: the 227-px ImageNet net; cifar: for 32 px; "
+                                       "cifar_convnet4: the paper's four-layer CIFAR-10 net, 24 px")
     image_size: OptionalInt = Field(None, description="input side in px (none: the variant's own)")
     width: Float = Field(1.0, gt=0.0, le=16.0, description="multiplies every conv's filters and the hidden units")
     groups: Int = Field(1, ge=1, le=2, description="2: the paper's two-GPU split of conv2, conv4, conv5")
@@ -224,7 +228,8 @@ class ModelConfig:
     @property
     def conv_filters(self) -> tuple[int, ...]:   # a multiple of 2 with groups=2: whole channels per group
         multiple = 2 if self.groups == 2 else 1
-        return tuple(scaled_units(f, self.width, multiple) for f in CONV_FILTERS)
+        filters = CONV_FILTERS.get(self.variant, CONV_FILTERS["paper"])
+        return tuple(scaled_units(f, self.width, multiple) for f in filters)
 
     @property
     def hidden_units(self) -> int:
@@ -237,37 +242,41 @@ class ModelConfig:
         side = self.input_size if size is None else size
         side = ((side - 11) // 4 + 1 if side >= 11 else 0) if paper else side
         sides = {"conv1": side}
-        for name in ("pool1", "pool2", "pool5"):
+        for name in [f"pool{i}" for i in POOLED_CONVS if i <= len(self.conv_filters)]:
             side = sides[name] = ((side - pool) // 2 + 1 if side >= pool else 0) if paper else -(-side // 2)
         return sides
 
     def parameter_count(self, num_classes: int) -> int:
         """`model.count_params()` of the AlexNet this config builds."""
-        sides = self.feature_sides()
+        sides, local = self.feature_sides(), LOCAL_CONVS.get(self.variant, ())
         channels, total = 3, 0
         for i, (filters, kernel) in enumerate(zip(self.conv_filters, CONV_KERNELS[self.variant]), start=1):
-            groups = self.groups if i in GROUPED_CONVS else 1
-            total += kernel * kernel * (channels // groups) * filters
-            total += 4 * filters if self.batchnorm else filters   # BN: gamma, beta, mean, variance
+            groups = self.groups if i in GROUPED_CONVS and i not in local else 1
+            # A locally connected layer: a kernel and a bias per output position (BN's stay per channel).
+            positions = sides["pool2"] ** 2 if i in local else 1
+            total += positions * kernel * kernel * (channels // groups) * filters
+            total += 4 * filters if self.batchnorm else positions * filters   # BN: gamma, beta, mean, variance
             channels = filters
-        hidden, flat = self.hidden_units, sides["pool5"] ** 2 * channels
+        flat, hidden = list(sides.values())[-1] ** 2 * channels, self.hidden_units   # after the last pool
+        if local:   # fc straight to the classes
+            return total + (flat + 1) * num_classes
         return total + (flat + 1) * hidden + (hidden + 1) * hidden + (hidden + 1) * num_classes
 
     def activation_count(self, num_classes: int) -> int:
         sides = self.feature_sides()
         map_side = {1: sides["conv1"], 2: sides["pool1"], 3: sides["pool2"], 4: sides["pool2"], 5: sides["pool2"]}
-        pooled = {1: sides["pool1"], 2: sides["pool2"], 5: sides["pool5"]}
         total = self.input_size ** 2 * 3                                   # preprocess
         for i, filters in enumerate(self.conv_filters, start=1):
             layers = 2 + self.batchnorm + (self.lrn and i in LRN_CONVS)    # conv, *bn, act, *lrn
             total += layers * map_side[i] ** 2 * filters
             if i in POOLED_CONVS:
-                total += pooled[i] ** 2 * filters
-        flat, hidden = sides["pool5"] ** 2 * self.conv_filters[-1], self.hidden_units
-        total += flat                                                      # flatten
+                total += sides[f"pool{i}"] ** 2 * filters
+        hidden, local = self.hidden_units, self.variant in LOCAL_CONVS
+        flat = list(sides.values())[-1] ** 2 * self.conv_filters[-1]
+        total += flat + 2 * num_classes                                    # flatten, fc8, softmax
         if self.dropout > 0:
-            total += flat + hidden                                         # dropout6, dropout7
-        return total + 4 * hidden + 2 * num_classes                        # fc6/7 + act, fc8, softmax
+            total += flat + (0 if local else hidden)                       # dropout6, dropout7
+        return total + (0 if local else 4 * hidden)                        # fc6/7 + act
 
 
 def scaled_units(units: int, width: float, multiple: int = 1) -> int:
@@ -298,6 +307,8 @@ class DataConfig:
     ten_crop: bool = Field(True, description="paper recipe: also report the 10-crop test metrics")
     max_memory_mb: Int = Field(4096, ge=0, le=2 ** 24, description="larger image folders are streamed")
     test_limit: OptionalInt = Field(None, ge=2, le=MAX_COUNT, description="test images scored")
+    train_eval_images: Int = Field(0, ge=0, le=MAX_COUNT, description="training images (fixed, un-augmented) scored "
+                                   "in inference mode each epoch, as train_eval_* (0: none)")
 
     @pydantic.model_validator(mode="after")
     def _folder(self) -> "DataConfig":
@@ -345,7 +356,8 @@ class Config:
         return dataclasses.asdict(self)
 
     def outcome_values(self) -> dict[str, Any]:   # not naming, resuming, registering, monitoring
-        return {k: v for k, v in self.flat().items() if k not in TOP_LEVEL}
+        # train_eval_images only adds metrics: off (0, the default), it leaves earlier runs' digests as they were.
+        return {k: v for k, v in self.flat().items() if k not in TOP_LEVEL and (k != "train_eval_images" or v)}
 
     def digest(self) -> str:
         """A hash of what changes a run's outcome: finished runs are skipped and interrupted ones resumed by it."""

@@ -71,6 +71,14 @@ def measure(backend: str) -> dict:
               "scale_min": factor.min(), "scale_max": factor.max()}
     out["diag_max_rel_error"] = float(max(abs(diag[k] - v) / abs(v) for k, v in wanted.items()))
 
+    # LocallyConnected2D with fixed weights: the same outputs on every backend (test_layers checks TF's).
+    from alexnet_keras.model.layers import LocallyConnected2D
+    rng = np.random.default_rng(4)
+    local = LocallyConnected2D(2, 3)
+    local.build((2, 4, 5, 3))
+    local.set_weights([rng.normal(size=w.shape).astype("float32") for w in local.weights])
+    out["local"] = keras.ops.convert_to_numpy(local(rng.normal(size=(2, 4, 5, 3)).astype("float32"))).tolist()
+
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         half = LocalResponseNormalization(alpha=1e-2)
@@ -134,3 +142,5 @@ def test_model_and_lrn_on_backend(backend, module, tensorflow_result):
     assert result["reload_max_diff"] < 1e-5
     assert result["diag_max_rel_error"] < 1e-5 and tensorflow_result["diag_max_rel_error"] < 1e-5
     assert result["trained_diag_finite"] and tensorflow_result["trained_diag_finite"]
+    import numpy as np
+    np.testing.assert_allclose(result["local"], tensorflow_result["local"], rtol=1e-5, atol=1e-5)

@@ -34,12 +34,14 @@ def test_digest_covers_what_changes_a_run():
     assert base.override({"run_name": "x", "experiment": "e", "resume": False,
                           "checkpoint_dir": "/tmp/c"}).digest() == base.digest()
     assert base.override({"lrn": False}).digest() != base.digest()
-    flat = {k: v for k, v in base.flat().items() if k not in TOP_LEVEL}
+    # train_eval_images at its default (0, off) is left out, so that digests from before it existed hold.
+    flat = {k: v for k, v in base.flat().items() if k not in TOP_LEVEL and k != "train_eval_images"}
     import hashlib
     import json
     assert base.digest() == hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
     assert base.override({"deterministic": True}).digest() != base.digest()
     assert base.override({"test_limit": 100}).digest() != base.digest()
+    assert base.override({"train_eval_images": 100}).digest() != base.digest()
 
 
 @pytest.mark.parametrize("raw, expected", [("false", False), ("False", False), ("0", False), ("no", False),
@@ -76,7 +78,7 @@ def test_other_options_parse_strings_the_config_way():
     ({"pool": "foo"}, "'overlapping', 'non_overlapping'; got 'foo'"),
     ({"activation": "gelu"}, "'relu', 'tanh', 'sigmoid'; got 'gelu'"),
     ({"dataset": "imagenet"}, "'cifar10', 'folder', 'synthetic'; got 'imagenet'"),
-    ({"variant": "vgg"}, "'paper', 'cifar'; got 'vgg'"),
+    ({"variant": "vgg"}, "'paper', 'cifar', 'cifar_convnet4'; got 'vgg'"),
     ({"lrn": "maybe"}, "model.lrn must be true or false; got 'maybe'"),
     ({"epochs": "ten"}, "train.epochs must be an integer; got 'ten'"),
     ({"epochs": 0}, "train.epochs must be a positive integer"),

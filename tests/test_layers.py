@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from alexnet_keras.model.layers import LocalResponseNormalization
+from alexnet_keras.model.layers import LocallyConnected2D, LocalResponseNormalization
 
 
 def reference_lrn(x, n, alpha, beta, k):
@@ -193,7 +193,7 @@ def test_axis_out_of_range():
         LocalResponseNormalization(axis=4)(np.zeros((1, 2, 2, 3), "float32"))
 
 
-@pytest.mark.parametrize("axis, n", [(-1, 5), (1, 3), (-1, 1)])   # the band-matmul, shifted-slice, n=1 paths
+@pytest.mark.parametrize("axis, n", [(-1, 5), (1, 3), (-1, 1)])   # channels last, channels first, n=1
 def test_squared_sum_and_scale_are_the_formulas_parts(axis, n):
     """The public parts that call() is made of (and lrn_diagnostics measures with)."""
     x = np.random.default_rng(5).normal(0.0, 3.0, size=(2, 7, 3, 7)).astype("float32")
@@ -209,3 +209,52 @@ def test_squared_sum_and_scale_are_the_formulas_parts(axis, n):
                                x * keras.ops.convert_to_numpy(layer.scale(x)), rtol=1e-6)
     with pytest.raises(ValueError, match="axis"):
         LocalResponseNormalization(axis=4).squared_sum(x)
+
+
+# --- LocallyConnected2D: cuda-convnet's `local` layer ---------------------------------------------
+
+def reference_local(x, kernel, bias, k):
+    """A 'same'-padded, stride-1 locally connected layer, literally: at each position its own kernel, over the
+    k x k patch in (row, column, channel) order."""
+    x, r = np.asarray(x, np.float64), k // 2
+    padded = np.pad(x, ((0, 0), (r, r), (r, r), (0, 0)))
+    out = np.empty(x.shape[:3] + (kernel.shape[-1],))
+    for i, j in np.ndindex(x.shape[1:3]):
+        patch = padded[:, i:i + k, j:j + k, :].reshape(len(x), -1)
+        out[:, i, j] = patch @ kernel[i, j] + bias[i, j]
+    return out
+
+
+@pytest.mark.parametrize("shape, k, filters", [((2, 5, 4, 3), 3, 4), ((1, 6, 6, 2), 5, 3), ((2, 3, 3, 1), 1, 2)])
+def test_locally_connected_matches_numpy_reference(shape, k, filters):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype("float32")
+    layer = LocallyConnected2D(filters, k)
+    layer.build(shape)
+    kernel, bias = rng.normal(size=layer.kernel.shape), rng.normal(size=layer.bias.shape)
+    layer.set_weights([kernel.astype("float32"), bias.astype("float32")])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), reference_local(x, kernel, bias, k),
+                               rtol=1e-4, atol=1e-4)
+    # Unshared: the kernel is (height, width, k * k * channels, filters), the bias (height, width, filters).
+    assert layer.kernel.shape == (*shape[1:3], k * k * shape[3], filters) and layer.bias.shape == (*shape[1:3], filters)
+
+
+@pytest.mark.parametrize("init_kwargs, expected_num_weights", [
+    (dict(filters=4, kernel_size=3), 2),
+    (dict(filters=2, kernel_size=3, use_bias=False, name="local_x"), 1),
+])
+def test_locally_connected_layer_harness(init_kwargs, expected_num_weights):
+    x = np.random.default_rng(3).normal(size=(4, 5, 6, 3)).astype("float32")
+    run_layer_test(LocallyConnected2D, init_kwargs, x, (4, 5, 6, init_kwargs["filters"]), expected_num_weights)
+
+
+def test_locally_connected_initializers_and_weight_decay_survive_its_config():
+    layer = LocallyConnected2D(2, 3, kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
+                               bias_initializer="ones", kernel_regularizer=keras.regularizers.L2(0.25))
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    x = np.ones((1, 3, 3, 2), "float32")
+    clone(x)
+    assert clone.kernel_initializer.stddev == 0.01 and np.all(keras.ops.convert_to_numpy(clone.bias) == 1.0)
+    # Weight decay reaches the kernel: L2(l) adds l * sum(w^2).
+    kernel = keras.ops.convert_to_numpy(clone.kernel)
+    assert float(keras.ops.convert_to_numpy(clone.losses[0])) == pytest.approx(0.25 * np.sum(kernel ** 2), rel=1e-5)

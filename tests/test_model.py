@@ -278,7 +278,7 @@ def test_build_alexnet_uses_config():
     (dict(dropout=1.5), r"dropout must be in \[0.0, 1.0\); got 1.5"),
     (dict(pool="foo"), "'overlapping', 'non_overlapping'; got 'foo'"),
     (dict(activation="gelu"), "'relu', 'tanh', 'sigmoid'; got 'gelu'"),
-    (dict(variant="vgg"), "'paper', 'cifar'; got 'vgg'"),
+    (dict(variant="vgg"), "'paper', 'cifar', 'cifar_convnet4'; got 'vgg'"),
 ])
 def test_config_errors(options, match):
     with pytest.raises(ConfigError, match=match):
@@ -319,6 +319,8 @@ def test_bad_combinations():
     (dict(variant="cifar", width=0.25, batchnorm=True, dropout=0.0), 10),
     (dict(variant="cifar", width=0.05, groups=2, lrn=False, image_size=40), 3),
     (dict(variant="cifar", width=0.125, lrn=True, batchnorm=True, image_size=9), 2),
+    (dict(variant="cifar_convnet4", width=0.5, batchnorm=True, groups=2), 7),
+    (dict(variant="cifar_convnet4", lrn=False, dropout=0.0, image_size=30), 3),
 ])
 def test_parameter_and_activation_counts_match_the_built_model(options, num_classes):
     config = ModelConfig(**options)
@@ -327,7 +329,9 @@ def test_parameter_and_activation_counts_match_the_built_model(options, num_clas
     outputs = sum(math.prod(layer.output.shape[1:]) for layer in model.layers[1:])   # every layer after the input
     assert config.activation_count(num_classes) == outputs
     sides = config.feature_sides()
-    for name in ("conv1", "pool1", "pool2", "pool5"):
+    pools = ("pool1", "pool2") if config.variant == "cifar_convnet4" else ("pool1", "pool2", "pool5")
+    assert set(sides) == {"conv1", *pools}
+    for name in sides:
         assert model.get_layer(name).output.shape[1] == sides[name], name
 
 
@@ -431,3 +435,60 @@ def test_lrn_normalises_in_the_papers_regime_and_not_when_standardised():
     assert standardised["lrn1"]["relative_scale_min"] > 0.999
     assert paper["lrn1"]["relative_scale_min"] < 0.99
     assert paper["lrn1"]["scale_min"] < 0.99 * constant
+
+
+# --- cifar_convnet4: the paper's four-layer CIFAR-10 network ----------------------------------------
+
+# cuda-convnet's example-layers/layers-conv-local-11pct.cfg (13pct: the same without rnorm1 and rnorm2), 24 px
+# inputs, 10 classes; 'same' pools 3x3/2 give 24 -> 12 -> 6, as cuda-convnet's ceil((24 - 3) / 2) + 1 = 12:
+#   conv1   5*5*3*64  + 64           =     4,864
+#   conv2   5*5*64*64 + 64           =   102,464
+#   local3  6*6 * (3*3*64*32 + 32)   =   664,704   (a kernel and a bias per position of the 6x6 map)
+#   local4  6*6 * (3*3*32*32 + 32)   =   332,928
+#   fc8     6*6*32*10 + 10           =    11,530
+#   total                              1,116,490
+@pytest.mark.parametrize("lrn", [True, False])
+def test_cifar_convnet4_is_cuda_convnets_network(lrn):
+    from alexnet_keras.model.layers import LocallyConnected2D
+
+    model = AlexNet(num_classes=10, variant="cifar_convnet4", lrn=lrn, dropout=0.0)
+    assert model.count_params() == ModelConfig(variant="cifar_convnet4").parameter_count(10) == 1_116_490
+    norm = lambda i: [f"lrn{i}"] if lrn else []  # noqa: E731
+    assert names(model) == ["image", "preprocess", "conv1", "act1", *norm(1), "pool1", "conv2", "act2", *norm(2),
+                            "pool2", "local3", "act3", "local4", "act4", "flatten", "fc8", "predictions"]
+    assert tuple(model.input_shape) == (None, 24, 24, 3)
+    for name, kernel, filters, side in (("conv1", 5, 64, 24), ("conv2", 5, 64, 12), ("local3", 3, 32, 6),
+                                        ("local4", 3, 32, 6)):
+        layer = model.get_layer(name)
+        assert isinstance(layer, LocallyConnected2D) == name.startswith("local")
+        assert (np.ravel(layer.kernel_size)[0], layer.filters, layer.output.shape[1]) == (kernel, filters, side)
+    regularised = small(variant="cifar_convnet4", dropout=0.5, weight_decay=5e-4)
+    assert names(regularised)[-4:] == ["flatten", "dropout", "fc8", "predictions"]
+    assert len(regularised.losses) == 5   # weight decay on conv1, conv2, local3, local4, fc8
+
+
+def test_cifar_convnet4_trains_logs_train_eval_and_its_mlflow_model(mlflow_store):
+    """A tiny run: the variant logs as an MLflow model like the others (saved, loaded), and --train-eval-images adds
+    each epoch's train_eval_* (inference mode, fixed un-augmented training images): the loaded model scores the
+    same there."""
+    import mlflow
+    from conftest import TINY, all_runs, cli_flags
+
+    from alexnet_keras import cli
+    from alexnet_keras.config import load_config
+    from alexnet_keras.data import load_data
+
+    options = {**TINY, "variant": "cifar_convnet4", "train_eval_images": 48, "dropout": 0.5}
+    assert cli.main(["train", *cli_flags(options), "--system-metrics", "false"]) == 0
+    run, = all_runs(mlflow_store)
+    client = mlflow.MlflowClient(mlflow_store)
+    history = {key: client.get_metric_history(run.info.run_id, f"train_eval_{key}") for key in ("accuracy", "loss")}
+    assert all([m.step for m in values] == [0, 1] for values in history.values())
+    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/alexnet")
+    assert model.config.variant == "cifar_convnet4" and tuple(model.input_shape) == (None, 24, 24, 3)
+    config = load_config(overrides=options)
+    data = load_data(config.data, image_size=24, batch_size=32, seed=config.train.seed, verbose=False)
+    scores = model.evaluate(data.train_eval, return_dict=True, verbose=0)   # no dropout: the same every time
+    assert sum(len(y) for _, y in data.train_eval) == 48
+    assert history["accuracy"][-1].value == pytest.approx(scores["accuracy"], abs=1e-6)
+    assert history["loss"][-1].value == pytest.approx(scores["loss"], rel=1e-4)

@@ -80,7 +80,8 @@ def test_train_help_shows_each_option_with_its_description_choices_and_the_main_
     out = " ".join(capsys.readouterr().out.split())
     for group in ("model options:", "data options:", "train options:", "tracking options:"):
         assert group in out
-    assert "--variant {paper,cifar} paper: the 227-px ImageNet net; cifar: for 32 px (default: cifar)" in out
+    assert ("--variant {paper,cifar,cifar_convnet4} paper: the 227-px ImageNet net; cifar: for 32 px; cifar_convnet4: "
+            "the paper's four-layer CIFAR-10 net, 24 px (default: cifar)") in out
     assert "--lrn [{true,false}] local response normalization after conv1 and conv2 (default: true)" in out
     assert "--schedule {plateau,cosine,step,constant}" in out and "(default: cosine)" in out
     assert "--data-dir DATA_DIR" in out and "--epochs N passes over the training set (default: 30)" in out

@@ -37,6 +37,7 @@ class Data:
     recipe_stats: dict | None = None      # paper recipe: RGB mean/std/covariance, PCA, for logging
     mean_image: np.ndarray | None = None  # paper recipe with pixel_mean: (stored, stored, 3) float32
     test_ten_crop: tf.data.Dataset | None = None  # ten_crop: 10 views per test image, images only
+    train_eval: tf.data.Dataset | None = None     # train_eval_images, spread over train, fixed, never augmented
     num_classes = property(lambda self: len(self.class_names))
     steps_per_epoch = property(lambda self: max(1, math.ceil(self.counts["train"] / self.batch_size)))
 
@@ -119,6 +120,8 @@ def load_data(cfg, image_size: int, batch_size: int, seed: int = 0, *, verbose: 
         counts={"train": len(train), "val": len(val), "test": len(test), "skipped": source.skipped},
         mean=[float(v) for v in mean], std=[float(v) if v > 0 else 1.0 for v in std], source=source.source,
         digest=digest, recipe_stats=recipe_stats, mean_image=mean_image, test_ten_crop=test_ten_crop,
+        train_eval=mapped(train[np.linspace(0, len(train) - 1, min(cfg.train_eval_images, len(train)), dtype=int)],
+                          batch_size, evaluation) if cfg.train_eval_images else None,
         preprocessing={"recipe": cfg.recipe, "resize": "shorter_side_crop" if paper else "squash",
                        "stored_size": stored, "image_size": image_size, "pixel_mean": pixel_mean,
                        **({"native_size": train.side} if train.side != stored else {})})

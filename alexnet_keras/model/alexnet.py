@@ -8,9 +8,9 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 
-from alexnet_keras.config import (CONV_KERNELS, GROUPED_CONVS, LRN_CONVS, POOL_SIZES, POOLED_CONVS, ConfigError,
-                                  ModelConfig)
-from alexnet_keras.model.layers import LocalResponseNormalization
+from alexnet_keras.config import (CONV_KERNELS, GROUPED_CONVS, LOCAL_CONVS, LRN_CONVS, POOL_SIZES, POOLED_CONVS,
+                                  ConfigError, ModelConfig)
+from alexnet_keras.model.layers import LocallyConnected2D, LocalResponseNormalization
 
 MODEL_OPTIONS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
@@ -25,7 +25,8 @@ class AlexNet(keras.Model):
     ModelConfig as keyword `options`). Raw pixels (0..255) in, float32 probabilities out; the first layer,
     "preprocess", standardizes or centres them, so a saved model is self-contained. Layers: conv{i} ->
     *bn{i} -> act{i} -> *lrn{i} (i = 1, 2) -> pool{i} (i = 1, 2, 5), flatten -> *dropout6 -> fc6 -> act6
-    -> *dropout7 -> fc7 -> act7 -> fc8 -> predictions (* optional)."""
+    -> *dropout7 -> fc7 -> act7 -> fc8 -> predictions (* optional). Variant cifar_convnet4: conv1, conv2,
+    local3, local4 (locally connected), flatten -> *dropout -> fc8 -> predictions."""
 
     def __init__(self, num_classes: int = 1000, input_mean: Sequence[float] | None = None,
                  input_std: Sequence[float] | None = None, name: str = "alexnet", **options: Any):
@@ -138,16 +139,20 @@ def _build_graph(config: ModelConfig, num_classes: int, mean, std):
     else:
         x = keras.layers.Rescaling(1.0 / 255.0, name="preprocess")(inputs)
 
-    paper = config.variant == "paper"
+    paper, local = config.variant == "paper", LOCAL_CONVS.get(config.variant, ())
     pool_size = POOL_SIZES[config.pool]
     for i, (filters, kernel) in enumerate(zip(config.conv_filters, CONV_KERNELS[config.variant]), start=1):
-        name = f"conv{i}"
+        name = f"local{i}" if i in local else f"conv{i}"
         first_paper_conv = paper and i == 1
         # No conv bias before BN: BN's beta does its job.
-        x = keras.layers.Conv2D(filters, kernel, strides=4 if first_paper_conv else 1,
-                                padding="valid" if first_paper_conv else "same",
-                                groups=config.groups if i in GROUPED_CONVS else 1, use_bias=not config.batchnorm,
-                                name=name, **_weights(config, name))(x)
+        if i in local:
+            x = LocallyConnected2D(filters, kernel, use_bias=not config.batchnorm, name=name,
+                                   **_weights(config, name))(x)
+        else:
+            x = keras.layers.Conv2D(filters, kernel, strides=4 if first_paper_conv else 1,
+                                    padding="valid" if first_paper_conv else "same",
+                                    groups=config.groups if i in GROUPED_CONVS else 1, use_bias=not config.batchnorm,
+                                    name=name, **_weights(config, name))(x)
         if config.batchnorm:
             x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
         x = keras.layers.Activation(config.activation, name=f"act{i}")(x)
@@ -161,7 +166,9 @@ def _build_graph(config: ModelConfig, num_classes: int, mean, std):
                                           padding="valid" if paper else "same", name=f"pool{i}")(x)
 
     x = keras.layers.Flatten(name="flatten")(x)
-    for i in (6, 7):
+    if local and config.dropout > 0:
+        x = keras.layers.Dropout(config.dropout, name="dropout")(x)
+    for i in () if local else (6, 7):
         if config.dropout > 0:
             x = keras.layers.Dropout(config.dropout, name=f"dropout{i}")(x)
         x = keras.layers.Dense(config.hidden_units, name=f"fc{i}", **_weights(config, f"fc{i}"))(x)

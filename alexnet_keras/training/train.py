@@ -129,7 +129,12 @@ def fit(model: keras.Model, data: Data, config: Config, backup_dir: Path | None 
     epochs = epochs or config.train.epochs
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2   # a progress bar on a terminal, a line per epoch in logs
-    callbacks = [*build_callbacks(config, backup_dir, track=track), *callbacks]
+    # --train-eval-images: fixed un-augmented training images in inference mode (no dropout), unlike Keras'
+    # running `accuracy`; first, so that the metrics callback and History see its train_eval_* in the logs.
+    scored = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update({
+        f"train_eval_{k}": float(v) for k, v in model.evaluate(data.train_eval, return_dict=True, verbose=0).items()
+    }))] if data.train_eval is not None else []
+    callbacks = [*scored, *build_callbacks(config, backup_dir, track=track), *callbacks]
     probe = lrn_probe_images(data) if track and tracking.active_run_id() else None
     log_lrn_diagnostics(model, probe, 0)   # once: a resumed run keeps those of its first process
     start = time.perf_counter()
@@ -217,7 +222,7 @@ def default_run_name(config: Config) -> str:
     main = MAIN_JOB.outcome_values()
     parts = []
     for key, value in config.outcome_values().items():
-        if value == main[key] or key == "data_dir":
+        if value == main.get(key) or key == "data_dir":
             continue
         if isinstance(value, bool):
             parts.append(key if value else f"{key}0")
