@@ -191,13 +191,6 @@ LONGEST_FIRST = ["test_cluster", "test_ray_study", "test_resume", "test_ablate",
                  "test_recipe", "test_bad_input"]
 
 
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: 1.5 workers per core (3 on the 2-core machine). Many tests wait part of the time on other
-    processes (servers, Ray nodes, trainings they start); with one worker per core a third of the CPU time
-    stayed idle (user + system CPU / wall / 2 = 0.66, benchmarks/results/test-suite-time.csv, 08:09)."""
-    return max(2, round(1.5 * (os.cpu_count() or 1)))
-
-
 def pytest_collection_modifyitems(items):
     """Modules in LONGEST_FIRST order, then the rest as collected; each module's tests keep their order."""
     def rank(item):

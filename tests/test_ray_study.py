@@ -339,9 +339,10 @@ def test_a_tracking_server_gone_mid_study_fails_clearly_and_loses_nothing(two_no
     # epochs: at 4 epochs both children finished 1 s apart; at 24 the longer one was past epoch 17 when
     # the first finished, under a loaded suite.)
     path = _study_file(tmp_path, "ray-server-gone", axes={"epochs": [1, 16]}, samples=1024)
-    # MLflow's client retries a dead server for minutes by default; these reach the jobs too.
+    # MLflow's client retries a dead server for minutes by default, and a training waits 120 s for its store
+    # before it gives up (tracking.STORE_WAIT_ENV); these reach the jobs too.
     for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
-                        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")):
+                        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "60"), (tracking.STORE_WAIT_ENV, "3")):
         monkeypatch.setenv(name, value)
     argv = ["ablate", path, "--ray", two_nodes.address, "--tracking-uri", uri]
     study = driver(argv)

@@ -39,7 +39,8 @@ class BenchmarkOptions(Options):
     xla: tuple[bool, ...] = Field((True,), min_length=1, description="true, false: Keras' jit_compile")
     width: float = Field(1.0, gt=0, le=16)
     num_classes: PositiveInt = 1000       # timing section (ImageNet); throughput uses 10 classes
-    throughput_variants: tuple[Literal[VARIANTS], ...] = Field(VARIANTS, description="paper, cifar; none: skip")
+    throughput_variants: tuple[Literal[VARIANTS], ...] = Field(("paper", "cifar"), description=", ".join(VARIANTS)
+                                                               + "; none: skip")
     throughput_batch_sizes: tuple[PositiveInt, ...] = (32, 128, 256, 512)
     throughput_steps: PositiveInt = 100
     throughput_burn_in: NonNegativeInt = 10
