@@ -27,7 +27,6 @@ the stage began. Stages, in order (each one's caches are left for the next):
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -41,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jpeg_folder import make_jpeg_folder  # noqa: E402
+from machine import write_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("walk", "split", "check", "check_cached", "source", "stats", "stream_epoch", "memory_load",
@@ -163,14 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(cache, ignore_errors=True)
     if args.out:
-        out = Path(args.out)
-        new = not out.exists()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        write_rows(Path(args.out), [{k: row[k] for k in COLUMNS} for row in rows], append=True)
     return 0
 
 

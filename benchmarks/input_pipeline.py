@@ -18,7 +18,6 @@ sizes, ~50-70 KB at quality 90); the crops are 227 px from 256 and 144 px from 1
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -30,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jpeg_folder import make_jpeg_folder  # noqa: E402
+from machine import write_rows  # noqa: E402
 
 COLUMNS = ("date", "host", "format", "stored_size", "crop", "pca_color", "threads", "batch_size", "batches",
            "seconds", "img_s", "img_s_per_thread", "cores_for_target", "files", "stored_mb", "load")
@@ -108,14 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "stored_mb": round(stored_mb, 1), "load": load})
                     print(", ".join(f"{k} {rows[-1][k]}" for k in ("format", "pca_color", "threads", "img_s",
                                                                    "cores_for_target")), flush=True)
-        out = Path(args.out)
-        new = not out.exists()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        write_rows(Path(args.out), [{k: row[k] for k in COLUMNS} for row in rows], append=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

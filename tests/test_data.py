@@ -682,27 +682,6 @@ def test_interrupted_or_failed_extraction_leaves_nothing_in_the_cache(tmp_path, 
     assert list(datasets.iterdir()) == []
 
 
-@pytest.fixture
-def read_only_folder(tmp_path):
-    """A folder nobody can write to: a read-only tmpfs where this process may mount one (root), else
-    a folder without write permission (not root), else the test is skipped."""
-    import subprocess
-
-    folder = tmp_path / "read-only"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                             capture_output=True).returncode == 0
-    if not mounted:
-        if os.geteuid() == 0:
-            pytest.skip("cannot mount a read-only tmpfs, and root writes to any folder")
-        folder.chmod(0o555)
-    yield folder
-    if mounted:
-        subprocess.run(["umount", str(folder)], check=True)
-    else:
-        folder.chmod(0o755)
-
-
 def test_read_only_cache_gives_one_clear_message(tmp_path, read_only_folder, monkeypatch, archive, mlflow_store,
                                                  capsys):
     from conftest import all_runs
