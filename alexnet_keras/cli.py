@@ -141,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("out", metavar="OUT", help="output folder (new or empty)")
     prepare.add_argument("--stored-size", type=int, default=256, metavar="N", help="shorter side rescaled to N, "
                          "central NxN kept (default: 256)")
-    prepare.add_argument("--encoding", choices=("jpeg", "png", "original"), default="jpeg", help="jpeg "
-                         "(default), png (lossless) or the files' own bytes")
+    prepare.add_argument("--encoding", choices=("jpeg", "png", "raw", "original"), default="jpeg", help="jpeg "
+                         "(default), png (lossless), raw (uint8 pixels: nothing to decode when read) or the files' "
+                         "own bytes")
     prepare.add_argument("--quality", type=int, default=95, metavar="Q", help="JPEG quality (default: 95)")
     prepare.add_argument("--shard-size", type=int, default=1024, metavar="N", help="images per shard")
     prepare.add_argument("--overwrite", action="store_true", help="replace an earlier `prepare` in OUT")

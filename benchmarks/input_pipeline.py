@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         load = " ".join(f"{v:.1f}" for v in os.getloadavg())
         rows = []
         for name in args.formats.split(","):
-            stored = 256 if name in ("folder", "jpeg256", "png256") else 160
+            stored = 160 if name.endswith("160") else 256
             crop = 227 if stored == 256 else 144
             if args.tiny:
                 stored, crop = (72, 64) if stored == 256 else (48, 40)

@@ -345,6 +345,18 @@ def test_carved_splits_of_shards_are_read_from_shards_of_their_own(folder, tmp_p
     assert list((tmp_path / "cache" / "records").iterdir()) == [subset]
 
 
+def test_raw_shards_hold_the_pixels_and_load_like_the_folder(folder, tmp_path):
+    out = tmp_path / "raw"
+    tfrecord.prepare(folder, out, stored_size=STORED, encoding="raw", verbose=False)
+    assert json.loads((out / "manifest.json").read_text())["size_policy"]["encoding"] == "raw"
+    from_folder = load(paper(folder, augment=False))
+    records = load_data(paper(out, augment=False), CROP, 8, verbose=False)   # the corrupt file was left out
+    for a, b in ((from_folder.val, records.val), (from_folder.test, records.test)):
+        (xa, ya), (xb, yb) = collect(a), collect(b)
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+
+
 def test_prepare_refuses_a_stored_size_beyond_the_bound_of_training(folder, tmp_path):
     with pytest.raises(ConfigError, match="stored_size.*32768"):
         tfrecord.prepare(folder, tmp_path / "records", stored_size=40000)

@@ -26,7 +26,11 @@ def progress_bar(n: int, what: str, verbose: bool):
 def decode_image(contents: tf.Tensor, size: int, policy: str = "squash") -> tf.Tensor:
     """JPEG/PNG/GIF/BMP bytes -> uint8 RGB (size, size, 3), antialiased; "squash" whatever the aspect ratio, or
     "shorter_side_crop": the paper's shorter side rescaled to `size`, central square kept. Non-images raise."""
-    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    return resize_image(tf.io.decode_image(contents, channels=3, expand_animations=False), size, policy)
+
+
+def resize_image(image: tf.Tensor, size: int, policy: str = "squash") -> tf.Tensor:
+    """uint8 RGB of any size -> (size, size, 3) by `policy`, as `decode_image` does after decoding."""
     image.set_shape([None, None, 3])
     height, width = tf.shape(image)[0], tf.shape(image)[1]
 

@@ -18,7 +18,7 @@ from pydantic import Field
 from ..config import MAX_SIDE, Options, validated
 from .archives import locate_data_dir
 from .cache import build_folder_once, cache_root, hash_json
-from .decode import decode_image, progress_bar
+from .decode import decode_image, progress_bar, resize_image
 from .files import LAYOUT_HINT, DataError, folder_layout, listed
 from .images import Images, SourceImages
 from .split import carve_test
@@ -27,7 +27,7 @@ MANIFEST = "manifest.json"
 LABELS = "labels.npz"
 FORMAT = "alexnet-keras-tfrecord"
 VERSION = 1
-ENCODINGS = ("jpeg", "png", "original")
+ENCODINGS = ("jpeg", "png", "raw", "original")   # raw: uint8 pixels, no decoding
 # Encoded records held for shuffling, on top of shuffling the shards (~25 KB each at 256 px: ~100 MB).
 SHUFFLE_BUFFER = 4096
 SUBSET_SHARD_SIZE = 1024
@@ -117,7 +117,8 @@ def _write_split(split: str, root: Path, files: list[str], labels: np.ndarray, o
             image = tf.io.decode_image(contents, channels=3, expand_animations=False)
             return position, contents, tf.shape(image)[0]   # using the shape makes the decode run
         image = decode_image(contents, stored_size, "shorter_side_crop")
-        encoded = tf.io.encode_png(image) if encoding == "png" else tf.io.encode_jpeg(image, quality=quality)
+        encoded = (tf.io.encode_png(image) if encoding == "png" else tf.io.serialize_tensor(image) if encoding == "raw"
+                   else tf.io.encode_jpeg(image, quality=quality))
         return position, encoded, tf.shape(image)[0]
 
     # In parallel, in file order; a file that fails to decode is dropped and missing from the positions.
@@ -199,15 +200,15 @@ class RecordImages(Images):
     `index` (sorted positions into the split's records) makes a subset."""
 
     def __init__(self, shards: list[str], all_labels: np.ndarray, side: int, policy: str,
-                 index: np.ndarray | None = None):
+                 index: np.ndarray | None = None, raw: bool = False):
         self.shards = list(shards)
         self.all_labels = np.asarray(all_labels, np.int32)
         self.index = np.arange(len(self.all_labels)) if index is None else np.sort(np.asarray(index, np.int64))
         self.labels = self.all_labels[self.index]
-        self.side, self.policy = side, policy
+        self.side, self.policy, self.raw = side, policy, raw
 
     def subset(self, index):
-        return RecordImages(self.shards, self.all_labels, self.side, self.policy, self.index[index])
+        return RecordImages(self.shards, self.all_labels, self.side, self.policy, self.index[index], self.raw)
 
     @functools.cached_property
     def read_plan(self) -> tuple[list[str], np.ndarray | None]:
@@ -227,6 +228,8 @@ class RecordImages(Images):
 
     def batch_keys(self, batch_size, *, shuffle=False, seed=0, deterministic=True):
         side, policy = self.side, self.policy
+        decode = (lambda raw: resize_image(tf.io.parse_tensor(raw, tf.uint8), side, policy)) if self.raw else (
+            lambda encoded: decode_image(encoded, side, policy))
         shards, mask = self.read_plan
         if shuffle and len(shards) > 1:
             files = tf.data.Dataset.from_tensor_slices(shards).shuffle(
@@ -242,7 +245,7 @@ class RecordImages(Images):
             ds = ds.filter(lambda record: tf.gather(keep, record["index"]))
         if shuffle:
             ds = ds.shuffle(max(1, min(len(self), SHUFFLE_BUFFER)), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.map(lambda record: {"x": decode_image(record["image"], side, policy),
+        ds = ds.map(lambda record: {"x": decode(record["image"]),
                                     "y": tf.cast(record["label"], tf.int32)},
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
         return ds.batch(batch_size)
@@ -286,7 +289,8 @@ def load_prepared(root: Path, side: int, policy: str, split_seed: int) -> Source
         if not entry["count"]:
             raise DataError(f"the {split} split of {str(root)!r} has no images. Prepare it again from a "
                             f"folder whose {split} split holds readable images.")
-        return RecordImages([str(root / s["file"]) for s in entry["shards"]], labels[split], side, policy)
+        return RecordImages([str(root / s["file"]) for s in entry["shards"]], labels[split], side, policy,
+                            raw=manifest["size_policy"]["encoding"] == "raw")
 
     x_train = images("train")
     if len(np.unique(x_train.labels)) < 2:
