@@ -16,6 +16,7 @@ from ..tracking import (BASELINE_TAG, CONFIG_DIGEST_TAG, FACTOR_TAG, ROLE_TAG, S
                        STUDY_DIGEST_TAG, STUDY_TAG, VARIANT_TAG)
 
 SELECTION_METRIC = "val_accuracy"   # the study's champion is chosen on validation, never on test
+ROUND_TAG = tracking.TAG_PREFIX + "study_round"   # with `rounds:`, the round (from 1) a child's seed belongs to
 
 
 @dataclass
@@ -29,9 +30,11 @@ class StudyResult:
 
 
 def child_tags(study: Study, child: Child) -> dict[str, str]:
+    rounds = study.keys.rounds
     return {STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "child", SEED_TAG: str(child.seed),
             VARIANT_TAG: child.variant.name, BASELINE_TAG: str(child.variant.is_baseline).lower(),
-            **{FACTOR_TAG + axis: value for axis, value in child.variant.factors.items()}}
+            **{FACTOR_TAG + axis: value for axis, value in child.variant.factors.items()},
+            **({ROUND_TAG: str(child.seed // rounds.seeds_per_round + 1)} if rounds else {})}
 
 
 def champion(report) -> tuple[Any, str, float, float] | None:
@@ -122,7 +125,7 @@ def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = Non
         # the other children: every one without a grid; with one, each arm's other seeds at its chosen value
         final = [c for c in study.children(experiment) if not c.tuning
                  and (c.grid_point is None or c.grid_point.label == choice.get(c.variant.name))]
-        _train_missing(study, final, result, uri, on_ray)
+        (_train_in_rounds if study.keys.rounds else _train_missing)(study, final, result, uri, on_ray)
         print(f"trained {len(result.ran)} children in {time.perf_counter() - start:.1f}s; {len(result.failed)} "
               f"failed" + (f", {len(result.diverged)} tuning runs diverged" if result.diverged else ""))
         result.report = build_report(parent_id)
@@ -162,6 +165,29 @@ def _train_missing(study: Study, children: list[Child], result: StudyResult, uri
             _record_failure(result, child, err)
         else:
             result.ran.append(child.label)
+
+
+def _train_in_rounds(study: Study, children: list[Child], result: StudyResult, uri: str, on_ray: float | None) -> None:
+    """Round by round: AdaStop replayed on the finished children (stats.adastop), then the next round's seeds of the
+    baseline and the arms still open, until every comparison is decided or max_rounds are spent."""
+    from .stats import NAN, adastop
+
+    rounds, others = study.keys.rounds, [v for v in study.variants if not v.is_baseline]
+    for _ in range(rounds.max_rounds + 1):   # each pass adds a round, unless a child failed
+        done = tracking.children_by(result.parent_run_id, CONFIG_DIGEST_TAG, status="FINISHED")
+        values: dict[str, dict[int, float]] = {v.name: {} for v in study.variants}
+        for c in (c for c in children if c.digest in done):
+            values[c.variant.name][c.seed] = done[c.digest].data.metrics.get(rounds.metric, NAN)
+        decisions, looked = adastop([values[v.name] for v in (study.baseline, *others)], rounds.seeds_per_round,
+                                    rounds.max_rounds, rounds.alpha)
+        still = [v.name for v, (decision, _) in zip(others, decisions) if decision == "continue"]
+        print(f"AdaStop after {looked} of {rounds.max_rounds} rounds: " + ", ".join(
+            f"{v.name} {d}" for v, (d, _) in zip(others, decisions)), flush=True)
+        if looked == rounds.max_rounds or not still or result.failed:
+            return
+        seeds = range(looked * rounds.seeds_per_round, (looked + 1) * rounds.seeds_per_round)
+        _train_missing(study, [c for c in children if c.seed in seeds and (c.variant.is_baseline or c.variant.name in
+                                                                            still)], result, uri, on_ray)
 
 
 def _record_failure(result: StudyResult, child: Child, err: Exception) -> None:

@@ -141,6 +141,7 @@ class Report:
     csv: str                          # reports/ablation.csv, claims.csv, tuning.csv ("" without a nuisance grid)
     claims_csv: str
     tuning_csv: str
+    stopping: dict[str, Any] | None = None   # with `rounds`: adastop_decisions (reports/adastop.json)
 
 
 def _index(children: Sequence[Any]) -> tuple[dict[str, Any], set[str]]:
@@ -439,13 +440,31 @@ def claim_rows(results: Sequence[ClaimResult]) -> list[dict[str, Any]]:
              "verdict": r.verdict, "note": r.note} for r in results]
 
 
+def adastop_decisions(spec: Mapping[str, Any], variants: Sequence[VariantSummary]) -> dict[str, Any]:
+    """AdaStop replayed on the finished children, as `ablate` ran it: each comparison's decision, the rounds and
+    seeds it used, and when and why the study stopped (docs/methodology.md)."""
+    rounds, n = spec["rounds"], spec["rounds"]["seeds_per_round"]
+    arms = sorted(variants, key=lambda s: not s.is_baseline)   # the baseline first
+    found, looked = stats.adastop([dict(zip(s.seeds, s.values[rounds["metric"]])) for s in arms], n,
+                                  rounds["max_rounds"], rounds["alpha"])
+    rows = [{"comparison": f"{s.name} vs {arms[0].name}", "decision": stats.NOT_DECIDED if d == "continue" else d,
+             "rounds": used, "seeds": used * n} for s, (d, used) in zip(arms[1:], found)]
+    undecided = sum(r["decision"] in ("equal", stats.NOT_DECIDED) for r in rows)
+    why = (f"all comparisons decided at round {looked}" if not undecided else
+           f"max_rounds {looked} reached with {undecided} undecided (AdaStop: equal)" if looked == rounds["max_rounds"]
+           else f"not finished: {looked} of {rounds['max_rounds']} rounds complete, {undecided} comparisons open "
+                f"(failed or missing children; run the study again)")
+    return {**rounds, "rounds_done": looked, "stopped": why, "comparisons": rows}
+
+
 def _runs_finished(variants: Sequence[VariantSummary]) -> str:
     n_done, n_failed = sum(len(s.seeds) for s in variants), sum(s.failed for s in variants)
     n_expected = n_done + n_failed + sum(s.missing for s in variants)
     return f"{n_done}/{n_expected} runs finished" + (f", {n_failed} failed" if n_failed else "")
 
 
-def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims: Sequence[ClaimResult] = ()) -> str:
+def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims: Sequence[ClaimResult] = (),
+                stopping: Mapping[str, Any] | None = None) -> str:
     axes = ", ".join(f"{a} (baseline {d['baseline']})" for a, d in spec["axes"].items())
     grid = spec.get("nuisance_grid", {})
     nuisance = ", ".join(spec["hyperparameters"]["nuisance"]) + ("; tuned per arm on validation: " + ", ".join(
@@ -458,6 +477,12 @@ def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims
     if any(s.tuning for s in variants):
         lines += ["", f"### Nuisance tuning per arm ({', '.join(grid)})", "", f"Seed {spec['seeds'][0]}'s final "
                   f"val acc per value; bold: chosen.", "", tuning_table(variants).rstrip("\n")]
+    if stopping:
+        lines += ["", f"### Seeds in rounds (AdaStop, α = {stopping['alpha']}, {stopping['metric']})", "",
+                  f"{stopping['seeds_per_round']} seeds per round, at most {stopping['max_rounds']} rounds: stopped "
+                  f"with **{stopping['stopped']}**.", "",
+                  markdown_table(stopping["comparisons"], ["comparison", "decision", "rounds", "seeds"],
+                                 headers={"rounds": "rounds used", "seeds": "seeds per arm"}, right=["rounds", "seeds"]).rstrip("\n")]
     if claims:
         lines += ["", claims_table(claims).rstrip("\n")]
     return "\n".join(lines + ["", "Figures: figures/; raw numbers: reports/ablation.csv, claims.csv, ablation_runs.csv,"
@@ -469,8 +494,9 @@ def description(report: Report) -> str:
     verdicts = Counter(r.verdict for r in report.claims if r.verdict != stats.NOT_IN_STUDY)
     claims = ", ".join(f"{verdict} {n}" for verdict, n in verdicts.items()) or "none measured by this study"
     return (f"Ablation study `{report.spec['name']}`: {_runs_finished(report.variants)}. "
-            f"{_readings(report.variants)} Paper's claims: {claims}.\n\nFull report: Artifacts → reports/ablation.md; "
-            f"figures: Artifacts → figures/.")
+            f"{_readings(report.variants)} Paper's claims: {claims}."
+            + (f" Seeds in rounds (AdaStop): {report.stopping['stopped']}." if report.stopping else "")
+            + "\n\nFull report: Artifacts → reports/ablation.md; figures: Artifacts → figures/.")
 
 
 def table_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
@@ -486,10 +512,11 @@ def make_report(parent_run_id: str, spec: dict[str, Any], children: Sequence[Any
         history = functools.lru_cache(maxsize=None)(history)   # a claim may read a series twice
     variants = summarize(spec, children, history)
     claims = judge_claims(variants, history)
+    stopping = adastop_decisions(spec, variants) if "rounds" in spec else None
     tuning = [{"variant": s.name, "value": label, "val_accuracy": value, "chosen": label == s.chosen,
                "run": s.tuning_runs.get(label)} for s in variants for label, value in s.tuning.items()]
-    return Report(parent_run_id, spec, variants, claims, to_markdown(spec, variants, claims),
-                  csv_text(csv_rows(variants)), csv_text(claim_rows(claims)), csv_text(tuning) if tuning else "")
+    return Report(parent_run_id, spec, variants, claims, to_markdown(spec, variants, claims, stopping),
+                  csv_text(csv_rows(variants)), csv_text(claim_rows(claims)), csv_text(tuning) if tuning else "", stopping)
 
 
 def load_spec(parent_run_id: str) -> dict[str, Any]:
@@ -531,6 +558,8 @@ def build_report(parent_run_id: str) -> Report:
     for name, text in files.items():
         if text:
             tracking.log_text(text, f"reports/{name}", **on_parent)
+    if report.stopping:
+        tracking.log_dict(report.stopping, "reports/adastop.json", **on_parent)
     tracking.log_table(table_columns(csv_rows(report.variants)), "reports/ablation_table.json", **on_parent)
     tracking.log_table(table_columns(claim_rows(report.claims)), "reports/claims_table.json", **on_parent)
     bars = figures.study_bars(report.variants, PRIMARY, CONFIDENCE, title=f"{spec['name']}: test accuracy")

@@ -182,3 +182,22 @@ def epochs_to(values: Sequence[float], threshold: float) -> float:
             return epoch - 1 + max(0.0, min(1.0, (threshold - previous) / (value - previous)))
         previous = value
     return math.inf
+
+
+def adastop(arms: Sequence[Mapping[int, float]], per_round: int, rounds: int, alpha: float = ALPHA,
+            seed: int = 0) -> tuple[list[tuple[str, int]], int]:
+    """AdaStop of each arm against arms[0] ({seed: value}; round k's seeds k*per_round ... (k+1)*per_round - 1),
+    replayed over the complete rounds: per arm (larger / smaller / equal / continue, rounds used), rounds looked."""
+    from adastop import MultipleAgentsComparator
+
+    pairs = np.array([(i, 0) for i in range(1, len(arms))])
+    comparator = MultipleAgentsComparator(per_round, rounds, comparisons=pairs, alpha=alpha, seed=seed)
+    out, k = [("continue", 0)] * len(pairs), 0
+    while k < rounds and not comparator.is_finished:
+        z = [np.array([arm.get(s, NAN) for s in range((k + 1) * per_round)]) for arm in arms]
+        if not all(np.isfinite(z[i]).all() for i in {0, *(i for i, (d, _) in enumerate(out, 1) if d == "continue")}):
+            break   # an open arm's round is not complete (not run yet, or failed)
+        comparator.partial_compare(dict(enumerate(z)), verbose=False)
+        k += 1
+        out = [(d, k if old == "continue" else used) for (old, used), d in zip(out, comparator.decisions.values())]
+    return out, k

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
-from ..config import SECTIONS, Config, ConfigError, Int, Seed, check_read, did_you_mean, leaf_fields
+from ..config import SECTIONS, Config, ConfigError, Int, Options, Seed, check_read, did_you_mean, leaf_fields
 from ..tables import value_text
 from .specfile import SpecKeys, read_spec
 
@@ -40,6 +41,13 @@ def over_limit(runs: int, limit: int) -> str:
             f"with `max_runs: {runs}` in the study file")
 
 
+class Rounds(Options):   # docs/methodology.md, "Seeds in rounds (AdaStop)"
+    seeds_per_round: Int = Field(ge=1, description="seeds each open arm adds per round (N)")
+    max_rounds: Int = Field(ge=1, description="the most rounds (K)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="the family-wise error over all rounds and comparisons")
+    metric: Literal["test_accuracy", "test_top5_accuracy", "final_train_accuracy"] = "test_accuracy"
+
+
 class StudyKeys(SpecKeys):   # the keys of a study file besides those every study and sweep file has
     design: Literal[tuple(DESIGNS)] = Field("one_factor_at_a_time", description="one factor at a time "
                                             "(ofat) or grid (factorial)")
@@ -47,8 +55,9 @@ class StudyKeys(SpecKeys):   # the keys of a study file besides those every stud
                                  "{lrn: [true, false]}, or value names to options (a composite axis)")
     baseline: dict[str, Any] = Field({}, description="an axis' baseline value (default: the base config's)")
     max_runs: Int = Field(MAX_RUNS, ge=1, description="the most runs the study may plan")   # before seeds
-    seeds: list[Seed] = Field(min_length=1, description="list the training seeds, e.g. seeds: [0, 1, 2] (or a "
-                              "count, seeds: 3)")
+    rounds: Rounds | None = Field(None, description="add seeds in rounds until AdaStop decides (then no `seeds`)")
+    seeds: list[Seed] = Field(None, min_length=1, validate_default=True, description="list the training seeds, "
+                              "e.g. seeds: [0, 1, 2] (or a count, seeds: 3), or add them in `rounds`")
     nuisance: list[Literal[tuple(leaf_fields())]] = Field([], description="options that are nuisance "
                                                           "hyperparameters (always: seed)")
     fixed: list[Literal[tuple(leaf_fields())]] = Field([], description="options held fixed (default: the rest)")
@@ -58,7 +67,15 @@ class StudyKeys(SpecKeys):   # the keys of a study file besides those every stud
     @field_validator("seeds", mode="before")
     @classmethod
     def _count(cls, value: Any, info: ValidationInfo) -> Any:
-        """`seeds: 3` is [0, 1, 2]; a count over max_runs is refused before its list is made."""
+        """`seeds: 3` is [0, 1, 2]; a count over max_runs is refused before its list is made. With `rounds`, round r
+        (from 0) has seeds r*N ... r*N+N-1, N = seeds_per_round."""
+        rounds = info.data.get("rounds")
+        if value is None or rounds:
+            if value is None and rounds is None:
+                raise PydanticCustomError("missing", "")   # config.explain: "`seeds` is missing; <description>"
+            if rounds and value is not None:
+                raise ValueError(f"cannot be listed with `rounds`, whose seeds it derives; got {value}")
+            value = rounds.seeds_per_round * rounds.max_rounds
         if type(value) is int and value > info.data.get("max_runs", MAX_RUNS):
             raise ValueError("alone " + over_limit(value, info.data.get("max_runs", MAX_RUNS)))
         return list(range(value)) if type(value) is int and value > 0 else value
@@ -138,7 +155,8 @@ class Study:
         children = self.children()
         content = {"name": self.name, "design": self.design, "seeds": list(self.seeds),
                    "variants": [[v.name, [c.digest for c in children if c.variant is v]] for v in self.variants],
-                   "nuisance_grid": [[p.label, p.options] for p in self.grid]}
+                   "nuisance_grid": [[p.label, p.options] for p in self.grid],
+                   **({"rounds": self.keys.rounds.model_dump()} if self.keys.rounds else {})}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     def spec(self) -> dict[str, Any]:
@@ -162,6 +180,7 @@ class Study:
                 n for n in leaf_fields() if n not in {*scientific, *nuisance, "experiment", "run_name"}]},
             "base_config": self.base.to_dict(),
             **({"nuisance_grid": self.keys.nuisance_grid} if self.grid else {}),
+            **({"rounds": self.keys.rounds.model_dump()} if self.keys.rounds else {}),
         }
 
 
@@ -283,6 +302,9 @@ def load_study(path: str | Path) -> Study:
         for a in (a for a in axes if factors[a] != baseline[a]):
             check_read(config, list(axes[a][factors[a]]), f"{src}: axis {a!r}")
         variants.append(Variant(name, factors, merged, config, factors == baseline))
+    if spec.rounds and (spec.nuisance_grid or len(variants) < 2):
+        raise StudyError(f"{src}: `rounds` needs a variant besides the baseline, and no `nuisance_grid` (a round adds "
+                         f"seeds at one value per arm).")
     grid = []
     for combo in itertools.product(*(values.items() for values in tuned.values())) if tuned else ():
         label = combo[0][0] if len(tuned) == 1 else ",".join(f"{k}={n}" for k, (n, _) in zip(tuned, combo))
