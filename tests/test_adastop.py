@@ -13,6 +13,7 @@ from conftest import all_runs
 from alexnet_keras import cli
 from alexnet_keras.experiments import report
 from alexnet_keras.experiments.study import StudyError, load_study
+from alexnet_keras.tracking import CONFIG_DIGEST_TAG
 
 ROOT = Path(__file__).resolve().parent.parent
 # Seed-to-seed jitter of a test accuracy, fixed: 15 seeds = 5 per round for 3 rounds.
@@ -33,9 +34,8 @@ def test_a_clear_difference_is_decided_in_the_first_round_and_no_difference_runs
     worse = _arm("worse", [0.2 + j for j in JITTER[3:] + JITTER[:3]])
     same = _arm("same", [0.5 + j for j in reversed(JITTER)])
     found = report.adastop_decisions({"rounds": ROUNDS}, [baseline, better, worse, same])
-    assert [(r["comparison"], r["decision"], r["rounds"], r["seeds"]) for r in found["comparisons"]] == [
-        ("better vs baseline", "larger", 1, 5), ("worse vs baseline", "smaller", 1, 5),
-        ("same vs baseline", "equal", 3, 15)]
+    assert [(r["variant"], r["decision"], r["rounds"], r["seeds"]) for r in found["comparisons"]] == [
+        ("better", "larger", 1, 5), ("worse", "smaller", 1, 5), ("same", "equal", 3, 15)]
     assert found["rounds_done"] == 3 and found["stopped"] == "max_rounds 3 reached with 1 undecided (AdaStop: equal)"
     # Without the undecided arm, the study stops after round 1; the seeds the decided arms did not need are
     # not looked at (here: none were run).
@@ -46,7 +46,7 @@ def test_a_clear_difference_is_decided_in_the_first_round_and_no_difference_runs
     same.seeds, same.values["test_accuracy"] = same.seeds[:12], same.values["test_accuracy"][:12]
     found = report.adastop_decisions({"rounds": ROUNDS}, [baseline, same])
     assert found["comparisons"][0]["decision"] == "not decided" and found["comparisons"][0]["rounds"] == 2
-    assert found["stopped"].startswith("not finished: 2 of 3 rounds complete, 1 comparisons open")
+    assert found["stopped"] == "not finished: 2 of 3 rounds complete, 1 comparisons open"
 
 
 def _study(tmp_path, **changes):
@@ -62,21 +62,23 @@ def _study(tmp_path, **changes):
 
 def test_each_round_trains_the_baseline_and_the_open_arms_only(tmp_path, monkeypatch):
     """Round 1 decides `dropout=0.0` (far from the baseline); round 2 trains the baseline and the open arm. (Training
-    and the store stand in: `_train_missing` records the children and their metric, `children_by` returns them.)"""
+    and the store stand in: `_train_missing` records the children as runs, `child_runs` returns them.)"""
     from alexnet_keras.experiments import ablate
 
     study = load_study(_study(tmp_path, axes={"dropout": [0.5, 0.0, 0.25]},
                               rounds={"seeds_per_round": 5, "max_rounds": 2, "metric": "final_train_accuracy"}))
-    finished, trained = {}, []
+    finished, trained = [], []
 
     def train(study, children, result, uri, on_ray):
         for c in children:
             trained.append(c.label)
             accuracy = {0.5: 0.5, 0.0: 0.9, 0.25: 0.5}[c.config.model.dropout] + JITTER[c.seed]
-            finished[c.digest] = SimpleNamespace(data=SimpleNamespace(metrics={"final_train_accuracy": accuracy}))
+            finished.append(SimpleNamespace(info=SimpleNamespace(run_id=c.label, status="FINISHED", end_time=1),
+                                            data=SimpleNamespace(tags={CONFIG_DIGEST_TAG: c.digest},
+                                                                 metrics={"final_train_accuracy": accuracy})))
 
     monkeypatch.setattr(ablate, "_train_missing", train)
-    monkeypatch.setattr(ablate.tracking, "children_by", lambda *args, **kwargs: finished)
+    monkeypatch.setattr(ablate.tracking, "child_runs", lambda parent_run_id: finished)
     ablate._train_in_rounds(study, study.children(), ablate.StudyResult("parent"), "", None)
     assert trained == [f"{v} seed={s}" for s in range(5) for v in ("baseline", "dropout=0.0", "dropout=0.25")] + [
         f"{v} seed={s}" for s in range(5, 10) for v in ("baseline", "dropout=0.25")]
@@ -111,7 +113,7 @@ def test_a_real_study_in_two_rounds_resumes_without_training_again(tmp_path, mlf
     first = json.loads((saved / "adastop.json").read_text())
     # One seed per round cannot reject (2 permutations): the comparison runs to max_rounds and reads "equal".
     assert first["rounds_done"] == 2 and first["comparisons"][0]["decision"] == "equal"
-    assert "| dropout=0.0 vs baseline | equal | 2 | 2 |" in (saved / "ablation.md").read_text()
+    assert "| dropout=0.0 | equal | 2 | 2 |" in (saved / "ablation.md").read_text()
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished child was trained again")

@@ -1,5 +1,4 @@
-"""An ablation study's report, rebuilt from the MLflow store alone and logged on its parent run: variants
-against the baseline, the paper's claims, per-arm tuning, figures. How to read it: docs/methodology.md."""
+"""A study's report, rebuilt from the MLflow store alone and logged on its parent run (docs/methodology.md)."""
 
 import functools
 import math
@@ -7,7 +6,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
-
 
 from . import stats
 from .. import figures, tracking
@@ -26,16 +24,13 @@ CI = f"{int(CONFIDENCE * 100)}% CI"
 # history(run_id, metric key) -> its value per epoch, in epoch order (build_report: tracking.epoch_history).
 History = Callable[[str, str], list[float]]
 
-
 IMAGENET = {"variant": "paper", "dataset": "folder", "recipe": "paper"}   # the paper's net on its ImageNet recipe
 CIFAR4 = {"variant": "cifar_convnet4", "dataset": "cifar10", "train_limit": None}   # its CIFAR-10 net, all images
 
 
 @dataclass(frozen=True)
 class Claim:
-    """Arm `a` minus arm `b` (options; all else equal) in `metric`: the paper's figure (a ratio a/b for ratio
-    metrics; None: a direction only) and sign; options both arms need, and the figure's (docs/methodology.md)."""
-
+    """Arm `a` minus arm `b` in `metric`: the paper's figure (a/b for ratio metrics; None: a sign), methodology.md."""
     claim: str
     a: Mapping[str, Any]
     b: Mapping[str, Any]
@@ -141,7 +136,6 @@ class Report:
     csv: str                          # reports/ablation.csv, claims.csv, tuning.csv ("" without a nuisance grid)
     claims_csv: str
     tuning_csv: str
-    stopping: dict[str, Any] | None = None   # with `rounds`: adastop_decisions (reports/adastop.json)
 
 
 def _index(children: Sequence[Any]) -> tuple[dict[str, Any], set[str]]:
@@ -173,8 +167,7 @@ def _plan(spec: Mapping[str, Any], variant: Mapping[str, Any], summary: VariantS
 
 
 def choose_grid_value(tuning_runs: Mapping[str, Any]) -> tuple[str | None, dict[str, float]]:
-    """An arm's nuisance value, chosen on validation ({grid label: its FINISHED tuning run or None}): the
-    label with the highest final `val_accuracy` (first on ties, None without any), and each label's value."""
+    """The grid label ({label: FINISHED tuning run or None}) of the best final `val_accuracy` (first), each value."""
     scores = {label: float(run.data.metrics.get(VAL_ACCURACY, NAN)) if run is not None else NAN
               for label, run in tuning_runs.items()}
     scored = {label: value for label, value in scores.items() if math.isfinite(value)}
@@ -441,20 +434,10 @@ def claim_rows(results: Sequence[ClaimResult]) -> list[dict[str, Any]]:
 
 
 def adastop_decisions(spec: Mapping[str, Any], variants: Sequence[VariantSummary]) -> dict[str, Any]:
-    """AdaStop replayed on the finished children, as `ablate` ran it: each comparison's decision, the rounds and
-    seeds it used, and when and why the study stopped (docs/methodology.md)."""
-    rounds, n = spec["rounds"], spec["rounds"]["seeds_per_round"]
-    arms = sorted(variants, key=lambda s: not s.is_baseline)   # the baseline first
-    found, looked = stats.adastop([dict(zip(s.seeds, s.values[rounds["metric"]])) for s in arms], n,
-                                  rounds["max_rounds"], rounds["alpha"])
-    rows = [{"comparison": f"{s.name} vs {arms[0].name}", "decision": stats.NOT_DECIDED if d == "continue" else d,
-             "rounds": used, "seeds": used * n} for s, (d, used) in zip(arms[1:], found)]
-    undecided = sum(r["decision"] in ("equal", stats.NOT_DECIDED) for r in rows)
-    why = (f"all comparisons decided at round {looked}" if not undecided else
-           f"max_rounds {looked} reached with {undecided} undecided (AdaStop: equal)" if looked == rounds["max_rounds"]
-           else f"not finished: {looked} of {rounds['max_rounds']} rounds complete, {undecided} comparisons open "
-                f"(failed or missing children; run the study again)")
-    return {**rounds, "rounds_done": looked, "stopped": why, "comparisons": rows}
+    """stats.adastop on the finished children, as `ablate` runs it, with the study's `rounds`."""
+    rounds, arms = spec["rounds"], sorted(variants, key=lambda s: not s.is_baseline)   # the baseline first
+    return {**rounds, **stats.adastop({s.name: dict(zip(s.seeds, s.values[rounds["metric"]])) for s in arms},
+                                      rounds["seeds_per_round"], rounds["max_rounds"], rounds["alpha"])}
 
 
 def _runs_finished(variants: Sequence[VariantSummary]) -> str:
@@ -463,8 +446,7 @@ def _runs_finished(variants: Sequence[VariantSummary]) -> str:
     return f"{n_done}/{n_expected} runs finished" + (f", {n_failed} failed" if n_failed else "")
 
 
-def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims: Sequence[ClaimResult] = (),
-                stopping: Mapping[str, Any] | None = None) -> str:
+def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims: Sequence[ClaimResult] = ()) -> str:
     axes = ", ".join(f"{a} (baseline {d['baseline']})" for a, d in spec["axes"].items())
     grid = spec.get("nuisance_grid", {})
     nuisance = ", ".join(spec["hyperparameters"]["nuisance"]) + ("; tuned per arm on validation: " + ", ".join(
@@ -477,12 +459,12 @@ def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims
     if any(s.tuning for s in variants):
         lines += ["", f"### Nuisance tuning per arm ({', '.join(grid)})", "", f"Seed {spec['seeds'][0]}'s final "
                   f"val acc per value; bold: chosen.", "", tuning_table(variants).rstrip("\n")]
-    if stopping:
-        lines += ["", f"### Seeds in rounds (AdaStop, α = {stopping['alpha']}, {stopping['metric']})", "",
-                  f"{stopping['seeds_per_round']} seeds per round, at most {stopping['max_rounds']} rounds: stopped "
-                  f"with **{stopping['stopped']}**.", "",
-                  markdown_table(stopping["comparisons"], ["comparison", "decision", "rounds", "seeds"],
-                                 headers={"rounds": "rounds used", "seeds": "seeds per arm"}, right=["rounds", "seeds"]).rstrip("\n")]
+    if "rounds" in spec:
+        stop = adastop_decisions(spec, variants)   # each variant vs the baseline: the rounds and seeds per arm used
+        lines += ["", f"### Seeds in rounds (AdaStop, α = {stop['alpha']}, {stop['metric']})", "",
+                  f"{stop['seeds_per_round']} seeds per round, at most {stop['max_rounds']} rounds: stopped with "
+                  f"**{stop['stopped']}**.", "", markdown_table(stop["comparisons"], list(stop["comparisons"][0]),
+                                                                right=["rounds", "seeds"]).rstrip("\n")]
     if claims:
         lines += ["", claims_table(claims).rstrip("\n")]
     return "\n".join(lines + ["", "Figures: figures/; raw numbers: reports/ablation.csv, claims.csv, ablation_runs.csv,"
@@ -494,9 +476,8 @@ def description(report: Report) -> str:
     verdicts = Counter(r.verdict for r in report.claims if r.verdict != stats.NOT_IN_STUDY)
     claims = ", ".join(f"{verdict} {n}" for verdict, n in verdicts.items()) or "none measured by this study"
     return (f"Ablation study `{report.spec['name']}`: {_runs_finished(report.variants)}. "
-            f"{_readings(report.variants)} Paper's claims: {claims}."
-            + (f" Seeds in rounds (AdaStop): {report.stopping['stopped']}." if report.stopping else "")
-            + "\n\nFull report: Artifacts → reports/ablation.md; figures: Artifacts → figures/.")
+            f"{_readings(report.variants)} Paper's claims: {claims}.\n\nFull report: Artifacts → reports/ablation.md; "
+            f"figures: Artifacts → figures/.")
 
 
 def table_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
@@ -512,11 +493,10 @@ def make_report(parent_run_id: str, spec: dict[str, Any], children: Sequence[Any
         history = functools.lru_cache(maxsize=None)(history)   # a claim may read a series twice
     variants = summarize(spec, children, history)
     claims = judge_claims(variants, history)
-    stopping = adastop_decisions(spec, variants) if "rounds" in spec else None
     tuning = [{"variant": s.name, "value": label, "val_accuracy": value, "chosen": label == s.chosen,
                "run": s.tuning_runs.get(label)} for s in variants for label, value in s.tuning.items()]
-    return Report(parent_run_id, spec, variants, claims, to_markdown(spec, variants, claims, stopping),
-                  csv_text(csv_rows(variants)), csv_text(claim_rows(claims)), csv_text(tuning) if tuning else "", stopping)
+    return Report(parent_run_id, spec, variants, claims, to_markdown(spec, variants, claims),
+                  csv_text(csv_rows(variants)), csv_text(claim_rows(claims)), csv_text(tuning) if tuning else "")
 
 
 def load_spec(parent_run_id: str) -> dict[str, Any]:
@@ -558,8 +538,8 @@ def build_report(parent_run_id: str) -> Report:
     for name, text in files.items():
         if text:
             tracking.log_text(text, f"reports/{name}", **on_parent)
-    if report.stopping:
-        tracking.log_dict(report.stopping, "reports/adastop.json", **on_parent)
+    if "rounds" in spec:   # the section "Seeds in rounds" of ablation.md
+        tracking.log_dict(adastop_decisions(spec, report.variants), "reports/adastop.json", **on_parent)
     tracking.log_table(table_columns(csv_rows(report.variants)), "reports/ablation_table.json", **on_parent)
     tracking.log_table(table_columns(claim_rows(report.claims)), "reports/claims_table.json", **on_parent)
     bars = figures.study_bars(report.variants, PRIMARY, CONFIDENCE, title=f"{spec['name']}: test accuracy")

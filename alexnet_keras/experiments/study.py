@@ -1,5 +1,4 @@
-"""Study files (experiments/ablation*.yaml): read and checked, their runs counted, then expanded into every
-child's Config before any run exists; `plan_text` says what a study will run."""
+"""Study files (experiments/ablation*.yaml): read, checked and expanded into every child's Config before any run."""
 
 import functools
 import hashlib
@@ -67,15 +66,12 @@ class StudyKeys(SpecKeys):   # the keys of a study file besides those every stud
     @field_validator("seeds", mode="before")
     @classmethod
     def _count(cls, value: Any, info: ValidationInfo) -> Any:
-        """`seeds: 3` is [0, 1, 2]; a count over max_runs is refused before its list is made. With `rounds`, round r
-        (from 0) has seeds r*N ... r*N+N-1, N = seeds_per_round."""
+        """`seeds: 3` is [0, 1, 2] (with `rounds`, N x K); a count over max_runs is refused before its list is made."""
         rounds = info.data.get("rounds")
-        if value is None or rounds:
-            if value is None and rounds is None:
-                raise PydanticCustomError("missing", "")   # config.explain: "`seeds` is missing; <description>"
-            if rounds and value is not None:
-                raise ValueError(f"cannot be listed with `rounds`, whose seeds it derives; got {value}")
-            value = rounds.seeds_per_round * rounds.max_rounds
+        if (value is None) == (rounds is None):   # neither (config.explain: "`seeds` is missing; <description>"), both
+            raise (PydanticCustomError("missing", "") if rounds is None
+                   else ValueError(f"cannot be listed with `rounds`, whose seeds it derives; got {value}"))
+        value = rounds.seeds_per_round * rounds.max_rounds if rounds else value
         if type(value) is int and value > info.data.get("max_runs", MAX_RUNS):
             raise ValueError("alone " + over_limit(value, info.data.get("max_runs", MAX_RUNS)))
         return list(range(value)) if type(value) is int and value > 0 else value
@@ -133,8 +129,7 @@ class Study:
     baseline = property(lambda self: next(v for v in self.variants if v.is_baseline))
 
     def children(self, experiment: str | None = None) -> list[Child]:
-        """Every (variant, grid value if any, seed) that may run, seed-major: an interrupted study has whole
-        replicates first. With a grid, the `tuning` ones run first, then each arm's others at its chosen value."""
+        """Every (variant, grid value, seed) that may run, seed-major; with a grid, the `tuning` ones first."""
         out = []
         for seed, variant, point in itertools.product(self.seeds, self.variants, self.grid or (None,)):
             at = " " + ",".join(f"{k}={_value_name(v)}" for k, v in point.options.items()) if point else ""
@@ -302,9 +297,8 @@ def load_study(path: str | Path) -> Study:
         for a in (a for a in axes if factors[a] != baseline[a]):
             check_read(config, list(axes[a][factors[a]]), f"{src}: axis {a!r}")
         variants.append(Variant(name, factors, merged, config, factors == baseline))
-    if spec.rounds and (spec.nuisance_grid or len(variants) < 2):
-        raise StudyError(f"{src}: `rounds` needs a variant besides the baseline, and no `nuisance_grid` (a round adds "
-                         f"seeds at one value per arm).")
+    if spec.rounds and len(variants) < 2:
+        raise StudyError(f"{src}: `rounds` compares variants with the baseline, but the axes make only the baseline.")
     grid = []
     for combo in itertools.product(*(values.items() for values in tuned.values())) if tuned else ():
         label = combo[0][0] if len(tuned) == 1 else ",".join(f"{k}={n}" for k, (n, _) in zip(tuned, combo))
