@@ -96,7 +96,7 @@ def test_rounds_replace_seeds_and_are_validated(tmp_path, capsys):
                               ({"rounds": {"seeds_per_round": 2, "max_rounds": 2, "metric": "val_loss"}},
                                "`rounds.metric` must be one of"),
                               ({"rounds": None}, "`seeds` is missing"),
-                              ({"axes": {"dropout": [0.5]}}, "`rounds` needs a variant besides the baseline")]:
+                              ({"axes": {"dropout": [0.5]}}, "`rounds` compares variants with the baseline, but the axes make only")]:
         with pytest.raises(StudyError, match="rounds.yaml: .*" + fragment.replace(".", r"\.")):
             load_study(_study(tmp_path, **changes))
 
