@@ -168,8 +168,7 @@ def _train_in_rounds(study: Study, children: list[Child], result: StudyResult, u
     spec, n = study.spec(), study.keys.rounds.seeds_per_round
     for _ in range(study.keys.rounds.max_rounds + 1):   # each pass adds a round, unless a child failed
         found = adastop_decisions(spec, summarize(spec, tracking.child_runs(result.parent_run_id)))
-        print(f"AdaStop: {found['stopped']}; " + ", ".join(f"{r['variant']} {r['decision']}"
-                                                           for r in found["comparisons"]), flush=True)
+        print(f"AdaStop: {found['stopped']}", flush=True)
         still = {r["variant"] for r in found["comparisons"] if r["decision"] == NOT_DECIDED}
         if not still or result.failed:
             return

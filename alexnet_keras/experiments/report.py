@@ -297,10 +297,8 @@ def judge_claims(variants: Sequence[VariantSummary], history: History | None = N
 
 
 def _pm(stat: tuple[float, float], digits: int) -> str:
-    mean, std = stat
-    if not math.isfinite(mean):
-        return "n/a"
-    return f"{mean:.{digits}f}" + (f" ± {cell(std, digits)}" if math.isfinite(std) else "")
+    plus = f" ± {cell(stat[1], digits)}" if math.isfinite(stat[1]) else ""
+    return f"{stat[0]:.{digits}f}{plus}" if math.isfinite(stat[0]) else "n/a"
 
 
 def _p(p: float) -> str:

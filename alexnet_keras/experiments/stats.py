@@ -149,8 +149,7 @@ def tail_length(epochs: int, fraction: float = 0.2) -> int:
 
 def plateau(values: Sequence[float], fraction: float = 0.2) -> float:
     """The change of a per-epoch series over its last `fraction` of epochs (tail_length); NaN below 2 epochs."""
-    x = [float(v) for v in values]
-    return x[-1] - x[-1 - tail_length(len(x), fraction)] if len(x) > 1 else NAN
+    return float(values[-1]) - float(values[-1 - tail_length(len(values), fraction)]) if len(values) > 1 else NAN
 
 
 def epochs_to_converge(values: Sequence[float], within: float, fraction: float = 0.2) -> float:
@@ -176,14 +175,13 @@ def epochs_to(values: Sequence[float], threshold: float) -> float:
     return math.inf
 
 
-def adastop(arms: Mapping[str, Mapping[int, float]], seeds_per_round: int, max_rounds: int, alpha: float = ALPHA,
-            seed: int = 0) -> dict:
-    """AdaStop of each arm vs the first ({seed: value}; round k: seeds kN ... kN+N-1), replayed over complete rounds."""
+def adastop(arms: Mapping[str, Mapping[int, float]], n: int, max_rounds: int, alpha: float = ALPHA) -> dict:
+    """AdaStop of each arm vs the first ({seed: value}; round k: seeds kn ... kn+n-1), replayed over complete rounds."""
     from adastop import MultipleAgentsComparator
 
-    n, names, k = seeds_per_round, list(arms), 0
+    names, k = list(arms), 0
     comparator = MultipleAgentsComparator(n, max_rounds, comparisons=np.array([(i, 0) for i in range(1, len(names))]),
-                                          alpha=alpha, seed=seed)
+                                          alpha=alpha, seed=0)   # seeded permutations: a replay decides the same
     rows = [{"variant": name, "decision": NOT_DECIDED, "rounds": 0, "seeds": 0} for name in names[1:]]
     while k < max_rounds and not comparator.is_finished:
         z = [np.array([arms[name].get(s, NAN) for s in range((k + 1) * n)]) for name in names]
