@@ -315,7 +315,7 @@ def load_study(path: str | Path) -> Study:
 def plan_text(study: Study) -> str:
     """The variants and, with a nuisance grid, the plan: the tuning runs, then the final runs."""
     n_tuning = len(study.variants) * len(study.grid)
-    runs = f"{len(study.variants)} variants x {len(study.seeds)} seeds"
+    runs = f"{len(study.variants)} variants x {len(study.seeds)} seeds" + (" at most" if study.keys.rounds else "")
     if study.grid:
         runs += f", {len(study.grid)} nuisance values tuned per arm = {n_tuning} tuning + {study.runs - n_tuning} final"
     lines = [f"study {study.name!r} ({study.design}, {runs} = {study.runs} runs), experiment {study.experiment!r}"]
