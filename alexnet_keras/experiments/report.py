@@ -94,10 +94,7 @@ class VariantSummary:
     tuning: dict[str, float] = field(default_factory=dict)      # grid label -> final val_accuracy (first seed)
     tuning_runs: dict[str, str] = field(default_factory=dict)   # grid label -> run id or status
     chosen: str | None = None                                   # the grid label used for the statistics
-
-    @property
-    def significant(self) -> bool:
-        return math.isfinite(self.p_holm) and self.p_holm < ALPHA
+    significant = property(lambda self: math.isfinite(self.p_holm) and self.p_holm < ALPHA)   # after Holm
 
 
 @dataclass
@@ -116,14 +113,9 @@ class ClaimResult:
     seeds: float = NAN                # seeds per arm to find the observed difference, Holm's α / m
     verdict: str = stats.NOT_IN_STUDY
     note: str = ""
-
-    @property
-    def test(self) -> tuple:   # claims on the same arms, metric and route share one test and one p
-        return self.a, self.b, self.claim.metric, self.size and self.claim.paper
-
-    @property
-    def ratio(self) -> bool:
-        return CLAIM_METRICS[self.claim.metric][1]
+    # Claims on the same arms, metric and route share one test and one p.
+    test = property(lambda self: (self.a, self.b, self.claim.metric, self.size and self.claim.paper))
+    ratio = property(lambda self: CLAIM_METRICS[self.claim.metric][1])
 
 
 @dataclass

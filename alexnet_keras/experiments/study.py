@@ -105,10 +105,7 @@ class Child:
     grid_point: GridPoint | None                   # with a nuisance grid: the value this child trains at
     label: str                                     # its run name: "pool=x seed=1", "pool=x learning_rate=0.02 seed=1"
     tuning: bool                                   # with a nuisance grid, the first seed's runs: every grid value
-
-    @property
-    def digest(self) -> str:
-        return self.config.digest()
+    digest = property(lambda self: self.config.digest())
 
 
 @dataclass(frozen=True, eq=False)   # eq=False: hashed by identity, for the digest's cache
