@@ -96,7 +96,8 @@ def test_rounds_replace_seeds_and_are_validated(tmp_path, capsys):
                               ({"rounds": {"seeds_per_round": 2, "max_rounds": 2, "metric": "val_loss"}},
                                "`rounds.metric` must be one of"),
                               ({"rounds": None}, "`seeds` is missing"),
-                              ({"axes": {"dropout": [0.5]}}, "`rounds` compares variants with the baseline, but the axes make only")]:
+                              ({"axes": {"dropout": [0.5]}}, "it needs a variant besides the baseline"),
+                              ({"nuisance_grid": {"learning_rate": [0.01, 0.02]}}, "and no `nuisance_grid`")]:
         with pytest.raises(StudyError, match="rounds.yaml: .*" + fragment.replace(".", r"\.")):
             load_study(_study(tmp_path, **changes))
 

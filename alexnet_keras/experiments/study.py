@@ -294,8 +294,9 @@ def load_study(path: str | Path) -> Study:
         for a in (a for a in axes if factors[a] != baseline[a]):
             check_read(config, list(axes[a][factors[a]]), f"{src}: axis {a!r}")
         variants.append(Variant(name, factors, merged, config, factors == baseline))
-    if spec.rounds and len(variants) < 2:
-        raise StudyError(f"{src}: `rounds` compares variants with the baseline, but the axes make only the baseline.")
+    if spec.rounds and (len(variants) < 2 or spec.nuisance_grid):
+        raise StudyError(f"{src}: `rounds` compares each variant at one setting with the baseline: it needs a variant "
+                         f"besides the baseline, and no `nuisance_grid`.")
     grid = []
     for combo in itertools.product(*(values.items() for values in tuned.values())) if tuned else ():
         label = combo[0][0] if len(tuned) == 1 else ",".join(f"{k}={n}" for k, (n, _) in zip(tuned, combo))
