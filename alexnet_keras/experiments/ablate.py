@@ -1,5 +1,4 @@
-"""Ablation studies (study.py): a parent run per study, a child run per planned child, trained here or as Ray
-jobs (cluster.py), and a report on the parent (report.py). docs/ablations.md describes the rest."""
+"""Ablation studies (study.py): a parent run, a child run per planned child (here or on Ray), a report (report.py)."""
 
 import contextlib
 import json
@@ -16,6 +15,7 @@ from ..tracking import (BASELINE_TAG, CONFIG_DIGEST_TAG, FACTOR_TAG, ROLE_TAG, S
                        STUDY_DIGEST_TAG, STUDY_TAG, VARIANT_TAG)
 
 SELECTION_METRIC = "val_accuracy"   # the study's champion is chosen on validation, never on test
+ROUND_TAG = tracking.TAG_PREFIX + "study_round"   # with `rounds:`, the round (from 1) a child's seed belongs to
 
 
 @dataclass
@@ -31,12 +31,12 @@ class StudyResult:
 def child_tags(study: Study, child: Child) -> dict[str, str]:
     return {STUDY_TAG: study.name, STUDY_DIGEST_TAG: study.digest(), ROLE_TAG: "child", SEED_TAG: str(child.seed),
             VARIANT_TAG: child.variant.name, BASELINE_TAG: str(child.variant.is_baseline).lower(),
-            **{FACTOR_TAG + axis: value for axis, value in child.variant.factors.items()}}
+            **{FACTOR_TAG + axis: value for axis, value in child.variant.factors.items()},
+            **({ROUND_TAG: str(child.seed // study.keys.rounds.seeds_per_round + 1)} if study.keys.rounds else {})}
 
 
 def champion(report) -> tuple[Any, str, float, float] | None:
-    """(variant summary, run id, the variant's mean, the run's value) of the variant with the highest mean
-    final `val_accuracy` (the first in the study's order on ties) and its best run; None when no run has one."""
+    """(variant summary, run id, its mean, the run's value): the best mean final `val_accuracy` (the first), or None."""
     best = None
     for variant in report.variants:
         finals = [(h[-1], run_id) for h, run_id in zip(variant.val_histories, variant.run_ids) if h]
@@ -70,10 +70,7 @@ def register_champion(study: Study, result: StudyResult, name: str) -> None:
 
 def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = None, ray: str | None = None,
               ray_cpus: float = 1) -> StudyResult:
-    """Create or resume the parent, train the missing children here or as Ray jobs (docs/cluster.md), write the
-    report on the parent. The cluster and the store it must share are checked before any run exists."""
-    if parallel < 1:
-        raise StudyError(f"--parallel must be at least 1; got {parallel}.")
+    """Create or resume the parent, train the missing children here or on Ray (docs/cluster.md), log the report."""
     if ray is not None and parallel != 1:
         raise StudyError(f"--parallel {parallel} with --ray: Ray runs as many children at once as the cluster "
                          f"has room for (one GPU each, else --ray-cpus CPUs each); drop --parallel.")
@@ -122,7 +119,7 @@ def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = Non
         # the other children: every one without a grid; with one, each arm's other seeds at its chosen value
         final = [c for c in study.children(experiment) if not c.tuning
                  and (c.grid_point is None or c.grid_point.label == choice.get(c.variant.name))]
-        _train_missing(study, final, result, uri, on_ray)
+        (_train_in_rounds if study.keys.rounds else _train_missing)(study, final, result, uri, on_ray)
         print(f"trained {len(result.ran)} children in {time.perf_counter() - start:.1f}s; {len(result.failed)} "
               f"failed" + (f", {len(result.diverged)} tuning runs diverged" if result.diverged else ""))
         result.report = build_report(parent_id)
@@ -136,8 +133,7 @@ def run_study(study: Study, *, parallel: int = 1, tracking_uri: str | None = Non
 
 def _train_missing(study: Study, children: list[Child], result: StudyResult, uri: str,
                    on_ray: float | None) -> None:
-    """Train those of `children` that have no FINISHED run under the parent, here or as Ray jobs (`on_ray`).
-    Nor is a tuning child whose newest run diverged: its grid value is out for the arm, and would diverge again."""
+    """Train the `children` without a FINISHED run, nor a tuning child whose newest run diverged, here or on Ray."""
     done = tracking.children_by(result.parent_run_id, CONFIG_DIGEST_TAG, status="FINISHED")
     newest = tracking.children_by(result.parent_run_id, CONFIG_DIGEST_TAG)
     diverged = {digest for digest, run in newest.items() if run.info.status == "FAILED"
@@ -162,6 +158,23 @@ def _train_missing(study: Study, children: list[Child], result: StudyResult, uri
             _record_failure(result, child, err)
         else:
             result.ran.append(child.label)
+
+
+def _train_in_rounds(study: Study, children: list[Child], result: StudyResult, uri: str, on_ray: float | None) -> None:
+    """AdaStop replayed on the finished children, then the next round's seeds of the baseline and open arms; again."""
+    from .report import adastop_decisions, summarize
+    from .stats import NOT_DECIDED
+
+    spec, n = study.spec(), study.keys.rounds.seeds_per_round
+    for _ in range(study.keys.rounds.max_rounds + 1):   # each pass adds a round, unless a child failed
+        found = adastop_decisions(spec, summarize(spec, tracking.child_runs(result.parent_run_id)))
+        print(f"AdaStop: {found['stopped']}", flush=True)
+        still = {r["variant"] for r in found["comparisons"] if r["decision"] == NOT_DECIDED}
+        if not still or result.failed:
+            return
+        seeds = range(found["rounds_done"] * n, (found["rounds_done"] + 1) * n)
+        _train_missing(study, [c for c in children if c.seed in seeds and (c.variant.is_baseline or c.variant.name in
+                                                                            still)], result, uri, on_ray)
 
 
 def _record_failure(result: StudyResult, child: Child, err: Exception) -> None:

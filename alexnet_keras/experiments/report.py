@@ -1,5 +1,4 @@
-"""An ablation study's report, rebuilt from the MLflow store alone and logged on its parent run: variants
-against the baseline, the paper's claims, per-arm tuning, figures. How to read it: docs/methodology.md."""
+"""A study's report, rebuilt from the MLflow store alone and logged on its parent run (docs/methodology.md)."""
 
 import functools
 import math
@@ -7,7 +6,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
-
 
 from . import stats
 from .. import figures, tracking
@@ -26,16 +24,13 @@ CI = f"{int(CONFIDENCE * 100)}% CI"
 # history(run_id, metric key) -> its value per epoch, in epoch order (build_report: tracking.epoch_history).
 History = Callable[[str, str], list[float]]
 
-
 IMAGENET = {"variant": "paper", "dataset": "folder", "recipe": "paper"}   # the paper's net on its ImageNet recipe
 CIFAR4 = {"variant": "cifar_convnet4", "dataset": "cifar10", "train_limit": None}   # its CIFAR-10 net, all images
 
 
 @dataclass(frozen=True)
 class Claim:
-    """Arm `a` minus arm `b` (options; all else equal) in `metric`: the paper's figure (a ratio a/b for ratio
-    metrics; None: a direction only) and sign; options both arms need, and the figure's (docs/methodology.md)."""
-
+    """Arm `a` minus arm `b` in `metric`: the paper's figure (a/b for ratio metrics; None: a sign), methodology.md."""
     claim: str
     a: Mapping[str, Any]
     b: Mapping[str, Any]
@@ -99,10 +94,7 @@ class VariantSummary:
     tuning: dict[str, float] = field(default_factory=dict)      # grid label -> final val_accuracy (first seed)
     tuning_runs: dict[str, str] = field(default_factory=dict)   # grid label -> run id or status
     chosen: str | None = None                                   # the grid label used for the statistics
-
-    @property
-    def significant(self) -> bool:
-        return math.isfinite(self.p_holm) and self.p_holm < ALPHA
+    significant = property(lambda self: math.isfinite(self.p_holm) and self.p_holm < ALPHA)   # after Holm
 
 
 @dataclass
@@ -121,14 +113,9 @@ class ClaimResult:
     seeds: float = NAN                # seeds per arm to find the observed difference, Holm's α / m
     verdict: str = stats.NOT_IN_STUDY
     note: str = ""
-
-    @property
-    def test(self) -> tuple:   # claims on the same arms, metric and route share one test and one p
-        return self.a, self.b, self.claim.metric, self.size and self.claim.paper
-
-    @property
-    def ratio(self) -> bool:
-        return CLAIM_METRICS[self.claim.metric][1]
+    # Claims on the same arms, metric and route share one test and one p.
+    test = property(lambda self: (self.a, self.b, self.claim.metric, self.size and self.claim.paper))
+    ratio = property(lambda self: CLAIM_METRICS[self.claim.metric][1])
 
 
 @dataclass
@@ -172,8 +159,7 @@ def _plan(spec: Mapping[str, Any], variant: Mapping[str, Any], summary: VariantS
 
 
 def choose_grid_value(tuning_runs: Mapping[str, Any]) -> tuple[str | None, dict[str, float]]:
-    """An arm's nuisance value, chosen on validation ({grid label: its FINISHED tuning run or None}): the
-    label with the highest final `val_accuracy` (first on ties, None without any), and each label's value."""
+    """The grid label ({label: FINISHED tuning run or None}) of the best final `val_accuracy` (first), each value."""
     scores = {label: float(run.data.metrics.get(VAL_ACCURACY, NAN)) if run is not None else NAN
               for label, run in tuning_runs.items()}
     scored = {label: value for label, value in scores.items() if math.isfinite(value)}
@@ -303,10 +289,8 @@ def judge_claims(variants: Sequence[VariantSummary], history: History | None = N
 
 
 def _pm(stat: tuple[float, float], digits: int) -> str:
-    mean, std = stat
-    if not math.isfinite(mean):
-        return "n/a"
-    return f"{mean:.{digits}f}" + (f" ± {cell(std, digits)}" if math.isfinite(std) else "")
+    plus = f" ± {cell(stat[1], digits)}" if math.isfinite(stat[1]) else ""
+    return f"{stat[0]:.{digits}f}{plus}" if math.isfinite(stat[0]) else "n/a"
 
 
 def _p(p: float) -> str:
@@ -439,6 +423,13 @@ def claim_rows(results: Sequence[ClaimResult]) -> list[dict[str, Any]]:
              "verdict": r.verdict, "note": r.note} for r in results]
 
 
+def adastop_decisions(spec: Mapping[str, Any], variants: Sequence[VariantSummary]) -> dict[str, Any]:
+    """stats.adastop on the finished children, as `ablate` runs it, with the study's `rounds`."""
+    rounds, arms = spec["rounds"], sorted(variants, key=lambda s: not s.is_baseline)   # the baseline first
+    return {**rounds, **stats.adastop({s.name: dict(zip(s.seeds, s.values[rounds["metric"]])) for s in arms},
+                                      rounds["seeds_per_round"], rounds["max_rounds"], rounds["alpha"])}
+
+
 def _runs_finished(variants: Sequence[VariantSummary]) -> str:
     n_done, n_failed = sum(len(s.seeds) for s in variants), sum(s.failed for s in variants)
     n_expected = n_done + n_failed + sum(s.missing for s in variants)
@@ -458,6 +449,12 @@ def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims
     if any(s.tuning for s in variants):
         lines += ["", f"### Nuisance tuning per arm ({', '.join(grid)})", "", f"Seed {spec['seeds'][0]}'s final "
                   f"val acc per value; bold: chosen.", "", tuning_table(variants).rstrip("\n")]
+    if "rounds" in spec:
+        stop = adastop_decisions(spec, variants)   # each variant vs the baseline: the rounds and seeds per arm used
+        lines += ["", f"### Seeds in rounds (AdaStop, α = {stop['alpha']}, {stop['metric']})", "",
+                  f"{stop['seeds_per_round']} seeds per round, at most {stop['max_rounds']} rounds: stopped with "
+                  f"**{stop['stopped']}**.", "", markdown_table(stop["comparisons"], list(stop["comparisons"][0]),
+                                                                right=["rounds", "seeds"]).rstrip("\n")]
     if claims:
         lines += ["", claims_table(claims).rstrip("\n")]
     return "\n".join(lines + ["", "Figures: figures/; raw numbers: reports/ablation.csv, claims.csv, ablation_runs.csv,"
@@ -531,6 +528,8 @@ def build_report(parent_run_id: str) -> Report:
     for name, text in files.items():
         if text:
             tracking.log_text(text, f"reports/{name}", **on_parent)
+    if "rounds" in spec:   # the section "Seeds in rounds" of ablation.md
+        tracking.log_dict(adastop_decisions(spec, report.variants), "reports/adastop.json", **on_parent)
     tracking.log_table(table_columns(csv_rows(report.variants)), "reports/ablation_table.json", **on_parent)
     tracking.log_table(table_columns(claim_rows(report.claims)), "reports/claims_table.json", **on_parent)
     bars = figures.study_bars(report.variants, PRIMARY, CONFIDENCE, title=f"{spec['name']}: test accuracy")

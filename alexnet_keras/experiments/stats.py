@@ -1,5 +1,4 @@
-"""The statistics of ablation reports on plain numbers (numpy/scipy): Welch, TOST, logrank, Holm, Dunnett, power,
-MDE and seeds needed, readings and verdicts, per-epoch measures. The rules, and why: docs/methodology.md."""
+"""The statistics of ablation reports on plain numbers (numpy/scipy); the rules, and why: docs/methodology.md."""
 
 import math
 import warnings
@@ -27,10 +26,6 @@ class Welch:
     p_value: float
     t: float
     df: float
-
-
-def _finite(x) -> bool:
-    return x is not None and math.isfinite(x)
 
 
 def welch(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> Welch:
@@ -83,7 +78,7 @@ def dunnett(groups: Mapping[str, Sequence[float]], control: Sequence[float], see
 
 def power(effect: float, sd: float, n_a: float, n_b: float, alpha: float = ALPHA) -> float:
     """The power of a two-sided two-sample t-test at `alpha` for a true difference `effect` (noncentral t)."""
-    if not (_finite(sd) and sd > 0 and n_a >= 2 and n_b >= 2 and _finite(effect)):
+    if not (math.isfinite(sd) and sd > 0 and n_a >= 2 and n_b >= 2 and math.isfinite(effect)):
         return NAN
     nc, df = abs(effect) / (sd * math.sqrt(1.0 / n_a + 1.0 / n_b)), n_a + n_b - 2
     t_crit = scipy_stats.t.ppf(1.0 - alpha / 2.0, df)
@@ -94,19 +89,18 @@ def power(effect: float, sd: float, n_a: float, n_b: float, alpha: float = ALPHA
 def minimum_detectable_effect(sd: float, n_a: float, n_b: float, alpha: float = ALPHA,
                               target_power: float = POWER) -> float:
     """The true difference a two-sided t-test at `alpha` finds with `target_power` (sought below 10,000 sd)."""
-    if not (_finite(sd) and sd > 0 and n_a >= 2 and n_b >= 2):
+    if not (math.isfinite(sd) and sd > 0 and n_a >= 2 and n_b >= 2):
         return NAN
-
     return float(sd * optimize.brentq(lambda d: power(d, 1.0, n_a, n_b, alpha) - target_power, 0.0, 1e4, xtol=1e-12))
 
 
 def reading(w: Welch | None, p_adjusted: float, mde: float, alpha: float = ALPHA) -> str:
     """How the report reads one difference: significant / no effect >= MDE / below resolution / n/a."""
-    if w is None or not (_finite(w.ci_low) and _finite(p_adjusted)):
+    if w is None or not (math.isfinite(w.ci_low) and math.isfinite(p_adjusted)):
         return NOT_AVAILABLE
     if p_adjusted < alpha:
         return SIGNIFICANT
-    if _finite(mde) and -mde < w.ci_low and w.ci_high < mde:
+    if math.isfinite(mde) and -mde < w.ci_low and w.ci_high < mde:
         return NO_EFFECT
     return UNADJUSTED if w.ci_low > 0 or w.ci_high < 0 else BELOW_RESOLUTION
 
@@ -122,8 +116,7 @@ def size_test(a: Sequence[float], b: Sequence[float], paper: float, margin: floa
 
 
 def censored(a: Sequence[float], b: Sequence[float], bound_a: Sequence[float], bound_b: Sequence[float]) -> Welch:
-    """Logrank on per-run epochs to a threshold, inf (not reached) censored at the run's bound; diff: the log ratio
-    of geometric means, bounds standing in; t > 0: a reaches it later."""
+    """Logrank of epochs to a threshold (inf: censored at the bound); diff: log geometric-mean ratio; t > 0: a later."""
     runs = [(np.asarray(x, dtype=float), np.asarray(bound, dtype=float)) for x, bound in ((a, bound_a), (b, bound_b))]
     diff = float(np.subtract(*[np.log(np.where(np.isinf(x), bound, x)).mean() for x, bound in runs]))
     if np.isinf(np.concatenate([a, b])).all():
@@ -135,16 +128,16 @@ def censored(a: Sequence[float], b: Sequence[float], bound_a: Sequence[float], b
 
 def verdict(w: Welch | None, p_adjusted: float, direction: int, size: str | None = None, alpha: float = ALPHA) -> str:
     """A claim's verdict from its adjusted test: size_test's (`size`), or the sign of a - b against `direction`."""
-    if w is None or not (_finite(w.diff) and _finite(p_adjusted)):
+    if w is None or not (math.isfinite(w.diff) and math.isfinite(p_adjusted)):
         return NOT_MEASURABLE
     if p_adjusted >= alpha:
         return NOT_DECIDED
-    return size or (REPRODUCES if (w.t if _finite(w.t) else w.diff) * direction > 0 else CONTRADICTS)
+    return size or (REPRODUCES if (w.t if math.isfinite(w.t) else w.diff) * direction > 0 else CONTRADICTS)
 
 
 def seeds_needed(effect: float, sd: float, alpha: float = ALPHA, target_power: float = POWER, most: int = 200) -> float:
     """Seeds per arm for a two-sided t-test at `alpha` to find a true `effect` at spread `sd` with `target_power`."""
-    if not (_finite(sd) and sd > 0 and _finite(effect) and effect != 0):
+    if not (math.isfinite(sd) and sd > 0 and math.isfinite(effect) and effect != 0):
         return NAN
     return float(next((n for n in range(2, most + 1) if power(effect, sd, n, n, alpha) >= target_power), math.inf))
 
@@ -156,13 +149,11 @@ def tail_length(epochs: int, fraction: float = 0.2) -> int:
 
 def plateau(values: Sequence[float], fraction: float = 0.2) -> float:
     """The change of a per-epoch series over its last `fraction` of epochs (tail_length); NaN below 2 epochs."""
-    x = [float(v) for v in values]
-    return x[-1] - x[-1 - tail_length(len(x), fraction)] if len(x) > 1 else NAN
+    return float(values[-1]) - float(values[-1 - tail_length(len(values), fraction)]) if len(values) > 1 else NAN
 
 
 def epochs_to_converge(values: Sequence[float], within: float, fraction: float = 0.2) -> float:
-    """Epochs until a per-epoch validation series first comes within `within` of its best (`epochs_to`), for a run
-    that got there before its last `fraction` of training and stayed there; else inf; NaN without 2 epochs."""
+    """Epochs until a series comes within `within` of its best, to stay there before its last `fraction`; else inf."""
     x = [float(v) for v in values]
     if len(x) < 2:
         return NAN
@@ -182,3 +173,28 @@ def epochs_to(values: Sequence[float], threshold: float) -> float:
             return epoch - 1 + max(0.0, min(1.0, (threshold - previous) / (value - previous)))
         previous = value
     return math.inf
+
+
+def adastop(arms: Mapping[str, Mapping[int, float]], n: int, max_rounds: int, alpha: float = ALPHA) -> dict:
+    """AdaStop of each arm vs the first ({seed: value}; round k: seeds kn ... kn+n-1), replayed over complete rounds."""
+    from adastop import MultipleAgentsComparator
+
+    names, k = list(arms), 0
+    comparator = MultipleAgentsComparator(n, max_rounds, comparisons=np.array([(i, 0) for i in range(1, len(names))]),
+                                          alpha=alpha, seed=0)   # seeded permutations: a replay decides the same
+    rows = [{"variant": name, "decision": NOT_DECIDED, "rounds": 0, "seeds": 0} for name in names[1:]]
+    while k < max_rounds and not comparator.is_finished:
+        z = [np.array([arms[name].get(s, NAN) for s in range((k + 1) * n)]) for name in names]
+        open_ = [r["decision"] == NOT_DECIDED for r in rows]
+        if not all(np.isfinite(x).all() for x, needed in zip(z, [True, *open_]) if needed):
+            break   # an open arm's round is not complete (not run yet, or failed)
+        comparator.partial_compare(dict(enumerate(z)), verbose=False)
+        k += 1
+        for row, decision in zip(rows, comparator.decisions.values()):
+            if row["decision"] == NOT_DECIDED:   # AdaStop keeps a decided comparison's decision
+                row.update(decision=NOT_DECIDED if decision == "continue" else decision, rounds=k, seeds=k * n)
+    undecided = sum(r["decision"] in ("equal", NOT_DECIDED) for r in rows)
+    why = (f"all comparisons decided at round {k}" if not undecided else
+           f"max_rounds {k} reached with {undecided} undecided (AdaStop: equal)" if k == max_rounds
+           else f"not finished: {k} of {max_rounds} rounds complete, {undecided} comparisons open")
+    return {"rounds_done": k, "stopped": why, "comparisons": rows}

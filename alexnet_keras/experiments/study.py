@@ -1,5 +1,4 @@
-"""Study files (experiments/ablation*.yaml): read and checked, their runs counted, then expanded into every
-child's Config before any run exists; `plan_text` says what a study will run."""
+"""Study files (experiments/ablation*.yaml): read, checked and expanded into every child's Config before any run."""
 
 import functools
 import hashlib
@@ -12,8 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
-from ..config import SECTIONS, Config, ConfigError, Int, Seed, check_read, did_you_mean, leaf_fields
+from ..config import SECTIONS, Config, ConfigError, Int, Options, Seed, check_read, did_you_mean, leaf_fields
 from ..tables import value_text
 from .specfile import SpecKeys, read_spec
 
@@ -40,6 +40,13 @@ def over_limit(runs: int, limit: int) -> str:
             f"with `max_runs: {runs}` in the study file")
 
 
+class Rounds(Options):   # docs/methodology.md, "Seeds in rounds (AdaStop)"
+    seeds_per_round: Int = Field(ge=1, description="seeds each open arm adds per round (N)")
+    max_rounds: Int = Field(ge=1, description="the most rounds (K)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="the family-wise error over all rounds and comparisons")
+    metric: Literal["test_accuracy", "test_top5_accuracy", "final_train_accuracy"] = "test_accuracy"
+
+
 class StudyKeys(SpecKeys):   # the keys of a study file besides those every study and sweep file has
     design: Literal[tuple(DESIGNS)] = Field("one_factor_at_a_time", description="one factor at a time "
                                             "(ofat) or grid (factorial)")
@@ -47,8 +54,9 @@ class StudyKeys(SpecKeys):   # the keys of a study file besides those every stud
                                  "{lrn: [true, false]}, or value names to options (a composite axis)")
     baseline: dict[str, Any] = Field({}, description="an axis' baseline value (default: the base config's)")
     max_runs: Int = Field(MAX_RUNS, ge=1, description="the most runs the study may plan")   # before seeds
-    seeds: list[Seed] = Field(min_length=1, description="list the training seeds, e.g. seeds: [0, 1, 2] (or a "
-                              "count, seeds: 3)")
+    rounds: Rounds | None = Field(None, description="add seeds in rounds until AdaStop decides (then no `seeds`)")
+    seeds: list[Seed] = Field(None, min_length=1, validate_default=True, description="list the training seeds, "
+                              "e.g. seeds: [0, 1, 2] (or a count, seeds: 3), or add them in `rounds`")
     nuisance: list[Literal[tuple(leaf_fields())]] = Field([], description="options that are nuisance "
                                                           "hyperparameters (always: seed)")
     fixed: list[Literal[tuple(leaf_fields())]] = Field([], description="options held fixed (default: the rest)")
@@ -58,7 +66,12 @@ class StudyKeys(SpecKeys):   # the keys of a study file besides those every stud
     @field_validator("seeds", mode="before")
     @classmethod
     def _count(cls, value: Any, info: ValidationInfo) -> Any:
-        """`seeds: 3` is [0, 1, 2]; a count over max_runs is refused before its list is made."""
+        """`seeds: 3` is [0, 1, 2] (with `rounds`, N x K); a count over max_runs is refused before its list is made."""
+        rounds = info.data.get("rounds")
+        if (value is None) == (rounds is None):   # neither (config.explain: "`seeds` is missing; <description>"), both
+            raise (PydanticCustomError("missing", "") if rounds is None
+                   else ValueError(f"cannot be listed with `rounds`, whose seeds it derives; got {value}"))
+        value = rounds.seeds_per_round * rounds.max_rounds if rounds else value
         if type(value) is int and value > info.data.get("max_runs", MAX_RUNS):
             raise ValueError("alone " + over_limit(value, info.data.get("max_runs", MAX_RUNS)))
         return list(range(value)) if type(value) is int and value > 0 else value
@@ -92,10 +105,7 @@ class Child:
     grid_point: GridPoint | None                   # with a nuisance grid: the value this child trains at
     label: str                                     # its run name: "pool=x seed=1", "pool=x learning_rate=0.02 seed=1"
     tuning: bool                                   # with a nuisance grid, the first seed's runs: every grid value
-
-    @property
-    def digest(self) -> str:
-        return self.config.digest()
+    digest = property(lambda self: self.config.digest())
 
 
 @dataclass(frozen=True, eq=False)   # eq=False: hashed by identity, for the digest's cache
@@ -116,8 +126,7 @@ class Study:
     baseline = property(lambda self: next(v for v in self.variants if v.is_baseline))
 
     def children(self, experiment: str | None = None) -> list[Child]:
-        """Every (variant, grid value if any, seed) that may run, seed-major: an interrupted study has whole
-        replicates first. With a grid, the `tuning` ones run first, then each arm's others at its chosen value."""
+        """Every (variant, grid value, seed) that may run, seed-major; with a grid, the `tuning` ones first."""
         out = []
         for seed, variant, point in itertools.product(self.seeds, self.variants, self.grid or (None,)):
             at = " " + ",".join(f"{k}={_value_name(v)}" for k, v in point.options.items()) if point else ""
@@ -138,7 +147,8 @@ class Study:
         children = self.children()
         content = {"name": self.name, "design": self.design, "seeds": list(self.seeds),
                    "variants": [[v.name, [c.digest for c in children if c.variant is v]] for v in self.variants],
-                   "nuisance_grid": [[p.label, p.options] for p in self.grid]}
+                   "nuisance_grid": [[p.label, p.options] for p in self.grid],
+                   **({"rounds": self.keys.rounds.model_dump()} if self.keys.rounds else {})}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     def spec(self) -> dict[str, Any]:
@@ -162,6 +172,7 @@ class Study:
                 n for n in leaf_fields() if n not in {*scientific, *nuisance, "experiment", "run_name"}]},
             "base_config": self.base.to_dict(),
             **({"nuisance_grid": self.keys.nuisance_grid} if self.grid else {}),
+            **({"rounds": self.keys.rounds.model_dump()} if self.keys.rounds else {}),
         }
 
 
@@ -283,6 +294,9 @@ def load_study(path: str | Path) -> Study:
         for a in (a for a in axes if factors[a] != baseline[a]):
             check_read(config, list(axes[a][factors[a]]), f"{src}: axis {a!r}")
         variants.append(Variant(name, factors, merged, config, factors == baseline))
+    if spec.rounds and (len(variants) < 2 or spec.nuisance_grid):
+        raise StudyError(f"{src}: `rounds` compares each variant at one setting with the baseline: it needs a variant "
+                         f"besides the baseline, and no `nuisance_grid`.")
     grid = []
     for combo in itertools.product(*(values.items() for values in tuned.values())) if tuned else ():
         label = combo[0][0] if len(tuned) == 1 else ",".join(f"{k}={n}" for k, (n, _) in zip(tuned, combo))
@@ -299,7 +313,7 @@ def load_study(path: str | Path) -> Study:
 def plan_text(study: Study) -> str:
     """The variants and, with a nuisance grid, the plan: the tuning runs, then the final runs."""
     n_tuning = len(study.variants) * len(study.grid)
-    runs = f"{len(study.variants)} variants x {len(study.seeds)} seeds"
+    runs = f"{len(study.variants)} variants x {len(study.seeds)} seeds" + (" at most" if study.keys.rounds else "")
     if study.grid:
         runs += f", {len(study.grid)} nuisance values tuned per arm = {n_tuning} tuning + {study.runs - n_tuning} final"
     lines = [f"study {study.name!r} ({study.design}, {runs} = {study.runs} runs), experiment {study.experiment!r}"]
