@@ -1,6 +1,7 @@
-"""alexnet_keras.experiments.cluster: the store preflight, and Ray for real: a local cluster and the two-node
-cluster on 127.0.0.1 (tests/ray_fixtures.py, conftest's `two_nodes`) with an MLflow server, jobs, errors,
-and the faults (a worker SIGKILLed, a node's raylet killed) with their retries."""
+"""alexnet_keras.experiments.cluster: the store preflight, and Ray for real: the two-node cluster on 127.0.0.1
+(tests/ray_fixtures.py, conftest's `two_nodes`) with an MLflow server, jobs, errors, and the faults (a worker
+SIGKILLed, a node's raylet killed) with their retries. (A local cluster, on 127.0.0.1 only and gone when left:
+tests/test_ray_study.py's `--parallel` test.)"""
 
 import concurrent.futures as cf
 import os
@@ -149,28 +150,6 @@ JOBS = _job_functions()
 
 def _files(folder: Path, pattern: str) -> list[Path]:
     return sorted(folder.glob(pattern))
-
-
-@needs_ray
-def test_local_cluster_is_on_loopback_only():
-    cluster.disconnect()
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}   # e.g. multiprocessing's resource tracker
-    info = cluster.connect(num_cpus=1)
-    started = []
-    try:
-        assert info.started_here and info.num_nodes == 1 and info.nodes[0].address == "127.0.0.1"
-        assert info.address.startswith("127.0.0.1:")
-        [outcome] = cluster.run_jobs([Job("noop", JOBS.noop)])
-        assert outcome.ok and outcome.value == "done" and outcome.node_address == "127.0.0.1"
-        started = [p for p in me.children(recursive=True) if p.pid not in before]
-        sockets = tcp_sockets([me.pid, *(p.pid for p in started)])
-        assert any(s[1] == psutil.CONN_LISTEN for s in sockets)      # the check below has something to check
-        assert loopback_violations(sockets) == []
-    finally:
-        cluster.disconnect()
-    _, alive = psutil.wait_procs(started, timeout=30)                # the local cluster is gone with it
-    assert not alive, [p.pid for p in alive]
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
 """Studies and sweeps across devices and nodes, for real: `ablate --parallel` (a local Ray cluster) on a
 (faked) two-GPU machine, then `ablate --ray` and `tune --ray` on the two-node Ray cluster with an MLflow
-tracking server, all on 127.0.0.1 (conftest's `two_nodes`), and the faults: the tracking server gone
-mid-study, a node's raylet killed mid-child. (A worker process SIGKILLed: tests/test_cluster.py.)
+tracking server, all on 127.0.0.1 (conftest's `two_nodes`), and the faults: a node's raylet killed
+mid-child, the tracking server gone mid-study. (A worker process SIGKILLed: tests/test_cluster.py.)
 
-The node-kill test, which leaves one node, comes last. The refused store
-is checked with the CLI in a subprocess, as a user runs it; the other commands run `cli.main` in a
-thread of this process, connected to the cluster once: one Ray job for them all, so the nodes' worker
+The node-kill test leaves one node: the tests after it run their children one at a time, on the head. The
+refused store is checked with the CLI in a subprocess, as a user runs it; the other commands run `cli.main`
+in a thread of this process, connected to the cluster once: one Ray job for them all, so the nodes' worker
 processes (and the TensorFlow they imported) serve every study, which keeps the module's time down.
 """
 
@@ -104,10 +104,27 @@ def test_sweep_workers_one_per_gpu_else_per_cpus_at_most_max_trials():
 
 @needs_ray
 def test_parallel_gives_each_worker_process_its_own_gpu(mlflow_store, tmp_path, monkeypatch):
+    """Also the local cluster that `--parallel` starts: on 127.0.0.1 only, both ends of every socket of it and
+    of its workers, and gone with the study (was tests/test_cluster.py's test_local_cluster_is_on_loopback_only)."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    connect = cluster.connect   # a faked two-GPU machine (TensorFlow sees none): Ray hands them out
-    monkeypatch.setattr(cluster, "connect", lambda address=None, **sizes: connect(address, **sizes, num_gpus=2))
-    cluster.disconnect()
+    connect, disconnect, me = cluster.connect, cluster.disconnect, psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}   # e.g. multiprocessing's resource tracker
+    local = {}
+
+    def two_gpus(address=None, **sizes):   # a faked two-GPU machine (TensorFlow sees none): Ray hands them out
+        local["info"] = connect(address, **sizes, num_gpus=2)
+        return local["info"]
+
+    def checked_disconnect():   # as the study leaves its local cluster, whose workers trained the children
+        [outcome] = cluster.run_jobs([cluster.Job("noop", lambda: "done")])
+        local["outcome"] = outcome
+        local["started"] = [p for p in me.children(recursive=True) if p.pid not in before]
+        local["sockets"] = tcp_sockets([me.pid, *(p.pid for p in local["started"])])
+        disconnect()
+
+    monkeypatch.setattr(cluster, "connect", two_gpus)
+    monkeypatch.setattr(cluster, "disconnect", checked_disconnect)
+    disconnect()
     study = _study_file(tmp_path, "two-gpus", epochs=1, samples=128)
     assert cli.main(["ablate", str(study), "--parallel", "2"]) == 0
     client = MlflowClient(mlflow_store)
@@ -117,6 +134,16 @@ def test_parallel_gives_each_worker_process_its_own_gpu(mlflow_store, tmp_path, 
     device_of = {r.data.tags[tracking.PID_TAG]: r.data.tags.get(tracking.VISIBLE_DEVICES_TAG) for r in children}
     assert set(device_of.values()) <= {"0", "1"}, device_of       # every child trained on one of them
     assert len(set(device_of.values())) == len(device_of), device_of   # and no two workers shared one
+
+    info, outcome, sockets = local["info"], local["outcome"], local["sockets"]
+    assert info.started_here and info.num_nodes == 1 and info.nodes[0].address == "127.0.0.1"
+    assert info.address.startswith("127.0.0.1:")
+    assert outcome.ok and outcome.value == "done" and outcome.node_address == "127.0.0.1"
+    assert {int(pid) for pid in device_of} <= {p.pid for p in local["started"]}   # the workers' sockets too
+    assert any(s[1] == psutil.CONN_LISTEN for s in sockets)          # the check below has something to check
+    assert loopback_violations(sockets) == []
+    _, alive = psutil.wait_procs(local["started"], timeout=30)       # the local cluster is gone with the study
+    assert not alive, [p.pid for p in alive]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,28 +292,6 @@ def _retry_of(children: list, victim) -> object:
 
 
 @needs_ray
-def test_smoke_study_on_two_nodes_logs_to_one_server(two_nodes, driver, capsys):
-    client = MlflowClient(two_nodes.mlflow_uri)
-    study = driver(["ablate", SMOKE, "--ray", two_nodes.address, "--tracking-uri", two_nodes.mlflow_uri])
-    experiment_id = _experiment_id(client, "alexnet-keras-smoke", study)
-    _child_in_training(client, experiment_id, study, logged_an_epoch=False)
-    # Mid-study: every TCP socket of the driver (this process), the nodes, their workers training the
-    # children and the server, on 127.0.0.1.
-    me = psutil.Process()
-    sockets = tcp_sockets([*two_nodes.pids(), me.pid, *(p.pid for p in me.children(recursive=True))])
-    assert any(pid == me.pid for pid, *_ in sockets)
-    assert loopback_violations(sockets) == []
-    assert study.wait() == 0
-
-    parent, children = _assert_every_child_finished_once(client, experiment_id, SMOKE)
-    assert len(children) == 6
-    assert len({r.data.tags[tracking.RAY_NODE_TAG] for r in children}) == 2   # both nodes trained children
-    assert all(r.data.tags[tracking.RAY_TASK_TAG] for r in children)
-    out = capsys.readouterr().out
-    assert "6/6 runs finished" in out and f"parent run: {parent.info.run_id}" in out
-
-
-@needs_ray
 def test_a_store_the_nodes_cannot_share_is_refused_before_any_run(two_nodes, command, tmp_path):
     store = tmp_path / "mlflow.db"
     study = command(["ablate", SMOKE, "--ray", two_nodes.address, "--tracking-uri", f"sqlite:///{store}"],
@@ -328,17 +333,51 @@ def test_smoke_sweep_chief_and_workers_on_two_nodes_and_resume(two_nodes, driver
 
 
 @needs_ray
+def test_a_study_on_two_nodes_logs_to_one_server_and_a_killed_node_s_child_is_retried(two_nodes, driver, tmp_path,
+                                                                                       capsys):
+    """A study on both nodes, whose second node's raylet is killed mid-child: the child is retried on the head.
+    (Was two tests, a smoke study on two nodes and this fault: both studies' assertions are here.) Kills the
+    second node for good: the tests after it run on the head alone."""
+    client = MlflowClient(two_nodes.mlflow_uri)
+    path = _study_file(tmp_path, "ray-node-kill")
+    study = driver(["ablate", path, "--ray", two_nodes.address, "--tracking-uri", two_nodes.mlflow_uri])
+    experiment_id = _experiment_id(client, "ray-node-kill", study)
+    victim = _child_in_training(client, experiment_id, study,   # the second node's processes, as they are now
+                                where=lambda run: int(run.data.tags[tracking.PID_TAG]) in two_nodes.pids(two_nodes.second))
+    # Mid-study: every TCP socket of the driver (this process), the nodes, their workers training the
+    # children and the server, on 127.0.0.1.
+    me = psutil.Process()
+    sockets = tcp_sockets([*two_nodes.pids(), me.pid, *(p.pid for p in me.children(recursive=True))])
+    assert any(pid == me.pid for pid, *_ in sockets)
+    assert loopback_violations(sockets) == []
+    two_nodes.kill_raylet(two_nodes.second)
+    assert study.wait() == 0
+
+    parent, children = _assert_every_child_finished_once(client, experiment_id, path)
+    assert len(children) == 3                                          # 2 children + the dead attempt
+    assert len({r.data.tags[tracking.RAY_NODE_TAG] for r in children}) == 2   # both nodes trained children
+    assert all(r.data.tags[tracking.RAY_TASK_TAG] for r in children)
+    out = capsys.readouterr().out
+    assert "2/2 runs finished" in out and f"parent run: {parent.info.run_id}" in out
+    killed = client.get_run(victim.info.run_id)
+    # The dead attempt's run was ended by the retry, what it logged kept in it; not left RUNNING.
+    assert killed.info.status == "KILLED" and "Ray retried the child" in killed.data.tags[tracking.END_REASON_TAG]
+    assert _steps(client, killed.info.run_id)
+    retry = _retry_of(children, victim)
+    assert retry.data.tags[tracking.RAY_NODE_TAG] != victim.data.tags[tracking.RAY_NODE_TAG]
+    assert int(retry.data.tags[tracking.PID_TAG]) in two_nodes.pids("head")   # on the surviving node
+
+
+@needs_ray
 def test_a_tracking_server_gone_mid_study_fails_clearly_and_loses_nothing(two_nodes, driver, tmp_path,
                                                                         monkeypatch, capsys):
-    uri = two_nodes.start_mlflow_server("flaky")
-    two_nodes.wait_for_mlflow_server("flaky")
+    """On the head alone (after the node-kill test), with the cluster's own server, killed and started again."""
+    uri = two_nodes.mlflow_uri
     client = MlflowClient(uri)
-    # One child of one epoch, one of 16: the first finishes while the second trains, and the server is
-    # killed in the second's training epochs. A child spends some 20 s besides its epochs (start, test,
-    # model logging), so the epochs must be long: 1,024 images make them ~2.5 s. (With 128 images, 0.3 s
-    # epochs: at 4 epochs both children finished 1 s apart; at 24 the longer one was past epoch 17 when
-    # the first finished, under a loaded suite.)
-    path = _study_file(tmp_path, "ray-server-gone", axes={"epochs": [1, 16]}, samples=1024)
+    # One child of one epoch, then one of 16 (one node of one CPU: one child at a time, in the order given):
+    # the first finishes before the second starts, and the server is killed in the second's training
+    # epochs, which 256 images make ~0.6 s each (~0.1 s after the first), a window of seconds for the poll.
+    path = _study_file(tmp_path, "ray-server-gone", axes={"epochs": [1, 16]}, samples=256)
     # MLflow's client retries a dead server for minutes by default, and a training waits 120 s for its store
     # before it gives up (tracking.STORE_WAIT_ENV); these reach the jobs too.
     for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
@@ -358,15 +397,15 @@ def test_a_tracking_server_gone_mid_study_fails_clearly_and_loses_nothing(two_no
     before = {r.info.run_id: (r.info.status, _steps(client, r.info.run_id))
               for r in _study_state(client, experiment_id)[1]}
     capsys.readouterr()
-    two_nodes.kill("flaky")
+    two_nodes.kill("mlflow")
 
     assert study.wait(timeout=300) == 2
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alexnet-keras ablate:")]
     assert len(error) == 1 and f"error: the MLflow store {uri} failed while child" in error[0], error
     assert "run the same command to train the children that did not finish" in error[0]
 
-    two_nodes.start_mlflow_server("flaky")                             # the same store, back again
-    two_nodes.wait_for_mlflow_server("flaky")
+    two_nodes.start_mlflow_server("mlflow")                            # the same store, back again
+    two_nodes.wait_for_mlflow_server("mlflow")
     (parent,), children = _study_state(client, experiment_id)
     after = {r.info.run_id: r for r in children}
     for run_id, (status, steps) in before.items():                     # nothing logged before is lost
@@ -380,29 +419,6 @@ def test_a_tracking_server_gone_mid_study_fails_clearly_and_loses_nothing(two_no
     again, children = _assert_every_child_finished_once(client, experiment_id, path)
     assert again.info.run_id == parent.info.run_id
     assert all(client.get_run(run_id).info.status == "KILLED" for run_id in stranded)
-
-
-@needs_ray
-def test_a_killed_node_s_child_is_retried_on_the_surviving_node(two_nodes, driver, tmp_path):
-    """Kills the second node for good: keep this the session's last Ray test."""
-    client = MlflowClient(two_nodes.mlflow_uri)
-    path = _study_file(tmp_path, "ray-node-kill")
-    study = driver(["ablate", path, "--ray", two_nodes.address, "--tracking-uri", two_nodes.mlflow_uri])
-    experiment_id = _experiment_id(client, "ray-node-kill", study)
-    victim = _child_in_training(client, experiment_id, study,   # the second node's processes, as they are now
-                                where=lambda run: int(run.data.tags[tracking.PID_TAG]) in two_nodes.pids(two_nodes.second))
-    two_nodes.kill_raylet(two_nodes.second)
-    assert study.wait() == 0
-
-    _, children = _assert_every_child_finished_once(client, experiment_id, path)
-    assert len(children) == 3                                          # 2 children + the dead attempt
-    killed = client.get_run(victim.info.run_id)
-    # The dead attempt's run was ended by the retry, what it logged kept in it; not left RUNNING.
-    assert killed.info.status == "KILLED" and "Ray retried the child" in killed.data.tags[tracking.END_REASON_TAG]
-    assert _steps(client, killed.info.run_id)
-    retry = _retry_of(children, victim)
-    assert retry.data.tags[tracking.RAY_NODE_TAG] != victim.data.tags[tracking.RAY_NODE_TAG]
-    assert int(retry.data.tags[tracking.PID_TAG]) in two_nodes.pids("head")   # on the surviving node
 
 
 @pytest.mark.parametrize("command, spec", [("ablate", SMOKE), ("tune", SWEEP_SMOKE)])

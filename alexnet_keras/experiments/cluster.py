@@ -79,8 +79,7 @@ def cluster_info() -> ClusterInfo:
     return ClusterInfo(ray.get_runtime_context().gcs_address, nodes)
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
-            log_to_driver: bool = True) -> ClusterInfo:
+def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> ClusterInfo:
     """Start (address None or "local": on 127.0.0.1 only, sized by `num_cpus` / `num_gpus`) or join ("auto",
     "HOST:PORT") a Ray cluster, without dashboard or usage statistics; what it has. Already connected: that."""
     address = (address or "").strip() or "local"
@@ -110,7 +109,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
         with mock.patch.dict(os.environ):   # a local cluster's processes inherit this environment, but not
             for name in NOT_FORWARDED if local else ():   # the run and experiment of `mlflow run`
                 os.environ.pop(name, None)
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver, **sizes)
+            ray.init(address=address, logging_level=logging.WARNING, **sizes)
     except (ConnectionError, RuntimeError, ray.exceptions.RayError) as err:
         if "auth" not in str(err).lower() and not isinstance(err, ConnectionError):
             raise
@@ -181,7 +180,7 @@ class Job:
     fn: Callable[..., Any]                        # picklable: a module-level function
     args: tuple = ()
     resources: Mapping[str, float] | None = None  # {"num_cpus": .., "num_gpus": ..}; None: job_resources()
-    env: Mapping[str, str] = field(default_factory=dict)   # set while it runs (run_jobs' env: at process start)
+    env: Mapping[str, str] = field(default_factory=dict)   # set while it runs (as run_jobs' env)
     node_id: str | None = None                    # run on this node only (e.g. a server others must find)
     serves: bool = False                          # a server of the other jobs: cancelled, as done, once they end
 
@@ -229,7 +228,7 @@ def job_resources(cluster: ClusterInfo, cpus_per_job: float = 1) -> dict[str, fl
 
 def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int = 3,
              env: Mapping[str, str] | None = None, cwd: str | None = None,
-             on_done: Callable[[JobOutcome], None] | None = None, verbose: bool = True) -> list[JobOutcome]:
+             on_done: Callable[[JobOutcome], None] | None = None) -> list[JobOutcome]:
     """Run `jobs` as Ray tasks (re-run `max_retries` times if their process or node dies); their outcomes in order.
     `env`, `cwd`: the jobs' variables and folder. `on_done(outcome)` runs here as each ends; if it raises (or on
     Ctrl-C), the jobs not yet finished are cancelled."""
@@ -240,6 +239,8 @@ def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int =
     default_request = job_resources(cluster, cpus_per_job)
     task = ray.remote(_run_job)
     variables = {str(k): str(v) for k, v in dict(env or {}).items()}
+    # Only what TensorFlow and Keras read at import needs worker processes of its own; MLflow's and ours: in the task.
+    at_start = {k: v for k, v in variables.items() if not k.startswith(FORWARDED_PREFIXES)}
     tasks = []
     for job in jobs:   # every request checked before any job is submitted
         request = {**default_request, **dict(job.resources or {})}
@@ -251,9 +252,9 @@ def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int =
                                f"{largest.gpus:g} GPU(s). Ask for fewer CPUs per job.")
         strategy = NodeAffinitySchedulingStrategy(job.node_id, soft=False) if job.node_id else "DEFAULT"
         tasks.append(task.options(name=job.name, max_retries=max_retries, retry_exceptions=False, **request,
-                                 runtime_env={"env_vars": variables} if variables else None,
+                                 runtime_env={"env_vars": at_start} if at_start else None,
                                  scheduling_strategy=strategy))
-    index = {options.remote(job.fn, tuple(job.args), {str(k): str(v) for k, v in job.env.items()}, cwd): i
+    index = {options.remote(job.fn, tuple(job.args), {**variables, **job.env}, cwd): i
              for i, (job, options) in enumerate(zip(jobs, tasks))}
     outcomes: list[JobOutcome] = [JobOutcome(job.name) for job in jobs]
     pending = list(index)
@@ -270,8 +271,7 @@ def run_jobs(jobs: Sequence[Job], *, cpus_per_job: float = 1, max_retries: int =
             outcomes[index[ref]] = outcome
             how = (f"finished in {outcome.seconds:.1f}s on {outcome.node_address} (node {outcome.node_id[:8]}, "
                    f"pid {outcome.pid})" if outcome.ok else f"FAILED: {outcome.error_text}")
-            if verbose:
-                print(f"[{len(jobs) - len(pending)}/{len(jobs)}] {outcome.name} {how}", flush=True)
+            print(f"[{len(jobs) - len(pending)}/{len(jobs)}] {outcome.name} {how}", flush=True)
             if on_done is not None:
                 on_done(outcome)
     finally:
