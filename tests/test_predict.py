@@ -63,7 +63,7 @@ def expected_probabilities(model, files, mean_image=None, crops="center"):
             e = STORED - SIZE
             views = [stored[t:t + SIZE, l:l + SIZE] for t, l in ((0, 0), (0, e), (e, 0), (e, e), (o, o))]
             views += [v[:, ::-1] for v in views]
-        out.append(model.predict(np.stack(views), verbose=0).mean(axis=0))
+        out.append(model.predict_on_batch(np.stack(views)).mean(axis=0))   # predict(): ~0.2 s of set-up a call
     return np.asarray(out)
 
 
