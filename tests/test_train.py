@@ -306,6 +306,7 @@ def test_default_run_names_differ_with_every_option_and_say_what_differs_from_th
     main = load_config(ROOT / "experiments" / "cifar10.yaml")
     assert default_run_name(main) == f"main-{main.digest()[:6]}"
     assert default_run_name(main.override({"lrn": "false"})).startswith("lrn0-")
+    assert default_run_name(main.override({"batchnorm": "true", "activation": "tanh"})).startswith("batchnorm-tanh-")
     readme = main.override({"width": 0.25, "epochs": 2, "data_dir": "/data/cifar10.tar.gz"})
     assert default_run_name(readme).startswith("width0.25-epochs2-")
     variants = [{}, {"width": 0.25}, {"width": 0.5}, {"epochs": 3}, {"train_limit": 500}, {"train_limit": 600},
