@@ -24,6 +24,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
+from mlflow.cli import cli as mlflow_cli
 from mlflow.tracking import MlflowClient
 from conftest import COLOURS, colour_image, free_port, jpeg_bytes, serving_env
 from PIL import Image
@@ -159,7 +161,7 @@ def model_server(model_uri: str, cwd: Path, uri: str):
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(1)
+            time.sleep(0.2)
         yield port, server
     finally:
         stop(server)
@@ -235,14 +237,16 @@ def test_serve_predict_and_cli_agree_and_bad_requests_get_400(learned, tmp_path,
         assert status == 200 and again["predictions"] == served   # still serving, same answer
         assert server.poll() is None
 
-    # `mlflow models predict` of the run's logged model on the same request: the same answer.
+    # `mlflow models predict` of the run's logged model on the same request: the same answer. The command runs
+    # here, not in a Python of its own: with the local env manager it predicts in its own process anyway, and
+    # test_a_fresh_python_loads_the_logged_model_without_the_package loads the model in a fresh one.
     logged = serving.logged_model_uri(MlflowClient(uri).get_run(run_id))
     (tmp_path / "request.json").write_text(json.dumps(request))
-    result = subprocess.run([sys.executable, "-m", "mlflow", "models", "predict", "-m", logged,
-                             "--env-manager", "local", "-i", str(tmp_path / "request.json"), "-t", "json",
-                             "-o", str(tmp_path / "out.json")], cwd=tmp_path, env=serving_env(uri),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = CliRunner().invoke(mlflow_cli, ["models", "predict", "-m", logged, "--env-manager", "local", "-i",
+                                             str(tmp_path / "request.json"), "-t", "json", "-o",
+                                             str(tmp_path / "out.json")])
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
     predicted = json.loads((tmp_path / "out.json").read_text())["predictions"]
     assert [row["class"] for row in predicted] == names
     np.testing.assert_allclose([r["probability"] for r in predicted], [r["probability"] for r in served], atol=1e-6)
@@ -252,7 +256,6 @@ def test_serve_predict_and_cli_agree_and_bad_requests_get_400(learned, tmp_path,
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
     monkeypatch.setattr("tempfile.tempdir", None)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     capsys.readouterr()
     assert cli.main(["predict", "--model", run_id, *[str(files[n]) for n in names], "--json", "--top", "3"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]

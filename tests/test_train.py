@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import TINY, all_runs, cli_flags, copy_store, subprocess_env, wait_for_checkpoint
+from conftest import TINY, all_runs, cli_flags, copy_store, point_at, subprocess_env, wait_for_checkpoint
 from mlflow.tracking import MlflowClient
 
 from alexnet_keras import cli
@@ -83,16 +83,28 @@ def test_run_logs_system_metrics_and_a_description(trained_run):
         assert fragment in note, fragment
 
 
-def test_system_metrics_switch_off_and_the_default_run_name(mlflow_store):
+@pytest.fixture(scope="module")
+def standardized_run(tmp_path_factory, store_template):
+    """One epoch with LRN on standardized pixels and Glorot weights (the defaults), --system-metrics false, a
+    dropout and seed of its own and no --run-name: (store URI, the run). The LRN test's standardized regime."""
+    root = tmp_path_factory.mktemp("standardized")
+    uri = copy_store(store_template, root)
+    with pytest.MonkeyPatch.context() as patch:
+        point_at(patch, root, uri)
+        assert cli.main(["train", *cli_flags({**TINY, "epochs": 1}), "--system-metrics", "false", "--dropout",
+                         "0.25", "--seed", "3"]) == 0
+    (run,) = all_runs(uri)
+    return uri, run
+
+
+def test_system_metrics_switch_off_and_the_default_run_name(standardized_run):
     """--system-metrics false: no system/ metric at all. No --run-name: the run is named for what it is."""
-    assert cli.main(["train", *cli_flags({**TINY, "epochs": 1}), "--system-metrics", "false", "--dropout", "0.25",
-                     "--activation", "tanh", "--seed", "3", "--batchnorm", "true"]) == 0
-    (run,) = all_runs(mlflow_store)
+    _, run = standardized_run
     assert run.info.status == "FINISHED"
     assert not [key for key in run.data.metrics if key.startswith("system/")]
     assert run.data.params["system_metrics"] == "false"
     digest = run.data.tags["alexnet_keras.config_digest"]
-    assert run.info.run_name == f"width0.125-batchnorm-dropout0.25-tanh-{digest[:6]}"
+    assert run.info.run_name == f"width0.125-dropout0.25-synthetic-synthetic_samples128-{digest[:6]}"
 
 
 def test_run_logs_reports_figures_model_and_dataset(trained_run):
@@ -233,30 +245,28 @@ def test_a_run_without_lrn_logs_no_lrn_diagnostics(trained_run):
     assert not [key for key in run.data.metrics if key.startswith("lrn")]
 
 
-def test_lrn_diagnostics_are_logged_at_start_and_end_and_differ_between_input_regimes(mlflow_store):
+def test_lrn_diagnostics_are_logged_at_start_and_end_and_differ_between_input_regimes(standardized_run, mlflow_store):
     """Under lrn/ (a chart section of their own, after the training metrics), at step 0 before training and
     at step `epochs` after it: a line per statistic over the training."""
     from alexnet_keras.model.alexnet import lrn_diagnostics
     from alexnet_keras.training.train import lrn_probe_images, prepare
 
-    regimes = {"standardized": {"input_norm": "standardize", "init": "keras"},
-               "paper": {"input_norm": "center", "init": "paper"}}
+    paper = {**TINY, "epochs": 1, "input_norm": "center", "init": "paper"}
+    assert cli.main(["train", *cli_flags(paper), "--run-name", "paper"]) == 0
     metrics = {}
-    client = MlflowClient(mlflow_store)
-    for name, options in regimes.items():
-        assert cli.main(["train", *cli_flags({**TINY, **options}), "--run-name", name]) == 0
-        (run,) = [r for r in all_runs(mlflow_store) if r.info.run_name == name]
+    runs = {"standardized": standardized_run, "paper": (mlflow_store, *all_runs(mlflow_store))}
+    for name, (uri, run) in runs.items():
         assert LRN_METRICS <= set(run.data.metrics)
         assert not [key for key in run.data.metrics if key.startswith("lrn") and key not in LRN_METRICS]
-        history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        history = {key: {m.step: m.value for m in MlflowClient(uri).get_metric_history(run.info.run_id, key)}
                    for key in LRN_METRICS}
-        assert all(sorted(steps) == [0, TINY["epochs"]] for steps in history.values())
+        assert all(sorted(steps) == [0, paper["epochs"]] for steps in history.values())
         metrics[name] = {f"{key}_{when}": steps[step] for key, steps in history.items()
-                         for when, step in (("start", 0), ("end", TINY["epochs"]))}
+                         for when, step in (("start", 0), ("end", paper["epochs"]))}
         assert all(np.isfinite(value) for value in metrics[name].values())
     # The start values are the diagnostic of the freshly built model on the first 64 validation images
     # (all 13 here).
-    data, model = prepare(load_config(overrides={**TINY, **regimes["paper"]}))
+    data, model = prepare(load_config(overrides=paper))
     images = lrn_probe_images(data)
     assert images.shape == (data.counts["val"], 32, 32, 3) == (13, 32, 32, 3)
     assert lrn_probe_images(data, count=5).shape[0] == 5
@@ -296,6 +306,7 @@ def test_default_run_names_differ_with_every_option_and_say_what_differs_from_th
     main = load_config(ROOT / "experiments" / "cifar10.yaml")
     assert default_run_name(main) == f"main-{main.digest()[:6]}"
     assert default_run_name(main.override({"lrn": "false"})).startswith("lrn0-")
+    assert default_run_name(main.override({"batchnorm": "true", "activation": "tanh"})).startswith("batchnorm-tanh-")
     readme = main.override({"width": 0.25, "epochs": 2, "data_dir": "/data/cifar10.tar.gz"})
     assert default_run_name(readme).startswith("width0.25-epochs2-")
     variants = [{}, {"width": 0.25}, {"width": 0.5}, {"epochs": 3}, {"train_limit": 500}, {"train_limit": 600},
