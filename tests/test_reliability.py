@@ -191,7 +191,7 @@ def test_full_disk_at_the_first_checkpoint_is_one_clear_error_not_a_crash(store_
 
 
 def test_full_disk_at_a_later_checkpoint_keeps_the_previous_one_to_continue_from(mlflow_store, tmp_path, tmpfs,
-                                                                               capsys):
+                                                                               capsys, monkeypatch):
     folder = tmpfs(tmp_path / "small", "7m")   # one checkpoint fits, not a second one beside it
     flags = ["train", *cli_flags(TINY), "--checkpoint-dir", str(folder)]
     assert cli.main(flags) == 2
@@ -203,8 +203,10 @@ def test_full_disk_at_a_later_checkpoint_keeps_the_previous_one_to_continue_from
 
     old = Path(run.data.tags[TAG + "checkpoint_dir"])
 
-    # The same command with a checkpoint folder on another disk: the checkpoint moves there.
+    # The same command with a checkpoint folder on another disk: the checkpoint moves there (where the run
+    # continues from is the point: no evaluation).
     roomy = tmp_path / "roomy"
+    monkeypatch.setattr(train, "log_trained_model", lambda *args, **kwargs: {})
     assert cli.main([*flags, "--checkpoint-dir", str(roomy)]) == 0
     assert "resuming from the checkpoint of epoch 1 of 2" in capsys.readouterr().out
     (run,) = all_runs(mlflow_store)   # the same run continued from epoch 1
@@ -371,7 +373,8 @@ def interrupt_at_epoch(monkeypatch):
     return interrupt
 
 
-def test_resume_with_both_checkpoint_copies_damaged_says_resume_false(mlflow_store, interrupt_at_epoch, capsys):
+def test_resume_with_both_checkpoint_copies_damaged_says_resume_false(mlflow_store, interrupt_at_epoch, capsys,
+                                                                     monkeypatch):
     interrupt_at_epoch(2)
     flags = ["train", *cli_flags({**TINY, "epochs": 3})]
     assert cli.main(flags) == 130
@@ -386,6 +389,7 @@ def test_resume_with_both_checkpoint_copies_damaged_says_resume_false(mlflow_sto
     (run,) = all_runs(mlflow_store)
     assert run.info.status == "KILLED"   # left as it was: no run reopened, none created
 
+    monkeypatch.setattr(train, "log_trained_model", lambda *args, **kwargs: {})   # a new run is the point
     assert cli.main([*flags, "--resume", "false"]) == 0   # the hint works
     assert sorted(r.info.status for r in all_runs(mlflow_store)) == ["FINISHED", "KILLED"]
 
@@ -512,6 +516,7 @@ def test_a_store_locked_by_another_process_loses_no_epoch(mlflow_store, short_sq
 
     real = train.build_callbacks
     monkeypatch.setattr(train, "build_callbacks", lambda *args, **kwargs: [*real(*args, **kwargs), Lock()])
+    monkeypatch.setattr(train, "log_trained_model", lambda *args, **kwargs: {})   # the epochs' metrics are the point
     assert cli.main(["train", *cli_flags({**TINY, "epochs": 3})]) == 0
     err = capsys.readouterr().err
     assert err.count("does not take the metrics of epoch 2") == 1 and err.count("answers again") == 1, err
@@ -550,6 +555,7 @@ def test_a_store_gone_past_the_bound_ends_killed_and_the_same_command_writes_wha
     assert run.info.status == "KILLED" and checkpoints.saved_epoch(backup) == 2
     assert [s for s, _ in _history(mlflow_store, run.info.run_id, "loss")] == [0]
 
+    monkeypatch.setattr(train, "log_trained_model", lambda *args, **kwargs: {})   # the epochs' metrics are the point
     assert cli.main(flags) == 0
     assert "nothing left to train" in capsys.readouterr().out
     (resumed,) = all_runs(mlflow_store)

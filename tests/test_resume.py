@@ -4,6 +4,7 @@ The store exists before any training process starts (a copy of the session's mig
 processes creating a new SQLite store at once race on its schema (mlflow#4123).
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -29,17 +30,15 @@ def _steps(uri, run_id, key):
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
-def test_sigkill_mid_epoch_then_the_same_command_continues_the_same_run(store_uri, tmp_path):
-    uri = store_uri   # the store exists before the training process starts
-    env = subprocess_env(uri)
-    # Epochs of 1.5 s (3 s beside the rest of the suite), so the kill, 0.5 s into the second, lands inside it.
-    command = [sys.executable, "-m", "alexnet_keras", "train",
-               *cli_flags({**TINY, "width": 0.25, "synthetic_samples": 1024, "batch_size": 64, "epochs": 3})]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+def test_sigkill_mid_epoch_then_the_same_command_continues_the_same_run(mlflow_store, tmp_path, capsys):
+    uri = mlflow_store   # the store exists before the training process starts
+    flags = ["train", *cli_flags({**TINY, "epochs": 3})]
+    # Killed as soon as epoch 1's checkpoint is on disk: epochs 2 and 3, the evaluation and the model's logging
+    # are still ahead (seconds), so the kill lands in epoch 2 (or 3).
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet_keras", *flags], cwd=tmp_path, env=subprocess_env(uri),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_checkpoint(proc, tmp_path)   # an epoch is done
-        time.sleep(0.5)   # into the next epoch
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
@@ -51,11 +50,12 @@ def test_sigkill_mid_epoch_then_the_same_command_continues_the_same_run(store_ur
     (dead,) = all_runs(uri)
     assert dead.info.status == "RUNNING"   # nobody was left to end it
 
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    # The same command, here: only the killed process had to be one of its own.
+    assert cli.main(flags) == 0
+    out = capsys.readouterr().out
     run_id = dead.info.run_id
-    assert f"marked run {run_id} KILLED" in again.stdout
-    assert f"continuing run {run_id}" in again.stdout
+    assert f"marked run {run_id} KILLED" in out
+    assert f"continuing run {run_id}" in out
     (run,) = all_runs(uri)   # no second run
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     assert run.data.tags[TAG + "resumed_from_epoch"] == str(checkpoint_epoch)
@@ -96,7 +96,8 @@ def test_ctrl_c_keeps_the_checkpoint_and_only_the_same_command_continues_it(mlfl
     backup = Path(killed.data.tags[TAG + "checkpoint_dir"])
     assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 1   # kept
 
-    with monkeypatch.context() as patch:   # which run each command opens is the point: no evaluation
+    with monkeypatch.context() as patch:   # which run each command opens is the point: no training, no evaluation
+        patch.setattr(train, "fit", lambda *args, **kwargs: ({"loss": [1.0], "accuracy": [0.5]}, 0.1, 0))
         patch.setattr(train, "log_trained_model", lambda *args, **kwargs: {})
         assert cli.main(["train", *flags, "--resume", "false"]) == 0        # asked for a new run
         assert cli.main(["train", *flags, "--learning-rate", "0.05"]) == 0  # another config: a new run
@@ -304,40 +305,51 @@ def _descendants(pid):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the training process through /proc")
-def test_mlflow_run_killed_then_run_again_continues_in_one_run(store_uri, tmp_path):
-    """`mlflow run` makes a new run each time: the new one takes over the killed one's epochs."""
+def test_mlflow_run_killed_then_run_again_continues_in_one_run(mlflow_store, tmp_path, monkeypatch):
+    """`mlflow run` makes a new run each time: the new one takes over the killed one's epochs. MLflow's launcher
+    (`mlflow.projects.run`, which the `mlflow run` command calls) runs here; the training is a process of its
+    own, as under the command."""
     import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow.exceptions import ExecutionException
+    from mlflow.projects import run as mlflow_run
 
     root = Path(__file__).resolve().parent.parent
     project = tmp_path / "project"   # a copy, so the checkpoints/ the project writes stay in tmp_path
     shutil.copytree(root, project, ignore=shutil.ignore_patterns(
         ".venv", ".git", "mlruns", "mlflow.db", "checkpoints", "tuner", "test-artifacts", "*.egg-info",
         "__pycache__", ".pytest_cache"))
-    uri = store_uri
-    env = subprocess_env(uri)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    command = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local",
-               "--experiment-name", "resume-under-mlflow-run"]
-    # Epochs of 1 s (2 s beside the rest of the suite): the kill, 0.3 s after the first, lands in the second.
-    for key, value in {"dataset": "synthetic", "width": 0.25, "batch_size": 32, "epochs": 3, "init": "keras"}.items():
-        command += ["-P", f"{key}={value}"]
-    launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_checkpoint(launcher, project)
-        time.sleep(0.3)
-        for pid in _descendants(launcher.pid):   # the training process, not the launcher
-            with _ignore_gone():   # it may exit between the listing and the kill
-                os.kill(pid, signal.SIGKILL)
-        launcher.wait(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    uri = mlflow_store
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    # Killed once epoch 1's checkpoint is on disk: two epochs, the evaluation and the model's logging are ahead.
+    params = {"dataset": "synthetic", "train_limit": 64, "width": 0.125, "batch_size": 32, "epochs": 3, "init": "keras"}
+
+    def launch():   # `mlflow run PROJECT --env-manager local --experiment-name NAME -P key=value ...`
+        return mlflow_run(str(project), parameters=params, env_manager="local",
+                          experiment_name="resume-under-mlflow-run")
+
+    def trainers():   # the training process, not this one
+        return [pid for pid in _descendants(os.getpid()) if b"alexnet_keras" in _cmdline(pid)]
+
+    with ThreadPoolExecutor(1) as pool:
+        launcher = pool.submit(launch)
+        try:
+            deadline = time.monotonic() + 300
+            while not list(project.glob("checkpoints/*/training_metadata.json")):
+                assert not launcher.done(), launcher.exception()
+                assert time.monotonic() < deadline, "no checkpoint was written"
+                time.sleep(0.05)
+        finally:
+            for pid in trainers():
+                with _ignore_gone():   # it may exit between the listing and the kill
+                    os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ExecutionException):
+            launcher.result(timeout=120)
     (killed,) = all_runs(uri)
     assert killed.info.status == "FAILED"   # what the launcher makes of a killed child
 
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    launch()   # raises unless the training ends well
     (run,) = all_runs(uri)   # the killed run is deleted: one run shows the training
     assert run.info.run_id != killed.info.run_id and run.info.status == "FINISHED"
     assert run.data.tags[TAG + "resumed_from_run"] == killed.info.run_id
@@ -350,7 +362,11 @@ def test_mlflow_run_killed_then_run_again_continues_in_one_run(store_uri, tmp_pa
     assert not list(project.glob("checkpoints/*"))
 
 
-def _ignore_gone():
-    import contextlib
+def _cmdline(pid):
+    with _ignore_gone(), contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    return b""
 
+
+def _ignore_gone():
     return contextlib.suppress(ProcessLookupError)
