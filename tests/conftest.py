@@ -369,3 +369,18 @@ def read_only_folder(tmp_path):
         subprocess.run(["umount", "-l", str(folder)], check=True)
     else:
         folder.chmod(0o755)
+
+
+# --- task tmisc (suite time): garbage collection over what the imports left ------------------------------
+
+@pytest.fixture(scope="module")
+def frozen_gc():
+    """One full collection, then everything alive is left out of later ones (gc.freeze) until the module ends.
+    keras.backend.clear_session() (each study child, each keras-tuner trial) runs gc.collect(), which otherwise
+    walks TensorFlow's, MLflow's and every earlier test's objects: 0.25 s of CPU each just after the imports."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()

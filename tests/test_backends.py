@@ -1,10 +1,13 @@
-"""The model and the LRN layer on every Keras backend installed (a backend is fixed per process).
+"""The model and the LRN layer on every Keras backend installed (a backend is fixed per process), and
+test_distribute's JAX engine (data_parallel on two CPU devices) in the JAX process.
 
 TensorFlow runs the checks in this process (and the rest of the suite); JAX, in a fresh Python, is part of the test extra; PyTorch runs where it is
 installed (its CPU wheel is large, so it is not a test dependency) and is skipped elsewhere.
 """
 
+import functools
 import importlib.util
+import math
 import os
 
 import pytest
@@ -104,18 +107,50 @@ def measure(backend: str) -> dict:
     return out
 
 
-# A backend other than this process's runs this module's `measure` in a fresh Python.
+def data_parallel() -> dict:
+    """One epoch of the training path (prepare() builds the engine, data and model; fit() is train.py's loop)
+    with --distribute data_parallel over this process's JAX devices (test_distribute's other engines)."""
+    import jax
+    import keras
+
+    from alexnet_keras.config import load_config
+    from alexnet_keras.training.train import fit, prepare
+
+    config = load_config(overrides=dict(
+        variant="cifar", width=0.125, dataset="synthetic", synthetic_samples=80, synthetic_classes=4,
+        batch_size=16, epochs=1, init="keras", schedule="constant", distribute="data_parallel"))
+    data, model = prepare(config)
+    history, _, _ = fit(model, data, config)   # the metrics callback logs nothing without an active run
+    test = model.evaluate(data.test, return_dict=True, verbose=0)
+    return {"loss": history["loss"][-1], "test_accuracy": test["accuracy"], "backend": keras.backend.backend(),
+            "devices": jax.device_count(),
+            "kernel_devices": len(model.get_layer("conv1").kernel.value.sharding.device_set),
+            "distribution": type(keras.distribution.distribution()).__name__}
+
+
+# A backend other than this process's runs this module's `measure` in a fresh Python; JAX's, with two CPU
+# devices, then data_parallel (last: the distribution it sets is global).
 SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[2])
-from test_backends import measure
-print("RESULT " + json.dumps(measure(sys.argv[1])))
+from test_backends import data_parallel, measure
+out = measure(sys.argv[1])
+if sys.argv[1] == "jax":
+    out["data_parallel"] = data_parallel()
+print("RESULT " + json.dumps(out))
 """
 
 
-def _run(backend):
-    return run_script(SCRIPT, backend, os.path.dirname(__file__),
-                      env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"})
+@pytest.fixture(scope="module")
+def fresh():
+    """backend -> the results of SCRIPT in a fresh Python on that backend, run once per module."""
+    @functools.cache
+    def run(backend):
+        return run_script(SCRIPT, backend, os.path.dirname(__file__),
+                          env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu",
+                               "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "TF_CONFIG": None},
+                          timeout=600)   # two checks' work in one process
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +165,10 @@ def tensorflow_result():
 
 
 @pytest.mark.parametrize("backend, module", [("jax", "jax"), ("torch", "torch")])
-def test_model_and_lrn_on_backend(backend, module, tensorflow_result):
+def test_model_and_lrn_on_backend(backend, module, tensorflow_result, fresh):
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} is not installed")
-    result = _run(backend)
+    result = fresh(backend)
     assert result["lrn_max_error"] < 1e-5
     assert result["lrn_grad_max_rel_error"] < 1e-4
     assert result["lrn_mixed_dtype"] == "bfloat16"
@@ -144,3 +179,12 @@ def test_model_and_lrn_on_backend(backend, module, tensorflow_result):
     assert result["trained_diag_finite"] and tensorflow_result["trained_diag_finite"]
     import numpy as np
     np.testing.assert_allclose(result["local"], tensorflow_result["local"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_jax_data_parallel_on_two_cpu_devices(fresh):
+    result = fresh("jax")["data_parallel"]
+    assert result["backend"] == "jax" and result["devices"] == 2
+    # Weights replicated on both devices, batches sharded over them.
+    assert result["distribution"] == "DataParallel" and result["kernel_devices"] == 2
+    assert math.isfinite(result["loss"]) and 0.0 <= result["test_accuracy"] <= 1.0

@@ -1,11 +1,10 @@
-"""Data parallelism (alexnet_keras/distribute.py) on two logical CPU devices, one tiny run per engine.
+"""Data parallelism (alexnet_keras/training/distribute.py) on two logical CPU devices, one tiny run per engine.
 
-Each case runs in a subprocess: the device count and the Keras backend are fixed when a process first
-uses TensorFlow / JAX. TF: two logical CPUs from `tf.config.set_logical_device_configuration`;
-JAX: `XLA_FLAGS=--xla_force_host_platform_device_count=2`.
+The TensorFlow engines run in a fresh Python: the device count and the Keras backend are fixed when a process
+first uses TensorFlow (two logical CPUs from `tf.config.set_logical_device_configuration`). JAX's
+(`XLA_FLAGS=--xla_force_host_platform_device_count=2`) runs in test_backends' JAX process, which starts anyway.
 """
 
-import importlib.util
 import math
 
 import pytest
@@ -13,67 +12,56 @@ from conftest import run_script
 
 from alexnet_keras.config import ConfigError, TrainConfig, load_config
 
+# Multi_worker then mirrored (argv), each one epoch of the training path; their results by engine.
 SCRIPT = r"""
 import json, sys
-kind = sys.argv[1]
-if kind == "mirrored":
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]   # two logical CPUs, before TensorFlow starts its devices
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
 from alexnet_keras.config import load_config
 from alexnet_keras.training.train import fit, prepare
 
-config = load_config(overrides=dict(
-    variant="cifar", width=0.125, dataset="synthetic", synthetic_samples=80, synthetic_classes=4,
-    batch_size=16, epochs=1, init="keras", schedule="constant", distribute=kind))
-# The training path itself: prepare() builds the engine, data and model; fit() is train.py's loop
-# (one epoch of 5 steps here; the metrics callback logs nothing without an active run).
-data, model = prepare(config)
-history, _, _ = fit(model, data, config)
-test = model.evaluate(data.test, return_dict=True, verbose=0)
-out = {"loss": history["loss"][-1], "test_accuracy": test["accuracy"], "backend": keras.backend.backend()}
-if kind == "data_parallel":
-    import jax
-    out["devices"] = jax.device_count()
-    out["kernel_devices"] = len(model.get_layer("conv1").kernel.value.sharding.device_set)
-    out["distribution"] = type(keras.distribution.distribution()).__name__
-else:
-    out["replicas"] = model.distribute_strategy.num_replicas_in_sync
-    out["strategy"] = type(model.distribute_strategy).__name__
-print("RESULT " + json.dumps(out))
+results = {}
+for kind in sys.argv[1:]:
+    config = load_config(overrides=dict(
+        variant="cifar", width=0.125, dataset="synthetic", synthetic_samples=80, synthetic_classes=4,
+        batch_size=16, epochs=1, init="keras", schedule="constant", distribute=kind))
+    # The training path itself: prepare() builds the engine, data and model; fit() is train.py's loop
+    # (one epoch of 5 steps here; the metrics callback logs nothing without an active run).
+    data, model = prepare(config)
+    history, _, _ = fit(model, data, config)
+    test = model.evaluate(data.test, return_dict=True, verbose=0)
+    results[kind] = {"loss": history["loss"][-1], "test_accuracy": test["accuracy"],
+                     "backend": keras.backend.backend(), "strategy": type(model.distribute_strategy).__name__,
+                     "replicas": model.distribute_strategy.num_replicas_in_sync}
+print("RESULT " + json.dumps(results))
 """
 
 
-def _run(kind, backend, extra_env=None):
-    # TF_CONFIG: None, since a cluster from the caller's environment would change the test.
-    return run_script(SCRIPT, kind, env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3",
-                                         "JAX_PLATFORMS": "cpu", "TF_CONFIG": None, **(extra_env or {})})
+@pytest.fixture(scope="module")
+def tensorflow_engines():
+    """Both TensorFlow engines in one fresh Python: multi_worker first, as a launch starts it (before any
+    TensorFlow op), then mirrored over the two logical CPUs set up at the start. TF_CONFIG: None, since a
+    cluster from the caller's environment would change the test."""
+    return run_script(SCRIPT, "multi_worker", "mirrored",
+                      env={"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3", "TF_CONFIG": None})
 
 
-def test_tf_mirrored_on_two_logical_cpus():
-    result = _run("mirrored", "tensorflow")
+def test_tf_mirrored_on_two_logical_cpus(tensorflow_engines):
+    result = tensorflow_engines["mirrored"]
     assert result["backend"] == "tensorflow"
     assert result["strategy"] == "MirroredStrategy" and result["replicas"] == 2
     assert math.isfinite(result["loss"]) and 0.0 <= result["test_accuracy"] <= 1.0
 
 
-def test_tf_multi_worker_without_tf_config_is_one_local_worker():
+def test_tf_multi_worker_without_tf_config_is_one_local_worker(tensorflow_engines):
     # No TF_CONFIG: a one-worker cluster on this machine (the code path of a multi-node launch).
-    result = _run("multi_worker", "tensorflow")
+    result = tensorflow_engines["multi_worker"]
     # tf.distribute.MultiWorkerMirroredStrategy is CollectiveAllReduceStrategy under the hood.
     assert result["strategy"] in ("MultiWorkerMirroredStrategy", "CollectiveAllReduceStrategy")
     assert result["replicas"] == 1
     assert math.isfinite(result["loss"])
-
-
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
-def test_jax_data_parallel_on_two_cpu_devices():
-    result = _run("data_parallel", "jax", {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-    assert result["backend"] == "jax" and result["devices"] == 2
-    # Weights replicated on both devices, batches sharded over them.
-    assert result["distribution"] == "DataParallel" and result["kernel_devices"] == 2
-    assert math.isfinite(result["loss"]) and 0.0 <= result["test_accuracy"] <= 1.0
 
 
 def test_distribute_is_a_validated_choice():
