@@ -27,7 +27,6 @@ from alexnet_keras.experiments.stats import welch
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "smoke.yaml"
 PNG = b"\x89PNG\r\n\x1a\n"
-pytestmark = pytest.mark.usefixtures("frozen_gc")   # every child clears Keras' session (gc.collect)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ from alexnet_keras.config import ConfigError, load_config
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "experiments" / "sweep_smoke.yaml"
 PNG = b"\x89PNG\r\n\x1a\n"
-pytestmark = pytest.mark.usefixtures("frozen_gc")   # every trial clears Keras' session (gc.collect)
 
 
 def _sweep_file(folder: Path, **changes) -> Path:
