@@ -19,7 +19,7 @@ from conftest import all_runs, copy_store, point_at
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
 
-from alexnet_keras import cli
+from alexnet_keras import cli, tracking
 from alexnet_keras.experiments.study import StudyError, load_study
 from alexnet_keras.experiments.report import METRICS
 from alexnet_keras.experiments.stats import welch
@@ -34,7 +34,8 @@ def smoke(tmp_path_factory, store_template):
     """`mlflow run . -e ablate -P config=experiments/smoke.yaml -P parallel=2`, simulated in-process:
     MLflow has created a run, logged the entry point's parameters and exported MLFLOW_RUN_ID and
     MLFLOW_EXPERIMENT_ID. That run must become the parent, and the children, trained for real as jobs
-    of a local Ray cluster, two at a time, must not resume it. Shared by the tests below (training is the slow part)."""
+    of a local Ray cluster, two at a time, must not resume it; `--register study-best` then registers the champion.
+    Shared by the tests below (training is the slow part)."""
     folder = tmp_path_factory.mktemp("smoke")
     uri = copy_store(store_template, folder)
     with pytest.MonkeyPatch.context() as mp:
@@ -49,7 +50,7 @@ def smoke(tmp_path_factory, store_template):
         client.log_param(launched, "parallel", parallel)
         mp.setenv("MLFLOW_RUN_ID", launched)
         mp.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
-        assert cli.main(["ablate", str(SMOKE), "--parallel", parallel]) == 0
+        assert cli.main(["ablate", str(SMOKE), "--parallel", parallel, "--register", "study-best"]) == 0
         assert "MLFLOW_RUN_ID" not in os.environ
     return folder, uri, launched
 
@@ -167,6 +168,39 @@ def test_figures_are_pngs_on_the_parent(smoke):
         assert data[:8] == PNG and len(data) > 5000
     assert {"study/study.json", "study/smoke.yaml"} <= {
         f.path for f in MlflowClient(uri).list_artifacts(parent.info.run_id, "study")}
+
+
+def test_ablate_register_registers_the_best_variant_on_validation(in_smoke_store):
+    """`ablate --register` (moved from test_registry, on this module's smoke study: its training is shared): the
+    variant with the best mean validation accuracy, in the study's order on ties, and that variant's best run."""
+    runs = all_runs(in_smoke_store)
+    (parent,) = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "parent"]
+    children = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "child"]
+    assert len(children) == 6
+    by_variant = {}
+    for child in children:
+        by_variant.setdefault(child.data.tags[tracking.VARIANT_TAG], []).append(child)
+    means = {name: sum(c.data.metrics["val_accuracy"] for c in group) / len(group)
+             for name, group in by_variant.items()}
+    order = [v.name for v in load_study(SMOKE).variants]
+    assert set(means) == set(order) == {"baseline", "normalization=none", "dropout=0.0"}
+    best = max(order, key=lambda name: means[name])   # the study's order on ties
+    best_run = max(by_variant[best], key=lambda c: c.data.metrics["val_accuracy"])
+
+    version = MlflowClient().get_model_version_by_alias("study-best", "champion")
+    assert version.run_id in {c.info.run_id for c in by_variant[best]}
+    assert MlflowClient().get_run(version.run_id).data.metrics["val_accuracy"] == \
+        best_run.data.metrics["val_accuracy"]
+    tags = version.tags
+    assert tags["alexnet_keras.origin"] == "study" and tags[tracking.STUDY_TAG] == "smoke"
+    assert tags[tracking.PARENT_RUN_TAG] == parent.info.run_id and tags[tracking.VARIANT_TAG] == best
+    assert tags[tracking.SELECTION_METRIC_TAG] == "mean val_accuracy of the variant"
+    assert float(tags[tracking.SELECTION_VALUE_TAG]) == pytest.approx(means[best], abs=1e-5)
+    # Parents and children are named and described.
+    assert parent.info.run_name == "smoke"
+    for child in children:
+        note = child.data.tags["mlflow.note.content"]
+        assert "ablation study 'smoke'" in note and f"variant {child.data.tags[tracking.VARIANT_TAG]!r}" in note
 
 
 def test_report_command_rebuilds_the_report_from_the_store(in_smoke_store, capsys):

@@ -1,6 +1,7 @@
 """The model registry wired into the commands, on a SQLite store: `train --register NAME` (then
-`predict --model models:/NAME@champion`), `ablate --register` (the best variant, chosen on validation accuracy) and
-`tune --register` (the sweep's best model); a bad name is refused before anything runs."""
+`predict --model models:/NAME@champion`), `ablate --register` (the best variant, chosen on validation accuracy:
+tests/test_ablate.py, on its smoke study's runs) and `tune --register` (the sweep's best model: tests/test_tune.py,
+on its sweep); a bad name is refused before anything runs."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import COLOURS, TINY, all_runs, cli_flags, colour_image, jpeg_bytes
+from conftest import COLOURS, TINY, cli_flags, colour_image, jpeg_bytes
 from mlflow.tracking import MlflowClient
 
 from alexnet_keras.experiments import ablate
-from alexnet_keras import cli, tracking
+from alexnet_keras import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,67 +83,6 @@ def test_champion_is_the_best_mean_validation_variant_then_its_best_run():
     tie = SimpleNamespace(variants=[_variant("first", [0.5]), _variant("second", [0.5])])
     assert ablate.champion(tie)[0].name == "first"     # ties: the study's order
     assert ablate.champion(SimpleNamespace(variants=[_variant("x", [])])) is None
-
-
-def test_ablate_register_registers_the_best_variant_on_validation(mlflow_store, tmp_path):
-    study = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
-    study.update(name="registry-smoke", seeds=[0, 1], axes={"dropout": [0.5, 0.0]})
-    study["base"]["data"]["synthetic_samples"] = 96
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(study))
-    assert cli.main(["ablate", str(path), "--register", "study-best"]) == 0
-
-    runs = all_runs(mlflow_store)
-    (parent,) = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "parent"]
-    children = [r for r in runs if r.data.tags.get(tracking.ROLE_TAG) == "child"]
-    assert len(children) == 4
-    by_variant = {}
-    for child in children:
-        by_variant.setdefault(child.data.tags[tracking.VARIANT_TAG], []).append(child)
-    means = {name: sum(c.data.metrics["val_accuracy"] for c in group) / len(group)
-             for name, group in by_variant.items()}
-    assert set(means) == {"baseline", "dropout=0.0"}
-    best = max(["baseline", "dropout=0.0"], key=lambda name: means[name])   # the study's order on ties
-    best_run = max(by_variant[best], key=lambda c: c.data.metrics["val_accuracy"])
-
-    version = MlflowClient().get_model_version_by_alias("study-best", "champion")
-    assert version.run_id in {c.info.run_id for c in by_variant[best]}
-    assert MlflowClient().get_run(version.run_id).data.metrics["val_accuracy"] == \
-        best_run.data.metrics["val_accuracy"]
-    tags = version.tags
-    assert tags["alexnet_keras.origin"] == "study" and tags[tracking.STUDY_TAG] == "registry-smoke"
-    assert tags[tracking.PARENT_RUN_TAG] == parent.info.run_id and tags[tracking.VARIANT_TAG] == best
-    assert tags[tracking.SELECTION_METRIC_TAG] == "mean val_accuracy of the variant"
-    assert float(tags[tracking.SELECTION_VALUE_TAG]) == pytest.approx(means[best], abs=1e-5)
-    # Parents and children are named and described.
-    assert parent.info.run_name == "registry-smoke"
-    for child in children:
-        note = child.data.tags["mlflow.note.content"]
-        assert "ablation study 'registry-smoke'" in note and f"variant {child.data.tags[tracking.VARIANT_TAG]!r}" in note
-
-
-def test_tune_register_registers_the_sweeps_model(mlflow_store, tmp_path):
-    sweep = yaml.safe_load((ROOT / "experiments" / "sweep_smoke.yaml").read_text())
-    path = tmp_path / "sweep.yaml"
-    # One trial: its model is the sweep's (choosing the best trial is tests/test_tune.py's).
-    sweep["budget"]["max_trials"] = 1
-    path.write_text(yaml.safe_dump({**sweep, "name": "registry-sweep"}))
-    assert cli.main(["tune", str(path), "--tuner-dir", str(tmp_path / "tuner"), "--register", "sweep-best"]) == 0
-    runs = all_runs(mlflow_store)
-    (parent,) = [r for r in runs if r.data.tags.get(tracking.SWEEP_ROLE_TAG) == "parent"]
-    version = MlflowClient().get_model_version_by_alias("sweep-best", "champion")
-    assert version.run_id == parent.info.run_id          # the model the parent logged: the best trial's
-    tags = version.tags
-    assert tags["alexnet_keras.origin"] == "sweep" and tags[tracking.SWEEP_TAG] == "registry-sweep"
-    assert tags[tracking.PARENT_RUN_TAG] == parent.info.run_id
-    assert tags[tracking.SELECTION_METRIC_TAG] == "val_accuracy"
-    assert float(tags[tracking.SELECTION_VALUE_TAG]) == pytest.approx(parent.data.metrics["best_val_accuracy"],
-                                                                      abs=1e-5)
-    assert tags[tracking.BEST_RUN_ID_TAG] == parent.data.tags[tracking.BEST_RUN_ID_TAG]
-    assert parent.info.run_name == "registry-sweep"
-    assert "Hyperparameter sweep 'registry-sweep'" in parent.data.tags["mlflow.note.content"]
-    for trial in [r for r in runs if r.data.tags.get(tracking.SWEEP_ROLE_TAG) == "trial"]:
-        assert "of hyperparameter sweep 'registry-sweep'" in trial.data.tags["mlflow.note.content"]
 
 
 @pytest.mark.parametrize("name, char", [("bad\nname", "'\\n'"), ("best?run", "'?'"), ("tab\there", "'\\t'")])

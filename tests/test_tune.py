@@ -236,7 +236,8 @@ def swept(tmp_path_factory, store_template):
     1. under `mlflow run` (MLFLOW_RUN_ID names the parent), 2 trials;
     2. from the command line, after making the tuner forget that trial 1 ended (as if stopped in
        between): the same parent, no new runs;
-    3. under `mlflow run` again with max_trials 3: a new parent (MLflow made it), one new trial."""
+    3. under `mlflow run` again with max_trials 3 and `--register sweep-best`: a new parent (MLflow made it), one new
+       trial, the parent's model registered."""
     root = tmp_path_factory.mktemp("sweep")
     uri = copy_store(store_template, root)
     client = MlflowClient(uri)
@@ -263,7 +264,7 @@ def swept(tmp_path_factory, store_template):
 
         second_project_run = client.create_run("0", run_name="mlflow-run-2")
         mp.setenv("MLFLOW_RUN_ID", second_project_run.info.run_id)
-        assert cli.main(["tune", str(SMOKE), "--max-trials", "3"]) == 0
+        assert cli.main(["tune", str(SMOKE), "--max-trials", "3", "--register", "sweep-best"]) == 0
         snapshots.append(all_runs(uri))
     return uri, (project_run.info.run_id, second_project_run.info.run_id), snapshots, outputs
 
@@ -412,6 +413,26 @@ def test_tracking_errors_inside_a_trial_stop_the_sweep(mlflow_store, capsys, mon
     runs = all_runs(mlflow_store)
     (trial,) = _role(runs, "trial")                  # the second trial never started
     assert trial.info.status == "FAILED" and _role(runs, "parent")[0].info.status == "FAILED"
+
+
+def test_tune_register_registers_the_sweeps_model(swept):
+    """`tune --register` (moved from test_registry, on this module's sweep: its training is shared)."""
+    uri, (_, parent_id), snapshots, _ = swept
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    version = client.get_model_version_by_alias("sweep-best", "champion")
+    assert version.run_id == parent.info.run_id          # the model the parent logged: the best trial's
+    tags = version.tags
+    assert tags["alexnet_keras.origin"] == "sweep" and tags[tracking.SWEEP_TAG] == "sweep-smoke"
+    assert tags[tracking.PARENT_RUN_TAG] == parent.info.run_id
+    assert tags[tracking.SELECTION_METRIC_TAG] == "val_accuracy"
+    assert float(tags[tracking.SELECTION_VALUE_TAG]) == pytest.approx(parent.data.metrics["best_val_accuracy"],
+                                                                      abs=1e-5)
+    assert tags[tracking.BEST_RUN_ID_TAG] == parent.data.tags[tracking.BEST_RUN_ID_TAG]
+    assert parent.info.run_name == "sweep-smoke"
+    assert "Hyperparameter sweep 'sweep-smoke'" in parent.data.tags["mlflow.note.content"]
+    for trial in _role(snapshots[-1], "trial"):
+        assert "of hyperparameter sweep 'sweep-smoke'" in trial.data.tags["mlflow.note.content"]
 
 
 def test_trials_are_numbered_from_1_everywhere_as_keras_tuners_console_does(swept):
