@@ -117,8 +117,8 @@ def data_parallel() -> dict:
     from alexnet_keras.training.train import fit, prepare
 
     config = load_config(overrides=dict(
-        variant="cifar", width=0.125, dataset="synthetic", synthetic_samples=80, synthetic_classes=4,
-        batch_size=16, epochs=1, init="keras", schedule="constant", distribute="data_parallel"))
+        variant="cifar", width=0.125, dataset="synthetic", synthetic_samples=32, synthetic_classes=4,
+        val_fraction=0.25, batch_size=8, epochs=1, init="keras", schedule="constant", distribute="data_parallel"))
     data, model = prepare(config)
     history, _, _ = fit(model, data, config)   # the metrics callback logs nothing without an active run
     test = model.evaluate(data.test, return_dict=True, verbose=0)
