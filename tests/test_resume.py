@@ -105,7 +105,9 @@ def test_ctrl_c_keeps_the_checkpoint_and_only_the_same_command_continues_it(mlfl
     runs = {r.info.run_id: r for r in all_runs(mlflow_store)}
     assert len(runs) == 4 and runs[killed.info.run_id].info.status == "KILLED"
 
-    assert cli.main(["train", *flags]) == 0   # the same command: continues the KILLED run
+    # The same command continues the KILLED run (its evaluation and model are the SIGKILL test's).
+    monkeypatch.setattr(train, "log_trained_model", lambda *args, **kwargs: {})
+    assert cli.main(["train", *flags]) == 0
     runs = {r.info.run_id: r for r in all_runs(mlflow_store)}
     assert len(runs) == 4
     resumed = runs[killed.info.run_id]
@@ -306,9 +308,10 @@ def _descendants(pid):
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the training process through /proc")
 def test_mlflow_run_killed_then_run_again_continues_in_one_run(mlflow_store, tmp_path, monkeypatch):
-    """`mlflow run` makes a new run each time: the new one takes over the killed one's epochs. MLflow's launcher
-    (`mlflow.projects.run`, which the `mlflow run` command calls) runs here; the training is a process of its
-    own, as under the command."""
+    """`mlflow run` makes a new run each time: the new one takes over the killed one's epochs. The killed launch
+    is MLflow's launcher (`mlflow.projects.run`, which the `mlflow run` command calls) here, the training a
+    process of its own; the second is `mlflow run . -P lrn=false ...` exactly as a user types it (with the local
+    env manager)."""
     import shutil
     from concurrent.futures import ThreadPoolExecutor
 
@@ -323,7 +326,8 @@ def test_mlflow_run_killed_then_run_again_continues_in_one_run(mlflow_store, tmp
     uri = mlflow_store
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     # Killed once epoch 1's checkpoint is on disk: two epochs, the evaluation and the model's logging are ahead.
-    params = {"dataset": "synthetic", "train_limit": 64, "width": 0.125, "batch_size": 32, "epochs": 3, "init": "keras"}
+    params = {"lrn": "false", "dataset": "synthetic", "train_limit": 64, "width": 0.125, "batch_size": 32,
+              "epochs": 3, "init": "keras"}
 
     def launch():   # `mlflow run PROJECT --env-manager local --experiment-name NAME -P key=value ...`
         return mlflow_run(str(project), parameters=params, env_manager="local",
@@ -349,9 +353,23 @@ def test_mlflow_run_killed_then_run_again_continues_in_one_run(mlflow_store, tmp
     (killed,) = all_runs(uri)
     assert killed.info.status == "FAILED"   # what the launcher makes of a killed child
 
-    launch()   # raises unless the training ends well
+    env = subprocess_env(uri)
+    # The MLproject command runs `python`: the one of this environment, as in an activated venv.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    command = [sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local",
+               "--experiment-name", "resume-under-mlflow-run"]
+    for key, value in params.items():
+        command += ["-P", f"{key}={value}"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
     (run,) = all_runs(uri)   # the killed run is deleted: one run shows the training
     assert run.info.run_id != killed.info.run_id and run.info.status == "FINISHED"
+    assert run.data.params["lrn"] == "false" and run.data.params["variant"] == "cifar"
+    assert "test_accuracy" in run.data.metrics
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/alexnet")
+    assert not [layer for layer in model.layers if "lrn" in layer.name]
+    assert [layer for layer in model.layers if layer.name == "conv5"]
     assert run.data.tags[TAG + "resumed_from_run"] == killed.info.run_id
     assert int(run.data.tags[TAG + "resumed_from_epoch"]) >= 1
     for key in ("loss", "val_accuracy", "num_params"):

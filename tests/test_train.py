@@ -5,13 +5,12 @@ Bad input (options, files, data folders, the store) is tests/test_bad_input.py's
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-from conftest import TINY, all_runs, cli_flags, copy_store, point_at, subprocess_env, wait_for_checkpoint
+from conftest import TINY, all_runs, cli_flags, copy_store, point_at
 from mlflow.tracking import MlflowClient
 
 from alexnet_keras import cli
@@ -185,48 +184,28 @@ def test_dry_run_prints_config_and_summary_without_a_run(untouched_store, capsys
     assert not untouched_store.exists()   # no run, and not even the store
 
 
-def test_mlflow_run_lrn_false_end_to_end(store_uri, tmp_path):
-    """`mlflow run . -P lrn=false`, exactly as a user types it (with the local env manager)."""
-    uri = store_uri
-    env = subprocess_env(uri)
-    # The MLproject command runs `python`: the one of this environment, as in an activated venv.
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    params = {"lrn": "false", "dataset": "synthetic", "width": 0.125, "epochs": 1, "batch_size": 32,
-              "init": "keras"}
-    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
-               "--experiment-name", "mlproject-test"]
-    for key, value in params.items():
-        command += ["-P", f"{key}={value}"]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = all_runs(uri)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["lrn"] == "false" and run.data.params["variant"] == "cifar"
-    assert "test_accuracy" in run.data.metrics
-    mlflow.set_tracking_uri(uri)
-    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/alexnet")
-    assert not [layer for layer in model.layers if "lrn" in layer.name]
-    assert [layer for layer in model.layers if layer.name == "conv5"]
-
-
-def test_sigterm_ends_the_run_killed(store_uri, tmp_path):
-    """A scheduler's SIGTERM mid-training: the process stops, the run is KILLED (not left RUNNING), the
-    checkpoint is kept."""
+def test_sigterm_ends_the_run_killed(mlflow_store, monkeypatch):
+    """A scheduler's SIGTERM mid-training (sent to this process as the second epoch begins): the training stops,
+    the run is KILLED (not left RUNNING), the checkpoint is kept."""
     import signal
+    import threading
 
-    uri = store_uri   # the store exists: two processes migrating a new SQLite store at once race (mlflow#4123)
-    env = subprocess_env(uri)
-    proc = subprocess.Popen([sys.executable, "-m", "alexnet_keras", "train", *cli_flags({**TINY, "epochs": 500})],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_checkpoint(proc, tmp_path, timeout=240)   # an epoch is done
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130
-    (run,) = all_runs(uri)
+    import keras
+
+    from alexnet_keras.training import train
+
+    # SIGTERM takes Ctrl-C's path in the main thread only: anywhere else it would end this process.
+    assert threading.current_thread() is threading.main_thread()
+
+    class Sigterm(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    real = train.build_callbacks
+    monkeypatch.setattr(train, "build_callbacks", lambda *args, **kwargs: real(*args, **kwargs) + [Sigterm()])
+    assert cli.main(["train", *cli_flags({**TINY, "epochs": 3})]) == 130
+    (run,) = all_runs(mlflow_store)
     assert run.info.status == "KILLED"
     # The checkpoint of the last completed epoch stays, for the same command to continue from.
     checkpoint = Path(run.data.tags["alexnet_keras.checkpoint_dir"])
