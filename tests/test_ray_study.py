@@ -343,7 +343,7 @@ def test_a_study_on_two_nodes_logs_to_one_server_and_a_killed_node_s_child_is_re
     (Was two tests, a smoke study on two nodes and this fault: both studies' assertions are here.) Kills the
     second node for good: the tests after it run on the head alone."""
     client = MlflowClient(two_nodes.mlflow_uri)
-    # 6 epochs: the victim, found after its first, still trains for seconds after the socket scan, on an idle machine too.
+    # 6 epochs: found after its first, the victim still trains for seconds after the socket scan, even when idle.
     path = _study_file(tmp_path, "ray-node-kill", epochs=6)
     study = driver(["ablate", path, "--ray", two_nodes.address, "--tracking-uri", two_nodes.mlflow_uri])
     experiment_id = _experiment_id(client, "ray-node-kill", study)
