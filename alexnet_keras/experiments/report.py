@@ -128,6 +128,7 @@ class Report:
     csv: str                          # reports/ablation.csv, claims.csv, tuning.csv ("" without a nuisance grid)
     claims_csv: str
     tuning_csv: str
+    adastop: dict[str, Any] | None = None   # reports/adastop.json: a study in `rounds`, its decisions
 
 
 def _index(children: Sequence[Any]) -> tuple[dict[str, Any], set[str]]:
@@ -436,7 +437,9 @@ def _runs_finished(variants: Sequence[VariantSummary]) -> str:
     return f"{n_done}/{n_expected} runs finished" + (f", {n_failed} failed" if n_failed else "")
 
 
-def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims: Sequence[ClaimResult] = ()) -> str:
+def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims: Sequence[ClaimResult] = (),
+                stop: Mapping[str, Any] | None = None) -> str:
+    """ablation.md; `stop`: adastop_decisions' for a study in `rounds`."""
     axes = ", ".join(f"{a} (baseline {d['baseline']})" for a, d in spec["axes"].items())
     grid = spec.get("nuisance_grid", {})
     nuisance = ", ".join(spec["hyperparameters"]["nuisance"]) + ("; tuned per arm on validation: " + ", ".join(
@@ -449,8 +452,7 @@ def to_markdown(spec: dict[str, Any], variants: Sequence[VariantSummary], claims
     if any(s.tuning for s in variants):
         lines += ["", f"### Nuisance tuning per arm ({', '.join(grid)})", "", f"Seed {spec['seeds'][0]}'s final "
                   f"val acc per value; bold: chosen.", "", tuning_table(variants).rstrip("\n")]
-    if "rounds" in spec:
-        stop = adastop_decisions(spec, variants)   # each variant vs the baseline: the rounds and seeds per arm used
+    if stop:   # each variant vs the baseline: the rounds and seeds per arm used
         lines += ["", f"### Seeds in rounds (AdaStop, α = {stop['alpha']}, {stop['metric']})", "",
                   f"{stop['seeds_per_round']} seeds per round, at most {stop['max_rounds']} rounds: stopped with "
                   f"**{stop['stopped']}**.", "", markdown_table(stop["comparisons"], list(stop["comparisons"][0]),
@@ -485,8 +487,9 @@ def make_report(parent_run_id: str, spec: dict[str, Any], children: Sequence[Any
     claims = judge_claims(variants, history)
     tuning = [{"variant": s.name, "value": label, "val_accuracy": value, "chosen": label == s.chosen,
                "run": s.tuning_runs.get(label)} for s in variants for label, value in s.tuning.items()]
-    return Report(parent_run_id, spec, variants, claims, to_markdown(spec, variants, claims),
-                  csv_text(csv_rows(variants)), csv_text(claim_rows(claims)), csv_text(tuning) if tuning else "")
+    stop = adastop_decisions(spec, variants) if "rounds" in spec else None   # replayed once, for both files
+    return Report(parent_run_id, spec, variants, claims, to_markdown(spec, variants, claims, stop),
+                  csv_text(csv_rows(variants)), csv_text(claim_rows(claims)), csv_text(tuning) if tuning else "", stop)
 
 
 def load_spec(parent_run_id: str) -> dict[str, Any]:
@@ -528,8 +531,8 @@ def build_report(parent_run_id: str) -> Report:
     for name, text in files.items():
         if text:
             tracking.log_text(text, f"reports/{name}", **on_parent)
-    if "rounds" in spec:   # the section "Seeds in rounds" of ablation.md
-        tracking.log_dict(adastop_decisions(spec, report.variants), "reports/adastop.json", **on_parent)
+    if report.adastop:   # the section "Seeds in rounds" of ablation.md
+        tracking.log_dict(report.adastop, "reports/adastop.json", **on_parent)
     tracking.log_table(table_columns(csv_rows(report.variants)), "reports/ablation_table.json", **on_parent)
     tracking.log_table(table_columns(claim_rows(report.claims)), "reports/claims_table.json", **on_parent)
     bars = figures.study_bars(report.variants, PRIMARY, CONFIDENCE, title=f"{spec['name']}: test accuracy")

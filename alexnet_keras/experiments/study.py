@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Mapping
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from ..config import SECTIONS, Config, ConfigError, Int, Options, Seed, check_read, did_you_mean, leaf_fields
+from ..config import SECTIONS, Config, ConfigError, Float, Int, Options, Seed, check_read, did_you_mean, leaf_fields
 from ..tables import value_text
 from .specfile import SpecKeys, read_spec
 
@@ -43,7 +43,7 @@ def over_limit(runs: int, limit: int) -> str:
 class Rounds(Options):   # docs/methodology.md, "Seeds in rounds (AdaStop)"
     seeds_per_round: Int = Field(ge=1, description="seeds each open arm adds per round (N)")
     max_rounds: Int = Field(ge=1, description="the most rounds (K)")
-    alpha: float = Field(0.05, gt=0, lt=1, description="the family-wise error over all rounds and comparisons")
+    alpha: Float = Field(0.05, gt=0, lt=1, description="the family-wise error over all rounds and comparisons")
     metric: Literal["test_accuracy", "test_top5_accuracy", "final_train_accuracy"] = "test_accuracy"
 
 
