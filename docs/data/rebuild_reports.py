@@ -6,7 +6,8 @@ as run-like objects instead: each child's metrics from `ablation_runs.csv`, each
 accuracy from `tuning.csv`, the spec from the study file under experiments/. What the CSVs do not hold:
 per-epoch series, so the epochs and gap claims read "not measurable (... a run without the metric)"; the
 plateau column is the mean ± std of `ablation_runs.csv`'s `val_plateau`, the parameter counts the previous
-`ablation.csv`'s; the study digest is the file's today.
+`ablation.csv`'s; the study digest is the file's today. lrn-regimes/tuning.csv was copied by hand from its
+first report's tuning table (the store is gone): the run ids of the rates not chosen were not recorded.
 
     python docs/data/rebuild_reports.py        # from the repository root; rewrites ablation.md/.csv, claims.md/.csv
 """
@@ -25,7 +26,7 @@ from alexnet_keras.tracking import CONFIG_DIGEST_TAG
 HERE = Path(__file__).resolve().parent
 STUDIES = {"plateau-cpu": "ablation_plateau_cpu", "powered-cpu": "ablation_powered_cpu",
            "activation-cpu": "ablation_activation_cpu", "pilot-cpu": "pilot_cpu",
-           "sweep-best-vs-default-cpu": "sweep_best_vs_default_cpu"}
+           "sweep-best-vs-default-cpu": "sweep_best_vs_default_cpu", "lrn-regimes": "lrn_paper_regime_cpu"}
 
 
 def _rows(path: Path) -> list[dict]:
