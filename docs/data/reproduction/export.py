@@ -1,0 +1,75 @@
+"""The reproduction's raw data from its MLflow store, beside this file (docs/results.md, "A BatchNorm AlexNet at
+1/4 width, 3 seeds").
+
+    python docs/data/reproduction/export.py sqlite:////work/repro/mlflow.db alexnet-keras-reproduction
+
+Writes runs.csv (one row per FINISHED run: seed, run id, config digest, test metrics, final training and
+validation accuracy), history.csv (every run's per-epoch metrics, epoch from 1), summary.csv
+(mean, sample std and the 95 % t interval of the mean over seeds, scipy) and curves.png.
+"""
+
+import csv
+import statistics
+import sys
+from pathlib import Path
+
+from mlflow import MlflowClient
+from scipy import stats
+
+KEYS = ("loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy")
+FINAL = ("test_accuracy", "test_top5_accuracy")
+
+uri, experiment = sys.argv[1:3]
+client = MlflowClient(uri)
+runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], "attributes.status = 'FINISHED'")
+out = Path(__file__).parent
+rows, history = [], []
+for run in sorted(runs, key=lambda r: int(r.data.params["seed"])):
+    curves = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)} for key in KEYS}
+    epochs = sorted(curves["loss"])
+    seed = int(run.data.params["seed"])
+    rows.append({"seed": seed, "run_id": run.info.run_id, "config_digest": run.data.tags["alexnet_keras.config_digest"],
+                 **{k: run.data.metrics.get(k) for k in FINAL}, "epochs": len(epochs),
+                 "final_train_accuracy": curves["accuracy"][epochs[-1]], "final_val_accuracy": curves["val_accuracy"][epochs[-1]]})
+    history += [{"seed": seed, "run_id": run.info.run_id, "epoch": step + 1, **{k: curves[k].get(step) for k in KEYS}}
+                for step in epochs]
+
+
+def write(name: str, table: list[dict]) -> None:
+    with open(out / name, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+
+
+summary = []
+for key in ("test_accuracy", "test_top5_accuracy", "final_train_accuracy", "final_val_accuracy"):
+    values = [r[key] for r in rows]
+    mean, std = statistics.mean(values), statistics.stdev(values)
+    half = stats.t.ppf(0.975, len(values) - 1) * std / len(values) ** 0.5
+    summary.append({"metric": key, "n": len(values), "mean": mean, "std": std, "ci95_low": mean - half,
+                    "ci95_high": mean + half, "min": min(values), "max": max(values)})
+write("runs.csv", rows)
+write("history.csv", history)
+write("summary.csv", summary)
+for r in summary:
+    print(f"{r['metric']}: {r['mean']:.4f} ± {r['std']:.4f} (n={r['n']}), 95% CI [{r['ci95_low']:.4f}, {r['ci95_high']:.4f}]")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+fig, ax = plt.subplots(figsize=(7, 4.2))
+for colour, row in zip(("tab:blue", "tab:orange", "tab:green", "tab:red"), rows):
+    arm = [h for h in history if h["run_id"] == row["run_id"]]
+    ax.plot([h["epoch"] for h in arm], [h["accuracy"] for h in arm], "--", color=colour,
+            label=f"seed {row['seed']}: training (augmented, dropout on)")
+    ax.plot([h["epoch"] for h in arm], [h["val_accuracy"] for h in arm], "-", color=colour,
+            label=f"seed {row['seed']}: validation, test {row['test_accuracy']:.4f}")
+ax.set(xlabel="epoch", ylabel="accuracy", title=f"{experiment}: {len(rows)} seeds")
+ax.grid(alpha=0.3)
+ax.legend(fontsize=7)
+fig.tight_layout()
+fig.savefig(out / "curves.png", dpi=110)
+print(out / "curves.png")
