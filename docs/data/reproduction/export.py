@@ -5,7 +5,9 @@
 
 Writes runs.csv (one row per FINISHED run: seed, run id, config digest, test metrics, final training and
 validation accuracy), history.csv (every run's per-epoch metrics, epoch from 1), summary.csv
-(mean, sample std and the 95 % t interval of the mean over seeds, scipy) and curves.png.
+(mean, sample std and the 95 % t interval of the mean over seeds, scipy), references.csv (the mean test top-1
+against each published figure: difference, its interval, one-sample t p, Holm over the figures, and the smallest
+difference 3 seeds find with 80 % power) and curves.png.
 """
 
 import csv
@@ -13,11 +15,16 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 from mlflow import MlflowClient
 from scipy import stats
 
+from alexnet_keras.experiments.stats import holm
+
 KEYS = ("loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy")
 FINAL = ("test_accuracy", "test_top5_accuracy")
+# Published CIFAR-10 test top-1 figures (docs/results.md names their recipes): taken as exact, none gives a spread.
+REFERENCES = {"cuda-convnet layers-18pct (Snoek et al. 2012)": 0.82, "TensorFlow CIFAR-10 tutorial": 0.86}
 
 uri, experiment = sys.argv[1:3]
 client = MlflowClient(uri)
@@ -49,11 +56,27 @@ for key in ("test_accuracy", "test_top5_accuracy", "final_train_accuracy", "fina
     half = stats.t.ppf(0.975, len(values) - 1) * std / len(values) ** 0.5
     summary.append({"metric": key, "n": len(values), "mean": mean, "std": std, "ci95_low": mean - half,
                     "ci95_high": mean + half, "min": min(values), "max": max(values)})
+test = np.array([r["test_accuracy"] for r in rows])
+n, sd = len(test), test.std(ddof=1)
+critical = stats.t.ppf(0.975, n - 1)
+power = [stats.nct.sf(critical, n - 1, d * n ** 0.5 / sd) + stats.nct.cdf(-critical, n - 1, d * n ** 0.5 / sd)
+         for d in np.arange(0.0001, 0.1, 0.0001)]
+mde = 0.0001 * (1 + next(i for i, p in enumerate(power) if p >= 0.8))
+tests = {name: stats.ttest_1samp(test, figure) for name, figure in REFERENCES.items()}
+adjusted = dict(zip(tests, holm([t.pvalue for t in tests.values()])))
+references = [{"reference": name, "figure": figure, "difference": test.mean() - figure,
+               "ci95_low": tests[name].confidence_interval().low - figure,
+               "ci95_high": tests[name].confidence_interval().high - figure, "p": tests[name].pvalue,
+               "p_holm": adjusted[name], "mde_80pct_power": mde} for name, figure in REFERENCES.items()]
+write("references.csv", references)
 write("runs.csv", rows)
 write("history.csv", history)
 write("summary.csv", summary)
 for r in summary:
     print(f"{r['metric']}: {r['mean']:.4f} ± {r['std']:.4f} (n={r['n']}), 95% CI [{r['ci95_low']:.4f}, {r['ci95_high']:.4f}]")
+for r in references:
+    print(f"vs {r['reference']}: {r['difference']:+.4f} [{r['ci95_low']:+.4f}, {r['ci95_high']:+.4f}], "
+          f"p {r['p']:.4f}, Holm {r['p_holm']:.4f}, MDE {r['mde_80pct_power']:.4f}")
 
 import matplotlib  # noqa: E402
 
