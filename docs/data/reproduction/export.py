@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from mlflow import MlflowClient
-from scipy import stats
+from scipy import optimize, stats
 
 from alexnet_keras.experiments.stats import holm
 
@@ -52,16 +52,22 @@ def write(name: str, table: list[dict]) -> None:
 summary = []
 for key in ("test_accuracy", "test_top5_accuracy", "final_train_accuracy", "final_val_accuracy"):
     values = [r[key] for r in rows]
-    mean, std = statistics.mean(values), statistics.stdev(values)
-    half = stats.t.ppf(0.975, len(values) - 1) * std / len(values) ** 0.5
-    summary.append({"metric": key, "n": len(values), "mean": mean, "std": std, "ci95_low": mean - half,
-                    "ci95_high": mean + half, "min": min(values), "max": max(values)})
+    mean = statistics.mean(values)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=stats.sem(values))
+    summary.append({"metric": key, "n": len(values), "mean": mean, "std": statistics.stdev(values), "ci95_low": low,
+                    "ci95_high": high, "min": min(values), "max": max(values)})
 test = np.array([r["test_accuracy"] for r in rows])
 n, sd = len(test), test.std(ddof=1)
 critical = stats.t.ppf(0.975, n - 1)
-power = [stats.nct.sf(critical, n - 1, d * n ** 0.5 / sd) + stats.nct.cdf(-critical, n - 1, d * n ** 0.5 / sd)
-         for d in np.arange(0.0001, 0.1, 0.0001)]
-mde = 0.0001 * (1 + next(i for i, p in enumerate(power) if p >= 0.8))
+
+
+def power(difference: float) -> float:
+    """A two-sided one-sample t-test's power at α 0.05 (noncentral t); the wrong-sign tail is NaN where it is 0."""
+    nc = difference * n ** 0.5 / sd
+    return stats.nct.sf(critical, n - 1, nc) + np.nan_to_num(stats.nct.cdf(-critical, n - 1, nc))
+
+
+mde = optimize.brentq(lambda d: power(d) - 0.8, 0.0, 100 * sd)
 tests = {name: stats.ttest_1samp(test, figure) for name, figure in REFERENCES.items()}
 adjusted = dict(zip(tests, holm([t.pvalue for t in tests.values()])))
 references = [{"reference": name, "figure": figure, "difference": test.mean() - figure,
